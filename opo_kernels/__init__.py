@@ -1,0 +1,15 @@
+"""opo_kernels: fused Triton kernels for the Orthogonalized Policy Optimization (OPO) loss.
+
+    from opo_kernels import opo_loss
+    loss = opo_loss(logits, labels, ref_logprobs, rewards, mask=mask, group_size=6)
+
+The math contract is the project's SPEC (see README "The objective"); ``opo_kernels.reference``
+is its plain-PyTorch form.
+"""
+
+from . import reference
+from .config import OPOLossConfig
+from .fused_opo import OPOLoss, opo_loss
+
+__all__ = ["OPOLoss", "OPOLossConfig", "opo_loss", "reference"]
+__version__ = "0.1.0"

@@ -1,0 +1,329 @@
+"""The fused OPO loss over logits: Triton kernels -> launchers -> autograd.Function -> API.
+
+Passes over the logits [N, V] (N = B·T rows, flattened on grid axis 0, one program per row):
+  forward  (1 read):  online max/sum over V in blocks -> lp_t, fp32 logsumexp, entropy H_t.
+  epilogue (O(N+B)):  sequence sums, groups, τ, Q, p̃, ω, v, loss, metrics, c_t (epilogue.py).
+  backward (1 read + 1 write): p = exp(z − lse) recomputed;
+           ∂L/∂logits = (1/temperature)·[c_t·(onehot − p) − ∂L/∂H_t·p·(log p + H_t)].
+Rows that are not counted are never read: the forward writes zeros for them, the backward
+writes a zero gradient row.
+
+Example::
+
+    loss = opo_loss(logits, labels, ref_logprobs, rewards, mask=mask, group_size=6)
+    loss.backward()
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from .config import OPOLossConfig
+from .epilogue import epilogue
+from .inputs import Batch, check_values, compute_dtype, prepare
+from .utils import new_output, use_triton
+
+# --------------------------------------------------------------------------------------------
+# Kernels
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit(do_not_specialize=["seq_len", "stride_b"])
+def _opo_fwd_kernel(
+    logits_ptr, labels_ptr, seq_ptr,          # [rows of logits], [N] int64, [N] int64
+    logprobs_ptr, lse_ptr, entropy_ptr,       # [N] outputs (compute dtype)
+    seq_len, V, stride_b, stride_t, stride_v,
+    inv_temperature,
+    WITH_ENTROPY: tl.constexpr, ACC: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    if tl.load(seq_ptr + row) < 0:  # not counted: do not read the row
+        tl.store(logprobs_ptr + row, 0.0)
+        tl.store(lse_ptr + row, 0.0)
+        if WITH_ENTROPY:
+            tl.store(entropy_ptr + row, 0.0)
+        return
+    # padded rows are (b, t) of a [B, T, V] view; packed rows use seq_len = N, stride_b = 0
+    b = row // seq_len
+    base = logits_ptr + b * stride_b + (row - b * seq_len) * stride_t
+    inv_t = tl.full([], inv_temperature, ACC)
+
+    m = tl.full([], float("-inf"), ACC)  # running max of z
+    s = tl.zeros([], ACC)                # Σ exp(z − m)
+    w = tl.zeros([], ACC)                # Σ exp(z − m)·z (entropy only)
+    for start in range(0, V, BLOCK_V):
+        offs = start + tl.arange(0, BLOCK_V)
+        x = tl.load(base + offs * stride_v, mask=offs < V, other=float("-inf"))
+        z = x.to(ACC) * inv_t
+        m_new = tl.maximum(m, tl.max(z, 0))
+        # a block (or row prefix) of only −inf keeps m = −inf: shift by 0 to avoid inf − inf
+        shift = tl.where(m_new == float("-inf"), 0.0, m_new).to(ACC)
+        scale = tl.exp(m - shift)
+        e = tl.exp(z - shift)
+        s = s * scale + tl.sum(e, 0)
+        if WITH_ENTROPY:
+            w = w * scale + tl.sum(e * tl.where(e > 0, z, 0.0), 0)  # 0·(−inf) -> 0
+        m = m_new
+    shift = tl.where(m == float("-inf"), 0.0, m).to(ACC)
+    lse = shift + tl.log(s)
+
+    label = tl.load(labels_ptr + row)
+    in_vocab = (label >= 0) & (label < V)  # out-of-range labels give NaN, caught by validation
+    x_label = tl.load(base + tl.where(in_vocab, label, 0) * stride_v, mask=in_vocab,
+                      other=float("nan"))
+    tl.store(logprobs_ptr + row, x_label.to(ACC) * inv_t - lse)
+    tl.store(lse_ptr + row, lse)
+    if WITH_ENTROPY:
+        tl.store(entropy_ptr + row, lse - w / s)
+
+
+@triton.jit(do_not_specialize=["seq_len", "stride_b", "grad_stride_b"])
+def _opo_bwd_kernel(
+    logits_ptr, grad_ptr, labels_ptr, seq_ptr,  # grad_ptr may equal logits_ptr (in place)
+    lse_ptr, entropy_ptr, coef_ptr, entropy_coef_ptr,
+    seq_len, V, stride_b, stride_t, stride_v, grad_stride_b, grad_stride_t, grad_stride_v,
+    inv_temperature,
+    WITH_ENTROPY: tl.constexpr, ACC: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    b = row // seq_len
+    t = row - b * seq_len
+    grad_base = grad_ptr + b * grad_stride_b + t * grad_stride_t
+    if tl.load(seq_ptr + row) < 0:  # not counted: zero gradient, logits not read
+        for start in range(0, V, BLOCK_V):
+            offs = start + tl.arange(0, BLOCK_V)
+            zero = tl.zeros([BLOCK_V], grad_ptr.dtype.element_ty)
+            tl.store(grad_base + offs * grad_stride_v, zero, mask=offs < V)
+        return
+    base = logits_ptr + b * stride_b + t * stride_t
+    inv_t = tl.full([], inv_temperature, ACC)
+    lse = tl.load(lse_ptr + row).to(ACC)
+    coef = tl.load(coef_ptr + row).to(ACC)
+    label = tl.load(labels_ptr + row)
+    if WITH_ENTROPY:
+        entropy = tl.load(entropy_ptr + row).to(ACC)
+        d_entropy = tl.load(entropy_coef_ptr).to(ACC)
+    for start in range(0, V, BLOCK_V):
+        offs = start + tl.arange(0, BLOCK_V)
+        in_row = offs < V
+        x = tl.load(base + offs * stride_v, mask=in_row, other=float("-inf"))
+        log_p = x.to(ACC) * inv_t - lse
+        p = tl.exp(log_p)
+        g = tl.where(offs == label, coef, 0.0) - coef * p
+        if WITH_ENTROPY:  # ∂H/∂z = −p·(log p + H); p = 0 contributes 0 (no 0·−inf)
+            g -= d_entropy * tl.where(p > 0, p * (log_p + entropy), 0.0)
+        tl.store(grad_base + offs * grad_stride_v, (g * inv_t).to(grad_ptr.dtype.element_ty),
+                 mask=in_row)
+
+
+# --------------------------------------------------------------------------------------------
+# Launchers
+# --------------------------------------------------------------------------------------------
+
+# Launch table (block over V, warps). One program streams one row, so the block only has to be
+# wide enough to keep loads 16 bytes wide and enough bytes in flight; reductions per block are
+# amortized over BLOCK_V elements. Starting point, NOT yet measured on a GPU here (see
+# benchmarks/NOTES.md): 8192 elements for 16-bit logits, 4096 for 32/64-bit, 16 warps.
+_MAX_BLOCK = {2: 8192, 4: 4096, 8: 2048}
+
+
+def launch_config(vocab: int, dtype: torch.dtype) -> Tuple[int, int]:
+    """(BLOCK_V, num_warps) for a row of `vocab` logits of `dtype`."""
+    block = min(triton.next_power_of_2(vocab), _MAX_BLOCK[dtype.itemsize])
+    num_warps = 16 if block >= 4096 else (8 if block >= 1024 else 4)
+    return block, num_warps
+
+
+def _acc_type(dtype: torch.dtype):
+    return tl.float64 if compute_dtype(dtype) == torch.float64 else tl.float32
+
+
+def _row_geometry(logits: torch.Tensor, seq_len: Optional[int]) -> Tuple[int, int, int, int]:
+    """(rows per sequence, stride over sequences, stride over rows, stride over V)."""
+    if logits.dim() == 3:
+        return logits.shape[1], logits.stride(0), logits.stride(1), logits.stride(2)
+    return max(logits.shape[0], 1), 0, logits.stride(0), logits.stride(1)
+
+
+def forward_rows(logits: torch.Tensor, labels: torch.Tensor, seq: torch.Tensor,
+                 temperature: float, with_entropy: bool):
+    """Forward pass over the logits rows.
+
+    logits: [B, T, V] or [N, V] (any strides); labels, seq: [N] int64 (seq −1 = not counted).
+    Returns (logprobs [N], lse [N], entropy [N] or None), float32 (float64 for float64 logits).
+    """
+    num_rows, vocab = seq.shape[0], logits.shape[-1]
+    cdtype = compute_dtype(logits.dtype)
+    logprobs = new_output((num_rows,), cdtype, logits.device)
+    lse = new_output((num_rows,), cdtype, logits.device)
+    entropy = new_output((num_rows,), cdtype, logits.device) if with_entropy else None
+    if num_rows:
+        block, num_warps = launch_config(vocab, logits.dtype)
+        seq_len, stride_b, stride_t, stride_v = _row_geometry(logits, None)
+        _opo_fwd_kernel[(num_rows,)](
+            logits, labels, seq, logprobs, lse, entropy if with_entropy else lse,
+            seq_len, vocab, stride_b, stride_t, stride_v, 1.0 / temperature,
+            WITH_ENTROPY=with_entropy, ACC=_acc_type(logits.dtype), BLOCK_V=block,
+            num_warps=num_warps,
+        )
+    return logprobs, lse, entropy
+
+
+def backward_rows(logits: torch.Tensor, labels: torch.Tensor, seq: torch.Tensor,
+                  lse: torch.Tensor, entropy: Optional[torch.Tensor], coef: torch.Tensor,
+                  entropy_coef: torch.Tensor, temperature: float, inplace: bool) -> torch.Tensor:
+    """Backward pass: ∂L/∂logits, same shape and dtype as logits.
+
+    coef: [N] c_t = ∂L/∂lp_t; entropy_coef: 0-dim ∂L/∂H_t (used when entropy is given).
+    With inplace=True the gradient overwrites `logits` (which is returned).
+    """
+    num_rows, vocab = seq.shape[0], logits.shape[-1]
+    grad = logits if inplace else new_output(logits.shape, logits.dtype, logits.device)
+    if num_rows:
+        block, num_warps = launch_config(vocab, logits.dtype)
+        seq_len, stride_b, stride_t, stride_v = _row_geometry(logits, None)
+        _, g_stride_b, g_stride_t, g_stride_v = _row_geometry(grad, None)
+        with_entropy = entropy is not None
+        _opo_bwd_kernel[(num_rows,)](
+            logits, grad, labels, seq, lse, entropy if with_entropy else lse, coef,
+            entropy_coef, seq_len, vocab, stride_b, stride_t, stride_v,
+            g_stride_b, g_stride_t, g_stride_v, 1.0 / temperature,
+            WITH_ENTROPY=with_entropy, ACC=_acc_type(logits.dtype), BLOCK_V=block,
+            num_warps=num_warps,
+        )
+    return grad
+
+
+# --------------------------------------------------------------------------------------------
+# autograd
+# --------------------------------------------------------------------------------------------
+
+
+def metric_keys(cfg: OPOLossConfig):
+    keys = ["log_ratio_mean", "kl_k3", "v_mean", "omega_mean", "omega_max", "tau", "penalty"]
+    return keys + ["entropy_mean"] if cfg.with_entropy else keys
+
+
+class FusedOPOFunction(torch.autograd.Function):
+    """loss, metrics_vector = FusedOPOFunction.apply(logits, batch, cfg).
+
+    Only logits receive a gradient (ω, τ, p̃, Q are constants; ref_logprobs and rewards are
+    data). metrics_vector holds the values of ``metric_keys(cfg)``, not differentiable.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, batch: Batch, cfg: OPOLossConfig):
+        logprobs, lse, entropy = forward_rows(logits, batch.labels, batch.seq, cfg.temperature,
+                                              cfg.with_entropy)
+        if cfg.validate:
+            check_values(batch, lse, logprobs)
+        out = epilogue(cfg, logprobs, batch.ref_logprobs, entropy, batch.seq, batch.rewards,
+                       batch.group, batch.weights, batch.vocab, batch.seq_len)
+        metrics = torch.stack([out.metrics[k].to(out.loss.dtype) for k in metric_keys(cfg)])
+        ctx.mark_non_differentiable(metrics)
+        ctx.save_for_backward(logits, batch.labels, batch.seq, lse, out.coef, out.entropy_coef,
+                              *([entropy] if entropy is not None else []))
+        ctx.cfg = cfg
+        return out.loss, metrics
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_metrics):
+        logits, labels, seq, lse, coef, entropy_coef, *entropy = ctx.saved_tensors
+        cfg = ctx.cfg
+        grad_loss = grad_loss.to(coef.dtype)
+        grad = backward_rows(logits, labels, seq, lse, entropy[0] if entropy else None,
+                             coef * grad_loss, entropy_coef * grad_loss, cfg.temperature,
+                             cfg.inplace_backward)
+        return grad, None, None
+
+
+# --------------------------------------------------------------------------------------------
+# Functional API and module
+# --------------------------------------------------------------------------------------------
+
+
+def loss_from_batch(batch: Batch, cfg: OPOLossConfig):
+    """The fused path on prepared inputs (see ``inputs.prepare``)."""
+    loss, metrics = FusedOPOFunction.apply(batch.logits, batch, cfg)
+    if not cfg.return_metrics:
+        return loss
+    return loss, dict(zip(metric_keys(cfg), metrics.unbind(0)))
+
+
+def opo_loss(logits, labels, ref_logprobs, rewards, *, mask=None, seq_ids=None,
+             group_size=None, group_ids=None, alpha=0.6, mu=1.0, tau=0.5, adaptive_tau=True,
+             tau_range=(0.2, 1.5), reward_temperature=0.15, weights="seed",
+             center_weights=False, level="sequence_mean", coordinates="ratio",
+             temperature=1.0, entropy_coef=0.0, backend="auto", return_metrics=False,
+             validate=True, inplace_backward=False):
+    """The OPO loss (shared/SPEC.md) from LLM logits, with a fused Triton backward.
+
+    Padded layout: logits [B, T, V] (fp32/bf16/fp16; a view like ``logits[:, :-1]`` is read
+    in place), labels [B, T] int, ref_logprobs [B, T] float, mask [B, T] (bool or 0/1).
+    Packed layout: logits [N, V], labels [N], ref_logprobs [N], seq_ids [N] (−1 = not counted).
+    rewards: [B] float; exactly one of group_size (int) or group_ids [B] int.
+    ref_logprobs=None means on-policy (π_ref = the detached current policy).
+
+    validate=True (default) checks labels, seq_ids, mask values and finiteness with one host
+    sync per call; validate=False skips it (no host sync at all). inplace_backward=True writes
+    the gradient into the logits buffer (saves one logits-sized allocation; logits are
+    overwritten by backward).
+
+    Returns the 0-dim loss (float32; float64 for float64 logits), or (loss, metrics) with
+    return_metrics=True: log_ratio_mean, kl_k3, v_mean, omega_mean, omega_max, tau, penalty
+    (+ entropy_mean when entropy_coef > 0).
+
+    Example::
+
+        loss = opo_loss(logits[:, :-1], input_ids[:, 1:], old_logprobs, rewards,
+                        mask=completion_mask, group_size=6)
+    """
+    cfg = OPOLossConfig(
+        alpha=alpha, mu=mu, tau=tau, adaptive_tau=adaptive_tau, tau_range=tau_range,
+        reward_temperature=reward_temperature, weights=weights, center_weights=center_weights,
+        level=level, coordinates=coordinates, temperature=temperature,
+        entropy_coef=entropy_coef, backend=backend, return_metrics=return_metrics,
+        validate=validate, inplace_backward=inplace_backward,
+    )
+    return opo_loss_with_config(logits, labels, ref_logprobs, rewards, cfg, mask=mask,
+                                seq_ids=seq_ids, group_size=group_size, group_ids=group_ids)
+
+
+def opo_loss_with_config(logits, labels, ref_logprobs, rewards, cfg: OPOLossConfig, *,
+                         mask=None, seq_ids=None, group_size=None, group_ids=None):
+    """``opo_loss`` with an already validated ``OPOLossConfig`` (used by ``OPOLoss``)."""
+    from . import reference  # local import: the reference is only needed for backend="torch"
+
+    batch = prepare(logits, labels, ref_logprobs, rewards, mask=mask, seq_ids=seq_ids,
+                    group_size=group_size, group_ids=group_ids, config=cfg)
+    if use_triton(cfg.backend, logits.device):
+        return loss_from_batch(batch, cfg)
+    return reference.loss_from_batch(batch, cfg)
+
+
+class OPOLoss(torch.nn.Module):
+    """``nn.Module`` form of ``opo_loss``; options are fixed (and validated) at construction.
+
+    Example::
+
+        loss_fn = OPOLoss(alpha=0.6, mu=1.0)
+        loss = loss_fn(logits, labels, ref_logprobs, rewards, mask=mask, group_size=6)
+    """
+
+    def __init__(self, **options):
+        super().__init__()
+        self.config = OPOLossConfig(**options)
+
+    def forward(self, logits, labels, ref_logprobs, rewards, *, mask=None, seq_ids=None,
+                group_size=None, group_ids=None):
+        return opo_loss_with_config(logits, labels, ref_logprobs, rewards, self.config,
+                                    mask=mask, seq_ids=seq_ids, group_size=group_size,
+                                    group_ids=group_ids)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={getattr(self.config, k)!r}" for k in
+                         ("alpha", "mu", "level", "coordinates", "weights", "backend"))

@@ -1,0 +1,189 @@
+"""The OPO loss in plain PyTorch: the spec (``shared/SPEC.md``) in code, and the oracle of every
+test and benchmark. Autograd does its backward.
+
+It is written to be read, not to be fast: it materializes float32 log-softmax over the counted
+rows and uses dense [B, B] "same group" masks for the group statistics (the fused path uses
+sync-free bucket scatters instead, so the two are independent implementations).
+
+Example::
+
+    from opo_kernels import reference
+    loss = reference.opo_loss(logits, labels, ref_logprobs, rewards, mask=mask, group_size=6)
+    loss.backward()
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Dict, Optional, Tuple
+
+import torch
+
+from .config import OPOLossConfig
+from .inputs import Batch, check_values, prepare
+
+NEG_INF = float("-inf")
+
+
+def token_stats(logits2d: torch.Tensor, labels: torch.Tensor, temperature: float,
+                with_entropy: bool) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """SPEC "Per token". logits2d: [n, V] counted rows; labels: [n] in [0, V).
+
+    Returns (logprobs [n], logsumexp [n], entropy [n] or None) in float32 (float64 for float64
+    logits); differentiable w.r.t. logits2d.
+    """
+    cdtype = torch.float64 if logits2d.dtype == torch.float64 else torch.float32
+    z = logits2d.to(cdtype) / temperature
+    lse = torch.logsumexp(z, dim=-1)
+    log_p = z - lse[:, None]
+    safe_labels = labels.clamp(0, z.shape[-1] - 1)  # out-of-range labels are reported later
+    logprobs = log_p.gather(-1, safe_labels[:, None])[:, 0]
+    entropy = None
+    if with_entropy:
+        p = log_p.exp()
+        # p·log p with the convention 0·log 0 = 0 (a −inf logit has p = 0), NaN-free gradient
+        entropy = -(p * log_p.masked_fill(p == 0, 0.0)).sum(-1)
+    return logprobs, lse, entropy
+
+
+def _masked_mean(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    return torch.where(keep, x, 0).sum() / keep.sum().clamp(min=1)
+
+
+def _group_log_softmax(x: torch.Tensor, same: torch.Tensor) -> torch.Tensor:
+    """log softmax of x [B] within each sequence's group; same[s, j]: j is in s's group."""
+    scores = x[None, :].expand_as(same).masked_fill(~same, NEG_INF)
+    return x - torch.logsumexp(scores, dim=1)
+
+
+def adaptive_tau(cfg: OPOLossConfig, ell: torch.Tensor, ell_ref: torch.Tensor,
+                 rewards: torch.Tensor, same: torch.Tensor, valid: torch.Tensor,
+                 vocab: int) -> torch.Tensor:
+    """SPEC "τ": the adaptive temperature of p̃ (detached inputs, a 0-dim tensor).
+
+    log V is floored at 1e-6 so that V = 1 (every log-prob 0) gives h_static = 0, conf = 1.
+    """
+    log_v = max(math.log(vocab), 1e-6)
+    h_static = _masked_mean((-ell_ref / log_v).clamp(0, 1), valid)
+    conf = 1 - _masked_mean((-ell / log_v).clamp(0, 1), valid)
+    group_mean_r = (same * rewards[None, :]).sum(1) / same.sum(1).clamp(min=1)
+    adv = rewards - group_mean_r
+    a_min = torch.where(valid, adv, float("inf")).min()
+    a_max = torch.where(valid, adv, NEG_INF).max()
+    spread = (a_max - a_min).clamp(min=1e-6)
+    rho = 2 * _masked_mean((adv - a_min) / spread, valid) - 1
+    tau = cfg.tau * (1 + 0.2 * h_static + 0.5 * conf * (-rho))
+    return tau.clamp(*cfg.tau_range)
+
+
+def objective(cfg: OPOLossConfig, logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
+              entropy: Optional[torch.Tensor], seq: torch.Tensor, rewards: torch.Tensor,
+              group: torch.Tensor, weights: Optional[torch.Tensor], vocab: int
+              ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    """SPEC "Per sequence" to "the loss", over the n counted tokens.
+
+    logprobs, ref_logprobs, entropy, seq: [n] (seq in [0, B)); rewards, group, weights: [B].
+    Returns (loss 0-dim, metrics dict of detached 0-dim tensors).
+    """
+    num_seqs = rewards.shape[0]
+    dtype = logprobs.dtype
+    member = torch.nn.functional.one_hot(seq, num_seqs).to(dtype)  # [n, B] token -> sequence
+    n_s = member.sum(0)
+    valid = n_s > 0  # empty sequences are excluded from everything
+    n_tokens = logprobs.shape[0]
+
+    delta_t = logprobs - ref_logprobs
+    S, L, R = delta_t @ member, logprobs @ member, ref_logprobs @ member
+    if cfg.level == "sequence":
+        delta, ell, ell_ref = S, L, R
+    else:
+        n_safe = n_s.clamp(min=1)
+        delta, ell, ell_ref = S / n_safe, L / n_safe, R / n_safe
+
+    # ---- sampling geometry: no gradient flows through τ, Q, p̃, ω ----
+    same = (group[:, None] == group[None, :]) & valid[None, :] & valid[:, None]
+    if cfg.adaptive_tau:
+        tau = adaptive_tau(cfg, ell.detach(), ell_ref, rewards, same, valid, vocab)
+    else:
+        tau = torch.tensor(cfg.tau, dtype=dtype, device=rewards.device)
+    log_q = _group_log_softmax(rewards / cfg.reward_temperature, same)
+    log_p = _group_log_softmax(delta.detach() / tau, same)
+    if weights is not None:
+        omega = weights.to(dtype)
+    elif cfg.weights == "seed":
+        omega = torch.exp((2 - cfg.alpha) * log_q - (1 - cfg.alpha) * log_p)
+    else:  # escort
+        omega = _group_log_softmax(cfg.alpha * log_q + (1 - cfg.alpha) * log_p, same).exp()
+    omega = torch.where(valid, omega, 0.0)
+    if cfg.center_weights:
+        omega = omega - (same * omega[None, :]).sum(1) / same.sum(1).clamp(min=1)
+    omega = torch.where(valid, omega, 0.0).detach()
+
+    # ---- optimization geometry ----
+    first_in_group = valid & ~(same & torch.ones_like(same).tril(-1)).any(1)
+    n_groups = first_in_group.sum().clamp(min=1)
+    n_valid = valid.sum().clamp(min=1)
+    if cfg.level == "token":
+        v_t = delta_t.exp() - 1 if cfg.coordinates == "ratio" else delta_t
+        n_safe = n_s.clamp(min=1)
+        policy = -((omega / n_safe)[seq] * v_t).sum() / n_groups
+        penalty = cfg.mu / 2 * (v_t ** 2).sum() / max(n_tokens, 1)
+        v_mean = v_t.mean() if n_tokens else v_t.sum()
+    else:
+        v = delta.exp() - 1 if cfg.coordinates == "ratio" else delta
+        v = torch.where(valid, v, 0.0)
+        policy = -(omega * v).sum() / n_groups
+        penalty = cfg.mu / 2 * (v ** 2).sum() / n_valid
+        v_mean = v.sum() / n_valid
+    loss = policy + penalty
+    if entropy is not None:
+        loss = loss - cfg.entropy_coef * entropy.sum() / max(n_tokens, 1)
+
+    d = delta_t.detach()
+    metrics = {
+        "log_ratio_mean": d.sum() / max(n_tokens, 1),
+        "kl_k3": (torch.exp(-d) - 1 + d).sum() / max(n_tokens, 1),
+        "v_mean": v_mean.detach(),
+        "omega_mean": omega.sum() / n_valid,
+        "omega_max": torch.where(valid.any(), torch.where(valid, omega, NEG_INF).max(), 0.0),
+        "tau": tau.detach(),
+        "penalty": penalty.detach(),
+    }
+    if entropy is not None:
+        metrics["entropy_mean"] = entropy.detach().sum() / max(n_tokens, 1)
+    return loss, metrics
+
+
+def loss_from_batch(batch: Batch, cfg: OPOLossConfig):
+    """The reference on prepared inputs (see ``inputs.prepare``)."""
+    vocab = batch.vocab
+    rows = batch.counted.nonzero()[:, 0]  # only counted rows are read
+    logits2d = batch.logits.reshape(-1, vocab)[rows]
+    labels = batch.labels[rows]
+    logprobs, lse, entropy = token_stats(logits2d, labels, cfg.temperature, cfg.with_entropy)
+    if cfg.validate:
+        lse_all = torch.zeros(batch.num_rows, dtype=lse.dtype, device=lse.device)
+        lp_all = lse_all.clone()
+        check_values(batch, lse_all.index_copy(0, rows, lse.detach()),
+                     lp_all.index_copy(0, rows, logprobs.detach()))
+    if batch.ref_logprobs is None:  # on-policy: π_ref is the detached current policy
+        ref = logprobs.detach()
+    else:
+        ref = batch.ref_logprobs[rows]
+    loss, metrics = objective(cfg, logprobs, ref, entropy, batch.seq[rows], batch.rewards,
+                              batch.group, batch.weights, vocab)
+    return (loss, metrics) if cfg.return_metrics else loss
+
+
+def opo_loss(logits, labels, ref_logprobs, rewards, *, mask=None, seq_ids=None,
+             group_size=None, group_ids=None, **options):
+    """Reference OPO loss; same arguments and result as ``opo_kernels.opo_loss``.
+
+    logits: [B, T, V] with labels/ref_logprobs/mask [B, T], or [N, V] with labels/ref_logprobs/
+    seq_ids [N]; rewards: [B]; one of group_size / group_ids [B]. ``options`` are the fields of
+    ``OPOLossConfig`` (alpha, mu, tau, ...; ``backend`` is ignored here).
+    """
+    cfg = OPOLossConfig(**options)
+    batch = prepare(logits, labels, ref_logprobs, rewards, mask=mask, seq_ids=seq_ids,
+                    group_size=group_size, group_ids=group_ids, config=cfg)
+    return loss_from_batch(batch, cfg)

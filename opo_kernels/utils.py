@@ -1,0 +1,48 @@
+"""Small helpers shared by the ops: backend detection and output allocation."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+# Tests set this to True so every freshly allocated kernel output starts as NaN: a row that a
+# kernel forgets to write then fails the comparison instead of passing as zeros.
+POISON_OUTPUTS = False
+
+
+def new_output(shape, dtype: torch.dtype, device) -> torch.Tensor:
+    """torch.empty, or NaN-filled (integers: -1) while POISON_OUTPUTS is on."""
+    if not POISON_OUTPUTS:
+        return torch.empty(shape, dtype=dtype, device=device)
+    fill = float("nan") if dtype.is_floating_point else -1
+    return torch.full(shape, fill, dtype=dtype, device=device)
+
+
+def interpreter_on() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:  # pragma: no cover - triton is a dependency, but keep torch usable
+        return False
+    return True
+
+
+def use_triton(backend: str, device: torch.device) -> bool:
+    """SPEC backend rule: "triton" / "torch" as asked; "auto" = triton for CUDA tensors, and
+    for CPU tensors when TRITON_INTERPRET=1; torch otherwise."""
+    if backend == "torch":
+        return False
+    if backend == "triton":
+        if not triton_available():
+            raise RuntimeError("backend='triton' but triton is not installed")
+        if device.type != "cuda" and not interpreter_on():
+            raise ValueError(
+                f"backend='triton' needs CUDA tensors (got {device}), or TRITON_INTERPRET=1 "
+                "set before triton is imported to run the kernels on the CPU"
+            )
+        return True
+    return triton_available() and (device.type == "cuda" or interpreter_on())
