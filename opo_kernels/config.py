@@ -99,7 +99,8 @@ class OPOLossConfig:
             _choice("weights", self.weights, WEIGHT_RULES)
         else:
             raise TypeError(
-                f"weights must be 'seed', 'escort' or a [B] tensor, got {type(self.weights).__name__}"
+                "weights must be 'seed', 'escort' or a [B] tensor, got "
+                f"{type(self.weights).__name__}"
             )
         for name in ("adaptive_tau", "center_weights", "return_metrics", "validate",
                      "inplace_backward"):
@@ -115,7 +116,7 @@ class OPOLossConfig:
         """The forward pass computes per-token entropy only when the bonus needs it."""
         return self.entropy_coef > 0
 
-    def replace(self, **changes) -> "OPOLossConfig":
+    def replace(self, **changes) -> OPOLossConfig:
         """A copy with some fields changed (validated again)."""
         values = {k: getattr(self, k) for k in self.__dataclass_fields__}
         values.update(changes)
