@@ -1,20 +1,21 @@
-"""Test setup: the real Triton kernels run on CPU tensors through the interpreter.
+"""Test setup: without a GPU, the real Triton kernels run on CPU tensors through the
+interpreter; with one, every test runs the compiled kernels on CUDA tensors (``device``).
 
-TRITON_INTERPRET must be set before triton is first imported, hence at the top of this file.
-GPU-marked tests run only where CUDA is available (they are skipped elsewhere); on a GPU
-machine, run them with the interpreter off: ``TRITON_INTERPRET=0 pytest -m gpu``.
+TRITON_INTERPRET must be set before triton is first imported, hence at the top of this file
+(importing torch does not import triton). GPU-marked tests are skipped without CUDA.
 """
 
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import torch
+
+HAS_CUDA = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") in ("0", "")
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 
 import opo_kernels.utils as ok_utils  # noqa: E402
-
-HAS_CUDA = torch.cuda.is_available() and os.environ["TRITON_INTERPRET"] in ("0", "")
 
 
 def pytest_collection_modifyitems(config, items):
