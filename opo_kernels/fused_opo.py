@@ -115,7 +115,7 @@ def _opo_bwd_kernel(
         p = tl.exp(log_p)
         g = tl.where(offs == label, coef, 0.0) - coef * p
         if WITH_ENTROPY:  # ∂H/∂z = −p·(log p + H); p = 0 contributes 0 (no 0·−inf)
-            g -= d_entropy * tl.where(p > 0, p * (log_p + entropy), 0.0)
+            g -= d_entropy * p * tl.where(p > 0, log_p + entropy, 0.0)
         tl.store(grad_base + offs * grad_stride_v, (g * inv_t).to(grad_ptr.dtype.element_ty),
                  mask=in_row)
 
