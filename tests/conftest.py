@@ -1,28 +1,34 @@
-"""Test setup: without a GPU, the real Triton kernels run on CPU tensors through the
-interpreter; with one, every test runs the compiled kernels on CUDA tensors (``device``).
+"""Test setup.
 
-TRITON_INTERPRET must be set before triton is first imported, hence at the top of this file
-(importing torch does not import triton). GPU-marked tests are skipped without CUDA.
+By default the real Triton kernels run on CPU tensors through the interpreter
+(TRITON_INTERPRET=1 is set here, before triton is first imported; importing torch does not
+import triton). GPU-marked tests need CUDA and the compiled kernels: run them on a GPU machine
+with ``TRITON_INTERPRET=0 python -m pytest -m gpu``. Each mode skips the other's tests,
+except tests marked ``anydevice`` (they pick CUDA when it is there, and run in both modes).
 """
 
 import os
 
-import torch
-
-HAS_CUDA = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") in ("0", "")
-if not HAS_CUDA:
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
 
 import opo_kernels.utils as ok_utils  # noqa: E402
 
+INTERPRETER = ok_utils.interpreter_on()
+HAS_CUDA = torch.cuda.is_available() and not INTERPRETER
+
 
 def pytest_collection_modifyitems(config, items):
-    skip_gpu = pytest.mark.skip(reason="needs CUDA (and TRITON_INTERPRET=0)")
+    skip_gpu = pytest.mark.skip(reason="needs CUDA and TRITON_INTERPRET=0")
+    skip_cpu = pytest.mark.skip(reason="CPU test: runs with the interpreter (TRITON_INTERPRET=1)")
     for item in items:
-        if "gpu" in item.keywords and not HAS_CUDA:
-            item.add_marker(skip_gpu)
+        if "gpu" in item.keywords:
+            if not HAS_CUDA:
+                item.add_marker(skip_gpu)
+        elif not INTERPRETER and "anydevice" not in item.keywords:
+            item.add_marker(skip_cpu)
 
 
 @pytest.fixture(autouse=True)
@@ -31,8 +37,3 @@ def poison_outputs():
     ok_utils.POISON_OUTPUTS = True
     yield
     ok_utils.POISON_OUTPUTS = False
-
-
-@pytest.fixture
-def device():
-    return torch.device("cuda") if HAS_CUDA else torch.device("cpu")

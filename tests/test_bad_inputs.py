@@ -1,0 +1,151 @@
+"""SPEC "Bad input": each class raises a ValueError/TypeError naming the argument, from both
+backends, and leaves every input exactly as it was."""
+
+import pytest
+import torch
+
+import opo_kernels
+
+B, T, V = 4, 5, 9
+
+
+def _inputs():
+    g = torch.Generator().manual_seed(0)
+    return {
+        "logits": torch.randn(B, T, V, generator=g),
+        "labels": torch.randint(0, V, (B, T), generator=g),
+        "ref_logprobs": -torch.rand(B, T, generator=g) * 3,
+        "rewards": torch.rand(B, generator=g),
+        "mask": torch.rand(B, T, generator=g) < 0.8,
+        "group_size": 2,
+    }
+
+
+def _set(name, value):
+    return lambda d: d.__setitem__(name, value)
+
+
+def _poke(name, index, value):
+    def edit(d):
+        d[name] = d[name].clone()
+        d[name][index] = value
+    return edit
+
+
+def _packed(d):
+    d["logits"] = d["logits"].reshape(B * T, V)
+    d["labels"] = d["labels"].reshape(-1)
+    d["ref_logprobs"] = d["ref_logprobs"].reshape(-1)
+    d["seq_ids"] = torch.arange(B * T) // T
+    del d["mask"]
+
+
+def _chain(*edits):
+    def edit(d):
+        for e in edits:
+            e(d)
+    return edit
+
+
+# (id, edit of the inputs, options, exception, text the message must contain)
+CASES = [
+    ("alpha-high", None, {"alpha": 1.5}, ValueError, "alpha"),
+    ("alpha-neg", None, {"alpha": -0.1}, ValueError, "alpha"),
+    ("alpha-str", None, {"alpha": "0.5"}, TypeError, "alpha"),
+    ("mu-neg", None, {"mu": -1.0}, ValueError, "mu"),
+    ("tau-zero", None, {"tau": 0.0}, ValueError, "tau"),
+    ("reward-temperature-neg", None, {"reward_temperature": -1}, ValueError,
+     "reward_temperature"),
+    ("temperature-zero", None, {"temperature": 0}, ValueError, "temperature"),
+    ("tau-min-zero", None, {"tau_range": (0.0, 1.0)}, ValueError, "tau_range"),
+    ("tau-min-gt-max", None, {"tau_range": (2.0, 1.0)}, ValueError, "tau_range"),
+    ("entropy-coef-neg", None, {"entropy_coef": -0.1}, ValueError, "entropy_coef"),
+    ("level", None, {"level": "tokens"}, ValueError, "level"),
+    ("coordinates", None, {"coordinates": "linear"}, ValueError, "coordinates"),
+    ("weights-name", None, {"weights": "uniform"}, ValueError, "weights"),
+    ("backend", None, {"backend": "cuda"}, ValueError, "backend"),
+    ("weights-shape", None, {"weights": torch.ones(B + 1)}, ValueError, "weights"),
+    ("weights-2d", None, {"weights": torch.ones(B, 1)}, ValueError, "weights"),
+    ("groups-both", _set("group_ids", torch.zeros(B, dtype=torch.long)), {}, ValueError,
+     "group_size"),
+    ("groups-neither", _set("group_size", None), {}, ValueError, "group_ids"),
+    ("group-size-divides", _set("group_size", 3), {}, ValueError, "group_size"),
+    ("labels-shape", _set("labels", torch.zeros(B, T + 1, dtype=torch.long)), {},
+     ValueError, "labels has shape [4, 6]"),
+    ("ref-shape", _set("ref_logprobs", torch.zeros(B, T - 1)), {}, ValueError,
+     "ref_logprobs has shape"),
+    ("rewards-shape", _set("rewards", torch.zeros(B + 1)), {}, ValueError, "rewards"),
+    ("mask-shape", _set("mask", torch.ones(B, T - 1, dtype=torch.bool)), {}, ValueError,
+     "mask"),
+    ("group-ids-shape", _chain(_set("group_size", None), _set("group_ids", torch.zeros(B + 2))),
+     {}, TypeError, "group_ids"),
+    ("device", _set("labels", torch.zeros(B, T, dtype=torch.long, device="meta")), {},
+     ValueError, "labels is on meta"),
+    ("logits-int", _set("logits", torch.zeros(B, T, V, dtype=torch.long)), {}, TypeError,
+     "logits"),
+    ("logits-1d", _set("logits", torch.zeros(V)), {}, ValueError, "logits"),
+    ("labels-float", _set("labels", torch.zeros(B, T)), {}, TypeError, "labels"),
+    ("label-out-of-vocab", _poke("labels", (0, 0), V), {}, ValueError, "labels"),
+    ("label-negative-counted", _poke("labels", (0, 0), -100), {}, ValueError, "labels"),
+    ("seq-ids-ge-B", _chain(_packed, _poke("seq_ids", 3, B)), {}, ValueError, "seq_ids"),
+    ("seq-ids-missing", _chain(_packed, lambda d: d.pop("seq_ids")), {}, ValueError,
+     "seq_ids"),
+    ("rewards-nan", _poke("rewards", 1, float("nan")), {}, ValueError, "rewards"),
+    ("rewards-inf", _poke("rewards", 1, float("inf")), {}, ValueError, "rewards"),
+    ("ref-nan-counted", _poke("ref_logprobs", (0, 0), float("nan")), {}, ValueError,
+     "ref_logprobs"),
+    ("logits-nan-counted", _poke("logits", (0, 0, 3), float("nan")), {}, ValueError,
+     "logits"),
+    ("logits-inf-counted", _poke("logits", (2, 0, 1), float("inf")), {}, ValueError,
+     "logits"),
+    ("mask-values", _set("mask", torch.full((B, T), 2)), {}, ValueError, "mask"),
+]
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_bad_input(case, backend):
+    _, edit, options, exc, text = case
+    d = _inputs()
+    if edit is not None:
+        edit(d)
+    before = {k: v.clone() for k, v in d.items() if isinstance(v, torch.Tensor)}
+    weights = options.get("weights")
+    weights_before = weights.clone() if isinstance(weights, torch.Tensor) else None
+    args = [d.pop(k) for k in ("logits", "labels", "ref_logprobs", "rewards")]
+    with pytest.raises(exc, match=text.replace("[", r"\[").replace("]", r"\]")):
+        opo_kernels.opo_loss(*args, **d, **{"backend": backend, **options})
+    after = dict(zip(("logits", "labels", "ref_logprobs", "rewards"), args), **d)
+    for k, v in before.items():
+        if v.device.type != "meta":
+            assert torch.equal(after[k].nan_to_num(), v.nan_to_num()), f"{k} was modified"
+    if weights_before is not None:
+        assert torch.equal(weights, weights_before)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_values_ok_when_not_counted(backend):
+    """Anything goes on tokens that are not counted: label −100, NaN ref_logprobs and logits."""
+    d = _inputs()
+    d["mask"][0, 0] = False
+    d["labels"][0, 0] = -100
+    d["ref_logprobs"][0, 0] = float("nan")
+    d["logits"][0, 0] = float("nan")
+    loss = opo_kernels.opo_loss(d.pop("logits"), d.pop("labels"), d.pop("ref_logprobs"),
+                                d.pop("rewards"), backend=backend, **d)
+    assert torch.isfinite(loss)
+
+
+def test_validate_false_skips_value_checks():
+    d = _inputs()
+    d["rewards"][0] = float("nan")
+    loss = opo_kernels.opo_loss(d.pop("logits"), d.pop("labels"), d.pop("ref_logprobs"),
+                                d.pop("rewards"), backend="triton", validate=False, **d)
+    assert not torch.isfinite(loss)  # the caller opted out of the check
+
+
+def test_module_validates_at_construction():
+    with pytest.raises(ValueError, match="alpha"):
+        opo_kernels.OPOLoss(alpha=2.0)
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        opo_kernels.OPOLoss(alhpa=0.5)

@@ -1,0 +1,130 @@
+"""GPU-only tests at production sizes (skipped without CUDA; run with
+``TRITON_INTERPRET=0 python -m pytest -m gpu``).
+
+The full reference would materialize several float32 copies of [N, V] (tens of GB at
+N=16384, V=151936), so here the oracle is built row-wise: reference log-probs in chunks
+(no grad), the reference objective on them (autograd gives c_t = ∂L/∂lp_t), and the gradient of
+a sample of rows rebuilt in float64 as (1/temperature)·c_t·(onehot − p). Every row is also
+checked for being finite, and rows not counted for being exactly zero.
+"""
+
+import pytest
+import torch
+
+import opo_kernels
+from opo_kernels import reference
+from opo_kernels.utils import interpreter_on
+
+pytestmark = pytest.mark.gpu
+DEV = "cuda"
+
+
+def _oracle(logits, labels, ref, rewards, seq, num_seqs, group, temperature=1.0, chunk=2048,
+            **options):
+    """Row-wise reference: (loss, c [n counted], rows [n]) in float64."""
+    V = logits.shape[-1]
+    flat = logits.reshape(-1, V)
+    rows = (seq >= 0).nonzero()[:, 0]
+    lps = []
+    with torch.no_grad():
+        for i in range(0, rows.numel(), chunk):
+            r = rows[i:i + chunk]
+            lp, _, _ = reference.token_stats(flat[r].double(), labels[r], temperature, False)
+            lps.append(lp)
+    lp = torch.cat(lps).requires_grad_()
+    cfg = opo_kernels.OPOLossConfig(temperature=temperature, **options)
+    loss, _ = reference.objective(cfg, lp, ref[rows].double(), None, seq[rows], rewards.double(),
+                                  group, None, V)
+    (c,) = torch.autograd.grad(loss, lp)
+    return loss.detach(), c, rows
+
+
+def _check_rows(grad, logits, labels, c, rows, temperature, sample=64):
+    V = logits.shape[-1]
+    flat, gflat = logits.reshape(-1, V), grad.reshape(-1, V)
+    pick = torch.linspace(0, rows.numel() - 1, sample, device=rows.device).long()
+    r = rows[pick]
+    z = flat[r].double() / temperature
+    p = torch.softmax(z, -1)
+    onehot = torch.nn.functional.one_hot(labels[r], V).double()
+    expected = c[pick, None] * (onehot - p) / temperature
+    got = gflat[r].double()
+    # bf16 rounding to nearest: 2^-8 relative (the CPU interpreter truncates: 2^-7)
+    tol = {torch.bfloat16: 2**-7 if interpreter_on() else 2**-8}.get(logits.dtype, 1e-5)
+    err = (got - expected).abs() - tol * expected.abs()
+    assert err.max() <= 1e-5 * expected.abs().max(), f"max excess err {err.max().item():.3e}"
+
+
+def _padded_problem(B, T, V, dtype, seed=0):
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    logits = torch.randn(B, T + 1, V, device=DEV, dtype=dtype, generator=g)[:, :-1]
+    labels = torch.randint(0, V, (B, T), device=DEV, generator=g)
+    mask = torch.rand(B, T, device=DEV, generator=g) < 0.7
+    with torch.no_grad():
+        lse = torch.stack([torch.logsumexp(logits[b].float(), -1) for b in range(B)])
+        lp = logits.gather(-1, labels[..., None])[..., 0].float() - lse
+    ref = lp + 0.05 * torch.randn(B, T, device=DEV, generator=g)
+    rewards = torch.rand(B, device=DEV, generator=g)
+    return logits, labels, ref, rewards, mask
+
+
+def _run_and_check(logits, labels, ref, rewards, mask, group_size, temperature=1.0):
+    B, T, V = logits.shape
+    x = logits.detach().requires_grad_()
+    loss = opo_kernels.opo_loss(x, labels, ref, rewards, mask=mask, group_size=group_size,
+                                temperature=temperature, backend="triton")
+    (grad,) = torch.autograd.grad(loss, x)
+    seq = torch.where(mask.reshape(-1), torch.arange(B * T, device=DEV) // T, -1)
+    group = torch.arange(B, device=DEV) // group_size
+    exp_loss, c, rows = _oracle(logits, labels.reshape(-1), ref.reshape(-1), rewards, seq, B,
+                                group, temperature)
+    torch.testing.assert_close(loss.double(), exp_loss, rtol=2e-5, atol=2e-6)
+    assert torch.isfinite(grad).all()
+    assert (grad.reshape(-1, V)[seq < 0] == 0).all()
+    _check_rows(grad, logits, labels.reshape(-1), c, rows, temperature)
+
+
+def test_qwen_vocab_16k_tokens_bf16():
+    """V = 151936 (Qwen2) at N = 16384: also N·V = 2.49e9 > 2^31 (int64 offsets)."""
+    logits, labels, ref, rewards, mask = _padded_problem(16, 1024, 151936, torch.bfloat16)
+    assert logits.numel() > 2**31
+    _run_and_check(logits, labels, ref, rewards, mask, group_size=4, temperature=0.9)
+
+
+def test_packed_offsets_past_2_31_fp32():
+    """Packed fp32 rows with N·V > 2^31: the last rows are read at offsets beyond int32."""
+    N, V, B = 20000, 110000, 8
+    g = torch.Generator(device=DEV).manual_seed(1)
+    logits = torch.randn(N, V, device=DEV, generator=g)
+    assert logits.numel() > 2**31
+    labels = torch.randint(0, V, (N,), device=DEV, generator=g)
+    seq = torch.arange(N, device=DEV) * B // N
+    seq[::7] = -1
+    ref = -torch.rand(N, device=DEV, generator=g) * 12
+    rewards = torch.rand(B, device=DEV, generator=g)
+    group_ids = torch.arange(B, device=DEV) // 2
+    x = logits.detach().requires_grad_()
+    loss = opo_kernels.opo_loss(x, labels, ref, rewards, seq_ids=seq, group_ids=group_ids,
+                                level="token", coordinates="log", backend="triton")
+    (grad,) = torch.autograd.grad(loss, x)
+    exp_loss, c, rows = _oracle(logits, labels, ref, rewards, seq, B, group_ids,
+                                level="token", coordinates="log")
+    torch.testing.assert_close(loss.double(), exp_loss, rtol=2e-5, atol=2e-6)
+    last = rows[-64:]  # rows whose offsets exceed 2^31
+    assert last[0].item() * V > 2**31
+    _check_rows(grad, logits, labels, c[-64:], last, 1.0, sample=64)
+
+
+def test_long_sequences_t_over_65535():
+    """T > 65,535 rows per sequence: rows are flattened on grid axis 0, never on axis 1."""
+    logits, labels, ref, rewards, mask = _padded_problem(2, 70000, 512, torch.bfloat16, seed=2)
+    x = logits.detach().requires_grad_()
+    loss = opo_kernels.opo_loss(x, labels, ref, rewards, mask=mask, group_size=2,
+                                entropy_coef=0.01, backend="triton")
+    (grad,) = torch.autograd.grad(loss, x)
+    y = logits.detach().float().requires_grad_()
+    exp = reference.opo_loss(y, labels, ref, rewards, mask=mask, group_size=2, entropy_coef=0.01)
+    (exp_grad,) = torch.autograd.grad(exp, y)
+    torch.testing.assert_close(loss, exp, rtol=2e-5, atol=2e-6)
+    torch.testing.assert_close(grad.float(), exp_grad, rtol=2**-8, atol=1e-5 *
+                               exp_grad.abs().max().item())
