@@ -32,24 +32,62 @@ from .utils import new_output, use_triton
 # --------------------------------------------------------------------------------------------
 
 
-@triton.jit(do_not_specialize=["seq_len", "stride_b"])
+@triton.jit
+def _zero_row(grad_base, grad_stride_v, V, BLOCK_V: tl.constexpr):
+    """A row that is not counted gets a zero gradient (its logits are never read)."""
+    for start in range(0, V, BLOCK_V):
+        offs = start + tl.arange(0, BLOCK_V)
+        zero = tl.zeros([BLOCK_V], grad_base.dtype.element_ty)
+        tl.store(grad_base + offs * grad_stride_v, zero, mask=offs < V)
+
+
+@triton.jit
+def _row_gradient(base, stride_v, grad_base, grad_stride_v, V, label, lse, coef, entropy,
+                  d_entropy, inv_t, WITH_ENTROPY: tl.constexpr, ACC: tl.constexpr,
+                  BLOCK_V: tl.constexpr):
+    """Writes (1/temperature)·[c·(onehot − p) − ∂L/∂H·p·(log p + H)] for one row (SPEC
+    "Gradient"), p recomputed from the saved logsumexp. grad_base may alias base (in place):
+    each block is read before it is written, by this program only."""
+    for start in range(0, V, BLOCK_V):
+        offs = start + tl.arange(0, BLOCK_V)
+        in_row = offs < V
+        x = tl.load(base + offs * stride_v, mask=in_row, other=float("-inf"))
+        log_p = x.to(ACC) * inv_t - lse
+        p = tl.exp(log_p)
+        g = tl.where(offs == label, coef, 0.0) - coef * p
+        if WITH_ENTROPY:  # ∂H/∂z = −p·(log p + H); p = 0 contributes 0 (no 0·−inf)
+            g -= d_entropy * p * tl.where(p > 0, log_p + entropy, 0.0)
+        tl.store(grad_base + offs * grad_stride_v, (g * inv_t).to(grad_base.dtype.element_ty),
+                 mask=in_row)
+
+
+@triton.jit(do_not_specialize=["seq_len", "stride_b", "grad_stride_b"])
 def _opo_fwd_kernel(
     logits_ptr, labels_ptr, seq_ptr,          # [rows of logits], [N] int64, [N] int64
     logprobs_ptr, lse_ptr, entropy_ptr,       # [N] outputs (compute dtype)
-    seq_len, V, stride_b, stride_t, stride_v,
+    grad_ptr, coef_ptr, entropy_coef_ptr,     # one-pass mode only (WRITE_GRAD)
+    seq_len, V, stride_b, stride_t, stride_v, grad_stride_b, grad_stride_t, grad_stride_v,
     inv_temperature,
-    WITH_ENTROPY: tl.constexpr, ACC: tl.constexpr, BLOCK_V: tl.constexpr,
+    WITH_ENTROPY: tl.constexpr, WRITE_GRAD: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_V: tl.constexpr,
 ):
+    """One program per row: online logsumexp (and entropy) over V in blocks; with WRITE_GRAD
+    (on-policy mode: c_t known before the pass) the same program then writes the row's
+    gradient, re-reading the row right after its first read."""
     row = tl.program_id(0).to(tl.int64)
+    # padded rows are (b, t) of a [B, T, V] view; packed rows use seq_len = N, stride_b = 0
+    b = row // seq_len
+    t = row - b * seq_len
     if tl.load(seq_ptr + row) < 0:  # not counted: do not read the row
         tl.store(logprobs_ptr + row, 0.0)
         tl.store(lse_ptr + row, 0.0)
         if WITH_ENTROPY:
             tl.store(entropy_ptr + row, 0.0)
+        if WRITE_GRAD:
+            _zero_row(grad_ptr + b * grad_stride_b + t * grad_stride_t, grad_stride_v, V,
+                      BLOCK_V)
         return
-    # padded rows are (b, t) of a [B, T, V] view; packed rows use seq_len = N, stride_b = 0
-    b = row // seq_len
-    base = logits_ptr + b * stride_b + (row - b * seq_len) * stride_t
+    base = logits_ptr + b * stride_b + t * stride_t
     inv_t = tl.full([], inv_temperature, ACC)
 
     m = tl.full([], float("-inf"), ACC)  # running max of z
@@ -70,6 +108,7 @@ def _opo_fwd_kernel(
         m = m_new
     shift = tl.where(m == float("-inf"), 0.0, m).to(ACC)
     lse = shift + tl.log(s)
+    entropy = lse - w / s
 
     label = tl.load(labels_ptr + row)
     in_vocab = (label >= 0) & (label < V)  # out-of-range labels give NaN, caught by validation
@@ -78,7 +117,14 @@ def _opo_fwd_kernel(
     tl.store(logprobs_ptr + row, x_label.to(ACC) * inv_t - lse)
     tl.store(lse_ptr + row, lse)
     if WITH_ENTROPY:
-        tl.store(entropy_ptr + row, lse - w / s)
+        tl.store(entropy_ptr + row, entropy)
+    if WRITE_GRAD:
+        d_entropy = tl.zeros([], ACC)
+        if WITH_ENTROPY:
+            d_entropy = tl.load(entropy_coef_ptr).to(ACC)
+        _row_gradient(base, stride_v, grad_ptr + b * grad_stride_b + t * grad_stride_t,
+                      grad_stride_v, V, label, lse, tl.load(coef_ptr + row).to(ACC), entropy,
+                      d_entropy, inv_t, WITH_ENTROPY, ACC, BLOCK_V)
 
 
 @triton.jit(do_not_specialize=["seq_len", "stride_b", "grad_stride_b"])
@@ -94,30 +140,35 @@ def _opo_bwd_kernel(
     t = row - b * seq_len
     grad_base = grad_ptr + b * grad_stride_b + t * grad_stride_t
     if tl.load(seq_ptr + row) < 0:  # not counted: zero gradient, logits not read
-        for start in range(0, V, BLOCK_V):
-            offs = start + tl.arange(0, BLOCK_V)
-            zero = tl.zeros([BLOCK_V], grad_ptr.dtype.element_ty)
-            tl.store(grad_base + offs * grad_stride_v, zero, mask=offs < V)
+        _zero_row(grad_base, grad_stride_v, V, BLOCK_V)
         return
-    base = logits_ptr + b * stride_b + t * stride_t
-    inv_t = tl.full([], inv_temperature, ACC)
-    lse = tl.load(lse_ptr + row).to(ACC)
-    coef = tl.load(coef_ptr + row).to(ACC)
-    label = tl.load(labels_ptr + row)
+    entropy = tl.zeros([], ACC)
+    d_entropy = tl.zeros([], ACC)
     if WITH_ENTROPY:
         entropy = tl.load(entropy_ptr + row).to(ACC)
         d_entropy = tl.load(entropy_coef_ptr).to(ACC)
+    _row_gradient(logits_ptr + b * stride_b + t * stride_t, stride_v, grad_base, grad_stride_v,
+                  V, tl.load(labels_ptr + row), tl.load(lse_ptr + row).to(ACC),
+                  tl.load(coef_ptr + row).to(ACC), entropy, d_entropy,
+                  tl.full([], inv_temperature, ACC), WITH_ENTROPY, ACC, BLOCK_V)
+
+
+@triton.jit(do_not_specialize=["seq_len", "grad_stride_b"])
+def _scale_kernel(grad_ptr, scale_ptr, seq_ptr, seq_len, V, grad_stride_b, grad_stride_t,
+                  grad_stride_v, ACC: tl.constexpr, BLOCK_V: tl.constexpr):
+    """grad_row *= upstream gradient, for the one-pass mode whose forward wrote the gradient of
+    a unit upstream gradient. Every program returns at once when the scale is exactly 1 (the
+    usual ``loss.backward()``), so that case costs no pass over [N, V] and no host sync."""
+    row = tl.program_id(0).to(tl.int64)
+    scale = tl.load(scale_ptr).to(ACC)
+    if (scale == 1.0) | (tl.load(seq_ptr + row) < 0):
+        return
+    b = row // seq_len
+    base = grad_ptr + b * grad_stride_b + (row - b * seq_len) * grad_stride_t
     for start in range(0, V, BLOCK_V):
         offs = start + tl.arange(0, BLOCK_V)
-        in_row = offs < V
-        x = tl.load(base + offs * stride_v, mask=in_row, other=float("-inf"))
-        log_p = x.to(ACC) * inv_t - lse
-        p = tl.exp(log_p)
-        g = tl.where(offs == label, coef, 0.0) - coef * p
-        if WITH_ENTROPY:  # ∂H/∂z = −p·(log p + H); p = 0 contributes 0 (no 0·−inf)
-            g -= d_entropy * p * tl.where(p > 0, log_p + entropy, 0.0)
-        tl.store(grad_base + offs * grad_stride_v, (g * inv_t).to(grad_ptr.dtype.element_ty),
-                 mask=in_row)
+        g = tl.load(base + offs * grad_stride_v, mask=offs < V)
+        tl.store(base + offs * grad_stride_v, (g.to(ACC) * scale).to(g.dtype), mask=offs < V)
 
 
 # --------------------------------------------------------------------------------------------
@@ -149,26 +200,38 @@ def _row_geometry(logits: torch.Tensor, seq_len: Optional[int]) -> Tuple[int, in
     return max(logits.shape[0], 1), 0, logits.stride(0), logits.stride(1)
 
 
+def _grad_geometry(logits: torch.Tensor, grad: Optional[torch.Tensor]):
+    return _row_geometry(grad if grad is not None else logits, None)[1:]
+
+
 def forward_rows(logits: torch.Tensor, labels: torch.Tensor, seq: torch.Tensor,
-                 temperature: float, with_entropy: bool):
+                 temperature: float, with_entropy: bool, *, grad: Optional[torch.Tensor] = None,
+                 coef: Optional[torch.Tensor] = None,
+                 entropy_coef: Optional[torch.Tensor] = None):
     """Forward pass over the logits rows.
 
     logits: [B, T, V] or [N, V] (any strides); labels, seq: [N] int64 (seq −1 = not counted).
     Returns (logprobs [N], lse [N], entropy [N] or None), float32 (float64 for float64 logits).
+    One-pass mode: with ``grad`` (shaped like logits; may be logits itself), ``coef`` [N] and
+    ``entropy_coef`` (0-dim), the same kernel also writes the gradient (see ``backward_rows``).
     """
     num_rows, vocab = seq.shape[0], logits.shape[-1]
     cdtype = compute_dtype(logits.dtype)
     logprobs = new_output((num_rows,), cdtype, logits.device)
     lse = new_output((num_rows,), cdtype, logits.device)
     entropy = new_output((num_rows,), cdtype, logits.device) if with_entropy else None
+    write_grad = grad is not None
     if num_rows:
         block, num_warps = launch_config(vocab, logits.dtype)
         seq_len, stride_b, stride_t, stride_v = _row_geometry(logits, None)
         _opo_fwd_kernel[(num_rows,)](
             logits, labels, seq, logprobs, lse, entropy if with_entropy else lse,
-            seq_len, vocab, stride_b, stride_t, stride_v, 1.0 / temperature,
-            WITH_ENTROPY=with_entropy, ACC=_acc_type(logits.dtype), BLOCK_V=block,
-            num_warps=num_warps,
+            grad if write_grad else logits, coef if write_grad else lse,
+            entropy_coef if write_grad and with_entropy else lse,
+            seq_len, vocab, stride_b, stride_t, stride_v, *_grad_geometry(logits, grad),
+            1.0 / temperature,
+            WITH_ENTROPY=with_entropy, WRITE_GRAD=write_grad, ACC=_acc_type(logits.dtype),
+            BLOCK_V=block, num_warps=num_warps,
         )
     return logprobs, lse, entropy
 
@@ -186,15 +249,26 @@ def backward_rows(logits: torch.Tensor, labels: torch.Tensor, seq: torch.Tensor,
     if num_rows:
         block, num_warps = launch_config(vocab, logits.dtype)
         seq_len, stride_b, stride_t, stride_v = _row_geometry(logits, None)
-        _, g_stride_b, g_stride_t, g_stride_v = _row_geometry(grad, None)
         with_entropy = entropy is not None
         _opo_bwd_kernel[(num_rows,)](
             logits, grad, labels, seq, lse, entropy if with_entropy else lse, coef,
             entropy_coef, seq_len, vocab, stride_b, stride_t, stride_v,
-            g_stride_b, g_stride_t, g_stride_v, 1.0 / temperature,
+            *_grad_geometry(logits, grad), 1.0 / temperature,
             WITH_ENTROPY=with_entropy, ACC=_acc_type(logits.dtype), BLOCK_V=block,
             num_warps=num_warps,
         )
+    return grad
+
+
+def scale_rows_(grad: torch.Tensor, seq: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """grad *= scale (0-dim tensor) on counted rows, in place; free when scale == 1."""
+    num_rows, vocab = seq.shape[0], grad.shape[-1]
+    if num_rows:
+        block, num_warps = launch_config(vocab, grad.dtype)
+        seq_len, stride_b, stride_t, stride_v = _row_geometry(grad, None)
+        _scale_kernel[(num_rows,)](grad, scale, seq, seq_len, vocab, stride_b, stride_t,
+                                   stride_v, ACC=_acc_type(grad.dtype), BLOCK_V=block,
+                                   num_warps=num_warps)
     return grad
 
 
@@ -213,27 +287,56 @@ class FusedOPOFunction(torch.autograd.Function):
 
     Only logits receive a gradient (ω, τ, p̃, Q are constants; ref_logprobs and rewards are
     data). metrics_vector holds the values of ``metric_keys(cfg)``, not differentiable.
+
+    Two modes:
+    - general: forward kernel (1 read) -> epilogue -> backward kernel (1 read + 1 write).
+    - on-policy one-pass (``batch.ref_logprobs is None``): π_ref is the detached current policy,
+      so Δ ≡ 0, v = 0, p̃ is uniform and c_t depends only on rewards, groups and lengths. c_t is
+      computed first and the forward kernel writes the gradient of a unit upstream gradient
+      in the same launch; backward only scales it (free when the upstream gradient is 1).
     """
 
     @staticmethod
     def forward(ctx, logits: torch.Tensor, batch: Batch, cfg: OPOLossConfig):
-        logprobs, lse, entropy = forward_rows(logits, batch.labels, batch.seq, cfg.temperature,
-                                              cfg.with_entropy)
+        one_pass = batch.ref_logprobs is None
+        grad = coef = None
+        if one_pass:
+            zeros = torch.zeros(batch.num_rows, dtype=batch.compute_dtype, device=logits.device)
+            pre = epilogue(cfg, zeros, None, None, batch.seq, batch.rewards, batch.group,
+                           batch.weights, batch.vocab, batch.seq_len)
+            coef, entropy_coef = pre.coef, pre.entropy_coef
+            grad = logits if cfg.inplace_backward else new_output(logits.shape, logits.dtype,
+                                                                  logits.device)
+        logprobs, lse, entropy = forward_rows(
+            logits, batch.labels, batch.seq, cfg.temperature, cfg.with_entropy,
+            grad=grad, coef=coef, entropy_coef=entropy_coef if one_pass else None)
         if cfg.validate:
             check_values(batch, lse, logprobs)
         out = epilogue(cfg, logprobs, batch.ref_logprobs, entropy, batch.seq, batch.rewards,
                        batch.group, batch.weights, batch.vocab, batch.seq_len)
         metrics = torch.stack([out.metrics[k].to(out.loss.dtype) for k in metric_keys(cfg)])
         ctx.mark_non_differentiable(metrics)
-        ctx.save_for_backward(logits, batch.labels, batch.seq, lse, out.coef, out.entropy_coef,
-                              *([entropy] if entropy is not None else []))
         ctx.cfg = cfg
+        ctx.one_pass = one_pass
+        if one_pass:
+            ctx.save_for_backward(grad, batch.seq)
+            ctx.backward_done = False
+        else:
+            ctx.save_for_backward(logits, batch.labels, batch.seq, lse, out.coef,
+                                  out.entropy_coef, *([entropy] if entropy is not None else []))
         return out.loss, metrics
 
     @staticmethod
     def backward(ctx, grad_loss, grad_metrics):
-        logits, labels, seq, lse, coef, entropy_coef, *entropy = ctx.saved_tensors
         cfg = ctx.cfg
+        if ctx.one_pass:
+            if ctx.backward_done:
+                raise RuntimeError("opo_loss with ref_logprobs=None (one-pass on-policy mode) "
+                                   "writes its gradient during forward: run backward once")
+            ctx.backward_done = True
+            grad, seq = ctx.saved_tensors
+            return scale_rows_(grad, seq, grad_loss.to(compute_dtype(grad.dtype))), None, None
+        logits, labels, seq, lse, coef, entropy_coef, *entropy = ctx.saved_tensors
         grad_loss = grad_loss.to(coef.dtype)
         grad = backward_rows(logits, labels, seq, lse, entropy[0] if entropy else None,
                              coef * grad_loss, entropy_coef * grad_loss, cfg.temperature,
