@@ -9,7 +9,9 @@ is its plain-PyTorch form.
 
 from . import reference
 from .config import OPOLossConfig
+from .fused_linear_opo import FusedLinearOPOLoss, fused_linear_opo_loss
 from .fused_opo import OPOLoss, opo_loss
 
-__all__ = ["OPOLoss", "OPOLossConfig", "opo_loss", "reference"]
+__all__ = ["FusedLinearOPOLoss", "OPOLoss", "OPOLossConfig", "fused_linear_opo_loss", "opo_loss",
+           "reference"]
 __version__ = "0.1.0"

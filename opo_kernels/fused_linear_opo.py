@@ -1,0 +1,412 @@
+"""The OPO loss fused with the LM head (logits = hidden @ weight.T + bias), chunked over token
+rows so that the [N, V] logits are never materialized: launchers -> autograd.Function -> API.
+
+The Triton kernels are the ones of ``fused_opo.py``; this file only feeds them chunks of rows.
+With C = chunk_size and rows flattened to [N, H] (padded [B, T, H] row-major, or packed):
+
+  phase 1 (forward), per chunk:  logits_c = hidden_c @ weight.T + bias        [C, V], input dtype
+                                 forward_rows(logits_c) -> lp, lse, H_t       [C] fp32
+          then ONCE over all N rows: epilogue -> loss, metrics, c_t           (epilogue.py)
+  phase 2 (backward), per chunk: logits_c recomputed, its gradient written IN PLACE by
+                                 backward_rows(c_t·grad_loss), then
+                                 grad_hidden_c = grad_logits_c @ weight       (input dtype)
+                                 grad_weight  += grad_logits_c.T @ hidden_c   (fp32)
+                                 grad_bias    += grad_logits_c.sum(0)         (fp32)
+
+The epilogue sees all N rows at once, so chunks may cut through sequences and groups: the loss
+and gradients are those of ``opo_loss(hidden @ weight.T + bias, ...)`` for any chunk size.
+
+On-policy (ref_logprobs=None) needs one phase only: π_ref is the detached current policy, so
+Δ_t ≡ 0 exactly, v ≡ 0, p̃ is uniform within each group whatever τ is, and c_t (and ∂L/∂H_t)
+depend only on rewards, groups, weights and lengths, not on the logits. The coefficients are
+computed first (epilogue on zero log-probs, which gives the same c_t bit for bit) and the
+gradients are formed in the same chunk loop as the forward, for a unit upstream gradient; the
+backward only scales them. The epilogue then runs again on the real log-probs for the loss and
+the metrics (τ, entropy and k3 do depend on them).
+
+Example::
+
+    loss = fused_linear_opo_loss(hidden[:, :-1], lm_head.weight, input_ids[:, 1:],
+                                 old_logprobs, rewards, mask=completion_mask, group_size=6)
+    loss.backward()
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional, Tuple
+
+import torch
+import triton
+
+from .config import OPOLossConfig
+from .epilogue import epilogue
+from .fused_opo import backward_rows, forward_rows, metric_keys
+from .inputs import FLOAT_DTYPES, Batch, check_values, compute_dtype, prepare
+from .utils import new_output, use_triton
+
+# --------------------------------------------------------------------------------------------
+# Launchers
+# --------------------------------------------------------------------------------------------
+
+# Default chunk: the largest power of two of rows whose logits fit in _CHUNK_BYTES, at least
+# _MIN_CHUNK rows (so each chunk's matmuls still amortize one read of the weight; only binds for
+# V·itemsize > 2 MiB) and at most N. Not measured on a GPU here (no GPU in this session): a
+# starting point, e.g. V = 151,936 in bf16 -> 512 rows (148 MiB of logits), V = 32,000 -> 4096.
+_CHUNK_BYTES = 256 * 2**20
+_MIN_CHUNK = 128
+
+
+def default_chunk_size(num_rows: int, vocab: int, hidden_size: int, dtype: torch.dtype) -> int:
+    """Rows per chunk: largest power of two with rows·V·itemsize <= 256 MiB, clamped to
+    [128, N] (N = number of token rows; at least 1).
+
+    The hidden size H does not enter: a chunk's transient memory is its [C, V] logits buffer
+    (the gradient is written into it in place); the [C, H] slices are views of the inputs and
+    outputs, and the fp32 weight-gradient accumulator is [V, H] whatever C is.
+    """
+    del hidden_size  # see the docstring: H does not change the chunk's transient memory
+    rows = max(_CHUNK_BYTES // max(vocab * dtype.itemsize, 1), 1)
+    rows = max(triton.next_power_of_2(rows + 1) // 2, _MIN_CHUNK)  # power of two <= rows
+    return max(min(rows, num_rows), 1)
+
+
+def _chunk_logits(hidden_c: torch.Tensor, weight: torch.Tensor,
+                  bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """[C, V] logits of one chunk in the input dtype (a fresh buffer the backward overwrites)."""
+    return torch.nn.functional.linear(hidden_c, weight, bias)
+
+
+def _accumulate(grad_logits: torch.Tensor, hidden_c: torch.Tensor, weight: torch.Tensor,
+                grad_hidden_c: Optional[torch.Tensor], grad_weight: Optional[torch.Tensor],
+                grad_bias: Optional[torch.Tensor]) -> None:
+    """One chunk's contribution to the three gradients (accumulators in fp32 / fp64)."""
+    if grad_hidden_c is not None:
+        torch.mm(grad_logits, weight, out=grad_hidden_c)
+    if grad_weight is not None:
+        if grad_weight.dtype == grad_logits.dtype:
+            grad_weight.addmm_(grad_logits.t(), hidden_c)
+        else:  # 16-bit: the chunk's product (fp32 inside the matmul) is summed in fp32
+            grad_weight.add_(grad_logits.t() @ hidden_c)
+    if grad_bias is not None:
+        grad_bias.add_(grad_logits.sum(0, dtype=grad_bias.dtype))
+
+
+def _chunks(num_rows: int, chunk_size: int):
+    for start in range(0, num_rows, chunk_size):
+        yield start, min(start + chunk_size, num_rows)
+
+
+def forward_chunks(hidden2d, weight, bias, batch: Batch, cfg: OPOLossConfig, chunk_size: int):
+    """Phase 1: per-row (logprobs, lse, entropy or None) [N] over all rows, chunk by chunk."""
+    labels, seq = batch.labels.contiguous(), batch.seq.contiguous()
+    outs = []
+    for start, end in _chunks(hidden2d.shape[0], chunk_size):
+        logits = _chunk_logits(hidden2d[start:end], weight, bias)
+        outs.append(forward_rows(logits, labels[start:end], seq[start:end], cfg.temperature,
+                                 cfg.with_entropy))
+    return _concat_stats(outs, batch, cfg)
+
+
+def _concat_stats(outs, batch: Batch, cfg: OPOLossConfig):
+    if not outs:  # N = 0
+        empty = torch.zeros(0, dtype=batch.compute_dtype, device=batch.seq.device)
+        return empty, empty, (empty if cfg.with_entropy else None)
+    logprobs, lse, entropy = (torch.cat(x) if x[0] is not None else None for x in zip(*outs))
+    return logprobs, lse, entropy
+
+
+def _grad_buffers(hidden2d, weight, bias, needs: Tuple[bool, bool, bool]):
+    acc = compute_dtype(hidden2d.dtype)
+    grad_hidden = (new_output(hidden2d.shape, hidden2d.dtype, hidden2d.device)
+                   if needs[0] else None)
+    grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if needs[1] else None
+    grad_bias = (torch.zeros(bias.shape, dtype=acc, device=bias.device)
+                 if needs[2] and bias is not None else None)
+    return grad_hidden, grad_weight, grad_bias
+
+
+def backward_chunks(hidden2d, weight, bias, labels, seq, lse, entropy, coef, entropy_coef,
+                    cfg: OPOLossConfig, chunk_size: int, needs: Tuple[bool, bool, bool]):
+    """Phase 2: (grad_hidden [N, H] in hidden's dtype, grad_weight [V, H], grad_bias [V]) in
+    fp32 (fp64 for fp64 inputs), each None when not needed. coef, entropy_coef already include
+    the upstream gradient."""
+    grad_hidden, grad_weight, grad_bias = _grad_buffers(hidden2d, weight, bias, needs)
+    for start, end in _chunks(hidden2d.shape[0], chunk_size):
+        hidden_c = hidden2d[start:end]
+        logits = _chunk_logits(hidden_c, weight, bias)
+        grad_logits = backward_rows(
+            logits, labels[start:end], seq[start:end], lse[start:end],
+            None if entropy is None else entropy[start:end], coef[start:end], entropy_coef,
+            cfg.temperature, inplace=True,
+        )
+        _accumulate(grad_logits, hidden_c, weight,
+                    None if grad_hidden is None else grad_hidden[start:end],
+                    grad_weight, grad_bias)
+    return grad_hidden, grad_weight, grad_bias
+
+
+def on_policy_chunks(hidden2d, weight, bias, batch: Batch, cfg: OPOLossConfig,
+                     chunk_size: int, needs: Tuple[bool, bool, bool]):
+    """One phase (ref_logprobs=None): forward statistics AND the gradients for a unit upstream
+    gradient, in one pass over the chunks. Returns ((logprobs, lse, entropy), grads)."""
+    # c_t does not depend on the log-probs when Δ ≡ 0 (module docstring): zeros give it exactly
+    zeros = torch.zeros(batch.num_rows, dtype=batch.compute_dtype, device=batch.seq.device)
+    unit = epilogue(cfg, zeros, None, None, batch.seq, batch.rewards, batch.group,
+                    batch.weights, batch.vocab, batch.seq_len)
+    labels, seq = batch.labels.contiguous(), batch.seq.contiguous()
+    grad_hidden, grad_weight, grad_bias = _grad_buffers(hidden2d, weight, bias, needs)
+    outs = []
+    for start, end in _chunks(hidden2d.shape[0], chunk_size):
+        hidden_c = hidden2d[start:end]
+        logits = _chunk_logits(hidden_c, weight, bias)
+        stats = forward_rows(logits, labels[start:end], seq[start:end], cfg.temperature,
+                             cfg.with_entropy)
+        outs.append(stats)
+        grad_logits = backward_rows(logits, labels[start:end], seq[start:end], stats[1],
+                                    stats[2], unit.coef[start:end], unit.entropy_coef,
+                                    cfg.temperature, inplace=True)
+        _accumulate(grad_logits, hidden_c, weight,
+                    None if grad_hidden is None else grad_hidden[start:end],
+                    grad_weight, grad_bias)
+    return _concat_stats(outs, batch, cfg), (grad_hidden, grad_weight, grad_bias)
+
+
+# --------------------------------------------------------------------------------------------
+# autograd
+# --------------------------------------------------------------------------------------------
+
+
+def _scale(grad: torch.Tensor, grad_loss: torch.Tensor) -> torch.Tensor:
+    """grad·grad_loss, multiplied in fp32 (fp64) so a 16-bit grad is rounded only once more."""
+    acc = compute_dtype(grad.dtype)
+    return (grad.to(acc) * grad_loss.to(acc)).to(grad.dtype)
+
+
+class FusedLinearOPOFunction(torch.autograd.Function):
+    """loss, metrics_vector = FusedLinearOPOFunction.apply(hidden, weight, bias, batch, cfg,
+    chunk_size, one_phase).
+
+    hidden, weight and bias receive gradients (ω, τ, p̃, Q are constants; ref_logprobs and
+    rewards are data). one_phase: on-policy batch whose gradients are wanted (see module doc).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, batch: Batch, cfg: OPOLossConfig, chunk_size: int,
+                one_phase: bool):
+        hidden2d = hidden.reshape(-1, hidden.shape[-1])  # a copy only for a non-viewable layout
+        needs = tuple(ctx.needs_input_grad[:3])
+        if one_phase:
+            (logprobs, lse, entropy), grads = on_policy_chunks(hidden2d, weight, bias, batch,
+                                                               cfg, chunk_size, needs)
+        else:
+            logprobs, lse, entropy = forward_chunks(hidden2d, weight, bias, batch, cfg,
+                                                    chunk_size)
+        if cfg.validate:
+            check_values(batch, lse, logprobs)
+        out = epilogue(cfg, logprobs, batch.ref_logprobs, entropy, batch.seq, batch.rewards,
+                       batch.group, batch.weights, batch.vocab, batch.seq_len)
+        metrics = torch.stack([out.metrics[k].to(out.loss.dtype) for k in metric_keys(cfg)])
+        ctx.mark_non_differentiable(metrics)
+        ctx.one_phase, ctx.cfg, ctx.chunk_size, ctx.needs = one_phase, cfg, chunk_size, needs
+        ctx.hidden_shape, ctx.dtypes = hidden.shape, (hidden.dtype, weight.dtype,
+                                                      None if bias is None else bias.dtype)
+        if one_phase:
+            ctx.save_for_backward(*grads)
+        else:
+            ctx.save_for_backward(hidden, weight, bias, batch.labels.contiguous(),
+                                  batch.seq.contiguous(), lse, out.coef, out.entropy_coef,
+                                  entropy)
+        return out.loss, metrics
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss, grad_metrics):
+        cfg = ctx.cfg
+        if ctx.one_phase:  # gradients were formed in forward for a unit upstream gradient
+            grad_hidden, grad_weight, grad_bias = map(
+                lambda g: None if g is None else _scale(g, grad_loss), ctx.saved_tensors)
+        else:
+            (hidden, weight, bias, labels, seq, lse, coef, entropy_coef,
+             entropy) = ctx.saved_tensors
+            grad_loss = grad_loss.to(coef.dtype)
+            grad_hidden, grad_weight, grad_bias = backward_chunks(
+                hidden.reshape(-1, hidden.shape[-1]), weight, bias, labels, seq, lse, entropy,
+                coef * grad_loss, entropy_coef * grad_loss, cfg, ctx.chunk_size, ctx.needs,
+            )
+        hidden_dtype, weight_dtype, bias_dtype = ctx.dtypes
+        if grad_hidden is not None:
+            grad_hidden = grad_hidden.to(hidden_dtype).view(ctx.hidden_shape)
+        if grad_weight is not None:
+            grad_weight = grad_weight.to(weight_dtype)
+        if grad_bias is not None:
+            grad_bias = grad_bias.to(bias_dtype)
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None
+
+
+# --------------------------------------------------------------------------------------------
+# Functional API and module
+# --------------------------------------------------------------------------------------------
+
+
+def _check_linear(hidden, weight, bias) -> None:
+    """The LM-head arguments (SPEC "Bad input" style: name the argument and the shapes)."""
+    for name, t in (("hidden", hidden), ("weight", weight), ("bias", bias)):
+        if t is None and name == "bias":
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{name} must be float32, bfloat16, float16 or float64, "
+                            f"got {t.dtype}")
+    if hidden.dim() not in (2, 3):
+        raise ValueError(f"hidden must be [B, T, H] (padded) or [N, H] (packed), got shape "
+                         f"{list(hidden.shape)}")
+    if weight.dim() != 2 or weight.shape[0] < 1:
+        raise ValueError(f"weight must be [V, H] with V >= 1, got shape {list(weight.shape)}")
+    if weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"weight has shape {list(weight.shape)} but hidden "
+                         f"{list(hidden.shape)} has hidden size H={hidden.shape[-1]}")
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"bias must have shape [V]=[{weight.shape[0]}] like weight "
+                         f"{list(weight.shape)}, got {list(bias.shape)}")
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is None:
+            continue
+        if t.dtype != hidden.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but hidden has {hidden.dtype} "
+                            "(the logits are computed in the input dtype)")
+        if t.device != hidden.device:
+            raise ValueError(f"{name} is on {t.device} but hidden is on {hidden.device}")
+
+
+def _check_chunk_size(chunk_size) -> None:
+    if chunk_size is not None and (isinstance(chunk_size, bool) or
+                                   not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+
+
+def prepare_linear(hidden, weight, bias, labels, ref_logprobs, rewards, cfg: OPOLossConfig,
+                   **layout) -> Batch:
+    """``inputs.prepare`` for hidden states: checks hidden/weight/bias, then the usual checks
+    on a zero-stride stand-in for the logits [..., V] (never read, no memory)."""
+    _check_linear(hidden, weight, bias)
+    stand_in = hidden.new_empty(()).expand(*hidden.shape[:-1], weight.shape[0])
+    try:
+        return prepare(stand_in, labels, ref_logprobs, rewards, config=cfg, **layout)
+    except (TypeError, ValueError) as err:  # messages speak of logits: say which ones
+        raise type(err)(f"{err} (logits = hidden @ weight.T: hidden {list(hidden.shape)}, "
+                        f"weight {list(weight.shape)})") from None
+
+
+def fused_linear_opo_loss(hidden, weight, labels, ref_logprobs, rewards, *, bias=None,
+                          chunk_size=None, mask=None, seq_ids=None, group_size=None,
+                          group_ids=None, alpha=0.6, mu=1.0, tau=0.5, adaptive_tau=True,
+                          tau_range=(0.2, 1.5), reward_temperature=0.15, weights="seed",
+                          center_weights=False, level="sequence_mean", coordinates="ratio",
+                          temperature=1.0, entropy_coef=0.0, backend="auto",
+                          return_metrics=False, validate=True):
+    """The OPO loss (shared/SPEC.md) of the logits ``hidden @ weight.T + bias``, computed chunk
+    by chunk so that at most ``chunk_size × V`` logits exist at any time.
+
+    Padded layout: hidden [B, T, H], labels / ref_logprobs / mask [B, T]. Packed layout:
+    hidden [N, H], labels / ref_logprobs / seq_ids [N] (−1 = not counted). weight: [V, H],
+    bias: [V] or None, same dtype as hidden (fp32/bf16/fp16/fp64); rewards [B]; exactly one of
+    group_size / group_ids. ref_logprobs=None: on-policy (π_ref = detached current policy).
+    Every other option is that of ``opo_kernels.opo_loss``.
+
+    Gradients flow to hidden, weight and bias (weight/bias gradients are accumulated over the
+    chunks in fp32 and cast to the parameter dtype). The result equals
+    ``opo_loss(hidden @ weight.T + bias, ...)`` for any chunk size, up to rounding.
+
+    chunk_size: token rows per chunk. Default: the largest power of two whose logits take at
+    most 256 MiB (rows·V·itemsize), clamped to [128, N] (``default_chunk_size``). Memory
+    beyond the inputs: one [chunk, V] logits buffer in the input dtype (the gradient is written
+    into it), O(N) fp32 statistics, and while gradients are formed the fp32 [V, H] weight (and
+    [V] bias) gradient accumulators (for 16-bit inputs plus one [V, H] 16-bit product per chunk
+    before it is added) and the [N, H] hidden gradient. Never an [N, V] tensor. A padded hidden
+    that is a non-contiguous view (e.g. ``hidden[:, :-1]``) is copied to [N, H] by reshape.
+
+    On-policy with gradients wanted, the loop runs ONCE (forward and gradients together, exact:
+    see the module docstring); the [N, H] / [V, H] gradients are then held from forward to
+    backward. Otherwise the backward recomputes each chunk's logits (one extra matmul).
+
+    backend="torch" materializes the full logits and runs the reference (for testing).
+
+    Example::
+
+        loss = fused_linear_opo_loss(hidden, lm_head.weight, labels, old_logprobs, rewards,
+                                     mask=mask, group_size=6, chunk_size=1024)
+    """
+    cfg = OPOLossConfig(
+        alpha=alpha, mu=mu, tau=tau, adaptive_tau=adaptive_tau, tau_range=tau_range,
+        reward_temperature=reward_temperature, weights=weights, center_weights=center_weights,
+        level=level, coordinates=coordinates, temperature=temperature,
+        entropy_coef=entropy_coef, backend=backend, return_metrics=return_metrics,
+        validate=validate,
+    )
+    _check_chunk_size(chunk_size)
+    return fused_linear_opo_loss_with_config(
+        hidden, weight, labels, ref_logprobs, rewards, cfg, bias=bias, chunk_size=chunk_size,
+        mask=mask, seq_ids=seq_ids, group_size=group_size, group_ids=group_ids,
+    )
+
+
+def fused_linear_opo_loss_with_config(hidden, weight, labels, ref_logprobs, rewards,
+                                      cfg: OPOLossConfig, *, bias=None, chunk_size=None,
+                                      mask=None, seq_ids=None, group_size=None,
+                                      group_ids=None):
+    """``fused_linear_opo_loss`` with an already validated config (used by the module)."""
+    from . import reference  # local import: the reference is only needed for backend="torch"
+
+    batch = prepare_linear(hidden, weight, bias, labels, ref_logprobs, rewards, cfg, mask=mask,
+                           seq_ids=seq_ids, group_size=group_size, group_ids=group_ids)
+    if not use_triton(cfg.backend, hidden.device):
+        logits = torch.nn.functional.linear(hidden, weight, bias)
+        return reference.loss_from_batch(dataclasses.replace(batch, logits=logits), cfg)
+    if chunk_size is None:
+        chunk_size = default_chunk_size(batch.num_rows, weight.shape[0], hidden.shape[-1],
+                                        hidden.dtype)
+    wants_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (hidden, weight, bias))
+    one_phase = batch.ref_logprobs is None and wants_grad
+    loss, metrics = FusedLinearOPOFunction.apply(hidden, weight, bias, batch, cfg, chunk_size,
+                                                 one_phase)
+    if not cfg.return_metrics:
+        return loss
+    return loss, dict(zip(metric_keys(cfg), metrics.unbind(0)))
+
+
+class FusedLinearOPOLoss(torch.nn.Module):
+    """``nn.Module`` form of ``fused_linear_opo_loss``; options (and chunk_size) are fixed at
+    construction, the LM head's weight / bias are passed to forward (as in Liger's
+    ``LigerFusedLinearGRPOLoss``), so the module holds no parameters.
+
+    Example::
+
+        loss_fn = FusedLinearOPOLoss(alpha=0.6, chunk_size=1024)
+        loss = loss_fn(hidden, lm_head.weight, labels, old_logprobs, rewards,
+                       mask=mask, group_size=6)
+    """
+
+    def __init__(self, chunk_size: Optional[int] = None, **options):
+        super().__init__()
+        _check_chunk_size(chunk_size)
+        self.chunk_size = chunk_size
+        self.config = OPOLossConfig(**options)
+        if self.config.inplace_backward:
+            raise ValueError("inplace_backward does not apply: the fused-linear backward "
+                             "always writes into its own chunk buffer")
+
+    def forward(self, hidden, weight, labels, ref_logprobs, rewards, bias=None, *, mask=None,
+                seq_ids=None, group_size=None, group_ids=None):
+        return fused_linear_opo_loss_with_config(
+            hidden, weight, labels, ref_logprobs, rewards, self.config, bias=bias,
+            chunk_size=self.chunk_size, mask=mask, seq_ids=seq_ids, group_size=group_size,
+            group_ids=group_ids,
+        )
+
+    def extra_repr(self) -> str:
+        return ", ".join([f"chunk_size={self.chunk_size!r}"] + [
+            f"{k}={getattr(self.config, k)!r}" for k in
+            ("alpha", "mu", "level", "coordinates", "weights", "backend")])
