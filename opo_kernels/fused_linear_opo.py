@@ -19,10 +19,11 @@ and gradients are those of ``opo_loss(hidden @ weight.T + bias, ...)`` for any c
 On-policy (ref_logprobs=None) needs one phase only: π_ref is the detached current policy, so
 Δ_t ≡ 0 exactly, v ≡ 0, p̃ is uniform within each group whatever τ is, and c_t (and ∂L/∂H_t)
 depend only on rewards, groups, weights and lengths, not on the logits. The coefficients are
-computed first (epilogue on zero log-probs, which gives the same c_t bit for bit) and the
-gradients are formed in the same chunk loop as the forward, for a unit upstream gradient; the
-backward only scales them. The epilogue then runs again on the real log-probs for the loss and
-the metrics (τ, entropy and k3 do depend on them).
+computed first (epilogue on zero log-probs, which gives the same c_t bit for bit); then each
+chunk's logits go through ONE kernel (``forward_rows`` in its one-pass mode: statistics, then
+the gradient for a unit upstream gradient written over the logits) and the chunk's matmuls;
+the backward only scales the gradients. The epilogue then runs again on the real log-probs
+for the loss and the metrics (τ, entropy and k3 do depend on them).
 
 Example::
 
@@ -160,13 +161,11 @@ def on_policy_chunks(hidden2d, weight, bias, batch: Batch, cfg: OPOLossConfig,
     for start, end in _chunks(hidden2d.shape[0], chunk_size):
         hidden_c = hidden2d[start:end]
         logits = _chunk_logits(hidden_c, weight, bias)
-        stats = forward_rows(logits, labels[start:end], seq[start:end], cfg.temperature,
-                             cfg.with_entropy)
-        outs.append(stats)
-        grad_logits = backward_rows(logits, labels[start:end], seq[start:end], stats[1],
-                                    stats[2], unit.coef[start:end], unit.entropy_coef,
-                                    cfg.temperature, inplace=True)
-        _accumulate(grad_logits, hidden_c, weight,
+        # one kernel: statistics, then the row's gradient written over its logits
+        outs.append(forward_rows(logits, labels[start:end], seq[start:end], cfg.temperature,
+                                 cfg.with_entropy, grad=logits, coef=unit.coef[start:end],
+                                 entropy_coef=unit.entropy_coef))
+        _accumulate(logits, hidden_c, weight,
                     None if grad_hidden is None else grad_hidden[start:end],
                     grad_weight, grad_bias)
     return _concat_stats(outs, batch, cfg), (grad_hidden, grad_weight, grad_bias)

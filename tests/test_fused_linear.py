@@ -276,8 +276,9 @@ def test_on_policy_without_grad_and_partial_grad():
 @pytest.mark.parametrize("on_policy", [False, True], ids=["two-phase", "on-policy-one-phase"])
 @pytest.mark.parametrize("chunk", [1, 3, 8])
 def test_chunks_bound_logits_and_count_passes(monkeypatch, chunk, on_policy):
-    """Every kernel launch sees at most chunk × V logits, the chunks tile the N rows exactly,
-    and the on-policy path launches no kernel in backward (one phase)."""
+    """Every kernel launch sees at most chunk × V logits, the chunks tile the N rows exactly;
+    two-phase: one forward launch per chunk, then one backward launch per chunk in backward;
+    on-policy: one (one-pass) launch per chunk in forward and none in backward."""
     calls = {"forward": [], "backward": []}
 
     def spy(kind, fn):
@@ -294,11 +295,10 @@ def test_chunks_bound_logits_and_count_passes(monkeypatch, chunk, on_policy):
     loss = fused_linear_opo_loss(problem.view(buf), weight, problem.labels, ref,
                                  problem.rewards, bias=bias, chunk_size=chunk, **problem.layout)
     n_chunks = -(-B * T // chunk)
-    assert len(calls["forward"]) == n_chunks
-    assert len(calls["backward"]) == (n_chunks if on_policy else 0)
+    assert len(calls["forward"]) == n_chunks and not calls["backward"]
     loss.backward()
     assert len(calls["forward"]) == n_chunks, "backward must not rerun the forward kernel"
-    assert len(calls["backward"]) == n_chunks
+    assert len(calls["backward"]) == (0 if on_policy else n_chunks)
     for shape in calls["forward"] + calls["backward"]:
         assert shape[0] <= chunk and shape[1] == V
     assert sum(s[0] for s in calls["forward"]) == B * T
