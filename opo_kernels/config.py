@@ -18,11 +18,15 @@ WEIGHT_RULES = ("seed", "escort")
 BACKENDS = ("auto", "triton", "torch")
 
 
-def _number(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+def _number(name: str, value):
+    """A finite real number. Under torch.compile(dynamic=True) hyperparameters may arrive as
+    symbolic floats: they are checked with comparisons only (no float(), which would pin the
+    value into the graph and recompile whenever it changes)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, torch.SymFloat)):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    value = float(value)
-    if not math.isfinite(value):
+    if isinstance(value, int):
+        value = float(value)
+    if not (value == value and -math.inf < value < math.inf):
         raise ValueError(f"{name} must be finite, got {value}")
     return value
 

@@ -272,6 +272,88 @@ def scale_rows_(grad: torch.Tensor, seq: torch.Tensor, scale: torch.Tensor) -> t
     return grad
 
 
+# The launchers as torch.library custom ops: torch.compile (fullgraph) sees each launch as one
+# opaque op with a shape-only fake implementation, instead of tracing into Triton's launcher.
+# Ops that write into an argument say so (mutates_args); none returns an alias of an input.
+
+
+def _empty_rows(logits, with_entropy):
+    n = logits.numel() // logits.shape[-1]
+    cdtype = compute_dtype(logits.dtype)
+    new = lambda k: logits.new_empty((k,), dtype=cdtype)  # noqa: E731
+    return new(n), new(n), new(n if with_entropy else 0)
+
+
+@torch.library.custom_op("opo_kernels::forward_rows", mutates_args=())
+def _forward_op(logits: torch.Tensor, labels: torch.Tensor, seq: torch.Tensor,
+                temperature: float, with_entropy: bool
+                ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    lp, lse, ent = forward_rows(logits, labels, seq, temperature, with_entropy)
+    return lp, lse, ent if ent is not None else lp.new_empty(0)
+
+
+@_forward_op.register_fake
+def _(logits, labels, seq, temperature, with_entropy):
+    return _empty_rows(logits, with_entropy)
+
+
+@torch.library.custom_op("opo_kernels::forward_rows_grad", mutates_args=())
+def _forward_grad_op(logits: torch.Tensor, labels: torch.Tensor, seq: torch.Tensor,
+                     coef: torch.Tensor, entropy_coef: torch.Tensor, temperature: float,
+                     with_entropy: bool
+                     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    grad = new_output(logits.shape, logits.dtype, logits.device)
+    lp, lse, ent = forward_rows(logits, labels, seq, temperature, with_entropy, grad=grad,
+                                coef=coef, entropy_coef=entropy_coef)
+    return lp, lse, ent if ent is not None else lp.new_empty(0), grad
+
+
+@_forward_grad_op.register_fake
+def _(logits, labels, seq, coef, entropy_coef, temperature, with_entropy):
+    return (*_empty_rows(logits, with_entropy), torch.empty_like(logits))
+
+
+@torch.library.custom_op("opo_kernels::forward_rows_grad_", mutates_args=("logits",))
+def _forward_grad_inplace_op(logits: torch.Tensor, labels: torch.Tensor, seq: torch.Tensor,
+                             coef: torch.Tensor, entropy_coef: torch.Tensor,
+                             temperature: float, with_entropy: bool
+                             ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    lp, lse, ent = forward_rows(logits, labels, seq, temperature, with_entropy, grad=logits,
+                                coef=coef, entropy_coef=entropy_coef)
+    return lp, lse, ent if ent is not None else lp.new_empty(0)
+
+
+@_forward_grad_inplace_op.register_fake
+def _(logits, labels, seq, coef, entropy_coef, temperature, with_entropy):
+    return _empty_rows(logits, with_entropy)
+
+
+@torch.library.custom_op("opo_kernels::backward_rows", mutates_args=())
+def _backward_op(logits: torch.Tensor, labels: torch.Tensor, seq: torch.Tensor,
+                 lse: torch.Tensor, entropy: torch.Tensor, coef: torch.Tensor,
+                 entropy_coef: torch.Tensor, temperature: float) -> torch.Tensor:
+    return backward_rows(logits, labels, seq, lse, entropy if entropy.numel() else None, coef,
+                         entropy_coef, temperature, inplace=False)
+
+
+@_backward_op.register_fake
+def _(logits, labels, seq, lse, entropy, coef, entropy_coef, temperature):
+    return torch.empty_like(logits)
+
+
+@torch.library.custom_op("opo_kernels::backward_rows_", mutates_args=("logits",))
+def _backward_inplace_op(logits: torch.Tensor, labels: torch.Tensor, seq: torch.Tensor,
+                         lse: torch.Tensor, entropy: torch.Tensor, coef: torch.Tensor,
+                         entropy_coef: torch.Tensor, temperature: float) -> None:
+    backward_rows(logits, labels, seq, lse, entropy if entropy.numel() else None, coef,
+                  entropy_coef, temperature, inplace=True)
+
+
+@torch.library.custom_op("opo_kernels::scale_rows_", mutates_args=("grad",))
+def _scale_op(grad: torch.Tensor, seq: torch.Tensor, scale: torch.Tensor) -> None:
+    scale_rows_(grad, seq, scale)
+
+
 # --------------------------------------------------------------------------------------------
 # autograd
 # --------------------------------------------------------------------------------------------
@@ -299,19 +381,23 @@ class FusedOPOFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits: torch.Tensor, batch: Batch, cfg: OPOLossConfig):
         one_pass = batch.ref_logprobs is None
-        grad = coef = None
+        rows = (logits, batch.labels, batch.seq)
         if one_pass:
             zeros = torch.zeros(batch.num_rows, dtype=batch.compute_dtype, device=logits.device)
             pre = epilogue(cfg, zeros, None, None, batch.seq, batch.rewards, batch.group,
                            batch.weights, batch.vocab, batch.seq_len)
-            coef, entropy_coef = pre.coef, pre.entropy_coef
-            grad = logits if cfg.inplace_backward else new_output(logits.shape, logits.dtype,
-                                                                  logits.device)
-        logprobs, lse, entropy = forward_rows(
-            logits, batch.labels, batch.seq, cfg.temperature, cfg.with_entropy,
-            grad=grad, coef=coef, entropy_coef=entropy_coef if one_pass else None)
-        if cfg.validate:
+            if cfg.inplace_backward:
+                logprobs, lse, entropy = _forward_grad_inplace_op(
+                    *rows, pre.coef, pre.entropy_coef, cfg.temperature, cfg.with_entropy)
+                grad = logits
+            else:
+                logprobs, lse, entropy, grad = _forward_grad_op(
+                    *rows, pre.coef, pre.entropy_coef, cfg.temperature, cfg.with_entropy)
+        else:
+            logprobs, lse, entropy = _forward_op(*rows, cfg.temperature, cfg.with_entropy)
+        if cfg.validate and not torch.compiler.is_compiling():  # the one host sync
             check_values(batch, lse, logprobs)
+        entropy = entropy if cfg.with_entropy else None
         out = epilogue(cfg, logprobs, batch.ref_logprobs, entropy, batch.seq, batch.rewards,
                        batch.group, batch.weights, batch.vocab, batch.seq_len)
         metrics = torch.stack([out.metrics[k].to(out.loss.dtype) for k in metric_keys(cfg)])
@@ -335,12 +421,17 @@ class FusedOPOFunction(torch.autograd.Function):
                                    "writes its gradient during forward: run backward once")
             ctx.backward_done = True
             grad, seq = ctx.saved_tensors
-            return scale_rows_(grad, seq, grad_loss.to(compute_dtype(grad.dtype))), None, None
+            _scale_op(grad, seq, grad_loss.to(compute_dtype(grad.dtype)))
+            return grad, None, None
         logits, labels, seq, lse, coef, entropy_coef, *entropy = ctx.saved_tensors
         grad_loss = grad_loss.to(coef.dtype)
-        grad = backward_rows(logits, labels, seq, lse, entropy[0] if entropy else None,
-                             coef * grad_loss, entropy_coef * grad_loss, cfg.temperature,
-                             cfg.inplace_backward)
+        args = (logits, labels, seq, lse, entropy[0] if entropy else lse.new_empty(0),
+                coef * grad_loss, entropy_coef * grad_loss, cfg.temperature)
+        if cfg.inplace_backward:
+            _backward_inplace_op(*args)
+            grad = logits
+        else:
+            grad = _backward_op(*args)
         return grad, None, None
 
 

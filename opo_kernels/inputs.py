@@ -84,11 +84,12 @@ def _tensor(name: str, value, *, kind: str) -> torch.Tensor:
     return value
 
 
-def _same_shape(name: str, t: torch.Tensor, ref_name: str, shape) -> None:
-    if tuple(t.shape) != tuple(shape):
-        raise ValueError(
-            f"{name} has shape {_shape(t)} but {ref_name} implies {list(shape)}"
-        )
+def _same_shape(name: str, t: torch.Tensor, logits: torch.Tensor) -> None:
+    """t must have the row shape of logits ([B, T] or [N]); the message is built only on error
+    (string formatting of shapes does not trace under torch.compile)."""
+    if tuple(t.shape) != tuple(logits.shape[:-1]):
+        raise ValueError(f"{name} has shape {_shape(t)} but logits {_shape(logits)} implies "
+                         f"{list(logits.shape[:-1])}")
 
 
 def _group_buckets(group_ids: torch.Tensor) -> torch.Tensor:
@@ -113,14 +114,13 @@ def prepare(logits, labels, ref_logprobs, rewards, *, mask=None, seq_ids=None,
     if logits.shape[-1] < 1:
         raise ValueError(f"logits has an empty vocabulary dimension: shape {_shape(logits)}")
     device = logits.device
-    rows_shape = tuple(logits.shape[:-1])
     cdtype = compute_dtype(logits.dtype)
 
     labels = _tensor("labels", labels, kind="int")
-    _same_shape("labels", labels, "logits " + _shape(logits), rows_shape)
+    _same_shape("labels", labels, logits)
     if ref_logprobs is not None:
         ref_logprobs = _tensor("ref_logprobs", ref_logprobs, kind="float")
-        _same_shape("ref_logprobs", ref_logprobs, "logits " + _shape(logits), rows_shape)
+        _same_shape("ref_logprobs", ref_logprobs, logits)
     rewards = _tensor("rewards", rewards, kind="float")
     if rewards.dim() != 1:
         raise ValueError(f"rewards must be 1-D [B], got shape {_shape(rewards)}")
@@ -139,7 +139,7 @@ def prepare(logits, labels, ref_logprobs, rewards, *, mask=None, seq_ids=None,
             seq = rows
         else:
             mask = _tensor("mask", mask, kind="any")
-            _same_shape("mask", mask, "logits " + _shape(logits), rows_shape)
+            _same_shape("mask", mask, logits)
             seq = torch.where(mask.reshape(-1).to(device) != 0, rows, -1)
     else:
         if mask is not None:
@@ -149,8 +149,8 @@ def prepare(logits, labels, ref_logprobs, rewards, *, mask=None, seq_ids=None,
             raise ValueError("packed logits [N, V] need seq_ids [N] (sequence index, -1 = "
                              "token not counted)")
         seq_ids = _tensor("seq_ids", seq_ids, kind="int")
-        _same_shape("seq_ids", seq_ids, "logits " + _shape(logits), rows_shape)
-        seq = seq_ids.long()
+        _same_shape("seq_ids", seq_ids, logits)
+        seq = seq_ids.long().contiguous()
         seq_len = None
 
     if (group_size is None) == (group_ids is None):
@@ -184,7 +184,7 @@ def prepare(logits, labels, ref_logprobs, rewards, *, mask=None, seq_ids=None,
 
     return Batch(
         logits=logits,
-        labels=labels.reshape(-1).long(),
+        labels=labels.reshape(-1).long().contiguous(),  # the kernels index it with stride 1
         ref_logprobs=None if ref_logprobs is None else ref_logprobs.detach().reshape(-1).to(cdtype),
         seq=seq,
         rewards=rewards.detach().to(cdtype),

@@ -218,3 +218,20 @@ def test_module_and_auto_backend():
     exp = opo_kernels.opo_loss(leaf, *problem.args(), alpha=0.4, level="token",
                                backend="torch", **problem.layout)
     assert_close(out.detach(), exp.detach(), 2e-5, 1e-6, "module loss")
+
+
+def test_strided_1d_labels_and_seq_ids():
+    """Packed labels/seq_ids given as strided views (x[::2]) are read correctly."""
+    problem = make_problem(6, 5, 9, torch.float32, "packed", seed=8)
+    n = problem.labels.shape[0]
+    labels = torch.stack([problem.labels, torch.zeros(n, dtype=torch.long)], 1).reshape(-1)[::2]
+    seq = problem.layout["seq_ids"]
+    seq2 = torch.stack([seq, torch.full_like(seq, 99)], 1).reshape(-1)[::2]
+    assert not labels.is_contiguous() and not seq2.is_contiguous()
+    kwargs = dict(seq_ids=seq2, group_ids=problem.layout["group_ids"])
+    x = problem.leaf()
+    out = opo_kernels.opo_loss(x, labels, problem.ref_logprobs, problem.rewards,
+                               backend="triton", **kwargs)
+    exp = reference.opo_loss(x, problem.labels, problem.ref_logprobs, problem.rewards,
+                             **problem.layout)
+    assert_close(out.detach(), exp.detach(), 2e-5, 2e-6, "loss")

@@ -1,0 +1,118 @@
+"""torch.compile: a step calling opo_loss compiles with fullgraph=True (the kernels are
+torch.library custom ops), does not recompile when T or hyperparameter values change
+(dynamic=True), and computes in float32 (Python-float hyperparameters become symbolic scalars,
+never float64 tensors in the graph's computation).
+
+CPU tests use a counting backend (graph capture only, run eagerly: the kernels under the
+interpreter) and one real Inductor compile; the GPU test compiles with Inductor on CUDA.
+"""
+
+import pytest
+import torch
+from torch._dynamo.testing import CompileCounterWithBackend
+
+import opo_kernels
+from opo_kernels import reference
+
+
+def _inputs(B, T, V, device="cpu", seed=0):
+    g = torch.Generator(device=device).manual_seed(seed)
+    logits = torch.randn(B, T, V, generator=g, device=device)
+    labels = torch.randint(0, V, (B, T), generator=g, device=device)
+    ref = -3 * torch.rand(B, T, generator=g, device=device)
+    rewards = torch.rand(B, generator=g, device=device)
+    mask = torch.rand(B, T, generator=g, device=device) < 0.8
+    return logits, labels, ref, rewards, mask
+
+
+def _loss(logits, labels, ref, rewards, mask, alpha, mu, tau, entropy_coef):
+    return opo_kernels.opo_loss(logits, labels, ref, rewards, mask=mask, group_size=2,
+                                alpha=alpha, mu=mu, tau=tau, entropy_coef=entropy_coef,
+                                backend="triton")
+
+
+def _check_against_reference(loss, grad, inputs, **hp):
+    logits, labels, ref, rewards, mask = inputs
+    x = logits.detach().double().requires_grad_()
+    exp = reference.opo_loss(x, labels, None if ref is None else ref.double(), rewards,
+                             mask=mask, group_size=2, **hp)
+    (exp_grad,) = torch.autograd.grad(exp, x)
+    torch.testing.assert_close(loss.double(), exp, rtol=2e-5, atol=2e-6)
+    torch.testing.assert_close(grad.double(), exp_grad, rtol=1e-4,
+                               atol=1e-6 * exp_grad.abs().max().item())
+
+
+@pytest.mark.parametrize("on_policy", [False, True], ids=["general", "on_policy"])
+def test_fullgraph_no_recompile(on_policy):
+    counter = CompileCounterWithBackend("eager")
+    step = torch.compile(_loss, fullgraph=True, dynamic=True, backend=counter)
+    settings = [(5, 0.6, 1.0, 0.5, 0.01), (7, 0.3, 2.0, 0.7, 0.02), (11, 1.0, 0.5, 0.3, 0.05)]
+    for i, (T, alpha, mu, tau, beta) in enumerate(settings):
+        inputs = _inputs(4, T, 13, seed=i)
+        logits, labels, ref, rewards, mask = inputs
+        if on_policy:
+            ref = None
+            inputs = (logits, labels, None, rewards, mask)
+        x = logits.clone().requires_grad_()
+        loss = step(x, labels, ref, rewards, mask, alpha, mu, tau, beta)
+        (grad,) = torch.autograd.grad(loss, x)
+        assert loss.dtype == torch.float32
+        _check_against_reference(loss.detach(), grad, inputs, alpha=alpha, mu=mu, tau=tau,
+                                 entropy_coef=beta)
+    assert counter.frame_count == 1, f"recompiled: {counter.frame_count} frames"
+
+
+def test_graph_computes_in_float32():
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    step = torch.compile(_loss, fullgraph=True, dynamic=True, backend=capture)
+    logits, labels, ref, rewards, mask = _inputs(4, 6, 9)
+    step(logits.requires_grad_(), labels, ref, rewards, mask, 0.6, 1.0, 0.5, 0.01)
+    (gm,) = graphs
+    float64_ops = [
+        n.name for n in gm.graph.nodes if n.op != "placeholder"
+        for v in (n.meta.get("example_value"),)
+        for t in (v if isinstance(v, (tuple, list)) else (v,))
+        if isinstance(t, torch.Tensor) and t.dtype == torch.float64
+    ]
+    assert not float64_ops, f"float64 computation in the graph: {float64_ops}"
+    assert any("opo_kernels" in str(n.target) for n in gm.graph.nodes), "kernels not in graph"
+
+
+def test_inductor_compile_matches():
+    """A real Inductor compile on CPU (the custom ops stay opaque calls)."""
+    torch._dynamo.reset()
+    step = torch.compile(_loss, fullgraph=True, dynamic=True)
+    inputs = _inputs(4, 6, 9, seed=3)
+    logits, labels, ref, rewards, mask = inputs
+    x = logits.clone().requires_grad_()
+    loss = step(x, labels, ref, rewards, mask, 0.6, 1.0, 0.5, 0.01)
+    loss.backward()
+    _check_against_reference(loss.detach(), x.grad, inputs, alpha=0.6, mu=1.0, tau=0.5,
+                             entropy_coef=0.01)
+
+
+@pytest.mark.gpu
+def test_inductor_compile_cuda_no_recompile():
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("inductor")
+    step = torch.compile(_loss, fullgraph=True, dynamic=True, backend=counter)
+    for i, (T, alpha) in enumerate([(64, 0.6), (96, 0.4)]):
+        inputs = _inputs(8, T, 32000, device="cuda", seed=i)
+        logits, labels, ref, rewards, mask = inputs
+        x = logits.to(torch.bfloat16).requires_grad_()
+        loss = step(x, labels, ref, rewards, mask, alpha, 1.0, 0.5, 0.01)
+        loss.backward()
+        assert loss.dtype == torch.float32 and torch.isfinite(x.grad).all()
+        y = x.detach().double().requires_grad_()
+        exp = reference.opo_loss(y, labels, ref.double(), rewards, mask=mask, group_size=2,
+                                 alpha=alpha, mu=1.0, tau=0.5, entropy_coef=0.01)
+        (exp_grad,) = torch.autograd.grad(exp, y)
+        torch.testing.assert_close(loss.double(), exp, rtol=2e-5, atol=2e-6)
+        torch.testing.assert_close(x.grad.double(), exp_grad, rtol=2**-8,
+                                   atol=1e-5 * exp_grad.abs().max().item())
+    assert counter.frame_count == 1
