@@ -14,5 +14,6 @@ setup(
     extras_require={
         "test": ["pytest", "pytest-benchmark", "hypothesis"],
         "dev": ["pytest", "pytest-benchmark", "hypothesis", "ruff"],
+        "demo": ["matplotlib", "tqdm"],
     },
 )
