@@ -12,8 +12,12 @@ setup(
     # (see .ci/run); an unpinned fresh install would pull the CUDA wheels.
     install_requires=["torch>=2.4", "triton>=3.4", "numpy"],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "hypothesis"],
+        # matplotlib and tqdm: the demo's smoke test runs in CI
+        "test": ["pytest", "pytest-benchmark", "hypothesis", "matplotlib", "tqdm"],
         "dev": ["pytest", "pytest-benchmark", "hypothesis", "ruff"],
         "demo": ["matplotlib", "tqdm"],
+        # opo_kernels.integrations.trl overrides private GRPOTrainer methods: the range is the
+        # one its tests passed on (trl 0.29.1, 1.0.0, 1.8.0, 1.16.0)
+        "trl": ["trl>=0.29.1,<1.17"],
     },
 )
