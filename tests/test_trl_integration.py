@@ -1,0 +1,293 @@
+"""OPOTrainer (TRL GRPOTrainer + opo_loss) end to end on CPU: a tiny random Qwen2, a local
+character tokenizer, prompts built in code and a rule-based reward. No hub download.
+
+Each run trains 3 optimizer steps of 2 micro-batches (6 completions = 2 groups of 3 each) and
+checks the gradient of one optimizer step against autograd through ``opo_kernels.reference``
+computed from the recorded batch: rewards recomputed from the decoded completions, groups read
+from the prompt ids, logits from a full forward of a snapshot of the model. Under
+TRITON_INTERPRET=1 (conftest) the trainer's loss runs the Triton kernels, so this also checks
+the kernels through a real model. Shapes are tiny because the interpreter is slow.
+"""
+
+import copy
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("trl")
+pytest.importorskip("datasets")
+pytest.importorskip("tokenizers")
+transformers = pytest.importorskip("transformers")
+
+from datasets import Dataset  # noqa: E402
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers  # noqa: E402
+from transformers import TrainerCallback  # noqa: E402
+from trl import GRPOConfig  # noqa: E402
+
+from opo_kernels import reference  # noqa: E402
+from opo_kernels.integrations.trl import OPOConfig, OPOTrainer  # noqa: E402
+
+CHARS = "abcdefghijklmnopqrstuvwxyz "
+GROUP = 3           # num_generations
+MICRO = 2 * GROUP   # per_device_train_batch_size: two whole groups per micro-batch
+ACCUM = 2           # gradient_accumulation_steps
+TEMPERATURE = 0.7   # TRL's sampling temperature, which the loss must divide the logits by
+PROMPTS = ["ab", "cde", "f", "ghij", "klm", "no"]  # unequal lengths: left padding is exercised
+
+
+def make_tokenizer():
+    vocab = {"<pad>": 0, "<eos>": 1, **{c: i + 2 for i, c in enumerate(CHARS)}}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")  # one token per character
+    tok.decoder = decoders.Fuse()
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>",
+                                                eos_token="<eos>")
+
+
+def make_model(vocab_size: int, seed: int = 0):
+    torch.manual_seed(seed)
+    config = transformers.Qwen2Config(
+        vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        pad_token_id=0, eos_token_id=1, bos_token_id=1, tie_word_embeddings=False,
+    )
+    return transformers.Qwen2ForCausalLM(config)
+
+
+def vowel_reward(completions, **kwargs):
+    """Rule-based: +1 per vowel, −0.1 per character (varies within groups)."""
+    return [sum(c in "aeiou" for c in text) - 0.1 * len(text) for text in completions]
+
+
+class RecordingOPOTrainer(OPOTrainer):
+    """Records (global step, batch) of every loss call."""
+
+    def _compute_loss(self, model, inputs):
+        if self.model.training:
+            batch = {k: v.detach().clone() if isinstance(v, torch.Tensor) else v
+                     for k, v in inputs.items()}
+            self.recorded.append((self.state.global_step, batch))
+        return super()._compute_loss(model, inputs)
+
+
+class StepCapture(TrainerCallback):
+    """Parameters at the start and accumulated gradients at the end of optimizer step `step`."""
+
+    def __init__(self, step: int):
+        self.step, self.params, self.grads = step, None, None
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        if state.global_step == self.step:
+            self.params = copy.deepcopy(model.state_dict())
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        if state.global_step == self.step:
+            self.grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+
+
+def train(tmp_path, check_step: int, max_steps: int = 3, **options):
+    tokenizer = make_tokenizer()
+    model = make_model(len(tokenizer))
+    initial = copy.deepcopy(model)
+    args = OPOConfig(
+        output_dir=str(tmp_path), per_device_train_batch_size=MICRO, num_generations=GROUP,
+        gradient_accumulation_steps=ACCUM, max_completion_length=6, max_steps=max_steps,
+        temperature=TEMPERATURE, learning_rate=1e-2, max_grad_norm=0.0, logging_steps=1,
+        seed=0, report_to="none", use_cpu=True, bf16=False, save_strategy="no", **options,
+    )
+    capture = StepCapture(check_step)
+    trainer = RecordingOPOTrainer(
+        model=model, reward_funcs=vowel_reward, args=args, processing_class=tokenizer,
+        train_dataset=Dataset.from_dict({"prompt": PROMPTS * 4}), callbacks=[capture],
+    )
+    trainer.recorded = []
+    trainer.train()
+    return trainer, tokenizer, initial, capture
+
+
+def reference_grads(trainer, tokenizer, capture, loss_options):
+    """∂/∂θ of Σ_microbatches reference.opo_loss / ACCUM at the captured step."""
+    model = make_model(len(tokenizer))
+    model.load_state_dict(capture.params)
+    total = 0.0
+    batches = [b for step, b in trainer.recorded if step == capture.step]
+    assert len(batches) == ACCUM
+    for batch in batches:
+        flat = {k: v.flatten(0, 1) if v.dim() >= 2 else v for k, v in batch.items()}
+        prompt_ids, prompt_mask = flat["prompt_ids"], flat["prompt_mask"]
+        completion_ids, completion_mask = flat["completion_ids"], flat["completion_mask"]
+        assert completion_ids.shape[0] == MICRO
+
+        # groups: GROUP consecutive rows with one prompt
+        for g in range(0, MICRO, GROUP):
+            for r in range(g + 1, g + GROUP):
+                assert torch.equal(prompt_ids[r], prompt_ids[g])
+                assert torch.equal(prompt_mask[r], prompt_mask[g])
+        # raw rewards: the rule applied to the decoded completions
+        texts = [tokenizer.decode(ids[m.bool()], skip_special_tokens=True)
+                 for ids, m in zip(completion_ids, completion_mask)]
+        rewards = torch.tensor(vowel_reward(texts), dtype=torch.float32)
+        torch.testing.assert_close(flat["opo_rewards"], rewards)
+
+        input_ids = torch.cat([prompt_ids, completion_ids], 1)
+        logits = model(input_ids=input_ids, attention_mask=torch.cat([prompt_mask,
+                       completion_mask], 1)).logits[:, prompt_ids.shape[1] - 1:-1]
+        options = dict(loss_options)
+        if options.get("weights") == "grpo_advantages":
+            options["weights"] = flat["advantages"].float()
+        loss = reference.opo_loss(
+            logits, completion_ids, flat.get("old_per_token_logps"), rewards,
+            mask=completion_mask.bool(), group_size=GROUP, temperature=TEMPERATURE, **options,
+        )
+        total = total + loss / ACCUM
+    names = [n for n, _ in model.named_parameters()]
+    grads = torch.autograd.grad(total, [p for _, p in model.named_parameters()])
+    return dict(zip(names, grads)), batches
+
+
+# on_policy: TRL's default schedule, π_ref = detached current policy, defaults of the loss.
+# off_policy: num_iterations=2 reuses each generation for a second optimizer step, so TRL keeps
+#   old_per_token_logps and step 1 has log-ratios ≠ 0; with the other loss options.
+# grpo_advantages: ω = TRL's (group-normalized) advantages, OPO optimization geometry.
+CASES = {
+    "on_policy": (0, {}, {}),
+    "off_policy": (1, {"num_iterations": 2}, {
+        "alpha": 0.5, "weights": "escort", "level": "token", "coordinates": "log",
+        "entropy_coef": 0.01, "mu": 0.5, "adaptive_tau": False, "tau": 0.8}),
+    "grpo_advantages": (0, {}, {"weights": "grpo_advantages", "level": "sequence"}),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_opo_trainer_end_to_end(tmp_path, case):
+    check_step, trl_options, loss_options = CASES[case]
+    trainer, tokenizer, initial, capture = train(
+        tmp_path, check_step, **trl_options,
+        **{f"opo_{k}": v for k, v in loss_options.items()},
+    )
+    # training ran and moved the parameters
+    assert trainer.state.global_step == 3
+    changed = [not torch.equal(p, q) for p, q in zip(trainer.model.parameters(),
+                                                     initial.parameters())]
+    assert any(changed)
+    # finite loss and the opo/ metrics in every logging step
+    steps = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(steps) == 3
+    expected = {"opo/omega_mean", "opo/omega_max", "opo/tau", "opo/v_mean", "opo/log_ratio_mean",
+                "opo/kl_k3", "opo/entropy_mean", "opo/penalty"}
+    for h in steps:
+        assert math.isfinite(h["loss"])
+        assert expected <= set(h), sorted(set(h))
+        assert all(math.isfinite(h[k]) for k in expected)
+    if "tau" in loss_options:
+        assert all(h["opo/tau"] == pytest.approx(loss_options["tau"]) for h in steps)
+
+    # the trainer's accumulated gradient equals the reference's on the same batches
+    ref_grads, batches = reference_grads(trainer, tokenizer, capture, loss_options)
+    assert ("old_per_token_logps" in batches[0]) == (case == "off_policy")
+    if case == "off_policy":  # the second pass over a generation is really off-policy
+        assert any(h["opo/kl_k3"] > 0 for h in steps[1:])
+    assert capture.grads is not None
+    for name, grad in capture.grads.items():
+        torch.testing.assert_close(grad, ref_grads[name], rtol=2e-4, atol=2e-6, msg=name)
+    assert sum(g.abs().sum() for g in ref_grads.values()) > 0
+
+
+def test_two_processes(tmp_path):
+    """DDP over 2 CPU processes (gloo, torchrun --standalone): each process's raw rewards are its
+    own slice of the gathered batch, its groups are whole, and the all-reduced gradient is the
+    mean of the per-process reference gradients."""
+    repo = Path(__file__).resolve().parent.parent
+    path = os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "PYTHONPATH": path}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                    "--nproc_per_node", "2", __file__, str(tmp_path)], check=True, env=env,
+                   timeout=300)
+    results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    for name, grad in results[0]["captured"].items():
+        torch.testing.assert_close(results[1]["captured"][name], grad)  # DDP synced them
+        expected = (results[0]["reference"][name] + results[1]["reference"][name]) / 2
+        torch.testing.assert_close(grad, expected, rtol=2e-4, atol=2e-6, msg=name)
+
+
+def _ddp_worker(out_dir: str):
+    """Runs in each torchrun process (see test_two_processes)."""
+    trainer, tokenizer, _, capture = train(Path(out_dir), check_step=0, max_steps=1)
+    assert trainer.accelerator.num_processes == 2
+    reference, _ = reference_grads(trainer, tokenizer, capture, {})  # checks rewards and groups
+    torch.save({"captured": capture.grads, "reference": reference},
+               Path(out_dir) / f"rank{trainer.accelerator.process_index}.pt")
+
+
+def test_unscorable_completions_and_eval(tmp_path):
+    """A completion that every reward function scores None gets an empty mask (not NaN); the
+    evaluation loop runs the same loss and logs eval_opo/ metrics."""
+
+    def picky_reward(completions, **kwargs):
+        return [None if i % GROUP == 0 else r
+                for i, r in enumerate(vowel_reward(completions))]
+
+    tokenizer = make_tokenizer()
+    args = OPOConfig(
+        output_dir=str(tmp_path), per_device_train_batch_size=MICRO, num_generations=GROUP,
+        max_completion_length=4, max_steps=1, report_to="none", use_cpu=True, bf16=False,
+        save_strategy="no", logging_steps=1, eval_strategy="steps", eval_steps=1,
+        per_device_eval_batch_size=MICRO,
+    )
+    trainer = RecordingOPOTrainer(
+        model=make_model(len(tokenizer)), reward_funcs=picky_reward, args=args,
+        processing_class=tokenizer, train_dataset=Dataset.from_dict({"prompt": PROMPTS}),
+        eval_dataset=Dataset.from_dict({"prompt": PROMPTS[:2]}),
+    )
+    trainer.recorded = []
+    trainer.train()
+    (_, batch), = trainer.recorded  # training batches only
+    assert batch["opo_scorable"].flatten().tolist() == [False, True, True] * 2
+    assert torch.isfinite(batch["opo_rewards"]).all()
+    train_log = next(h for h in trainer.state.log_history if "loss" in h)
+    assert math.isfinite(train_log["loss"])
+    eval_log = next(h for h in trainer.state.log_history if "eval_loss" in h)
+    assert math.isfinite(eval_log["eval_loss"]) and math.isfinite(eval_log["eval_opo/omega_mean"])
+
+
+@pytest.mark.parametrize("options, match", [
+    ({"per_device_train_batch_size": 3, "num_generations": 2, "gradient_accumulation_steps": 2},
+     "multiple of num_generations"),
+    ({"beta": 0.04}, "beta"),
+    ({"entropy_coef": 0.01}, "opo_entropy_coef"),
+    ({"top_entropy_quantile": 0.2}, "top_entropy_quantile"),
+    ({"opo_alpha": 1.5}, "alpha"),
+    ({"opo_weights": "uniform"}, "opo_weights"),
+    ({"opo_tau_range": [1.0, 0.5]}, "tau_range"),
+], ids=["partial-groups", "beta", "entropy_coef", "top-entropy", "alpha", "weights", "tau_range"])
+def test_config_refuses(tmp_path, options, match):
+    missing = set(options) - set(OPOConfig.__dataclass_fields__)
+    if missing:
+        pytest.skip(f"this TRL version has no {sorted(missing)}")
+    base = {"per_device_train_batch_size": 6, "num_generations": 3}
+    with pytest.raises(ValueError, match=match):
+        OPOConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to="none",
+                  **{**base, **options})
+
+
+def test_trainer_needs_opo_config(tmp_path):
+    tokenizer = make_tokenizer()
+    args = GRPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=6, num_generations=3,
+                      use_cpu=True, bf16=False, report_to="none")
+    with pytest.raises(TypeError, match="OPOConfig"):
+        OPOTrainer(model=make_model(len(tokenizer)), reward_funcs=vowel_reward, args=args,
+                   processing_class=tokenizer, train_dataset=Dataset.from_dict({"prompt": ["a"]}))
+
+
+def test_core_package_does_not_import_trl():
+    code = "import sys, opo_kernels; assert 'trl' not in sys.modules, 'opo_kernels imported trl'"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+if __name__ == "__main__":
+    _ddp_worker(sys.argv[1])
