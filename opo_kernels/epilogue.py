@@ -164,7 +164,7 @@ def epilogue(cfg: OPOLossConfig, logprobs: torch.Tensor, ref_logprobs: Optional[
         mean_entropy = torch.where(counted, entropy, 0.0).sum() / n_tokens
         loss = loss - cfg.entropy_coef * mean_entropy
 
-    kl_t = torch.where(counted, torch.exp(-delta_t) - 1 + delta_t, 0.0)
+    kl_t = torch.where(counted, torch.expm1(-delta_t) + delta_t, 0.0)  # expm1: no cancellation
     metrics = {
         "log_ratio_mean": delta_t.sum() / n_tokens,
         "kl_k3": kl_t.sum() / n_tokens,

@@ -142,7 +142,7 @@ def objective(cfg: OPOLossConfig, logprobs: torch.Tensor, ref_logprobs: torch.Te
     d = delta_t.detach()
     metrics = {
         "log_ratio_mean": d.sum() / max(n_tokens, 1),
-        "kl_k3": (torch.exp(-d) - 1 + d).sum() / max(n_tokens, 1),
+        "kl_k3": (torch.expm1(-d) + d).sum() / max(n_tokens, 1),  # exp(−Δ) − 1 + Δ
         "v_mean": v_mean.detach(),
         "omega_mean": omega.sum() / n_valid,
         "omega_max": torch.where(valid.any(), torch.where(valid, omega, NEG_INF).max(), 0.0),
