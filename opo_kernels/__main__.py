@@ -85,7 +85,7 @@ def main(argv=None) -> int:
     on_gpu = torch.cuda.is_available()
     parser = argparse.ArgumentParser(prog="python -m opo_kernels", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--B", type=int, default=8 if on_gpu else 6)
+    parser.add_argument("--B", type=int, default=4 if on_gpu else 6)
     parser.add_argument("--T", type=int, default=1024 if on_gpu else 32)
     parser.add_argument("--V", type=int, default=151936 if on_gpu else 4096)
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
