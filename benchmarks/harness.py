@@ -12,6 +12,19 @@ at one shape, for one implementation:
   liger_ce             Liger-Kernel liger_cross_entropy (fused CE fwd+bwd): bandwidth anchor
   liger_gspo_noinplace (opt-in) liger_gspo with inplace=False
 
+Fused-linear rows (issue 4): forward + backward from hidden states, gradients for hidden [B, T, H]
+AND weight [V, H] (``torch.autograd.grad(loss, (hidden, weight))``), at their own shapes (Shape
+with H, B, T set; padded only):
+
+  opo_kernels_fused_linear  opo_kernels.fused_linear_opo_loss(backend="triton", validate=False)
+  opo_kernels_materialized  logits = hidden @ weight.T ([B, T, V] materialized), then
+                            opo_kernels.opo_loss(backend="triton", validate=False)
+  liger_fused_linear_gspo   Liger-Kernel LigerFusedLinearGRPOLoss(importance_sampling_level=
+                            "sequence"), its defaults otherwise (chunk_size=1, compiled=True)
+
+These rows also get ``floor_ms`` = 4 matmuls of 2·N·H·V FLOPs at the bf16 matmul rate measured
+once per run (``matmul_tflops``, top level), and ``x_floor`` = ms / floor_ms (NOTES.md).
+
 Timing (benchmarks/NOTES.md): on CUDA, ``triton.testing.do_bench`` (CUDA events, L2 flushed
 before each run, median and 20/80 % quantiles). Implementations that overwrite their input
 (in-place gradient) get the same event loop with the input restored from a pristine copy
@@ -20,12 +33,16 @@ CUDA (the tiny CPU mode for tests) a host clock is used.
 
 Bytes: every row is credited with the same minimum byte count, 2 reads + 1 write of the
 counted logits, 3·N·V·itemsize (+ the small per-token vectors), so "GB/s" is an *effective*
-bandwidth, comparable across implementations (it is proportional to 1/time).
+bandwidth, comparable across implementations (it is proportional to 1/time). Fused-linear rows
+(compute-bound: read them by x_floor, not GB/s): one read of hidden and weight and one write of
+their gradients, 2·(B·T + V)·H·itemsize (+ the small vectors).
 
 Settings come from the environment (``python -m benchmarks.run`` sets them):
-  OPO_BENCH_TINY=1         tiny shapes (N=64, V=128), host clock without CUDA, temp output dir
+  OPO_BENCH_TINY=1         tiny shapes (N=64, V=128; fused-linear B=2, T=8, H=16, V=64), host
+                           clock without CUDA, temp output dir
   OPO_BENCH_OUT=DIR        where the results JSON goes (never benchmarks/results/ when tiny)
-  OPO_BENCH_IMPLS=a,b      implementations to run (default: all but the opt-in ones)
+  OPO_BENCH_IMPLS=a,b      implementations to run (default: all but the opt-in ones); each
+                           runs at the shapes of its kind (logits or fused-linear)
   OPO_BENCH_BUDGET_S=S     stop starting new rows after S seconds (rows left are skipped)
   OPO_BENCH_RESUME=FILE    keep the rows of an earlier results file, measure only the others
   OPO_BENCH_COMPILE_BACKEND  torch.compile backend (default inductor; "eager" when tiny on CPU)
@@ -60,7 +77,11 @@ MIN_LEN_FRACTION = 0.4    # sequence lengths uniform in [0.4·T, T] (mean 0.7·T
 REF_NOISE = 0.05          # ref_logprobs = current log-probs + N(0, 0.05²): small log-ratios
 
 IMPLS = ("opo_kernels", "opo_kernels_inplace", "eager", "compile", "liger_gspo", "liger_ce")
+# from hidden states: loss and gradients for hidden and weight (run at the fused-linear shapes)
+LINEAR_IMPLS = ("opo_kernels_fused_linear", "opo_kernels_materialized", "liger_fused_linear_gspo")
 OPTIONAL_IMPLS = ("liger_gspo_noinplace",)
+DEFAULT_IMPLS = IMPLS + LINEAR_IMPLS
+ALL_IMPLS = IMPLS + LINEAR_IMPLS + OPTIONAL_IMPLS
 INPLACE_IMPLS = ("opo_kernels_inplace", "liger_gspo", "liger_ce")
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 
@@ -69,6 +90,13 @@ DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch
 # the same for any.
 LIGER_GSPO_KWARGS = dict(temperature=1.0, beta=0.0, eps_low=3e-4, eps_high=4e-4,
                          loss_type="grpo", importance_sampling_level="sequence", reduce=True)
+# The same setting for Liger's chunked fused-linear GRPO loss (liger-kernel 0.8.5,
+# liger_kernel/chunked_loss/grpo_loss.py). beta=0 -> no reference model (use_ref_model=False);
+# chunk_size (sequences per chunk, default 1) and compiled (torch.compile of the loss math,
+# default True) are left at Liger's defaults.
+LIGER_FUSED_LINEAR_GSPO_KWARGS = dict(beta=0.0, use_ref_model=False, epsilon_low=3e-4,
+                                      epsilon_high=4e-4, loss_type="grpo",
+                                      importance_sampling_level="sequence", temperature=1.0)
 
 # Peak extra memory of the eager reference per counted logit element, measured on CPU
 # (peak RSS minus RSS before the call, B=6, T=400, V=32000, bf16 and fp32 alike: 20.2 bytes
@@ -77,6 +105,12 @@ LIGER_GSPO_KWARGS = dict(temperature=1.0, beta=0.0, eps_low=3e-4, eps_high=4e-4,
 EAGER_BYTES_PER_COUNTED_ELEMENT = 20
 MEMORY_MARGIN = 1.1       # estimates are multiplied by this
 MEMORY_FRACTION = 0.92    # of the device memory that a row may plan to use
+
+# The bf16 matmul rate, measured once per run: [M, K] @ [K, N] (do_bench median on CUDA; a
+# small one on the host clock in tiny CPU mode, only so that the fields exist).
+MATMUL_SHAPE = (8192, 8192, 8192)
+MATMUL_SHAPE_TINY = (256, 256, 256)
+FLOOR_MATMULS = 4         # fused-linear floor: logits, logits again in backward, dhidden, dweight
 
 
 # --------------------------------------------------------------------------------------------
@@ -103,11 +137,31 @@ class Shape:
     V: int
     dtype: str      # "bfloat16" | "float32"
     layout: str     # "padded" | "packed"
+    # fused-linear shapes only (hidden [B, T, H], weight [V, H]): hidden size and the explicit
+    # batch geometry; None for the logits shapes (B, T from batch_geometry)
+    H: Optional[int] = None
+    B: Optional[int] = None
+    T: Optional[int] = None
+
+    @property
+    def linear(self) -> bool:
+        return self.H is not None
 
     @property
     def label(self) -> str:
         short = {"bfloat16": "bf16", "float32": "fp32", "float16": "fp16"}[self.dtype]
+        if self.linear:
+            return f"B{self.B}-T{self.T}-H{self.H}-V{self.V}-{short}-{self.layout}"
         return f"N{self.N}-V{self.V}-{short}-{self.layout}"
+
+
+def linear_shape(b: int, t: int, h: int, v: int, dtype: str = "bfloat16") -> Shape:
+    """A fused-linear shape: padded [B, T], ~COUNTED_FRACTION of the positions counted."""
+    return Shape(max(1, round(COUNTED_FRACTION * b * t)), v, dtype, "padded", H=h, B=b, T=t)
+
+
+def is_linear_impl(impl: str) -> bool:
+    return impl in LINEAR_IMPLS
 
 
 @dataclass(frozen=True)
@@ -123,6 +177,13 @@ class Case:
 # The issue's target shape comes first so that a time-limited run measures it before anything
 # else; then the other shapes at the largest vocabulary, and so on.
 TARGET = Shape(16384, 151936, "bfloat16", "padded")
+# Issue 4 (fused linear): Llama-3-8B-like LM head, B=16 sequences of T=1024, ~70 % counted
+# (N = 11469), measured right after TARGET.
+LINEAR_TARGET = linear_shape(16, 1024, 4096, 128256)
+
+
+def linear_shapes(tiny: bool) -> List[Shape]:
+    return [linear_shape(2, 8, 16, 64)] if tiny else [LINEAR_TARGET]
 
 
 def shapes(tiny: bool) -> List[Shape]:
@@ -143,7 +204,7 @@ def shapes(tiny: bool) -> List[Shape]:
 @dataclass
 class Settings:
     tiny: bool = False
-    impls: Tuple[str, ...] = IMPLS
+    impls: Tuple[str, ...] = DEFAULT_IMPLS
     out_dir: Optional[Path] = None
     budget_s: Optional[float] = None
     resume: Optional[Path] = None
@@ -154,24 +215,29 @@ class Settings:
     def from_env(cls) -> Settings:
         tiny = _env("OPO_BENCH_TINY", "0") not in ("", "0")
         impls = tuple(x for x in _env("OPO_BENCH_IMPLS").replace(" ", "").split(",") if x)
-        unknown = [x for x in impls if x not in IMPLS + OPTIONAL_IMPLS]
+        unknown = [x for x in impls if x not in ALL_IMPLS]
         if unknown:
             raise ValueError(f"OPO_BENCH_IMPLS: unknown implementation(s) {unknown}; "
-                             f"known: {list(IMPLS + OPTIONAL_IMPLS)}")
+                             f"known: {list(ALL_IMPLS)}")
         out = _env("OPO_BENCH_OUT")
         budget = _env("OPO_BENCH_BUDGET_S")
         resume = _env("OPO_BENCH_RESUME")
         backend = _env("OPO_BENCH_COMPILE_BACKEND") or (
             "inductor" if (cuda_ok() or not tiny) else "eager")
-        return cls(tiny=tiny, impls=impls or IMPLS, out_dir=Path(out) if out else None,
+        return cls(tiny=tiny, impls=impls or DEFAULT_IMPLS, out_dir=Path(out) if out else None,
                    budget_s=float(budget) if budget else None,
                    resume=Path(resume) if resume else None, compile_backend=backend,
                    commit=_env("OPO_BENCH_COMMIT") or None)
 
 
 def cases(settings: Optional[Settings] = None) -> List[Case]:
+    """The target shape first, then the fused-linear shape(s), then the other logits shapes;
+    each implementation at the shapes of its kind."""
     settings = settings or Settings.from_env()
-    return [Case(impl, s) for s in shapes(settings.tiny) for impl in settings.impls]
+    grid = shapes(settings.tiny)
+    ordered = grid[:1] + linear_shapes(settings.tiny) + grid[1:]
+    return [Case(impl, s) for s in ordered for impl in settings.impls
+            if is_linear_impl(impl) == s.linear]
 
 
 def resolve_out_dir(settings: Settings) -> Path:
@@ -194,7 +260,10 @@ def resolve_out_dir(settings: Settings) -> Path:
 
 
 def batch_geometry(shape: Shape) -> Tuple[int, int]:
-    """(B, T): B a multiple of GROUP_SIZE, T so that B·T·COUNTED_FRACTION ≈ N."""
+    """(B, T): B a multiple of GROUP_SIZE, T so that B·T·COUNTED_FRACTION ≈ N (fused-linear
+    shapes: their own B, T)."""
+    if shape.B is not None:
+        return shape.B, shape.T
     b = GROUP_SIZE * max(1, shape.N // 4096)
     t = math.ceil(shape.N / (COUNTED_FRACTION * b))
     return b, t
@@ -312,6 +381,70 @@ def make_inputs(shape: Shape, device: torch.device, seed: int, for_ce: bool = Fa
     return inp
 
 
+def group_ids_for(b: int) -> torch.Tensor:
+    """Consecutive groups of GROUP_SIZE sequences; the last one smaller when GROUP_SIZE does
+    not divide B (fused-linear B=16: groups of 6, 6, 4)."""
+    return torch.arange(b) // GROUP_SIZE
+
+
+def group_advantages(rewards: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
+    """Rewards normalized within their group, (r - mean) / (std + 1e-4) (Liger's input);
+    0 for a group of one."""
+    out = torch.zeros_like(rewards)
+    for g in torch.unique(group_ids).tolist():
+        sel = group_ids == g
+        r = rewards[sel]
+        if r.numel() > 1:
+            out[sel] = (r - r.mean()) / (r.std() + 1e-4)
+    return out
+
+
+@dataclass
+class LinearInputs:
+    """One fused-linear row's inputs (padded): hidden [B, T, H], weight [V, H]."""
+
+    shape: Shape
+    B: int
+    T: int
+    rows: int                     # token rows the matmuls see: B·T
+    hidden: torch.Tensor          # [B, T, H] contiguous, the shape's dtype
+    weight: torch.Tensor          # [V, H]
+    labels: torch.Tensor          # [B, T] int64
+    ref_logprobs: torch.Tensor    # [B, T] float32
+    rewards: torch.Tensor         # [B] float32
+    advantages: torch.Tensor      # [B] float32, normalized within the groups (Liger)
+    mask: torch.Tensor            # [B, T] int64 0/1
+    group_ids: torch.Tensor       # [B] int64
+
+    @property
+    def storage_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.hidden, self.weight))
+
+
+@torch.no_grad()
+def make_linear_inputs(shape: Shape, device: torch.device, seed: int) -> LinearInputs:
+    """Fresh random inputs: hidden ~ N(0, 1), weight ~ N(0, 1/H) (so the logits are ~ N(0, 1)
+    like the logits rows'), labels uniform in [0, V), ref_logprobs = the logits' own log-probs
+    + small noise (computed a sequence at a time, never [B, T, V] at once), rewards N(0, 1)."""
+    cpu_gen = torch.Generator().manual_seed(seed)
+    dev_gen = torch.Generator(device=device).manual_seed(seed)
+    dtype = DTYPES[shape.dtype]
+    b, t, h, v = shape.B, shape.T, shape.H, shape.V
+    lengths = torch.tensor(sequence_lengths(shape.N, b, t, cpu_gen))
+    rewards = torch.randn(b, generator=cpu_gen)
+    group_ids = group_ids_for(b)
+    advantages = group_advantages(rewards, group_ids)
+    hidden = torch.randn(b, t, h, dtype=dtype, device=device, generator=dev_gen)
+    weight = torch.randn(v, h, dtype=dtype, device=device, generator=dev_gen).mul_(h ** -0.5)
+    mask = (torch.arange(t)[None, :] < lengths[:, None]).long()
+    labels = torch.randint(0, v, (b, t), generator=cpu_gen).to(device)
+    ref = torch.stack([token_logprobs(hidden[i] @ weight.t(), labels[i]) for i in range(b)])
+    ref = ref.cpu() + REF_NOISE * torch.randn(b, t, generator=cpu_gen)
+    return LinearInputs(shape, b, t, b * t, hidden, weight, labels, ref.to(device),
+                        rewards.to(device), advantages.to(device), mask.to(device),
+                        group_ids.to(device))
+
+
 # --------------------------------------------------------------------------------------------
 # Implementations: each gives step() = forward + backward of one call
 # --------------------------------------------------------------------------------------------
@@ -356,8 +489,54 @@ def liger_version() -> Optional[str]:
         return None
 
 
+def build_linear_runner(case: Case, inp: LinearInputs) -> Runner:
+    """Fused-linear rows: step() = loss from hidden states + grads of hidden AND weight."""
+    impl = case.impl
+    hidden = inp.hidden.detach().requires_grad_()
+    weight = inp.weight.detach().requires_grad_()
+    leaves = (hidden, weight)
+    if impl == "opo_kernels_fused_linear":
+        from opo_kernels import fused_linear_opo_loss
+        from opo_kernels.fused_linear_opo import default_chunk_size
+
+        def loss_fn():
+            return fused_linear_opo_loss(hidden, weight, inp.labels, inp.ref_logprobs,
+                                         inp.rewards, mask=inp.mask, group_ids=inp.group_ids,
+                                         backend="triton", validate=False)
+        extra: Dict[str, object] = {"chunk_size": default_chunk_size(
+            inp.rows, inp.shape.V, inp.shape.H, DTYPES[inp.shape.dtype])}
+    elif impl == "opo_kernels_materialized":
+        from opo_kernels import opo_loss
+
+        def loss_fn():
+            logits = torch.matmul(hidden, weight.t())  # [B, T, V], materialized
+            return opo_loss(logits, inp.labels, inp.ref_logprobs, inp.rewards, mask=inp.mask,
+                            group_ids=inp.group_ids, backend="triton", validate=False)
+        extra = {}
+    elif impl == "liger_fused_linear_gspo":
+        from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
+        module = LigerFusedLinearGRPOLoss(**LIGER_FUSED_LINEAR_GSPO_KWARGS)
+
+        def loss_fn():
+            # its forward computes the loss AND the gradients, chunk by chunk (backward only
+            # returns them); returns (loss, metrics)
+            loss, _metrics = module(hidden, weight, inp.labels, inp.mask, inp.advantages,
+                                    bias=None, old_per_token_logps=inp.ref_logprobs)
+            return loss
+        extra = {"liger_kernel": liger_version(), "liger_chunk_size": module.chunk_size,
+                 "liger_compiled": module.compiled}
+    else:
+        raise ValueError(f"unknown fused-linear implementation {impl!r}")
+
+    def step():
+        torch.autograd.grad(loss_fn(), leaves)
+    return Runner(step, False, extra)
+
+
 def build_runner(case: Case, inp: Inputs, settings: Settings) -> Runner:
     impl = case.impl
+    if is_linear_impl(impl):
+        return build_linear_runner(case, inp)
     kw = _layout_kwargs(inp)
     if impl in ("opo_kernels", "opo_kernels_inplace", "eager", "compile"):
         leaf = inp.logits.detach().requires_grad_()  # a strided view for padded: not copied
@@ -422,11 +601,32 @@ def byte_counts(shape: Shape, b: int, t: int) -> Dict[str, int]:
     dense:     the padded layout's gradient is a dense [B, T, V] tensor, so its B·T rows are
                all written (zeros where not counted): 2·N·V·s + B·T·V·s (+ small vectors).
     """
+    if shape.linear:
+        return linear_byte_counts(shape)
     s = DTYPES[shape.dtype].itemsize
     n, v = shape.N, shape.V
     rows = b * t if shape.layout == "padded" else n
     small = n * (8 + 4 + 8) + b * 4
     return {"effective": 3 * n * v * s + small, "dense": 2 * n * v * s + rows * v * s + small}
+
+
+def linear_byte_counts(shape: Shape) -> Dict[str, int]:
+    """Fused-linear rows: hidden [B, T, H] and weight [V, H] read once, their gradients written
+    once, in the input dtype: 2·(B·T + V)·H·itemsize, plus the small vectors (labels int64,
+    ref_logprobs fp32, mask int64 per counted token; rewards fp32 and group ids int64 per
+    sequence). No [N, V] term: a fused implementation need not move any logits through memory.
+    The op is compute-bound (x_floor is its figure of merit); "dense" = "effective"."""
+    s = DTYPES[shape.dtype].itemsize
+    b, t, h, v, n = shape.B, shape.T, shape.H, shape.V, shape.N
+    total = 2 * (b * t + v) * h * s + n * (8 + 4 + 8) + b * (4 + 8)
+    return {"effective": total, "dense": total}
+
+
+def linear_flops(shape: Shape, rows: Optional[int] = None) -> float:
+    """FLOPs of the FLOOR_MATMULS matmuls of 2·rows·H·V each (rows: N counted tokens unless
+    given, e.g. B·T for all rows of the padded layout)."""
+    rows = shape.N if rows is None else rows
+    return float(FLOOR_MATMULS * 2 * rows * shape.H * shape.V)
 
 
 def memory_estimate(case: Case) -> Tuple[int, int]:
@@ -436,6 +636,20 @@ def memory_estimate(case: Case) -> Tuple[int, int]:
     b, t = batch_geometry(shape)
     n, v = shape.N, shape.V
     rows = b * t if shape.layout == "padded" else n
+    if shape.linear:
+        h = shape.H
+        inputs = (rows + v) * h * s
+        extra = {
+            # dhidden, fp32 dweight accumulator, one [V, H] product per chunk, the cast to
+            # the dtype, one chunk of logits (<= 256 MiB)
+            "opo_kernels_fused_linear": rows * h * s + v * h * (4 + 2 * s) + (256 << 20),
+            # logits and their gradient [B, T, V], dhidden, dweight
+            "opo_kernels_materialized": 2 * rows * v * s + rows * h * s + 2 * v * h * s,
+            # per chunk fp32 dweight + its cast, the dtype accumulator, dhidden twice (list +
+            # cat), fp32 [2048, 4096] vocab-chunk temporaries
+            "liger_fused_linear_gspo": v * h * (4 + 2 * s) + 2 * rows * h * s + (256 << 20),
+        }[case.impl]
+        return inputs, extra
     if case.impl == "liger_ce":
         inputs = rows * v * s
     elif shape.layout == "padded":
@@ -549,6 +763,21 @@ def copy_bandwidth(device: torch.device) -> Dict[str, float]:
             "copy_ms": t.ms, "copy_timer": t.timer}
 
 
+def matmul_rate(device: torch.device) -> Dict[str, object]:
+    """The bf16 matmul rate of this device: 2·M·N·K FLOPs over the median time of one
+    torch.matmul([M, K], [K, N]) (do_bench on CUDA; host clock, small shape, without CUDA)."""
+    m, n, k = MATMUL_SHAPE if device.type == "cuda" else MATMUL_SHAPE_TINY
+    gen = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(m, k, dtype=torch.bfloat16, device=device, generator=gen)
+    b = torch.randn(k, n, dtype=torch.bfloat16, device=device, generator=gen)
+    if device.type == "cuda":
+        t = time_cuda(lambda: torch.matmul(a, b))
+    else:
+        t = time_host(lambda: torch.matmul(a, b), warmup=1, reps=5)
+    return {"matmul_tflops": 2 * m * n * k / (t.ms * 1e-3) / 1e12, "matmul_shape": [m, n, k],
+            "matmul_dtype": "bfloat16", "matmul_ms": t.ms, "matmul_timer": t.timer}
+
+
 def measure_peak(runner: Runner, setup, device: torch.device) -> int:
     """Peak allocated bytes during one call, above what was allocated before it (inputs,
     pristine copy). -1 without CUDA (not measured)."""
@@ -623,7 +852,11 @@ METHOD_NOTE = (
     "(2 reads + 1 write of the counted logits) + small vectors, the same count for every impl. "
     "pct_copy: gbps / copy_gbps (device-to-device copy, read+write bytes, same run). "
     "peak_mem_bytes: max_memory_allocated during one call minus memory allocated before it "
-    "(inputs). See benchmarks/NOTES.md."
+    "(inputs). Fused-linear rows (H set): forward+backward incl. grads of hidden and weight; "
+    "bytes = 2*(B*T+V)*H*itemsize + small vectors; floor_ms = 4 matmuls of 2*N*H*V FLOPs "
+    "(N counted tokens) at matmul_tflops (bf16 torch.matmul measured in the same run), "
+    "x_floor = ms/floor_ms; floor_ms_rows/x_floor_rows the same with B*T rows. "
+    "See benchmarks/NOTES.md."
 )
 
 
@@ -638,18 +871,19 @@ ROW_KEYS = ("impl", "N", "V", "dtype", "layout")
 
 
 def row_key(row: Dict[str, object]) -> Tuple:
-    return tuple(row[k] for k in ROW_KEYS)
+    return tuple(row[k] for k in ROW_KEYS) + (row.get("H"),)
 
 
 def case_key(case: Case) -> Tuple:
     s = case.shape
-    return (case.impl, s.N, s.V, s.dtype, s.layout)
+    return (case.impl, s.N, s.V, s.dtype, s.layout, s.H)
 
 
 REQUIRED = {"device": str, "torch": str, "triton": str, "commit": str, "copy_gbps": float,
             "rows": list}
 ROW_REQUIRED = {"impl": str, "N": int, "V": int, "dtype": str, "layout": str, "ms": float,
                 "gbps": float, "peak_mem_bytes": int}
+LINEAR_ROW_REQUIRED = {"H": int, "B": int, "T": int, "floor_ms": float, "x_floor": float}
 
 
 def validate_results(data: Dict[str, object]) -> None:
@@ -658,12 +892,18 @@ def validate_results(data: Dict[str, object]) -> None:
         if not isinstance(data.get(key), typ):
             raise ValueError(f"results: {key!r} must be {typ.__name__}, got {data.get(key)!r}")
     for i, row in enumerate(data["rows"]):
-        for key, typ in ROW_REQUIRED.items():
+        required = dict(ROW_REQUIRED)
+        if row.get("impl") in LINEAR_IMPLS:
+            required.update(LINEAR_ROW_REQUIRED)
+            if not isinstance(data.get("matmul_tflops"), float):
+                raise ValueError("results: fused-linear rows need the top-level "
+                                 f"'matmul_tflops' (float), got {data.get('matmul_tflops')!r}")
+        for key, typ in required.items():
             val = row.get(key)
             if typ is int and isinstance(val, bool) or not isinstance(val, typ):
                 raise ValueError(f"results: rows[{i}][{key!r}] must be {typ.__name__}, "
                                  f"got {val!r}")
-        if row["impl"] not in IMPLS + OPTIONAL_IMPLS:
+        if row["impl"] not in ALL_IMPLS:
             raise ValueError(f"results: rows[{i}] has unknown impl {row['impl']!r}")
         if row["dtype"] not in DTYPES or row["layout"] not in ("padded", "packed"):
             raise ValueError(f"results: rows[{i}] has bad dtype/layout")
@@ -691,6 +931,7 @@ class Session:
         self.path = self.out_dir / f"{slug(str(env['device']))}.json"
         self.data: Dict[str, object] = dict(env)
         self.data.update(copy_bandwidth(self.device))
+        self.data.update(matmul_rate(self.device))
         self.data.update({"method": METHOD_NOTE, "group_size": GROUP_SIZE,
                           "counted_fraction": COUNTED_FRACTION, "rows": [], "skipped": [],
                           "errors": [], "compile_graph_breaks": []})
@@ -710,7 +951,8 @@ class Session:
             self.done.add(row_key(row))
         self.data["resumed_from"] = {"commit": old.get("commit"),
                                      "created_utc": old.get("created_utc"),
-                                     "copy_gbps": old.get("copy_gbps")}
+                                     "copy_gbps": old.get("copy_gbps"),
+                                     "matmul_tflops": old.get("matmul_tflops")}
 
     def write(self) -> None:
         write_json(self.path, self.data)
@@ -723,7 +965,14 @@ class Session:
         budget = self.settings.budget_s
         if budget is not None and time.monotonic() - self.started > budget:
             return f"time budget of {budget:.0f} s spent"
-        if case.impl.startswith("liger"):
+        if case.impl == "liger_fused_linear_gspo":
+            if self.device.type != "cuda":
+                return "Liger-Kernel fused-linear rows need CUDA"
+            try:
+                from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss  # noqa: F401
+            except Exception as exc:  # noqa: BLE001 - any import failure means: not available
+                return f"liger-kernel not importable: {type(exc).__name__}: {exc}"
+        elif case.impl.startswith("liger"):
             if self.device.type != "cuda" and not (self.settings.tiny and interpreter_on()):
                 return "Liger-Kernel rows need CUDA (or tiny mode under TRITON_INTERPRET=1)"
             if case.impl.startswith("liger_gspo") and case.shape.layout != "padded":
@@ -745,10 +994,17 @@ class Session:
                         f"of {total / 2**30:.1f} GiB")
         return None
 
-    def _record_skip(self, case: Case, reason: str) -> None:
+    @staticmethod
+    def _case_fields(case: Case) -> Dict[str, object]:
         s = case.shape
-        self.data["skipped"].append({"impl": case.impl, "N": s.N, "V": s.V, "dtype": s.dtype,
-                                     "layout": s.layout, "reason": reason})
+        fields: Dict[str, object] = {"impl": case.impl, "N": s.N, "V": s.V, "dtype": s.dtype,
+                                     "layout": s.layout}
+        if s.linear:
+            fields.update(H=s.H, B=s.B, T=s.T)
+        return fields
+
+    def _record_skip(self, case: Case, reason: str) -> None:
+        self.data["skipped"].append(dict(self._case_fields(case), reason=reason))
         self.write()
 
     def measure(self, case: Case, seed: int = 0) -> Outcome:
@@ -766,10 +1022,8 @@ class Session:
                 reason = "out of memory: " + msg.strip().splitlines()[0][:300]
                 self._record_skip(case, reason)
                 return Outcome(skip=reason)
-            s = case.shape
-            self.data["errors"].append({"impl": case.impl, "N": s.N, "V": s.V, "dtype": s.dtype,
-                                        "layout": s.layout, "error": msg[:2000],
-                                        "traceback": traceback.format_exc()[-4000:]})
+            self.data["errors"].append(dict(self._case_fields(case), error=msg[:2000],
+                                            traceback=traceback.format_exc()[-4000:]))
             self.write()
             return Outcome(error=msg)
         finally:
@@ -779,7 +1033,10 @@ class Session:
 
     def _measure(self, case: Case, seed: int) -> Outcome:
         shape, dev = case.shape, self.device
-        inp = make_inputs(shape, dev, seed, for_ce=case.impl == "liger_ce")
+        if shape.linear:
+            inp = make_linear_inputs(shape, dev, seed)
+        else:
+            inp = make_inputs(shape, dev, seed, for_ce=case.impl == "liger_ce")
         runner = build_runner(case, inp, self.settings)
         pristine = inp.storage.clone() if runner.inplace else None
 
@@ -815,6 +1072,8 @@ class Session:
             "B": inp.B, "T": inp.T, "rows": inp.rows, "inplace": runner.inplace,
             "input_bytes": inp.storage_bytes, "first_call_s": round(first_call_s, 3),
         }
+        if shape.linear:
+            row.update(self._linear_fields(shape, timing.ms, inp.rows))
         row.update(runner.extra)
         if case.impl == "compile":
             row["graph_breaks"] = _graph_break_count() - graph_breaks
@@ -822,6 +1081,17 @@ class Session:
         self.data["rows"].append(row)
         self.write()
         return Outcome(row=row)
+
+    def _linear_fields(self, shape: Shape, ms: float, rows: int) -> Dict[str, object]:
+        """H, the matmul floor (NOTES.md) and the achieved matmul rate of a fused-linear row."""
+        rate = float(self.data["matmul_tflops"]) * 1e12  # FLOP/s, this run
+        floor_ms = linear_flops(shape) / rate * 1e3
+        floor_rows_ms = linear_flops(shape, rows) / rate * 1e3
+        return {"H": shape.H, "matmul_tflops": float(self.data["matmul_tflops"]),
+                "floor_ms": float(floor_ms), "x_floor": float(ms / floor_ms),
+                "floor_ms_rows": float(floor_rows_ms), "x_floor_rows": float(ms / floor_rows_ms),
+                "tflops": float(linear_flops(shape) / (ms * 1e-3) / 1e12),
+                "tflops_rows": float(linear_flops(shape, rows) / (ms * 1e-3) / 1e12)}
 
 
 def _graph_break_count() -> int:

@@ -1,5 +1,7 @@
 """Bar chart of a results JSON: effective GB/s per implementation and shape, one panel per
-(dtype, layout), with the measured copy bandwidth as a dashed line.
+(dtype, layout), with the measured copy bandwidth as a dashed line. Logits rows only: the
+fused-linear rows are compute-bound (their GB/s mean little); they are in report.py's second
+table.
 
     python -m benchmarks.plot benchmarks/results/<device>.json [out.png]
 """
@@ -10,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Dict, List, Tuple
 
-from benchmarks.report import IMPL_ORDER, SHORT_DTYPE, load
+from benchmarks.report import IMPL_ORDER, SHORT_DTYPE, is_linear_row, load
 
 
 def plot(data: Dict[str, object], out_png) -> Path:
@@ -20,7 +22,7 @@ def plot(data: Dict[str, object], out_png) -> Path:
     import matplotlib.pyplot as plt
 
     out_png = Path(out_png)
-    rows: List[dict] = list(data["rows"])
+    rows: List[dict] = [r for r in data["rows"] if not is_linear_row(r)]
     panels: Dict[Tuple[str, str], List[dict]] = {}
     for r in rows:
         panels.setdefault((r["dtype"], r["layout"]), []).append(r)
