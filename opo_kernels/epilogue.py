@@ -147,12 +147,13 @@ def epilogue(cfg: OPOLossConfig, logprobs: torch.Tensor, ref_logprobs: Optional[
         coef = dv * (ratio_t if cfg.coordinates == "ratio" else 1.0)
         v_mean = v_t.sum() / n_tokens
     else:
-        v = torch.exp(delta) - 1 if cfg.coordinates == "ratio" else delta
-        v = torch.where(valid, v, 0.0)
+        ratio = torch.exp(delta)
+        v = torch.where(valid, ratio - 1 if cfg.coordinates == "ratio" else delta, 0.0)
         policy = -(omega * v).sum() / n_groups
         penalty = cfg.mu / 2 * (v * v).sum() / n_valid
         dv = torch.where(valid, -omega / n_groups + cfg.mu * v / n_valid, 0.0)
-        coef_s = dv * (v + 1 if cfg.coordinates == "ratio" else 1.0)
+        # dv/dδ = e^δ: taken from the ratio itself, not as v + 1, which cancels when e^δ << 1
+        coef_s = dv * (ratio if cfg.coordinates == "ratio" else 1.0)
         if cfg.level == "sequence_mean":
             coef_s = coef_s / n_safe
         coef = coef_s[seq.clamp(min=0)]

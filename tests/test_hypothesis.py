@@ -2,6 +2,8 @@
 reference (loss and gradient). Complements the fixed grids of test_opo_loss.py with cases
 nobody thought of (single-token sequences, one group, B = 1, all-ties rewards, ...)."""
 
+import os
+
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -42,7 +44,11 @@ def problems(draw):
     return logits, labels, None if on_policy else ref, rewards, mask, group_size, options
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# derandomize: CI sees the same examples every run; explore more with
+# `pytest tests/test_hypothesis.py --hypothesis-seed=<n>` and OPO_HYPOTHESIS_EXAMPLES=<n>
+@settings(max_examples=int(os.environ.get("OPO_HYPOTHESIS_EXAMPLES", 40)), deadline=None,
+          derandomize="OPO_HYPOTHESIS_EXAMPLES" not in os.environ,
+          suppress_health_check=[HealthCheck.too_slow])
 @given(problems())
 def test_fused_equals_reference(problem):
     logits, labels, ref, rewards, mask, group_size, options = problem

@@ -235,3 +235,12 @@ def test_strided_1d_labels_and_seq_ids():
     exp = reference.opo_loss(x, problem.labels, problem.ref_logprobs, problem.rewards,
                              **problem.layout)
     assert_close(out.detach(), exp.detach(), 2e-5, 2e-6, "loss")
+
+
+@pytest.mark.parametrize("level", ["sequence", "sequence_mean"])
+def test_far_off_policy_ratio_gradient(level):
+    """e^δ << 1 (the batch is far from the current policy): dv/dδ = e^δ must not be formed as
+    v + 1 = (e^δ − 1) + 1, which cancels to a few ulps of 1 (found by the hypothesis test)."""
+    problem = make_problem(6, 4, 33, torch.float32, "padded", seed=12, noise=0.0)
+    problem.ref_logprobs = problem.ref_logprobs + 12.0  # Δ ≈ −12 on every token
+    compare(problem, torch.float32, level=level, mu=0.0, temperature=0.5)
