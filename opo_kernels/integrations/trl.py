@@ -24,6 +24,28 @@ Each micro-batch is one ``opo_loss`` call (its own τ), divided by the gradient-
 steps, like TRL's "grpo" loss. Metrics are logged as ``opo/<name>`` (mean over processes;
 ``opo/omega_max`` is the max).
 
+``opo_fused_linear=True``: the loss is ``fused_linear_opo_loss`` on the final hidden states
+and the LM head's weight (and bias), so the [B, C, V] completion logits are never materialized
+(at most ``opo_chunk_size`` × V logits at a time; None = that function's default). The model
+runs with ``logits_to_keep=1`` (its own head sees one position) and ``output_hidden_states``
+(only the last one where transformers can select it); ``hidden_states[-1]`` is the normed
+output that feeds ``lm_head`` in transformers' causal LMs, and it is sliced at the positions
+that predict the completion exactly as the logits are in the default path. The head is
+``get_output_embeddings()`` of the unwrapped model (DDP, accelerate) and is computed in the
+dtype the model's own head uses: the autocast dtype under mixed precision, else the weight's
+(TRL's cast_lm_head_to_fp32 included). Rewards, groups, π_ref, mask, temperature, accumulation
+scaling and the MoE aux loss are those of the default path. Refused, since the fused loss
+computes exactly ``hidden @ weight.T + bias`` and nothing else: a model whose forward takes no
+``logits_to_keep``; a head that is not a plain ``torch.nn.Linear`` (a LoRA adapter on lm_head,
+a quantized head, a patched forward other than cast_lm_head_to_fp32's); a config that
+transforms the logits after the head (``final_logit_softcapping``; ``logit_scale``,
+``output_multiplier``, ``lm_head_multiplier``, ``logits_scaling`` other than 1); FSDP and
+DeepSpeed ZeRO-3 (sharded head weight). The first loss call also checks that the head applied
+to ``hidden_states[-1]`` reproduces the model's own logits at the last position, and raises
+otherwise. ``opo/entropy_mean`` is logged only when ``opo_entropy_coef > 0`` (the fused loss
+computes it then); with the coefficient 0 it would cost one more pass of the head over every
+token, so it is skipped (``opo_log_entropy`` has no effect).
+
 GRPO options that do not apply: loss_type, epsilon, epsilon_high, delta,
 importance_sampling_level, the SAPO/VESPO options, cast_lm_head_to_fp32 and scale_rewards /
 multi_objective_aggregation (these two only shape ``opo_weights="grpo_advantages"``). Refused:
@@ -47,13 +69,15 @@ import inspect
 import textwrap
 import warnings
 from dataclasses import dataclass, field
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from trl import GRPOConfig, GRPOTrainer
 
 from ..config import OPOLossConfig
+from ..fused_linear_opo import fused_linear_opo_loss_with_config
 from ..fused_opo import opo_loss_with_config
+from ..inputs import FLOAT_DTYPES
 
 __all__ = ["OPO_WEIGHTS", "OPOConfig", "OPOTrainer"]
 
@@ -64,6 +88,23 @@ OPO_WEIGHTS = ("seed", "escort", "grpo_advantages")
 _MULTIMODAL_KEYS = ("pixel_values", "image_grid_thw", "num_images", "pixel_attention_mask",
                     "image_sizes", "spatial_shapes", "num_tiles", "token_type_ids",
                     "mm_token_type_ids", "image_position_ids")
+
+# output_hidden_states for the fused-linear path. transformers >= 5 accepts indices and then
+# keeps only those (the others are None): not keeping every layer's output matters under
+# accelerate's mixed precision, which returns fp32 copies of all 16-bit outputs. Older versions
+# take it as True and return every layer (hidden_states[-1] is the final one either way).
+try:
+    from transformers.utils.output_capturing import selected_hidden_states as _selects
+except ImportError:
+    _LAST_HIDDEN_STATE = True
+else:
+    del _selects
+    _LAST_HIDDEN_STATE = [-1]
+
+# Config fields of models that transform the logits after the LM head (the ones TRL 1.16's
+# fused LM head reads): value that means "no transform" (None: any value is one).
+_LOGIT_TRANSFORMS = {"final_logit_softcapping": None, "logit_scale": 1.0,
+                     "output_multiplier": 1.0, "lm_head_multiplier": 1.0, "logits_scaling": 1.0}
 
 
 def _option(default, help_text: str):
@@ -97,7 +138,16 @@ class OPOConfig(GRPOConfig):
     opo_backend: str = _option("auto", "'auto', 'triton' (fused kernels) or 'torch'.")
     opo_log_entropy: bool = _option(
         True, "Log opo/entropy_mean also when opo_entropy_coef = 0 (an extra no-grad softmax "
-              "pass over the completion logits, one sequence at a time)."
+              "pass over the completion logits, one sequence at a time; not with "
+              "opo_fused_linear)."
+    )
+    opo_fused_linear: bool = _option(
+        False, "Compute the loss from the final hidden states and the LM head with "
+               "fused_linear_opo_loss: the completion logits are never materialized."
+    )
+    opo_chunk_size: Optional[int] = _option(
+        None, "Token rows per chunk of the fused-linear loss (None: its default, the largest "
+              "power of two of rows whose logits take <= 256 MiB). Needs opo_fused_linear."
     )
 
     def __post_init__(self):
@@ -109,6 +159,14 @@ class OPOConfig(GRPOConfig):
         except (TypeError, ValueError) as err:
             raise type(err)(f"OPOConfig: {err} (set it through the field opo_<name>)") from None
         self._check_supported()
+        chunk = self.opo_chunk_size
+        if chunk is not None:
+            if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+                raise ValueError(f"OPOConfig: opo_chunk_size must be a positive int or None, "
+                                 f"got {chunk!r}")
+            if not self.opo_fused_linear:
+                raise ValueError("OPOConfig: opo_chunk_size only applies with "
+                                 "opo_fused_linear=True")
 
     def opo_loss_config(self) -> OPOLossConfig:
         """The validated loss options (weights "grpo_advantages" is given per call)."""
@@ -198,6 +256,9 @@ class OPOTrainer(GRPOTrainer):
         self._opo_rewards_per_func = None
         super().__init__(model, reward_funcs, args, *more, **kwargs)
         self._opo_logits_to_keep = _accepts_logits_to_keep(self.model)
+        self._opo_head_verified = False
+        if args.opo_fused_linear:
+            self._check_fused_linear()
 
     # ---- generation time: raw rewards and whole groups --------------------------------------
 
@@ -249,21 +310,29 @@ class OPOTrainer(GRPOTrainer):
         completion_ids = batch["completion_ids"]
         input_ids = torch.cat([batch["prompt_ids"], completion_ids], dim=1)
         attention_mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)
-        logits, outputs = self._opo_completion_logits(model, input_ids, attention_mask,
-                                                      completion_ids.size(1))
-
         mask = batch["completion_mask"].bool() & batch["opo_scorable"][:, None]
         if "tool_mask" in batch:
             mask = mask & batch["tool_mask"].bool()
         cfg = self._opo_config
         if self.args.opo_weights == "grpo_advantages":
             cfg = cfg.replace(weights=batch["advantages"].float())
-        # old_per_token_logps is None when TRL is on-policy: opo_loss then uses the detached
+        # old_per_token_logps is None when TRL is on-policy: the loss then uses the detached
         # current log-probs as π_ref.
-        loss, metrics = opo_loss_with_config(
-            logits, completion_ids, batch.get("old_per_token_logps"), batch["opo_rewards"], cfg,
-            mask=mask, group_size=group_size,
-        )
+        data = (completion_ids, batch.get("old_per_token_logps"), batch["opo_rewards"])
+        layout = {"mask": mask, "group_size": group_size}
+
+        if self.args.opo_fused_linear:
+            hidden, weight, bias, outputs = self._opo_completion_hidden(
+                model, input_ids, attention_mask, completion_ids.size(1))
+            logits = None
+            loss, metrics = fused_linear_opo_loss_with_config(
+                hidden, weight, *data, cfg, bias=bias, chunk_size=self.args.opo_chunk_size,
+                **layout)
+        else:
+            logits, outputs = self._opo_completion_logits(model, input_ids, attention_mask,
+                                                          completion_ids.size(1))
+            loss, metrics = opo_loss_with_config(logits, *data, cfg, **layout)
+
         if getattr(self, "aux_loss_enabled", False):  # MoE load balancing, as GRPOTrainer does
             loss = loss + self.router_aux_loss_coef * outputs.aux_loss
             self._metrics[mode]["aux_loss"].append(
@@ -273,26 +342,87 @@ class OPOTrainer(GRPOTrainer):
             loss = loss / self.current_gradient_accumulation_steps
         return loss
 
-    def _opo_completion_logits(self, model, input_ids, attention_mask, num_completion: int):
-        """Logits that predict the completion tokens: [B, C, V], a view of the model output."""
-        kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
-        if self._opo_logits_to_keep:  # the LM head only runs on the last C + 1 positions
-            kwargs["logits_to_keep"] = num_completion + 1
+    def _opo_forward(self, model, input_ids, attention_mask, **kwargs):
+        """The policy's forward as both loss paths run it (no cache, MoE router logits,
+        autocast). TRL patched model.forward with a fused log-prob head; fused_lm_head=False
+        (the default) runs the model's own forward, which returns logits."""
+        kwargs.update(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         if getattr(self, "aux_loss_enabled", False):
             kwargs["output_router_logits"] = True
-        # TRL patched model.forward with a fused log-prob head; fused_lm_head=False (the default)
-        # runs the model's own forward, which returns logits.
         with self.accelerator.autocast():
-            outputs = model(**kwargs)
-        # position j predicts token j + 1, so the completion (the last C tokens) is predicted by
-        # positions [P − 1, P + C − 1)
-        return outputs.logits[:, -(num_completion + 1):-1], outputs
+            return model(**kwargs)
+
+    def _opo_completion_logits(self, model, input_ids, attention_mask, num_completion: int):
+        """Logits that predict the completion tokens: [B, C, V], a view of the model output."""
+        kwargs = {}
+        if self._opo_logits_to_keep:  # the LM head only runs on the last C + 1 positions
+            kwargs["logits_to_keep"] = num_completion + 1
+        outputs = self._opo_forward(model, input_ids, attention_mask, **kwargs)
+        return _completion_positions(outputs.logits, num_completion), outputs
+
+    def _opo_completion_hidden(self, model, input_ids, attention_mask, num_completion: int):
+        """(hidden [B, C, H], weight [V, H], bias [V] or None, model outputs) such that
+        ``hidden @ weight.T + bias`` are the logits that predict the completion tokens, in the
+        dtype the model's own head computes them in. The model's head runs on one position."""
+        head = _lm_head(self.accelerator.unwrap_model(model), _casts_head_to_fp32(self.args))
+        outputs = self._opo_forward(model, input_ids, attention_mask,
+                                    output_hidden_states=_LAST_HIDDEN_STATE, logits_to_keep=1)
+        if not outputs.hidden_states or outputs.hidden_states[-1] is None:
+            raise RuntimeError(
+                "OPOTrainer: opo_fused_linear=True needs the final hidden states, but "
+                f"{type(self.accelerator.unwrap_model(model)).__name__} returned none for "
+                "output_hidden_states; set opo_fused_linear=False")
+        final = outputs.hidden_states[-1]  # [B, P + C, H], after the final norm
+        dtype = self._opo_head_dtype(head.weight)
+        weight, bias = head.weight.to(dtype), None if head.bias is None else head.bias.to(dtype)
+        if not self._opo_head_verified:
+            _verify_head(final[:, -1], weight, bias, outputs.logits[:, -1])
+            self._opo_head_verified = True
+        hidden = _completion_positions(final, num_completion).to(dtype)
+        return hidden, weight, bias, outputs
+
+    def _opo_head_dtype(self, weight: torch.Tensor) -> torch.dtype:
+        """The dtype of ``lm_head(hidden)`` in the model's forward: the autocast dtype under
+        mixed precision (accelerate then returns the logits converted to fp32, so their dtype
+        does not tell), else the weight's (a bf16 hidden meets an fp32 weight only under TRL's
+        cast_lm_head_to_fp32, whose head computes in fp32)."""
+        device = weight.device.type
+        with self.accelerator.autocast():
+            if weight.dtype != torch.float64 and torch.is_autocast_enabled(device):
+                return torch.get_autocast_dtype(device)
+        return weight.dtype
+
+    def _check_fused_linear(self) -> None:
+        """Refuses, at construction, what opo_fused_linear=True cannot reproduce exactly."""
+        why = None
+        if self.is_fsdp_enabled:
+            why = "FSDP shards the LM head weight, which the fused loss reads directly"
+        elif self.is_deepspeed_enabled and _zero3_enabled():
+            why = "DeepSpeed ZeRO-3 shards the LM head weight, which the fused loss reads directly"
+        elif not self._opo_logits_to_keep:
+            why = (f"{type(self.model).__name__}.forward takes no logits_to_keep, so the model's "
+                   "own head would still compute the logits of every position")
+        if why:
+            raise NotImplementedError(f"OPOTrainer: opo_fused_linear=True is not supported here: "
+                                      f"{why}; set opo_fused_linear=False")
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        _lm_head(unwrapped, _casts_head_to_fp32(self.args))
+        config = unwrapped.config
+        text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        for name, neutral in _LOGIT_TRANSFORMS.items():
+            value = getattr(text_config, name, None)
+            if value is not None and (neutral is None or value != neutral):
+                raise ValueError(
+                    f"OPOTrainer: opo_fused_linear=True computes the logits as hidden @ "
+                    f"lm_head.weight.T (+ bias), but the model config sets {name}={value!r} (the "
+                    "model transforms its logits after the LM head); set opo_fused_linear=False")
 
     def _opo_log_metrics(self, mode: str, metrics: Dict[str, torch.Tensor],
-                         logits: torch.Tensor, mask: torch.Tensor) -> None:
+                         logits: Optional[torch.Tensor], mask: torch.Tensor) -> None:
         names = list(metrics)
         values = [metrics[name].float() for name in names]
-        if "entropy_mean" not in metrics and self.args.opo_log_entropy:
+        # without the logits (opo_fused_linear) the entropy would need one more pass of the head
+        if "entropy_mean" not in metrics and self.args.opo_log_entropy and logits is not None:
             names.append("entropy_mean")
             values.append(_mean_entropy(logits, mask, self.temperature))
         gathered = self.accelerator.gather(torch.stack(values)[None]).reshape(-1, len(names))
@@ -351,6 +481,65 @@ def _unpack_groups(batch: dict) -> Tuple[dict, int]:
     flat = {key: value.flatten(0, 1) if isinstance(value, torch.Tensor) and value.dim() >= 2
             else value for key, value in batch.items()}
     return flat, group_size
+
+
+def _completion_positions(x: torch.Tensor, num_completion: int) -> torch.Tensor:
+    """Rows of x [B, P + C, ...] at the positions that predict the completion (the last C
+    tokens): position j predicts token j + 1, so positions [P − 1, P + C − 1). A view."""
+    return x[:, -(num_completion + 1):-1]
+
+
+def _lm_head(model, cast_lm_head_to_fp32: bool) -> torch.nn.Linear:
+    """The LM head of the unwrapped model, refused unless the fused loss reproduces it:
+    ``hidden @ weight.T + bias`` with a float weight."""
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    if head is None:
+        raise ValueError(f"OPOTrainer: opo_fused_linear=True needs the LM head from "
+                         f"get_output_embeddings(); {type(model).__name__} has none")
+    # TRL's cast_lm_head_to_fp32 replaces the head's forward by an fp32 linear (handled by
+    # _opo_head_dtype); any other instance-level forward is unknown
+    patched = "forward" in vars(head) and not cast_lm_head_to_fp32
+    if type(head) is not torch.nn.Linear or patched:
+        raise ValueError(
+            f"OPOTrainer: opo_fused_linear=True needs a plain torch.nn.Linear LM head, got "
+            f"{type(head).__name__}{' with a patched forward' if patched else ''}: the fused "
+            "loss computes hidden @ weight.T + bias itself, so a LoRA adapter on the head, a "
+            "quantized head or a custom forward would be bypassed; set opo_fused_linear=False")
+    if head.weight.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"OPOTrainer: opo_fused_linear=True needs a float LM head weight, got "
+                         f"{head.weight.dtype}; set opo_fused_linear=False")
+    return head
+
+
+@torch.no_grad()
+def _verify_head(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                 logits: torch.Tensor) -> None:
+    """``hidden @ weight.T + bias`` [B, V] must be the model's own logits [B, V] at the same
+    position (catches a model that scales or caps its logits, or feeds its head something
+    else than ``hidden_states[-1]``). Tolerance: the two matmuls may round differently."""
+    ours = torch.nn.functional.linear(hidden.to(weight.dtype), weight, bias).float()
+    theirs = logits.float()
+    tol = 2e-2 if weight.dtype in (torch.float16, torch.bfloat16) else 1e-3
+    err = (ours - theirs).abs().max().item()
+    if not err <= tol * (1.0 + theirs.abs().max().item()):
+        raise RuntimeError(
+            "OPOTrainer: opo_fused_linear=True: the LM head applied to hidden_states[-1] does "
+            f"not reproduce the model's logits (max abs difference {err:.3g}); this model "
+            "transforms its logits or its head input in a way the fused loss cannot; set "
+            "opo_fused_linear=False")
+
+
+def _casts_head_to_fp32(args) -> bool:
+    return bool(getattr(args, "cast_lm_head_to_fp32", False))  # not in older TRL
+
+
+def _zero3_enabled() -> bool:
+    try:
+        from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+    except ImportError:  # pragma: no cover - very old transformers
+        return False
+    return is_deepspeed_zero3_enabled()
 
 
 def _accepts_logits_to_keep(model) -> bool:
