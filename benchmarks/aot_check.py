@@ -58,7 +58,7 @@ def variants() -> List[tuple]:
         for ent in (False, True):
             for write_grad in (False, True):
                 sig = {"logits_ptr": f"*{dt}", "labels_ptr": "*i64", "seq_ptr": "*i64",
-                       "logprobs_ptr": f"*{acc}", "lse_ptr": f"*{acc}",
+                       "logprobs_ptr": f"*{acc}", "stats_ptr": f"*{acc}",
                        "entropy_ptr": f"*{acc}", "grad_ptr": f"*{dt}", "coef_ptr": f"*{acc}",
                        "entropy_coef_ptr": f"*{acc}", **rows,
                        "WITH_ENTROPY": "constexpr", "WRITE_GRAD": "constexpr",
@@ -68,7 +68,7 @@ def variants() -> List[tuple]:
                             {"WITH_ENTROPY": ent, "WRITE_GRAD": write_grad, "ACC": acc_tl,
                              "BLOCK_V": _block(dt)}, _num_warps(dt)))
             sig = {"logits_ptr": f"*{dt}", "grad_ptr": f"*{dt}", "labels_ptr": "*i64",
-                   "seq_ptr": "*i64", "lse_ptr": f"*{acc}", "entropy_ptr": f"*{acc}",
+                   "seq_ptr": "*i64", "stats_ptr": f"*{acc}", "entropy_ptr": f"*{acc}",
                    "coef_ptr": f"*{acc}", "entropy_coef_ptr": f"*{acc}", **rows,
                    "WITH_ENTROPY": "constexpr", "ACC": "constexpr", "BLOCK_V": "constexpr"}
             out.append((f"bwd-{dt}{'-entropy' if ent else ''}", F._opo_bwd_kernel, sig,

@@ -138,7 +138,9 @@ def epilogue(cfg: OPOLossConfig, logprobs: torch.Tensor, ref_logprobs: Optional[
     # ---- optimization geometry: loss and ∂L/∂lp_t ----
     if cfg.level == "token":
         ratio_t = torch.exp(delta_t)
-        v_t = torch.where(counted, ratio_t - 1 if cfg.coordinates == "ratio" else delta_t, 0.0)
+        # v = e^Δ − 1 through expm1: no cancellation for the small log-ratios of RL batches
+        v_t = torch.expm1(delta_t) if cfg.coordinates == "ratio" else delta_t
+        v_t = torch.where(counted, v_t, 0.0)
         seq_c = seq.clamp(min=0)
         w_t = (omega / n_safe)[seq_c]
         policy = -(torch.where(counted, w_t * v_t, 0.0)).sum() / n_groups
@@ -148,7 +150,7 @@ def epilogue(cfg: OPOLossConfig, logprobs: torch.Tensor, ref_logprobs: Optional[
         v_mean = v_t.sum() / n_tokens
     else:
         ratio = torch.exp(delta)
-        v = torch.where(valid, ratio - 1 if cfg.coordinates == "ratio" else delta, 0.0)
+        v = torch.where(valid, torch.expm1(delta) if cfg.coordinates == "ratio" else delta, 0.0)
         policy = -(omega * v).sum() / n_groups
         penalty = cfg.mu / 2 * (v * v).sum() / n_valid
         dv = torch.where(valid, -omega / n_groups + cfg.mu * v / n_valid, 0.0)

@@ -5,7 +5,7 @@ The Triton kernels are the ones of ``fused_opo.py``; this file only feeds them c
 With C = chunk_size and rows flattened to [N, H] (padded [B, T, H] row-major, or packed):
 
   phase 1 (forward), per chunk:  logits_c = hidden_c @ weight.T + bias        [C, V], input dtype
-                                 forward_rows(logits_c) -> lp, lse, H_t       [C] fp32
+                                 forward_rows(logits_c) -> lp, stats, H_t     [C], [C, 2]
           then ONCE over all N rows: epilogue -> loss, metrics, c_t           (epilogue.py)
   phase 2 (backward), per chunk: logits_c recomputed, its gradient written IN PLACE by
                                  backward_rows(c_t·grad_loss), then
@@ -42,7 +42,7 @@ import triton
 
 from .config import OPOLossConfig
 from .epilogue import epilogue
-from .fused_opo import backward_rows, forward_rows, metric_keys
+from .fused_opo import backward_rows, forward_rows, logsumexp, metric_keys
 from .inputs import FLOAT_DTYPES, Batch, check_values, compute_dtype, prepare
 from .utils import new_output, use_triton
 
@@ -99,7 +99,8 @@ def _chunks(num_rows: int, chunk_size: int):
 
 
 def forward_chunks(hidden2d, weight, bias, batch: Batch, cfg: OPOLossConfig, chunk_size: int):
-    """Phase 1: per-row (logprobs, lse, entropy or None) [N] over all rows, chunk by chunk."""
+    """Phase 1: per-row (logprobs [N], stats [N, 2], entropy [N] or None) over all rows, chunk
+    by chunk (stats: the row statistics of ``forward_rows``)."""
     labels, seq = batch.labels.contiguous(), batch.seq.contiguous()
     outs = []
     for start, end in _chunks(hidden2d.shape[0], chunk_size):
@@ -112,9 +113,9 @@ def forward_chunks(hidden2d, weight, bias, batch: Batch, cfg: OPOLossConfig, chu
 def _concat_stats(outs, batch: Batch, cfg: OPOLossConfig):
     if not outs:  # N = 0
         empty = torch.zeros(0, dtype=batch.compute_dtype, device=batch.seq.device)
-        return empty, empty, (empty if cfg.with_entropy else None)
-    logprobs, lse, entropy = (torch.cat(x) if x[0] is not None else None for x in zip(*outs))
-    return logprobs, lse, entropy
+        return empty, empty.view(0, 2), (empty if cfg.with_entropy else None)
+    logprobs, stats, entropy = (torch.cat(x) if x[0] is not None else None for x in zip(*outs))
+    return logprobs, stats, entropy
 
 
 def _grad_buffers(hidden2d, weight, bias, needs: Tuple[bool, bool, bool]):
@@ -127,7 +128,7 @@ def _grad_buffers(hidden2d, weight, bias, needs: Tuple[bool, bool, bool]):
     return grad_hidden, grad_weight, grad_bias
 
 
-def backward_chunks(hidden2d, weight, bias, labels, seq, lse, entropy, coef, entropy_coef,
+def backward_chunks(hidden2d, weight, bias, labels, seq, stats, entropy, coef, entropy_coef,
                     cfg: OPOLossConfig, chunk_size: int, needs: Tuple[bool, bool, bool]):
     """Phase 2: (grad_hidden [N, H] in hidden's dtype, grad_weight [V, H], grad_bias [V]) in
     fp32 (fp64 for fp64 inputs), each None when not needed. coef, entropy_coef already include
@@ -137,7 +138,7 @@ def backward_chunks(hidden2d, weight, bias, labels, seq, lse, entropy, coef, ent
         hidden_c = hidden2d[start:end]
         logits = _chunk_logits(hidden_c, weight, bias)
         grad_logits = backward_rows(
-            logits, labels[start:end], seq[start:end], lse[start:end],
+            logits, labels[start:end], seq[start:end], stats[start:end],
             None if entropy is None else entropy[start:end], coef[start:end], entropy_coef,
             cfg.temperature, inplace=True,
         )
@@ -150,7 +151,7 @@ def backward_chunks(hidden2d, weight, bias, labels, seq, lse, entropy, coef, ent
 def on_policy_chunks(hidden2d, weight, bias, batch: Batch, cfg: OPOLossConfig,
                      chunk_size: int, needs: Tuple[bool, bool, bool]):
     """One phase (ref_logprobs=None): forward statistics AND the gradients for a unit upstream
-    gradient, in one pass over the chunks. Returns ((logprobs, lse, entropy), grads)."""
+    gradient, in one pass over the chunks. Returns ((logprobs, stats, entropy), grads)."""
     # c_t does not depend on the log-probs when Δ ≡ 0 (module docstring): zeros give it exactly
     zeros = torch.zeros(batch.num_rows, dtype=batch.compute_dtype, device=batch.seq.device)
     unit = epilogue(cfg, zeros, None, None, batch.seq, batch.rewards, batch.group,
@@ -196,13 +197,13 @@ class FusedLinearOPOFunction(torch.autograd.Function):
         hidden2d = hidden.reshape(-1, hidden.shape[-1])  # a copy only for a non-viewable layout
         needs = tuple(ctx.needs_input_grad[:3])
         if one_phase:
-            (logprobs, lse, entropy), grads = on_policy_chunks(hidden2d, weight, bias, batch,
+            (logprobs, stats, entropy), grads = on_policy_chunks(hidden2d, weight, bias, batch,
                                                                cfg, chunk_size, needs)
         else:
-            logprobs, lse, entropy = forward_chunks(hidden2d, weight, bias, batch, cfg,
+            logprobs, stats, entropy = forward_chunks(hidden2d, weight, bias, batch, cfg,
                                                     chunk_size)
         if cfg.validate:
-            check_values(batch, lse, logprobs)
+            check_values(batch, logsumexp(stats), logprobs)
         out = epilogue(cfg, logprobs, batch.ref_logprobs, entropy, batch.seq, batch.rewards,
                        batch.group, batch.weights, batch.vocab, batch.seq_len)
         metrics = torch.stack([out.metrics[k].to(out.loss.dtype) for k in metric_keys(cfg)])
@@ -214,7 +215,7 @@ class FusedLinearOPOFunction(torch.autograd.Function):
             ctx.save_for_backward(*grads)
         else:
             ctx.save_for_backward(hidden, weight, bias, batch.labels.contiguous(),
-                                  batch.seq.contiguous(), lse, out.coef, out.entropy_coef,
+                                  batch.seq.contiguous(), stats, out.coef, out.entropy_coef,
                                   entropy)
         return out.loss, metrics
 
@@ -226,11 +227,11 @@ class FusedLinearOPOFunction(torch.autograd.Function):
             grad_hidden, grad_weight, grad_bias = map(
                 lambda g: None if g is None else _scale(g, grad_loss), ctx.saved_tensors)
         else:
-            (hidden, weight, bias, labels, seq, lse, coef, entropy_coef,
+            (hidden, weight, bias, labels, seq, stats, coef, entropy_coef,
              entropy) = ctx.saved_tensors
             grad_loss = grad_loss.to(coef.dtype)
             grad_hidden, grad_weight, grad_bias = backward_chunks(
-                hidden.reshape(-1, hidden.shape[-1]), weight, bias, labels, seq, lse, entropy,
+                hidden.reshape(-1, hidden.shape[-1]), weight, bias, labels, seq, stats, entropy,
                 coef * grad_loss, entropy_coef * grad_loss, cfg, ctx.chunk_size, ctx.needs,
             )
         hidden_dtype, weight_dtype, bias_dtype = ctx.dtypes

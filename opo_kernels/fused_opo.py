@@ -1,9 +1,10 @@
 """The fused OPO loss over logits: Triton kernels -> launchers -> autograd.Function -> API.
 
 Passes over the logits [N, V] (N = B·T rows, flattened on grid axis 0, one program per row):
-  forward  (1 read):  online max/sum over V in blocks -> lp_t, fp32 logsumexp, entropy H_t.
+  forward  (1 read):  online max/sum over V in blocks -> lp_t, row statistics (m, log s) with
+                      logsumexp = m + log s (fp32), entropy H_t.
   epilogue (O(N+B)):  sequence sums, groups, τ, Q, p̃, ω, v, loss, metrics, c_t (epilogue.py).
-  backward (1 read + 1 write): p = exp(z − lse) recomputed;
+  backward (1 read + 1 write): p = exp(z − m − log s) recomputed from the saved row statistics;
            ∂L/∂logits = (1/temperature)·[c_t·(onehot − p) − ∂L/∂H_t·p·(log p + H_t)].
 Rows that are not counted are never read: the forward writes zeros for them, the backward
 writes a zero gradient row.
@@ -42,17 +43,17 @@ def _zero_row(grad_base, grad_stride_v, V, BLOCK_V: tl.constexpr):
 
 
 @triton.jit
-def _row_gradient(base, stride_v, grad_base, grad_stride_v, V, label, lse, coef, entropy,
-                  d_entropy, inv_t, WITH_ENTROPY: tl.constexpr, ACC: tl.constexpr,
+def _row_gradient(base, stride_v, grad_base, grad_stride_v, V, label, row_max, log_sum, coef,
+                  entropy, d_entropy, inv_t, WITH_ENTROPY: tl.constexpr, ACC: tl.constexpr,
                   BLOCK_V: tl.constexpr):
     """Writes (1/temperature)·[c·(onehot − p) − ∂L/∂H·p·(log p + H)] for one row (SPEC
-    "Gradient"), p recomputed from the saved logsumexp. grad_base may alias base (in place):
-    each block is read before it is written, by this program only."""
+    "Gradient"), log p = (z − m) − log s recomputed from the saved row statistics. grad_base may
+    alias base (in place): each block is read before it is written, by this program only."""
     for start in range(0, V, BLOCK_V):
         offs = start + tl.arange(0, BLOCK_V)
         in_row = offs < V
         x = tl.load(base + offs * stride_v, mask=in_row, other=float("-inf"))
-        log_p = x.to(ACC) * inv_t - lse
+        log_p = (x.to(ACC) * inv_t - row_max) - log_sum
         p = tl.exp(log_p)
         g = tl.where(offs == label, coef, 0.0) - coef * p
         if WITH_ENTROPY:  # ∂H/∂z = −p·(log p + H); p = 0 contributes 0 (no 0·−inf)
@@ -64,7 +65,7 @@ def _row_gradient(base, stride_v, grad_base, grad_stride_v, V, label, lse, coef,
 @triton.jit(do_not_specialize=["seq_len", "stride_b", "grad_stride_b"])
 def _opo_fwd_kernel(
     logits_ptr, labels_ptr, seq_ptr,          # [rows of logits], [N] int64, [N] int64
-    logprobs_ptr, lse_ptr, entropy_ptr,       # [N] outputs (compute dtype)
+    logprobs_ptr, stats_ptr, entropy_ptr,     # [N], [N, 2], [N] outputs (compute dtype)
     grad_ptr, coef_ptr, entropy_coef_ptr,     # one-pass mode only (WRITE_GRAD)
     seq_len, V, stride_b, stride_t, stride_v, grad_stride_b, grad_stride_t, grad_stride_v,
     inv_temperature,
@@ -80,7 +81,8 @@ def _opo_fwd_kernel(
     t = row - b * seq_len
     if tl.load(seq_ptr + row) < 0:  # not counted: do not read the row
         tl.store(logprobs_ptr + row, 0.0)
-        tl.store(lse_ptr + row, 0.0)
+        tl.store(stats_ptr + 2 * row, 0.0)
+        tl.store(stats_ptr + 2 * row + 1, 0.0)
         if WITH_ENTROPY:
             tl.store(entropy_ptr + row, 0.0)
         if WRITE_GRAD:
@@ -92,7 +94,7 @@ def _opo_fwd_kernel(
 
     m = tl.full([], float("-inf"), ACC)  # running max of z
     s = tl.zeros([], ACC)                # Σ exp(z − m)
-    w = tl.zeros([], ACC)                # Σ exp(z − m)·z (entropy only)
+    w = tl.zeros([], ACC)                # Σ exp(z − m)·(z − m) (entropy only)
     for start in range(0, V, BLOCK_V):
         offs = start + tl.arange(0, BLOCK_V)
         x = tl.load(base + offs * stride_v, mask=offs < V, other=float("-inf"))
@@ -102,20 +104,26 @@ def _opo_fwd_kernel(
         shift = tl.where(m_new == float("-inf"), 0.0, m_new).to(ACC)
         scale = tl.exp(m - shift)
         e = tl.exp(z - shift)
-        s = s * scale + tl.sum(e, 0)
         if WITH_ENTROPY:
-            w = w * scale + tl.sum(e * tl.where(e > 0, z, 0.0), 0)  # 0·(−inf) -> 0
+            # kept relative to the running max, so H = log s − w/s has no cancellation between
+            # two O(|z|) terms (H of a confident row is tiny next to |z|); re-centred as m moves
+            w = scale * (w + tl.where(s > 0, (m - shift) * s, 0.0)) \
+                + tl.sum(e * tl.where(e > 0, z - shift, 0.0), 0)  # 0·(−inf) -> 0
+        s = s * scale + tl.sum(e, 0)
         m = m_new
+    # log p_j = (z_j − m) − log s: for confident tokens (z near m) this keeps the small
+    # log-probs accurate, where z − logsumexp would lose ε·|z| to cancellation
     shift = tl.where(m == float("-inf"), 0.0, m).to(ACC)
-    lse = shift + tl.log(s)
-    entropy = lse - w / s
+    log_sum = tl.log(s)
+    entropy = log_sum - w / s
 
     label = tl.load(labels_ptr + row)
     in_vocab = (label >= 0) & (label < V)  # out-of-range labels give NaN, caught by validation
     x_label = tl.load(base + tl.where(in_vocab, label, 0) * stride_v, mask=in_vocab,
                       other=float("nan"))
-    tl.store(logprobs_ptr + row, x_label.to(ACC) * inv_t - lse)
-    tl.store(lse_ptr + row, lse)
+    tl.store(logprobs_ptr + row, (x_label.to(ACC) * inv_t - shift) - log_sum)
+    tl.store(stats_ptr + 2 * row, shift)  # logsumexp = shift + log_sum
+    tl.store(stats_ptr + 2 * row + 1, log_sum)
     if WITH_ENTROPY:
         tl.store(entropy_ptr + row, entropy)
     if WRITE_GRAD:
@@ -123,14 +131,14 @@ def _opo_fwd_kernel(
         if WITH_ENTROPY:
             d_entropy = tl.load(entropy_coef_ptr).to(ACC)
         _row_gradient(base, stride_v, grad_ptr + b * grad_stride_b + t * grad_stride_t,
-                      grad_stride_v, V, label, lse, tl.load(coef_ptr + row).to(ACC), entropy,
-                      d_entropy, inv_t, WITH_ENTROPY, ACC, BLOCK_V)
+                      grad_stride_v, V, label, shift, log_sum, tl.load(coef_ptr + row).to(ACC),
+                      entropy, d_entropy, inv_t, WITH_ENTROPY, ACC, BLOCK_V)
 
 
 @triton.jit(do_not_specialize=["seq_len", "stride_b", "grad_stride_b"])
 def _opo_bwd_kernel(
     logits_ptr, grad_ptr, labels_ptr, seq_ptr,  # grad_ptr may equal logits_ptr (in place)
-    lse_ptr, entropy_ptr, coef_ptr, entropy_coef_ptr,
+    stats_ptr, entropy_ptr, coef_ptr, entropy_coef_ptr,
     seq_len, V, stride_b, stride_t, stride_v, grad_stride_b, grad_stride_t, grad_stride_v,
     inv_temperature,
     WITH_ENTROPY: tl.constexpr, ACC: tl.constexpr, BLOCK_V: tl.constexpr,
@@ -148,8 +156,9 @@ def _opo_bwd_kernel(
         entropy = tl.load(entropy_ptr + row).to(ACC)
         d_entropy = tl.load(entropy_coef_ptr).to(ACC)
     _row_gradient(logits_ptr + b * stride_b + t * stride_t, stride_v, grad_base, grad_stride_v,
-                  V, tl.load(labels_ptr + row), tl.load(lse_ptr + row).to(ACC),
-                  tl.load(coef_ptr + row).to(ACC), entropy, d_entropy,
+                  V, tl.load(labels_ptr + row), tl.load(stats_ptr + 2 * row).to(ACC),
+                  tl.load(stats_ptr + 2 * row + 1).to(ACC), tl.load(coef_ptr + row).to(ACC),
+                  entropy, d_entropy,
                   tl.full([], inv_temperature, ACC), WITH_ENTROPY, ACC, BLOCK_V)
 
 
@@ -211,36 +220,44 @@ def forward_rows(logits: torch.Tensor, labels: torch.Tensor, seq: torch.Tensor,
     """Forward pass over the logits rows.
 
     logits: [B, T, V] or [N, V] (any strides); labels, seq: [N] int64 (seq −1 = not counted).
-    Returns (logprobs [N], lse [N], entropy [N] or None), float32 (float64 for float64 logits).
+    Returns (logprobs [N], stats [N, 2], entropy [N] or None), float32 (float64 for float64
+    logits); stats[:, 0] is the row max m of z, stats[:, 1] = log Σ exp(z − m), so the
+    logsumexp is their sum (see ``logsumexp``). Rows not counted get zeros.
     One-pass mode: with ``grad`` (shaped like logits; may be logits itself), ``coef`` [N] and
     ``entropy_coef`` (0-dim), the same kernel also writes the gradient (see ``backward_rows``).
     """
     num_rows, vocab = seq.shape[0], logits.shape[-1]
     cdtype = compute_dtype(logits.dtype)
     logprobs = new_output((num_rows,), cdtype, logits.device)
-    lse = new_output((num_rows,), cdtype, logits.device)
+    stats = new_output((num_rows, 2), cdtype, logits.device)
     entropy = new_output((num_rows,), cdtype, logits.device) if with_entropy else None
     write_grad = grad is not None
     if num_rows:
         block, num_warps = launch_config(vocab, logits.dtype)
         seq_len, stride_b, stride_t, stride_v = _row_geometry(logits, None)
         _opo_fwd_kernel[(num_rows,)](
-            logits, labels, seq, logprobs, lse, entropy if with_entropy else lse,
-            grad if write_grad else logits, coef if write_grad else lse,
-            entropy_coef if write_grad and with_entropy else lse,
+            logits, labels, seq, logprobs, stats, entropy if with_entropy else logprobs,
+            grad if write_grad else logits, coef if write_grad else logprobs,
+            entropy_coef if write_grad and with_entropy else logprobs,
             seq_len, vocab, stride_b, stride_t, stride_v, *_grad_geometry(logits, grad),
             1.0 / temperature,
             WITH_ENTROPY=with_entropy, WRITE_GRAD=write_grad, ACC=_acc_type(logits.dtype),
             BLOCK_V=block, num_warps=num_warps,
         )
-    return logprobs, lse, entropy
+    return logprobs, stats, entropy
+
+
+def logsumexp(stats: torch.Tensor) -> torch.Tensor:
+    """The per-row logsumexp [N] from ``forward_rows``' statistics [N, 2]."""
+    return stats.sum(-1)
 
 
 def backward_rows(logits: torch.Tensor, labels: torch.Tensor, seq: torch.Tensor,
-                  lse: torch.Tensor, entropy: Optional[torch.Tensor], coef: torch.Tensor,
+                  stats: torch.Tensor, entropy: Optional[torch.Tensor], coef: torch.Tensor,
                   entropy_coef: torch.Tensor, temperature: float, inplace: bool) -> torch.Tensor:
     """Backward pass: ∂L/∂logits, same shape and dtype as logits.
 
+    stats: [N, 2] row statistics from ``forward_rows``.
     coef: [N] c_t = ∂L/∂lp_t; entropy_coef: 0-dim ∂L/∂H_t (used when entropy is given).
     With inplace=True the gradient overwrites `logits` (which is returned).
     """
@@ -251,7 +268,7 @@ def backward_rows(logits: torch.Tensor, labels: torch.Tensor, seq: torch.Tensor,
         seq_len, stride_b, stride_t, stride_v = _row_geometry(logits, None)
         with_entropy = entropy is not None
         _opo_bwd_kernel[(num_rows,)](
-            logits, grad, labels, seq, lse, entropy if with_entropy else lse, coef,
+            logits, grad, labels, seq, stats, entropy if with_entropy else coef, coef,
             entropy_coef, seq_len, vocab, stride_b, stride_t, stride_v,
             *_grad_geometry(logits, grad), 1.0 / temperature,
             WITH_ENTROPY=with_entropy, ACC=_acc_type(logits.dtype), BLOCK_V=block,
@@ -281,15 +298,15 @@ def _empty_rows(logits, with_entropy):
     n = logits.numel() // logits.shape[-1]
     cdtype = compute_dtype(logits.dtype)
     new = lambda k: logits.new_empty((k,), dtype=cdtype)  # noqa: E731
-    return new(n), new(n), new(n if with_entropy else 0)
+    return new(n), logits.new_empty((n, 2), dtype=cdtype), new(n if with_entropy else 0)
 
 
 @torch.library.custom_op("opo_kernels::forward_rows", mutates_args=())
 def _forward_op(logits: torch.Tensor, labels: torch.Tensor, seq: torch.Tensor,
                 temperature: float, with_entropy: bool
                 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    lp, lse, ent = forward_rows(logits, labels, seq, temperature, with_entropy)
-    return lp, lse, ent if ent is not None else lp.new_empty(0)
+    lp, stats, ent = forward_rows(logits, labels, seq, temperature, with_entropy)
+    return lp, stats, ent if ent is not None else lp.new_empty(0)
 
 
 @_forward_op.register_fake
@@ -303,9 +320,9 @@ def _forward_grad_op(logits: torch.Tensor, labels: torch.Tensor, seq: torch.Tens
                      with_entropy: bool
                      ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     grad = new_output(logits.shape, logits.dtype, logits.device)
-    lp, lse, ent = forward_rows(logits, labels, seq, temperature, with_entropy, grad=grad,
+    lp, stats, ent = forward_rows(logits, labels, seq, temperature, with_entropy, grad=grad,
                                 coef=coef, entropy_coef=entropy_coef)
-    return lp, lse, ent if ent is not None else lp.new_empty(0), grad
+    return lp, stats, ent if ent is not None else lp.new_empty(0), grad
 
 
 @_forward_grad_op.register_fake
@@ -318,9 +335,9 @@ def _forward_grad_inplace_op(logits: torch.Tensor, labels: torch.Tensor, seq: to
                              coef: torch.Tensor, entropy_coef: torch.Tensor,
                              temperature: float, with_entropy: bool
                              ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    lp, lse, ent = forward_rows(logits, labels, seq, temperature, with_entropy, grad=logits,
+    lp, stats, ent = forward_rows(logits, labels, seq, temperature, with_entropy, grad=logits,
                                 coef=coef, entropy_coef=entropy_coef)
-    return lp, lse, ent if ent is not None else lp.new_empty(0)
+    return lp, stats, ent if ent is not None else lp.new_empty(0)
 
 
 @_forward_grad_inplace_op.register_fake
@@ -330,22 +347,22 @@ def _(logits, labels, seq, coef, entropy_coef, temperature, with_entropy):
 
 @torch.library.custom_op("opo_kernels::backward_rows", mutates_args=())
 def _backward_op(logits: torch.Tensor, labels: torch.Tensor, seq: torch.Tensor,
-                 lse: torch.Tensor, entropy: torch.Tensor, coef: torch.Tensor,
+                 stats: torch.Tensor, entropy: torch.Tensor, coef: torch.Tensor,
                  entropy_coef: torch.Tensor, temperature: float) -> torch.Tensor:
-    return backward_rows(logits, labels, seq, lse, entropy if entropy.numel() else None, coef,
+    return backward_rows(logits, labels, seq, stats, entropy if entropy.numel() else None, coef,
                          entropy_coef, temperature, inplace=False)
 
 
 @_backward_op.register_fake
-def _(logits, labels, seq, lse, entropy, coef, entropy_coef, temperature):
+def _(logits, labels, seq, stats, entropy, coef, entropy_coef, temperature):
     return torch.empty_like(logits)
 
 
 @torch.library.custom_op("opo_kernels::backward_rows_", mutates_args=("logits",))
 def _backward_inplace_op(logits: torch.Tensor, labels: torch.Tensor, seq: torch.Tensor,
-                         lse: torch.Tensor, entropy: torch.Tensor, coef: torch.Tensor,
+                         stats: torch.Tensor, entropy: torch.Tensor, coef: torch.Tensor,
                          entropy_coef: torch.Tensor, temperature: float) -> None:
-    backward_rows(logits, labels, seq, lse, entropy if entropy.numel() else None, coef,
+    backward_rows(logits, labels, seq, stats, entropy if entropy.numel() else None, coef,
                   entropy_coef, temperature, inplace=True)
 
 
@@ -387,16 +404,16 @@ class FusedOPOFunction(torch.autograd.Function):
             pre = epilogue(cfg, zeros, None, None, batch.seq, batch.rewards, batch.group,
                            batch.weights, batch.vocab, batch.seq_len)
             if cfg.inplace_backward:
-                logprobs, lse, entropy = _forward_grad_inplace_op(
+                logprobs, stats, entropy = _forward_grad_inplace_op(
                     *rows, pre.coef, pre.entropy_coef, cfg.temperature, cfg.with_entropy)
                 grad = logits
             else:
-                logprobs, lse, entropy, grad = _forward_grad_op(
+                logprobs, stats, entropy, grad = _forward_grad_op(
                     *rows, pre.coef, pre.entropy_coef, cfg.temperature, cfg.with_entropy)
         else:
-            logprobs, lse, entropy = _forward_op(*rows, cfg.temperature, cfg.with_entropy)
+            logprobs, stats, entropy = _forward_op(*rows, cfg.temperature, cfg.with_entropy)
         if cfg.validate and not torch.compiler.is_compiling():  # the one host sync
-            check_values(batch, lse, logprobs)
+            check_values(batch, logsumexp(stats), logprobs)
         entropy = entropy if cfg.with_entropy else None
         out = epilogue(cfg, logprobs, batch.ref_logprobs, entropy, batch.seq, batch.rewards,
                        batch.group, batch.weights, batch.vocab, batch.seq_len)
@@ -408,7 +425,7 @@ class FusedOPOFunction(torch.autograd.Function):
             ctx.save_for_backward(grad, batch.seq)
             ctx.backward_done = False
         else:
-            ctx.save_for_backward(logits, batch.labels, batch.seq, lse, out.coef,
+            ctx.save_for_backward(logits, batch.labels, batch.seq, stats, out.coef,
                                   out.entropy_coef, *([entropy] if entropy is not None else []))
         return out.loss, metrics
 
@@ -423,9 +440,9 @@ class FusedOPOFunction(torch.autograd.Function):
             grad, seq = ctx.saved_tensors
             _scale_op(grad, seq, grad_loss.to(compute_dtype(grad.dtype)))
             return grad, None, None
-        logits, labels, seq, lse, coef, entropy_coef, *entropy = ctx.saved_tensors
+        logits, labels, seq, stats, coef, entropy_coef, *entropy = ctx.saved_tensors
         grad_loss = grad_loss.to(coef.dtype)
-        args = (logits, labels, seq, lse, entropy[0] if entropy else lse.new_empty(0),
+        args = (logits, labels, seq, stats, entropy[0] if entropy else coef.new_empty(0),
                 coef * grad_loss, entropy_coef * grad_loss, cfg.temperature)
         if cfg.inplace_backward:
             _backward_inplace_op(*args)

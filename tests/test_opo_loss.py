@@ -28,13 +28,17 @@ from opo_kernels import reference
 # Per logits dtype: loss/metrics (rtol, atol) and gradient (rtol, atol as a fraction of
 # max|oracle grad|). Losses and metrics are computed in fp32 from the same logit values whatever
 # the logits dtype: fp32 log-probs of size ~2-10 carry ~1e-6 absolute error, and log-ratio
-# metrics are small differences of them, hence an absolute floor. Gradients are rounded to the
+# metrics are small differences of them, hence an absolute floor. The same ~1e-6 error in Δ_t
+# reaches the gradient through c_t (the penalty's part is proportional to v_t ≈ Δ_t), so a row
+# with Δ_t ≈ 0 carries error at 1e-6 of the gradient's scale even in the fp32 reference (seen
+# by the hypothesis test: 1.0e-6 there), hence the fp32 atol of 4e-6 of max|grad|. Gradients are
+# rounded to the
 # logits dtype (bf16: 8 significant bits -> at most 2^-8 relative error when rounding to
 # nearest; fp16: 11 bits -> 2^-11). The Triton interpreter (CPU CI) casts fp32 -> bf16 by
 # truncation, whatever rounding is asked for (checked with triton 3.9): up to one ulp, 2^-7.
 BF16_RTOL = 2**-7 if ok_utils.interpreter_on() else 2**-8
 TOL = {
-    torch.float32: {"loss": (2e-5, 2e-6), "grad": (1e-4, 1e-6)},
+    torch.float32: {"loss": (2e-5, 2e-6), "grad": (1e-4, 4e-6)},
     torch.bfloat16: {"loss": (2e-5, 2e-6), "grad": (BF16_RTOL, 1e-5)},
     torch.float16: {"loss": (2e-5, 2e-6), "grad": (2**-11, 1e-5)},
     torch.float64: {"loss": (1e-10, 1e-12), "grad": (1e-9, 1e-12)},
@@ -57,7 +61,10 @@ def assert_close(actual, expected, rtol, atol, what):
 
 
 def grad_atol(expected, frac):
-    return frac * max(expected.abs().max().item(), 1e-30)
+    """frac of the gradient's scale. A gradient that is exactly 0 in exact arithmetic (e.g. a
+    one-sequence group with centered weights, on-policy) is rounding noise in both the oracle
+    and the kernel: its scale is floored at 1e-6 (an O(1/N) loss gradient is far above that)."""
+    return frac * max(expected.abs().max().item(), 1e-6)
 
 
 def run(problem, backend, dtype=None, g=None, **options):
