@@ -47,8 +47,9 @@ computes it then); with the coefficient 0 it would cost one more pass of the hea
 token, so it is skipped (``opo_log_entropy`` has no effect).
 
 GRPO options that do not apply: loss_type, epsilon, epsilon_high, delta,
-importance_sampling_level, the SAPO/VESPO options, cast_lm_head_to_fp32 and scale_rewards /
-multi_objective_aggregation (these two only shape ``opo_weights="grpo_advantages"``). Refused:
+importance_sampling_level, the SAPO/VESPO options, and scale_rewards /
+multi_objective_aggregation (these two only shape ``opo_weights="grpo_advantages"``);
+cast_lm_head_to_fp32 acts through the model's head (both paths follow it). Refused:
 beta != 0, entropy_coef != 0 or use_adaptive_entropy (use ``opo_entropy_coef``),
 top_entropy_quantile < 1, off_policy_mask_threshold, multimodal (vision) inputs.
 
