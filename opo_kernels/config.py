@@ -61,6 +61,7 @@ class OPOLossConfig:
     coordinates: str = "ratio"
     temperature: float = 1.0
     entropy_coef: float = 0.0
+    compute_entropy: bool = False
     backend: str = "auto"
     return_metrics: bool = False
     validate: bool = True
@@ -106,8 +107,8 @@ class OPOLossConfig:
                 "weights must be 'seed', 'escort' or a [B] tensor, got "
                 f"{type(self.weights).__name__}"
             )
-        for name in ("adaptive_tau", "center_weights", "return_metrics", "validate",
-                     "inplace_backward"):
+        for name in ("adaptive_tau", "center_weights", "compute_entropy", "return_metrics",
+                     "validate", "inplace_backward"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
         set_("alpha", alpha)
@@ -117,7 +118,13 @@ class OPOLossConfig:
 
     @property
     def with_entropy(self) -> bool:
-        """The forward pass computes per-token entropy only when the bonus needs it."""
+        """The forward pass computes per-token entropy (in the same pass over the logits) when
+        the bonus needs it, or when asked for the ``entropy_mean`` metric (compute_entropy)."""
+        return self.entropy_coef > 0 or self.compute_entropy
+
+    @property
+    def entropy_in_gradient(self) -> bool:
+        """The backward adds the entropy term only when the bonus is on."""
         return self.entropy_coef > 0
 
     def replace(self, **changes) -> OPOLossConfig:

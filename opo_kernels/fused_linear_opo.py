@@ -216,7 +216,7 @@ class FusedLinearOPOFunction(torch.autograd.Function):
         else:
             ctx.save_for_backward(hidden, weight, bias, batch.labels.contiguous(),
                                   batch.seq.contiguous(), stats, out.coef, out.entropy_coef,
-                                  entropy)
+                                  entropy if cfg.entropy_in_gradient else None)
         return out.loss, metrics
 
     @staticmethod
@@ -305,7 +305,7 @@ def fused_linear_opo_loss(hidden, weight, labels, ref_logprobs, rewards, *, bias
                           tau_range=(0.2, 1.5), reward_temperature=0.15, weights="seed",
                           center_weights=False, level="sequence_mean", coordinates="ratio",
                           temperature=1.0, entropy_coef=0.0, backend="auto",
-                          return_metrics=False, validate=True):
+                          return_metrics=False, validate=True, compute_entropy=False):
     """The OPO loss (shared/SPEC.md) of the logits ``hidden @ weight.T + bias``, computed chunk
     by chunk so that at most ``chunk_size × V`` logits exist at any time.
 
@@ -343,7 +343,7 @@ def fused_linear_opo_loss(hidden, weight, labels, ref_logprobs, rewards, *, bias
         reward_temperature=reward_temperature, weights=weights, center_weights=center_weights,
         level=level, coordinates=coordinates, temperature=temperature,
         entropy_coef=entropy_coef, backend=backend, return_metrics=return_metrics,
-        validate=validate,
+        validate=validate, compute_entropy=compute_entropy,
     )
     _check_chunk_size(chunk_size)
     return fused_linear_opo_loss_with_config(

@@ -425,8 +425,9 @@ class FusedOPOFunction(torch.autograd.Function):
             ctx.save_for_backward(grad, batch.seq)
             ctx.backward_done = False
         else:
+            in_grad = entropy if cfg.entropy_in_gradient else None  # metric-only otherwise
             ctx.save_for_backward(logits, batch.labels, batch.seq, stats, out.coef,
-                                  out.entropy_coef, *([entropy] if entropy is not None else []))
+                                  out.entropy_coef, *([in_grad] if in_grad is not None else []))
         return out.loss, metrics
 
     @staticmethod
@@ -470,7 +471,7 @@ def opo_loss(logits, labels, ref_logprobs, rewards, *, mask=None, seq_ids=None,
              tau_range=(0.2, 1.5), reward_temperature=0.15, weights="seed",
              center_weights=False, level="sequence_mean", coordinates="ratio",
              temperature=1.0, entropy_coef=0.0, backend="auto", return_metrics=False,
-             validate=True, inplace_backward=False):
+             validate=True, inplace_backward=False, compute_entropy=False):
     """The OPO loss (shared/SPEC.md) from LLM logits, with a fused Triton backward.
 
     Padded layout: logits [B, T, V] (fp32/bf16/fp16; a view like ``logits[:, :-1]`` is read
@@ -486,7 +487,8 @@ def opo_loss(logits, labels, ref_logprobs, rewards, *, mask=None, seq_ids=None,
 
     Returns the 0-dim loss (float32; float64 for float64 logits), or (loss, metrics) with
     return_metrics=True: log_ratio_mean, kl_k3, v_mean, omega_mean, omega_max, tau, penalty
-    (+ entropy_mean when entropy_coef > 0).
+    (+ entropy_mean when entropy_coef > 0 or compute_entropy=True: the entropy is computed in
+    the same pass over the logits, at no extra traffic).
 
     Example::
 
@@ -498,7 +500,7 @@ def opo_loss(logits, labels, ref_logprobs, rewards, *, mask=None, seq_ids=None,
         reward_temperature=reward_temperature, weights=weights, center_weights=center_weights,
         level=level, coordinates=coordinates, temperature=temperature,
         entropy_coef=entropy_coef, backend=backend, return_metrics=return_metrics,
-        validate=validate, inplace_backward=inplace_backward,
+        validate=validate, inplace_backward=inplace_backward, compute_entropy=compute_entropy,
     )
     return opo_loss_with_config(logits, labels, ref_logprobs, rewards, cfg, mask=mask,
                                 seq_ids=seq_ids, group_size=group_size, group_ids=group_ids)

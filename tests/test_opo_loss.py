@@ -251,3 +251,23 @@ def test_far_off_policy_ratio_gradient(level):
     problem = make_problem(6, 4, 33, torch.float32, "padded", seed=12, noise=0.0)
     problem.ref_logprobs = problem.ref_logprobs + 12.0  # Δ ≈ −12 on every token
     compare(problem, torch.float32, level=level, mu=0.0, temperature=0.5)
+
+
+@pytest.mark.parametrize("on_policy", [False, True], ids=["general", "on_policy"])
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+def test_compute_entropy_is_metric_only(layout, on_policy):
+    """compute_entropy=True adds entropy_mean (from the same pass) and changes nothing else."""
+    problem = make_problem(6, 5, 50, torch.float32, layout, seed=9)
+    if on_policy:
+        problem.ref_logprobs = None
+    exp_metrics = (None if on_policy else
+                   run(problem, "oracle", torch.float64, compute_entropy=True)[1])
+    for backend in ("triton", "torch"):
+        base_loss, base_metrics, base_grad = run(problem, backend)
+        loss, metrics, grad = run(problem, backend, compute_entropy=True)
+        assert set(metrics) == set(base_metrics) | {"entropy_mean"}
+        assert_close(loss, base_loss, 1e-6, 1e-7, f"{backend} loss")
+        assert_close(grad, base_grad, 1e-5, grad_atol(base_grad, 1e-6), f"{backend} grad")
+        if exp_metrics is not None:
+            assert_close(metrics["entropy_mean"], exp_metrics["entropy_mean"],
+                         *TOL[torch.float32]["loss"], f"{backend} entropy_mean")

@@ -42,9 +42,8 @@ transforms the logits after the head (``final_logit_softcapping``; ``logit_scale
 ``output_multiplier``, ``lm_head_multiplier``, ``logits_scaling`` other than 1); FSDP and
 DeepSpeed ZeRO-3 (sharded head weight). The first loss call also checks that the head applied
 to ``hidden_states[-1]`` reproduces the model's own logits at the last position, and raises
-otherwise. ``opo/entropy_mean`` is logged only when ``opo_entropy_coef > 0`` (the fused loss
-computes it then); with the coefficient 0 it would cost one more pass of the head over every
-token, so it is skipped (``opo_log_entropy`` has no effect).
+otherwise. ``opo/entropy_mean`` comes from the loss kernels in both paths (same pass over the
+logits, ``compute_entropy``).
 
 GRPO options that do not apply: loss_type, epsilon, epsilon_high, delta,
 importance_sampling_level, the SAPO/VESPO options, and scale_rewards /
@@ -138,9 +137,8 @@ class OPOConfig(GRPOConfig):
     opo_entropy_coef: float = _option(0.0, "Entropy bonus β >= 0 (mean per-token entropy).")
     opo_backend: str = _option("auto", "'auto', 'triton' (fused kernels) or 'torch'.")
     opo_log_entropy: bool = _option(
-        True, "Log opo/entropy_mean also when opo_entropy_coef = 0 (an extra no-grad softmax "
-              "pass over the completion logits, one sequence at a time; not with "
-              "opo_fused_linear)."
+        True, "Log opo/entropy_mean also when opo_entropy_coef = 0 (the loss kernels compute "
+              "it in their pass over the logits: no extra pass)."
     )
     opo_fused_linear: bool = _option(
         False, "Compute the loss from the final hidden states and the LM head with "
@@ -179,6 +177,7 @@ class OPOConfig(GRPOConfig):
             center_weights=self.opo_center_weights, level=self.opo_level,
             coordinates=self.opo_coordinates, temperature=self.temperature,
             entropy_coef=self.opo_entropy_coef, backend=self.opo_backend, return_metrics=True,
+            compute_entropy=self.opo_log_entropy,
         )
 
     def _check_supported(self) -> None:
@@ -325,7 +324,6 @@ class OPOTrainer(GRPOTrainer):
         if self.args.opo_fused_linear:
             hidden, weight, bias, outputs = self._opo_completion_hidden(
                 model, input_ids, attention_mask, completion_ids.size(1))
-            logits = None
             loss, metrics = fused_linear_opo_loss_with_config(
                 hidden, weight, *data, cfg, bias=bias, chunk_size=self.args.opo_chunk_size,
                 **layout)
@@ -338,7 +336,7 @@ class OPOTrainer(GRPOTrainer):
             loss = loss + self.router_aux_loss_coef * outputs.aux_loss
             self._metrics[mode]["aux_loss"].append(
                 self.accelerator.gather_for_metrics(outputs.aux_loss.detach()).mean().item())
-        self._opo_log_metrics(mode, metrics, logits, mask)
+        self._opo_log_metrics(mode, metrics)
         if mode == "train":  # GRPOTrainer.loss_is_scaled_for_ga: the trainer does not rescale
             loss = loss / self.current_gradient_accumulation_steps
         return loss
@@ -418,14 +416,9 @@ class OPOTrainer(GRPOTrainer):
                     f"lm_head.weight.T (+ bias), but the model config sets {name}={value!r} (the "
                     "model transforms its logits after the LM head); set opo_fused_linear=False")
 
-    def _opo_log_metrics(self, mode: str, metrics: Dict[str, torch.Tensor],
-                         logits: Optional[torch.Tensor], mask: torch.Tensor) -> None:
+    def _opo_log_metrics(self, mode: str, metrics: Dict[str, torch.Tensor]) -> None:
         names = list(metrics)
         values = [metrics[name].float() for name in names]
-        # without the logits (opo_fused_linear) the entropy would need one more pass of the head
-        if "entropy_mean" not in metrics and self.args.opo_log_entropy and logits is not None:
-            names.append("entropy_mean")
-            values.append(_mean_entropy(logits, mask, self.temperature))
         gathered = self.accelerator.gather(torch.stack(values)[None]).reshape(-1, len(names))
         reduced = torch.where(torch.tensor([n == "omega_max" for n in names],
                                            device=gathered.device),
@@ -549,14 +542,3 @@ def _accepts_logits_to_keep(model) -> bool:
         return "logits_to_keep" in inspect.signature(type(base).forward).parameters
     except (TypeError, ValueError):  # pragma: no cover - exotic forward without a signature
         return False
-
-
-@torch.no_grad()
-def _mean_entropy(logits: torch.Tensor, mask: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Mean entropy of the counted rows of logits [B, C, V], one sequence at a time so that at
-    most C × V float32 values are materialized."""
-    total = torch.zeros((), dtype=torch.float32, device=logits.device)
-    for row_logits, row_mask in zip(logits, mask):
-        z = row_logits[row_mask].float() / temperature
-        total += torch.special.entr(torch.softmax(z, dim=-1)).sum()
-    return total / mask.sum().clamp(min=1)
