@@ -10,8 +10,6 @@ sequences; the model's own head runs on one position only; DDP over 2 processes;
 """
 
 import math
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -33,6 +31,7 @@ from test_trl_integration import (  # noqa: E402
     TEMPERATURE,
     RecordingOPOTrainer,
     StepCapture,
+    check_two_processes,
     make_model,
     make_tokenizer,
     reference_grads,
@@ -158,17 +157,7 @@ def test_fused_linear_gradient_equals_logits_path(tmp_path):
 def test_fused_linear_two_processes(tmp_path):
     """DDP over 2 CPU processes: the head comes from the unwrapped model, its gradient is
     all-reduced like the others, and the result is the mean of the per-process references."""
-    repo = Path(__file__).resolve().parent.parent
-    path = os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")])
-    env = {**os.environ, "PYTHONPATH": path}
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                    "--nproc_per_node", "2", __file__, str(tmp_path)], check=True, env=env,
-                   timeout=300)
-    results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
-    for name, grad in results[0]["captured"].items():
-        torch.testing.assert_close(results[1]["captured"][name], grad)  # DDP synced them
-        expected = (results[0]["reference"][name] + results[1]["reference"][name]) / 2
-        torch.testing.assert_close(grad, expected, rtol=2e-4, atol=2e-6, msg=name)
+    check_two_processes(__file__, tmp_path)
 
 
 def _ddp_worker(out_dir: str):

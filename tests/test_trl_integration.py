@@ -202,11 +202,18 @@ def test_two_processes(tmp_path):
     """DDP over 2 CPU processes (gloo, torchrun --standalone): each process's raw rewards are its
     own slice of the gathered batch, its groups are whole, and the all-reduced gradient is the
     mean of the per-process reference gradients."""
+    check_two_processes(__file__, tmp_path)
+
+
+def check_two_processes(script: str, tmp_path) -> None:
+    """Runs `script` (whose __main__ calls its _ddp_worker) on 2 CPU processes with torchrun;
+    each rank saves its captured and reference gradients: DDP must have synced the captured
+    ones, and they must equal the mean of the two ranks' references."""
     repo = Path(__file__).resolve().parent.parent
     path = os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")])
     env = {**os.environ, "PYTHONPATH": path}
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                    "--nproc_per_node", "2", __file__, str(tmp_path)], check=True, env=env,
+                    "--nproc_per_node", "2", script, str(tmp_path)], check=True, env=env,
                    timeout=300)
     results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     for name, grad in results[0]["captured"].items():
