@@ -64,6 +64,12 @@ def test_stationary_point(backend, level, coords, weights):
     assert torch.autograd.grad(loss2, x2)[0].abs().max() > 1e-4
 
 
+def _off_policy(lp, seed):
+    """ref_logprobs of a sampling policy a little away from the current one."""
+    return lp + 0.1 * torch.randn(B, T, generator=torch.Generator().manual_seed(seed),
+                                  dtype=torch.float64)
+
+
 def _run(backend, logits, labels, ref, rewards, mask, **options):
     x = logits.clone().requires_grad_()
     loss, metrics = opo_kernels.opo_loss(x, labels, ref, rewards, mask=mask, group_size=K,
@@ -76,8 +82,7 @@ def _run(backend, logits, labels, ref, rewards, mask, **options):
 @pytest.mark.parametrize("level", ["sequence_mean", "token"])
 def test_mu_leaves_omega_unchanged(backend, level):
     logits, labels, mask, rewards, lp = _problem(2)
-    ref = lp + 0.1 * torch.randn(B, T, generator=torch.Generator().manual_seed(5),
-                                 dtype=torch.float64)
+    ref = _off_policy(lp, seed=5)
     runs = [_run(backend, logits, labels, ref, rewards, mask, mu=mu, level=level)
             for mu in (0.0, 1.0, 2.0)]
     (l0, m0, g0), (l1, m1, g1), (l2, m2, g2) = runs
@@ -94,8 +99,7 @@ def test_mu_leaves_omega_unchanged(backend, level):
 @pytest.mark.parametrize("level", ["sequence", "sequence_mean", "token"])
 def test_alpha_leaves_penalty_unchanged(backend, level):
     logits, labels, mask, rewards, lp = _problem(3)
-    ref = lp + 0.1 * torch.randn(B, T, generator=torch.Generator().manual_seed(6),
-                                 dtype=torch.float64)
+    ref = _off_policy(lp, seed=6)
     runs = [_run(backend, logits, labels, ref, rewards, mask, alpha=a, level=level)
             for a in (0.0, 0.6, 1.0)]
     penalties = [m["penalty"] for _, m, _ in runs]
