@@ -10,8 +10,7 @@ from hypothesis import strategies as st
 from test_opo_loss import TOL, assert_close, grad_atol
 
 import opo_kernels
-from opo_kernels import OPOLossConfig, reference
-from opo_kernels.inputs import prepare
+from opo_kernels import reference
 
 
 @st.composite
@@ -69,28 +68,29 @@ def test_fused_equals_reference(problem):
     # not representable in float32 (README: use "sequence_mean" or "log" there)
     assume(abs(exp.item()) < 1e30)
     (exp_grad,) = torch.autograd.grad(exp, x64)
+    x32 = logits.clone().requires_grad_()  # the float32 reference: how well float32 can do
+    loss32 = opo_kernels.opo_loss(x32, labels, ref, rewards, backend="torch", **kw)
+    (grad32,) = torch.autograd.grad(loss32, x32)
     rtol, atol = TOL[torch.float32]["loss"]
-    assert_close(loss.detach(), exp.detach(), rtol, atol * max(1.0, exp.abs().item()), "loss")
+    _table_or_reference(loss.detach(), exp.detach(), loss32.detach(), rtol,
+                        atol * max(1.0, exp.abs().item()), "loss")
     rtol, frac = TOL[torch.float32]["grad"]
-    # fp32 rounds p to ε relative to 1, so onehot − p carries ~ε·|c_t| absolute error; when the
-    # label's p → 1 the whole row's gradient is tiny next to that: scale atol by max|c_t| too
-    scale = max(grad_atol(exp_grad, frac), frac * _max_coef(x64, labels, ref64, rewards, kw))
-    assert_close(grad, exp_grad, rtol, scale, "grad")
+    _table_or_reference(grad, exp_grad, grad32, rtol, grad_atol(exp_grad, frac), "grad")
 
 
-def _max_coef(logits64, labels, ref64, rewards, kw):
-    """max_t |c_t| / temperature from the reference, c_t = ∂L/∂lp_t."""
-    options = {k: v for k, v in kw.items() if k not in ("mask", "group_size")}
-    cfg = OPOLossConfig(**options)
-    batch = prepare(logits64, labels, ref64, rewards, mask=kw["mask"],
-                    group_size=kw["group_size"], config=cfg)
-    rows = batch.counted.nonzero()[:, 0]
-    if rows.numel() == 0:
-        return 0.0
-    lp, _, entropy = reference.token_stats(logits64.detach().reshape(-1, batch.vocab)[rows],
-                                           batch.labels[rows], cfg.temperature, False)
-    lp = lp.detach().requires_grad_()
-    loss, _ = reference.objective(cfg, lp, batch.ref_logprobs[rows], None, batch.seq[rows],
-                                  batch.rewards, batch.group, None, batch.vocab)
-    (coef,) = torch.autograd.grad(loss, lp)
-    return coef.abs().max().item() / cfg.temperature
+def _table_or_reference(actual, expected, ref32, rtol, atol, what):
+    """Within the tolerance table, or no worse than twice the float32 reference's own error.
+
+    The fixed grids (test_opo_loss.py) hold the kernel to the table alone. Random problems also
+    reach numerics where float32 itself cannot do better: a gradient that is the tiny
+    difference of O(1) terms (centered weights that nearly cancel, p → 1 at the label, a
+    far-off-policy e^δ). There the yardstick is the float32 reference (the criterion of the
+    flash-attention tests)."""
+    try:
+        assert_close(actual, expected, rtol, atol, what)
+    except AssertionError:
+        err = (actual.double() - expected.double()).abs().max().item()
+        ref_err = (ref32.double() - expected.double()).abs().max().item()
+        assert err <= 2 * ref_err + atol, (
+            f"{what}: error {err:.3e} is over the table and over twice the float32 "
+            f"reference's error {ref_err:.3e}")
