@@ -202,15 +202,12 @@ def _acc_type(dtype: torch.dtype):
     return tl.float64 if compute_dtype(dtype) == torch.float64 else tl.float32
 
 
-def _row_geometry(logits: torch.Tensor, seq_len: Optional[int]) -> Tuple[int, int, int, int]:
-    """(rows per sequence, stride over sequences, stride over rows, stride over V)."""
-    if logits.dim() == 3:
-        return logits.shape[1], logits.stride(0), logits.stride(1), logits.stride(2)
-    return max(logits.shape[0], 1), 0, logits.stride(0), logits.stride(1)
-
-
-def _grad_geometry(logits: torch.Tensor, grad: Optional[torch.Tensor]):
-    return _row_geometry(grad if grad is not None else logits, None)[1:]
+def _row_geometry(t: torch.Tensor) -> Tuple[int, int, int, int]:
+    """(rows per sequence, stride over sequences, stride over rows, stride over V) of a
+    [B, T, V] or [N, V] tensor; packed rows are one "sequence" of N rows."""
+    if t.dim() == 3:
+        return t.shape[1], t.stride(0), t.stride(1), t.stride(2)
+    return max(t.shape[0], 1), 0, t.stride(0), t.stride(1)
 
 
 def forward_rows(logits: torch.Tensor, labels: torch.Tensor, seq: torch.Tensor,
@@ -234,12 +231,13 @@ def forward_rows(logits: torch.Tensor, labels: torch.Tensor, seq: torch.Tensor,
     write_grad = grad is not None
     if num_rows:
         block, num_warps = launch_config(vocab, logits.dtype)
-        seq_len, stride_b, stride_t, stride_v = _row_geometry(logits, None)
+        seq_len, stride_b, stride_t, stride_v = _row_geometry(logits)
         _opo_fwd_kernel[(num_rows,)](
             logits, labels, seq, logprobs, stats, entropy if with_entropy else logprobs,
             grad if write_grad else logits, coef if write_grad else logprobs,
             entropy_coef if write_grad and with_entropy else logprobs,
-            seq_len, vocab, stride_b, stride_t, stride_v, *_grad_geometry(logits, grad),
+            seq_len, vocab, stride_b, stride_t, stride_v,
+            *_row_geometry(grad if write_grad else logits)[1:],
             1.0 / temperature,
             WITH_ENTROPY=with_entropy, WRITE_GRAD=write_grad, ACC=_acc_type(logits.dtype),
             BLOCK_V=block, num_warps=num_warps,
@@ -265,12 +263,12 @@ def backward_rows(logits: torch.Tensor, labels: torch.Tensor, seq: torch.Tensor,
     grad = logits if inplace else new_output(logits.shape, logits.dtype, logits.device)
     if num_rows:
         block, num_warps = launch_config(vocab, logits.dtype)
-        seq_len, stride_b, stride_t, stride_v = _row_geometry(logits, None)
+        seq_len, stride_b, stride_t, stride_v = _row_geometry(logits)
         with_entropy = entropy is not None
         _opo_bwd_kernel[(num_rows,)](
             logits, grad, labels, seq, stats, entropy if with_entropy else coef, coef,
             entropy_coef, seq_len, vocab, stride_b, stride_t, stride_v,
-            *_grad_geometry(logits, grad), 1.0 / temperature,
+            *_row_geometry(grad)[1:], 1.0 / temperature,
             WITH_ENTROPY=with_entropy, ACC=_acc_type(logits.dtype), BLOCK_V=block,
             num_warps=num_warps,
         )
@@ -282,7 +280,7 @@ def scale_rows_(grad: torch.Tensor, seq: torch.Tensor, scale: torch.Tensor) -> t
     num_rows, vocab = seq.shape[0], grad.shape[-1]
     if num_rows:
         block, num_warps = launch_config(vocab, grad.dtype)
-        seq_len, stride_b, stride_t, stride_v = _row_geometry(grad, None)
+        seq_len, stride_b, stride_t, stride_v = _row_geometry(grad)
         _scale_kernel[(num_rows,)](grad, scale, seq, seq_len, vocab, stride_b, stride_t,
                                    stride_v, ACC=_acc_type(grad.dtype), BLOCK_V=block,
                                    num_warps=num_warps)
