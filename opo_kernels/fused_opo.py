@@ -107,7 +107,7 @@ def _opo_fwd_kernel(
         if WITH_ENTROPY:
             # kept relative to the running max, so H = log s − w/s has no cancellation between
             # two O(|z|) terms (H of a confident row is tiny next to |z|); re-centred as m moves
-            w = scale * (w + tl.where(s > 0, (m - shift) * s, 0.0)) \
+            w = scale * (w + tl.where(s > 0, m - shift, 0.0) * s) \
                 + tl.sum(e * tl.where(e > 0, z - shift, 0.0), 0)  # 0·(−inf) -> 0
         s = s * scale + tl.sum(e, 0)
         m = m_new
