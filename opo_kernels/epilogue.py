@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import torch
 
 from .config import OPOLossConfig
+from .inputs import Batch
 
 NEG_INF = float("-inf")
 
@@ -180,3 +181,33 @@ def epilogue(cfg: OPOLossConfig, logprobs: torch.Tensor, ref_logprobs: Optional[
     if entropy is not None:
         metrics["entropy_mean"] = mean_entropy
     return EpilogueResult(loss, metrics, coef, entropy_coef.to(lp.dtype))
+
+
+def batch_epilogue(cfg: OPOLossConfig, batch: Batch, logprobs: torch.Tensor,
+                   entropy: Optional[torch.Tensor]) -> EpilogueResult:
+    """``epilogue`` on prepared inputs (see ``inputs.prepare``)."""
+    return epilogue(cfg, logprobs, batch.ref_logprobs, entropy, batch.seq, batch.rewards,
+                    batch.group, batch.weights, batch.vocab, batch.seq_len)
+
+
+def on_policy_coefficients(cfg: OPOLossConfig, batch: Batch) -> EpilogueResult:
+    """c_t and ∂L/∂H_t of an on-policy batch (ref_logprobs=None), BEFORE any pass over the
+    logits: π_ref is the detached current policy, so Δ ≡ 0, v = 0 and p̃ is uniform whatever τ
+    is; the coefficients then depend only on rewards, groups, weights and lengths, and the
+    epilogue on zero log-probs gives them exactly (its loss and metrics are not the batch's)."""
+    zeros = torch.zeros(batch.num_rows, dtype=batch.compute_dtype, device=batch.seq.device)
+    return batch_epilogue(cfg, batch, zeros, None)
+
+
+def metric_keys(cfg: OPOLossConfig) -> List[str]:
+    keys = ["log_ratio_mean", "kl_k3", "v_mean", "omega_mean", "omega_max", "tau", "penalty"]
+    return keys + ["entropy_mean"] if cfg.with_entropy else keys
+
+
+def pack_metrics(cfg: OPOLossConfig, out: EpilogueResult) -> torch.Tensor:
+    """The metrics as one tensor (an autograd.Function output cannot be a dict)."""
+    return torch.stack([out.metrics[k].to(out.loss.dtype) for k in metric_keys(cfg)])
+
+
+def unpack_metrics(cfg: OPOLossConfig, metrics: torch.Tensor) -> Dict[str, torch.Tensor]:
+    return dict(zip(metric_keys(cfg), metrics.unbind(0)))

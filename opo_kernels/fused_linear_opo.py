@@ -41,8 +41,8 @@ import torch
 import triton
 
 from .config import OPOLossConfig
-from .epilogue import epilogue
-from .fused_opo import backward_rows, forward_rows, logsumexp, metric_keys
+from .epilogue import batch_epilogue, on_policy_coefficients, pack_metrics, unpack_metrics
+from .fused_opo import backward_rows, forward_rows, logsumexp
 from .inputs import FLOAT_DTYPES, Batch, check_values, compute_dtype, prepare
 from .utils import new_output, use_triton
 
@@ -152,10 +152,7 @@ def on_policy_chunks(hidden2d, weight, bias, batch: Batch, cfg: OPOLossConfig,
                      chunk_size: int, needs: Tuple[bool, bool, bool]):
     """One phase (ref_logprobs=None): forward statistics AND the gradients for a unit upstream
     gradient, in one pass over the chunks. Returns ((logprobs, stats, entropy), grads)."""
-    # c_t does not depend on the log-probs when Δ ≡ 0 (module docstring): zeros give it exactly
-    zeros = torch.zeros(batch.num_rows, dtype=batch.compute_dtype, device=batch.seq.device)
-    unit = epilogue(cfg, zeros, None, None, batch.seq, batch.rewards, batch.group,
-                    batch.weights, batch.vocab, batch.seq_len)
+    unit = on_policy_coefficients(cfg, batch)  # c_t does not depend on the log-probs here
     labels, seq = batch.labels.contiguous(), batch.seq.contiguous()
     grad_hidden, grad_weight, grad_bias = _grad_buffers(hidden2d, weight, bias, needs)
     outs = []
@@ -204,9 +201,8 @@ class FusedLinearOPOFunction(torch.autograd.Function):
                                                     chunk_size)
         if cfg.validate:
             check_values(batch, logsumexp(stats), logprobs)
-        out = epilogue(cfg, logprobs, batch.ref_logprobs, entropy, batch.seq, batch.rewards,
-                       batch.group, batch.weights, batch.vocab, batch.seq_len)
-        metrics = torch.stack([out.metrics[k].to(out.loss.dtype) for k in metric_keys(cfg)])
+        out = batch_epilogue(cfg, batch, logprobs, entropy)
+        metrics = pack_metrics(cfg, out)
         ctx.mark_non_differentiable(metrics)
         ctx.one_phase, ctx.cfg, ctx.chunk_size, ctx.needs = one_phase, cfg, chunk_size, needs
         ctx.hidden_shape, ctx.dtypes = hidden.shape, (hidden.dtype, weight.dtype,
@@ -374,7 +370,7 @@ def fused_linear_opo_loss_with_config(hidden, weight, labels, ref_logprobs, rewa
                                                  one_phase)
     if not cfg.return_metrics:
         return loss
-    return loss, dict(zip(metric_keys(cfg), metrics.unbind(0)))
+    return loss, unpack_metrics(cfg, metrics)
 
 
 class FusedLinearOPOLoss(torch.nn.Module):

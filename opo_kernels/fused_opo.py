@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from .config import OPOLossConfig
-from .epilogue import epilogue
+from .epilogue import batch_epilogue, on_policy_coefficients, pack_metrics, unpack_metrics
 from .inputs import Batch, check_values, compute_dtype, prepare
 from .utils import new_output, use_triton
 
@@ -374,16 +374,11 @@ def _scale_op(grad: torch.Tensor, seq: torch.Tensor, scale: torch.Tensor) -> Non
 # --------------------------------------------------------------------------------------------
 
 
-def metric_keys(cfg: OPOLossConfig):
-    keys = ["log_ratio_mean", "kl_k3", "v_mean", "omega_mean", "omega_max", "tau", "penalty"]
-    return keys + ["entropy_mean"] if cfg.with_entropy else keys
-
-
 class FusedOPOFunction(torch.autograd.Function):
     """loss, metrics_vector = FusedOPOFunction.apply(logits, batch, cfg).
 
     Only logits receive a gradient (ω, τ, p̃, Q are constants; ref_logprobs and rewards are
-    data). metrics_vector holds the values of ``metric_keys(cfg)``, not differentiable.
+    data). metrics_vector holds the values of ``epilogue.metric_keys(cfg)``, not differentiable.
 
     Two modes:
     - general: forward kernel (1 read) -> epilogue -> backward kernel (1 read + 1 write).
@@ -398,9 +393,7 @@ class FusedOPOFunction(torch.autograd.Function):
         one_pass = batch.ref_logprobs is None
         rows = (logits, batch.labels, batch.seq)
         if one_pass:
-            zeros = torch.zeros(batch.num_rows, dtype=batch.compute_dtype, device=logits.device)
-            pre = epilogue(cfg, zeros, None, None, batch.seq, batch.rewards, batch.group,
-                           batch.weights, batch.vocab, batch.seq_len)
+            pre = on_policy_coefficients(cfg, batch)
             if cfg.inplace_backward:
                 logprobs, stats, entropy = _forward_grad_inplace_op(
                     *rows, pre.coef, pre.entropy_coef, cfg.temperature, cfg.with_entropy)
@@ -413,9 +406,8 @@ class FusedOPOFunction(torch.autograd.Function):
         if cfg.validate and not torch.compiler.is_compiling():  # the one host sync
             check_values(batch, logsumexp(stats), logprobs)
         entropy = entropy if cfg.with_entropy else None
-        out = epilogue(cfg, logprobs, batch.ref_logprobs, entropy, batch.seq, batch.rewards,
-                       batch.group, batch.weights, batch.vocab, batch.seq_len)
-        metrics = torch.stack([out.metrics[k].to(out.loss.dtype) for k in metric_keys(cfg)])
+        out = batch_epilogue(cfg, batch, logprobs, entropy)
+        metrics = pack_metrics(cfg, out)
         ctx.mark_non_differentiable(metrics)
         ctx.cfg = cfg
         ctx.one_pass = one_pass
@@ -461,7 +453,7 @@ def loss_from_batch(batch: Batch, cfg: OPOLossConfig):
     loss, metrics = FusedOPOFunction.apply(batch.logits, batch, cfg)
     if not cfg.return_metrics:
         return loss
-    return loss, dict(zip(metric_keys(cfg), metrics.unbind(0)))
+    return loss, unpack_metrics(cfg, metrics)
 
 
 def opo_loss(logits, labels, ref_logprobs, rewards, *, mask=None, seq_ids=None,
