@@ -314,28 +314,12 @@ class Inputs:
 
 
 @torch.no_grad()
-def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, chunk: int = 2048):
-    """log softmax(logits)[label] in float32, by row chunks (bounded extra memory, and a
-    strided [B, T, V] view is read in place, never copied whole).
-
-    logits: [B, T, V] or [R, V]; labels: [B, T] or [R] int64. Returns labels' shape, float32.
-    """
-    if logits.dim() == 3:
-        return torch.stack([token_logprobs(logits[i], labels[i], chunk)
-                            for i in range(logits.shape[0])])
-    out = torch.empty(labels.shape[0], dtype=torch.float32, device=logits.device)
-    for start in range(0, labels.shape[0], chunk):
-        rows = logits[start:start + chunk].float()
-        lse = torch.logsumexp(rows, dim=-1)
-        out[start:start + chunk] = rows.gather(-1, labels[start:start + chunk, None])[:, 0] - lse
-    return out
-
-
 @torch.no_grad()
 def make_inputs(shape: Shape, device: torch.device, seed: int, for_ce: bool = False) -> Inputs:
     """Fresh random inputs (never zeros): logits ~ N(0, 1) in the shape's dtype, labels
     uniform in [0, V), ref_logprobs = the logits' own log-probs + small noise, rewards N(0,1).
     """
+    from opo_kernels.reference import chunked_logprobs  # after the interpreter is set
     cpu_gen = torch.Generator().manual_seed(seed)
     dev_gen = torch.Generator(device=device).manual_seed(seed)
     dtype = DTYPES[shape.dtype]
@@ -360,7 +344,7 @@ def make_inputs(shape: Shape, device: torch.device, seed: int, for_ce: bool = Fa
         else:       # the model's [B, T+1, V]; the loss reads the view [:, :-1]
             storage = randn(b, t + 1, v)
             logits = storage[:, :-1]
-        ref = token_logprobs(logits.view(b, t, v) if for_ce else logits, labels.to(device))
+        ref = chunked_logprobs(logits.view(b, t, v) if for_ce else logits, labels.to(device))
         ref = ref.cpu() + REF_NOISE * torch.randn(b, t, generator=cpu_gen)
         inp = Inputs(shape, b, t, rows, storage, logits, labels.to(device), ref.to(device),
                      rewards.to(device), advantages.to(device), mask=mask.to(device))
@@ -372,7 +356,7 @@ def make_inputs(shape: Shape, device: torch.device, seed: int, for_ce: bool = Fa
     storage = randn(n, v)
     labels = torch.randint(0, v, (n,), generator=cpu_gen)
     seq_ids = torch.repeat_interleave(torch.arange(b), lengths)
-    ref = token_logprobs(storage, labels.to(device)).cpu() + REF_NOISE * torch.randn(
+    ref = chunked_logprobs(storage, labels.to(device)).cpu() + REF_NOISE * torch.randn(
         n, generator=cpu_gen)
     inp = Inputs(shape, b, t, n, storage, storage, labels.to(device), ref.to(device),
                  rewards.to(device), advantages.to(device), seq_ids=seq_ids.to(device))
@@ -426,6 +410,7 @@ def make_linear_inputs(shape: Shape, device: torch.device, seed: int) -> LinearI
     """Fresh random inputs: hidden ~ N(0, 1), weight ~ N(0, 1/H) (so the logits are ~ N(0, 1)
     like the logits rows'), labels uniform in [0, V), ref_logprobs = the logits' own log-probs
     + small noise (computed a sequence at a time, never [B, T, V] at once), rewards N(0, 1)."""
+    from opo_kernels.reference import chunked_logprobs  # after the interpreter is set
     cpu_gen = torch.Generator().manual_seed(seed)
     dev_gen = torch.Generator(device=device).manual_seed(seed)
     dtype = DTYPES[shape.dtype]
@@ -438,7 +423,7 @@ def make_linear_inputs(shape: Shape, device: torch.device, seed: int) -> LinearI
     weight = torch.randn(v, h, dtype=dtype, device=device, generator=dev_gen).mul_(h ** -0.5)
     mask = (torch.arange(t)[None, :] < lengths[:, None]).long()
     labels = torch.randint(0, v, (b, t), generator=cpu_gen).to(device)
-    ref = torch.stack([token_logprobs(hidden[i] @ weight.t(), labels[i]) for i in range(b)])
+    ref = torch.stack([chunked_logprobs(hidden[i] @ weight.t(), labels[i]) for i in range(b)])
     ref = ref.cpu() + REF_NOISE * torch.randn(b, t, generator=cpu_gen)
     return LinearInputs(shape, b, t, b * t, hidden, weight, labels, ref.to(device),
                         rewards.to(device), advantages.to(device), mask.to(device),

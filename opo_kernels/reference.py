@@ -46,6 +46,27 @@ def token_stats(logits2d: torch.Tensor, labels: torch.Tensor, temperature: float
     return logprobs, lse, entropy
 
 
+@torch.no_grad()
+def chunked_logprobs(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0,
+                     chunk: int = 2048) -> torch.Tensor:
+    """``token_stats``' log-probs without a gradient, by chunks of rows, so that a large
+    (possibly strided, e.g. ``[:, :-1]``) logits tensor is never copied whole: for building
+    ref_logprobs and oracles at production sizes.
+
+    logits: [B, T, V] or [R, V]; labels: [B, T] or [R]. Returns labels' shape, float32
+    (float64 for float64 logits).
+    """
+    if logits.dim() == 3:
+        return torch.stack([chunked_logprobs(logits[i], labels[i], temperature, chunk)
+                            for i in range(logits.shape[0])])
+    parts = [token_stats(logits[i:i + chunk], labels[i:i + chunk], temperature, False)[0]
+             for i in range(0, labels.shape[0], chunk)]
+    if not parts:
+        return logits.new_zeros((0,), dtype=torch.float64 if logits.dtype == torch.float64
+                                else torch.float32)
+    return torch.cat(parts)
+
+
 def _masked_mean(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     return torch.where(keep, x, 0).sum() / keep.sum().clamp(min=1)
 

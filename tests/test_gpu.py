@@ -25,13 +25,8 @@ def _oracle(logits, labels, ref, rewards, seq, num_seqs, group, temperature=1.0,
     V = logits.shape[-1]
     flat = logits.reshape(-1, V)
     rows = (seq >= 0).nonzero()[:, 0]
-    lps = []
-    with torch.no_grad():
-        for i in range(0, rows.numel(), chunk):
-            r = rows[i:i + chunk]
-            lp, _, _ = reference.token_stats(flat[r].double(), labels[r], temperature, False)
-            lps.append(lp)
-    lp = torch.cat(lps).requires_grad_()
+    lp = torch.cat([reference.chunked_logprobs(flat[r].double(), labels[r], temperature, chunk)
+                    for r in rows.split(chunk)]).requires_grad_()
     cfg = opo_kernels.OPOLossConfig(temperature=temperature, **options)
     loss, _ = reference.objective(cfg, lp, ref[rows].double(), None, seq[rows], rewards.double(),
                                   group, None, V)
@@ -60,10 +55,8 @@ def _padded_problem(B, T, V, dtype, seed=0):
     logits = torch.randn(B, T + 1, V, device=DEV, dtype=dtype, generator=g)[:, :-1]
     labels = torch.randint(0, V, (B, T), device=DEV, generator=g)
     mask = torch.rand(B, T, device=DEV, generator=g) < 0.7
-    with torch.no_grad():
-        lse = torch.stack([torch.logsumexp(logits[b].float(), -1) for b in range(B)])
-        lp = logits.gather(-1, labels[..., None])[..., 0].float() - lse
-    ref = lp + 0.05 * torch.randn(B, T, device=DEV, generator=g)
+    ref = reference.chunked_logprobs(logits, labels) + 0.05 * torch.randn(
+        B, T, device=DEV, generator=g)
     rewards = torch.rand(B, device=DEV, generator=g)
     return logits, labels, ref, rewards, mask
 
