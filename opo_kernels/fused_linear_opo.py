@@ -101,7 +101,7 @@ def _chunks(num_rows: int, chunk_size: int):
 def forward_chunks(hidden2d, weight, bias, batch: Batch, cfg: OPOLossConfig, chunk_size: int):
     """Phase 1: per-row (logprobs [N], stats [N, 2], entropy [N] or None) over all rows, chunk
     by chunk (stats: the row statistics of ``forward_rows``)."""
-    labels, seq = batch.labels.contiguous(), batch.seq.contiguous()
+    labels, seq = batch.labels, batch.seq  # contiguous [N] (inputs.prepare)
     outs = []
     for start, end in _chunks(hidden2d.shape[0], chunk_size):
         logits = _chunk_logits(hidden2d[start:end], weight, bias)
@@ -153,7 +153,7 @@ def on_policy_chunks(hidden2d, weight, bias, batch: Batch, cfg: OPOLossConfig,
     """One phase (ref_logprobs=None): forward statistics AND the gradients for a unit upstream
     gradient, in one pass over the chunks. Returns ((logprobs, stats, entropy), grads)."""
     unit = on_policy_coefficients(cfg, batch)  # c_t does not depend on the log-probs here
-    labels, seq = batch.labels.contiguous(), batch.seq.contiguous()
+    labels, seq = batch.labels, batch.seq  # contiguous [N] (inputs.prepare)
     grad_hidden, grad_weight, grad_bias = _grad_buffers(hidden2d, weight, bias, needs)
     outs = []
     for start, end in _chunks(hidden2d.shape[0], chunk_size):
@@ -210,8 +210,8 @@ class FusedLinearOPOFunction(torch.autograd.Function):
         if one_phase:
             ctx.save_for_backward(*grads)
         else:
-            ctx.save_for_backward(hidden, weight, bias, batch.labels.contiguous(),
-                                  batch.seq.contiguous(), stats, out.coef, out.entropy_coef,
+            ctx.save_for_backward(hidden, weight, bias, batch.labels, batch.seq, stats,
+                                  out.coef, out.entropy_coef,
                                   entropy if cfg.entropy_in_gradient else None)
         return out.loss, metrics
 
