@@ -9,9 +9,10 @@ is its plain-PyTorch form.
 
 from . import reference
 from .config import OPOLossConfig
+from .from_logprobs import opo_loss_from_logprobs
 from .fused_linear_opo import FusedLinearOPOLoss, fused_linear_opo_loss
 from .fused_opo import OPOLoss, opo_loss
 
 __all__ = ["FusedLinearOPOLoss", "OPOLoss", "OPOLossConfig", "fused_linear_opo_loss", "opo_loss",
-           "reference"]
+           "opo_loss_from_logprobs", "reference"]
 __version__ = "0.1.0"

@@ -186,7 +186,7 @@ def epilogue(cfg: OPOLossConfig, logprobs: torch.Tensor, ref_logprobs: Optional[
 def batch_epilogue(cfg: OPOLossConfig, batch: Batch, logprobs: torch.Tensor,
                    entropy: Optional[torch.Tensor]) -> EpilogueResult:
     """``epilogue`` on prepared inputs (see ``inputs.prepare``)."""
-    return epilogue(cfg, logprobs, batch.ref_logprobs, entropy, batch.seq, batch.rewards,
+    return epilogue(cfg, logprobs, batch.flat_ref, entropy, batch.seq, batch.rewards,
                     batch.group, batch.weights, batch.vocab, batch.seq_len)
 
 
@@ -195,19 +195,25 @@ def on_policy_coefficients(cfg: OPOLossConfig, batch: Batch) -> EpilogueResult:
     logits: π_ref is the detached current policy, so Δ ≡ 0, v = 0 and p̃ is uniform whatever τ
     is; the coefficients then depend only on rewards, groups, weights and lengths, and the
     epilogue on zero log-probs gives them exactly (its loss and metrics are not the batch's)."""
-    zeros = torch.zeros(batch.num_rows, dtype=batch.compute_dtype, device=batch.seq.device)
+    zeros = torch.zeros(batch.num_rows, dtype=batch.compute_dtype, device=batch.device)
     return batch_epilogue(cfg, batch, zeros, None)
 
 
-def metric_keys(cfg: OPOLossConfig) -> List[str]:
+def metric_keys(cfg: OPOLossConfig, with_entropy: Optional[bool] = None) -> List[str]:
+    """Names of the metrics; entropy_mean when the entropy is known (the logits path: when
+    cfg computes it; the log-prob API: when the caller passed it)."""
     keys = ["log_ratio_mean", "kl_k3", "v_mean", "omega_mean", "omega_max", "tau", "penalty"]
-    return keys + ["entropy_mean"] if cfg.with_entropy else keys
+    with_entropy = cfg.with_entropy if with_entropy is None else with_entropy
+    return keys + ["entropy_mean"] if with_entropy else keys
 
 
-def pack_metrics(cfg: OPOLossConfig, out: EpilogueResult) -> torch.Tensor:
+def pack_metrics(cfg: OPOLossConfig, out: EpilogueResult,
+                 with_entropy: Optional[bool] = None) -> torch.Tensor:
     """The metrics as one tensor (an autograd.Function output cannot be a dict)."""
-    return torch.stack([out.metrics[k].to(out.loss.dtype) for k in metric_keys(cfg)])
+    return torch.stack([out.metrics[k].to(out.loss.dtype)
+                        for k in metric_keys(cfg, with_entropy)])
 
 
-def unpack_metrics(cfg: OPOLossConfig, metrics: torch.Tensor) -> Dict[str, torch.Tensor]:
-    return dict(zip(metric_keys(cfg), metrics.unbind(0)))
+def unpack_metrics(cfg: OPOLossConfig, metrics: torch.Tensor,
+                   with_entropy: Optional[bool] = None) -> Dict[str, torch.Tensor]:
+    return dict(zip(metric_keys(cfg, with_entropy), metrics.unbind(0)))

@@ -101,7 +101,7 @@ def _chunks(num_rows: int, chunk_size: int):
 def forward_chunks(hidden2d, weight, bias, batch: Batch, cfg: OPOLossConfig, chunk_size: int):
     """Phase 1: per-row (logprobs [N], stats [N, 2], entropy [N] or None) over all rows, chunk
     by chunk (stats: the row statistics of ``forward_rows``)."""
-    labels, seq = batch.labels, batch.seq  # contiguous [N] (inputs.prepare)
+    labels, seq = batch.flat_labels.contiguous(), batch.seq.contiguous()
     outs = []
     for start, end in _chunks(hidden2d.shape[0], chunk_size):
         logits = _chunk_logits(hidden2d[start:end], weight, bias)
@@ -112,7 +112,7 @@ def forward_chunks(hidden2d, weight, bias, batch: Batch, cfg: OPOLossConfig, chu
 
 def _concat_stats(outs, batch: Batch, cfg: OPOLossConfig):
     if not outs:  # N = 0
-        empty = torch.zeros(0, dtype=batch.compute_dtype, device=batch.seq.device)
+        empty = torch.zeros(0, dtype=batch.compute_dtype, device=batch.device)
         return empty, empty.view(0, 2), (empty if cfg.with_entropy else None)
     logprobs, stats, entropy = (torch.cat(x) if x[0] is not None else None for x in zip(*outs))
     return logprobs, stats, entropy
@@ -153,7 +153,7 @@ def on_policy_chunks(hidden2d, weight, bias, batch: Batch, cfg: OPOLossConfig,
     """One phase (ref_logprobs=None): forward statistics AND the gradients for a unit upstream
     gradient, in one pass over the chunks. Returns ((logprobs, stats, entropy), grads)."""
     unit = on_policy_coefficients(cfg, batch)  # c_t does not depend on the log-probs here
-    labels, seq = batch.labels, batch.seq  # contiguous [N] (inputs.prepare)
+    labels, seq = batch.flat_labels.contiguous(), batch.seq.contiguous()
     grad_hidden, grad_weight, grad_bias = _grad_buffers(hidden2d, weight, bias, needs)
     outs = []
     for start, end in _chunks(hidden2d.shape[0], chunk_size):
@@ -210,7 +210,8 @@ class FusedLinearOPOFunction(torch.autograd.Function):
         if one_phase:
             ctx.save_for_backward(*grads)
         else:
-            ctx.save_for_backward(hidden, weight, bias, batch.labels, batch.seq, stats,
+            ctx.save_for_backward(hidden, weight, bias, batch.flat_labels.contiguous(),
+                                  batch.seq.contiguous(), stats,
                                   out.coef, out.entropy_coef,
                                   entropy if cfg.entropy_in_gradient else None)
         return out.loss, metrics
@@ -282,6 +283,14 @@ def _check_chunk_size(chunk_size) -> None:
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
 
 
+def _linear_config(options) -> OPOLossConfig:
+    cfg = OPOLossConfig(**options)
+    if cfg.inplace_backward:
+        raise ValueError("inplace_backward does not apply: the fused-linear backward "
+                         "always writes into its own chunk buffer")
+    return cfg
+
+
 def prepare_linear(hidden, weight, bias, labels, ref_logprobs, rewards, cfg: OPOLossConfig,
                    **layout) -> Batch:
     """``inputs.prepare`` for hidden states: checks hidden/weight/bias, then the usual checks
@@ -297,11 +306,7 @@ def prepare_linear(hidden, weight, bias, labels, ref_logprobs, rewards, cfg: OPO
 
 def fused_linear_opo_loss(hidden, weight, labels, ref_logprobs, rewards, *, bias=None,
                           chunk_size=None, mask=None, seq_ids=None, group_size=None,
-                          group_ids=None, alpha=0.6, mu=1.0, tau=0.5, adaptive_tau=True,
-                          tau_range=(0.2, 1.5), reward_temperature=0.15, weights="seed",
-                          center_weights=False, level="sequence_mean", coordinates="ratio",
-                          temperature=1.0, entropy_coef=0.0, backend="auto",
-                          return_metrics=False, validate=True, compute_entropy=False):
+                          group_ids=None, **options):
     """The OPO loss (shared/SPEC.md) of the logits ``hidden @ weight.T + bias``, computed chunk
     by chunk so that at most ``chunk_size × V`` logits exist at any time.
 
@@ -309,7 +314,7 @@ def fused_linear_opo_loss(hidden, weight, labels, ref_logprobs, rewards, *, bias
     hidden [N, H], labels / ref_logprobs / seq_ids [N] (−1 = not counted). weight: [V, H],
     bias: [V] or None, same dtype as hidden (fp32/bf16/fp16/fp64); rewards [B]; exactly one of
     group_size / group_ids. ref_logprobs=None: on-policy (π_ref = detached current policy).
-    Every other option is that of ``opo_kernels.opo_loss``.
+    options: those of ``opo_kernels.opo_loss`` (the fields of ``OPOLossConfig``).
 
     Gradients flow to hidden, weight and bias (weight/bias gradients are accumulated over the
     chunks in fp32 and cast to the parameter dtype). The result equals
@@ -334,13 +339,7 @@ def fused_linear_opo_loss(hidden, weight, labels, ref_logprobs, rewards, *, bias
         loss = fused_linear_opo_loss(hidden, lm_head.weight, labels, old_logprobs, rewards,
                                      mask=mask, group_size=6, chunk_size=1024)
     """
-    cfg = OPOLossConfig(
-        alpha=alpha, mu=mu, tau=tau, adaptive_tau=adaptive_tau, tau_range=tau_range,
-        reward_temperature=reward_temperature, weights=weights, center_weights=center_weights,
-        level=level, coordinates=coordinates, temperature=temperature,
-        entropy_coef=entropy_coef, backend=backend, return_metrics=return_metrics,
-        validate=validate, compute_entropy=compute_entropy,
-    )
+    cfg = _linear_config(options)
     _check_chunk_size(chunk_size)
     return fused_linear_opo_loss_with_config(
         hidden, weight, labels, ref_logprobs, rewards, cfg, bias=bias, chunk_size=chunk_size,
@@ -389,10 +388,7 @@ class FusedLinearOPOLoss(torch.nn.Module):
         super().__init__()
         _check_chunk_size(chunk_size)
         self.chunk_size = chunk_size
-        self.config = OPOLossConfig(**options)
-        if self.config.inplace_backward:
-            raise ValueError("inplace_backward does not apply: the fused-linear backward "
-                             "always writes into its own chunk buffer")
+        self.config = _linear_config(options)
 
     def forward(self, hidden, weight, labels, ref_logprobs, rewards, bias=None, *, mask=None,
                 seq_ids=None, group_size=None, group_ids=None):

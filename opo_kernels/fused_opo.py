@@ -391,7 +391,7 @@ class FusedOPOFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits: torch.Tensor, batch: Batch, cfg: OPOLossConfig):
         one_pass = batch.ref_logprobs is None
-        rows = (logits, batch.labels, batch.seq)
+        rows = (logits, batch.flat_labels.contiguous(), batch.seq.contiguous())
         if one_pass:
             pre = on_policy_coefficients(cfg, batch)
             if cfg.inplace_backward:
@@ -412,11 +412,11 @@ class FusedOPOFunction(torch.autograd.Function):
         ctx.cfg = cfg
         ctx.one_pass = one_pass
         if one_pass:
-            ctx.save_for_backward(grad, batch.seq)
+            ctx.save_for_backward(grad, rows[2])
             ctx.backward_done = False
         else:
             in_grad = entropy if cfg.entropy_in_gradient else None  # metric-only otherwise
-            ctx.save_for_backward(logits, batch.labels, batch.seq, stats, out.coef,
+            ctx.save_for_backward(logits, *rows[1:], stats, out.coef,
                                   out.entropy_coef, *([in_grad] if in_grad is not None else []))
         return out.loss, metrics
 
@@ -457,11 +457,7 @@ def loss_from_batch(batch: Batch, cfg: OPOLossConfig):
 
 
 def opo_loss(logits, labels, ref_logprobs, rewards, *, mask=None, seq_ids=None,
-             group_size=None, group_ids=None, alpha=0.6, mu=1.0, tau=0.5, adaptive_tau=True,
-             tau_range=(0.2, 1.5), reward_temperature=0.15, weights="seed",
-             center_weights=False, level="sequence_mean", coordinates="ratio",
-             temperature=1.0, entropy_coef=0.0, backend="auto", return_metrics=False,
-             validate=True, inplace_backward=False, compute_entropy=False):
+             group_size=None, group_ids=None, **options):
     """The OPO loss (shared/SPEC.md) from LLM logits, with a fused Triton backward.
 
     Padded layout: logits [B, T, V] (fp32/bf16/fp16; a view like ``logits[:, :-1]`` is read
@@ -475,6 +471,12 @@ def opo_loss(logits, labels, ref_logprobs, rewards, *, mask=None, seq_ids=None,
     the gradient into the logits buffer (saves one logits-sized allocation; logits are
     overwritten by backward).
 
+    options: the fields of ``OPOLossConfig`` as keywords (alpha=0.6, mu=1.0, tau=0.5,
+    adaptive_tau=True, tau_range=(0.2, 1.5), reward_temperature=0.15, weights="seed",
+    center_weights=False, level="sequence_mean", coordinates="ratio", temperature=1.0,
+    entropy_coef=0.0, backend="auto", return_metrics=False, validate=True,
+    inplace_backward=False, compute_entropy=False, ...); an unknown name is a TypeError.
+
     Returns the 0-dim loss (float32; float64 for float64 logits), or (loss, metrics) with
     return_metrics=True: log_ratio_mean, kl_k3, v_mean, omega_mean, omega_max, tau, penalty
     (+ entropy_mean when entropy_coef > 0 or compute_entropy=True: the entropy is computed in
@@ -485,13 +487,7 @@ def opo_loss(logits, labels, ref_logprobs, rewards, *, mask=None, seq_ids=None,
         loss = opo_loss(logits[:, :-1], input_ids[:, 1:], old_logprobs, rewards,
                         mask=completion_mask, group_size=6)
     """
-    cfg = OPOLossConfig(
-        alpha=alpha, mu=mu, tau=tau, adaptive_tau=adaptive_tau, tau_range=tau_range,
-        reward_temperature=reward_temperature, weights=weights, center_weights=center_weights,
-        level=level, coordinates=coordinates, temperature=temperature,
-        entropy_coef=entropy_coef, backend=backend, return_metrics=return_metrics,
-        validate=validate, inplace_backward=inplace_backward, compute_entropy=compute_entropy,
-    )
+    cfg = OPOLossConfig(**options)
     return opo_loss_with_config(logits, labels, ref_logprobs, rewards, cfg, mask=mask,
                                 seq_ids=seq_ids, group_size=group_size, group_ids=group_ids)
 

@@ -20,48 +20,82 @@ FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 @dataclass
 class Batch:
-    """The inputs of one loss call, flattened to tokens.
+    """The inputs of one loss call, checked, as the caller passed them (no copy, no device op:
+    the fused kernels read every tensor through its strides), plus flattened views derived on
+    first use with torch ops (for the reference and the value checks).
 
-    logits:        [B, T, V] or [N, V] exactly as passed (a strided view is fine).
-    labels:        [N] int64, N = B·T for the padded layout.
-    ref_logprobs:  [N] compute dtype, or None (on-policy: π_ref = detached current policy).
-    seq:           [N] int64, the token's sequence in [0, B), or −1 when it is not counted.
-    rewards:       [B] compute dtype.
-    group:         [B] int64, the sequence's group as a bucket index in [0, B).
-    weights:       [B] compute dtype (caller-given ω) or None.
+    As passed (B sequences; padded: [B, T] rows, packed: [N] rows):
+    logits:        [B, T, V] or [N, V] (a strided view is fine), or None (log-prob API).
+    labels:        [B, T] or [N], any integer dtype; None for the log-prob API.
+    logprobs:      [B, T] or [N] per-token log-probs (log-prob API only, else None).
+    entropy:       [B, T] or [N] per-token entropy (log-prob API only, optional).
+    ref_logprobs:  [B, T] or [N] float, detached, or None (on-policy: π_ref = the detached
+                   current policy).
+    mask:          [B, T] bool or 0/1 (padded layout) or None.
+    seq_ids:       [N] int, −1 = not counted (packed layout) or None.
+    rewards:       [B], detached, in the compute dtype.
+    group_size:    int (consecutive groups) or None; group_ids: [B] int or None.
+    weights:       [B] caller-given ω in the compute dtype (detached) or None.
+    vocab:         V (the global vocabulary: the τ rule's log V).
     seq_len:       T for the padded layout (row r belongs to sequence r // T), else None.
-    mask:          the caller's [B, T] mask (padded layout) or None.
+    compute_dtype: float32, or float64 for float64 inputs.
     """
 
-    logits: torch.Tensor
-    labels: torch.Tensor
+    logits: Optional[torch.Tensor]
+    labels: Optional[torch.Tensor]
     ref_logprobs: Optional[torch.Tensor]
-    seq: torch.Tensor
+    mask: Optional[torch.Tensor]
+    seq_ids: Optional[torch.Tensor]
     rewards: torch.Tensor
-    group: torch.Tensor
+    group_size: Optional[int]
+    group_ids: Optional[torch.Tensor]
     weights: Optional[torch.Tensor]
+    vocab: int
     seq_len: Optional[int]
-    mask: Optional[torch.Tensor] = None  # the caller's [B, T] mask, kept for its value check
+    num_rows: int
+    compute_dtype: torch.dtype
+    logprobs: Optional[torch.Tensor] = None
+    entropy: Optional[torch.Tensor] = None
 
     @property
     def num_seqs(self) -> int:
         return self.rewards.shape[0]
 
     @property
-    def num_rows(self) -> int:
-        return self.seq.shape[0]
+    def device(self) -> torch.device:
+        return self.rewards.device
+
+    # ---- flattened views (torch ops; the reference and the checks use them) ----
+    # Computed anew at each use (no caching: a cached tensor set inside an autograd.Function
+    # under torch.compile would leak out of the traced subgraph).
+    @property
+    def seq(self) -> torch.Tensor:
+        """[N] int64: the token's sequence in [0, B), or −1 when it is not counted."""
+        if self.seq_ids is not None:
+            return self.seq_ids.reshape(-1).long()
+        rows = torch.arange(self.num_rows, device=self.device) // max(self.seq_len, 1)
+        return rows if self.mask is None else torch.where(self.mask.reshape(-1) != 0, rows, -1)
 
     @property
-    def vocab(self) -> int:
-        return self.logits.shape[-1]
-
-    @property
-    def compute_dtype(self) -> torch.dtype:
-        return compute_dtype(self.logits.dtype)
+    def group(self) -> torch.Tensor:
+        """[B] int64: the sequence's group as a bucket index in [0, B)."""
+        if self.group_size is not None:
+            return torch.arange(self.num_seqs, device=self.device) // self.group_size
+        return _group_buckets(self.group_ids)
 
     @property
     def counted(self) -> torch.Tensor:
         return self.seq >= 0
+
+    @property
+    def flat_labels(self) -> torch.Tensor:
+        return self.labels.reshape(-1).long()
+
+    @property
+    def flat_ref(self) -> Optional[torch.Tensor]:
+        if self.ref_logprobs is None:
+            return None
+        return self.ref_logprobs.reshape(-1).to(self.compute_dtype)
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -84,12 +118,16 @@ def _tensor(name: str, value, *, kind: str) -> torch.Tensor:
     return value
 
 
-def _same_shape(name: str, t: torch.Tensor, logits: torch.Tensor) -> None:
-    """t must have the row shape of logits ([B, T] or [N]); the message is built only on error
+def _what(src) -> str:
+    """'logits [B, T, V]' for src = ("logits", tensor): called only to build an error message
     (string formatting of shapes does not trace under torch.compile)."""
-    if tuple(t.shape) != tuple(logits.shape[:-1]):
-        raise ValueError(f"{name} has shape {_shape(t)} but logits {_shape(logits)} implies "
-                         f"{list(logits.shape[:-1])}")
+    return f"{src[0]} {_shape(src[1])}"
+
+
+def _same_shape(name: str, t: torch.Tensor, rows, src) -> None:
+    """t must have the row shape ([B, T] or [N]) of src = (name, tensor) it comes from."""
+    if tuple(t.shape) != tuple(rows):
+        raise ValueError(f"{name} has shape {_shape(t)} but {_what(src)} implies {list(rows)}")
 
 
 def _group_buckets(group_ids: torch.Tensor) -> torch.Tensor:
@@ -103,7 +141,7 @@ def _group_buckets(group_ids: torch.Tensor) -> torch.Tensor:
 
 def prepare(logits, labels, ref_logprobs, rewards, *, mask=None, seq_ids=None,
             group_size=None, group_ids=None, config: OPOLossConfig) -> Batch:
-    """Checks shapes, dtypes and devices (no host sync) and flattens the small tensors."""
+    """Checks shapes, dtypes and devices of an ``opo_loss`` call (no host sync, no device op)."""
     logits = _tensor("logits", logits, kind="float")
     if logits.dtype not in FLOAT_DTYPES:
         raise TypeError(f"logits must be float32, bfloat16, float16 or float64, got {logits.dtype}")
@@ -113,44 +151,84 @@ def prepare(logits, labels, ref_logprobs, rewards, *, mask=None, seq_ids=None,
         )
     if logits.shape[-1] < 1:
         raise ValueError(f"logits has an empty vocabulary dimension: shape {_shape(logits)}")
-    device = logits.device
-    cdtype = compute_dtype(logits.dtype)
-
+    what = ("logits", logits)
     labels = _tensor("labels", labels, kind="int")
-    _same_shape("labels", labels, logits)
+    _same_shape("labels", labels, logits.shape[:-1], what)
+    return _prepare_rows(logits.shape[:-1], what, logits.device, compute_dtype(logits.dtype),
+                         logits.shape[-1], ref_logprobs, rewards, mask, seq_ids, group_size,
+                         group_ids, config, logits=logits, labels=labels)
+
+
+def prepare_logprobs(logprobs, ref_logprobs, rewards, *, entropy=None, vocab_size=None,
+                     mask=None, seq_ids=None, group_size=None, group_ids=None,
+                     config: OPOLossConfig) -> Batch:
+    """Checks an ``opo_loss_from_logprobs`` call (no host sync, no device op)."""
+    logprobs = _tensor("logprobs", logprobs, kind="float")
+    if logprobs.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"logprobs must be float32, bfloat16, float16 or float64, "
+                        f"got {logprobs.dtype}")
+    if logprobs.dim() not in (1, 2):
+        raise ValueError(f"logprobs must be [B, T] (padded) or [N] (packed), got shape "
+                         f"{_shape(logprobs)}")
+    what = ("logprobs", logprobs)
+    if entropy is not None:
+        entropy = _tensor("entropy", entropy, kind="float")
+        _same_shape("entropy", entropy, logprobs.shape, what)
+    elif config.entropy_coef > 0:
+        raise ValueError("entropy_coef > 0 needs the per-token entropy: pass entropy=[B, T] "
+                         "or [N] (differentiable, for the bonus's gradient)")
+    if vocab_size is not None and (isinstance(vocab_size, bool) or
+                                   not isinstance(vocab_size, int) or vocab_size < 1):
+        raise ValueError(f"vocab_size must be a positive int, got {vocab_size!r}")
+    if vocab_size is None and config.adaptive_tau:
+        raise ValueError("vocab_size is needed by the adaptive tau rule (it uses log V): pass "
+                         "vocab_size=V, or adaptive_tau=False")
+    if config.temperature != 1.0:
+        raise ValueError("temperature applies to logits; log-probs are taken as given (compute "
+                         "them at your sampling temperature), so leave temperature at 1.0")
+    if config.inplace_backward:
+        raise ValueError("inplace_backward applies to logits only")
+    batch = _prepare_rows(logprobs.shape, what, logprobs.device, compute_dtype(logprobs.dtype),
+                          vocab_size or 1, ref_logprobs, rewards, mask, seq_ids, group_size,
+                          group_ids, config, logprobs=logprobs, entropy=entropy)
+    if entropy is not None and entropy.device != logprobs.device:
+        raise ValueError(f"entropy is on {entropy.device} but logprobs is on {logprobs.device}")
+    return batch
+
+
+def _prepare_rows(rows, what, device, cdtype, vocab: int, ref_logprobs, rewards, mask,
+                  seq_ids, group_size, group_ids, config: OPOLossConfig, **tensors) -> Batch:
+    """The checks common to both entry points; ``rows`` is the row shape ([B, T] or [N]) and
+    ``what`` = (name, tensor) it comes from (for messages)."""
     if ref_logprobs is not None:
         ref_logprobs = _tensor("ref_logprobs", ref_logprobs, kind="float")
-        _same_shape("ref_logprobs", ref_logprobs, logits)
+        _same_shape("ref_logprobs", ref_logprobs, rows, what)
+        ref_logprobs = ref_logprobs.detach()
     rewards = _tensor("rewards", rewards, kind="float")
     if rewards.dim() != 1:
         raise ValueError(f"rewards must be 1-D [B], got shape {_shape(rewards)}")
     num_seqs = rewards.shape[0]
 
-    if logits.dim() == 3:
+    if len(rows) == 2:
         if seq_ids is not None:
-            raise ValueError("seq_ids is for the packed layout (logits [N, V]); "
-                             "with padded logits [B, T, V] pass mask instead")
-        if logits.shape[0] != num_seqs:
-            raise ValueError(f"rewards has shape {_shape(rewards)} but logits "
-                             f"{_shape(logits)} holds {logits.shape[0]} sequences")
-        seq_len = logits.shape[1]
-        rows = torch.arange(num_seqs * seq_len, device=device) // max(seq_len, 1)
-        if mask is None:
-            seq = rows
-        else:
+            raise ValueError(f"seq_ids is for the packed layout ([N] rows); with {_what(what)} "
+                             "(padded [B, T] rows) pass mask instead")
+        if rows[0] != num_seqs:
+            raise ValueError(f"rewards has shape {_shape(rewards)} but {_what(what)} holds "
+                             f"{rows[0]} sequences")
+        seq_len = rows[1]
+        if mask is not None:
             mask = _tensor("mask", mask, kind="any")
-            _same_shape("mask", mask, logits)
-            seq = torch.where(mask.reshape(-1).to(device) != 0, rows, -1)
+            _same_shape("mask", mask, rows, what)
     else:
         if mask is not None:
-            raise ValueError("mask is for the padded layout (logits [B, T, V]); "
-                             "with packed logits [N, V] pass seq_ids instead")
+            raise ValueError(f"mask is for the padded layout ([B, T] rows); with {_what(what)} "
+                             "(packed [N] rows) pass seq_ids instead")
         if seq_ids is None:
-            raise ValueError("packed logits [N, V] need seq_ids [N] (sequence index, -1 = "
-                             "token not counted)")
+            raise ValueError(f"packed rows ({_what(what)}) need seq_ids [N] (sequence index, "
+                             "-1 = token not counted)")
         seq_ids = _tensor("seq_ids", seq_ids, kind="int")
-        _same_shape("seq_ids", seq_ids, logits)
-        seq = seq_ids.long().contiguous()
+        _same_shape("seq_ids", seq_ids, rows, what)
         seq_len = None
 
     if (group_size is None) == (group_ids is None):
@@ -161,13 +239,11 @@ def prepare(logits, labels, ref_logprobs, rewards, *, mask=None, seq_ids=None,
         if num_seqs % group_size != 0:
             raise ValueError(f"group_size={group_size} does not divide the number of "
                              f"sequences B={num_seqs}")
-        group = torch.arange(num_seqs, device=device) // group_size
     else:
         group_ids = _tensor("group_ids", group_ids, kind="int")
         if tuple(group_ids.shape) != (num_seqs,):
             raise ValueError(f"group_ids must have shape [B]=[{num_seqs}] like rewards, "
                              f"got {_shape(group_ids)}")
-        group = _group_buckets(group_ids.to(device))
 
     weights = None
     if isinstance(config.weights, torch.Tensor):
@@ -176,29 +252,28 @@ def prepare(logits, labels, ref_logprobs, rewards, *, mask=None, seq_ids=None,
                              f"got {_shape(config.weights)}")
         weights = config.weights.detach()
 
-    named = {"labels": labels, "ref_logprobs": ref_logprobs, "rewards": rewards,
+    named = {"labels": tensors.get("labels"), "ref_logprobs": ref_logprobs, "rewards": rewards,
              "mask": mask, "seq_ids": seq_ids, "group_ids": group_ids, "weights": weights}
     for name, t in named.items():
         if t is not None and t.device != device:
-            raise ValueError(f"{name} is on {t.device} but logits is on {device}")
+            raise ValueError(f"{name} is on {t.device} but {what[0]} is on {device}")
 
+    num_rows = rows[0] * rows[1] if len(rows) == 2 else rows[0]
     return Batch(
-        logits=logits,
-        labels=labels.reshape(-1).long().contiguous(),  # the kernels index it with stride 1
-        ref_logprobs=None if ref_logprobs is None else ref_logprobs.detach().reshape(-1).to(cdtype),
-        seq=seq,
-        rewards=rewards.detach().to(cdtype),
-        group=group,
-        weights=None if weights is None else weights.to(cdtype),
-        seq_len=seq_len,
-        mask=mask,
+        logits=tensors.get("logits"), labels=tensors.get("labels"), ref_logprobs=ref_logprobs,
+        mask=mask, seq_ids=seq_ids, rewards=rewards.detach().to(cdtype),
+        group_size=group_size, group_ids=group_ids,
+        weights=None if weights is None else weights.to(cdtype), vocab=vocab,
+        seq_len=seq_len, num_rows=num_rows, compute_dtype=cdtype,
+        logprobs=tensors.get("logprobs"), entropy=tensors.get("entropy"),
     )
 
 
-def check_values(batch: Batch, lse: torch.Tensor, logprobs: torch.Tensor) -> None:
+def check_values(batch: Batch, lse: Optional[torch.Tensor], logprobs: torch.Tensor) -> None:
     """The data-dependent checks of SPEC "Bad input", with ONE host sync.
 
-    lse, logprobs: [N] from the forward pass (any value on rows that are not counted).
+    lse, logprobs: [N] from the forward pass (any value on rows that are not counted); for the
+    log-prob API lse is None and logprobs are the caller's (flattened).
     Non-finite logits are found from the per-row logsumexp (+inf or NaN anywhere in the row
     makes it non-finite) and from the label's log-prob (a −inf label logit), so no extra pass
     over [N, V] is needed. −inf logits elsewhere (a masked vocabulary) are allowed.
@@ -206,12 +281,19 @@ def check_values(batch: Batch, lse: torch.Tensor, logprobs: torch.Tensor) -> Non
     counted = batch.counted
     vocab = batch.vocab
     bad: Dict[str, torch.Tensor] = {}
-    bad["labels"] = (counted & ((batch.labels < 0) | (batch.labels >= vocab))).sum()
+    if batch.labels is not None:
+        labels = batch.flat_labels
+        bad["labels"] = (counted & ((labels < 0) | (labels >= vocab))).sum()
     bad["seq_ids"] = ((batch.seq >= batch.num_seqs) | (batch.seq < -1)).sum()
     bad["rewards"] = (~torch.isfinite(batch.rewards)).sum()
     if batch.ref_logprobs is not None:
-        bad["ref_logprobs"] = (counted & ~torch.isfinite(batch.ref_logprobs)).sum()
-    bad["logits"] = (counted & ~(torch.isfinite(lse) & torch.isfinite(logprobs))).sum()
+        bad["ref_logprobs"] = (counted & ~torch.isfinite(batch.flat_ref)).sum()
+    if lse is not None:
+        bad["logits"] = (counted & ~(torch.isfinite(lse) & torch.isfinite(logprobs))).sum()
+    else:
+        bad["logprobs"] = (counted & ~torch.isfinite(logprobs)).sum()
+        if batch.entropy is not None:
+            bad["entropy"] = (counted & ~torch.isfinite(batch.entropy.reshape(-1))).sum()
     if batch.weights is not None:
         bad["weights"] = (~torch.isfinite(batch.weights)).sum()
     if batch.mask is not None:
@@ -227,6 +309,8 @@ def check_values(batch: Batch, lse: torch.Tensor, logprobs: torch.Tensor) -> Non
         "ref_logprobs": "non-finite ref_logprobs on counted tokens",
         "logits": "counted row(s) of logits with a non-finite value (NaN/+inf, or -inf at "
                   "the label)",
+        "logprobs": "non-finite logprobs on counted tokens",
+        "entropy": "non-finite entropy on counted tokens",
         "weights": "non-finite values in the weights tensor",
         "mask": "mask value(s) other than 0/1",
     }

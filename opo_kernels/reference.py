@@ -180,7 +180,7 @@ def loss_from_batch(batch: Batch, cfg: OPOLossConfig):
     vocab = batch.vocab
     rows = batch.counted.nonzero()[:, 0]  # only counted rows are read
     logits2d = batch.logits.reshape(-1, vocab)[rows]
-    labels = batch.labels[rows]
+    labels = batch.flat_labels[rows]
     logprobs, lse, entropy = token_stats(logits2d, labels, cfg.temperature, cfg.with_entropy)
     if cfg.validate:
         lse_all = torch.zeros(batch.num_rows, dtype=lse.dtype, device=lse.device)
@@ -190,9 +190,25 @@ def loss_from_batch(batch: Batch, cfg: OPOLossConfig):
     if batch.ref_logprobs is None:  # on-policy: π_ref is the detached current policy
         ref = logprobs.detach()
     else:
-        ref = batch.ref_logprobs[rows]
+        ref = batch.flat_ref[rows]
     loss, metrics = objective(cfg, logprobs, ref, entropy, batch.seq[rows], batch.rewards,
                               batch.group, batch.weights, vocab)
+    return (loss, metrics) if cfg.return_metrics else loss
+
+
+def loss_from_logprobs_batch(batch: Batch, cfg: OPOLossConfig):
+    """The reference from per-token log-probs (``inputs.prepare_logprobs``): the same objective,
+    with autograd reaching the caller's logprobs (and entropy) tensors."""
+    rows = batch.counted.nonzero()[:, 0]
+    logprobs = batch.logprobs.reshape(-1)[rows].to(batch.compute_dtype)
+    entropy = (None if batch.entropy is None
+               else batch.entropy.reshape(-1)[rows].to(batch.compute_dtype))
+    if cfg.validate:
+        lp_all = torch.zeros(batch.num_rows, dtype=logprobs.dtype, device=logprobs.device)
+        check_values(batch, None, lp_all.index_copy(0, rows, logprobs.detach()))
+    ref = logprobs.detach() if batch.ref_logprobs is None else batch.flat_ref[rows]
+    loss, metrics = objective(cfg, logprobs, ref, entropy, batch.seq[rows], batch.rewards,
+                              batch.group, batch.weights, batch.vocab)
     return (loss, metrics) if cfg.return_metrics else loss
 
 
