@@ -19,5 +19,13 @@ setup(
         # opo_kernels.integrations.trl overrides private GRPOTrainer methods: the range is the
         # one its tests passed on (trl 0.29.1, 1.0.0, 1.8.0, 1.16.0)
         "trl": ["trl>=0.29.1,<1.17"],
+        # opo_kernels.integrations.verl (verl's registries and actor as of 0.9.1; tested with
+        # 0.9.1). verl itself leaves torch unpinned, so the installed CPU/CUDA build is kept.
+        # cachetools/fastapi/uvicorn: verl.trainer.ppo.ray_trainer (compute_advantage, used by
+        # the tests) imports them, but they are only in verl's heavy "verl-core" extra.
+        "verl": ["verl>=0.9.1,<0.10", "cachetools", "fastapi", "uvicorn"],
     },
+    # verl imports every "verl.plugins" entry point on `import verl`, in the driver and in each
+    # Ray worker: this registers the opo_kernels estimator and policy loss there.
+    entry_points={"verl.plugins": ["opo_kernels = opo_kernels.integrations.verl"]},
 )

@@ -1,0 +1,251 @@
+"""One real verl actor update on CPU, checked against opo_kernels.reference (run by
+tests/test_verl_integration.py in its own process: `python verl_engine_step.py WORKDIR OUT.json`,
+with MASTER_ADDR/MASTER_PORT/RANK/WORLD_SIZE set for a 1-process gloo group).
+
+The update is verl 0.9.1's own: ``TrainingWorker.train_mini_batch`` (what
+``ActorRolloutRefWorker.update_actor`` runs for the trainer) -> FSDP2 engine ``train_batch`` ->
+``ppo_loss`` -> the registered ``opo_kernels`` loss -> backward -> optimizer step, on a batch
+whose advantages come from the trainer's ``compute_advantage`` with the ``opo_kernels``
+estimator and which the legacy trainer's ``_update_actor`` steps put into no-padding form.
+
+Two things verl 0.9.1 lacks on a CPU-only machine are supplied here, before verl is imported:
+- a platform: verl registers CUDA, NPU and ROCm only and falls back to CUDA's, whose
+  current_device() needs CUDA; ``PlatformCPU`` (device "cpu", gloo, no memory statistics) is
+  installed with verl's ``set_platform``;
+- an environment without trl: the FSDP engine imports trl's AutoModelForCausalLMWithValueHead
+  whenever trl is importable, and trl >= 1.0 (this project's [trl] extra) no longer has it
+  (verl[fsdp] pins trl 0.27). Nothing here uses trl.
+"""
+
+import importlib.abc
+import json
+import os
+import sys
+from functools import partial
+from pathlib import Path
+
+
+class _HideTRL(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "trl" or name.startswith("trl."):
+            raise ModuleNotFoundError(f"{name} (hidden: verl 0.9.1's engine needs trl < 1.0)")
+        return None
+
+
+assert "trl" not in sys.modules
+sys.meta_path.insert(0, _HideTRL())
+
+import torch  # noqa: E402
+from verl.plugin.platform import platform_manager  # noqa: E402
+from verl.plugin.platform.platform_cuda import PlatformCUDA  # noqa: E402
+
+
+class _CpuModule:
+    """torch.cpu plus the memory and name queries verl logs."""
+
+    def __getattr__(self, name):
+        return getattr(torch.cpu, name)
+
+    def max_memory_allocated(self, *args, **kwargs):
+        return 0
+
+    max_memory_reserved = memory_allocated = memory_reserved = max_memory_allocated
+
+    def mem_get_info(self, *args, **kwargs):
+        return 0, 0
+
+    def get_device_name(self, *args, **kwargs):
+        return "CPU"
+
+    def empty_cache(self):
+        pass
+
+    def reset_peak_memory_stats(self, *args, **kwargs):
+        pass
+
+
+class PlatformCPU(PlatformCUDA):
+    device_name = property(lambda self: "cpu")
+    device_module = property(lambda self: _CpuModule())
+
+    def is_available(self):
+        return True
+
+    def current_device(self):
+        return "cpu"
+
+    def device_count(self):
+        return 1
+
+    def set_device(self, device_index):
+        pass
+
+    def synchronize(self, device_index=None):
+        pass
+
+    def empty_cache(self):
+        pass
+
+    def set_allocator_settings(self, settings):
+        pass
+
+    def communication_backend_name(self):
+        return "gloo"
+
+
+platform_manager.set_platform(PlatformCPU())
+# the FSDP engine is registered for devices "cuda"/"npu": select that registration
+os.environ["VERL_ENGINE_DEVICE"] = "cuda"
+
+import numpy as np  # noqa: E402
+import transformers  # noqa: E402
+from verl.protocol import DataProto  # noqa: E402
+from verl.trainer.config import CheckpointConfig  # noqa: E402
+from verl.trainer.ppo.ray_trainer import compute_advantage  # noqa: E402
+from verl.utils import tensordict_utils as tu  # noqa: E402
+from verl.workers.config import (  # noqa: E402
+    FSDPActorConfig,
+    FSDPEngineConfig,
+    FSDPOptimizerConfig,
+    HFModelConfig,
+)
+from verl.workers.config.engine import TrainingWorkerConfig  # noqa: E402
+from verl.workers.engine_workers import TrainingWorker  # noqa: E402
+from verl.workers.utils.losses import ppo_loss  # noqa: E402
+from verl.workers.utils.padding import left_right_2_no_padding  # noqa: E402
+
+import opo_kernels.integrations.verl as ov  # noqa: E402
+from opo_kernels import reference  # noqa: E402
+
+K = 3            # rollout.n
+PROMPTS = 4      # one mini-batch of 12 responses, two micro-batches of 6 (2 groups each)
+MICRO = 2 * K
+VOCAB, PROMPT_LEN, RESP_LEN = 40, 4, 5
+LR = 1000.0      # SGD: the step is -LR * gradient; a large LR keeps fp32 rounding of the
+                 # parameter difference ~1e-7 of the gradient
+
+
+def build_actor(model_dir: str):
+    """The actor as ActorRolloutRefWorker.init_model builds it: fp32 end to end, SGD (so the step
+    is -lr * gradient), no gradient clipping."""
+    model_config = HFModelConfig(path=model_dir, load_tokenizer=False,
+                                 override_config={"attn_implementation": "eager"},
+                                 enable_gradient_checkpointing=False)
+    engine_config = FSDPEngineConfig(strategy="fsdp2", use_torch_compile=False,
+                                     mixed_precision={"param_dtype": "fp32",
+                                                      "reduce_dtype": "fp32",
+                                                      "buffer_dtype": "fp32"})
+    engine_config.micro_batch_size_per_gpu = MICRO
+    engine_config.use_dynamic_bsz = False
+    actor = TrainingWorker(config=TrainingWorkerConfig(
+        model_type="language_model", model_config=model_config, engine_config=engine_config,
+        optimizer_config=FSDPOptimizerConfig(optimizer="SGD", lr=LR, clip_grad=1e9,
+                                             weight_decay=0.0),
+        checkpoint_config=CheckpointConfig()))
+    actor.reset()
+    actor_config = FSDPActorConfig(strategy="fsdp2", rollout_n=K, ppo_mini_batch_size=PROMPTS,
+                                   ppo_micro_batch_size_per_gpu=MICRO,
+                                   policy_loss=ov.OPOPolicyLossConfig())
+    actor_config.model_config = model_config  # the adaptive tau's V comes from hf_config
+    actor.set_loss_fn(partial(ppo_loss, config=actor_config))
+    return actor
+
+
+def make_rollout(seed: int = 1):
+    """A rollout batch as the trainer holds it: left-padded prompts, right-padded responses,
+    outcome rewards on the last token, old log-probs from some earlier policy."""
+    num = PROMPTS * K
+    g = torch.Generator().manual_seed(seed)
+    plen = torch.randint(1, PROMPT_LEN + 1, (PROMPTS,), generator=g).repeat_interleave(K)
+    rlen = torch.randint(1, RESP_LEN + 1, (num,), generator=g)
+    prompt_ids = torch.zeros(num, PROMPT_LEN, dtype=torch.long)
+    responses = torch.zeros(num, RESP_LEN, dtype=torch.long)
+    attention = torch.zeros(num, PROMPT_LEN + RESP_LEN, dtype=torch.long)
+    for i in range(num):
+        p, r = int(plen[i]), int(rlen[i])
+        prompt_ids[i, PROMPT_LEN - p:] = torch.randint(2, VOCAB, (p,), generator=g)
+        responses[i, :r] = torch.randint(2, VOCAB, (r,), generator=g)
+        attention[i, PROMPT_LEN - p:PROMPT_LEN + r] = 1
+    response_mask = attention[:, PROMPT_LEN:].clone()
+    response_mask[4] = 0  # a response that counts no token (like verl's padding samples)
+    old = (-2 * torch.rand(num, RESP_LEN, generator=g)) * response_mask
+    token_rewards = torch.zeros(num, RESP_LEN)
+    token_rewards[torch.arange(num), rlen - 1] = torch.rand(num, generator=g)
+    data = DataProto.from_dict(
+        tensors={"input_ids": torch.cat([prompt_ids, responses], 1), "attention_mask": attention,
+                 "position_ids": (attention.cumsum(1) - 1).clamp(min=0), "prompts": prompt_ids,
+                 "responses": responses, "response_mask": response_mask, "old_log_probs": old,
+                 "token_level_rewards": token_rewards},
+        non_tensors={"uid": np.repeat([f"p{i}" for i in range(PROMPTS)], K).astype(object)})
+    return compute_advantage(data, adv_estimator=ov.ESTIMATOR), plen, rlen
+
+
+def reference_loss(model_dir: str, data: DataProto, plen, rlen):
+    """Σ_mb rows/global_batch_size · OPO(mb) by autograd through opo_kernels.reference, on a
+    plain HF forward of each sequence alone (no padding, no packing)."""
+    model = transformers.Qwen2ForCausalLM.from_pretrained(model_dir, attn_implementation="eager",
+                                                          dtype=torch.float32)
+    b = data.batch
+    num = b["input_ids"].shape[0]
+    logits = torch.zeros(num, RESP_LEN, VOCAB)
+    for i in range(num):
+        keep = b["attention_mask"][i].bool()
+        seq_logits = model(input_ids=b["input_ids"][i, keep][None],
+                           position_ids=b["position_ids"][i, keep][None]).logits[0]
+        p, r = int(plen[i]), int(rlen[i])
+        logits[i, :r] = seq_logits[p - 1:p + r - 1]  # logits that predict response tokens
+    rewards = b["token_level_rewards"].sum(-1)
+    loss = 0.0
+    for start in range(0, num, MICRO):
+        rows = slice(start, start + MICRO)
+        loss = loss + (MICRO / num) * reference.opo_loss(
+            logits[rows], b["responses"][rows], b["old_log_probs"][rows], rewards[rows],
+            mask=b["response_mask"][rows].bool(), group_size=K)
+    loss.backward()
+    return model, loss
+
+
+def main(workdir: str, out_path: str):
+    torch.distributed.init_process_group("gloo", rank=0, world_size=1)
+    model_dir = os.path.join(workdir, "model")
+    torch.manual_seed(0)
+    transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        pad_token_id=0, eos_token_id=1, bos_token_id=1, tie_word_embeddings=False,
+    )).save_pretrained(model_dir)
+    actor = build_actor(model_dir)
+    data, plen, rlen = make_rollout()
+
+    # the legacy trainer's _update_actor: to no-padding form, then the update's metadata
+    num = len(data)
+    batch = left_right_2_no_padding(data.to_tensordict())
+    tu.assign_non_tensor(batch, calculate_entropy=False, global_batch_size=num,
+                         mini_batch_size=num, epochs=1, seed=42,
+                         dataloader_kwargs={"shuffle": False}, compute_loss=True,
+                         temperature=1.0)
+
+    def params():
+        return {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
+                for n, p in actor.engine.module.named_parameters()}
+
+    before = params()
+    metrics = actor.train_mini_batch(batch)["metrics"]
+    after = params()
+
+    model, loss = reference_loss(model_dir, data, plen, rlen)
+    errors = {}
+    for name, param in model.named_parameters():
+        grad = param.grad if param.grad is not None else torch.zeros_like(param)
+        step = (before[name] - after[name]) / LR
+        errors[name] = (step - grad).abs().max().item() / max(grad.abs().max().item(), 1e-12)
+    Path(out_path).write_text(json.dumps({
+        "loss_engine": float(sum(metrics["loss"])), "loss_reference": loss.item(),
+        "grad_norm": float(metrics["grad_norm"][0]), "errors": errors,
+        "worst_rel_error": max(errors.values()),
+        "tau": [float(t) for t in metrics["actor/opo_tau"]]}))
+    torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])
