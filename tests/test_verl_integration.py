@@ -130,6 +130,25 @@ def test_estimator_writes_rewards_and_group_tags():
     torch.testing.assert_close(batch["returns"], batch["rewards"][:, None] * batch["mask"])
 
 
+def test_verls_advantage_metrics_read_rewards():
+    """The trainer's compute_data_metrics takes the float64 advantages as they are: its
+    critic/advantages/* statistics are those of the rewards over response tokens."""
+    from verl.trainer.ppo.metric_utils import compute_data_metrics
+    batch = make_batch(0)
+    num, mask = 2 * K, batch["mask"]
+    data = DataProto.from_dict(tensors={
+        "token_level_scores": torch.zeros(num, T), "token_level_rewards": torch.zeros(num, T),
+        "advantages": batch["advantages"], "returns": batch["returns"],
+        "prompts": torch.ones(num, 3, dtype=torch.long),
+        "responses": torch.ones(num, T, dtype=torch.long), "response_mask": mask,
+        "attention_mask": torch.cat([torch.ones(num, 3, dtype=torch.long), mask], 1)})
+    metrics = compute_data_metrics(data, use_critic=False)
+    per_token = batch["rewards"][:, None].expand(-1, T)[mask.bool()]
+    assert metrics["critic/advantages/mean"] == pytest.approx(per_token.mean().item(), rel=1e-6)
+    assert metrics["critic/advantages/max"] == pytest.approx(per_token.max().item(), rel=1e-6)
+    assert metrics["critic/advantages/min"] == pytest.approx(per_token.min().item(), rel=1e-6)
+
+
 OPTION_CASES = {
     "defaults": {},
     "token-log-escort": {"level": "token", "coordinates": "log", "weights": "escort",
