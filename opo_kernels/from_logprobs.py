@@ -20,47 +20,120 @@ Example::
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
+import triton
+import triton.language as tl
 
 from .config import OPOLossConfig
-from .epilogue import batch_epilogue, pack_metrics, unpack_metrics
-from .inputs import Batch, check_values, prepare_logprobs
-from .utils import use_triton
+from .epilogue_kernel import Mode, params_tensor, raise_bad_values, run_epilogue, unpack_metrics
+from .inputs import Batch, prepare_logprobs
+from .row_kernels import Rows, acc_type, row_seq, small_geometry, token_coef
+from .utils import new_output, use_triton
+
+# --------------------------------------------------------------------------------------------
+# Kernel and launcher
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit(do_not_specialize=["T", "N"])
+def _logprob_grad_kernel(
+    lp_ptr, lp_sb, lp_st, ref_ptr, ref_sb, ref_st, sel_ptr, sel_sb, sel_st,
+    coef_ptr, scal_ptr, grad_loss_ptr, grad_lp_ptr, grad_ent_ptr, T, N,
+    PACKED: tl.constexpr, HAS_MASK: tl.constexpr, HAS_REF: tl.constexpr, TOKEN: tl.constexpr,
+    RATIO: tl.constexpr, WITH_ENT: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """∂L/∂lp_t = c_t·g and ∂L/∂H_t = −β/N'·g (0 where not counted) for BLOCK token rows;
+    g = the upstream gradient, read on device. Outputs are contiguous in the row order."""
+    r = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    in_n = r < N
+    b, t, seq = row_seq(tl.minimum(r, N - 1), T, sel_ptr, sel_sb, sel_st, PACKED, HAS_MASK)
+    counted = in_n & (seq >= 0)
+    seq = tl.where(counted, seq, 0)
+    g = tl.load(grad_loss_ptr).to(ACC)
+    lp = tl.load(lp_ptr + b * lp_sb + t * lp_st, mask=counted, other=0.0).to(ACC)
+    ref = lp
+    if HAS_REF:
+        ref = tl.load(ref_ptr + b * ref_sb + t * ref_st, mask=counted, other=0.0).to(ACC)
+    c = token_coef(seq, lp, ref, coef_ptr, scal_ptr, g, TOKEN, RATIO)
+    tl.store(grad_lp_ptr + r, tl.where(counted, c, 0.0).to(grad_lp_ptr.dtype.element_ty),
+             mask=in_n)
+    if WITH_ENT:
+        d_ent = tl.load(scal_ptr + 1).to(ACC) * g
+        tl.store(grad_ent_ptr + r, tl.where(counted, d_ent, 0.0).to(grad_ent_ptr.dtype.element_ty),
+                 mask=in_n)
+
+
+def logprob_gradients(rows: Rows, logprobs: torch.Tensor, entropy_like: Optional[torch.Tensor],
+                      coef: torch.Tensor, scal: torch.Tensor, grad_loss: torch.Tensor,
+                      level: str, coordinates: str):
+    """(∂L/∂logprobs, ∂L/∂entropy or None): fresh tensors shaped and typed like logprobs (and
+    like entropy_like), from the epilogue's coef [B, 2] and scal [2]."""
+    grad_lp = new_output(logprobs.shape, logprobs.dtype, logprobs.device)
+    grad_ent = (None if entropy_like is None else
+                new_output(entropy_like.shape, entropy_like.dtype, entropy_like.device))
+    n = rows.num_rows
+    if n:
+        block = 1024
+        ref = rows.ref
+        sel = rows.sel if rows.sel is not None else logprobs
+        _logprob_grad_kernel[(triton.cdiv(n, block),)](
+            logprobs, *small_geometry(logprobs), ref if ref is not None else logprobs,
+            *small_geometry(ref), sel, *small_geometry(rows.sel), coef, scal, grad_loss,
+            grad_lp, grad_ent if grad_ent is not None else grad_lp, rows.T, n,
+            HAS_REF=ref is not None, TOKEN=level == "token", RATIO=coordinates == "ratio",
+            WITH_ENT=grad_ent is not None, ACC=acc_type(coef.dtype), BLOCK=block, num_warps=4,
+            **rows.flags(),
+        )
+    return grad_lp, grad_ent
+
+
+# --------------------------------------------------------------------------------------------
+# autograd
+# --------------------------------------------------------------------------------------------
 
 
 class LogprobOPOFunction(torch.autograd.Function):
     """loss, metrics_vector = LogprobOPOFunction.apply(logprobs, entropy, batch, cfg).
 
-    logprobs (and entropy, when given) receive gradients; ω, τ, p̃, Q are constants."""
+    logprobs (and entropy, when given) receive gradients; ω, τ, p̃, Q are constants.
+    Two launches in all: the epilogue (forward) and the gradient kernel (backward).
+    """
 
     @staticmethod
     def forward(ctx, logprobs, entropy, batch: Batch, cfg: OPOLossConfig):
-        cdtype = batch.compute_dtype
-        lp = logprobs.detach().reshape(-1).to(cdtype)
-        ent = None if entropy is None else entropy.detach().reshape(-1).to(cdtype)
+        params = params_tensor(cfg, logprobs.device, batch.compute_dtype)
+        counter = torch.zeros(1, dtype=torch.int32, device=logprobs.device)
+        out = run_epilogue(batch, Mode.of(cfg, batch.weights is not None), params, counter,
+                           logprobs=logprobs.detach(),
+                           entropy=None if entropy is None else entropy.detach(),
+                           from_logits=False, validate=cfg.validate)
         if cfg.validate and not torch.compiler.is_compiling():  # the one host sync
-            check_values(batch, None, lp)
-        out = batch_epilogue(cfg, batch, lp, ent)
-        metrics = pack_metrics(cfg, out, with_entropy=ent is not None)
-        ctx.mark_non_differentiable(metrics)
-        ctx.shapes = (logprobs.shape, logprobs.dtype,
-                      None if entropy is None else (entropy.shape, entropy.dtype))
-        ctx.save_for_backward(out.coef, out.entropy_coef, batch.seq)
-        return out.loss, metrics
+            raise_bad_values(out.errs, batch)
+        ctx.mark_non_differentiable(out.metrics)
+        ctx.set_materialize_grads(False)  # no zeros for the metrics' (unused) gradient
+        ctx.rows, ctx.cfg = Rows.of(batch), cfg
+        ctx.entropy_like = None if entropy is None else entropy.detach()
+        ctx.save_for_backward(logprobs.detach(), out.coef, out.scal)
+        return out.loss, out.metrics
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss, grad_metrics):
-        coef, entropy_coef, seq = ctx.saved_tensors
-        (shape, dtype, entropy_meta) = ctx.shapes
-        grad_loss = grad_loss.to(coef.dtype)
-        grad_lp = (coef * grad_loss).to(dtype).view(shape)
-        grad_ent = None
-        if entropy_meta is not None and ctx.needs_input_grad[1]:
-            e_shape, e_dtype = entropy_meta
-            grad_ent = torch.where(seq >= 0, entropy_coef * grad_loss, 0.0).to(e_dtype)
-            grad_ent = grad_ent.view(e_shape)
+        if grad_loss is None:  # the loss was not used (its metrics carry no gradient)
+            return None, None, None, None
+        logprobs, coef, scal = ctx.saved_tensors
+        wants_entropy = ctx.entropy_like is not None and ctx.needs_input_grad[1]
+        grad_lp, grad_ent = logprob_gradients(
+            ctx.rows, logprobs, ctx.entropy_like if wants_entropy else None, coef, scal,
+            grad_loss, ctx.cfg.level, ctx.cfg.coordinates)
         return grad_lp, grad_ent, None, None
+
+
+# --------------------------------------------------------------------------------------------
+# API
+# --------------------------------------------------------------------------------------------
 
 
 def opo_loss_from_logprobs(logprobs, ref_logprobs, rewards, *, mask=None, seq_ids=None,
@@ -93,4 +166,4 @@ def opo_loss_from_logprobs(logprobs, ref_logprobs, rewards, *, mask=None, seq_id
     loss, metrics = LogprobOPOFunction.apply(logprobs, entropy, batch, cfg)
     if not cfg.return_metrics:
         return loss
-    return loss, unpack_metrics(cfg, metrics, with_entropy=entropy is not None)
+    return loss, unpack_metrics(metrics, entropy is not None)

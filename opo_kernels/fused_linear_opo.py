@@ -41,9 +41,10 @@ import torch
 import triton
 
 from .config import OPOLossConfig
-from .epilogue import batch_epilogue, on_policy_coefficients, pack_metrics, unpack_metrics
-from .fused_opo import backward_rows, forward_rows, logsumexp
-from .inputs import FLOAT_DTYPES, Batch, check_values, compute_dtype, prepare
+from .epilogue_kernel import Mode, params_tensor, raise_bad_values, run_epilogue, unpack_metrics
+from .fused_opo import one_pass_exact
+from .inputs import FLOAT_DTYPES, Batch, compute_dtype, prepare
+from .row_kernels import Rows, backward_rows, forward_rows
 from .utils import new_output, use_triton
 
 # --------------------------------------------------------------------------------------------
@@ -98,24 +99,22 @@ def _chunks(num_rows: int, chunk_size: int):
         yield start, min(start + chunk_size, num_rows)
 
 
-def forward_chunks(hidden2d, weight, bias, batch: Batch, cfg: OPOLossConfig, chunk_size: int):
+def _row_outputs(batch: Batch, with_entropy: bool):
+    """(logprobs [N], stats [N, 2], entropy [N] or None) that every chunk writes into."""
+    n, cdtype, dev = batch.num_rows, batch.compute_dtype, batch.device
+    return (new_output((n,), cdtype, dev), new_output((n, 2), cdtype, dev),
+            new_output((n,), cdtype, dev) if with_entropy else None)
+
+
+def forward_chunks(hidden2d, weight, bias, batch: Batch, cfg: OPOLossConfig, params,
+                   chunk_size: int):
     """Phase 1: per-row (logprobs [N], stats [N, 2], entropy [N] or None) over all rows, chunk
     by chunk (stats: the row statistics of ``forward_rows``)."""
-    labels, seq = batch.flat_labels.contiguous(), batch.seq.contiguous()
-    outs = []
+    rows, out = Rows.of(batch), _row_outputs(batch, cfg.with_entropy)
     for start, end in _chunks(hidden2d.shape[0], chunk_size):
         logits = _chunk_logits(hidden2d[start:end], weight, bias)
-        outs.append(forward_rows(logits, labels[start:end], seq[start:end], cfg.temperature,
-                                 cfg.with_entropy))
-    return _concat_stats(outs, batch, cfg)
-
-
-def _concat_stats(outs, batch: Batch, cfg: OPOLossConfig):
-    if not outs:  # N = 0
-        empty = torch.zeros(0, dtype=batch.compute_dtype, device=batch.device)
-        return empty, empty.view(0, 2), (empty if cfg.with_entropy else None)
-    logprobs, stats, entropy = (torch.cat(x) if x[0] is not None else None for x in zip(*outs))
-    return logprobs, stats, entropy
+        forward_rows(logits, rows, params, cfg.with_entropy, row_start=start, out=out)
+    return out
 
 
 def _grad_buffers(hidden2d, weight, bias, needs: Tuple[bool, bool, bool]):
@@ -128,45 +127,43 @@ def _grad_buffers(hidden2d, weight, bias, needs: Tuple[bool, bool, bool]):
     return grad_hidden, grad_weight, grad_bias
 
 
-def backward_chunks(hidden2d, weight, bias, labels, seq, stats, entropy, coef, entropy_coef,
+def backward_chunks(hidden2d, weight, bias, rows: Rows, saved, grad_loss, params,
                     cfg: OPOLossConfig, chunk_size: int, needs: Tuple[bool, bool, bool]):
     """Phase 2: (grad_hidden [N, H] in hidden's dtype, grad_weight [V, H], grad_bias [V]) in
-    fp32 (fp64 for fp64 inputs), each None when not needed. coef, entropy_coef already include
-    the upstream gradient."""
+    fp32 (fp64 for fp64 inputs), each None when not needed. saved = (logprobs, stats,
+    entropy or None, coef, scal) of phase 1 and the epilogue; grad_loss: 0-dim (on device)."""
+    logprobs, stats, entropy, coef, scal = saved
     grad_hidden, grad_weight, grad_bias = _grad_buffers(hidden2d, weight, bias, needs)
     for start, end in _chunks(hidden2d.shape[0], chunk_size):
         hidden_c = hidden2d[start:end]
         logits = _chunk_logits(hidden_c, weight, bias)
-        grad_logits = backward_rows(
-            logits, labels[start:end], seq[start:end], stats[start:end],
-            None if entropy is None else entropy[start:end], coef[start:end], entropy_coef,
-            cfg.temperature, inplace=True,
-        )
+        grad_logits = backward_rows(logits, rows, logprobs, stats, entropy, coef, scal,
+                                    grad_loss, params, cfg.level, cfg.coordinates, inplace=True,
+                                    row_start=start)
         _accumulate(grad_logits, hidden_c, weight,
                     None if grad_hidden is None else grad_hidden[start:end],
                     grad_weight, grad_bias)
     return grad_hidden, grad_weight, grad_bias
 
 
-def on_policy_chunks(hidden2d, weight, bias, batch: Batch, cfg: OPOLossConfig,
+def on_policy_chunks(hidden2d, weight, bias, batch: Batch, cfg: OPOLossConfig, params, counter,
                      chunk_size: int, needs: Tuple[bool, bool, bool]):
     """One phase (ref_logprobs=None): forward statistics AND the gradients for a unit upstream
     gradient, in one pass over the chunks. Returns ((logprobs, stats, entropy), grads)."""
-    unit = on_policy_coefficients(cfg, batch)  # c_t does not depend on the log-probs here
-    labels, seq = batch.flat_labels.contiguous(), batch.seq.contiguous()
+    mode = Mode.of(cfg, batch.weights is not None)
+    unit = run_epilogue(batch, mode, params, counter, logprobs=None)  # c_t without log-probs
+    rows, out = Rows.of(batch), _row_outputs(batch, cfg.with_entropy)
     grad_hidden, grad_weight, grad_bias = _grad_buffers(hidden2d, weight, bias, needs)
-    outs = []
     for start, end in _chunks(hidden2d.shape[0], chunk_size):
         hidden_c = hidden2d[start:end]
         logits = _chunk_logits(hidden_c, weight, bias)
         # one kernel: statistics, then the row's gradient written over its logits
-        outs.append(forward_rows(logits, labels[start:end], seq[start:end], cfg.temperature,
-                                 cfg.with_entropy, grad=logits, coef=unit.coef[start:end],
-                                 entropy_coef=unit.entropy_coef))
+        forward_rows(logits, rows, params, cfg.with_entropy, row_start=start, out=out,
+                     grad=logits, coef=unit.coef, scal=unit.scal)
         _accumulate(logits, hidden_c, weight,
                     None if grad_hidden is None else grad_hidden[start:end],
                     grad_weight, grad_bias)
-    return _concat_stats(outs, batch, cfg), (grad_hidden, grad_weight, grad_bias)
+    return out, (grad_hidden, grad_weight, grad_bias)
 
 
 # --------------------------------------------------------------------------------------------
@@ -193,43 +190,51 @@ class FusedLinearOPOFunction(torch.autograd.Function):
                 one_phase: bool):
         hidden2d = hidden.reshape(-1, hidden.shape[-1])  # a copy only for a non-viewable layout
         needs = tuple(ctx.needs_input_grad[:3])
+        params = params_tensor(cfg, hidden.device, batch.compute_dtype)
+        counters = torch.zeros(2, dtype=torch.int32, device=hidden.device)  # epilogue tickets
         if one_phase:
-            (logprobs, stats, entropy), grads = on_policy_chunks(hidden2d, weight, bias, batch,
-                                                               cfg, chunk_size, needs)
+            (logprobs, stats, entropy), grads = on_policy_chunks(
+                hidden2d, weight, bias, batch, cfg, params, counters[0:1], chunk_size, needs)
         else:
-            logprobs, stats, entropy = forward_chunks(hidden2d, weight, bias, batch, cfg,
-                                                    chunk_size)
+            logprobs, stats, entropy = forward_chunks(hidden2d, weight, bias, batch, cfg, params,
+                                                      chunk_size)
+        shape = batch.labels.shape
+        out = run_epilogue(batch, Mode.of(cfg, batch.weights is not None), params,
+                           counters[1:2], logprobs=logprobs.view(shape),
+                           entropy=None if entropy is None else entropy.view(shape), stats=stats,
+                           validate=cfg.validate)
         if cfg.validate:
-            check_values(batch, logsumexp(stats), logprobs)
-        out = batch_epilogue(cfg, batch, logprobs, entropy)
-        metrics = pack_metrics(cfg, out)
-        ctx.mark_non_differentiable(metrics)
+            raise_bad_values(out.errs, batch)
+        ctx.mark_non_differentiable(out.metrics)
+        ctx.set_materialize_grads(False)  # no zeros for the metrics' (unused) gradient
         ctx.one_phase, ctx.cfg, ctx.chunk_size, ctx.needs = one_phase, cfg, chunk_size, needs
         ctx.hidden_shape, ctx.dtypes = hidden.shape, (hidden.dtype, weight.dtype,
                                                       None if bias is None else bias.dtype)
+        ctx.rows = Rows.of(batch)
         if one_phase:
             ctx.save_for_backward(*grads)
         else:
-            ctx.save_for_backward(hidden, weight, bias, batch.flat_labels.contiguous(),
-                                  batch.seq.contiguous(), stats,
-                                  out.coef, out.entropy_coef,
-                                  entropy if cfg.entropy_in_gradient else None)
-        return out.loss, metrics
+            ctx.save_for_backward(hidden, weight, bias, logprobs, stats,
+                                  entropy if cfg.entropy_in_gradient else None, out.coef,
+                                  out.scal, params)
+        return out.loss, out.metrics
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss, grad_metrics):
+        if grad_loss is None:  # the loss was not used (its metrics carry no gradient)
+            return None, None, None, None, None, None, None
         cfg = ctx.cfg
         if ctx.one_phase:  # gradients were formed in forward for a unit upstream gradient
             grad_hidden, grad_weight, grad_bias = map(
                 lambda g: None if g is None else _scale(g, grad_loss), ctx.saved_tensors)
         else:
-            (hidden, weight, bias, labels, seq, stats, coef, entropy_coef,
-             entropy) = ctx.saved_tensors
-            grad_loss = grad_loss.to(coef.dtype)
+            (hidden, weight, bias, logprobs, stats, entropy, coef, scal,
+             params) = ctx.saved_tensors
             grad_hidden, grad_weight, grad_bias = backward_chunks(
-                hidden.reshape(-1, hidden.shape[-1]), weight, bias, labels, seq, stats, entropy,
-                coef * grad_loss, entropy_coef * grad_loss, cfg, ctx.chunk_size, ctx.needs,
+                hidden.reshape(-1, hidden.shape[-1]), weight, bias, ctx.rows,
+                (logprobs, stats, entropy, coef, scal), grad_loss, params, cfg,
+                ctx.chunk_size, ctx.needs,
             )
         hidden_dtype, weight_dtype, bias_dtype = ctx.dtypes
         if grad_hidden is not None:
@@ -364,12 +369,12 @@ def fused_linear_opo_loss_with_config(hidden, weight, labels, ref_logprobs, rewa
                                         hidden.dtype)
     wants_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (hidden, weight, bias))
-    one_phase = batch.ref_logprobs is None and wants_grad
+    one_phase = batch.ref_logprobs is None and wants_grad and one_pass_exact(cfg)
     loss, metrics = FusedLinearOPOFunction.apply(hidden, weight, bias, batch, cfg, chunk_size,
                                                  one_phase)
     if not cfg.return_metrics:
         return loss
-    return loss, unpack_metrics(cfg, metrics)
+    return loss, unpack_metrics(metrics, cfg.with_entropy)
 
 
 class FusedLinearOPOLoss(torch.nn.Module):

@@ -1,13 +1,18 @@
-"""The fused OPO loss over logits: Triton kernels -> launchers -> autograd.Function -> API.
+"""The fused OPO loss over logits: launchers -> torch.library ops -> autograd.Function -> API.
 
-Passes over the logits [N, V] (N = B·T rows, flattened on grid axis 0, one program per row):
-  forward  (1 read):  online max/sum over V in blocks -> lp_t, row statistics (m, log s) with
-                      logsumexp = m + log s (fp32), entropy H_t.
-  epilogue (O(N+B)):  sequence sums, groups, τ, Q, p̃, ω, v, loss, metrics, c_t (epilogue.py).
-  backward (1 read + 1 write): p = exp(z − m − log s) recomputed from the saved row statistics;
-           ∂L/∂logits = (1/temperature)·[c_t·(onehot − p) − ∂L/∂H_t·p·(log p + H_t)].
-Rows that are not counted are never read: the forward writes zeros for them, the backward
-writes a zero gradient row.
+A call is a handful of launches (shared/SPEC.md; kernels in row_kernels.py and
+epilogue_kernel.py), with N = B·T (padded) or N (packed) token rows:
+  general mode:   forward row kernel (1 read of [N, V]) -> epilogue (1 launch over [N] and
+                  [B]: loss, metrics, per-sequence coefficients) -> backward row kernel
+                  (1 read + 1 write; c_t and the upstream gradient applied in the kernel).
+  on-policy mode (ref_logprobs=None): Δ ≡ 0, so c_t depends only on rewards, groups and
+                  lengths: a counts-only epilogue first, then ONE pass over the logits that
+                  writes the statistics and the gradient, then the epilogue for the loss and
+                  the metrics; backward only rescales (and returns at once for a unit upstream
+                  gradient).
+Plus one memset (the epilogue's ticket counters) and nothing else: the caller's labels, mask,
+seq_ids, ref_logprobs, rewards and group ids are read by the kernels as passed. No host sync
+unless validate=True (one read of the value-check counts).
 
 Example::
 
@@ -17,356 +22,173 @@ Example::
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import List, Optional
 
 import torch
-import triton
-import triton.language as tl
 
 from .config import OPOLossConfig
-from .epilogue import batch_epilogue, on_policy_coefficients, pack_metrics, unpack_metrics
-from .inputs import Batch, check_values, compute_dtype, prepare
+from .epilogue_kernel import (
+    METRICS,
+    NUM_ERR,
+    Mode,
+    params_tensor,
+    raise_bad_values,
+    run_epilogue,
+    unpack_metrics,
+)
+from .inputs import Batch, compute_dtype, prepare
+from .row_kernels import Rows, backward_rows, forward_rows, scale_rows_
 from .utils import new_output, use_triton
 
 # --------------------------------------------------------------------------------------------
-# Kernels
+# The passes of one call
 # --------------------------------------------------------------------------------------------
 
 
-@triton.jit
-def _zero_row(grad_base, grad_stride_v, V, BLOCK_V: tl.constexpr):
-    """A row that is not counted gets a zero gradient (its logits are never read)."""
-    for start in range(0, V, BLOCK_V):
-        offs = start + tl.arange(0, BLOCK_V)
-        zero = tl.zeros([BLOCK_V], grad_base.dtype.element_ty)
-        tl.store(grad_base + offs * grad_stride_v, zero, mask=offs < V)
+def one_pass_exact(cfg: OPOLossConfig) -> bool:
+    """Whether the on-policy coefficients are known before the pass over the logits. They are
+    (Δ ≡ 0, p̃ uniform whatever τ is), except the Z-loss's gradient, which scales with 1/τ:
+    with logit_reg_coef > 0 and the adaptive τ (which reads the log-probs), the on-policy mode
+    runs the general two passes instead."""
+    return not (getattr(cfg, "logit_reg_coef", 0.0) > 0 and cfg.adaptive_tau)
 
 
-@triton.jit
-def _row_gradient(base, stride_v, grad_base, grad_stride_v, V, label, row_max, log_sum, coef,
-                  entropy, d_entropy, inv_t, WITH_ENTROPY: tl.constexpr, ACC: tl.constexpr,
-                  BLOCK_V: tl.constexpr):
-    """Writes (1/temperature)·[c·(onehot − p) − ∂L/∂H·p·(log p + H)] for one row (SPEC
-    "Gradient"), log p = (z − m) − log s recomputed from the saved row statistics. grad_base may
-    alias base (in place): each block is read before it is written, by this program only."""
-    for start in range(0, V, BLOCK_V):
-        offs = start + tl.arange(0, BLOCK_V)
-        in_row = offs < V
-        x = tl.load(base + offs * stride_v, mask=in_row, other=float("-inf"))
-        log_p = (x.to(ACC) * inv_t - row_max) - log_sum
-        p = tl.exp(log_p)
-        g = tl.where(offs == label, coef, 0.0) - coef * p
-        if WITH_ENTROPY:  # ∂H/∂z = −p·(log p + H); p = 0 contributes 0 (no 0·−inf)
-            g -= d_entropy * p * tl.where(p > 0, log_p + entropy, 0.0)
-        tl.store(grad_base + offs * grad_stride_v, (g * inv_t).to(grad_base.dtype.element_ty),
-                 mask=in_row)
+def flags_of(cfg: OPOLossConfig, batch: Batch, one_pass: bool) -> List[int]:
+    """Everything the kernels branch on, as ints: Mode, then with_entropy, validate, one_pass,
+    group_size (0 = group_ids)."""
+    return [*Mode.of(cfg, batch.weights is not None), int(cfg.with_entropy),
+            int(cfg.validate), int(one_pass), batch.group_size or 0]
 
 
-@triton.jit(do_not_specialize=["seq_len", "stride_b", "grad_stride_b"])
-def _opo_fwd_kernel(
-    logits_ptr, labels_ptr, seq_ptr,          # [rows of logits], [N] int64, [N] int64
-    logprobs_ptr, stats_ptr, entropy_ptr,     # [N], [N, 2], [N] outputs (compute dtype)
-    grad_ptr, coef_ptr, entropy_coef_ptr,     # one-pass mode only (WRITE_GRAD)
-    seq_len, V, stride_b, stride_t, stride_v, grad_stride_b, grad_stride_t, grad_stride_v,
-    inv_temperature,
-    WITH_ENTROPY: tl.constexpr, WRITE_GRAD: tl.constexpr, ACC: tl.constexpr,
-    BLOCK_V: tl.constexpr,
-):
-    """One program per row: online logsumexp (and entropy) over V in blocks; with WRITE_GRAD
-    (on-policy mode: c_t known before the pass) the same program then writes the row's
-    gradient, re-reading the row right after its first read."""
-    row = tl.program_id(0).to(tl.int64)
-    # padded rows are (b, t) of a [B, T, V] view; packed rows use seq_len = N, stride_b = 0
-    b = row // seq_len
-    t = row - b * seq_len
-    if tl.load(seq_ptr + row) < 0:  # not counted: do not read the row
-        tl.store(logprobs_ptr + row, 0.0)
-        tl.store(stats_ptr + 2 * row, 0.0)
-        tl.store(stats_ptr + 2 * row + 1, 0.0)
-        if WITH_ENTROPY:
-            tl.store(entropy_ptr + row, 0.0)
-        if WRITE_GRAD:
-            _zero_row(grad_ptr + b * grad_stride_b + t * grad_stride_t, grad_stride_v, V,
-                      BLOCK_V)
-        return
-    base = logits_ptr + b * stride_b + t * stride_t
-    inv_t = tl.full([], inv_temperature, ACC)
-
-    m = tl.full([], float("-inf"), ACC)  # running max of z
-    s = tl.zeros([], ACC)                # Σ exp(z − m)
-    w = tl.zeros([], ACC)                # Σ exp(z − m)·(z − m) (entropy only)
-    for start in range(0, V, BLOCK_V):
-        offs = start + tl.arange(0, BLOCK_V)
-        x = tl.load(base + offs * stride_v, mask=offs < V, other=float("-inf"))
-        z = x.to(ACC) * inv_t
-        m_new = tl.maximum(m, tl.max(z, 0))
-        # a block (or row prefix) of only −inf keeps m = −inf: shift by 0 to avoid inf − inf
-        shift = tl.where(m_new == float("-inf"), 0.0, m_new).to(ACC)
-        scale = tl.exp(m - shift)
-        e = tl.exp(z - shift)
-        if WITH_ENTROPY:
-            # kept relative to the running max, so H = log s − w/s has no cancellation between
-            # two O(|z|) terms (H of a confident row is tiny next to |z|); re-centred as m moves
-            w = scale * (w + tl.where(s > 0, m - shift, 0.0) * s) \
-                + tl.sum(e * tl.where(e > 0, z - shift, 0.0), 0)  # 0·(−inf) -> 0
-        s = s * scale + tl.sum(e, 0)
-        m = m_new
-    # log p_j = (z_j − m) − log s: for confident tokens (z near m) this keeps the small
-    # log-probs accurate, where z − logsumexp would lose ε·|z| to cancellation
-    shift = tl.where(m == float("-inf"), 0.0, m).to(ACC)
-    log_sum = tl.log(s)
-    entropy = log_sum - w / s
-
-    label = tl.load(labels_ptr + row)
-    in_vocab = (label >= 0) & (label < V)  # out-of-range labels give NaN, caught by validation
-    x_label = tl.load(base + tl.where(in_vocab, label, 0) * stride_v, mask=in_vocab,
-                      other=float("nan"))
-    tl.store(logprobs_ptr + row, (x_label.to(ACC) * inv_t - shift) - log_sum)
-    tl.store(stats_ptr + 2 * row, shift)  # logsumexp = shift + log_sum
-    tl.store(stats_ptr + 2 * row + 1, log_sum)
-    if WITH_ENTROPY:
-        tl.store(entropy_ptr + row, entropy)
-    if WRITE_GRAD:
-        d_entropy = tl.zeros([], ACC)
-        if WITH_ENTROPY:
-            d_entropy = tl.load(entropy_coef_ptr).to(ACC)
-        _row_gradient(base, stride_v, grad_ptr + b * grad_stride_b + t * grad_stride_t,
-                      grad_stride_v, V, label, shift, log_sum, tl.load(coef_ptr + row).to(ACC),
-                      entropy, d_entropy, inv_t, WITH_ENTROPY, ACC, BLOCK_V)
+def _batch_of(logits, labels, ref, mask, seq_ids, rewards, group_ids, weights,
+              group_size: int) -> Batch:
+    """The Batch of already checked tensors (inside the ops)."""
+    return Batch(logits=logits, labels=labels, ref_logprobs=ref, mask=mask, seq_ids=seq_ids,
+                 rewards=rewards, group_size=group_size or None, group_ids=group_ids,
+                 weights=weights, vocab=logits.shape[-1],
+                 seq_len=labels.shape[1] if labels.dim() == 2 else None,
+                 num_rows=labels.numel(), compute_dtype=compute_dtype(logits.dtype))
 
 
-@triton.jit(do_not_specialize=["seq_len", "stride_b", "grad_stride_b"])
-def _opo_bwd_kernel(
-    logits_ptr, grad_ptr, labels_ptr, seq_ptr,  # grad_ptr may equal logits_ptr (in place)
-    stats_ptr, entropy_ptr, coef_ptr, entropy_coef_ptr,
-    seq_len, V, stride_b, stride_t, stride_v, grad_stride_b, grad_stride_t, grad_stride_v,
-    inv_temperature,
-    WITH_ENTROPY: tl.constexpr, ACC: tl.constexpr, BLOCK_V: tl.constexpr,
-):
-    row = tl.program_id(0).to(tl.int64)
-    b = row // seq_len
-    t = row - b * seq_len
-    grad_base = grad_ptr + b * grad_stride_b + t * grad_stride_t
-    if tl.load(seq_ptr + row) < 0:  # not counted: zero gradient, logits not read
-        _zero_row(grad_base, grad_stride_v, V, BLOCK_V)
-        return
-    entropy = tl.zeros([], ACC)
-    d_entropy = tl.zeros([], ACC)
-    if WITH_ENTROPY:
-        entropy = tl.load(entropy_ptr + row).to(ACC)
-        d_entropy = tl.load(entropy_coef_ptr).to(ACC)
-    _row_gradient(logits_ptr + b * stride_b + t * stride_t, stride_v, grad_base, grad_stride_v,
-                  V, tl.load(labels_ptr + row), tl.load(stats_ptr + 2 * row).to(ACC),
-                  tl.load(stats_ptr + 2 * row + 1).to(ACC), tl.load(coef_ptr + row).to(ACC),
-                  entropy, d_entropy,
-                  tl.full([], inv_temperature, ACC), WITH_ENTROPY, ACC, BLOCK_V)
+def _forward(logits, labels, ref, mask, seq_ids, rewards, group_ids, weights, params, flags,
+             grad: Optional[torch.Tensor]):
+    """Forward passes; ``grad`` is where the one-pass mode writes the gradient (None: general
+    mode). Returns (logprobs [N], stats [N, 2], entropy [N] or [0], loss, metrics [8],
+    coef [B, 2], scal [2], errs [NUM_ERR])."""
+    batch = _batch_of(logits, labels, ref, mask, seq_ids, rewards, group_ids, weights, flags[10])
+    mode, with_entropy, validate = Mode(*flags[:7]), bool(flags[7]), bool(flags[8])
+    rows = Rows.of(batch)
+    counters = torch.zeros(2, dtype=torch.int32, device=logits.device)  # epilogue tickets
+    if grad is not None:
+        pre = run_epilogue(batch, mode, params, counters[0:1], logprobs=None)
+        lp, stats, ent = forward_rows(logits, rows, params, with_entropy, grad=grad,
+                                      coef=pre.coef, scal=pre.scal)
+    else:
+        lp, stats, ent = forward_rows(logits, rows, params, with_entropy)
+    out = run_epilogue(batch, mode, params, counters[1:2], logprobs=lp.view(labels.shape),
+                       entropy=None if ent is None else ent.view(labels.shape), stats=stats,
+                       validate=validate)
+    ent = ent if ent is not None else lp.new_empty(0)
+    return lp, stats, ent, out.loss, out.metrics, out.coef, out.scal, out.errs
 
 
-@triton.jit(do_not_specialize=["seq_len", "grad_stride_b"])
-def _scale_kernel(grad_ptr, scale_ptr, seq_ptr, seq_len, V, grad_stride_b, grad_stride_t,
-                  grad_stride_v, ACC: tl.constexpr, BLOCK_V: tl.constexpr):
-    """grad_row *= upstream gradient, for the one-pass mode whose forward wrote the gradient of
-    a unit upstream gradient. Every program returns at once when the scale is exactly 1 (the
-    usual ``loss.backward()``), so that case costs no pass over [N, V] and no host sync."""
-    row = tl.program_id(0).to(tl.int64)
-    scale = tl.load(scale_ptr).to(ACC)
-    if (scale == 1.0) | (tl.load(seq_ptr + row) < 0):
-        return
-    b = row // seq_len
-    base = grad_ptr + b * grad_stride_b + (row - b * seq_len) * grad_stride_t
-    for start in range(0, V, BLOCK_V):
-        offs = start + tl.arange(0, BLOCK_V)
-        g = tl.load(base + offs * grad_stride_v, mask=offs < V)
-        tl.store(base + offs * grad_stride_v, (g.to(ACC) * scale).to(g.dtype), mask=offs < V)
+def _backward(logits, labels, ref, mask, seq_ids, lp, stats, ent, coef, scal, grad_loss, params,
+              flags, inplace: bool) -> torch.Tensor:
+    """∂L/∂logits (written into logits when inplace)."""
+    rows = Rows(labels, mask, seq_ids, ref, labels.numel(),
+                labels.shape[1] if labels.dim() == 2 else None)
+    mode = Mode(*flags[:7])
+    level = ("sequence", "sequence_mean", "token")[mode.level]
+    entropy = ent if ent.numel() and mode.bonus else None  # metric-only entropy: no term
+    return backward_rows(logits, rows, lp, stats, entropy, coef, scal, grad_loss, params, level,
+                         "ratio" if mode.ratio else "log", inplace=inplace)
 
 
 # --------------------------------------------------------------------------------------------
-# Launchers
+# torch.library custom ops: torch.compile (fullgraph) sees each phase as one opaque op with a
+# shape-only fake implementation. Eager calls skip the op layer and run the same functions.
 # --------------------------------------------------------------------------------------------
 
-# Launch table (block over V, warps). One program streams one row, so the block only has to be
-# wide enough to keep loads 16 bytes wide and enough bytes in flight; reductions per block are
-# amortized over BLOCK_V elements. Starting point, NOT yet measured on a GPU here (see
-# benchmarks/NOTES.md): 8192 elements for 16-bit logits, 4096 for 32/64-bit, 16 warps.
-_MAX_BLOCK = {2: 8192, 4: 4096, 8: 2048}
+
+def _fake_forward(logits, labels, rewards, flags):
+    n, cdtype = labels.numel(), compute_dtype(logits.dtype)
+    new = lambda *shape, dtype=cdtype: logits.new_empty(shape, dtype=dtype)  # noqa: E731
+    return (new(n), new(n, 2), new(n if flags[7] else 0), new(), new(len(METRICS)),
+            new(max(rewards.shape[0], 1), 2), new(2), new(NUM_ERR, dtype=torch.int32))
 
 
-def launch_config(vocab: int, dtype: torch.dtype) -> Tuple[int, int]:
-    """(BLOCK_V, num_warps) for a row of `vocab` logits of `dtype`."""
-    block = min(triton.next_power_of_2(vocab), _MAX_BLOCK[dtype.itemsize])
-    num_warps = 16 if block >= 4096 else (8 if block >= 1024 else 4)
-    return block, num_warps
-
-
-def _acc_type(dtype: torch.dtype):
-    return tl.float64 if compute_dtype(dtype) == torch.float64 else tl.float32
-
-
-def _row_geometry(t: torch.Tensor) -> Tuple[int, int, int, int]:
-    """(rows per sequence, stride over sequences, stride over rows, stride over V) of a
-    [B, T, V] or [N, V] tensor; packed rows are one "sequence" of N rows."""
-    if t.dim() == 3:
-        return t.shape[1], t.stride(0), t.stride(1), t.stride(2)
-    return max(t.shape[0], 1), 0, t.stride(0), t.stride(1)
-
-
-def forward_rows(logits: torch.Tensor, labels: torch.Tensor, seq: torch.Tensor,
-                 temperature: float, with_entropy: bool, *, grad: Optional[torch.Tensor] = None,
-                 coef: Optional[torch.Tensor] = None,
-                 entropy_coef: Optional[torch.Tensor] = None):
-    """Forward pass over the logits rows.
-
-    logits: [B, T, V] or [N, V] (any strides); labels, seq: [N] int64 (seq −1 = not counted).
-    Returns (logprobs [N], stats [N, 2], entropy [N] or None), float32 (float64 for float64
-    logits); stats[:, 0] is the row max m of z, stats[:, 1] = log Σ exp(z − m), so the
-    logsumexp is their sum (see ``logsumexp``). Rows not counted get zeros.
-    One-pass mode: with ``grad`` (shaped like logits; may be logits itself), ``coef`` [N] and
-    ``entropy_coef`` (0-dim), the same kernel also writes the gradient (see ``backward_rows``).
-    """
-    num_rows, vocab = seq.shape[0], logits.shape[-1]
-    cdtype = compute_dtype(logits.dtype)
-    logprobs = new_output((num_rows,), cdtype, logits.device)
-    stats = new_output((num_rows, 2), cdtype, logits.device)
-    entropy = new_output((num_rows,), cdtype, logits.device) if with_entropy else None
-    write_grad = grad is not None
-    if num_rows:
-        block, num_warps = launch_config(vocab, logits.dtype)
-        seq_len, stride_b, stride_t, stride_v = _row_geometry(logits)
-        _opo_fwd_kernel[(num_rows,)](
-            logits, labels, seq, logprobs, stats, entropy if with_entropy else logprobs,
-            grad if write_grad else logits, coef if write_grad else logprobs,
-            entropy_coef if write_grad and with_entropy else logprobs,
-            seq_len, vocab, stride_b, stride_t, stride_v,
-            *_row_geometry(grad if write_grad else logits)[1:],
-            1.0 / temperature,
-            WITH_ENTROPY=with_entropy, WRITE_GRAD=write_grad, ACC=_acc_type(logits.dtype),
-            BLOCK_V=block, num_warps=num_warps,
-        )
-    return logprobs, stats, entropy
-
-
-def logsumexp(stats: torch.Tensor) -> torch.Tensor:
-    """The per-row logsumexp [N] from ``forward_rows``' statistics [N, 2]."""
-    return stats.sum(-1)
-
-
-def backward_rows(logits: torch.Tensor, labels: torch.Tensor, seq: torch.Tensor,
-                  stats: torch.Tensor, entropy: Optional[torch.Tensor], coef: torch.Tensor,
-                  entropy_coef: torch.Tensor, temperature: float, inplace: bool) -> torch.Tensor:
-    """Backward pass: ∂L/∂logits, same shape and dtype as logits.
-
-    stats: [N, 2] row statistics from ``forward_rows``.
-    coef: [N] c_t = ∂L/∂lp_t; entropy_coef: 0-dim ∂L/∂H_t (used when entropy is given).
-    With inplace=True the gradient overwrites `logits` (which is returned).
-    """
-    num_rows, vocab = seq.shape[0], logits.shape[-1]
-    grad = logits if inplace else new_output(logits.shape, logits.dtype, logits.device)
-    if num_rows:
-        block, num_warps = launch_config(vocab, logits.dtype)
-        seq_len, stride_b, stride_t, stride_v = _row_geometry(logits)
-        with_entropy = entropy is not None
-        _opo_bwd_kernel[(num_rows,)](
-            logits, grad, labels, seq, stats, entropy if with_entropy else coef, coef,
-            entropy_coef, seq_len, vocab, stride_b, stride_t, stride_v,
-            *_row_geometry(grad)[1:], 1.0 / temperature,
-            WITH_ENTROPY=with_entropy, ACC=_acc_type(logits.dtype), BLOCK_V=block,
-            num_warps=num_warps,
-        )
-    return grad
-
-
-def scale_rows_(grad: torch.Tensor, seq: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """grad *= scale (0-dim tensor) on counted rows, in place; free when scale == 1."""
-    num_rows, vocab = seq.shape[0], grad.shape[-1]
-    if num_rows:
-        block, num_warps = launch_config(vocab, grad.dtype)
-        seq_len, stride_b, stride_t, stride_v = _row_geometry(grad)
-        _scale_kernel[(num_rows,)](grad, scale, seq, seq_len, vocab, stride_b, stride_t,
-                                   stride_v, ACC=_acc_type(grad.dtype), BLOCK_V=block,
-                                   num_warps=num_warps)
-    return grad
-
-
-# The launchers as torch.library custom ops: torch.compile (fullgraph) sees each launch as one
-# opaque op with a shape-only fake implementation, instead of tracing into Triton's launcher.
-# Ops that write into an argument say so (mutates_args); none returns an alias of an input.
-
-
-def _empty_rows(logits, with_entropy):
-    n = logits.numel() // logits.shape[-1]
-    cdtype = compute_dtype(logits.dtype)
-    new = lambda k: logits.new_empty((k,), dtype=cdtype)  # noqa: E731
-    return new(n), logits.new_empty((n, 2), dtype=cdtype), new(n if with_entropy else 0)
-
-
-@torch.library.custom_op("opo_kernels::forward_rows", mutates_args=())
-def _forward_op(logits: torch.Tensor, labels: torch.Tensor, seq: torch.Tensor,
-                temperature: float, with_entropy: bool
-                ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    lp, stats, ent = forward_rows(logits, labels, seq, temperature, with_entropy)
-    return lp, stats, ent if ent is not None else lp.new_empty(0)
+@torch.library.custom_op("opo_kernels::fused_forward", mutates_args=())
+def _forward_op(logits: torch.Tensor, labels: torch.Tensor, ref: Optional[torch.Tensor],
+                mask: Optional[torch.Tensor], seq_ids: Optional[torch.Tensor],
+                rewards: torch.Tensor, group_ids: Optional[torch.Tensor],
+                weights: Optional[torch.Tensor], params: torch.Tensor, flags: List[int]
+                ) -> List[torch.Tensor]:
+    return _forward_impl(logits, labels, ref, mask, seq_ids, rewards, group_ids, weights, params,
+                         flags)
 
 
 @_forward_op.register_fake
-def _(logits, labels, seq, temperature, with_entropy):
-    return _empty_rows(logits, with_entropy)
+def _(logits, labels, ref, mask, seq_ids, rewards, group_ids, weights, params, flags):
+    grad = torch.empty_like(logits) if flags[9] else logits.new_empty(0)
+    return [*_fake_forward(logits, labels, rewards, flags), grad]
 
 
-@torch.library.custom_op("opo_kernels::forward_rows_grad", mutates_args=())
-def _forward_grad_op(logits: torch.Tensor, labels: torch.Tensor, seq: torch.Tensor,
-                     coef: torch.Tensor, entropy_coef: torch.Tensor, temperature: float,
-                     with_entropy: bool
-                     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    grad = new_output(logits.shape, logits.dtype, logits.device)
-    lp, stats, ent = forward_rows(logits, labels, seq, temperature, with_entropy, grad=grad,
-                                coef=coef, entropy_coef=entropy_coef)
-    return lp, stats, ent if ent is not None else lp.new_empty(0), grad
+@torch.library.custom_op("opo_kernels::fused_forward_", mutates_args=("logits",))
+def _forward_inplace_op(logits: torch.Tensor, labels: torch.Tensor, ref: Optional[torch.Tensor],
+                        mask: Optional[torch.Tensor], seq_ids: Optional[torch.Tensor],
+                        rewards: torch.Tensor, group_ids: Optional[torch.Tensor],
+                        weights: Optional[torch.Tensor], params: torch.Tensor, flags: List[int]
+                        ) -> List[torch.Tensor]:
+    """The one-pass mode with the gradient written over the logits."""
+    return list(_forward(logits, labels, ref, mask, seq_ids, rewards, group_ids, weights,
+                         params, flags, logits))
 
 
-@_forward_grad_op.register_fake
-def _(logits, labels, seq, coef, entropy_coef, temperature, with_entropy):
-    return (*_empty_rows(logits, with_entropy), torch.empty_like(logits))
+@_forward_inplace_op.register_fake
+def _(logits, labels, ref, mask, seq_ids, rewards, group_ids, weights, params, flags):
+    return list(_fake_forward(logits, labels, rewards, flags))
 
 
-@torch.library.custom_op("opo_kernels::forward_rows_grad_", mutates_args=("logits",))
-def _forward_grad_inplace_op(logits: torch.Tensor, labels: torch.Tensor, seq: torch.Tensor,
-                             coef: torch.Tensor, entropy_coef: torch.Tensor,
-                             temperature: float, with_entropy: bool
-                             ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    lp, stats, ent = forward_rows(logits, labels, seq, temperature, with_entropy, grad=logits,
-                                coef=coef, entropy_coef=entropy_coef)
-    return lp, stats, ent if ent is not None else lp.new_empty(0)
-
-
-@_forward_grad_inplace_op.register_fake
-def _(logits, labels, seq, coef, entropy_coef, temperature, with_entropy):
-    return _empty_rows(logits, with_entropy)
-
-
-@torch.library.custom_op("opo_kernels::backward_rows", mutates_args=())
-def _backward_op(logits: torch.Tensor, labels: torch.Tensor, seq: torch.Tensor,
-                 stats: torch.Tensor, entropy: torch.Tensor, coef: torch.Tensor,
-                 entropy_coef: torch.Tensor, temperature: float) -> torch.Tensor:
-    return backward_rows(logits, labels, seq, stats, entropy if entropy.numel() else None, coef,
-                         entropy_coef, temperature, inplace=False)
+@torch.library.custom_op("opo_kernels::fused_backward", mutates_args=())
+def _backward_op(logits: torch.Tensor, labels: torch.Tensor, ref: Optional[torch.Tensor],
+                 mask: Optional[torch.Tensor], seq_ids: Optional[torch.Tensor],
+                 lp: torch.Tensor, stats: torch.Tensor, ent: torch.Tensor, coef: torch.Tensor,
+                 scal: torch.Tensor, grad_loss: torch.Tensor, params: torch.Tensor,
+                 flags: List[int]) -> torch.Tensor:
+    return _backward(logits, labels, ref, mask, seq_ids, lp, stats, ent, coef, scal, grad_loss,
+                     params, flags, inplace=False)
 
 
 @_backward_op.register_fake
-def _(logits, labels, seq, stats, entropy, coef, entropy_coef, temperature):
+def _(logits, labels, ref, mask, seq_ids, lp, stats, ent, coef, scal, grad_loss, params, flags):
     return torch.empty_like(logits)
 
 
-@torch.library.custom_op("opo_kernels::backward_rows_", mutates_args=("logits",))
-def _backward_inplace_op(logits: torch.Tensor, labels: torch.Tensor, seq: torch.Tensor,
-                         stats: torch.Tensor, entropy: torch.Tensor, coef: torch.Tensor,
-                         entropy_coef: torch.Tensor, temperature: float) -> None:
-    backward_rows(logits, labels, seq, stats, entropy if entropy.numel() else None, coef,
-                  entropy_coef, temperature, inplace=True)
+@torch.library.custom_op("opo_kernels::fused_backward_", mutates_args=("logits",))
+def _backward_inplace_op(logits: torch.Tensor, labels: torch.Tensor, ref: Optional[torch.Tensor],
+                         mask: Optional[torch.Tensor], seq_ids: Optional[torch.Tensor],
+                         lp: torch.Tensor, stats: torch.Tensor, ent: torch.Tensor,
+                         coef: torch.Tensor, scal: torch.Tensor, grad_loss: torch.Tensor,
+                         params: torch.Tensor, flags: List[int]) -> None:
+    _backward(logits, labels, ref, mask, seq_ids, lp, stats, ent, coef, scal, grad_loss, params,
+              flags, inplace=True)
+
+
+def _scale(grad, labels, mask, seq_ids, scale) -> None:
+    rows = Rows(labels, mask, seq_ids, None, labels.numel(),
+                labels.shape[1] if labels.dim() == 2 else None)
+    scale_rows_(grad, rows, scale)
 
 
 @torch.library.custom_op("opo_kernels::scale_rows_", mutates_args=("grad",))
-def _scale_op(grad: torch.Tensor, seq: torch.Tensor, scale: torch.Tensor) -> None:
-    scale_rows_(grad, seq, scale)
+def _scale_op(grad: torch.Tensor, labels: torch.Tensor, mask: Optional[torch.Tensor],
+              seq_ids: Optional[torch.Tensor], scale: torch.Tensor) -> None:
+    _scale(grad, labels, mask, seq_ids, scale)
+
+
+def _call(op, impl, *args):
+    """The custom op under torch.compile; its implementation directly otherwise."""
+    return op(*args) if torch.compiler.is_compiling() else impl(*args)
 
 
 # --------------------------------------------------------------------------------------------
@@ -378,69 +200,66 @@ class FusedOPOFunction(torch.autograd.Function):
     """loss, metrics_vector = FusedOPOFunction.apply(logits, batch, cfg).
 
     Only logits receive a gradient (ω, τ, p̃, Q are constants; ref_logprobs and rewards are
-    data). metrics_vector holds the values of ``epilogue.metric_keys(cfg)``, not differentiable.
-
-    Two modes:
-    - general: forward kernel (1 read) -> epilogue -> backward kernel (1 read + 1 write).
-    - on-policy one-pass (``batch.ref_logprobs is None``): π_ref is the detached current policy,
-      so Δ ≡ 0, v = 0, p̃ is uniform and c_t depends only on rewards, groups and lengths. c_t is
-      computed first and the forward kernel writes the gradient of a unit upstream gradient
-      in the same launch; backward only scales it (free when the upstream gradient is 1).
+    data). metrics_vector [8] holds ``epilogue_kernel.METRICS`` (not differentiable).
     """
 
     @staticmethod
     def forward(ctx, logits: torch.Tensor, batch: Batch, cfg: OPOLossConfig):
-        one_pass = batch.ref_logprobs is None
-        rows = (logits, batch.flat_labels.contiguous(), batch.seq.contiguous())
-        if one_pass:
-            pre = on_policy_coefficients(cfg, batch)
-            if cfg.inplace_backward:
-                logprobs, stats, entropy = _forward_grad_inplace_op(
-                    *rows, pre.coef, pre.entropy_coef, cfg.temperature, cfg.with_entropy)
-                grad = logits
-            else:
-                logprobs, stats, entropy, grad = _forward_grad_op(
-                    *rows, pre.coef, pre.entropy_coef, cfg.temperature, cfg.with_entropy)
+        one_pass = batch.ref_logprobs is None and one_pass_exact(cfg)
+        params = params_tensor(cfg, logits.device, batch.compute_dtype)
+        flags = flags_of(cfg, batch, one_pass)
+        inputs = (logits, batch.labels, batch.ref_logprobs, batch.mask, batch.seq_ids,
+                  batch.rewards, batch.group_ids, batch.weights, params, flags)
+        if one_pass and cfg.inplace_backward:
+            out = _call(_forward_inplace_op, lambda *a: _forward(*a, logits), *inputs)
+            grad = logits
+        elif one_pass:
+            *out, grad = _call(_forward_op, _forward_impl, *inputs)
         else:
-            logprobs, stats, entropy = _forward_op(*rows, cfg.temperature, cfg.with_entropy)
+            out = _call(_forward_op, _forward_impl, *inputs)[:8]
+        lp, stats, ent, loss, metrics, coef, scal, errs = out
         if cfg.validate and not torch.compiler.is_compiling():  # the one host sync
-            check_values(batch, logsumexp(stats), logprobs)
-        entropy = entropy if cfg.with_entropy else None
-        out = batch_epilogue(cfg, batch, logprobs, entropy)
-        metrics = pack_metrics(cfg, out)
+            raise_bad_values(errs, batch)
         ctx.mark_non_differentiable(metrics)
-        ctx.cfg = cfg
-        ctx.one_pass = one_pass
+        ctx.set_materialize_grads(False)  # no zeros for the metrics' (unused) gradient
+        ctx.cfg, ctx.one_pass, ctx.flags = cfg, one_pass, flags
+        ctx.batch_tensors = (batch.labels, batch.ref_logprobs, batch.mask, batch.seq_ids)
         if one_pass:
-            ctx.save_for_backward(grad, rows[2])
+            ctx.save_for_backward(grad)
             ctx.backward_done = False
         else:
-            in_grad = entropy if cfg.entropy_in_gradient else None  # metric-only otherwise
-            ctx.save_for_backward(logits, *rows[1:], stats, out.coef,
-                                  out.entropy_coef, *([in_grad] if in_grad is not None else []))
-        return out.loss, metrics
+            ctx.save_for_backward(logits, lp, stats, ent, coef, scal, params)
+        return loss, metrics
 
     @staticmethod
     def backward(ctx, grad_loss, grad_metrics):
-        cfg = ctx.cfg
+        if grad_loss is None:  # the loss was not used (its metrics carry no gradient)
+            return None, None, None
+        labels, ref, mask, seq_ids = ctx.batch_tensors
         if ctx.one_pass:
             if ctx.backward_done:
                 raise RuntimeError("opo_loss with ref_logprobs=None (one-pass on-policy mode) "
                                    "writes its gradient during forward: run backward once")
             ctx.backward_done = True
-            grad, seq = ctx.saved_tensors
-            _scale_op(grad, seq, grad_loss.to(compute_dtype(grad.dtype)))
+            (grad,) = ctx.saved_tensors
+            _call(_scale_op, _scale, grad, labels, mask, seq_ids, grad_loss)
             return grad, None, None
-        logits, labels, seq, stats, coef, entropy_coef, *entropy = ctx.saved_tensors
-        grad_loss = grad_loss.to(coef.dtype)
-        args = (logits, labels, seq, stats, entropy[0] if entropy else coef.new_empty(0),
-                coef * grad_loss, entropy_coef * grad_loss, cfg.temperature)
-        if cfg.inplace_backward:
-            _backward_inplace_op(*args)
-            grad = logits
-        else:
-            grad = _backward_op(*args)
-        return grad, None, None
+        logits, lp, stats, ent, coef, scal, params = ctx.saved_tensors
+        args = (logits, labels, ref, mask, seq_ids, lp, stats, ent, coef, scal, grad_loss,
+                params, ctx.flags)
+        if ctx.cfg.inplace_backward:
+            _call(_backward_inplace_op, lambda *a: _backward(*a, inplace=True), *args)
+            return logits, None, None
+        return _call(_backward_op, lambda *a: _backward(*a, inplace=False), *args), None, None
+
+
+def _forward_impl(*args):
+    """``_forward_op``'s body for eager calls (fresh gradient buffer in one-pass mode)."""
+    flags = args[-1]
+    logits = args[0]
+    grad = new_output(logits.shape, logits.dtype, logits.device) if flags[9] else None
+    out = _forward(*args, grad)
+    return [*out, grad if grad is not None else logits.new_empty(0)]
 
 
 # --------------------------------------------------------------------------------------------
@@ -453,11 +272,12 @@ def loss_from_batch(batch: Batch, cfg: OPOLossConfig):
     loss, metrics = FusedOPOFunction.apply(batch.logits, batch, cfg)
     if not cfg.return_metrics:
         return loss
-    return loss, unpack_metrics(cfg, metrics)
+    return loss, unpack_metrics(metrics, cfg.with_entropy)
 
 
 def opo_loss(logits, labels, ref_logprobs, rewards, *, mask=None, seq_ids=None,
-             group_size=None, group_ids=None, **options):
+             group_size=None, group_ids=None, process_group=None, vocab_start=None,
+             **options):
     """The OPO loss (shared/SPEC.md) from LLM logits, with a fused Triton backward.
 
     Padded layout: logits [B, T, V] (fp32/bf16/fp16; a view like ``logits[:, :-1]`` is read
@@ -466,10 +286,15 @@ def opo_loss(logits, labels, ref_logprobs, rewards, *, mask=None, seq_ids=None,
     rewards: [B] float; exactly one of group_size (int) or group_ids [B] int.
     ref_logprobs=None means on-policy (π_ref = the detached current policy).
 
+    Vocabulary-parallel logits: with ``process_group``, logits are this rank's slice
+    [..., V_local] of the vocabulary, starting at ``vocab_start`` (default rank·V_local, equal
+    slices); labels are global token ids. Every rank gets the loss and metrics of the whole
+    vocabulary and the gradient of its own slice (tensor_parallel.py; O(N) communication).
+
     validate=True (default) checks labels, seq_ids, mask values and finiteness with one host
-    sync per call; validate=False skips it (no host sync at all). inplace_backward=True writes
-    the gradient into the logits buffer (saves one logits-sized allocation; logits are
-    overwritten by backward).
+    sync per call (and, with a process group, every rank's arguments and slice); validate=False
+    skips it (no host sync at all). inplace_backward=True writes the gradient into the logits
+    buffer (saves one logits-sized allocation; logits are overwritten by backward).
 
     options: the fields of ``OPOLossConfig`` as keywords (alpha=0.6, mu=1.0, tau=0.5,
     adaptive_tau=True, tau_range=(0.2, 1.5), reward_temperature=0.15, weights="seed",
@@ -489,19 +314,107 @@ def opo_loss(logits, labels, ref_logprobs, rewards, *, mask=None, seq_ids=None,
     """
     cfg = OPOLossConfig(**options)
     return opo_loss_with_config(logits, labels, ref_logprobs, rewards, cfg, mask=mask,
-                                seq_ids=seq_ids, group_size=group_size, group_ids=group_ids)
+                                seq_ids=seq_ids, group_size=group_size, group_ids=group_ids,
+                                process_group=process_group, vocab_start=vocab_start)
 
 
 def opo_loss_with_config(logits, labels, ref_logprobs, rewards, cfg: OPOLossConfig, *,
-                         mask=None, seq_ids=None, group_size=None, group_ids=None):
+                         mask=None, seq_ids=None, group_size=None, group_ids=None,
+                         process_group=None, vocab_start=None):
     """``opo_loss`` with an already validated ``OPOLossConfig`` (used by ``OPOLoss``)."""
     from . import reference  # local import: the reference is only needed for backend="torch"
 
-    batch = prepare(logits, labels, ref_logprobs, rewards, mask=mask, seq_ids=seq_ids,
-                    group_size=group_size, group_ids=group_ids, config=cfg)
+    layout = dict(mask=mask, seq_ids=seq_ids, group_size=group_size, group_ids=group_ids)
+    if process_group is not None:
+        return vocab_parallel_loss(logits, labels, ref_logprobs, rewards, cfg, process_group,
+                                   vocab_start, **layout)
+    if vocab_start is not None:
+        raise ValueError("vocab_start applies to vocabulary-parallel logits: pass "
+                         "process_group too")
+    batch = prepare(logits, labels, ref_logprobs, rewards, config=cfg, **layout)
     if use_triton(cfg.backend, logits.device):
         return loss_from_batch(batch, cfg)
     return reference.loss_from_batch(batch, cfg)
+
+
+# --------------------------------------------------------------------------------------------
+# Vocabulary-parallel logits
+# --------------------------------------------------------------------------------------------
+
+
+class VocabParallelOPOFunction(torch.autograd.Function):
+    """loss, metrics_vector = VocabParallelOPOFunction.apply(logits, batch, cfg, group,
+    vocab_start): logits [..., V_local] are this rank's vocabulary slice; batch.vocab is the
+    global V. The general two passes in every mode: an on-policy batch's coefficients are known
+    early, but a row's normalization is global, known only after the all-reduce, so the
+    gradient cannot be written in the forward's pass over the slice (a second kernel would
+    re-read the slice from HBM: the backward's traffic, earlier)."""
+
+    @staticmethod
+    def forward(ctx, logits, batch: Batch, cfg: OPOLossConfig, group, vocab_start: int):
+        from .tensor_parallel import combine_partials
+
+        params = params_tensor(cfg, logits.device, batch.compute_dtype)
+        rows = Rows.of(batch)
+        partials = new_output((batch.num_rows, 4), batch.compute_dtype, logits.device)
+        forward_rows(logits, rows, params, cfg.with_entropy, partials=partials,
+                     vocab_start=vocab_start)
+        lp, stats, ent = combine_partials(partials, batch.counted, 1.0 / cfg.temperature,
+                                          cfg.with_entropy, group)
+        counter = torch.zeros(1, dtype=torch.int32, device=logits.device)
+        shape = batch.labels.shape
+        out = run_epilogue(batch, Mode.of(cfg, batch.weights is not None), params, counter,
+                           logprobs=lp.view(shape),
+                           entropy=None if ent is None else ent.view(shape), stats=stats,
+                           validate=cfg.validate)
+        if cfg.validate:  # the same counts on every rank: every rank raises, none waits
+            raise_bad_values(out.errs, batch)
+        ctx.mark_non_differentiable(out.metrics)
+        ctx.set_materialize_grads(False)
+        ctx.cfg, ctx.rows, ctx.vocab_start = cfg, rows, vocab_start
+        ctx.save_for_backward(logits, lp, stats, ent if cfg.entropy_in_gradient else None,
+                              out.coef, out.scal, params)
+        return out.loss, out.metrics
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_metrics):
+        if grad_loss is None:
+            return None, None, None, None, None
+        logits, lp, stats, ent, coef, scal, params = ctx.saved_tensors
+        cfg = ctx.cfg
+        grad = backward_rows(logits, ctx.rows, lp, stats, ent, coef, scal, grad_loss, params,
+                             cfg.level, cfg.coordinates, inplace=cfg.inplace_backward,
+                             vocab_start=ctx.vocab_start)
+        return grad, None, None, None, None
+
+
+def vocab_parallel_loss(logits, labels, ref_logprobs, rewards, cfg: OPOLossConfig, group,
+                        vocab_start, **layout):
+    """``opo_loss`` on vocabulary-parallel logits (see ``opo_loss``)."""
+    import dataclasses
+
+    from .tensor_parallel import check_layout
+
+    error, batch = None, None
+    try:  # a bad argument on one rank must stop every rank, not leave them waiting
+        if not use_triton(cfg.backend, logits.device):
+            raise ValueError("process_group needs the fused kernels (backend 'triton' or "
+                             "'auto' on CUDA / with TRITON_INTERPRET=1)")
+        if vocab_start is not None and (isinstance(vocab_start, bool) or
+                                        not isinstance(vocab_start, int) or vocab_start < 0):
+            raise ValueError(f"vocab_start must be a non-negative int, got {vocab_start!r}")
+        batch = prepare(logits, labels, ref_logprobs, rewards, config=cfg, **layout)
+    except (TypeError, ValueError) as err:
+        error = err
+    vocab_local = logits.shape[-1] if isinstance(logits, torch.Tensor) and logits.dim() else 0
+    start, vocab = check_layout(group, vocab_local, vocab_start,
+                                batch.num_rows if batch is not None else -1, error,
+                                cfg.validate)
+    batch = dataclasses.replace(batch, vocab=vocab)
+    loss, metrics = VocabParallelOPOFunction.apply(logits, batch, cfg, group, start)
+    if not cfg.return_metrics:
+        return loss
+    return loss, unpack_metrics(metrics, cfg.with_entropy)
 
 
 class OPOLoss(torch.nn.Module):
@@ -518,10 +431,11 @@ class OPOLoss(torch.nn.Module):
         self.config = OPOLossConfig(**options)
 
     def forward(self, logits, labels, ref_logprobs, rewards, *, mask=None, seq_ids=None,
-                group_size=None, group_ids=None):
+                group_size=None, group_ids=None, process_group=None, vocab_start=None):
         return opo_loss_with_config(logits, labels, ref_logprobs, rewards, self.config,
                                     mask=mask, seq_ids=seq_ids, group_size=group_size,
-                                    group_ids=group_ids)
+                                    group_ids=group_ids, process_group=process_group,
+                                    vocab_start=vocab_start)
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={getattr(self.config, k)!r}" for k in

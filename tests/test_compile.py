@@ -84,7 +84,7 @@ def test_graph_computes_in_float32():
     ]
     assert not float64_ops, f"float64 computation in the graph: {float64_ops}"
     ops = {str(n.target) for n in nodes if n.op == "call_function"}
-    assert "opo_kernels.forward_rows.default" in ops, f"forward kernel not in graph: {ops}"
+    assert "opo_kernels.fused_forward.default" in ops, f"forward kernel not in graph: {ops}"
 
 
 def test_inductor_compile_matches():
