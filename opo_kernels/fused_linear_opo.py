@@ -107,14 +107,27 @@ def _row_outputs(batch: Batch, with_entropy: bool):
 
 
 def forward_chunks(hidden2d, weight, bias, batch: Batch, cfg: OPOLossConfig, params,
-                   chunk_size: int):
+                   chunk_size: int, tp=None):
     """Phase 1: per-row (logprobs [N], stats [N, 2], entropy [N] or None) over all rows, chunk
-    by chunk (stats: the row statistics of ``forward_rows``)."""
-    rows, out = Rows.of(batch), _row_outputs(batch, cfg.with_entropy)
+    by chunk (stats: the row statistics of ``forward_rows``). tp = (group, vocab_start): the
+    weight is this rank's vocabulary slice; the chunks write partials, combined once."""
+    rows = Rows.of(batch)
+    if tp is None:
+        out = _row_outputs(batch, cfg.with_entropy)
+        for start, end in _chunks(hidden2d.shape[0], chunk_size):
+            logits = _chunk_logits(hidden2d[start:end], weight, bias)
+            forward_rows(logits, rows, params, cfg.with_entropy, row_start=start, out=out)
+        return out
+    from .tensor_parallel import combine_partials
+
+    group, vocab_start = tp
+    partials = new_output((batch.num_rows, 4), batch.compute_dtype, batch.device)
     for start, end in _chunks(hidden2d.shape[0], chunk_size):
         logits = _chunk_logits(hidden2d[start:end], weight, bias)
-        forward_rows(logits, rows, params, cfg.with_entropy, row_start=start, out=out)
-    return out
+        forward_rows(logits, rows, params, cfg.with_entropy, row_start=start,
+                     partials=partials, vocab_start=vocab_start)
+    return combine_partials(partials, batch.counted, 1.0 / cfg.temperature, cfg.with_entropy,
+                            group)
 
 
 def _grad_buffers(hidden2d, weight, bias, needs: Tuple[bool, bool, bool]):
@@ -128,7 +141,8 @@ def _grad_buffers(hidden2d, weight, bias, needs: Tuple[bool, bool, bool]):
 
 
 def backward_chunks(hidden2d, weight, bias, rows: Rows, saved, grad_loss, params,
-                    cfg: OPOLossConfig, chunk_size: int, needs: Tuple[bool, bool, bool]):
+                    cfg: OPOLossConfig, chunk_size: int, needs: Tuple[bool, bool, bool],
+                    vocab_start: int = 0):
     """Phase 2: (grad_hidden [N, H] in hidden's dtype, grad_weight [V, H], grad_bias [V]) in
     fp32 (fp64 for fp64 inputs), each None when not needed. saved = (logprobs, stats,
     entropy or None, coef, scal) of phase 1 and the epilogue; grad_loss: 0-dim (on device)."""
@@ -139,7 +153,7 @@ def backward_chunks(hidden2d, weight, bias, rows: Rows, saved, grad_loss, params
         logits = _chunk_logits(hidden_c, weight, bias)
         grad_logits = backward_rows(logits, rows, logprobs, stats, entropy, coef, scal,
                                     grad_loss, params, cfg.level, cfg.coordinates, inplace=True,
-                                    row_start=start)
+                                    row_start=start, vocab_start=vocab_start)
         _accumulate(grad_logits, hidden_c, weight,
                     None if grad_hidden is None else grad_hidden[start:end],
                     grad_weight, grad_bias)
@@ -179,15 +193,18 @@ def _scale(grad: torch.Tensor, grad_loss: torch.Tensor) -> torch.Tensor:
 
 class FusedLinearOPOFunction(torch.autograd.Function):
     """loss, metrics_vector = FusedLinearOPOFunction.apply(hidden, weight, bias, batch, cfg,
-    chunk_size, one_phase).
+    chunk_size, one_phase, tp).
 
     hidden, weight and bias receive gradients (ω, τ, p̃, Q are constants; ref_logprobs and
     rewards are data). one_phase: on-policy batch whose gradients are wanted (see module doc).
+    tp = (group, vocab_start, reduce_hidden_grad) for a vocabulary-parallel LM head (weight and
+    bias: this rank's slice), else None: the gradient of hidden is then this slice's part,
+    summed over the group here when reduce_hidden_grad (the caller's layer does it otherwise).
     """
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, batch: Batch, cfg: OPOLossConfig, chunk_size: int,
-                one_phase: bool):
+                one_phase: bool, tp):
         hidden2d = hidden.reshape(-1, hidden.shape[-1])  # a copy only for a non-viewable layout
         needs = tuple(ctx.needs_input_grad[:3])
         params = params_tensor(cfg, hidden.device, batch.compute_dtype)
@@ -197,7 +214,7 @@ class FusedLinearOPOFunction(torch.autograd.Function):
                 hidden2d, weight, bias, batch, cfg, params, counters[0:1], chunk_size, needs)
         else:
             logprobs, stats, entropy = forward_chunks(hidden2d, weight, bias, batch, cfg, params,
-                                                      chunk_size)
+                                                      chunk_size, None if tp is None else tp[:2])
         shape = batch.labels.shape
         out = run_epilogue(batch, Mode.of(cfg, batch.weights is not None), params,
                            counters[1:2], logprobs=logprobs.view(shape),
@@ -210,7 +227,7 @@ class FusedLinearOPOFunction(torch.autograd.Function):
         ctx.one_phase, ctx.cfg, ctx.chunk_size, ctx.needs = one_phase, cfg, chunk_size, needs
         ctx.hidden_shape, ctx.dtypes = hidden.shape, (hidden.dtype, weight.dtype,
                                                       None if bias is None else bias.dtype)
-        ctx.rows = Rows.of(batch)
+        ctx.rows, ctx.tp = Rows.of(batch), tp
         if one_phase:
             ctx.save_for_backward(*grads)
         else:
@@ -223,8 +240,8 @@ class FusedLinearOPOFunction(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss, grad_metrics):
         if grad_loss is None:  # the loss was not used (its metrics carry no gradient)
-            return None, None, None, None, None, None, None
-        cfg = ctx.cfg
+            return None, None, None, None, None, None, None, None
+        cfg, tp = ctx.cfg, ctx.tp
         if ctx.one_phase:  # gradients were formed in forward for a unit upstream gradient
             grad_hidden, grad_weight, grad_bias = map(
                 lambda g: None if g is None else _scale(g, grad_loss), ctx.saved_tensors)
@@ -234,8 +251,10 @@ class FusedLinearOPOFunction(torch.autograd.Function):
             grad_hidden, grad_weight, grad_bias = backward_chunks(
                 hidden.reshape(-1, hidden.shape[-1]), weight, bias, ctx.rows,
                 (logprobs, stats, entropy, coef, scal), grad_loss, params, cfg,
-                ctx.chunk_size, ctx.needs,
+                ctx.chunk_size, ctx.needs, vocab_start=0 if tp is None else tp[1],
             )
+            if tp is not None and tp[2] and grad_hidden is not None:
+                torch.distributed.all_reduce(grad_hidden, group=tp[0])  # Σ over the slices
         hidden_dtype, weight_dtype, bias_dtype = ctx.dtypes
         if grad_hidden is not None:
             grad_hidden = grad_hidden.to(hidden_dtype).view(ctx.hidden_shape)
@@ -243,7 +262,7 @@ class FusedLinearOPOFunction(torch.autograd.Function):
             grad_weight = grad_weight.to(weight_dtype)
         if grad_bias is not None:
             grad_bias = grad_bias.to(bias_dtype)
-        return grad_hidden, grad_weight, grad_bias, None, None, None, None
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None
 
 
 # --------------------------------------------------------------------------------------------
@@ -311,7 +330,8 @@ def prepare_linear(hidden, weight, bias, labels, ref_logprobs, rewards, cfg: OPO
 
 def fused_linear_opo_loss(hidden, weight, labels, ref_logprobs, rewards, *, bias=None,
                           chunk_size=None, mask=None, seq_ids=None, group_size=None,
-                          group_ids=None, **options):
+                          group_ids=None, process_group=None, vocab_start=None,
+                          reduce_hidden_grad=True, **options):
     """The OPO loss (shared/SPEC.md) of the logits ``hidden @ weight.T + bias``, computed chunk
     by chunk so that at most ``chunk_size × V`` logits exist at any time.
 
@@ -339,6 +359,15 @@ def fused_linear_opo_loss(hidden, weight, labels, ref_logprobs, rewards, *, bias
 
     backend="torch" materializes the full logits and runs the reference (for testing).
 
+    Vocabulary-parallel LM head: with ``process_group``, weight [V_local, H] (and bias
+    [V_local]) are this rank's slice of the vocabulary, starting at ``vocab_start`` (default
+    rank·V_local); labels are global ids. The loss and metrics are those of the whole
+    vocabulary on every rank; weight/bias get their slice's gradient. hidden's gradient is
+    Σ over the slices: with reduce_hidden_grad=True (default) this op all-reduces it, so every
+    rank gets the full gradient; pass False when hidden comes through a layer whose backward
+    does that all-reduce itself (Megatron's ``copy_to_tensor_model_parallel_region`` before a
+    column-parallel head), and each rank gets its slice's part.
+
     Example::
 
         loss = fused_linear_opo_loss(hidden, lm_head.weight, labels, old_logprobs, rewards,
@@ -349,32 +378,72 @@ def fused_linear_opo_loss(hidden, weight, labels, ref_logprobs, rewards, *, bias
     return fused_linear_opo_loss_with_config(
         hidden, weight, labels, ref_logprobs, rewards, cfg, bias=bias, chunk_size=chunk_size,
         mask=mask, seq_ids=seq_ids, group_size=group_size, group_ids=group_ids,
+        process_group=process_group, vocab_start=vocab_start,
+        reduce_hidden_grad=reduce_hidden_grad,
     )
 
 
 def fused_linear_opo_loss_with_config(hidden, weight, labels, ref_logprobs, rewards,
                                       cfg: OPOLossConfig, *, bias=None, chunk_size=None,
                                       mask=None, seq_ids=None, group_size=None,
-                                      group_ids=None):
+                                      group_ids=None, process_group=None, vocab_start=None,
+                                      reduce_hidden_grad=True):
     """``fused_linear_opo_loss`` with an already validated config (used by the module)."""
     from . import reference  # local import: the reference is only needed for backend="torch"
 
-    batch = prepare_linear(hidden, weight, bias, labels, ref_logprobs, rewards, cfg, mask=mask,
-                           seq_ids=seq_ids, group_size=group_size, group_ids=group_ids)
-    if not use_triton(cfg.backend, hidden.device):
-        logits = torch.nn.functional.linear(hidden, weight, bias)
-        return reference.loss_from_batch(dataclasses.replace(batch, logits=logits), cfg)
+    layout = dict(mask=mask, seq_ids=seq_ids, group_size=group_size, group_ids=group_ids)
+    tp = None
+    if process_group is not None:
+        batch, tp = _prepare_parallel(hidden, weight, bias, labels, ref_logprobs, rewards, cfg,
+                                      process_group, vocab_start, reduce_hidden_grad, layout)
+    else:
+        if vocab_start is not None:
+            raise ValueError("vocab_start applies to a vocabulary-parallel weight: pass "
+                             "process_group too")
+        batch = prepare_linear(hidden, weight, bias, labels, ref_logprobs, rewards, cfg,
+                               **layout)
+        if not use_triton(cfg.backend, hidden.device):
+            logits = torch.nn.functional.linear(hidden, weight, bias)
+            return reference.loss_from_batch(dataclasses.replace(batch, logits=logits), cfg)
     if chunk_size is None:
         chunk_size = default_chunk_size(batch.num_rows, weight.shape[0], hidden.shape[-1],
                                         hidden.dtype)
     wants_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (hidden, weight, bias))
-    one_phase = batch.ref_logprobs is None and wants_grad and one_pass_exact(cfg)
+    # vocabulary-parallel: the two phases (a row's normalization is known after the all-reduce)
+    one_phase = (batch.ref_logprobs is None and wants_grad and one_pass_exact(cfg)
+                 and tp is None)
     loss, metrics = FusedLinearOPOFunction.apply(hidden, weight, bias, batch, cfg, chunk_size,
-                                                 one_phase)
+                                                 one_phase, tp)
     if not cfg.return_metrics:
         return loss
     return loss, unpack_metrics(metrics, cfg.with_entropy)
+
+
+def _prepare_parallel(hidden, weight, bias, labels, ref_logprobs, rewards, cfg, group,
+                      vocab_start, reduce_hidden_grad, layout):
+    """Checks of a vocabulary-parallel call, agreed by every rank (see tensor_parallel)."""
+    from .tensor_parallel import check_layout
+
+    error, batch = None, None
+    try:
+        if not use_triton(cfg.backend, hidden.device):
+            raise ValueError("process_group needs the fused kernels (backend 'triton' or "
+                             "'auto' on CUDA / with TRITON_INTERPRET=1)")
+        if vocab_start is not None and (isinstance(vocab_start, bool) or
+                                        not isinstance(vocab_start, int) or vocab_start < 0):
+            raise ValueError(f"vocab_start must be a non-negative int, got {vocab_start!r}")
+        if not isinstance(reduce_hidden_grad, bool):
+            raise TypeError(f"reduce_hidden_grad must be a bool, got {reduce_hidden_grad!r}")
+        batch = prepare_linear(hidden, weight, bias, labels, ref_logprobs, rewards, cfg,
+                               **layout)
+    except (TypeError, ValueError) as err:
+        error = err
+    vocab_local = weight.shape[0] if isinstance(weight, torch.Tensor) and weight.dim() else 0
+    start, vocab = check_layout(group, vocab_local, vocab_start,
+                                batch.num_rows if batch is not None else -1, error,
+                                cfg.validate)
+    return dataclasses.replace(batch, vocab=vocab), (group, start, reduce_hidden_grad)
 
 
 class FusedLinearOPOLoss(torch.nn.Module):
@@ -396,11 +465,13 @@ class FusedLinearOPOLoss(torch.nn.Module):
         self.config = _linear_config(options)
 
     def forward(self, hidden, weight, labels, ref_logprobs, rewards, bias=None, *, mask=None,
-                seq_ids=None, group_size=None, group_ids=None):
+                seq_ids=None, group_size=None, group_ids=None, process_group=None,
+                vocab_start=None, reduce_hidden_grad=True):
         return fused_linear_opo_loss_with_config(
             hidden, weight, labels, ref_logprobs, rewards, self.config, bias=bias,
             chunk_size=self.chunk_size, mask=mask, seq_ids=seq_ids, group_size=group_size,
-            group_ids=group_ids,
+            group_ids=group_ids, process_group=process_group, vocab_start=vocab_start,
+            reduce_hidden_grad=reduce_hidden_grad,
         )
 
     def extra_repr(self) -> str:

@@ -1,0 +1,120 @@
+"""Vocabulary-parallel logits (tensor parallelism, SPEC "Vocabulary-parallel logits").
+
+Each rank of a torch.distributed process group holds a contiguous slice [vocab_start,
+vocab_start + V_local) of the vocabulary: logits [..., V_local] (Megatron's column-parallel LM
+head, torchtitan's ``Shard(-1)`` loss parallel). Per call, with N token rows:
+
+  1. the forward row kernel reads the local slice once and writes per-row partials
+     (x_max, the label's logit or −inf when another rank holds it, Σ_{j≠label} e^{(x−x_max)/t},
+     and the entropy's Σ e·(x − x_max)/t);
+  2. ``combine_partials``: ONE all-reduce (MAX) of [N, 2] — the global max and the label's
+     logit — then ONE all-reduce (SUM) of [N, 1] (or [N, 2] with entropy) of the rescaled sums:
+     every rank then has the exact row statistics, log-probs and entropies of the whole
+     vocabulary. 16 (or 24) bytes per row in all, never O(N·V);
+  3. the epilogue runs replicated (same inputs on every rank -> the same loss, metrics and
+     coefficients, deterministically);
+  4. backward is local: each rank writes the gradient of its own slice.
+
+Checks (``check_layout``, with validate=True): every rank's arguments, slice and N are
+gathered with one ``all_gather_object``, so that a bad input on ONE rank raises the same error
+on EVERY rank instead of leaving the others waiting in a collective.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.distributed as dist
+
+_LAYOUTS = {}  # (group, V_local, vocab_start) -> (vocab_start, V_global): checked once
+
+
+def _group_key(group):
+    return id(group) if group is not None else None
+
+
+def check_layout(group, vocab_local: int, vocab_start: Optional[int], num_rows: int,
+                 error: Optional[BaseException], validate: bool) -> Tuple[int, int]:
+    """(vocab_start of this rank, global vocabulary size V).
+
+    vocab_start None: equal slices, rank r starts at r·V_local. With validate=True (or the
+    first time a layout is seen) every rank's (error, vocab_start, V_local, N) is gathered and
+    checked: slices must tile [0, V) in rank order and N must agree; any problem raises the
+    same ValueError on every rank (a rank whose own arguments failed re-raises its error).
+    """
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    start = rank * vocab_local if vocab_start is None else vocab_start
+    key = (_group_key(group), vocab_local, vocab_start)
+    if not validate:  # trusted inputs: no agreement step once the layout is known
+        if error is not None:
+            raise error
+        if key in _LAYOUTS:
+            return start, _LAYOUTS[key]
+    info = [None] * world
+    message = None if error is None else f"{type(error).__name__}: {error}"
+    dist.all_gather_object(info, (message, start, vocab_local, num_rows), group=group)
+    failed = [(r, m) for r, (m, *_) in enumerate(info) if m is not None]
+    if error is not None:
+        raise error
+    if failed:
+        r, m = failed[0]
+        raise ValueError(f"rank {r} of the process group failed its input checks ({m}); "
+                         "every rank stops with it")
+    starts = [i[1] for i in info]
+    sizes = [i[2] for i in info]
+    rows = [i[3] for i in info]
+    if len(set(rows)) != 1:
+        raise ValueError(f"the ranks' logits hold different numbers of token rows N: "
+                         f"{rows} (rank order); every rank must pass the same tokens")
+    expected = 0
+    for r, (s, v) in enumerate(zip(starts, sizes)):
+        if s != expected:
+            raise ValueError(
+                f"vocab_start of rank {r} is {s} but the slices before it end at {expected}: "
+                f"slices (vocab_start, V_local) by rank = {list(zip(starts, sizes))} must "
+                "tile the vocabulary contiguously in rank order")
+        expected = s + v
+    _LAYOUTS[key] = expected
+    return start, expected
+
+
+def combine_partials(partials: torch.Tensor, counted: torch.Tensor, inv_temperature: float,
+                     with_entropy: bool, group) -> Tuple[torch.Tensor, torch.Tensor,
+                                                         Optional[torch.Tensor]]:
+    """The exact per-row statistics of the whole vocabulary from every rank's slice.
+
+    partials: [N, 4] (x_max, x_label or −inf, others, w) of this rank's slice
+    (``row_kernels.forward_rows(..., partials=)``); counted: [N] bool.
+    Returns (logprobs [N], stats [N, 2] = (global x_max, log Σ e^{(x − x_max)/t}),
+    entropy [N] or None), the same on every rank; 0 on rows not counted.
+    """
+    x_max, x_label, others, w = partials.unbind(1)
+    top = torch.stack([x_max, x_label], 1)
+    dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
+    g_max, g_label = top.unbind(1)
+    shift = torch.where(torch.isfinite(g_max), g_max, 0.0)
+    # this slice's terms relative to the global max (a slice of −inf only contributes 0)
+    d_local = torch.where(x_max > float("-inf"), (x_max - shift) * inv_temperature, 0.0)
+    scale = torch.where(x_max > float("-inf"), torch.exp(d_local), 0.0)
+    own_label = torch.where(x_label > float("-inf"),
+                            torch.exp((x_label - x_max) * inv_temperature), 0.0)
+    sums = [others * scale]
+    if with_entropy:  # Σ e·(x − M)/t over the slice, re-centred from the slice's max
+        sums.append(scale * (w + d_local * (others + own_label)))
+    sums = torch.stack(sums, 1)
+    dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
+    g_others = sums[:, 0]
+    e_label = torch.exp((g_label - shift) * inv_temperature)
+    total = g_others + e_label
+    log_sum = torch.log(total)
+    logprobs = torch.where(e_label > g_others, -torch.log1p(g_others / e_label),
+                           (g_label - shift) * inv_temperature - log_sum)
+    zero = torch.zeros_like(log_sum)
+    logprobs = torch.where(counted, logprobs, zero)
+    stats = torch.stack([torch.where(counted, shift, zero), torch.where(counted, log_sum, zero)],
+                        1)
+    entropy = None
+    if with_entropy:
+        entropy = torch.where(counted, log_sum - sums[:, 1] / total, zero)
+    return logprobs, stats, entropy

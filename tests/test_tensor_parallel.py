@@ -1,0 +1,74 @@
+"""Vocabulary-parallel logits over torch.distributed (gloo on CPU; the kernels under the
+interpreter): 2 and 4 ranks spawned by the test itself, each holding a slice of the vocabulary.
+Every rank's loss, metrics and gradient slice must equal the single-process result on the whole
+vocabulary (tests/tp_workers.py), for both layouts, every level, the entropy bonus, temperature,
+on-policy, uneven slices given by vocab_start, and the fused-linear head. Bad input on any rank
+must raise on every rank, within a deadline (a rank left waiting in a collective would hang).
+"""
+
+import socket
+import time
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+import tp_workers
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_ranks(fn, world: int, *args, deadline: float = 300.0):
+    """Spawns `world` ranks of fn(rank, world, port, *args); fails on any rank's error or if
+    they are not all done by the deadline (a hang)."""
+    context = mp.spawn(fn, args=(world, _free_port(), *args), nprocs=world, join=False)
+    stop = time.monotonic() + deadline
+    while not context.join(timeout=5):
+        if time.monotonic() > stop:
+            for process in context.processes:
+                process.terminate()
+            pytest.fail(f"ranks still running after {deadline:.0f} s: a rank is waiting in a "
+                        "collective")
+
+
+CASES_2 = [
+    ("padded", False, {}),
+    ("packed", False, {"level": "sequence", "entropy_coef": 0.05}),
+    ("padded", True, {"level": "token", "temperature": 0.7}),
+    ("packed", True, {"coordinates": "log", "weights": "escort", "center_weights": True,
+                      "on_policy": True}),
+    ("padded", False, {"entropy_coef": 0.03, "on_policy": True, "temperature": 1.3}),
+    ("packed", False, {"inplace_backward": True, "compute_entropy": True}),
+]
+CASES_4 = [
+    ("padded", True, {"entropy_coef": 0.05, "level": "sequence"}),
+    ("packed", True, {"on_policy": True, "level": "token"}),
+]
+
+
+def test_two_ranks():
+    run_ranks(tp_workers.logits_cases, 2, CASES_2)
+
+
+def test_four_ranks():
+    run_ranks(tp_workers.logits_cases, 4, CASES_4)
+
+
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+def test_fused_linear_two_ranks(layout):
+    run_ranks(tp_workers.fused_linear_case, 2, layout)
+
+
+@pytest.mark.parametrize("case", ["label_outside_vocab", "inconsistent_vocab_start",
+                                  "mismatched_rows", "bad_argument_on_one_rank"])
+def test_bad_input_raises_on_every_rank(case):
+    run_ranks(tp_workers.bad_input_case, 2, case, deadline=120.0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs for NCCL")
+def test_nccl_two_gpus():
+    run_ranks(tp_workers.logits_cases, 2, CASES_2, "nccl")

@@ -1,0 +1,181 @@
+"""The ranks of the vocabulary-parallel tests (tests/test_tensor_parallel.py): each spawned
+process joins a gloo group, slices the vocabulary, and checks its loss, metrics and gradient
+slice against the single-process result on the whole vocabulary, computed in the same process.
+An AssertionError in a rank fails the test (torch.multiprocessing re-raises it)."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def bounds(world: int, V: int, uneven: bool):
+    """Slice boundaries [0, ..., V] by rank: equal slices, or uneven ones."""
+    if not uneven:
+        assert V % world == 0
+        return [r * V // world for r in range(world + 1)]
+    cuts = sorted({(r * V) // world + (r % 2) for r in range(1, world)})
+    return [0, *cuts, V]
+
+
+def _close(actual, expected, rtol, atol, what):
+    actual, expected = actual.double(), expected.double()
+    err = (actual - expected).abs()
+    bound = atol + rtol * expected.abs()
+    assert torch.isfinite(actual).all(), f"{what}: non-finite"
+    assert (err <= bound).all(), f"{what}: max err {err.max().item():.3e}"
+
+
+def _compare(rank, world, problem, uneven, **options):
+    import opo_kernels
+
+    V = problem.logits.shape[-1]
+    edges = bounds(world, V, uneven)
+    lo, hi = edges[rank], edges[rank + 1]
+    full = problem.leaf()
+    loss, metrics = opo_kernels.opo_loss(full, *problem.args(), backend="triton",
+                                         return_metrics=True, **problem.layout, **options)
+    (grad,) = torch.autograd.grad(loss * 1.3, full)
+    x = problem.leaf()
+    local = x[..., lo:hi]
+    loss2, metrics2 = opo_kernels.opo_loss(
+        local, *problem.args(), backend="triton", return_metrics=True,
+        process_group=dist.group.WORLD, vocab_start=lo if uneven else None,
+        **problem.layout, **options)
+    (grad2,) = torch.autograd.grad(loss2 * 1.3, local)
+    _close(loss2, loss, 2e-6, 2e-7, f"rank {rank} loss {options}")
+    assert set(metrics2) == set(metrics)
+    for k in metrics:
+        _close(metrics2[k], metrics[k], 2e-6, 2e-7, f"rank {rank} metric {k}")
+    expected = grad[..., lo:hi]
+    counted = (problem.layout["mask"] != 0 if "mask" in problem.layout
+               else problem.layout["seq_ids"] >= 0)
+    _close(grad2[counted], expected[counted], 1e-5, 1e-7 * expected.abs().max().item(),
+           f"rank {rank} grad {options}")
+    assert (grad2[~counted] == 0).all()
+
+
+def logits_cases(rank, world, port, cases, backend="gloo"):
+    """cases: list of (layout, uneven, options); backend "nccl": rank r on GPU r."""
+    from problems import make_problem
+
+    device = "cpu"
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+        device = f"cuda:{rank}"
+    dist.init_process_group(backend, rank=rank, world_size=world,
+                            init_method=f"tcp://127.0.0.1:{port}")
+    try:
+        for i, (layout, uneven, options) in enumerate(cases):
+            options = dict(options)
+            temperature = options.get("temperature", 1.0)
+            V = 12 if not uneven else 13
+            problem = make_problem(9, 5, V, torch.float32, layout, seed=10 + i,
+                                   temperature=temperature, device=device)
+            if options.pop("on_policy", False):
+                problem.ref_logprobs = None
+            _compare(rank, world, problem, uneven, **options)
+    finally:
+        dist.destroy_process_group()
+
+
+def fused_linear_case(rank, world, port, layout):
+    """fused_linear_opo_loss with a [V_local, H] weight slice (uneven slices, bias), the hidden
+    gradient all-reduced by the op (default) or left to the caller (reduce_hidden_grad=False:
+    the ranks' parts sum to the single-process gradient)."""
+    import opo_kernels
+
+    dist.init_process_group("gloo", rank=rank, world_size=world,
+                            init_method=f"tcp://127.0.0.1:{port}")
+    try:
+        g = torch.Generator().manual_seed(7)
+        B, T, H, V = 6, 5, 8, 19
+        hidden = torch.randn(B, T, H, generator=g, dtype=torch.float64).float()
+        weight = (torch.randn(V, H, generator=g, dtype=torch.float64) / H ** 0.5).float()
+        bias = torch.randn(V, generator=g, dtype=torch.float64).float() * 0.1
+        labels = torch.randint(0, V, (B, T), generator=g)
+        mask = torch.rand(B, T, generator=g) < 0.8
+        rewards = torch.rand(B, generator=g)
+        with torch.no_grad():
+            lp = torch.log_softmax(hidden @ weight.T + bias, -1).gather(-1, labels[..., None])
+        ref = lp[..., 0] + 0.05 * torch.randn(B, T, generator=g)
+        kwargs = dict(mask=mask, group_size=3, chunk_size=7, entropy_coef=0.02,
+                      return_metrics=True, backend="triton")
+        if layout == "packed":
+            kwargs.pop("mask")
+            hidden, labels, ref = hidden.view(-1, H), labels.view(-1), ref.view(-1)
+            kwargs["seq_ids"] = torch.where(mask.view(-1), torch.arange(B * T) // T, -1)
+        params = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
+        loss, metrics = opo_kernels.fused_linear_opo_loss(params[0], params[1], labels, ref,
+                                                          rewards, bias=params[2], **kwargs)
+        grads = torch.autograd.grad(loss, params)
+        edges = bounds(world, V, uneven=True)
+        lo, hi = edges[rank], edges[rank + 1]
+        for reduce in (True, False):
+            h = hidden.clone().requires_grad_()
+            w = weight[lo:hi].clone().requires_grad_()
+            b = bias[lo:hi].clone().requires_grad_()
+            loss2, metrics2 = opo_kernels.fused_linear_opo_loss(
+                h, w, labels, ref, rewards, bias=b, process_group=dist.group.WORLD,
+                vocab_start=lo, reduce_hidden_grad=reduce, **kwargs)
+            gh, gw, gb = torch.autograd.grad(loss2, (h, w, b))
+            _close(loss2, loss, 2e-6, 2e-7, "fused-linear loss")
+            for k in metrics:
+                _close(metrics2[k], metrics[k], 2e-6, 2e-7, f"fused-linear metric {k}")
+            scale = grads[0].abs().max().item()
+            if not reduce:
+                dist.all_reduce(gh)  # what the caller's column-parallel layer does
+            _close(gh, grads[0], 1e-5, 1e-7 * scale, f"hidden grad (reduce={reduce})")
+            _close(gw, grads[1][lo:hi], 1e-5, 1e-7 * grads[1].abs().max().item(), "weight grad")
+            _close(gb, grads[2][lo:hi], 1e-5, 1e-7 * grads[2].abs().max().item(), "bias grad")
+    finally:
+        dist.destroy_process_group()
+
+
+def bad_input_case(rank, world, port, case):
+    """Every rank must raise a ValueError naming the problem (none may wait in a collective)."""
+    from problems import make_problem
+
+    import opo_kernels
+
+    dist.init_process_group("gloo", rank=rank, world_size=world,
+                            init_method=f"tcp://127.0.0.1:{port}")
+    try:
+        problem = make_problem(6, 4, 8, torch.float32, "padded", seed=3)
+        labels, ref, rewards = problem.args()
+        V = problem.logits.shape[-1]
+        lo, hi = rank * V // world, (rank + 1) * V // world
+        logits = problem.leaf()[..., lo:hi]
+        layout = dict(problem.layout)
+        vocab_start = None
+        expect = None
+        if case == "label_outside_vocab":
+            labels = labels.clone()
+            labels[0, 0] = V  # a counted token (every sequence's first token is counted)
+            expect = "labels"
+        elif case == "inconsistent_vocab_start":
+            vocab_start = lo + (1 if rank == world - 1 else 0)
+            expect = "vocab_start"
+        elif case == "mismatched_rows":
+            if rank == 1:
+                logits, labels, ref = logits[:, :-1], labels[:, :-1], ref[:, :-1]
+                layout["mask"] = layout["mask"][:, :-1]
+            expect = "token rows"
+        elif case == "bad_argument_on_one_rank":
+            if rank == 0:
+                layout["mask"] = layout["mask"][:, :-1]
+            expect = "mask"
+        try:
+            opo_kernels.opo_loss(logits, labels, ref, rewards, backend="triton",
+                                 process_group=dist.group.WORLD, vocab_start=vocab_start,
+                                 **layout)
+        except ValueError as err:
+            assert expect in str(err), f"rank {rank}: {err}"
+        else:
+            raise AssertionError(f"rank {rank}: no error for {case}")
+    finally:
+        dist.destroy_process_group()
