@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from .config import OPOLossConfig
-from .epilogue_kernel import Mode, params_tensor, raise_bad_values, run_epilogue, unpack_metrics
+from .epilogue import Mode, params_tensor, raise_bad_values, run_epilogue, unpack_metrics
 from .inputs import Batch, prepare_logprobs
 from .row_kernels import Rows, acc_type, row_seq, small_geometry, token_coef
 from .utils import new_output, use_triton

@@ -41,7 +41,7 @@ import torch
 import triton
 
 from .config import OPOLossConfig
-from .epilogue_kernel import Mode, params_tensor, raise_bad_values, run_epilogue, unpack_metrics
+from .epilogue import Mode, params_tensor, raise_bad_values, run_epilogue, unpack_metrics
 from .fused_opo import one_pass_exact
 from .inputs import FLOAT_DTYPES, Batch, compute_dtype, prepare
 from .row_kernels import Rows, backward_rows, forward_rows

@@ -1,7 +1,7 @@
 """The fused OPO loss over logits: launchers -> torch.library ops -> autograd.Function -> API.
 
 A call is a handful of launches (shared/SPEC.md; kernels in row_kernels.py and
-epilogue_kernel.py), with N = B·T (padded) or N (packed) token rows:
+epilogue/), with N = B·T (padded) or N (packed) token rows:
   general mode:   forward row kernel (1 read of [N, V]) -> epilogue (1 launch over [N] and
                   [B]: loss, metrics, per-sequence coefficients) -> backward row kernel
                   (1 read + 1 write; c_t and the upstream gradient applied in the kernel).
@@ -27,7 +27,7 @@ from typing import List, Optional
 import torch
 
 from .config import OPOLossConfig
-from .epilogue_kernel import (
+from .epilogue import (
     METRICS,
     NUM_ERR,
     Mode,
@@ -200,7 +200,7 @@ class FusedOPOFunction(torch.autograd.Function):
     """loss, metrics_vector = FusedOPOFunction.apply(logits, batch, cfg).
 
     Only logits receive a gradient (ω, τ, p̃, Q are constants; ref_logprobs and rewards are
-    data). metrics_vector [8] holds ``epilogue_kernel.METRICS`` (not differentiable).
+    data). metrics_vector [8] holds ``epilogue.METRICS`` (not differentiable).
     """
 
     @staticmethod

@@ -411,7 +411,7 @@ def forward_rows(logits: torch.Tensor, rows: Rows, params: torch.Tensor, with_en
     """Forward pass over logits rows [row_start, row_start + R).
 
     logits: [B, T, V] or [R, V] (any strides); params: the epilogue's hyperparameter tensor
-    (``epilogue_kernel.params_tensor``; the kernel reads 1/temperature from it).
+    (``epilogue.params_tensor``; the kernel reads 1/temperature from it).
     ``out`` = (logprobs [N], stats [N, 2], entropy [N] or None) to write into (fresh ones
     otherwise), float32 (float64 for float64 logits); stats[:, 0] is the row's largest logit
     x_max, stats[:, 1] = log Σ exp((x − x_max)/temperature) (see ``logsumexp``). Rows not

@@ -21,13 +21,13 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import opo_kernels
 import opo_kernels.utils as ok_utils
-from opo_kernels import epilogue_kernel, from_logprobs, row_kernels
+from opo_kernels import epilogue, from_logprobs, row_kernels
 
 ALLOCATIONS = {"aten.empty.memory_format", "aten.empty_strided.default",
                "aten.empty_like.default", "aten.new_empty.default",
                "aten.new_empty_strided.default"}
 KERNELS = (row_kernels._opo_fwd_kernel, row_kernels._opo_bwd_kernel, row_kernels._scale_kernel,
-           epilogue_kernel.epilogue_kernel, from_logprobs._logprob_grad_kernel)
+           epilogue.epilogue_kernel, from_logprobs._logprob_grad_kernel)
 
 
 class _Counter(TorchDispatchMode):

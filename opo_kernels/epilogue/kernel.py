@@ -1,0 +1,236 @@
+"""The epilogue kernel and its launcher (the package docstring says what it computes)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Dict, List, NamedTuple, Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from ..row_kernels import small_geometry
+from .finish import _finish
+from .layout import ERRORS, LEVEL, METRICS, NUM_ERR, NUM_WS, WEIGHTS
+from .sums import _phase1_packed, _phase1_padded
+
+
+# mode flags are runtime ints (uniform branches), not constexprs: one compiled variant serves
+# every option combination (the option grid would otherwise compile hundreds of variants)
+@triton.jit(do_not_specialize=["B", "T", "N", "K", "ON_POLICY", "LEVEL", "RATIO", "WEIGHTS",
+                               "CENTER", "ADAPTIVE", "SCALE_REWARDS", "ENT_IN_LOSS",
+                               "BONUS", "VALIDATE"])
+def epilogue_kernel(
+    lp_ptr, lp_sb, lp_st, ref_ptr, ref_sb, ref_st, ent_ptr, ent_sb, ent_st,
+    sel_ptr, sel_sb, sel_st, labels_ptr, lab_sb, lab_st, stats_ptr,
+    rewards_ptr, r_st, gid_ptr, gid_st, weights_ptr, w_st, params_ptr,
+    ws_ptr, part_errs_ptr, counter_ptr,
+    loss_ptr, metrics_ptr, coef_ptr, scal_ptr, errs_ptr,
+    B, T, N, V, K,
+    PACKED: tl.constexpr, HAS_MASK: tl.constexpr, HAS_LP: tl.constexpr,
+    HAS_REF: tl.constexpr, HAS_ENT: tl.constexpr, ENT_IN_LOSS, BONUS,
+    FROM_LOGITS: tl.constexpr,
+    ON_POLICY, LEVEL, RATIO, WEIGHTS,
+    CENTER, ADAPTIVE, SCALE_REWARDS,
+    HAS_IDS: tl.constexpr, VALIDATE, ACC: tl.constexpr,
+    BLOCK_S: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK: tl.constexpr,
+    NUM_ERR: tl.constexpr, NUM_PROG_BLOCK: tl.constexpr,
+):
+    """See the module docstring. Per-token tensors are read through (stride over sequences,
+    stride over tokens); packed tensors have stride 0 over sequences and T = N."""
+    pid = tl.program_id(0)
+    num_programs = tl.num_programs(0)
+    errs = tl.zeros([NUM_ERR], tl.int32)
+    inv_temperature = tl.load(params_ptr + 11).to(ACC)
+    if PACKED:
+        errs = _phase1_packed(
+            pid * BLOCK_S, B, N, V, ws_ptr, errs, pid == 0,
+            lp_ptr, lp_st, ref_ptr, ref_st, ent_ptr, ent_st, sel_ptr, sel_st, labels_ptr,
+            lab_st, stats_ptr, inv_temperature,
+            HAS_LP, HAS_REF, HAS_ENT, FROM_LOGITS, ON_POLICY, RATIO, VALIDATE, ACC, BLOCK_S,
+            BLOCK_T, NUM_ERR)
+    else:
+        errs = _phase1_padded(
+            pid * BLOCK_S, B, T, V, ws_ptr, errs,
+            lp_ptr, lp_sb, lp_st, ref_ptr, ref_sb, ref_st, ent_ptr, ent_sb, ent_st,
+            sel_ptr, sel_sb, sel_st, labels_ptr, lab_sb, lab_st, stats_ptr, inv_temperature,
+            HAS_MASK, HAS_LP, HAS_REF, HAS_ENT, FROM_LOGITS, ON_POLICY, RATIO, VALIDATE, ACC,
+            BLOCK_S, BLOCK_T, NUM_ERR)
+    if VALIDATE:
+        tl.store(part_errs_ptr + pid * NUM_ERR + tl.arange(0, NUM_ERR), errs)
+    # every store of this program is made before its ticket is taken (release); the program
+    # that draws the last ticket sees all of them (acquire) and finishes the job
+    tl.debug_barrier()
+    ticket = tl.atomic_add(counter_ptr, 1, sem="acq_rel", scope="gpu")
+    if ticket == num_programs - 1:
+        tl.debug_barrier()
+        _finish(B, V, ws_ptr, params_ptr, rewards_ptr, r_st, gid_ptr, gid_st, K, weights_ptr,
+                w_st, loss_ptr, metrics_ptr, coef_ptr, scal_ptr, errs_ptr, part_errs_ptr,
+                num_programs, LEVEL, RATIO, WEIGHTS, CENTER, ADAPTIVE, SCALE_REWARDS, HAS_IDS,
+                HAS_ENT, ENT_IN_LOSS, BONUS, VALIDATE, ACC, BLOCK, NUM_ERR, NUM_PROG_BLOCK)
+
+
+# --------------------------------------------------------------------------------------------
+# Launcher
+# --------------------------------------------------------------------------------------------
+
+_PARAMS_CACHE: Dict[tuple, torch.Tensor] = {}
+
+
+def params_tensor(cfg, device, dtype) -> torch.Tensor:
+    """The float hyperparameters (``PARAMS`` order, then 1/temperature) as a device tensor the
+    kernels read: eager calls reuse one cached tensor per value set (no device op after the
+    first call, so a captured CUDA graph replays with no host copy); under torch.compile the
+    values may be symbolic and the tensor is part of the graph (changing α does not
+    recompile)."""
+    values = (cfg.alpha, cfg.mu, cfg.tau, cfg.tau_range[0], cfg.tau_range[1],
+              cfg.reward_temperature, cfg.entropy_coef, _or_inf(cfg, "delta_clip"),
+              _or_inf(cfg, "score_clip"), getattr(cfg, "direction_scale", 1.0),
+              getattr(cfg, "logit_reg_coef", 0.0), 1.0 / cfg.temperature)
+    if torch.compiler.is_compiling():
+        return torch.tensor(values, dtype=dtype, device=device)
+    key = (values, str(device), dtype)
+    cached = _PARAMS_CACHE.get(key)
+    if cached is None:
+        if len(_PARAMS_CACHE) > 256:
+            _PARAMS_CACHE.clear()
+        cached = _PARAMS_CACHE[key] = torch.tensor(values, dtype=dtype, device=device)
+    return cached
+
+
+def _or_inf(cfg, name: str) -> float:
+    value = getattr(cfg, name, None)
+    return math.inf if value is None else value
+
+
+@dataclass
+class EpilogueOut:
+    """loss: 0-dim; metrics: [8] (``METRICS`` order; entropy_mean only when known);
+    coef: [B, 2] per-sequence (a_s, z_s); scal: [2] = (b, ∂L/∂H_t), all per unit upstream
+    gradient; errs: [NUM_ERR] int32 value-check counts (``ERRORS`` order; only when validating).
+    """
+
+    loss: torch.Tensor
+    metrics: torch.Tensor
+    coef: torch.Tensor
+    scal: torch.Tensor
+    errs: torch.Tensor
+
+
+class Mode(NamedTuple):
+    """The options the epilogue branches on, as ints (they travel through torch.library custom
+    ops as an int list): level code, ratio coordinates, weights code, center, adaptive τ,
+    scale_rewards="group", entropy bonus (β > 0)."""
+
+    level: int
+    ratio: int
+    weights: int
+    center: int
+    adaptive: int
+    scale_rewards: int
+    bonus: int
+
+    @classmethod
+    def of(cls, cfg, has_weights: bool) -> Mode:
+        return cls(LEVEL[cfg.level], int(cfg.coordinates == "ratio"),
+                   WEIGHTS["tensor" if has_weights else cfg.weights], int(cfg.center_weights),
+                   int(cfg.adaptive_tau), int(getattr(cfg, "scale_rewards", "none") == "group"),
+                   int(cfg.entropy_coef > 0))
+
+
+def run_epilogue(batch, mode: Mode, params: torch.Tensor, counter: torch.Tensor, *,
+                 logprobs: Optional[torch.Tensor], entropy: Optional[torch.Tensor] = None,
+                 stats: Optional[torch.Tensor] = None, from_logits: bool = True,
+                 validate: bool = False) -> EpilogueOut:
+    """One launch of ``epilogue_kernel``.
+
+    batch: ``inputs.Batch`` (the caller's per-token tensors, read through their strides);
+    mode: ``Mode.of(cfg, ...)``; params: ``params_tensor(cfg, ...)``.
+    logprobs, entropy: [B, T] or [N] per-token values (the forward kernel's outputs viewed in
+    the batch's layout, or the caller's tensors for the log-prob API); logprobs=None: counts
+    only (the on-policy pre-pass, whose coefficients do not depend on the log-probs).
+    stats: [N, 2] row statistics (from_logits: checked for finiteness when validating).
+    counter: a zeroed int32 slot (the last-program ticket), used once.
+    """
+    cdtype = batch.compute_dtype
+    device = batch.device
+    B, N = batch.num_seqs, batch.num_rows
+    packed = batch.seq_ids is not None
+    T = N if packed else batch.seq_len
+    has_ref = batch.ref_logprobs is not None and logprobs is not None
+    has_ent = entropy is not None
+    block_s = 32 if packed else 16
+    num_programs = max(triton.cdiv(B, block_s), 1)
+    ws = torch.empty((NUM_WS, max(B, 1)), dtype=cdtype, device=device)
+    part_errs = torch.empty((num_programs if validate else 1, NUM_ERR), dtype=torch.int32,
+                            device=device)
+    out = EpilogueOut(loss=torch.empty((), dtype=cdtype, device=device),
+                      metrics=torch.empty(len(METRICS), dtype=cdtype, device=device),
+                      coef=torch.empty((max(B, 1), 2), dtype=cdtype, device=device),
+                      scal=torch.empty(2, dtype=cdtype, device=device),
+                      errs=torch.empty(NUM_ERR, dtype=torch.int32, device=device))
+    sel = batch.seq_ids if packed else batch.mask
+    lp = logprobs if logprobs is not None else ws
+    dummy = ws
+    epilogue_kernel[(num_programs,)](
+        lp, *(small_geometry(logprobs) if logprobs is not None else (0, 0)),
+        batch.ref_logprobs if has_ref else dummy, *small_geometry(batch.ref_logprobs),
+        entropy if has_ent else dummy, *small_geometry(entropy),
+        sel if sel is not None else dummy, *small_geometry(sel),
+        batch.labels if from_logits and validate else dummy,
+        *(small_geometry(batch.labels) if from_logits and validate else (0, 0)),
+        stats if stats is not None else dummy,
+        batch.rewards, batch.rewards.stride(0),
+        batch.group_ids if batch.group_ids is not None else dummy,
+        batch.group_ids.stride(0) if batch.group_ids is not None else 0,
+        batch.weights if batch.weights is not None else dummy,
+        batch.weights.stride(0) if batch.weights is not None else 0,
+        params, ws, part_errs, counter,
+        out.loss, out.metrics, out.coef, out.scal, out.errs,
+        B, T, N, batch.vocab, batch.group_size or 1,
+        PACKED=packed, HAS_MASK=batch.mask is not None, HAS_LP=logprobs is not None,
+        HAS_REF=has_ref, HAS_ENT=has_ent, ENT_IN_LOSS=int(has_ent and mode.bonus), BONUS=mode.bonus,
+        FROM_LOGITS=from_logits, ON_POLICY=int(batch.ref_logprobs is None),
+        LEVEL=mode.level, RATIO=mode.ratio, WEIGHTS=mode.weights, CENTER=mode.center,
+        ADAPTIVE=mode.adaptive, SCALE_REWARDS=mode.scale_rewards,
+        HAS_IDS=batch.group_ids is not None, VALIDATE=int(validate and logprobs is not None),
+        ACC=tl.float64 if cdtype == torch.float64 else tl.float32,
+        BLOCK_S=block_s, BLOCK_T=128 if packed else 64, BLOCK=32, NUM_ERR=NUM_ERR,
+        NUM_PROG_BLOCK=64, num_warps=4,
+    )
+    return out
+
+
+def metric_keys(with_entropy: bool) -> List[str]:
+    return list(METRICS if with_entropy else METRICS[:-1])
+
+
+def unpack_metrics(metrics: torch.Tensor, with_entropy: bool) -> Dict[str, torch.Tensor]:
+    """The [8] metrics vector as a dict of 0-dim views (no device op)."""
+    return dict(zip(metric_keys(with_entropy), metrics.unbind(0)))
+
+
+_MESSAGES = {
+    "labels": "counted label(s) outside [0, V) (the vocabulary size V = {vocab})",
+    "seq_ids": "seq_ids value(s) outside [-1, B={num_seqs})",
+    "rewards": "non-finite rewards",
+    "ref_logprobs": "non-finite ref_logprobs on counted tokens",
+    "logits": "counted row(s) of logits with a non-finite value (NaN/+inf, or -inf at the label)",
+    "weights": "non-finite values in the weights tensor",
+    "mask": "mask value(s) other than 0/1",
+    "logprobs": "non-finite logprobs on counted tokens",
+    "entropy": "non-finite entropy on counted tokens",
+}
+
+
+def raise_bad_values(errs: torch.Tensor, batch) -> None:
+    """Reads the value-check counts (the one host sync of validate=True) and raises a
+    ValueError naming the first bad argument (seq_ids first: a bad one makes every other index
+    wrong)."""
+    counts = dict(zip(ERRORS, errs[:len(ERRORS)].tolist()))
+    found = [name for name in ("seq_ids",) + ERRORS if counts[name]]
+    if found:
+        name = found[0]
+        message = _MESSAGES[name].format(vocab=batch.vocab, num_seqs=batch.num_seqs)
+        raise ValueError(f"{name}: {counts[name]} {message}")
