@@ -39,7 +39,7 @@ from .utils import new_output, use_triton
 
 @triton.jit(do_not_specialize=["T", "N"])
 def _logprob_grad_kernel(
-    lp_ptr, lp_sb, lp_st, ref_ptr, ref_sb, ref_st, sel_ptr, sel_sb, sel_st,
+    lp_ptr, lp_sb, lp_st, ref_ptr, ref_sb, ref_st, sel_ptr, sel_sb, sel_st, num_seqs,
     coef_ptr, scal_ptr, grad_loss_ptr, grad_lp_ptr, grad_ent_ptr, T, N,
     PACKED: tl.constexpr, HAS_MASK: tl.constexpr, HAS_REF: tl.constexpr, TOKEN: tl.constexpr,
     RATIO: tl.constexpr, WITH_ENT: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
@@ -48,7 +48,8 @@ def _logprob_grad_kernel(
     g = the upstream gradient, read on device. Outputs are contiguous in the row order."""
     r = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     in_n = r < N
-    b, t, seq = row_seq(tl.minimum(r, N - 1), T, sel_ptr, sel_sb, sel_st, PACKED, HAS_MASK)
+    b, t, seq = row_seq(tl.minimum(r, N - 1), T, sel_ptr, sel_sb, sel_st, num_seqs, PACKED,
+                        HAS_MASK)
     counted = in_n & (seq >= 0)
     seq = tl.where(counted, seq, 0)
     g = tl.load(grad_loss_ptr).to(ACC)
@@ -77,10 +78,9 @@ def logprob_gradients(rows: Rows, logprobs: torch.Tensor, entropy_like: Optional
     if n:
         block = 1024
         ref = rows.ref
-        sel = rows.sel if rows.sel is not None else logprobs
         _logprob_grad_kernel[(triton.cdiv(n, block),)](
             logprobs, *small_geometry(logprobs), ref if ref is not None else logprobs,
-            *small_geometry(ref), sel, *small_geometry(rows.sel), coef, scal, grad_loss,
+            *small_geometry(ref), *rows.selector(logprobs), coef, scal, grad_loss,
             grad_lp, grad_ent if grad_ent is not None else grad_lp, rows.T, n,
             HAS_REF=ref is not None, TOKEN=level == "token", RATIO=coordinates == "ratio",
             WITH_ENT=grad_ent is not None, ACC=acc_type(coef.dtype), BLOCK=block, num_warps=4,

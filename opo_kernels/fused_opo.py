@@ -22,7 +22,7 @@ Example::
 
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import List, NamedTuple, Optional
 
 import torch
 
@@ -53,11 +53,37 @@ def one_pass_exact(cfg: OPOLossConfig) -> bool:
     return not (getattr(cfg, "logit_reg_coef", 0.0) > 0 and cfg.adaptive_tau)
 
 
-def flags_of(cfg: OPOLossConfig, batch: Batch, one_pass: bool) -> List[int]:
-    """Everything the kernels branch on, as ints: Mode, then with_entropy, validate, one_pass,
-    group_size (0 = group_ids)."""
-    return [*Mode.of(cfg, batch.weights is not None), int(cfg.with_entropy),
-            int(cfg.validate), int(one_pass), batch.group_size or 0]
+class Flags(NamedTuple):
+    """Everything the passes branch on, as ints (the ops take them as an int list): the
+    epilogue's Mode fields, then with_entropy, validate, one_pass, group_size (0 = group_ids)
+    and B."""
+
+    level: int
+    ratio: int
+    weights: int
+    center: int
+    adaptive: int
+    scale_rewards: int
+    bonus: int
+    with_entropy: int
+    validate: int
+    one_pass: int
+    group_size: int
+    num_seqs: int
+
+    @classmethod
+    def of(cls, cfg: OPOLossConfig, batch: Batch, one_pass: bool) -> List[int]:
+        return list(cls(*Mode.of(cfg, batch.weights is not None), int(cfg.with_entropy),
+                        int(cfg.validate), int(one_pass), batch.group_size or 0,
+                        batch.num_seqs))
+
+    @property
+    def mode(self) -> Mode:
+        return Mode(*self[:len(Mode._fields)])
+
+    def rows(self, labels, mask, seq_ids, ref) -> Rows:
+        return Rows(labels, mask, seq_ids, ref, labels.numel(),
+                    labels.shape[1] if labels.dim() == 2 else None, self.num_seqs)
 
 
 def _batch_of(logits, labels, ref, mask, seq_ids, rewards, group_ids, weights,
@@ -75,8 +101,10 @@ def _forward(logits, labels, ref, mask, seq_ids, rewards, group_ids, weights, pa
     """Forward passes; ``grad`` is where the one-pass mode writes the gradient (None: general
     mode). Returns (logprobs [N], stats [N, 2], entropy [N] or [0], loss, metrics [8],
     coef [B, 2], scal [2], errs [NUM_ERR])."""
-    batch = _batch_of(logits, labels, ref, mask, seq_ids, rewards, group_ids, weights, flags[10])
-    mode, with_entropy, validate = Mode(*flags[:7]), bool(flags[7]), bool(flags[8])
+    flags = Flags(*flags)
+    batch = _batch_of(logits, labels, ref, mask, seq_ids, rewards, group_ids, weights,
+                      flags.group_size)
+    mode, with_entropy, validate = flags.mode, bool(flags.with_entropy), bool(flags.validate)
     rows = Rows.of(batch)
     counters = torch.zeros(2, dtype=torch.int32, device=logits.device)  # epilogue tickets
     if grad is not None:
@@ -95,9 +123,8 @@ def _forward(logits, labels, ref, mask, seq_ids, rewards, group_ids, weights, pa
 def _backward(logits, labels, ref, mask, seq_ids, lp, stats, ent, coef, scal, grad_loss, params,
               flags, inplace: bool) -> torch.Tensor:
     """∂L/∂logits (written into logits when inplace)."""
-    rows = Rows(labels, mask, seq_ids, ref, labels.numel(),
-                labels.shape[1] if labels.dim() == 2 else None)
-    mode = Mode(*flags[:7])
+    flags = Flags(*flags)
+    rows, mode = flags.rows(labels, mask, seq_ids, ref), flags.mode
     level = ("sequence", "sequence_mean", "token")[mode.level]
     entropy = ent if ent.numel() and mode.bonus else None  # metric-only entropy: no term
     return backward_rows(logits, rows, lp, stats, entropy, coef, scal, grad_loss, params, level,
@@ -113,7 +140,8 @@ def _backward(logits, labels, ref, mask, seq_ids, lp, stats, ent, coef, scal, gr
 def _fake_forward(logits, labels, rewards, flags):
     n, cdtype = labels.numel(), compute_dtype(logits.dtype)
     new = lambda *shape, dtype=cdtype: logits.new_empty(shape, dtype=dtype)  # noqa: E731
-    return (new(n), new(n, 2), new(n if flags[7] else 0), new(), new(len(METRICS)),
+    return (new(n), new(n, 2), new(n if Flags(*flags).with_entropy else 0), new(),
+            new(len(METRICS)),
             new(max(rewards.shape[0], 1), 2), new(2), new(NUM_ERR, dtype=torch.int32))
 
 
@@ -129,7 +157,7 @@ def _forward_op(logits: torch.Tensor, labels: torch.Tensor, ref: Optional[torch.
 
 @_forward_op.register_fake
 def _(logits, labels, ref, mask, seq_ids, rewards, group_ids, weights, params, flags):
-    grad = torch.empty_like(logits) if flags[9] else logits.new_empty(0)
+    grad = torch.empty_like(logits) if Flags(*flags).one_pass else logits.new_empty(0)
     return [*_fake_forward(logits, labels, rewards, flags), grad]
 
 
@@ -174,16 +202,14 @@ def _backward_inplace_op(logits: torch.Tensor, labels: torch.Tensor, ref: Option
               flags, inplace=True)
 
 
-def _scale(grad, labels, mask, seq_ids, scale) -> None:
-    rows = Rows(labels, mask, seq_ids, None, labels.numel(),
-                labels.shape[1] if labels.dim() == 2 else None)
-    scale_rows_(grad, rows, scale)
+def _scale(grad, labels, mask, seq_ids, scale, flags) -> None:
+    scale_rows_(grad, Flags(*flags).rows(labels, mask, seq_ids, None), scale)
 
 
 @torch.library.custom_op("opo_kernels::scale_rows_", mutates_args=("grad",))
 def _scale_op(grad: torch.Tensor, labels: torch.Tensor, mask: Optional[torch.Tensor],
-              seq_ids: Optional[torch.Tensor], scale: torch.Tensor) -> None:
-    _scale(grad, labels, mask, seq_ids, scale)
+              seq_ids: Optional[torch.Tensor], scale: torch.Tensor, flags: List[int]) -> None:
+    _scale(grad, labels, mask, seq_ids, scale, flags)
 
 
 def _call(op, impl, *args):
@@ -207,7 +233,7 @@ class FusedOPOFunction(torch.autograd.Function):
     def forward(ctx, logits: torch.Tensor, batch: Batch, cfg: OPOLossConfig):
         one_pass = batch.ref_logprobs is None and one_pass_exact(cfg)
         params = params_tensor(cfg, logits.device, batch.compute_dtype)
-        flags = flags_of(cfg, batch, one_pass)
+        flags = Flags.of(cfg, batch, one_pass)
         inputs = (logits, batch.labels, batch.ref_logprobs, batch.mask, batch.seq_ids,
                   batch.rewards, batch.group_ids, batch.weights, params, flags)
         if one_pass and cfg.inplace_backward:
@@ -242,7 +268,7 @@ class FusedOPOFunction(torch.autograd.Function):
                                    "writes its gradient during forward: run backward once")
             ctx.backward_done = True
             (grad,) = ctx.saved_tensors
-            _call(_scale_op, _scale, grad, labels, mask, seq_ids, grad_loss)
+            _call(_scale_op, _scale, grad, labels, mask, seq_ids, grad_loss, ctx.flags)
             return grad, None, None
         logits, lp, stats, ent, coef, scal, params = ctx.saved_tensors
         args = (logits, labels, ref, mask, seq_ids, lp, stats, ent, coef, scal, grad_loss,
@@ -257,7 +283,8 @@ def _forward_impl(*args):
     """``_forward_op``'s body for eager calls (fresh gradient buffer in one-pass mode)."""
     flags = args[-1]
     logits = args[0]
-    grad = new_output(logits.shape, logits.dtype, logits.device) if flags[9] else None
+    grad = new_output(logits.shape, logits.dtype, logits.device) if Flags(*flags).one_pass \
+        else None
     out = _forward(*args, grad)
     return [*out, grad if grad is not None else logits.new_empty(0)]
 

@@ -74,14 +74,18 @@ def log1p(x):
 
 
 @triton.jit
-def row_seq(r, T, sel_ptr, sel_sb, sel_st, PACKED: tl.constexpr, HAS_MASK: tl.constexpr):
+def row_seq(r, T, sel_ptr, sel_sb, sel_st, num_seqs, PACKED: tl.constexpr,
+            HAS_MASK: tl.constexpr):
     """Global token row r -> (b, t, seq): padded rows are (b, t) of [B, T] (seq = b, or −1 where
     mask is 0); packed rows are b = 0, t = r (T = N) with seq = seq_ids[r] (−1 = not counted).
-    sel_ptr is the mask (padded) or seq_ids (packed), read through its strides."""
+    sel_ptr is the mask (padded) or seq_ids (packed), read through its strides. A seq_id outside
+    [0, B) counts as "not counted" here, as in the epilogue (validate=True reports it): no
+    per-sequence array is ever read out of bounds."""
     b = r // T
     t = r - b * T
     if PACKED:
         seq = tl.load(sel_ptr + t * sel_st).to(tl.int64)
+        seq = tl.where(seq < num_seqs, seq, -1)
     elif HAS_MASK:
         seq = tl.where(tl.load(sel_ptr + b * sel_sb + t * sel_st) != 0, b, -1)
     else:
@@ -159,7 +163,7 @@ def _row_gradient(base, sv, grad_base, grad_sv, V, label, x_max, log_sum, lp_lab
 def _opo_fwd_kernel(
     logits_ptr, l_T, l_sb, l_st, l_sv,      # logits rows, indexed by the local row pid
     labels_ptr, lab_sb, lab_st,             # [B, T] or [N] (any integer dtype)
-    sel_ptr, sel_sb, sel_st,                # mask [B, T] (padded) or seq_ids [N] (packed)
+    sel_ptr, sel_sb, sel_st, num_seqs,      # mask [B, T] (padded) or seq_ids [N] (packed); B
     lp_ptr, stats_ptr, ent_ptr,             # outputs [N], [N, 2], [N] at the global row
     grad_ptr, g_sb, g_st, g_sv,             # one-pass mode (WRITE_GRAD): gradient rows
     coef_ptr, scal_ptr,                     # one-pass mode: epilogue coefficients (on-policy)
@@ -178,7 +182,7 @@ def _opo_fwd_kernel(
     others, w) for ``tensor_parallel.combine_partials`` instead of lp / stats / entropy."""
     pid = tl.program_id(0).to(tl.int64)
     r = row_start + pid
-    b, t, seq = row_seq(r, T, sel_ptr, sel_sb, sel_st, PACKED, HAS_MASK)
+    b, t, seq = row_seq(r, T, sel_ptr, sel_sb, sel_st, num_seqs, PACKED, HAS_MASK)
     lb = pid // l_T
     lt = pid - lb * l_T
     base = logits_ptr + lb * l_sb + lt * l_st
@@ -266,7 +270,7 @@ def _opo_fwd_kernel(
 def _opo_bwd_kernel(
     logits_ptr, l_T, l_sb, l_st, l_sv,      # grad_ptr may equal logits_ptr (in place)
     grad_ptr, g_sb, g_st, g_sv,
-    labels_ptr, lab_sb, lab_st, sel_ptr, sel_sb, sel_st,
+    labels_ptr, lab_sb, lab_st, sel_ptr, sel_sb, sel_st, num_seqs,
     ref_ptr, ref_sb, ref_st,                # ref_logprobs (token level only)
     lp_ptr, stats_ptr, ent_ptr, coef_ptr, scal_ptr, grad_loss_ptr,
     params_ptr, T, row_start, V, vocab_start,
@@ -278,7 +282,7 @@ def _opo_bwd_kernel(
     (read from device memory: no host sync), then the row's gradient."""
     pid = tl.program_id(0).to(tl.int64)
     r = row_start + pid
-    b, t, seq = row_seq(r, T, sel_ptr, sel_sb, sel_st, PACKED, HAS_MASK)
+    b, t, seq = row_seq(r, T, sel_ptr, sel_sb, sel_st, num_seqs, PACKED, HAS_MASK)
     lb = pid // l_T
     lt = pid - lb * l_T
     grad_base = grad_ptr + lb * g_sb + lt * g_st
@@ -304,7 +308,8 @@ def _opo_bwd_kernel(
 
 
 @triton.jit(do_not_specialize=["T", "l_T"])
-def _scale_kernel(grad_ptr, l_T, g_sb, g_st, g_sv, sel_ptr, sel_sb, sel_st, scale_ptr, T, V,
+def _scale_kernel(grad_ptr, l_T, g_sb, g_st, g_sv, sel_ptr, sel_sb, sel_st, num_seqs, scale_ptr,
+                  T, V,
                   PACKED: tl.constexpr, HAS_MASK: tl.constexpr, ACC: tl.constexpr,
                   BLOCK_V: tl.constexpr, WIDE: tl.constexpr):
     """grad_row *= upstream gradient, for the one-pass mode whose forward wrote the gradient of
@@ -314,7 +319,7 @@ def _scale_kernel(grad_ptr, l_T, g_sb, g_st, g_sv, sel_ptr, sel_sb, sel_st, scal
     scale = tl.load(scale_ptr).to(ACC)
     if scale == 1.0:
         return
-    b, t, seq = row_seq(pid, T, sel_ptr, sel_sb, sel_st, PACKED, HAS_MASK)
+    b, t, seq = row_seq(pid, T, sel_ptr, sel_sb, sel_st, num_seqs, PACKED, HAS_MASK)
     if seq < 0:
         return
     lb = pid // l_T
@@ -380,12 +385,13 @@ class Rows:
     """The per-token inputs of the row kernels, as the caller passed them.
 
     labels: [B, T] or [N] int; mask: [B, T] or None; seq_ids: [N] or None (packed);
-    ref_logprobs: [B, T] / [N] or None; num_rows = N; seq_len = T (padded) or None.
+    ref_logprobs: [B, T] / [N] or None; num_rows = N; seq_len = T (padded) or None;
+    num_seqs = B.
     """
 
-    def __init__(self, labels, mask, seq_ids, ref_logprobs, num_rows, seq_len):
+    def __init__(self, labels, mask, seq_ids, ref_logprobs, num_rows, seq_len, num_seqs):
         self.labels, self.mask, self.seq_ids, self.ref = labels, mask, seq_ids, ref_logprobs
-        self.num_rows = num_rows
+        self.num_rows, self.num_seqs = num_rows, num_seqs
         self.packed = seq_ids is not None
         self.T = num_rows if self.packed else seq_len
         self.sel = seq_ids if self.packed else mask
@@ -393,12 +399,16 @@ class Rows:
     @classmethod
     def of(cls, batch) -> Rows:
         return cls(batch.labels, batch.mask, batch.seq_ids, batch.ref_logprobs, batch.num_rows,
-                   batch.seq_len)
+                   batch.seq_len, batch.num_seqs)
 
     def args(self, fallback: torch.Tensor):
-        """(labels, its strides, selector, its strides) for a launch."""
+        """(labels, its strides, selector, its strides, B) for a launch."""
+        return (self.labels, *small_geometry(self.labels), *self.selector(fallback))
+
+    def selector(self, fallback: torch.Tensor):
+        """(mask or seq_ids, its strides, B); fallback stands in for an absent mask."""
         sel = self.sel if self.sel is not None else fallback
-        return (self.labels, *small_geometry(self.labels), sel, *small_geometry(self.sel))
+        return (sel, *small_geometry(self.sel), self.num_seqs)
 
     def flags(self):
         return dict(PACKED=self.packed, HAS_MASK=self.mask is not None)
@@ -491,8 +501,7 @@ def scale_rows_(grad: torch.Tensor, rows: Rows, scale: torch.Tensor) -> torch.Te
     if num_local:
         block, num_warps = launch_config(vocab, grad.dtype, "scale")
         geo = _logits_geometry(grad)
-        sel = rows.sel if rows.sel is not None else grad
-        _scale_kernel[(num_local,)](grad, *geo, sel, *small_geometry(rows.sel), scale, rows.T,
+        _scale_kernel[(num_local,)](grad, *geo, *rows.selector(grad), scale, rows.T,
                                     vocab, ACC=acc_type(grad.dtype), BLOCK_V=block,
                                     WIDE=_wide(block, geo[3]), num_warps=num_warps,
                                     **rows.flags())
