@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Tuple, Union
+from typing import Optional, Tuple, Union
 
 import torch
 
 LEVELS = ("sequence", "sequence_mean", "token")
+SCALE_REWARDS = ("none", "group")
 COORDINATES = ("ratio", "log")
 WEIGHT_RULES = ("seed", "escort")
 BACKENDS = ("auto", "triton", "torch")
@@ -37,28 +38,65 @@ def _choice(name: str, value, allowed) -> str:
     return value
 
 
+class _PresetDefault:
+    """The default of an option that a preset sets: "the preset's value" (see PRESETS)."""
+
+    def __repr__(self) -> str:
+        return "<preset>"
+
+
+PRESET_DEFAULT = _PresetDefault()
+
+# SPEC "The author's recipe": named sets of defaults; arguments given explicitly override them.
+# "paper" is eq. 6 (the package's defaults); "author_verl" the author's verl configuration of the
+# paper's run. direction_scale=None under author_verl means 1/α of the α in force.
+PRESETS = {
+    "paper": dict(alpha=0.6, mu=1.0, tau=0.5, adaptive_tau=True, tau_range=(0.2, 1.5),
+                  reward_temperature=0.15, weights="seed", center_weights=False,
+                  level="sequence_mean", coordinates="ratio", delta_clip=None, score_clip=None,
+                  scale_rewards="none", direction_scale=1.0, logit_reg_coef=0.0),
+    "author_verl": dict(alpha=0.6, mu=1.0, tau=0.5, adaptive_tau=True, tau_range=(0.2, 1.5),
+                        reward_temperature=0.15, weights="escort", center_weights=True,
+                        level="sequence_mean", coordinates="log", delta_clip=5.0,
+                        score_clip=10.0, scale_rewards="none", direction_scale=None,
+                        logit_reg_coef=0.01),
+}
+PRESET_OPTIONS = tuple(PRESETS["paper"])
+
+
 @dataclass(frozen=True)
 class OPOLossConfig:
-    """All OPO hyperparameters (SPEC "Sampling geometry" and "Optimization geometry").
+    """All OPO hyperparameters (SPEC "Sampling geometry", "Optimization geometry" and "The
+    author's recipe").
 
-    ``weights`` is "seed" (default, ω = Q^(2−α)·p̃^(α−1)), "escort" (normalized
-    Q^α·p̃^(1−α)) or a ``[B]`` tensor of caller-given weights (detached, any sampling geometry).
+    ``preset`` ("paper", the default, = eq. 6; or "author_verl", the author's verl code) sets
+    the defaults of the options in ``PRESETS``; an option given explicitly overrides its
+    preset value (under "author_verl", direction_scale defaults to 1/α of the α in force).
+    ``weights`` is "seed" (ω = Q^(2−α)·p̃^(α−1)), "escort" (normalized Q^α·p̃^(1−α)) or a
+    ``[B]`` tensor of caller-given weights (detached, any sampling geometry).
 
     Example::
 
         cfg = OPOLossConfig(alpha=0.6, mu=1.0, level="token")
+        cfg = OPOLossConfig(preset="author_verl", alpha=0.5)   # direction_scale = 2.0
     """
 
-    alpha: float = 0.6
-    mu: float = 1.0
-    tau: float = 0.5
-    adaptive_tau: bool = True
-    tau_range: Tuple[float, float] = (0.2, 1.5)
-    reward_temperature: float = 0.15
-    weights: Union[str, torch.Tensor] = field(default="seed", compare=False)
-    center_weights: bool = False
-    level: str = "sequence_mean"
-    coordinates: str = "ratio"
+    alpha: float = PRESET_DEFAULT
+    mu: float = PRESET_DEFAULT
+    tau: float = PRESET_DEFAULT
+    adaptive_tau: bool = PRESET_DEFAULT
+    tau_range: Tuple[float, float] = PRESET_DEFAULT
+    reward_temperature: float = PRESET_DEFAULT
+    weights: Union[str, torch.Tensor] = field(default=PRESET_DEFAULT, compare=False)
+    center_weights: bool = PRESET_DEFAULT
+    level: str = PRESET_DEFAULT
+    coordinates: str = PRESET_DEFAULT
+    delta_clip: Optional[float] = PRESET_DEFAULT
+    score_clip: Optional[float] = PRESET_DEFAULT
+    scale_rewards: str = PRESET_DEFAULT
+    direction_scale: float = PRESET_DEFAULT
+    logit_reg_coef: float = PRESET_DEFAULT
+    preset: str = "paper"
     temperature: float = 1.0
     entropy_coef: float = 0.0
     compute_entropy: bool = False
@@ -66,12 +104,25 @@ class OPOLossConfig:
     return_metrics: bool = False
     validate: bool = True
     inplace_backward: bool = False
+    # the preset options given explicitly (replace() keeps the others following the preset)
+    explicit: frozenset = field(default=frozenset(), repr=False, compare=False)
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
+        preset = _choice("preset", self.preset, tuple(PRESETS))
+        given = {k for k in PRESET_OPTIONS if getattr(self, k) is not PRESET_DEFAULT}
+        set_("explicit", frozenset(given | set(self.explicit)))
+        for name, value in PRESETS[preset].items():
+            if name not in given:
+                set_(name, value)
         alpha = _number("alpha", self.alpha)
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+        if self.direction_scale is None:  # author_verl: 1/α of the α in force
+            if alpha == 0:
+                raise ValueError("direction_scale = 1/alpha (preset 'author_verl') is undefined "
+                                 "for alpha=0: pass direction_scale explicitly")
+            set_("direction_scale", 1.0 / alpha)
         mu = _number("mu", self.mu)
         if mu < 0:
             raise ValueError(f"mu must be >= 0, got {mu}")
@@ -107,6 +158,7 @@ class OPOLossConfig:
                 "weights must be 'seed', 'escort' or a [B] tensor, got "
                 f"{type(self.weights).__name__}"
             )
+        self._check_recipe()
         for name in ("adaptive_tau", "center_weights", "compute_entropy", "return_metrics",
                      "validate", "inplace_backward"):
             if not isinstance(getattr(self, name), bool):
@@ -127,9 +179,36 @@ class OPOLossConfig:
         """The backward adds the entropy term only when the bonus is on."""
         return self.entropy_coef > 0
 
+    def _check_recipe(self) -> None:
+        """The options of SPEC "The author's recipe"."""
+        set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
+        for name in ("delta_clip", "score_clip"):
+            value = getattr(self, name)
+            if isinstance(value, (int, float)) and value == math.inf:
+                value = None  # inf: no clamp, as None (lets a config file turn a preset's off)
+            if value is not None:
+                value = _number(name, value)
+                if value <= 0:
+                    raise ValueError(f"{name} must be > 0 (or None / inf: no clamp), got {value}")
+            set_(name, value)
+        if self.delta_clip is not None and self.level == "token":
+            raise ValueError("delta_clip applies to the sequence levels (it clamps δ_s); with "
+                             "level='token' leave it None")
+        _choice("scale_rewards", self.scale_rewards, SCALE_REWARDS)
+        direction = _number("direction_scale", self.direction_scale)
+        if direction <= 0:
+            raise ValueError(f"direction_scale must be > 0, got {direction}")
+        reg = _number("logit_reg_coef", self.logit_reg_coef)
+        if reg < 0:
+            raise ValueError(f"logit_reg_coef must be >= 0, got {reg}")
+        set_("direction_scale", direction)
+        set_("logit_reg_coef", reg)
+
     def replace(self, **changes) -> OPOLossConfig:
-        """A copy with some fields changed (validated again)."""
-        values = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        """A copy with some fields changed (validated again). Preset options that were not given
+        explicitly keep following the preset (e.g. direction_scale = 1/α under author_verl)."""
+        values = {k: getattr(self, k) for k in self.__dataclass_fields__
+                  if k != "explicit" and (k not in PRESET_OPTIONS or k in self.explicit)}
         values.update(changes)
         return OPOLossConfig(**values)
 

@@ -97,6 +97,23 @@ def adaptive_tau(cfg: OPOLossConfig, ell: torch.Tensor, ell_ref: torch.Tensor,
     return tau.clamp(*cfg.tau_range)
 
 
+def _clamp(x: torch.Tensor, bound: Optional[float]) -> torch.Tensor:
+    """clamp(x, −bound, bound) (torch.clamp: the gradient passes at the bounds); None: x."""
+    return x if bound is None else x.clamp(-bound, bound)
+
+
+def _q_logits(cfg: OPOLossConfig, rewards: torch.Tensor, same: torch.Tensor) -> torch.Tensor:
+    """What Q softmaxes (before the reward temperature): the rewards, or with
+    scale_rewards="group" the advantages (r − mean_g r)/(std_g r + 1e−6), std unbiased over the
+    group's non-empty sequences, 0 for a group of one."""
+    if cfg.scale_rewards == "none":
+        return rewards
+    count = same.sum(1)
+    mean = (same * rewards[None, :]).sum(1) / count.clamp(min=1)
+    var = (same * (rewards[None, :] - mean[:, None]) ** 2).sum(1) / (count - 1).clamp(min=1)
+    return torch.where(count > 1, (rewards - mean) / (var.sqrt() + 1e-6), 0.0)
+
+
 def objective(cfg: OPOLossConfig, logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
               entropy: Optional[torch.Tensor], seq: torch.Tensor, rewards: torch.Tensor,
               group: torch.Tensor, weights: Optional[torch.Tensor], vocab: int
@@ -127,8 +144,12 @@ def objective(cfg: OPOLossConfig, logprobs: torch.Tensor, ref_logprobs: torch.Te
         tau = adaptive_tau(cfg, ell.detach(), ell_ref, rewards, same, valid, vocab)
     else:
         tau = torch.tensor(cfg.tau, dtype=dtype, device=rewards.device)
-    log_q = _group_log_softmax(rewards / cfg.reward_temperature, same)
-    log_p = _group_log_softmax(delta.detach() / tau, same)
+    # SPEC "The author's recipe": δ̂ = clamp(δ) in p̃, the penalty and the Z-loss (not in the
+    # direction term); the scores u = clamp(δ̂/τ) are p̃'s logits and the Z-loss's
+    delta_hat = _clamp(delta, cfg.delta_clip)
+    scores = _clamp(delta_hat / tau, cfg.score_clip)  # differentiable (the Z-loss)
+    log_q = _group_log_softmax(_q_logits(cfg, rewards, same) / cfg.reward_temperature, same)
+    log_p = _group_log_softmax(scores.detach(), same)
     if weights is not None:
         omega = weights.to(dtype)
     elif cfg.weights == "seed":
@@ -151,12 +172,16 @@ def objective(cfg: OPOLossConfig, logprobs: torch.Tensor, ref_logprobs: torch.Te
         penalty = cfg.mu / 2 * (v_t ** 2).sum() / max(n_tokens, 1)
         v_mean = v_t.mean() if n_tokens else v_t.sum()
     else:
-        v = delta.exp() - 1 if cfg.coordinates == "ratio" else delta
-        v = torch.where(valid, v, 0.0)
+        to_v = (lambda x: x.exp() - 1) if cfg.coordinates == "ratio" else (lambda x: x)
+        v = torch.where(valid, to_v(delta), 0.0)          # the direction term: unclipped δ
+        v_hat = torch.where(valid, to_v(delta_hat), 0.0)  # the penalty: δ̂
         policy = -(omega * v).sum() / n_groups
-        penalty = cfg.mu / 2 * (v ** 2).sum() / n_valid
+        penalty = cfg.mu / 2 * (v_hat ** 2).sum() / n_valid
         v_mean = v.sum() / n_valid
-    loss = policy + penalty
+    # Z-loss: λ·(mean over the groups of logsumexp of their scores)²
+    lse = torch.logsumexp(scores[None, :].expand_as(same).masked_fill(~same, NEG_INF), dim=1)
+    z_bar = torch.where(first_in_group, lse, 0.0).sum() / n_groups
+    loss = cfg.direction_scale * policy + penalty + cfg.logit_reg_coef * z_bar ** 2
     if entropy is not None:
         loss = loss - cfg.entropy_coef * entropy.sum() / max(n_tokens, 1)
 

@@ -160,6 +160,8 @@ CASES = {
         "alpha": 0.5, "weights": "escort", "level": "token", "coordinates": "log",
         "entropy_coef": 0.01, "mu": 0.5, "adaptive_tau": False, "tau": 0.8}),
     "grpo_advantages": (0, {}, {"weights": "grpo_advantages", "level": "sequence"}),
+    # the author's recipe, off-policy so that its clamps and Z-loss see log-ratios ≠ 0
+    "author_verl": (1, {"num_iterations": 2}, {"preset": "author_verl"}),
 }
 
 
@@ -189,8 +191,9 @@ def test_opo_trainer_end_to_end(tmp_path, case):
 
     # the trainer's accumulated gradient equals the reference's on the same batches
     ref_grads, batches = reference_grads(trainer, tokenizer, capture, loss_options)
-    assert ("old_per_token_logps" in batches[0]) == (case == "off_policy")
-    if case == "off_policy":  # the second pass over a generation is really off-policy
+    off_policy = trl_options.get("num_iterations", 1) > 1
+    assert ("old_per_token_logps" in batches[0]) == off_policy
+    if off_policy:  # the second pass over a generation is really off-policy
         assert any(h["opo/kl_k3"] > 0 for h in steps[1:])
     assert capture.grads is not None
     for name, grad in capture.grads.items():
@@ -271,7 +274,11 @@ def test_unscorable_completions_and_eval(tmp_path):
     ({"opo_alpha": 1.5}, "alpha"),
     ({"opo_weights": "uniform"}, "opo_weights"),
     ({"opo_tau_range": [1.0, 0.5]}, "tau_range"),
-], ids=["partial-groups", "beta", "entropy_coef", "top-entropy", "alpha", "weights", "tau_range"])
+    ({"opo_preset": "verl"}, "preset"),
+    ({"opo_delta_clip": -1.0}, "delta_clip"),
+    ({"opo_scale_rewards": "batch"}, "scale_rewards"),
+], ids=["partial-groups", "beta", "entropy_coef", "top-entropy", "alpha", "weights", "tau_range",
+        "preset", "delta_clip", "scale_rewards"])
 def test_config_refuses(tmp_path, options, match):
     missing = set(options) - set(OPOConfig.__dataclass_fields__)
     if missing:
@@ -280,6 +287,18 @@ def test_config_refuses(tmp_path, options, match):
     with pytest.raises(ValueError, match=match):
         OPOConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to="none",
                   **{**base, **options})
+
+
+def test_config_presets(tmp_path):
+    """opo_* options left at None take the preset's value; explicit ones override it."""
+    base = dict(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to="none",
+                per_device_train_batch_size=6, num_generations=3)
+    paper = OPOConfig(**base).opo_loss_config()
+    assert (paper.weights, paper.coordinates, paper.delta_clip) == ("seed", "ratio", None)
+    author = OPOConfig(**base, opo_preset="author_verl", opo_alpha=0.5,
+                       opo_score_clip=float("inf")).opo_loss_config()
+    assert (author.weights, author.coordinates, author.delta_clip) == ("escort", "log", 5.0)
+    assert author.direction_scale == 2.0 and author.score_clip is None
 
 
 def test_trainer_needs_opo_config(tmp_path):

@@ -155,6 +155,7 @@ OPTION_CASES = {
                          "alpha": 0.3, "mu": 0.5},
     "sequence-centered-fixed-tau": {"level": "sequence", "center_weights": True,
                                     "adaptive_tau": False, "tau": 0.8, "tau_range": [0.1, 2.0]},
+    "author-preset": {"preset": "author_verl", "alpha": 0.5},
 }
 
 

@@ -74,7 +74,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from trl import GRPOConfig, GRPOTrainer
 
-from ..config import OPOLossConfig
+from ..config import PRESET_OPTIONS, OPOLossConfig
 from ..fused_linear_opo import fused_linear_opo_loss_with_config
 from ..fused_opo import opo_loss_with_config
 from ..inputs import FLOAT_DTYPES
@@ -119,21 +119,44 @@ class OPOConfig(GRPOConfig):
 
     TRL's ``temperature`` (sampling) is the loss's temperature. ``opo_weights``: "seed"
     (default), "escort", or "grpo_advantages" (ω = TRL's advantages, shaped by scale_rewards).
+    The options of ``opo_preset`` default to None: the preset's value ("paper" = eq. 6 = the
+    values in the help texts; "author_verl" = the author's verl code).
     """
 
-    opo_alpha: float = _option(0.6, "OPO α in [0, 1]: the sampling geometry.")
-    opo_mu: float = _option(1.0, "OPO μ >= 0: weight of the χ² term μ/2·E[v²].")
-    opo_tau: float = _option(0.5, "Base temperature τ (> 0) of p̃.")
-    opo_adaptive_tau: bool = _option(True, "Adapt τ per loss call (SPEC 'τ').")
-    opo_tau_range: List[float] = field(
-        default_factory=lambda: [0.2, 1.5],
-        metadata={"help": "(τ_min, τ_max) that clamp the adaptive τ."},
-    )
-    opo_reward_temperature: float = _option(0.15, "Q = softmax(reward / this) in a group.")
-    opo_weights: str = _option("seed", "ω rule: 'seed', 'escort' or 'grpo_advantages'.")
-    opo_center_weights: bool = _option(False, "Subtract the group mean of ω.")
-    opo_level: str = _option("sequence_mean", "'sequence', 'sequence_mean' or 'token'.")
-    opo_coordinates: str = _option("ratio", "'ratio' (v = π/π_ref − 1) or 'log' (v = Δ).")
+    opo_preset: str = _option(
+        "paper", "Defaults of the opo_* options below left at None: 'paper' (eq. 6) or "
+                 "'author_verl' (the author's verl code); SPEC 'The author's recipe'.")
+    opo_alpha: Optional[float] = _option(None, "OPO α in [0, 1]: the sampling geometry "
+                                               "(None: the preset's, 0.6).")
+    opo_mu: Optional[float] = _option(None, "OPO μ >= 0: weight of the χ² term μ/2·E[v²] "
+                                            "(None: the preset's, 1.0).")
+    opo_tau: Optional[float] = _option(None, "Base temperature τ (> 0) of p̃ (preset: 0.5).")
+    opo_adaptive_tau: Optional[bool] = _option(None, "Adapt τ per loss call (SPEC 'τ'; "
+                                                     "preset: True).")
+    opo_tau_range: Optional[List[float]] = _option(
+        None, "(τ_min, τ_max) that clamp the adaptive τ (preset: [0.2, 1.5]).")
+    opo_reward_temperature: Optional[float] = _option(
+        None, "Q = softmax(reward / this) in a group (preset: 0.15).")
+    opo_weights: Optional[str] = _option(
+        None, "ω rule: 'seed', 'escort' or 'grpo_advantages' (preset: 'seed'; "
+              "author_verl: 'escort').")
+    opo_center_weights: Optional[bool] = _option(None, "Subtract the group mean of ω "
+                                                       "(preset: False; author_verl: True).")
+    opo_level: Optional[str] = _option(None, "'sequence', 'sequence_mean' or 'token' "
+                                             "(preset: 'sequence_mean').")
+    opo_coordinates: Optional[str] = _option(
+        None, "'ratio' (v = π/π_ref − 1) or 'log' (v = Δ) (preset: 'ratio'; author_verl: 'log').")
+    opo_delta_clip: Optional[float] = _option(
+        None, "Clamp of δ in p̃, the penalty and the Z-loss (preset: none; author_verl: 5.0; "
+              "inf: none).")
+    opo_score_clip: Optional[float] = _option(
+        None, "Clamp of δ/τ before p̃ and the Z-loss (preset: none; author_verl: 10.0; inf: none).")
+    opo_scale_rewards: Optional[str] = _option(
+        None, "'none' or 'group' (Q from group-normalized advantages) (preset: 'none').")
+    opo_direction_scale: Optional[float] = _option(
+        None, "Factor of the −ω·v term (preset: 1.0; author_verl: 1/α).")
+    opo_logit_reg_coef: Optional[float] = _option(
+        None, "Z-loss λ on the groups' logsumexp of δ/τ (preset: 0; author_verl: 0.01).")
     opo_entropy_coef: float = _option(0.0, "Entropy bonus β >= 0 (mean per-token entropy).")
     opo_backend: str = _option("auto", "'auto', 'triton' (fused kernels) or 'torch'.")
     opo_log_entropy: bool = _option(
@@ -151,7 +174,7 @@ class OPOConfig(GRPOConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.opo_weights not in OPO_WEIGHTS:
+        if self.opo_weights is not None and self.opo_weights not in OPO_WEIGHTS:
             raise ValueError(f"opo_weights must be one of {OPO_WEIGHTS}, got {self.opo_weights!r}")
         try:
             self.opo_loss_config()
@@ -168,16 +191,18 @@ class OPOConfig(GRPOConfig):
                                  "opo_fused_linear=True")
 
     def opo_loss_config(self) -> OPOLossConfig:
-        """The validated loss options (weights "grpo_advantages" is given per call)."""
+        """The validated loss options (weights "grpo_advantages" is given per call); options
+        left at None take the preset's value."""
+        options = {name: getattr(self, f"opo_{name}") for name in PRESET_OPTIONS
+                   if getattr(self, f"opo_{name}") is not None}
+        if options.get("weights") == "grpo_advantages":
+            options["weights"] = "seed"  # placeholder: the advantages tensor comes per call
+        if "tau_range" in options:
+            options["tau_range"] = tuple(options["tau_range"])
         return OPOLossConfig(
-            alpha=self.opo_alpha, mu=self.opo_mu, tau=self.opo_tau,
-            adaptive_tau=self.opo_adaptive_tau, tau_range=tuple(self.opo_tau_range),
-            reward_temperature=self.opo_reward_temperature,
-            weights="seed" if self.opo_weights == "grpo_advantages" else self.opo_weights,
-            center_weights=self.opo_center_weights, level=self.opo_level,
-            coordinates=self.opo_coordinates, temperature=self.temperature,
+            preset=self.opo_preset, temperature=self.temperature,
             entropy_coef=self.opo_entropy_coef, backend=self.opo_backend, return_metrics=True,
-            compute_entropy=self.opo_log_entropy,
+            compute_entropy=self.opo_log_entropy, **options,
         )
 
     def _check_supported(self) -> None:
