@@ -1,12 +1,18 @@
-"""Compile every kernel variant for a Hopper GPU (sm_90) WITHOUT a GPU, and report each one's
-registers, spills (local memory) and shared memory from the cubin.
+"""Compile every kernel variant the package launches for a Hopper GPU (sm_90) WITHOUT a GPU,
+exactly as the JIT would specialize it, and report registers, spills, 16-byte accesses and the
+exponential instructions, from the PTX and the cubin (Triton ships ptxas and cuobjdump).
 
-The CPU tests run the kernels under the Triton interpreter, which executes them in NumPy and so
-never sees compiled-mode problems (an unsupported construct, a type error in a branch, register
-spills). Triton ships ptxas and cuobjdump, so the real compiler can run here:
+    python -m benchmarks.aot_check            # table
+    python -m benchmarks.aot_check --json     # the same as JSON (tests/test_aot_compile.py)
+    python -m benchmarks.aot_check --arch 100 # another target
 
-    python -m benchmarks.aot_check            # table of every variant
-    python -m benchmarks.aot_check --arch 100 # another target (e.g. Blackwell)
+The arguments are those of a real launch: each variant calls the package's own launcher with
+small CPU tensors shaped like production inputs (a bf16 ``[4, 65, 151936][:, :-1]`` view, ...)
+while the kernel objects are replaced by recorders, then compiles the real kernel with the
+recorded arguments through Triton's binder (so pointer alignment, integer specialization and
+``do_not_specialize`` act as in ``kernel[grid](...)``). Compiling from hand-written signatures
+(as this file once did) compiles code that never runs: a stride the launcher passes as an
+aligned specialized int is a different kernel from one typed ``i32`` by hand.
 
 Must run with TRITON_INTERPRET unset (the kernels are then real JIT functions).
 """
@@ -14,110 +20,242 @@ Must run with TRITON_INTERPRET unset (the kernels are then real JIT functions).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import os
 import re
 import subprocess
 import tempfile
-from typing import Dict, List
+from typing import Callable, Dict, List
 
+import torch
 import triton
-import triton.language as tl
 from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+from triton.compiler import ASTSource, make_backend
+from triton.runtime.jit import create_function_from_signature
 
-from opo_kernels import fused_opo as F
+from opo_kernels import OPOLossConfig, epilogue, from_logprobs, row_kernels
+from opo_kernels.epilogue import kernel as epilogue_kernel_module
+from opo_kernels.inputs import prepare, prepare_logprobs
 
-# (logits dtype, accumulator dtype, BLOCK_V from the launch table)
-DTYPES = [("bf16", tl.float32, "fp32"), ("fp16", tl.float32, "fp32"),
-          ("fp32", tl.float32, "fp32"), ("fp64", tl.float64, "fp64")]
-_TORCH = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "fp64": "float64"}
+# --------------------------------------------------------------------------------------------
+# Capturing the arguments of real launches
+# --------------------------------------------------------------------------------------------
 
-
-def _block(dt: str) -> int:
-    import torch
-    block, _ = F.launch_config(1 << 20, getattr(torch, _TORCH[dt]))
-    return block
-
-
-def _num_warps(dt: str) -> int:
-    import torch
-    return F.launch_config(1 << 20, getattr(torch, _TORCH[dt]))[1]
+_KERNELS = [(row_kernels, "_opo_fwd_kernel"), (row_kernels, "_opo_bwd_kernel"),
+            (row_kernels, "_scale_kernel"), (epilogue_kernel_module, "epilogue_kernel"),
+            (from_logprobs, "_logprob_grad_kernel")]
 
 
-def _row_args(dt: str, acc: str) -> Dict[str, str]:
-    return {"seq_len": "i64", "V": "i32", "stride_b": "i64", "stride_t": "i32",
-            "stride_v": "i32", "grad_stride_b": "i64", "grad_stride_t": "i32",
-            "grad_stride_v": "i32", "inv_temperature": "fp32"}
+class _Recorder:
+    def __init__(self, kernel, log):
+        self.kernel, self.log = kernel, log
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.log.append((self.kernel, args, kwargs))
+        return launch
 
 
-def variants() -> List[tuple]:
-    """(name, kernel, signature, constexprs, num_warps) for every variant the launchers use."""
-    out = []
-    for dt, acc_tl, acc in DTYPES:
-        rows = _row_args(dt, acc)
-        for ent in (False, True):
-            for write_grad in (False, True):
-                sig = {"logits_ptr": f"*{dt}", "labels_ptr": "*i64", "seq_ptr": "*i64",
-                       "logprobs_ptr": f"*{acc}", "stats_ptr": f"*{acc}",
-                       "entropy_ptr": f"*{acc}", "grad_ptr": f"*{dt}", "coef_ptr": f"*{acc}",
-                       "entropy_coef_ptr": f"*{acc}", **rows,
-                       "WITH_ENTROPY": "constexpr", "WRITE_GRAD": "constexpr",
-                       "ACC": "constexpr", "BLOCK_V": "constexpr"}
-                name = f"fwd-{dt}{'-entropy' if ent else ''}{'-onepass' if write_grad else ''}"
-                out.append((name, F._opo_fwd_kernel, sig,
-                            {"WITH_ENTROPY": ent, "WRITE_GRAD": write_grad, "ACC": acc_tl,
-                             "BLOCK_V": _block(dt)}, _num_warps(dt)))
-            sig = {"logits_ptr": f"*{dt}", "grad_ptr": f"*{dt}", "labels_ptr": "*i64",
-                   "seq_ptr": "*i64", "stats_ptr": f"*{acc}", "entropy_ptr": f"*{acc}",
-                   "coef_ptr": f"*{acc}", "entropy_coef_ptr": f"*{acc}", **rows,
-                   "WITH_ENTROPY": "constexpr", "ACC": "constexpr", "BLOCK_V": "constexpr"}
-            out.append((f"bwd-{dt}{'-entropy' if ent else ''}", F._opo_bwd_kernel, sig,
-                        {"WITH_ENTROPY": ent, "ACC": acc_tl, "BLOCK_V": _block(dt)},
-                        _num_warps(dt)))
-        sig = {"grad_ptr": f"*{dt}", "scale_ptr": f"*{acc}", "seq_ptr": "*i64",
-               "seq_len": "i64", "V": "i32", "grad_stride_b": "i64", "grad_stride_t": "i32",
-               "grad_stride_v": "i32", "ACC": "constexpr", "BLOCK_V": "constexpr"}
-        out.append((f"scale-{dt}", F._scale_kernel, sig, {"ACC": acc_tl, "BLOCK_V": _block(dt)},
-                     _num_warps(dt)))
-    return out
-
-
-def _cuobjdump() -> str:
-    here = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
-    path = os.path.join(here, "cuobjdump")
-    return path if os.path.exists(path) else "cuobjdump"
-
-
-def resource_usage(cubin: bytes) -> Dict[str, int]:
-    """REG / LOCAL (spill bytes) / SHARED of the one function in a cubin."""
-    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
-        f.write(cubin)
+@contextlib.contextmanager
+def recording():
+    """Replaces the package's kernels by recorders; yields the list of (kernel, args, kwargs)."""
+    log: List[tuple] = []
+    saved = [(module, name, getattr(module, name)) for module, name in _KERNELS]
+    for module, name, kernel in saved:
+        setattr(module, name, _Recorder(kernel, log))
     try:
-        text = subprocess.run([_cuobjdump(), "-res-usage", f.name], capture_output=True,
+        yield log
+    finally:
+        for module, name, kernel in saved:
+            setattr(module, name, kernel)
+
+
+def compile_launch(kernel, args, kwargs, arch: int = 90):
+    """The CompiledKernel that ``kernel[grid](*args, **kwargs)`` would run on sm_<arch>."""
+    target = GPUTarget("cuda", arch, 32)
+    backend = make_backend(target)
+    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    kw = dict(kwargs)
+    kw.setdefault("debug", False)
+    kw.setdefault("instrumentation_mode", "")
+    bound, specialization, options = binder(*args, **kw)
+    options, signature, constexprs, attrs = kernel._pack_args(backend, kw, bound, specialization,
+                                                              options)
+    return triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=target,
+                          options=options.__dict__)
+
+
+# --------------------------------------------------------------------------------------------
+# The variants: real launchers on production-shaped CPU tensors
+# --------------------------------------------------------------------------------------------
+
+B, T, V = 4, 64, 151936  # a production row length; few rows (only shapes and strides matter)
+
+
+def _rows(dtype, packed=False):
+    full = torch.empty(B, T + 1, V, dtype=dtype)
+    labels = torch.zeros(B, T + 1, dtype=torch.long)[:, 1:]
+    if packed:
+        logits = full.view(-1, V)[: B * T]
+        return logits, row_kernels.Rows(labels.reshape(-1), None, torch.zeros(B * T,
+                                        dtype=torch.long), None, B * T, None, B)
+    mask = torch.ones(B, T, dtype=torch.bool)
+    return full[:, :-1], row_kernels.Rows(labels, mask, None, torch.zeros(B, T), B * T, T, B)
+
+
+def _params(dtype=torch.float32):
+    return epilogue.params_tensor(OPOLossConfig(), "cpu", dtype)
+
+
+def _fwd(dtype, entropy=False, one_pass=False, partial=False, packed=False):
+    def run():
+        logits, rows = _rows(dtype, packed)
+        cdtype = torch.float64 if dtype == torch.float64 else torch.float32
+        extra = {}
+        if one_pass:
+            extra = dict(grad=torch.empty_like(logits), coef=torch.zeros(B, 2, dtype=cdtype),
+                         scal=torch.zeros(2, dtype=cdtype))
+        if partial:
+            extra = dict(partials=torch.empty(B * T, 4, dtype=cdtype), vocab_start=V)
+        row_kernels.forward_rows(logits, rows, _params(cdtype), entropy, **extra)
+    return run
+
+
+def _bwd(dtype, entropy=False, level="sequence_mean"):
+    def run():
+        logits, rows = _rows(dtype)
+        cdtype = torch.float64 if dtype == torch.float64 else torch.float32
+        z = lambda *shape: torch.zeros(*shape, dtype=cdtype)  # noqa: E731
+        row_kernels.backward_rows(logits, rows, z(B * T), z(B * T, 2), z(B * T) if entropy
+                                  else None, z(B, 2), z(2), z(()), _params(cdtype), level,
+                                  "ratio", inplace=False)
+    return run
+
+
+def _scale(dtype):
+    def run():
+        logits, rows = _rows(dtype)
+        row_kernels.scale_rows_(logits, rows, torch.ones(()))
+    return run
+
+
+def _epilogue(packed, cdtype=torch.float32, group_ids=False, validate=True):
+    def run():
+        cfg = OPOLossConfig()
+        n = 64
+        logits = torch.empty(()).expand(n, V) if packed else torch.empty(()).expand(B, n // B, V)
+        labels = torch.zeros(logits.shape[:-1], dtype=torch.long)
+        ref = torch.zeros(logits.shape[:-1])
+        layout = dict(seq_ids=torch.arange(n) % B) if packed else dict(mask=labels == 0)
+        layout.update(dict(group_ids=torch.arange(B) // 2) if group_ids else dict(group_size=2))
+        batch = prepare(logits.to(cdtype), labels, ref, torch.zeros(B), config=cfg, **layout)
+        epilogue.run_epilogue(batch, epilogue.Mode.of(cfg, False), _params(cdtype),
+                              torch.zeros(1, dtype=torch.int32),
+                              logprobs=torch.zeros(labels.shape, dtype=cdtype),
+                              stats=torch.zeros(n, 2, dtype=cdtype), validate=validate)
+    return run
+
+
+def _logprob_grad():
+    def run():
+        cfg = OPOLossConfig(adaptive_tau=False)
+        lp = torch.zeros(B, T)
+        batch = prepare_logprobs(lp, lp, torch.zeros(B), mask=lp == 0, group_size=2, config=cfg)
+        rows = row_kernels.Rows.of(batch)
+        from_logprobs.logprob_gradients(rows, lp, lp, torch.zeros(B, 2), torch.zeros(2),
+                                        torch.ones(()), "token", "ratio")
+    return run
+
+
+VARIANTS: Dict[str, Callable[[], None]] = {
+    "fwd-bf16": _fwd(torch.bfloat16),
+    "fwd-bf16-entropy": _fwd(torch.bfloat16, entropy=True),
+    "fwd-bf16-onepass": _fwd(torch.bfloat16, one_pass=True),
+    "fwd-bf16-entropy-onepass": _fwd(torch.bfloat16, entropy=True, one_pass=True),
+    "fwd-bf16-partial": _fwd(torch.bfloat16, entropy=True, partial=True),
+    "fwd-bf16-packed": _fwd(torch.bfloat16, packed=True),
+    "fwd-fp16": _fwd(torch.float16),
+    "fwd-fp32": _fwd(torch.float32),
+    "fwd-fp64": _fwd(torch.float64),
+    "bwd-bf16": _bwd(torch.bfloat16),
+    "bwd-bf16-entropy-token": _bwd(torch.bfloat16, entropy=True, level="token"),
+    "bwd-fp16": _bwd(torch.float16),
+    "bwd-fp32": _bwd(torch.float32),
+    "bwd-fp64": _bwd(torch.float64),
+    "scale-bf16": _scale(torch.bfloat16),
+    "epilogue-padded": _epilogue(packed=False),
+    "epilogue-packed-ids": _epilogue(packed=True, group_ids=True),
+    "epilogue-padded-fp64": _epilogue(packed=False, cdtype=torch.float64, validate=False),
+    "logprob-grad": _logprob_grad(),
+}
+
+# --------------------------------------------------------------------------------------------
+# Reading the compiled code
+# --------------------------------------------------------------------------------------------
+
+
+def _tool(name: str) -> str:
+    here = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+    return here if os.path.exists(here) else name
+
+
+def inspect_compiled(compiled) -> Dict[str, int]:
+    """Registers, spills and the accesses/instructions that matter, from the cubin and PTX."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(compiled.asm["cubin"])
+    try:
+        usage = subprocess.run([_tool("cuobjdump"), "-res-usage", f.name], capture_output=True,
+                               text=True, check=True).stdout
+        sass = subprocess.run([_tool("cuobjdump"), "-sass", f.name], capture_output=True,
                               text=True, check=True).stdout
     finally:
         os.unlink(f.name)
-    fields = dict(re.findall(r"(REG|LOCAL|SHARED|STACK):(\d+)", text.split("Function", 1)[1]))
-    return {k: int(v) for k, v in fields.items()}
+    fields = dict(re.findall(r"(REG|LOCAL|SHARED|STACK):(\d+)", usage.split("Function", 1)[1]))
+    ptx = compiled.asm["ptx"]
+    return {
+        "regs": int(fields.get("REG", -1)), "spill_bytes": int(fields.get("LOCAL", -1)),
+        "smem_bytes": int(fields.get("SHARED", -1)),
+        "num_warps": compiled.metadata.num_warps,
+        "ld_v4": len(re.findall(r"ld\.global[^\n]*\.v4", ptx)),
+        "st_v4": len(re.findall(r"st\.global[^\n]*\.v4", ptx)),
+        "ldg128": len(re.findall(r"LDG\.E\.128", sass)),
+        "stg128": len(re.findall(r"STG\.E\.128", sass)),
+        "ex2_ftz": ptx.count("ex2.approx.ftz.f32"),
+        "ex2_nonftz": ptx.count("ex2.approx.f32"),
+    }
 
 
-def compile_variant(kernel, signature, constexprs, num_warps, arch: int = 90):
-    src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
-    return triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                          options={"num_warps": num_warps})
+def check(arch: int = 90, only=None) -> Dict[str, Dict[str, int]]:
+    results = {}
+    for name, run in VARIANTS.items():
+        if only and name not in only:
+            continue
+        with recording() as log:
+            run()
+        (kernel, args, kwargs), *rest = log
+        assert not rest, f"{name}: {len(log)} launches"
+        results[name] = {"kernel": kernel.fn.__name__,
+                         **inspect_compiled(compile_launch(kernel, args, kwargs, arch))}
+    return results
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", type=int, default=90)
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--only", nargs="*", help="variant names")
     args = parser.parse_args(argv)
+    results = check(args.arch, args.only)
+    if args.json:
+        print(json.dumps({"triton": triton.__version__, "arch": args.arch, "variants": results}))
+        return 0
     print(f"triton {triton.__version__}, target sm_{args.arch}")
-    print(f"{'variant':<28}{'warps':>6}{'BLOCK_V':>9}{'regs':>6}{'spill B':>9}{'smem B':>8}")
-    for name, kernel, sig, consts, warps in variants():
-        compiled = compile_variant(kernel, sig, consts, warps, args.arch)
-        use = resource_usage(compiled.asm["cubin"])
-        print(f"{name:<28}{warps:>6}{consts['BLOCK_V']:>9}{use.get('REG', -1):>6}"
-              f"{use.get('LOCAL', -1):>9}{use.get('SHARED', -1):>8}")
+    cols = ("num_warps", "regs", "spill_bytes", "ld_v4", "st_v4", "ldg128", "stg128", "ex2_ftz",
+            "ex2_nonftz")
+    print(f"{'variant':<28}" + "".join(f"{c:>12}" for c in cols))
+    for name, row in results.items():
+        print(f"{name:<28}" + "".join(f"{row[c]:>12}" for c in cols))
     return 0
 
 

@@ -55,7 +55,7 @@ def expm1(x):
         small = tl.abs(x) < 0.35
     poly = x * (1 + x * (1 / 2 + x * (1 / 6 + x * (1 / 24 + x * (
         1 / 120 + x * (1 / 720 + x * (1 / 5040)))))))
-    return tl.where(small, poly, tl.exp(x) - 1)
+    return tl.where(small, poly, tl.exp2(x * LOG2E) - 1)  # exp2: ex2.approx.ftz, as the loops
 
 
 @triton.jit
@@ -105,7 +105,7 @@ def token_coef(seq, lp, ref, coef_ptr, scal_ptr, grad_scale, TOKEN: tl.constexpr
     if TOKEN:
         d = lp - ref
         if RATIO:
-            c = (a + tl.load(scal_ptr) * expm1(d)) * tl.exp(d) + z
+            c = (a + tl.load(scal_ptr) * expm1(d)) * tl.exp2(d * LOG2E) + z
         else:
             c = (a + tl.load(scal_ptr) * d) + z
     else:
