@@ -6,6 +6,7 @@ or once per ``OPOLoss`` module, never re-checked inside the hot path.
 
 from __future__ import annotations
 
+import enum
 import math
 from dataclasses import dataclass, field
 from typing import Optional, Tuple, Union
@@ -38,14 +39,19 @@ def _choice(name: str, value, allowed) -> str:
     return value
 
 
-class _PresetDefault:
-    """The default of an option that a preset sets: "the preset's value" (see PRESETS)."""
+class _PresetDefault(enum.Enum):
+    """The default of an option that a preset sets: "the preset's value" (see PRESETS).
+
+    An enum member, not a plain object(): torch.compile traces ``OPOLossConfig(**options)``
+    inside the user's graph and can only wrap a sourceless default of a type it knows."""
+
+    DEFAULT = "<preset>"
 
     def __repr__(self) -> str:
         return "<preset>"
 
 
-PRESET_DEFAULT = _PresetDefault()
+PRESET_DEFAULT = _PresetDefault.DEFAULT
 
 # SPEC "The author's recipe": named sets of defaults; arguments given explicitly override them.
 # "paper" is eq. 6 (the package's defaults); "author_verl" the author's verl configuration of the
