@@ -1,10 +1,21 @@
-"""Test setup.
+"""Test setup: one suite, two devices.
 
-By default the real Triton kernels run on CPU tensors through the interpreter
-(TRITON_INTERPRET=1 is set here, before triton is first imported; importing torch does not
-import triton). GPU-marked tests need CUDA and the compiled kernels: run them on a GPU machine
-with ``TRITON_INTERPRET=0 python -m pytest -m gpu``. Each mode skips the other's tests,
-except tests marked ``anydevice`` (they pick CUDA when it is there, and run in both modes).
+- **CPU (CI, the default):** TRITON_INTERPRET=1 is set here, before triton is first imported
+  (importing torch does not import triton), so the real Triton kernels run on CPU tensors
+  through the interpreter.
+- **CUDA:** ``TRITON_INTERPRET=0 python -m pytest`` on a CUDA machine runs the same
+  kernel-vs-reference tests (every option, dtype, V, layout, strided views, NaN-poisoned
+  outputs, float64 gradcheck, properties, bad inputs, on-policy, in place, fused-linear,
+  torch.compile) on CUDA tensors with the compiled kernels, plus the GPU-only tests.
+
+The device is ``problems.DEVICE`` (``OPO_TEST_DEVICE`` overrides it). Markers:
+
+- ``gpu``: needs CUDA and the compiled kernels (production sizes, CUDA graphs, NCCL); skipped
+  on the CPU;
+- ``cpu_only``: needs the interpreter or is about CPU-side code (the TRL/verl integrations,
+  the demo, gloo tensor parallelism, the benchmark scripts' tiny modes, the sm_90 compile
+  check); skipped in the CUDA run, which CI's CPU run already covers;
+- everything else runs on whichever device the suite is on.
 """
 
 import os
@@ -13,22 +24,33 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from problems import DEVICE  # noqa: E402
 
 import opo_kernels.utils as ok_utils  # noqa: E402
 
 INTERPRETER = ok_utils.interpreter_on()
 HAS_CUDA = torch.cuda.is_available() and not INTERPRETER
+ON_CUDA = torch.device(DEVICE).type == "cuda"
+
+
+def pytest_report_header(config):
+    return (f"opo_kernels suite on {DEVICE} "
+            f"({'Triton interpreter' if INTERPRETER else 'compiled kernels'})")
 
 
 def pytest_collection_modifyitems(config, items):
     skip_gpu = pytest.mark.skip(reason="needs CUDA and TRITON_INTERPRET=0")
-    skip_cpu = pytest.mark.skip(reason="CPU test: runs with the interpreter (TRITON_INTERPRET=1)")
+    skip_cpu = pytest.mark.skip(reason="CPU-only test: runs in the interpreter suite (CI)")
+    skip_all = pytest.mark.skip(reason="no device: TRITON_INTERPRET=0 and no CUDA")
     for item in items:
         if "gpu" in item.keywords:
             if not HAS_CUDA:
                 item.add_marker(skip_gpu)
-        elif not INTERPRETER and "anydevice" not in item.keywords:
-            item.add_marker(skip_cpu)
+        elif "cpu_only" in item.keywords:
+            if not INTERPRETER:
+                item.add_marker(skip_cpu)
+        elif not INTERPRETER and not ON_CUDA:
+            item.add_marker(skip_all)
 
 
 @pytest.fixture(autouse=True)

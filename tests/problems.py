@@ -9,10 +9,44 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Dict
 
 import torch
+
+import opo_kernels.utils as ok_utils
+
+# The device the whole suite runs on (conftest.py imports it): "cpu" while the Triton
+# interpreter is on (CI), "cuda" when TRITON_INTERPRET=0 on a CUDA machine, where the same
+# kernel-vs-reference tests then run the compiled kernels. OPO_TEST_DEVICE overrides it (e.g.
+# "cuda:1"). Random inputs are always drawn on the CPU with a seeded CPU generator and then
+# moved, so both devices see the same values.
+DEVICE = os.environ.get("OPO_TEST_DEVICE") or (
+    "cuda" if torch.cuda.is_available() and not ok_utils.interpreter_on() else "cpu")
+
+
+def on_device(x, device=None):
+    """x moved to the suite's device: a tensor, or a dict / list / tuple of them (other values
+    and meta tensors, which some bad-input tests plant on purpose, are left as they are).
+
+    A view keeps its strides and storage offset (``Tensor.to`` would make ``full[:, :-1]``
+    contiguous): its whole storage moves, NaN-poisoned gaps included."""
+    device = torch.device(device or DEVICE)
+    if isinstance(x, torch.Tensor):
+        same = x.device.type == device.type and device.index in (None, x.device.index)
+        if x.device.type == "meta" or same:
+            return x
+        if x.requires_grad or (x.is_contiguous() and x.storage_offset() == 0):
+            return x.to(device)
+        n = x.untyped_storage().nbytes() // x.element_size()
+        flat = torch.empty(0, dtype=x.dtype).set_(x.untyped_storage(), 0, (n,), (1,))
+        return flat.to(device).as_strided(x.size(), x.stride(), x.storage_offset())
+    if isinstance(x, dict):
+        return {k: on_device(v, device) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(on_device(v, device) for v in x)
+    return x
 
 
 @dataclass
@@ -45,10 +79,11 @@ def true_logprobs(logits2d: torch.Tensor, labels: torch.Tensor, temperature: flo
 
 
 def make_problem(B: int, T: int, V: int, dtype: torch.dtype, layout: str, seed: int = 0,
-                 device="cpu", temperature: float = 1.0, noise: float = 0.1,
+                 device=None, temperature: float = 1.0, noise: float = 0.1,
                  scale: float = 2.0) -> Problem:
     """B must be a multiple of 3 (groups of 3); B >= 6 gets an empty sequence and an empty
-    group (the second group), B >= 3 uses every other sequence fully."""
+    group (the second group), B >= 3 uses every other sequence fully. Drawn on the CPU, then
+    put on ``device`` (default: the suite's DEVICE)."""
     g = torch.Generator().manual_seed(seed)
     rewards = torch.rand(B, generator=g, dtype=torch.float32)
     rewards[0] = rewards[1]  # a tie inside a group
@@ -96,6 +131,5 @@ def make_problem(B: int, T: int, V: int, dtype: torch.dtype, layout: str, seed: 
         lay = {"seq_ids": seq.to(torch.int32), "group_ids": group_ids}
     else:
         raise ValueError(layout)
-    to = lambda t: t.to(device) if isinstance(t, torch.Tensor) else t  # noqa: E731
-    return Problem(to(logits), to(labels), to(ref), to(rewards),
-                   {k: to(v) for k, v in lay.items()})
+    to = lambda t: on_device(t, device)  # noqa: E731
+    return Problem(to(logits), to(labels), to(ref), to(rewards), to(lay))

@@ -16,7 +16,7 @@ import math
 
 import pytest
 import torch
-from problems import make_problem
+from problems import make_problem, on_device
 from test_opo_loss import TOL, assert_close, compare, grad_atol, run
 
 import opo_kernels
@@ -101,11 +101,13 @@ def test_fused_linear_and_logprob_api(layout):
     with torch.no_grad():
         lp = torch.log_softmax(hidden @ weight.T, -1).gather(-1, labels[..., None])[..., 0]
     ref = lp + 0.05 * torch.randn(B, T, generator=g)
+    hidden, weight, labels, mask, rewards, ref = on_device((hidden, weight, labels, mask,
+                                                            rewards, ref))
     layout_args = dict(mask=mask, group_size=3)
     if layout == "packed":
         hidden, labels, ref = hidden.view(-1, H), labels.view(-1), ref.view(-1)
-        layout_args = dict(seq_ids=torch.where(mask.view(-1), torch.arange(B * T) // T, -1),
-                           group_size=3)
+        seq_ids = torch.where(mask.view(-1), on_device(torch.arange(B * T)) // T, -1)
+        layout_args = dict(seq_ids=seq_ids, group_size=3)
     options = dict(preset="author_verl", return_metrics=True, **layout_args)
     h = hidden.clone().requires_grad_()
     w = weight.clone().requires_grad_()
@@ -160,17 +162,18 @@ def _sequence_problem():
     deltas = torch.tensor([0.30, -0.02, 0.01, -0.5, 0.03, 0.0], dtype=torch.float64)
     ref = lp - deltas
     rewards = torch.tensor([1.0, 0.0, 0.5, 0.2, 0.9, 0.1], dtype=torch.float64)
-    return lp, ref, rewards
+    return on_device((lp, ref, rewards))
 
 
 def test_delta_clip_stops_the_penalty_not_the_direction():
     """Where |δ_s| > delta_clip, ∂L/∂lp_s = −D·ω_s·e^δ/M only: the penalty (μ/2)·v̂² is flat
     there; elsewhere its μ·v̂·e^δ̂/B' term is present."""
     lp, ref, rewards = _sequence_problem()
-    seq_ids = torch.arange(6)
+    seq_ids = on_device(torch.arange(6))
     options = dict(seq_ids=seq_ids, group_size=3, vocab_size=10, delta_clip=0.1,
                    coordinates="ratio", level="sequence", mu=2.0, direction_scale=1.5,
-                   weights=torch.tensor([0.5, -0.2, 0.3, 0.1, 0.4, -0.3], dtype=torch.float64),
+                   weights=on_device(torch.tensor([0.5, -0.2, 0.3, 0.1, 0.4, -0.3],
+                                                  dtype=torch.float64)),
                    adaptive_tau=False)
     for backend in ("torch", "triton"):
         x = lp.clone().requires_grad_()
@@ -188,7 +191,8 @@ def test_delta_clip_stops_the_penalty_not_the_direction():
 
 def test_z_loss_value_by_hand():
     lp, ref, rewards = _sequence_problem()
-    options = dict(seq_ids=torch.arange(6), group_size=3, vocab_size=10, adaptive_tau=False,
+    options = dict(seq_ids=on_device(torch.arange(6)), group_size=3, vocab_size=10,
+                   adaptive_tau=False,
                    tau=0.25, score_clip=1.0, logit_reg_coef=0.7, mu=0.0, level="sequence",
                    coordinates="log", return_metrics=True)
     u = ((lp - ref) / 0.25).clamp(-1.0, 1.0)
@@ -206,7 +210,8 @@ def test_score_clip_bounds_the_scores():
     """p̃ is a softmax of u = clamp(δ/τ, ±c): with c tiny, p̃ is ~uniform whatever δ is, so ω
     (seed rule, α = 0.5) is ω(Q, uniform p̃) and the loss cannot see how far apart the δ are."""
     lp, ref, rewards = _sequence_problem()
-    options = dict(seq_ids=torch.arange(6), group_size=3, vocab_size=10, adaptive_tau=False,
+    options = dict(seq_ids=on_device(torch.arange(6)), group_size=3, vocab_size=10,
+                   adaptive_tau=False,
                    alpha=0.5, score_clip=1e-9, return_metrics=True, coordinates="log",
                    level="sequence", mu=0.0)
     far = ref - 3 * (lp - ref)  # δ four times larger, signs kept

@@ -3,6 +3,7 @@ backends, and leaves every input exactly as it was."""
 
 import pytest
 import torch
+from problems import on_device
 
 import opo_kernels
 
@@ -11,14 +12,14 @@ B, T, V = 4, 5, 9
 
 def _inputs():
     g = torch.Generator().manual_seed(0)
-    return {
+    return on_device({
         "logits": torch.randn(B, T, V, generator=g),
         "labels": torch.randint(0, V, (B, T), generator=g),
         "ref_logprobs": -torch.rand(B, T, generator=g) * 3,
         "rewards": torch.rand(B, generator=g),
         "mask": torch.rand(B, T, generator=g) < 0.8,
         "group_size": 2,
-    }
+    })
 
 
 def _set(name, value):
@@ -109,6 +110,7 @@ def test_bad_input(case, backend):
     d = _inputs()
     if edit is not None:
         edit(d)
+    d, options = on_device(d), on_device(options)  # the CASES' own tensors are built on the CPU
     before = {k: v.clone() for k, v in d.items() if isinstance(v, torch.Tensor)}
     weights = options.get("weights")
     weights_before = weights.clone() if isinstance(weights, torch.Tensor) else None

@@ -9,20 +9,21 @@ interpreter) and one real Inductor compile; the GPU test compiles with Inductor 
 
 import pytest
 import torch
+from problems import on_device
 from torch._dynamo.testing import CompileCounterWithBackend
 
 import opo_kernels
 from opo_kernels import reference
 
 
-def _inputs(B, T, V, device="cpu", seed=0):
-    g = torch.Generator(device=device).manual_seed(seed)
-    logits = torch.randn(B, T, V, generator=g, device=device)
-    labels = torch.randint(0, V, (B, T), generator=g, device=device)
-    ref = -3 * torch.rand(B, T, generator=g, device=device)
-    rewards = torch.rand(B, generator=g, device=device)
-    mask = torch.rand(B, T, generator=g, device=device) < 0.8
-    return logits, labels, ref, rewards, mask
+def _inputs(B, T, V, device=None, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(B, T, V, generator=g)
+    labels = torch.randint(0, V, (B, T), generator=g)
+    ref = -3 * torch.rand(B, T, generator=g)
+    rewards = torch.rand(B, generator=g)
+    mask = torch.rand(B, T, generator=g) < 0.8
+    return on_device((logits, labels, ref, rewards, mask), device)
 
 
 def _loss(logits, labels, ref, rewards, mask, alpha, mu, tau, entropy_coef):
@@ -88,7 +89,7 @@ def test_graph_computes_in_float32():
 
 
 def test_inductor_compile_matches():
-    """A real Inductor compile on CPU (the custom ops stay opaque calls)."""
+    """A real Inductor compile on the suite's device (the custom ops stay opaque calls)."""
     torch._dynamo.reset()
     step = torch.compile(_loss, fullgraph=True, dynamic=True)
     inputs = _inputs(4, 6, 9, seed=3)

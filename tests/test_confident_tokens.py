@@ -11,11 +11,10 @@ V = 1000 is one block of the vocabulary loop; V = 32003 puts the label in one of
 
 import pytest
 import torch
+from problems import DEVICE
 
 import opo_kernels
 from opo_kernels import reference
-
-DEVICE = "cpu"
 
 
 def _confident_problem(V: int, gaps, seed: int = 0):

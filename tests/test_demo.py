@@ -12,6 +12,8 @@ import math
 import pytest
 import torch
 
+pytestmark = pytest.mark.cpu_only  # CPU-side code / the interpreter (conftest.py)
+
 pytest.importorskip("matplotlib")
 demo = pytest.importorskip("opo_kernels.demo")
 from opo_kernels.demo.report import bootstrap_interval  # noqa: E402

@@ -3,7 +3,11 @@ runs, and the legacy torch epilogue of commit 630c99a agrees with the Triton epi
 every c_t) before anything is timed — an independent second implementation of the closed
 forms."""
 
+import pytest
+
 from benchmarks import epilogue_bench
+
+pytestmark = pytest.mark.cpu_only  # CPU-side code / the interpreter (conftest.py)
 
 
 def test_tiny_mode_runs_and_agrees(tmp_path):

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.cpu_only  # CPU-side code / the interpreter (conftest.py)
+
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 

@@ -12,7 +12,7 @@ import itertools
 
 import pytest
 import torch
-from problems import make_problem
+from problems import DEVICE, make_problem, on_device
 from test_opo_loss import TOL, assert_close, grad_atol
 
 import opo_kernels
@@ -114,10 +114,11 @@ def test_gradcheck(layout, backend):
 
 def _inputs():
     g = torch.Generator().manual_seed(0)
-    return dict(logprobs=-torch.rand(4, 5, generator=g) * 3,
-                ref_logprobs=-torch.rand(4, 5, generator=g) * 3,
-                rewards=torch.rand(4, generator=g), mask=torch.rand(4, 5, generator=g) < 0.8,
-                group_size=2, vocab_size=50)
+    return on_device(dict(logprobs=-torch.rand(4, 5, generator=g) * 3,
+                          ref_logprobs=-torch.rand(4, 5, generator=g) * 3,
+                          rewards=torch.rand(4, generator=g),
+                          mask=torch.rand(4, 5, generator=g) < 0.8, group_size=2,
+                          vocab_size=50))
 
 
 BAD = [
@@ -145,13 +146,13 @@ def test_bad_input(name, change, exc, text, backend):
             kwargs[key] = kwargs[key].clone()
             kwargs[key][0, 0] = float("nan")
         elif value == "inf":
-            kwargs[key] = torch.zeros(4, 5)
+            kwargs[key] = torch.zeros(4, 5, device=DEVICE)
             kwargs[key][0, 0] = float("inf")
         elif value == "2":
-            kwargs[key] = torch.ones(4, 5, dtype=torch.long)
+            kwargs[key] = torch.ones(4, 5, dtype=torch.long, device=DEVICE)
             kwargs[key][1, 1] = 2
         else:
-            kwargs[key] = value
+            kwargs[key] = on_device(value)  # BAD's tensors are built on the CPU
     kwargs["mask"] = kwargs["mask"].clone()
     kwargs["mask"][0, 0] = 1  # the poked token is counted
     before = {k: v.clone() for k, v in kwargs.items() if isinstance(v, torch.Tensor)}

@@ -22,6 +22,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from problems import DEVICE, on_device
 
 import opo_kernels
 import opo_kernels.fused_linear_opo as flo
@@ -99,6 +100,8 @@ class Problem:
         lp = torch.log_softmax(logits, -1).gather(-1, self.labels.clamp(min=0)[..., None])[..., 0]
         noise = 0.1 * torch.randn(lp.shape, generator=g, dtype=torch.float64)
         self.ref = torch.where(counted, lp + noise, float("nan")).float()
+        for name in ("weight", "bias", "rewards", "buffer", "labels", "layout", "counted", "ref"):
+            setattr(self, name, on_device(getattr(self, name)))  # drawn on the CPU, then moved
 
     def params(self, dtype, oracle_of=None):
         """Fresh leaves (buffer, weight, bias) in dtype; with oracle_of, the values of the
@@ -208,7 +211,7 @@ def test_options(opts, layout):
     seed = OPTIONS.index(opts) + 50
     opts = dict(opts)
     if opts.get("weights") == "tensor":
-        opts["weights"] = torch.randn(B, generator=torch.Generator().manual_seed(seed))
+        opts["weights"] = on_device(torch.randn(B, generator=torch.Generator().manual_seed(seed)))
     compare(Problem(layout, seed), torch.float32, seed, chunk_size=3, **opts)
 
 
@@ -325,7 +328,7 @@ def test_gradcheck(layout, level):
     problem = Problem(layout, 11, B=4, T=3, H=4, V=5)
     buf, weight, bias = problem.params(torch.float64)
     hidden = problem.view(buf).detach().clone().requires_grad_()
-    omega = torch.tensor([0.7, -0.4, 1.3, 0.2], dtype=torch.float64)
+    omega = on_device(torch.tensor([0.7, -0.4, 1.3, 0.2], dtype=torch.float64))
 
     def fn(h, w, b):
         return fused_linear_opo_loss(h, w, problem.labels, problem.ref.double(),
@@ -368,7 +371,7 @@ def test_inputs_not_modified():
 @pytest.mark.parametrize("on_policy", [False, True], ids=["off-policy", "on-policy"])
 def test_no_counted_token_gives_zero(on_policy):
     problem = Problem("padded", 14)
-    problem.layout["mask"] = torch.zeros(B, T, dtype=torch.bool)
+    problem.layout["mask"] = torch.zeros(B, T, dtype=torch.bool, device=DEVICE)
     for backend in ("triton", "torch"):
         loss, metrics, grads = run(problem, backend, torch.float32, torch.tensor(1.3),
                                    on_policy=on_policy, chunk_size=3)

@@ -7,6 +7,7 @@ import os
 import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
+from problems import on_device
 from test_opo_loss import TOL, assert_close, grad_atol
 
 import opo_kernels
@@ -41,6 +42,7 @@ def problems(draw):
         entropy_coef=draw(st.sampled_from([0.0, 0.1])),
     )
     on_policy = draw(st.booleans())
+    logits, labels, ref, rewards, mask = on_device((logits, labels, ref, rewards, mask))
     return logits, labels, None if on_policy else ref, rewards, mask, group_size, options
 
 

@@ -19,7 +19,7 @@ import itertools
 
 import pytest
 import torch
-from problems import make_problem
+from problems import DEVICE, make_problem, on_device
 
 import opo_kernels
 import opo_kernels.utils as ok_utils
@@ -127,7 +127,7 @@ def test_options(opts, layout):
     seed = OPTION_GRID.index(opts)
     problem = make_problem(9, 6, 7, torch.float32, layout, seed=seed, temperature=temp)
     if weights == "tensor":
-        weights = torch.randn(9, generator=torch.Generator().manual_seed(seed))
+        weights = on_device(torch.randn(9, generator=torch.Generator().manual_seed(seed)))
     compare(problem, torch.float32, level=level, coordinates=coords, weights=weights,
             center_weights=center, adaptive_tau=adaptive, entropy_coef=beta, temperature=temp,
             alpha=0.3 + 0.1 * (seed % 5), mu=0.5 + (seed % 3))
@@ -189,7 +189,7 @@ def test_uncounted_rows_not_read():
 
 def test_no_counted_token_gives_zero():
     problem = make_problem(3, 4, 5, torch.float32, "padded", seed=2)
-    problem.layout["mask"] = torch.zeros(3, 4, dtype=torch.bool)
+    problem.layout["mask"] = torch.zeros(3, 4, dtype=torch.bool, device=DEVICE)
     for backend in ("triton", "torch"):
         loss, metrics, grad = run(problem, backend)
         assert loss.item() == 0.0
@@ -231,7 +231,8 @@ def test_strided_1d_labels_and_seq_ids():
     """Packed labels/seq_ids given as strided views (x[::2]) are read correctly."""
     problem = make_problem(6, 5, 9, torch.float32, "packed", seed=8)
     n = problem.labels.shape[0]
-    labels = torch.stack([problem.labels, torch.zeros(n, dtype=torch.long)], 1).reshape(-1)[::2]
+    zeros = torch.zeros(n, dtype=torch.long, device=DEVICE)
+    labels = torch.stack([problem.labels, zeros], 1).reshape(-1)[::2]
     seq = problem.layout["seq_ids"]
     seq2 = torch.stack([seq, torch.full_like(seq, 99)], 1).reshape(-1)[::2]
     assert not labels.is_contiguous() and not seq2.is_contiguous()

@@ -10,7 +10,7 @@
 
 import pytest
 import torch
-from problems import true_logprobs
+from problems import on_device, true_logprobs
 
 import opo_kernels
 
@@ -26,7 +26,7 @@ def _problem(seed=0):
     mask[:, 0] = True
     rewards = torch.rand(B, generator=g, dtype=torch.float64)
     lp = true_logprobs(logits.reshape(-1, V), labels.reshape(-1), 1.0).view(B, T)
-    return logits, labels, mask, rewards, lp
+    return on_device((logits, labels, mask, rewards, lp))
 
 
 def _group_softmax(x):
@@ -44,7 +44,8 @@ def test_stationary_point(backend, level, coords, weights):
         omega = _group_softmax(rewards / 0.15)  # ω = Q
         options = {"alpha": 1.0}
     else:
-        omega = torch.rand(B, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+        omega = on_device(torch.rand(B, generator=torch.Generator().manual_seed(3),
+                                     dtype=torch.float64))
         options = {"weights": omega}
     v_star = K * omega / mu
     delta = torch.log1p(v_star) if coords == "ratio" else v_star
@@ -66,8 +67,8 @@ def test_stationary_point(backend, level, coords, weights):
 
 def _off_policy(lp, seed):
     """ref_logprobs of a sampling policy a little away from the current one."""
-    return lp + 0.1 * torch.randn(B, T, generator=torch.Generator().manual_seed(seed),
-                                  dtype=torch.float64)
+    return lp + on_device(0.1 * torch.randn(B, T, generator=torch.Generator().manual_seed(seed),
+                                            dtype=torch.float64))
 
 
 def _run(backend, logits, labels, ref, rewards, mask, **options):

@@ -14,6 +14,8 @@ import torch
 import torch.multiprocessing as mp
 import tp_workers
 
+pytestmark = pytest.mark.cpu_only  # CPU-side code / the interpreter (conftest.py)
+
 
 def _free_port() -> int:
     with socket.socket() as s:

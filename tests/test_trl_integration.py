@@ -19,6 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 
+pytestmark = pytest.mark.cpu_only  # CPU-side code / the interpreter (conftest.py)
+
 pytest.importorskip("trl")
 pytest.importorskip("datasets")
 pytest.importorskip("tokenizers")

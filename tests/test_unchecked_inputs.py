@@ -5,7 +5,7 @@ result equals the same call with that row's seq_id = -1. (validate=True reports 
 
 import pytest
 import torch
-from problems import make_problem
+from problems import make_problem, on_device
 
 import opo_kernels
 
@@ -39,9 +39,9 @@ def test_out_of_range_seq_ids_are_not_counted(on_policy):
 
 def test_out_of_range_seq_ids_logprob_api():
     g = torch.Generator().manual_seed(0)
-    lp = (-torch.rand(12, generator=g)).requires_grad_()
-    rewards = torch.rand(6, generator=g)
-    seq = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3, 5, 4, -1, 9])  # 9 >= B = 6
+    lp, rewards = on_device((-torch.rand(12, generator=g), torch.rand(6, generator=g)))
+    lp.requires_grad_()
+    seq = on_device(torch.tensor([0, 0, 1, 1, 2, 2, 3, 3, 5, 4, -1, 9]))  # 9 >= B = 6
     grads = []
     for seq_ids in (seq, torch.where(seq >= 6, -1, seq)):
         loss = opo_kernels.opo_loss_from_logprobs(lp, lp.detach() - 0.1, rewards,

@@ -29,6 +29,8 @@ import numpy as np
 import pytest
 import torch
 
+pytestmark = pytest.mark.cpu_only  # CPU-side code / the interpreter (conftest.py)
+
 pytest.importorskip("verl", reason="verl is not installed (pip install -e '.[verl]')")
 
 from verl.protocol import DataProto  # noqa: E402
