@@ -168,6 +168,17 @@ def _logprob_grad():
     return run
 
 
+def _pipelined(run, config=(8192, 16, 2)):
+    """A variant launched with a software-pipelined vocabulary loop (a sweep candidate)."""
+    def wrapped():
+        row_kernels.LAUNCH_OVERRIDE = lambda kind, vocab, dtype: config
+        try:
+            run()
+        finally:
+            row_kernels.LAUNCH_OVERRIDE = None
+    return wrapped
+
+
 VARIANTS: Dict[str, Callable[[], None]] = {
     "fwd-bf16": _fwd(torch.bfloat16),
     "fwd-bf16-entropy": _fwd(torch.bfloat16, entropy=True),
@@ -184,6 +195,9 @@ VARIANTS: Dict[str, Callable[[], None]] = {
     "bwd-fp32": _bwd(torch.float32),
     "bwd-fp64": _bwd(torch.float64),
     "scale-bf16": _scale(torch.bfloat16),
+    "fwd-bf16-stages2": _pipelined(_fwd(torch.bfloat16)),
+    "bwd-bf16-stages2": _pipelined(_bwd(torch.bfloat16)),
+    "fwd-bf16-onepass-stages2": _pipelined(_fwd(torch.bfloat16, one_pass=True)),
     "epilogue-padded": _epilogue(packed=False),
     "epilogue-packed-ids": _epilogue(packed=True, group_ids=True),
     "epilogue-padded-fp64": _epilogue(packed=False, cdtype=torch.float64, validate=False),
@@ -223,6 +237,10 @@ def inspect_compiled(compiled) -> Dict[str, int]:
         "stg128": len(re.findall(r"STG\.E\.128", sass)),
         "ex2_ftz": ptx.count("ex2.approx.ftz.f32"),
         "ex2_nonftz": ptx.count("ex2.approx.f32"),
+        # 16-byte asynchronous copies global -> shared: the pipelined loop's prefetch
+        "cp_async16": len(re.findall(r"cp\.async\.c[ag]\.shared\.global[^\n]*, (?:16|0x10)\b",
+                                     ptx)),
+        "smem_dynamic": compiled.metadata.shared,
     }
 
 
@@ -252,10 +270,10 @@ def main(argv=None) -> int:
         return 0
     print(f"triton {triton.__version__}, target sm_{args.arch}")
     cols = ("num_warps", "regs", "spill_bytes", "ld_v4", "st_v4", "ldg128", "stg128", "ex2_ftz",
-            "ex2_nonftz")
-    print(f"{'variant':<28}" + "".join(f"{c:>12}" for c in cols))
+            "ex2_nonftz", "cp_async16", "smem_dynamic")
+    print(f"{'variant':<28}" + "".join(f"{c:>13}" for c in cols))
     for name, row in results.items():
-        print(f"{name:<28}" + "".join(f"{row[c]:>12}" for c in cols))
+        print(f"{name:<28}" + "".join(f"{row[c]:>13}" for c in cols))
     return 0
 
 

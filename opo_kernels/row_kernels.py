@@ -26,7 +26,7 @@ Numerics (all in fp32, fp64 for fp64 logits):
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 import triton
@@ -136,7 +136,7 @@ def _zero_row(grad_base, grad_sv, V, BLOCK_V: tl.constexpr, WIDE: tl.constexpr):
 @triton.jit
 def _row_gradient(base, sv, grad_base, grad_sv, V, label, x_max, log_sum, lp_label, coef,
                   entropy, d_entropy, inv_t, WITH_ENTROPY: tl.constexpr, ACC: tl.constexpr,
-                  BLOCK_V: tl.constexpr, WIDE: tl.constexpr):
+                  BLOCK_V: tl.constexpr, WIDE: tl.constexpr, STAGES: tl.constexpr):
     """Writes (1/temperature)·[c·(onehot − p) − ∂L/∂H·p·(log p + H)] for one row (SPEC
     "Gradient"), log p = (x − x_max)/temperature − log s from the saved row statistics.
     grad_base may alias base (in place): each block is read before it is written, by this
@@ -144,7 +144,7 @@ def _row_gradient(base, sv, grad_base, grad_sv, V, label, x_max, log_sum, lp_lab
     c2 = inv_t * LOG2E
     k2 = log_sum * LOG2E
     one_minus_p_label = -expm1(lp_label)  # 1 − p_label, accurate for confident tokens
-    for start in range(0, V, BLOCK_V):
+    for start in tl.range(0, V, BLOCK_V, num_stages=STAGES):
         offs = start + tl.arange(0, BLOCK_V)
         in_row = offs < V
         x = tl.load(base + _block_offsets(start, sv, BLOCK_V, WIDE), mask=in_row,
@@ -171,7 +171,7 @@ def _opo_fwd_kernel(
     params_ptr, T, row_start, V, vocab_start,
     PACKED: tl.constexpr, HAS_MASK: tl.constexpr, WITH_ENTROPY: tl.constexpr,
     WRITE_GRAD: tl.constexpr, PARTIAL: tl.constexpr, ACC: tl.constexpr, BLOCK_V: tl.constexpr,
-    WIDE: tl.constexpr,
+    WIDE: tl.constexpr, STAGES: tl.constexpr,
 ):
     """One program per row: online logsumexp (and entropy) over V in blocks. The global row is
     r = row_start + pid (a chunk of rows in the fused-linear path); the logits row is pid of a
@@ -217,7 +217,7 @@ def _opo_fwd_kernel(
     others = tl.zeros([], ACC)               # Σ over j ≠ label of exp((x_j − x_max)/temp.)
     s = tl.zeros([], ACC)                    # Σ over all j (entropy only)
     w = tl.zeros([], ACC)                    # Σ exp(·)·(x − x_max)/temperature (entropy)
-    for start in range(0, V, BLOCK_V):
+    for start in tl.range(0, V, BLOCK_V, num_stages=STAGES):
         offs = start + tl.arange(0, BLOCK_V)
         x = tl.load(base + _block_offsets(start, l_sv, BLOCK_V, WIDE), mask=offs < V,
                     other=float("-inf")).to(ACC)
@@ -263,7 +263,7 @@ def _opo_fwd_kernel(
             d_entropy = tl.load(scal_ptr + 1).to(ACC)
         coef = token_coef(seq, lp, lp, coef_ptr, scal_ptr, 1.0, False, False).to(ACC)
         _row_gradient(base, l_sv, grad_base, g_sv, V, label, shift, log_sum, lp, coef,
-                      entropy, d_entropy, inv_t, WITH_ENTROPY, ACC, BLOCK_V, WIDE)
+                      entropy, d_entropy, inv_t, WITH_ENTROPY, ACC, BLOCK_V, WIDE, STAGES)
 
 
 @triton.jit(do_not_specialize=["T", "row_start", "l_T", "vocab_start"])
@@ -276,7 +276,7 @@ def _opo_bwd_kernel(
     params_ptr, T, row_start, V, vocab_start,
     PACKED: tl.constexpr, HAS_MASK: tl.constexpr, WITH_ENTROPY: tl.constexpr,
     TOKEN: tl.constexpr, RATIO: tl.constexpr, ACC: tl.constexpr, BLOCK_V: tl.constexpr,
-    WIDE: tl.constexpr,
+    WIDE: tl.constexpr, STAGES: tl.constexpr,
 ):
     """One program per row: c_t from the epilogue's coefficients and the upstream gradient
     (read from device memory: no host sync), then the row's gradient."""
@@ -304,7 +304,7 @@ def _opo_bwd_kernel(
                   tl.load(labels_ptr + b * lab_sb + t * lab_st).to(tl.int64) - vocab_start,
                   tl.load(stats_ptr + 2 * r).to(ACC), tl.load(stats_ptr + 2 * r + 1).to(ACC),
                   lp, coef, entropy, d_entropy, tl.load(params_ptr + INV_TEMPERATURE).to(ACC),
-                  WITH_ENTROPY, ACC, BLOCK_V, WIDE)
+                  WITH_ENTROPY, ACC, BLOCK_V, WIDE, STAGES)
 
 
 @triton.jit(do_not_specialize=["T", "l_T"])
@@ -341,21 +341,30 @@ def _scale_kernel(grad_ptr, l_T, g_sb, g_st, g_sv, sel_ptr, sel_sb, sel_st, num_
 # benchmarks/NOTES.md): 8192 elements for 16-bit logits, 4096 for 32/64-bit, 16 warps.
 _MAX_BLOCK = {2: 8192, 4: 4096, 8: 2048}
 
-# Tests and the launch-config sweep (benchmarks/) may set this to a function
-# (kind, vocab, dtype) -> (BLOCK_V, num_warps) or None, kind in {"fwd", "onepass", "bwd",
-# "scale"}; None falls back to the table.
+# Tests and the launch-config sweep (benchmarks/sweep.py) may set this to a function
+# (kind, vocab, dtype) -> (BLOCK_V, num_warps[, num_stages]) or None, kind in {"fwd",
+# "onepass", "bwd", "scale"}; None falls back to the table.
 LAUNCH_OVERRIDE = None
 
 
-def launch_config(vocab: int, dtype: torch.dtype, kind: str = "fwd") -> Tuple[int, int]:
-    """(BLOCK_V, num_warps) for a row of `vocab` logits of `dtype`, for kernel `kind`."""
+class LaunchConfig(NamedTuple):
+    block: int           # BLOCK_V: logits per program per iteration of the vocabulary loop
+    num_warps: int
+    # software-pipelining depth of the vocabulary loop (tl.range num_stages): 1 = none, each
+    # block's loads issued when the loop reaches it; >= 2 prefetches later blocks into shared
+    # memory with cp.async (more registers and shared memory per program: a sweep candidate)
+    stages: int = 1
+
+
+def launch_config(vocab: int, dtype: torch.dtype, kind: str = "fwd") -> LaunchConfig:
+    """The launch config for a row of `vocab` logits of `dtype`, for kernel `kind`."""
     if LAUNCH_OVERRIDE is not None:
         chosen = LAUNCH_OVERRIDE(kind, vocab, dtype)
         if chosen is not None:
-            return chosen
+            return LaunchConfig(*chosen)
     block = min(triton.next_power_of_2(vocab), _MAX_BLOCK[dtype.itemsize])
     num_warps = 16 if block >= 4096 else (8 if block >= 1024 else 4)
-    return block, num_warps
+    return LaunchConfig(block, num_warps)
 
 
 def acc_type(dtype: torch.dtype):
@@ -444,7 +453,8 @@ def forward_rows(logits: torch.Tensor, rows: Rows, params: torch.Tensor, with_en
     logprobs, stats, entropy = out if out is not None else (partials, partials, None)
     write_grad = grad is not None
     if num_local:
-        block, num_warps = launch_config(vocab, logits.dtype, "onepass" if write_grad else "fwd")
+        block, num_warps, stages = launch_config(vocab, logits.dtype,
+                                                 "onepass" if write_grad else "fwd")
         geo = _logits_geometry(logits)
         g = grad if write_grad else logits
         ggeo = _logits_geometry(g)
@@ -455,7 +465,7 @@ def forward_rows(logits: torch.Tensor, rows: Rows, params: torch.Tensor, with_en
             partials if partial else logprobs, params, rows.T, row_start, vocab, vocab_start,
             WITH_ENTROPY=with_entropy, WRITE_GRAD=write_grad, PARTIAL=partial,
             ACC=acc_type(logits.dtype), BLOCK_V=block, WIDE=_wide(block, geo[3], ggeo[3]),
-            num_warps=num_warps, **rows.flags(),
+            STAGES=stages, num_warps=num_warps, **rows.flags(),
         )
     return out
 
@@ -480,7 +490,7 @@ def backward_rows(logits: torch.Tensor, rows: Rows, logprobs: torch.Tensor, stat
     num_local, vocab = logits.numel() // max(logits.shape[-1], 1), logits.shape[-1]
     grad = logits if inplace else new_output(logits.shape, logits.dtype, logits.device)
     if num_local:
-        block, num_warps = launch_config(vocab, logits.dtype, "bwd")
+        block, num_warps, stages = launch_config(vocab, logits.dtype, "bwd")
         geo, ggeo = _logits_geometry(logits), _logits_geometry(grad)
         token = level == "token"
         ref = rows.ref if token and rows.ref is not None else logprobs
@@ -490,7 +500,7 @@ def backward_rows(logits: torch.Tensor, rows: Rows, logprobs: torch.Tensor, stat
             grad_loss, params, rows.T, row_start, vocab, vocab_start,
             WITH_ENTROPY=entropy is not None, TOKEN=token, RATIO=coordinates == "ratio",
             ACC=acc_type(logits.dtype), BLOCK_V=block, WIDE=_wide(block, geo[3], ggeo[3]),
-            num_warps=num_warps, **rows.flags(),
+            STAGES=stages, num_warps=num_warps, **rows.flags(),
         )
     return grad
 
@@ -499,7 +509,7 @@ def scale_rows_(grad: torch.Tensor, rows: Rows, scale: torch.Tensor) -> torch.Te
     """grad *= scale (0-dim tensor) on counted rows, in place; free when scale == 1."""
     num_local, vocab = grad.numel() // max(grad.shape[-1], 1), grad.shape[-1]
     if num_local:
-        block, num_warps = launch_config(vocab, grad.dtype, "scale")
+        block, num_warps, _ = launch_config(vocab, grad.dtype, "scale")
         geo = _logits_geometry(grad)
         _scale_kernel[(num_local,)](grad, *geo, *rows.selector(grad), scale, rows.T,
                                     vocab, ACC=acc_type(grad.dtype), BLOCK_V=block,

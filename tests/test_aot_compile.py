@@ -20,6 +20,8 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.cpu_only  # CPU-side code / the interpreter (conftest.py)
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -54,8 +56,20 @@ def test_16bit_rows_use_16_byte_accesses(compiled, name):
         assert row["st_v4"] >= 1 and row["stg128"] >= 1, row
 
 
+@pytest.mark.parametrize("name", ["fwd-bf16-stages2", "bwd-bf16-stages2",
+                                  "fwd-bf16-onepass-stages2"])
+def test_pipelined_loop_prefetches_with_16_byte_async_copies(compiled, name):
+    """stages = 2 (a launch-config candidate) pipelines the vocabulary loop: the next block is
+    fetched into shared memory with 16-byte cp.async while this one is reduced; stages = 1
+    (the default table) keeps plain 16-byte register loads and no shared-memory staging."""
+    row = compiled[name]
+    assert row["cp_async16"] >= 1 and row["smem_dynamic"] >= 8192 * 2, row
+    plain = compiled[name.replace("-stages2", "")]
+    assert plain["cp_async16"] == 0 and plain["ld_v4"] >= 1, plain
+
+
 @pytest.mark.parametrize("name", [n for n in SIXTEEN_BIT if n != "scale-bf16"]
-                         + ["fwd-fp32", "bwd-fp32"])
+                         + ["fwd-fp32", "bwd-fp32", "fwd-bf16-stages2", "bwd-bf16-stages2"])
 def test_row_exponentials_flush_to_zero(compiled, name):
     row = compiled[name]
     assert row["ex2_ftz"] >= 1 and row["ex2_nonftz"] == 0, row
