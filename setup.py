@@ -12,8 +12,10 @@ setup(
     # (see .ci/run); an unpinned fresh install would pull the CUDA wheels.
     install_requires=["torch>=2.4", "triton>=3.4", "numpy"],
     extras_require={
-        # matplotlib and tqdm: the demo's smoke test runs in CI
-        "test": ["pytest", "pytest-benchmark", "hypothesis", "matplotlib", "tqdm"],
+        # matplotlib and tqdm: the demo's smoke test runs in CI; pytest-xdist: CI runs the
+        # suite on both cores (-n auto)
+        "test": ["pytest", "pytest-xdist", "pytest-benchmark", "hypothesis", "matplotlib",
+                 "tqdm"],
         "dev": ["pytest", "pytest-benchmark", "hypothesis", "ruff"],
         "demo": ["matplotlib", "tqdm"],
         # opo_kernels.integrations.trl overrides private GRPOTrainer methods: the range is the

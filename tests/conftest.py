@@ -28,6 +28,12 @@ from problems import DEVICE  # noqa: E402
 
 import opo_kernels.utils as ok_utils  # noqa: E402
 
+# under pytest-xdist (-n auto) each worker gets its share of the cores: torch's own intra-op
+# threads would otherwise oversubscribe them (the interpreter is mostly single-threaded)
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    torch.set_num_threads(max(1, (os.cpu_count() or 1)
+                              // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+
 INTERPRETER = ok_utils.interpreter_on()
 HAS_CUDA = torch.cuda.is_available() and not INTERPRETER
 ON_CUDA = torch.device(DEVICE).type == "cuda"
