@@ -121,3 +121,30 @@ def test_long_sequences_t_over_65535():
     torch.testing.assert_close(loss, exp, rtol=2e-5, atol=2e-6)
     torch.testing.assert_close(grad.float(), exp_grad, rtol=2**-8, atol=1e-5 *
                                exp_grad.abs().max().item())
+
+
+def test_transposed_view_offsets_past_2_31():
+    """Logits as a column-major view (``base.t()``, stride over V = 16384): a row's element
+    offsets reach V·16384 = 2.49e9 > 2^31 inside the vocabulary loop (GPU review finding 5:
+    32-bit ``offs * stride_v`` would wrap). Only 48 rows are read. Checked against the reference on a contiguous copy."""
+    V, width, B, T = 151936, 16384, 6, 8
+    g = torch.Generator(device=DEV).manual_seed(3)
+    base = torch.empty(V, width, device=DEV, dtype=torch.bfloat16)
+    logits = base.t()[: B * T].view(B, T, V)  # [B, T, V], stride over V = width
+    logits.copy_(torch.randn(B, T, V, device=DEV, generator=g))
+    assert logits.stride(-1) * (V - 1) > 2**31
+    labels = torch.randint(0, V, (B, T), device=DEV, generator=g)
+    mask = torch.rand(B, T, device=DEV, generator=g) < 0.8
+    ref = reference.chunked_logprobs(logits, labels) + 0.05 * torch.randn(
+        B, T, device=DEV, generator=g)
+    rewards = torch.rand(B, device=DEV, generator=g)
+    x = logits.detach().requires_grad_()
+    loss = opo_kernels.opo_loss(x, labels, ref, rewards, mask=mask, group_size=3,
+                                backend="triton")
+    (grad,) = torch.autograd.grad(loss, x)
+    y = logits.detach().contiguous().float().requires_grad_()
+    exp = reference.opo_loss(y, labels, ref, rewards, mask=mask, group_size=3)
+    (exp_grad,) = torch.autograd.grad(exp, y)
+    torch.testing.assert_close(loss, exp, rtol=2e-5, atol=2e-6)
+    torch.testing.assert_close(grad.float(), exp_grad, rtol=2**-8, atol=1e-5 *
+                               exp_grad.abs().max().item())
