@@ -126,7 +126,8 @@ def test_long_sequences_t_over_65535():
 def test_transposed_view_offsets_past_2_31():
     """Logits as a column-major view (``base.t()``, stride over V = 16384): a row's element
     offsets reach V·16384 = 2.49e9 > 2^31 inside the vocabulary loop (GPU review finding 5:
-    32-bit ``offs * stride_v`` would wrap). Only 48 rows are read. Checked against the reference on a contiguous copy."""
+    32-bit ``offs * stride_v`` would wrap). Only 48 rows are read. Checked against the reference
+    on a contiguous copy."""
     V, width, B, T = 151936, 16384, 6, 8
     g = torch.Generator(device=DEV).manual_seed(3)
     base = torch.empty(V, width, device=DEV, dtype=torch.bfloat16)
