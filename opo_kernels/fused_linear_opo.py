@@ -45,6 +45,7 @@ from .epilogue import Mode, params_tensor, raise_bad_values, run_epilogue, unpac
 from .fused_opo import one_pass_exact
 from .inputs import FLOAT_DTYPES, Batch, compute_dtype, prepare
 from .row_kernels import Rows, backward_rows, forward_rows
+from .tensor_parallel import config_or_fail_together
 from .utils import new_output, use_triton
 
 # --------------------------------------------------------------------------------------------
@@ -373,8 +374,11 @@ def fused_linear_opo_loss(hidden, weight, labels, ref_logprobs, rewards, *, bias
         loss = fused_linear_opo_loss(hidden, lm_head.weight, labels, old_logprobs, rewards,
                                      mask=mask, group_size=6, chunk_size=1024)
     """
-    cfg = _linear_config(options)
-    _check_chunk_size(chunk_size)
+    def checked_config():
+        _check_chunk_size(chunk_size)
+        return _linear_config(options)
+
+    cfg = config_or_fail_together(process_group, checked_config)
     return fused_linear_opo_loss_with_config(
         hidden, weight, labels, ref_logprobs, rewards, cfg, bias=bias, chunk_size=chunk_size,
         mask=mask, seq_ids=seq_ids, group_size=group_size, group_ids=group_ids,

@@ -38,6 +38,7 @@ from .epilogue import (
 )
 from .inputs import Batch, compute_dtype, prepare
 from .row_kernels import Rows, backward_rows, forward_rows, scale_rows_
+from .tensor_parallel import config_or_fail_together
 from .utils import new_output, use_triton
 
 # --------------------------------------------------------------------------------------------
@@ -339,7 +340,7 @@ def opo_loss(logits, labels, ref_logprobs, rewards, *, mask=None, seq_ids=None,
         loss = opo_loss(logits[:, :-1], input_ids[:, 1:], old_logprobs, rewards,
                         mask=completion_mask, group_size=6)
     """
-    cfg = OPOLossConfig(**options)
+    cfg = config_or_fail_together(process_group, lambda: OPOLossConfig(**options))
     return opo_loss_with_config(logits, labels, ref_logprobs, rewards, cfg, mask=mask,
                                 seq_ids=seq_ids, group_size=group_size, group_ids=group_ids,
                                 process_group=process_group, vocab_start=vocab_start)

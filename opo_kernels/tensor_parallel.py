@@ -10,7 +10,8 @@ head, torchtitan's ``Shard(-1)`` loss parallel). Per call, with N token rows:
   2. ``combine_partials``: ONE all-reduce (MAX) of [N, 2] — the global max and the label's
      logit — then ONE all-reduce (SUM) of [N, 1] (or [N, 2] with entropy) of the rescaled sums:
      every rank then has the exact row statistics, log-probs and entropies of the whole
-     vocabulary. 16 (or 24) bytes per row in all, never O(N·V);
+     vocabulary. 12 bytes per row in fp32 (16 with entropy; twice that for fp64 logits),
+     never O(N·V);
   3. the epilogue runs replicated (same inputs on every rank -> the same loss, metrics and
      coefficients, deterministically);
   4. backward is local: each rank writes the gradient of its own slice.
@@ -77,6 +78,20 @@ def check_layout(group, vocab_local: int, vocab_start: Optional[int], num_rows: 
         expected = s + v
     _LAYOUTS[key] = expected
     return start, expected
+
+
+def config_or_fail_together(group, make_config):
+    """``make_config()`` (an ``OPOLossConfig``, or anything that validates the options); with a
+    process group, an option error on one rank is first shared through the same agreement
+    step as ``check_layout`` so that every rank raises instead of the others waiting in a
+    collective (the options cannot say validate=False yet, so the agreement always runs)."""
+    try:
+        return make_config()
+    except (TypeError, ValueError) as err:
+        if group is None:
+            raise
+        check_layout(group, 0, None, -1, err, validate=True)
+        raise  # check_layout re-raises err; kept for clarity
 
 
 def combine_partials(partials: torch.Tensor, counted: torch.Tensor, inv_temperature: float,

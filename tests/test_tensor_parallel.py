@@ -65,7 +65,8 @@ def test_fused_linear_two_ranks(layout):
 
 
 @pytest.mark.parametrize("case", ["label_outside_vocab", "inconsistent_vocab_start",
-                                  "mismatched_rows", "bad_argument_on_one_rank"])
+                                  "mismatched_rows", "bad_argument_on_one_rank",
+                                  "bad_option_on_one_rank", "bad_chunk_size_on_one_rank"])
 def test_bad_input_raises_on_every_rank(case):
     run_ranks(tp_workers.bad_input_case, 2, case, deadline=120.0)
 

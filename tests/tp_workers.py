@@ -153,6 +153,7 @@ def bad_input_case(rank, world, port, case):
         layout = dict(problem.layout)
         vocab_start = None
         expect = None
+        options = {}
         if case == "label_outside_vocab":
             labels = labels.clone()
             labels[0, 0] = V  # a counted token (every sequence's first token is counted)
@@ -169,10 +170,24 @@ def bad_input_case(rank, world, port, case):
             if rank == 0:
                 layout["mask"] = layout["mask"][:, :-1]
             expect = "mask"
+        elif case == "bad_option_on_one_rank":  # fails in OPOLossConfig, before any check
+            if rank == 0:
+                options["alpha"] = 2.0
+            expect = "alpha"
+        elif case == "bad_chunk_size_on_one_rank":
+            expect = "chunk_size"
         try:
-            opo_kernels.opo_loss(logits, labels, ref, rewards, backend="triton",
-                                 process_group=dist.group.WORLD, vocab_start=vocab_start,
-                                 **layout)
+            if case == "bad_chunk_size_on_one_rank":  # the fused-linear op's own option
+                g = torch.Generator().manual_seed(5)
+                hidden = torch.randn(6, 4, 3, generator=g)
+                weight = torch.randn(V, 3, generator=g)[lo:hi]
+                opo_kernels.fused_linear_opo_loss(
+                    hidden, weight, labels, ref, rewards, chunk_size=0 if rank == 0 else 5,
+                    backend="triton", process_group=dist.group.WORLD, **layout)
+            else:
+                opo_kernels.opo_loss(logits, labels, ref, rewards, backend="triton",
+                                     process_group=dist.group.WORLD, vocab_start=vocab_start,
+                                     **layout, **options)
         except ValueError as err:
             assert expect in str(err), f"rank {rank}: {err}"
         else:
