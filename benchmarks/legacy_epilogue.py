@@ -195,5 +195,7 @@ def epilogue(cfg: OPOLossConfig, logprobs: torch.Tensor, ref_logprobs: Optional[
 def batch_epilogue(cfg: OPOLossConfig, batch: Batch, logprobs: torch.Tensor,
                    entropy: Optional[torch.Tensor]) -> EpilogueResult:
     """``epilogue`` on prepared inputs (see ``inputs.prepare``)."""
-    return epilogue(cfg, logprobs, batch.flat_ref, entropy, batch.seq, batch.rewards,
-                    batch.group, batch.weights, batch.vocab, batch.seq_len)
+    weights = None if batch.weights is None else batch.weights.to(batch.compute_dtype)
+    return epilogue(cfg, logprobs, batch.flat_ref, entropy, batch.seq,
+                    batch.rewards.to(batch.compute_dtype), batch.group, weights, batch.vocab,
+                    batch.seq_len)

@@ -33,9 +33,10 @@ class Batch:
                    current policy).
     mask:          [B, T] bool or 0/1 (padded layout) or None.
     seq_ids:       [N] int, −1 = not counted (packed layout) or None.
-    rewards:       [B], detached, in the compute dtype.
+    rewards:       [B], detached, any float dtype as the caller passed it (the kernels cast on
+                   load: no device op; the reference casts to the compute dtype).
     group_size:    int (consecutive groups) or None; group_ids: [B] int or None.
-    weights:       [B] caller-given ω in the compute dtype (detached) or None.
+    weights:       [B] caller-given ω (detached, any float dtype, like rewards) or None.
     vocab:         V (the global vocabulary: the τ rule's log V).
     seq_len:       T for the padded layout (row r belongs to sequence r // T), else None.
     compute_dtype: float32, or float64 for float64 inputs.
@@ -261,9 +262,9 @@ def _prepare_rows(rows, what, device, cdtype, vocab: int, ref_logprobs, rewards,
     num_rows = rows[0] * rows[1] if len(rows) == 2 else rows[0]
     return Batch(
         logits=tensors.get("logits"), labels=tensors.get("labels"), ref_logprobs=ref_logprobs,
-        mask=mask, seq_ids=seq_ids, rewards=rewards.detach().to(cdtype),
+        mask=mask, seq_ids=seq_ids, rewards=rewards.detach(),
         group_size=group_size, group_ids=group_ids,
-        weights=None if weights is None else weights.to(cdtype), vocab=vocab,
+        weights=weights, vocab=vocab,
         seq_len=seq_len, num_rows=num_rows, compute_dtype=cdtype,
         logprobs=tensors.get("logprobs"), entropy=tensors.get("entropy"),
     )

@@ -200,6 +200,12 @@ def objective(cfg: OPOLossConfig, logprobs: torch.Tensor, ref_logprobs: torch.Te
     return loss, metrics
 
 
+def _rewards_weights(batch: Batch):
+    """(rewards, group, weights) for ``objective``: the caller's float dtype -> compute dtype."""
+    weights = None if batch.weights is None else batch.weights.to(batch.compute_dtype)
+    return batch.rewards.to(batch.compute_dtype), batch.group, weights
+
+
 def loss_from_batch(batch: Batch, cfg: OPOLossConfig):
     """The reference on prepared inputs (see ``inputs.prepare``)."""
     vocab = batch.vocab
@@ -216,8 +222,8 @@ def loss_from_batch(batch: Batch, cfg: OPOLossConfig):
         ref = logprobs.detach()
     else:
         ref = batch.flat_ref[rows]
-    loss, metrics = objective(cfg, logprobs, ref, entropy, batch.seq[rows], batch.rewards,
-                              batch.group, batch.weights, vocab)
+    loss, metrics = objective(cfg, logprobs, ref, entropy, batch.seq[rows],
+                              *_rewards_weights(batch), vocab)
     return (loss, metrics) if cfg.return_metrics else loss
 
 
@@ -232,8 +238,8 @@ def loss_from_logprobs_batch(batch: Batch, cfg: OPOLossConfig):
         lp_all = torch.zeros(batch.num_rows, dtype=logprobs.dtype, device=logprobs.device)
         check_values(batch, None, lp_all.index_copy(0, rows, logprobs.detach()))
     ref = logprobs.detach() if batch.ref_logprobs is None else batch.flat_ref[rows]
-    loss, metrics = objective(cfg, logprobs, ref, entropy, batch.seq[rows], batch.rewards,
-                              batch.group, batch.weights, batch.vocab)
+    loss, metrics = objective(cfg, logprobs, ref, entropy, batch.seq[rows],
+                              *_rewards_weights(batch), batch.vocab)
     return (loss, metrics) if cfg.return_metrics else loss
 
 

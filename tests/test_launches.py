@@ -16,7 +16,7 @@ import contextlib
 
 import pytest
 import torch
-from problems import make_problem
+from problems import make_problem, on_device
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import opo_kernels
@@ -85,20 +85,48 @@ def _count(problem, ref, **options):
     return counter
 
 
-CASES = [  # (B, T, layout, options): shapes, both layouts, group ids and sizes, options
+# (B, T, layout, options): shapes; both layouts, each with group sizes AND group ids; options,
+# the author's recipe, a caller-given weights tensor, 16-bit logits, rewards / weights in
+# another float dtype than the compute dtype (the kernels cast them on load: no op)
+CASES = [
     (12, 16, "padded", {}),
     (48, 5, "padded", {"level": "token", "entropy_coef": 0.05}),
     (9, 33, "packed", {"weights": "escort", "center_weights": True}),
     (66, 4, "packed", {"level": "sequence", "coordinates": "log", "compute_entropy": True}),
     (12, 16, "padded", {"inplace_backward": True}),
+    (12, 8, "padded-group-ids", {"preset": "author_verl", "adaptive_tau": False}),
+    (9, 6, "packed-group-size", {"weights": "tensor-fp64", "rewards": "fp64"}),
+    (6, 8, "padded", {"logits": "bf16", "rewards": "bf16", "temperature": 0.7}),
 ]
+IDS = [f"B{b}-T{t}-{lay}-{i}" for i, (b, t, lay, _) in enumerate(CASES)]
+
+
+def _case(B, T, layout, options):
+    """The problem and the options of one CASES row."""
+    options = dict(options)
+    base, _, groups = layout.partition("-group-")
+    dtype = torch.bfloat16 if options.pop("logits", None) == "bf16" else torch.float32
+    problem = make_problem(B, T, 50, dtype, base, seed=B + T)
+    if groups == "ids":
+        problem.layout.pop("group_size")
+        problem.layout["group_ids"] = torch.arange(B, device=problem.rewards.device) // 3
+    elif groups == "size":
+        problem.layout.pop("group_ids")
+        problem.layout["group_size"] = 3
+    rewards_dtype = {"fp64": torch.float64, "bf16": torch.bfloat16}.get(options.pop("rewards",
+                                                                                    None))
+    if rewards_dtype is not None:
+        problem.rewards = problem.rewards.to(rewards_dtype)
+    if options.get("weights") == "tensor-fp64":
+        options["weights"] = torch.linspace(-1, 1, B, dtype=torch.float64,
+                                            device=problem.rewards.device)
+    return problem, options
 
 
 @pytest.mark.parametrize("validate", [False, True], ids=["novalidate", "validate"])
-@pytest.mark.parametrize("B,T,layout,options", CASES,
-                         ids=[f"B{b}-T{t}-{lay}-{i}" for i, (b, t, lay, _) in enumerate(CASES)])
+@pytest.mark.parametrize("B,T,layout,options", CASES, ids=IDS)
 def test_general_mode(B, T, layout, options, validate):
-    problem = make_problem(B, T, 50, torch.float32, layout, seed=B + T)
+    problem, options = _case(B, T, layout, options)
     counter = _count(problem, problem.ref_logprobs, validate=validate, **options)
     assert counter.launches == ["_opo_fwd_kernel", "epilogue_kernel", "_opo_bwd_kernel"]
     assert counter.ops == ["aten.zeros.default", "aten.ones_like.default"], counter.ops
@@ -107,10 +135,9 @@ def test_general_mode(B, T, layout, options, validate):
 
 
 @pytest.mark.parametrize("validate", [False, True], ids=["novalidate", "validate"])
-@pytest.mark.parametrize("B,T,layout,options", CASES,
-                         ids=[f"B{b}-T{t}-{lay}-{i}" for i, (b, t, lay, _) in enumerate(CASES)])
+@pytest.mark.parametrize("B,T,layout,options", CASES, ids=IDS)
 def test_on_policy_mode(B, T, layout, options, validate):
-    problem = make_problem(B, T, 50, torch.float32, layout, seed=B + T)
+    problem, options = _case(B, T, layout, options)  # (author_verl with a fixed τ: one pass)
     counter = _count(problem, None, validate=validate, **options)
     assert counter.launches == ["epilogue_kernel", "_opo_fwd_kernel", "epilogue_kernel",
                                 "_scale_kernel"]
@@ -138,3 +165,49 @@ def test_logprob_api(layout):
         step()
     assert counter.launches == ["epilogue_kernel", "_logprob_grad_kernel"]
     assert counter.ops == ["aten.zeros.default", "aten.ones_like.default"], counter.ops
+
+
+# fused-linear, one chunk, validate=False: the same epilogue (1 memset + 1 launch general,
+# 2 launches on-policy) around the matmuls. The exact lists, so that an added op shows here:
+# general: ticket memset, logits (addmm / mm), autograd seed, the fp32 ∂W (and ∂b)
+# accumulators, logits recomputed, ∂hidden into its buffer (mm.out), ∂W += (addmm_),
+# ∂b += Σ rows; on-policy: the same in one loop, then ∂hidden, ∂W, ∂b scaled by the upstream
+# gradient (one mul each).
+FUSED_LINEAR_OPS = {
+    (False, True): ["zeros", "addmm", "ones_like", "zeros", "zeros", "addmm", "mm.out",
+                    "addmm_", "sum.dim_IntList", "add_.Tensor"],
+    (False, False): ["zeros", "mm", "ones_like", "zeros", "mm", "mm.out", "addmm_"],
+    (True, True): ["zeros", "zeros", "zeros", "addmm", "mm.out", "addmm_", "sum.dim_IntList",
+                   "add_.Tensor", "ones_like", "mul.Tensor", "mul.Tensor", "mul.Tensor"],
+    (True, False): ["zeros", "zeros", "mm", "mm.out", "addmm_", "ones_like", "mul.Tensor",
+                    "mul.Tensor"],
+}
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+@pytest.mark.parametrize("on_policy", [False, True], ids=["general", "on_policy"])
+def test_fused_linear_one_chunk(on_policy, bias):
+    g = torch.Generator().manual_seed(0)
+    B, T, H, V = 6, 5, 8, 50
+    tensors = [torch.randn(B, T, H, generator=g), torch.randn(V, H, generator=g),
+               torch.randn(V, generator=g), torch.randint(0, V, (B, T), generator=g),
+               torch.rand(B, T, generator=g) < 0.8, torch.rand(B, generator=g),
+               -3 * torch.rand(B, T, generator=g)]
+    hidden, weight, b, labels, mask, rewards, ref = on_device(tensors)
+    leaves = [t.clone().requires_grad_() for t in (hidden, weight, b)][:3 if bias else 2]
+
+    def step():
+        loss = opo_kernels.fused_linear_opo_loss(
+            leaves[0], leaves[1], labels, None if on_policy else ref, rewards,
+            bias=leaves[2] if bias else None, mask=mask, group_size=3, backend="triton",
+            validate=False)
+        torch.autograd.grad(loss, leaves)
+
+    step()
+    with count_operations() as counter:
+        step()
+    expected_launches = (["epilogue_kernel", "_opo_fwd_kernel", "epilogue_kernel"] if on_policy
+                         else ["_opo_fwd_kernel", "epilogue_kernel", "_opo_bwd_kernel"])
+    assert counter.launches == expected_launches
+    ops = [op.removeprefix("aten.").removesuffix(".default") for op in counter.ops]
+    assert ops == FUSED_LINEAR_OPS[(on_policy, bias)], ops
