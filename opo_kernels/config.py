@@ -124,6 +124,9 @@ class OPOLossConfig:
         alpha = _number("alpha", self.alpha)
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+        if "direction_scale" in given and self.direction_scale is None:
+            raise TypeError("direction_scale must be a real number > 0, got None (1/alpha is "
+                            "the preset 'author_verl' default: leave direction_scale out)")
         if self.direction_scale is None:  # author_verl: 1/α of the α in force
             if alpha == 0:
                 raise ValueError("direction_scale = 1/alpha (preset 'author_verl') is undefined "

@@ -54,6 +54,41 @@ def test_kernel_matches_reference(name, options, layout):
 
 
 @pytest.mark.parametrize("layout", ["padded", "packed"])
+@pytest.mark.parametrize("name,options", OPTION_CASES, ids=[c[0] for c in OPTION_CASES])
+def test_logprob_api_matches_reference(name, options, layout):
+    """opo_loss_from_logprobs with each recipe option: the epilogue kernel + the log-prob
+    gradient kernel against the reference's autograd (float64 log-probs of the same values):
+    loss, metrics and ∂L/∂lp (and ∂L/∂H with the entropy bonus), upstream gradient 0.8."""
+    seed = [c[0] for c in OPTION_CASES].index(name) + 30
+    problem = _problem(seed, layout)
+    V = problem.logits.shape[-1]
+    z = problem.logits.nan_to_num().double()
+    log_p = torch.log_softmax(z, -1)
+    lp = log_p.gather(-1, problem.labels.clamp(min=0)[..., None])[..., 0]
+    entropy = -(log_p.exp() * log_p).sum(-1)
+    results = {}
+    for backend, dtype in (("oracle", torch.float64), ("triton", torch.float32)):
+        x = lp.to(dtype).requires_grad_()
+        h = entropy.to(dtype).requires_grad_()
+        loss, metrics = opo_kernels.opo_loss_from_logprobs(
+            x, problem.ref_logprobs.to(dtype), problem.rewards, entropy=h, vocab_size=V,
+            return_metrics=True, backend="torch" if backend == "oracle" else "triton",
+            **problem.layout, **options)
+        grads = torch.autograd.grad(loss * 0.8, (x, h), allow_unused=True)
+        results[backend] = (loss.detach(), metrics, grads)
+    (exp_loss, exp_metrics, exp_grads), (loss, metrics, grads) = results.values()
+    rtol, atol = TOL[torch.float32]["loss"]
+    assert_close(loss, exp_loss, rtol, atol, "loss")
+    assert set(metrics) == set(exp_metrics)
+    for k in exp_metrics:
+        assert_close(metrics[k], exp_metrics[k], rtol, atol, k)
+    rtol, frac = TOL[torch.float32]["grad"]
+    assert_close(grads[0], exp_grads[0], rtol, grad_atol(exp_grads[0], frac), "grad logprobs")
+    if exp_grads[1] is not None:
+        assert_close(grads[1], exp_grads[1], rtol, grad_atol(exp_grads[1], frac), "grad entropy")
+
+
+@pytest.mark.parametrize("layout", ["padded", "packed"])
 def test_bf16_preset(layout):
     compare(_problem(21, layout, torch.bfloat16), torch.bfloat16, preset="author_verl")
 
@@ -89,7 +124,13 @@ def test_on_policy(options, layout):
 
 
 @pytest.mark.parametrize("layout", ["padded", "packed"])
-def test_fused_linear_and_logprob_api(layout):
+@pytest.mark.parametrize("recipe", [
+    dict(preset="author_verl"),
+    dict(delta_clip=0.05, score_clip=0.2, logit_reg_coef=0.5, scale_rewards="group",
+         direction_scale=0.8, level="sequence", coordinates="ratio"),
+], ids=["preset", "binding-clamps"])
+def test_fused_linear_and_logprob_api(layout, recipe):
+    """The preset (its clamps do not bind here) and binding clamps + scale_rewards='group'."""
     g = torch.Generator().manual_seed(3)
     B, T, H, V = 6, 5, 8, 11
     hidden = torch.randn(B, T, H, generator=g)
@@ -108,7 +149,7 @@ def test_fused_linear_and_logprob_api(layout):
         hidden, labels, ref = hidden.view(-1, H), labels.view(-1), ref.view(-1)
         seq_ids = torch.where(mask.view(-1), on_device(torch.arange(B * T)) // T, -1)
         layout_args = dict(seq_ids=seq_ids, group_size=3)
-    options = dict(preset="author_verl", return_metrics=True, **layout_args)
+    options = dict(return_metrics=True, **recipe, **layout_args)
     h = hidden.clone().requires_grad_()
     w = weight.clone().requires_grad_()
     loss, metrics = opo_kernels.fused_linear_opo_loss(h, w, labels, ref, rewards, chunk_size=4,
@@ -137,19 +178,24 @@ def test_fused_linear_and_logprob_api(layout):
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("layout", ["padded", "packed"])
 def test_gradcheck(layout, backend):
-    """α = 1 (escort ω = normalized Q: constant), fixed τ; the Z-loss and the clamped penalty
-    are differentiable in δ. The problem keeps δ away from the clamp bounds (finite
-    differences across a kink would disagree with any derivative)."""
+    """α = 1 (escort ω = normalized Q: constant), fixed τ; the penalty through δ̂, the Z-loss
+    and the direction scale are differentiable in δ. The clamps are set where they do not bind
+    (finite differences across a kink would disagree with any derivative; the clamps'
+    gradients are pinned by the property tests below), and the test first checks that each of
+    those terms really moves the gradient here, so that gradcheck sees them all."""
     problem = make_problem(6, 3, 5, torch.float64, layout, seed=7, scale=0.5, noise=0.05)
     x = problem.logits.detach().nan_to_num().clone().requires_grad_()
     labels, ref, rewards = problem.args()
     options = dict(preset="author_verl", alpha=1.0, adaptive_tau=False, tau=0.4,
-                   delta_clip=0.04, score_clip=0.05, coordinates="ratio", level="sequence",
-                   logit_reg_coef=0.3, backend=backend, **problem.layout)
-    with torch.no_grad():
-        _, metrics = opo_kernels.opo_loss(x, labels, ref.double(), rewards, return_metrics=True,
-                                          **{**options, "backend": "torch"})
-    fn = lambda logits: opo_kernels.opo_loss(logits, labels, ref.double(), rewards, **options)  # noqa: E731
+                   center_weights=False,  # centred ω vanishes in this problem's packed groups
+                   delta_clip=2.0, score_clip=5.0, coordinates="ratio", level="sequence",
+                   logit_reg_coef=0.3, direction_scale=1.7, backend=backend, **problem.layout)
+    fn = lambda logits, **o: opo_kernels.opo_loss(  # noqa: E731
+        logits, labels, ref.double(), rewards, **{**options, **o})
+    base = torch.autograd.grad(fn(x), x)[0]
+    for term in (dict(mu=0.0), dict(logit_reg_coef=0.0), dict(direction_scale=1.0)):
+        other = torch.autograd.grad(fn(x, **term), x)[0]
+        assert (other - base).abs().max() > 1e-6 * base.abs().max(), f"{term}: no effect"
     assert torch.autograd.gradcheck(fn, (x,), eps=1e-6, atol=1e-7, rtol=1e-5)
 
 
@@ -258,6 +304,7 @@ BAD = [
     (dict(logit_reg_coef=-0.1), "logit_reg_coef"),
     (dict(preset="verl"), "preset"),
     (dict(preset="author_verl", alpha=0.0), "direction_scale"),
+    (dict(direction_scale=None), "direction_scale"),
 ]
 
 
@@ -270,6 +317,23 @@ def test_bad_options(options, name, backend):
     with pytest.raises((ValueError, TypeError), match=name):
         opo_kernels.opo_loss(x, *problem.args(), backend=backend, **problem.layout, **options)
     assert torch.equal(x.detach().nan_to_num(3), before.nan_to_num(3))
+
+
+@pytest.mark.parametrize("entry", ["fused_linear", "logprobs"])
+@pytest.mark.parametrize("options,name", BAD, ids=[f"{b[1]}-{i}" for i, b in enumerate(BAD)])
+def test_bad_options_other_entry_points(options, name, entry):
+    """The same errors from fused_linear_opo_loss and opo_loss_from_logprobs."""
+    problem = _problem(0, "padded")
+    labels, ref, rewards = problem.args()
+    with pytest.raises((ValueError, TypeError), match=name):
+        if entry == "fused_linear":
+            hidden = torch.zeros(*labels.shape, 4, device=labels.device)
+            weight = torch.zeros(problem.logits.shape[-1], 4, device=labels.device)
+            opo_kernels.fused_linear_opo_loss(hidden, weight, labels, ref, rewards,
+                                              backend="triton", **problem.layout, **options)
+        else:
+            opo_kernels.opo_loss_from_logprobs(ref.nan_to_num(), ref, rewards, vocab_size=7,
+                                               backend="triton", **problem.layout, **options)
 
 
 def test_clamps_bind_in_the_kernel_tests():

@@ -54,7 +54,8 @@ def run_demo(cfg: DemoConfig, out_dir: str, progress: bool = True, plot: bool = 
         curves = {m: {k: [mean(v) for v in zip(*(per_seed[s][m][k] for s in per_seed))]
                       for k in ("reward", "grad_norm", "length")} for m in cfg.methods}
         result["tasks"][name] = {
-            "title": task.title, "constant_baseline": task.constant_baseline(),
+            "title": task.title, "prompts": task.prompts_note,
+            "constant_baseline": task.constant_baseline(),
             "mean": curves, "per_seed": per_seed,
             "summary": summarize(per_seed, cfg.methods, last, cfg.bootstrap),
         }

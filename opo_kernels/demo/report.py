@@ -153,7 +153,9 @@ def plot_task(task_curves: dict, config: dict, task_title: str, path: str, smoot
     axes[1].set_yscale("log")
     n = len(per_seed)
     seeds_note = f"mean of {n} seeds, band = min..max" if n > 1 else f"seed {next(iter(per_seed))}"
-    fig.suptitle(f"{task_title}: {config['length']} digits of 0..{config['digits'] - 1}, "
+    prompts = task_curves.get("prompts",
+                              f"{config['length']} digits of 0..{config['digits'] - 1}")
+    fig.suptitle(f"{task_title}: {prompts}, "
                  f"{config['prompts']} prompts x {config['group_size']} samples, "
                  f"{config['inner_steps']} updates/batch; {seeds_note}", fontsize=10)
     fig.tight_layout()

@@ -47,6 +47,11 @@ class Task:
         self.digits, self.length = digits, length
         self.sep, self.eos, self.pad = digits, digits + 1, digits + 2
 
+    @property
+    def prompts_note(self) -> str:
+        """What a prompt is, for figure titles."""
+        return f"{self.length} digits of 0..{self.digits - 1}"
+
     # geometry -------------------------------------------------------------------------------
     prompt_len = 0      # P: prompt tokens before SEP
     completion_len = 0  # C
@@ -144,6 +149,10 @@ class SortStopTask(Task):
     name = "sort_stop"
     title = "sort the digits, then stop (variable length)"
     min_len = 2
+
+    @property
+    def prompts_note(self) -> str:
+        return f"{self.min_len}-{self.length} digits of 0..{self.digits - 1}"
 
     def __init__(self, digits: int, length: int):
         super().__init__(digits, length)

@@ -64,8 +64,10 @@ OPO's options
 -------------
 From ``actor.policy_loss.opo`` (a mapping of ``opo_loss`` keyword options: ``alpha``, ``mu``,
 ``tau``, ``adaptive_tau``, ``tau_range``, ``reward_temperature``, ``weights`` ("seed" or
-"escort"), ``center_weights``, ``level``, ``coordinates``, ``backend``, ``validate``, and any
-option ``OPOLossConfig`` gains), plus ``vocab_size`` (V for the adaptive τ rule; default: the
+"escort"), ``center_weights``, ``level``, ``coordinates``, ``preset`` ("paper" or
+"author_verl", the author's recipe), ``delta_clip``, ``score_clip``, ``scale_rewards``,
+``direction_scale``, ``logit_reg_coef``, ``backend``, ``validate``, and any option
+``OPOLossConfig`` gains), plus ``vocab_size`` (V for the adaptive τ rule; default: the
 actor model's ``hf_config.vocab_size``). ``PolicyLossConfig`` has no such field, so set
 ``actor.policy_loss._target_=opo_kernels.integrations.verl.OPOPolicyLossConfig``, which adds it
 and checks the options when verl builds the config. Unset options keep ``opo_loss``'s defaults
