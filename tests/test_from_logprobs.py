@@ -62,23 +62,26 @@ def test_identity_with_opo_loss(level, coords, weights, beta, layout):
     assert_close(grad2[counted], grad[counted], rtol, grad_atol(grad, frac), "grad")
 
 
+@pytest.mark.parametrize("level", ["sequence", "sequence_mean", "token"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("layout", ["padded", "packed"])
 @pytest.mark.parametrize("on_policy", [False, True], ids=["general", "on_policy"])
-def test_gradients_against_reference(layout, dtype, on_policy):
-    """∂L/∂lp and ∂L/∂H of the fused path vs the reference's autograd, on strided inputs."""
-    problem = make_problem(9, 6, 11, torch.float32, layout, seed=3)
+def test_gradients_against_reference(layout, dtype, on_policy, level):
+    """∂L/∂lp and ∂L/∂H of the fused path vs the reference's autograd, on strided inputs,
+    every level, a random upstream gradient."""
+    seed = ["sequence", "sequence_mean", "token"].index(level)
+    problem = make_problem(9, 6, 11, torch.float32, layout, seed=3 + seed)
     _, lp, entropy = _logprobs(problem)
     base = torch.stack([lp.detach(), torch.zeros_like(lp)], -1).to(dtype)
     ref = None if on_policy else problem.ref_logprobs
-    g = torch.tensor(1.7)
+    g = torch.randn((), generator=torch.Generator().manual_seed(seed)) + 1.5
     results = {}
     for backend in ("torch", "triton"):
         x = base.clone().requires_grad_()
         h = entropy.detach().clone().requires_grad_()
         loss, metrics = opo_kernels.opo_loss_from_logprobs(
             x[..., 0], ref, problem.rewards, entropy=h, vocab_size=11, entropy_coef=0.07,
-            level="token", return_metrics=True, backend=backend, **problem.layout)
+            level=level, return_metrics=True, backend=backend, **problem.layout)
         gx, gh = torch.autograd.grad(loss * g, (x, h))
         assert gx.dtype == dtype and (gx[..., 1] == 0).all()
         results[backend] = (loss.detach(), metrics, gx[..., 0].float(), gh)
@@ -94,8 +97,8 @@ def test_gradients_against_reference(layout, dtype, on_policy):
     counted = (problem.layout["mask"] != 0 if "mask" in problem.layout
                else problem.layout["seq_ids"] >= 0)
     n_tokens = counted.sum()
-    assert_close(gh_t[counted], torch.full_like(gh_t[counted], -0.07 * 1.7 / n_tokens), 1e-6,
-                 0, "∂L/∂H = −β/N'")
+    assert_close(gh_t[counted], torch.full_like(gh_t[counted], -0.07 * g.item() / n_tokens),
+                 1e-6, 0, "∂L/∂H = −β/N'")
     assert (gx_t[~counted] == 0).all() and (gh_t[~counted] == 0).all()
 
 

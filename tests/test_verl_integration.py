@@ -132,6 +132,23 @@ def test_estimator_writes_rewards_and_group_tags():
     torch.testing.assert_close(batch["returns"], batch["rewards"][:, None] * batch["mask"])
 
 
+def test_estimator_refuses_kl_in_reward():
+    """algorithm.use_kl_in_reward adds a KL penalty into token_level_rewards, which the
+    estimator would sum into r_s: refused, through the trainer's own compute_advantage."""
+    from verl.trainer.config import AlgoConfig
+
+    mask = torch.ones(K, T, dtype=torch.int64)
+    data = DataProto.from_dict(
+        tensors={"token_level_rewards": torch.rand(K, T), "response_mask": mask},
+        non_tensors={"uid": np.array(["p"] * K, dtype=object)})
+    with pytest.raises(ValueError, match="use_kl_in_reward"):
+        compute_advantage(data, adv_estimator=ov.ESTIMATOR,
+                          config=AlgoConfig(adv_estimator=ov.ESTIMATOR, use_kl_in_reward=True))
+    out = compute_advantage(data, adv_estimator=ov.ESTIMATOR,
+                            config=AlgoConfig(adv_estimator=ov.ESTIMATOR))
+    assert out.batch["advantages"].dtype == torch.float64
+
+
 def test_verls_advantage_metrics_read_rewards():
     """The trainer's compute_data_metrics takes the float64 advantages as they are: its
     critic/advantages/* statistics are those of the rewards over response tokens."""
@@ -300,7 +317,9 @@ def test_readme_config_builds_the_actor_config_verl_uses():
     with initialize_config_dir(config_dir=config_dir, version_base=None):
         cfg = compose(config_name="ppo_trainer", overrides=overrides)
     assert cfg.actor_rollout_ref.rollout.n == 6
-    assert cfg.trainer.balance_batch is False
+    assert cfg.trainer.balance_batch is False and cfg.algorithm.use_kl_in_reward is False
+    # verl needs it when use_dynamic_bsz=false (it computes old_log_prob in micro-batches)
+    assert cfg.actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu == 12
     actor = omega_conf_to_dataclass(cfg.actor_rollout_ref.actor)
     assert isinstance(actor.policy_loss, ov.OPOPolicyLossConfig)
     assert actor.policy_loss.loss_mode == "opo_kernels"
