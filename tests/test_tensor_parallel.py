@@ -48,6 +48,7 @@ CASES_2 = [
 CASES_4 = [
     ("padded", True, {"entropy_coef": 0.05, "level": "sequence"}),
     ("packed", True, {"on_policy": True, "level": "token"}),
+    ("padded", True, {"temperature": 0.8, "weights": "escort", "center_weights": True}),
 ]
 
 
@@ -62,6 +63,11 @@ def test_four_ranks():
 @pytest.mark.parametrize("layout", ["padded", "packed"])
 def test_fused_linear_two_ranks(layout):
     run_ranks(tp_workers.fused_linear_case, 2, layout)
+
+
+def test_fused_linear_four_ranks_on_policy():
+    run_ranks(tp_workers.fused_linear_case, 4, "packed",
+              {"on_policy": True, "temperature": 0.8, "level": "sequence"})
 
 
 @pytest.mark.parametrize("case", ["label_outside_vocab", "inconsistent_vocab_start",

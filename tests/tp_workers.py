@@ -83,10 +83,13 @@ def logits_cases(rank, world, port, cases, backend="gloo"):
         dist.destroy_process_group()
 
 
-def fused_linear_case(rank, world, port, layout):
+def fused_linear_case(rank, world, port, layout, options=None):
     """fused_linear_opo_loss with a [V_local, H] weight slice (uneven slices, bias), the hidden
     gradient all-reduced by the op (default) or left to the caller (reduce_hidden_grad=False:
-    the ranks' parts sum to the single-process gradient)."""
+    the ranks' parts sum to the single-process gradient). options: extra loss options, and
+    on_policy=True for ref_logprobs=None."""
+    options = dict(options or {})
+    on_policy = options.pop("on_policy", False)
     import opo_kernels
 
     dist.init_process_group("gloo", rank=rank, world_size=world,
@@ -104,11 +107,13 @@ def fused_linear_case(rank, world, port, layout):
             lp = torch.log_softmax(hidden @ weight.T + bias, -1).gather(-1, labels[..., None])
         ref = lp[..., 0] + 0.05 * torch.randn(B, T, generator=g)
         kwargs = dict(mask=mask, group_size=3, chunk_size=7, entropy_coef=0.02,
-                      return_metrics=True, backend="triton")
+                      return_metrics=True, backend="triton", **options)
         if layout == "packed":
             kwargs.pop("mask")
             hidden, labels, ref = hidden.view(-1, H), labels.view(-1), ref.view(-1)
             kwargs["seq_ids"] = torch.where(mask.view(-1), torch.arange(B * T) // T, -1)
+        if on_policy:
+            ref = None
         params = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
         loss, metrics = opo_kernels.fused_linear_opo_loss(params[0], params[1], labels, ref,
                                                           rewards, bias=params[2], **kwargs)
