@@ -3,7 +3,8 @@
 # machine. Stages (one device call each; the lent machine gives 15 minutes of device time in
 # all and 10 minutes per command, so each stage stays well inside ~8 minutes):
 #   check  the WHOLE test suite on CUDA (the kernel-vs-reference grid with compiled kernels +
-#          the GPU-only tests; CPU-only tests skip), the self-check, then the launch-config sweep
+#          the GPU-only tests; CPU-only tests skip), the self-check, the epilogue's per-call
+#          time before/after issue 10, then the launch-config sweep
 #   bench  the benchmark suite (python -m benchmarks.run; arguments after the stage go to it,
 #          e.g. --resume FILE, -k EXPR, --impls ...)
 #   all    check, then bench (a CUDA machine without the device tool's limits)
@@ -64,6 +65,8 @@ if [ "$stage" = all ] || [ "$stage" = check ]; then
   echo "[device_run] suite on CUDA: exit code $rc, $(( $(date +%s) - start )) s" | tee -a "$log"
   timeout 120 python3 -m opo_kernels 2>&1 | tee -a "$log"
   echo "[device_run] self-check exit code ${PIPESTATUS[0]}" | tee -a "$log"
+  timeout 90 python3 -m benchmarks.epilogue_bench --out "$out_dir" 2>&1 | tee -a "$log"
+  echo "[device_run] epilogue bench exit code ${PIPESTATUS[0]}" | tee -a "$log"
   timeout 300 python3 -m benchmarks.sweep --out "$out_dir" \
     --budget-s "${OPO_SWEEP_BUDGET_S:-120}" 2>&1 | grep -v '^{"kind"' | tee -a "$log"
   echo "[device_run] sweep exit code ${PIPESTATUS[0]}" | tee -a "$log"
