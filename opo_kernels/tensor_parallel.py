@@ -23,16 +23,23 @@ on EVERY rank instead of leaving the others waiting in a collective.
 
 from __future__ import annotations
 
+import weakref
 from typing import Optional, Tuple
 
 import torch
 import torch.distributed as dist
 
-_LAYOUTS = {}  # (group, V_local, vocab_start) -> (vocab_start, V_global): checked once
+# group -> {(V_local, vocab_start): V_global}: layouts already checked. Weakly keyed, so a
+# destroyed group's entries go with it (an id() key could be reused by a new group).
+_LAYOUTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _group_key(group):
-    return id(group) if group is not None else None
+def _layouts_of(group) -> dict:
+    group = group if group is not None else dist.group.WORLD
+    try:
+        return _LAYOUTS.setdefault(group, {})
+    except TypeError:  # a group object without weak references: do not cache
+        return {}
 
 
 def check_layout(group, vocab_local: int, vocab_start: Optional[int], num_rows: int,
@@ -46,12 +53,12 @@ def check_layout(group, vocab_local: int, vocab_start: Optional[int], num_rows: 
     """
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     start = rank * vocab_local if vocab_start is None else vocab_start
-    key = (_group_key(group), vocab_local, vocab_start)
+    key, known = (vocab_local, vocab_start), _layouts_of(group)
     if not validate:  # trusted inputs: no agreement step once the layout is known
         if error is not None:
             raise error
-        if key in _LAYOUTS:
-            return start, _LAYOUTS[key]
+        if key in known:
+            return start, known[key]
     info = [None] * world
     message = None if error is None else f"{type(error).__name__}: {error}"
     dist.all_gather_object(info, (message, start, vocab_local, num_rows), group=group)
@@ -76,7 +83,7 @@ def check_layout(group, vocab_local: int, vocab_start: Optional[int], num_rows: 
                 f"slices (vocab_start, V_local) by rank = {list(zip(starts, sizes))} must "
                 "tile the vocabulary contiguously in rank order")
         expected = s + v
-    _LAYOUTS[key] = expected
+    known[key] = expected
     return start, expected
 
 

@@ -47,6 +47,12 @@ def _compare(rank, world, problem, uneven, **options):
         process_group=dist.group.WORLD, vocab_start=lo if uneven else None,
         **problem.layout, **options)
     (grad2,) = torch.autograd.grad(loss2 * 1.3, local)
+    for _ in range(2):  # validate=False: the layout checked above is reused, no gather
+        loss3 = opo_kernels.opo_loss(  # (a fresh leaf: in place, x now holds a gradient)
+            problem.leaf()[..., lo:hi], *problem.args(), backend="triton", validate=False,
+            process_group=dist.group.WORLD, vocab_start=lo if uneven else None,
+            **problem.layout, **options)
+        assert torch.equal(loss3, loss2.detach()), (rank, loss3, loss2)
     _close(loss2, loss, 2e-6, 2e-7, f"rank {rank} loss {options}")
     assert set(metrics2) == set(metrics)
     for k in metrics:
