@@ -23,7 +23,9 @@ computed first (epilogue on zero log-probs, which gives the same c_t bit for bit
 chunk's logits go through ONE kernel (``forward_rows`` in its one-pass mode: statistics, then
 the gradient for a unit upstream gradient written over the logits) and the chunk's matmuls;
 the backward only scales the gradients. The epilogue then runs again on the real log-probs
-for the loss and the metrics (τ, entropy and k3 do depend on them).
+for the loss and the metrics (τ, entropy and k3 do depend on them). With a vocabulary-parallel
+weight the same one phase runs with the row statistics combined chunk by chunk
+(``on_policy_chunks``).
 
 Example::
 
@@ -162,19 +164,45 @@ def backward_chunks(hidden2d, weight, bias, rows: Rows, saved, grad_loss, params
 
 
 def on_policy_chunks(hidden2d, weight, bias, batch: Batch, cfg: OPOLossConfig, params, counter,
-                     chunk_size: int, needs: Tuple[bool, bool, bool]):
+                     chunk_size: int, needs: Tuple[bool, bool, bool], tp=None):
     """One phase (ref_logprobs=None): forward statistics AND the gradients for a unit upstream
-    gradient, in one pass over the chunks. Returns ((logprobs, stats, entropy), grads)."""
+    gradient, in one pass over the chunks. Returns ((logprobs, stats, entropy), grads).
+
+    tp = (group, vocab_start): the weight is this rank's vocabulary slice. A row's gradient
+    needs the row's global normalization, so each chunk's slice partials are combined (two
+    all-reduces of the chunk's rows: O(C) values) before the backward kernel writes the
+    chunk's gradient over its logits — still one matmul per chunk instead of the general
+    path's two (the logits are not recomputed in backward)."""
     mode = Mode.of(cfg, batch.weights is not None)
     unit = run_epilogue(batch, mode, params, counter, logprobs=None)  # c_t without log-probs
     rows, out = Rows.of(batch), _row_outputs(batch, cfg.with_entropy)
     grad_hidden, grad_weight, grad_bias = _grad_buffers(hidden2d, weight, bias, needs)
+    if tp is not None:
+        from .tensor_parallel import combine_partials
+
+        group, vocab_start = tp
+        partials = new_output((batch.num_rows, 4), batch.compute_dtype, batch.device)
+        unit_grad = torch.ones((), dtype=batch.compute_dtype, device=batch.device)
     for start, end in _chunks(hidden2d.shape[0], chunk_size):
         hidden_c = hidden2d[start:end]
         logits = _chunk_logits(hidden_c, weight, bias)
-        # one kernel: statistics, then the row's gradient written over its logits
-        forward_rows(logits, rows, params, cfg.with_entropy, row_start=start, out=out,
-                     grad=logits, coef=unit.coef, scal=unit.scal)
+        if tp is None:  # one kernel: statistics, then the row's gradient over its logits
+            forward_rows(logits, rows, params, cfg.with_entropy, row_start=start, out=out,
+                         grad=logits, coef=unit.coef, scal=unit.scal)
+        else:
+            forward_rows(logits, rows, params, cfg.with_entropy, row_start=start,
+                         partials=partials, vocab_start=vocab_start)
+            chunk_out = combine_partials(partials[start:end], batch.counted[start:end],
+                                         1.0 / cfg.temperature, cfg.with_entropy, group)
+            for full, part in zip(out, chunk_out):
+                if full is not None:
+                    full[start:end] = part
+            # the one-pass kernel's coefficients: c_t from the on-policy epilogue (Δ ≡ 0:
+            # no per-token term, whatever the level), a unit upstream gradient
+            backward_rows(logits, rows, out[0], out[1],
+                          out[2] if cfg.entropy_in_gradient else None, unit.coef, unit.scal,
+                          unit_grad, params, "sequence", "log", inplace=True,
+                          row_start=start, vocab_start=vocab_start)
         _accumulate(logits, hidden_c, weight,
                     None if grad_hidden is None else grad_hidden[start:end],
                     grad_weight, grad_bias)
@@ -212,7 +240,8 @@ class FusedLinearOPOFunction(torch.autograd.Function):
         counters = torch.zeros(2, dtype=torch.int32, device=hidden.device)  # epilogue tickets
         if one_phase:
             (logprobs, stats, entropy), grads = on_policy_chunks(
-                hidden2d, weight, bias, batch, cfg, params, counters[0:1], chunk_size, needs)
+                hidden2d, weight, bias, batch, cfg, params, counters[0:1], chunk_size, needs,
+                None if tp is None else tp[:2])
         else:
             logprobs, stats, entropy = forward_chunks(hidden2d, weight, bias, batch, cfg, params,
                                                       chunk_size, None if tp is None else tp[:2])
@@ -246,6 +275,8 @@ class FusedLinearOPOFunction(torch.autograd.Function):
         if ctx.one_phase:  # gradients were formed in forward for a unit upstream gradient
             grad_hidden, grad_weight, grad_bias = map(
                 lambda g: None if g is None else _scale(g, grad_loss), ctx.saved_tensors)
+            if tp is not None and tp[2] and grad_hidden is not None:
+                torch.distributed.all_reduce(grad_hidden, group=tp[0])  # Σ over the slices
         else:
             (hidden, weight, bias, logprobs, stats, entropy, coef, scal,
              params) = ctx.saved_tensors
@@ -414,9 +445,8 @@ def fused_linear_opo_loss_with_config(hidden, weight, labels, ref_logprobs, rewa
                                         hidden.dtype)
     wants_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (hidden, weight, bias))
-    # vocabulary-parallel: the two phases (a row's normalization is known after the all-reduce)
-    one_phase = (batch.ref_logprobs is None and wants_grad and one_pass_exact(cfg)
-                 and tp is None)
+    # on-policy: one phase, also vocabulary-parallel (see on_policy_chunks)
+    one_phase = batch.ref_logprobs is None and wants_grad and one_pass_exact(cfg)
     loss, metrics = FusedLinearOPOFunction.apply(hidden, weight, bias, batch, cfg, chunk_size,
                                                  one_phase, tp)
     if not cfg.return_metrics:
