@@ -26,6 +26,7 @@ from problems import DEVICE, on_device
 
 import opo_kernels
 import opo_kernels.fused_linear_opo as flo
+import opo_kernels.linear_chunks as chunks
 import opo_kernels.utils as ok_utils
 from opo_kernels import fused_linear_opo_loss, reference
 
@@ -290,8 +291,8 @@ def test_chunks_bound_logits_and_count_passes(monkeypatch, chunk, on_policy):
             return fn(logits, *args, **kwargs)
         return wrapped
 
-    monkeypatch.setattr(flo, "forward_rows", spy("forward", flo.forward_rows))
-    monkeypatch.setattr(flo, "backward_rows", spy("backward", flo.backward_rows))
+    monkeypatch.setattr(chunks, "forward_rows", spy("forward", chunks.forward_rows))
+    monkeypatch.setattr(chunks, "backward_rows", spy("backward", chunks.backward_rows))
     problem = Problem("padded", 9)
     buf, weight, bias = problem.params(torch.float32)
     ref = None if on_policy else problem.ref
@@ -432,7 +433,8 @@ def test_bad_input(name):
 def test_poisoned_outputs_are_on():
     """The NaN poisoning of kernel outputs (conftest) also covers this op's [N, H] gradient."""
     assert ok_utils.POISON_OUTPUTS
-    out = flo._grad_buffers(torch.zeros(2, 3), torch.zeros(4, 3), None, (True, False, False))
+    out = chunks._grad_buffers(torch.zeros(2, 3), torch.zeros(4, 3), None,
+                               (True, False, False))
     assert torch.isnan(out[0]).all()
 
 
