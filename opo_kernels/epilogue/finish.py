@@ -4,7 +4,7 @@ metrics and the per-sequence coefficients (closed forms in the package docstring
 import triton
 import triton.language as tl
 
-from ..row_kernels import expm1
+from ..triton_math import expm1
 from .groups import _clamp, _clamp01, _gid, _group_lse, _group_sum, _group_tile, _j_range, _ws
 from .layout import (
     W_COUNT,

@@ -4,7 +4,7 @@ tokens into the workspace, and counts the bad values it meets (SPEC "Bad input")
 import triton
 import triton.language as tl
 
-from ..row_kernels import expm1
+from ..triton_math import expm1
 from .layout import W_COUNT, W_DELTA, W_ENT, W_KL, W_LP, W_REF, W_V, W_V2
 
 
