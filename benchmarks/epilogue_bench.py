@@ -17,8 +17,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import time
 from pathlib import Path
+
+from benchmarks.timing import median_ms
 
 SHAPES = {"N16384": (24, 976), "N1024": (12, 122)}
 TINY = {"tiny": (6, 9)}
@@ -38,14 +39,7 @@ def _problem(B, T, device, seed=0):
 
 
 def _time(fn, cuda: bool) -> float:
-    if cuda:
-        from triton.testing import do_bench
-
-        return do_bench(fn, warmup=25, rep=200, return_mode="median")
-    fn()
-    start = time.perf_counter()
-    fn()
-    return (time.perf_counter() - start) * 1e3
+    return median_ms(fn, cuda, rep_ms=200)
 
 
 def _measure(name, B, T, device, cuda):

@@ -25,6 +25,8 @@ import os
 import time
 from pathlib import Path
 
+from benchmarks.timing import median_ms
+
 SIZES = [32000, 128256, 151936]
 DTYPES = ["bfloat16", "float32"]
 # (BLOCK_V, num_warps, stages): the table as committed first, then NOTES.md's candidates
@@ -37,14 +39,7 @@ TINY = dict(sizes=[200], dtypes=["bfloat16", "float32"], configs=[(64, 4, 1), (2
 
 
 def _bench(fn, cuda: bool) -> float:
-    if cuda:
-        from triton.testing import do_bench
-
-        return do_bench(fn, warmup=25, rep=100, return_mode="median")
-    fn()
-    start = time.perf_counter()
-    fn()
-    return (time.perf_counter() - start) * 1e3
+    return median_ms(fn, cuda, rep_ms=100)
 
 
 def copy_gbps(cuda: bool) -> float:
