@@ -53,7 +53,7 @@ from .linear_chunks import (
     on_policy_chunks,
 )
 from .row_kernels import Rows
-from .tensor_parallel import config_or_fail_together
+from .tensor_parallel import check_layout, config_or_fail_together
 from .utils import use_triton
 
 # --------------------------------------------------------------------------------------------
@@ -304,8 +304,6 @@ def fused_linear_opo_loss_with_config(hidden, weight, labels, ref_logprobs, rewa
 def _prepare_parallel(hidden, weight, bias, labels, ref_logprobs, rewards, cfg, group,
                       vocab_start, reduce_hidden_grad, layout):
     """Checks of a vocabulary-parallel call, agreed by every rank (see tensor_parallel)."""
-    from .tensor_parallel import check_layout
-
     error, batch = None, None
     try:
         if not use_triton(cfg.backend, hidden.device):

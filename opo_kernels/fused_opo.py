@@ -38,7 +38,7 @@ from .epilogue import (
 )
 from .inputs import Batch, compute_dtype, prepare
 from .row_kernels import Rows, backward_rows, forward_rows, scale_rows_
-from .tensor_parallel import config_or_fail_together
+from .tensor_parallel import check_layout, combine_partials, config_or_fail_together
 from .utils import new_output, use_triton
 
 # --------------------------------------------------------------------------------------------
@@ -380,8 +380,6 @@ class VocabParallelOPOFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, batch: Batch, cfg: OPOLossConfig, group, vocab_start: int):
-        from .tensor_parallel import combine_partials
-
         params = params_tensor(cfg, logits.device, batch.compute_dtype)
         rows = Rows.of(batch)
         partials = new_output((batch.num_rows, 4), batch.compute_dtype, logits.device)
@@ -420,8 +418,6 @@ def vocab_parallel_loss(logits, labels, ref_logprobs, rewards, cfg: OPOLossConfi
                         vocab_start, **layout):
     """``opo_loss`` on vocabulary-parallel logits (see ``opo_loss``)."""
     import dataclasses
-
-    from .tensor_parallel import check_layout
 
     error, batch = None, None
     try:  # a bad argument on one rank must stop every rank, not leave them waiting

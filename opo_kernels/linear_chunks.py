@@ -19,6 +19,7 @@ from .config import OPOLossConfig
 from .epilogue import Mode, run_epilogue
 from .inputs import Batch, compute_dtype
 from .row_kernels import Rows, backward_rows, forward_rows
+from .tensor_parallel import combine_partials
 from .utils import new_output
 
 # Default chunk: the largest power of two of rows whose logits fit in _CHUNK_BYTES, at least
@@ -88,8 +89,6 @@ def forward_chunks(hidden2d, weight, bias, batch: Batch, cfg: OPOLossConfig, par
             logits = _chunk_logits(hidden2d[start:end], weight, bias)
             forward_rows(logits, rows, params, cfg.with_entropy, row_start=start, out=out)
         return out
-    from .tensor_parallel import combine_partials
-
     group, vocab_start = tp
     partials = new_output((batch.num_rows, 4), batch.compute_dtype, batch.device)
     for start, end in _chunks(hidden2d.shape[0], chunk_size):
@@ -145,8 +144,6 @@ def on_policy_chunks(hidden2d, weight, bias, batch: Batch, cfg: OPOLossConfig, p
     rows, out = Rows.of(batch), _row_outputs(batch, cfg.with_entropy)
     grad_hidden, grad_weight, grad_bias = _grad_buffers(hidden2d, weight, bias, needs)
     if tp is not None:
-        from .tensor_parallel import combine_partials
-
         group, vocab_start = tp
         partials = new_output((batch.num_rows, 4), batch.compute_dtype, batch.device)
         unit_grad = torch.ones((), dtype=batch.compute_dtype, device=batch.device)

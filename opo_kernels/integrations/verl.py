@@ -176,7 +176,7 @@ def compute_opo_kernels_advantage(token_level_rewards: torch.Tensor, response_ma
     if index is None:
         raise ValueError("the opo_kernels advantage estimator needs the prompt index (verl "
                          "passes data.non_tensor_batch['uid'] as index=)")
-    if config is not None and _get(config, "use_kl_in_reward", False):
+    if _get(config, "use_kl_in_reward", False):  # (_get: None for no config)
         raise ValueError("algorithm.use_kl_in_reward=true subtracts a KL penalty from the "
                          "token-level rewards, which OPO would then read as part of r_s: set "
                          "algorithm.use_kl_in_reward=false (OPO's trust region is mu)")
