@@ -44,7 +44,7 @@ import torch
 
 from .config import OPOLossConfig
 from .epilogue import Mode, params_tensor, raise_bad_values, run_epilogue, unpack_metrics
-from .fused_opo import one_pass_exact
+from .fused_opo import one_pass_exact, require_fused_kernels
 from .inputs import FLOAT_DTYPES, Batch, compute_dtype, prepare
 from .linear_chunks import (
     backward_chunks,
@@ -53,7 +53,7 @@ from .linear_chunks import (
     on_policy_chunks,
 )
 from .row_kernels import Rows
-from .tensor_parallel import check_layout, config_or_fail_together
+from .tensor_parallel import config_or_fail_together, prepare_together
 from .utils import use_triton
 
 # --------------------------------------------------------------------------------------------
@@ -304,25 +304,17 @@ def fused_linear_opo_loss_with_config(hidden, weight, labels, ref_logprobs, rewa
 def _prepare_parallel(hidden, weight, bias, labels, ref_logprobs, rewards, cfg, group,
                       vocab_start, reduce_hidden_grad, layout):
     """Checks of a vocabulary-parallel call, agreed by every rank (see tensor_parallel)."""
-    error, batch = None, None
-    try:
-        if not use_triton(cfg.backend, hidden.device):
-            raise ValueError("process_group needs the fused kernels (backend 'triton' or "
-                             "'auto' on CUDA / with TRITON_INTERPRET=1)")
-        if vocab_start is not None and (isinstance(vocab_start, bool) or
-                                        not isinstance(vocab_start, int) or vocab_start < 0):
-            raise ValueError(f"vocab_start must be a non-negative int, got {vocab_start!r}")
+    def checked():
         if not isinstance(reduce_hidden_grad, bool):
             raise TypeError(f"reduce_hidden_grad must be a bool, got {reduce_hidden_grad!r}")
         batch = prepare_linear(hidden, weight, bias, labels, ref_logprobs, rewards, cfg,
                                **layout)
-    except (TypeError, ValueError) as err:
-        error = err
+        require_fused_kernels(cfg, batch)
+        return batch
+
     vocab_local = weight.shape[0] if isinstance(weight, torch.Tensor) and weight.dim() else 0
-    start, vocab = check_layout(group, vocab_local, vocab_start,
-                                batch.num_rows if batch is not None else -1, error,
-                                cfg.validate)
-    return dataclasses.replace(batch, vocab=vocab), (group, start, reduce_hidden_grad)
+    batch, start = prepare_together(group, checked, vocab_local, vocab_start, cfg.validate)
+    return batch, (group, start, reduce_hidden_grad)
 
 
 class FusedLinearOPOLoss(torch.nn.Module):

@@ -38,7 +38,7 @@ from .epilogue import (
 )
 from .inputs import Batch, compute_dtype, prepare
 from .row_kernels import Rows, backward_rows, forward_rows, scale_rows_
-from .tensor_parallel import check_layout, combine_partials, config_or_fail_together
+from .tensor_parallel import combine_partials, config_or_fail_together, prepare_together
 from .utils import new_output, use_triton
 
 # --------------------------------------------------------------------------------------------
@@ -414,27 +414,22 @@ class VocabParallelOPOFunction(torch.autograd.Function):
         return grad, None, None, None, None
 
 
+def require_fused_kernels(cfg: OPOLossConfig, batch: Batch) -> None:
+    if not use_triton(cfg.backend, batch.device):
+        raise ValueError("process_group needs the fused kernels (backend 'triton' or 'auto' "
+                         "on CUDA / with TRITON_INTERPRET=1)")
+
+
 def vocab_parallel_loss(logits, labels, ref_logprobs, rewards, cfg: OPOLossConfig, group,
                         vocab_start, **layout):
     """``opo_loss`` on vocabulary-parallel logits (see ``opo_loss``)."""
-    import dataclasses
-
-    error, batch = None, None
-    try:  # a bad argument on one rank must stop every rank, not leave them waiting
-        if not use_triton(cfg.backend, logits.device):
-            raise ValueError("process_group needs the fused kernels (backend 'triton' or "
-                             "'auto' on CUDA / with TRITON_INTERPRET=1)")
-        if vocab_start is not None and (isinstance(vocab_start, bool) or
-                                        not isinstance(vocab_start, int) or vocab_start < 0):
-            raise ValueError(f"vocab_start must be a non-negative int, got {vocab_start!r}")
+    def checked():
         batch = prepare(logits, labels, ref_logprobs, rewards, config=cfg, **layout)
-    except (TypeError, ValueError) as err:
-        error = err
+        require_fused_kernels(cfg, batch)
+        return batch
+
     vocab_local = logits.shape[-1] if isinstance(logits, torch.Tensor) and logits.dim() else 0
-    start, vocab = check_layout(group, vocab_local, vocab_start,
-                                batch.num_rows if batch is not None else -1, error,
-                                cfg.validate)
-    batch = dataclasses.replace(batch, vocab=vocab)
+    batch, start = prepare_together(group, checked, vocab_local, vocab_start, cfg.validate)
     loss, metrics = VocabParallelOPOFunction.apply(logits, batch, cfg, group, start)
     if not cfg.return_metrics:
         return loss

@@ -23,8 +23,9 @@ on EVERY rank instead of leaving the others waiting in a collective.
 
 from __future__ import annotations
 
+import dataclasses
 import weakref
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -56,7 +57,10 @@ def check_layout(group, vocab_local: int, vocab_start: Optional[int], num_rows: 
     key, known = (vocab_local, vocab_start), _layouts_of(group)
     if not validate:  # trusted inputs: no agreement step once the layout is known
         if error is not None:
-            raise error
+            try:  # (see below)
+                raise error
+            finally:
+                error = None
         if key in known:
             return start, known[key]
     info = [None] * world
@@ -64,7 +68,14 @@ def check_layout(group, vocab_local: int, vocab_start: Optional[int], num_rows: 
     dist.all_gather_object(info, (message, start, vocab_local, num_rows), group=group)
     failed = [(r, m) for r, (m, *_) in enumerate(info) if m is not None]
     if error is not None:
-        raise error
+        # cleared as it leaves: a frame in the traceback holding the exception is a cycle that
+        # keeps the frames (and the process group in them) alive until a garbage collection,
+        # which may come at interpreter exit, after destroy_process_group, where freeing the
+        # group aborts the process ("terminate called without an active exception")
+        try:
+            raise error
+        finally:
+            error = None
     if failed:
         r, m = failed[0]
         raise ValueError(f"rank {r} of the process group failed its input checks ({m}); "
@@ -85,6 +96,23 @@ def check_layout(group, vocab_local: int, vocab_start: Optional[int], num_rows: 
         expected = s + v
     known[key] = expected
     return start, expected
+
+
+def prepare_together(group, prepare: Callable, vocab_local: int, vocab_start, validate: bool):
+    """(batch, this rank's vocab_start): ``prepare()`` (the call's own input checks, returning
+    an ``inputs.Batch``) on this rank, ``vocab_start`` checked, then ``check_layout``'s
+    agreement, so that an error on ONE rank raises on EVERY rank; the batch gets the global
+    vocabulary size."""
+    try:
+        if vocab_start is not None and (isinstance(vocab_start, bool) or
+                                        not isinstance(vocab_start, int) or vocab_start < 0):
+            raise ValueError(f"vocab_start must be a non-negative int, got {vocab_start!r}")
+        batch = prepare()
+    except (TypeError, ValueError) as err:  # (`err` is deleted when this block is left)
+        check_layout(group, vocab_local, vocab_start, -1, err, validate)
+        raise  # check_layout re-raised err; not reached
+    start, vocab = check_layout(group, vocab_local, vocab_start, batch.num_rows, None, validate)
+    return dataclasses.replace(batch, vocab=vocab), start
 
 
 def config_or_fail_together(group, make_config):
