@@ -277,7 +277,8 @@ def fused_linear_opo_loss_with_config(hidden, weight, labels, ref_logprobs, rewa
     tp = None
     if process_group is not None:
         batch, tp = _prepare_parallel(hidden, weight, bias, labels, ref_logprobs, rewards, cfg,
-                                      process_group, vocab_start, reduce_hidden_grad, layout)
+                                      process_group, vocab_start, reduce_hidden_grad,
+                                      chunk_size, layout)
     else:
         if vocab_start is not None:
             raise ValueError("vocab_start applies to a vocabulary-parallel weight: pass "
@@ -288,8 +289,11 @@ def fused_linear_opo_loss_with_config(hidden, weight, labels, ref_logprobs, rewa
             logits = torch.nn.functional.linear(hidden, weight, bias)
             return reference.loss_from_batch(dataclasses.replace(batch, logits=logits), cfg)
     if chunk_size is None:
-        chunk_size = default_chunk_size(batch.num_rows, weight.shape[0], hidden.shape[-1],
-                                        hidden.dtype)
+        # vocabulary-parallel: from the global V, the same on every rank (the on-policy chunks
+        # each run collectives; slices of uneven sizes could round to different chunk sizes)
+        vocab = weight.shape[0] if tp is None else \
+            -(-batch.vocab // torch.distributed.get_world_size(process_group))
+        chunk_size = default_chunk_size(batch.num_rows, vocab, hidden.shape[-1], hidden.dtype)
     wants_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (hidden, weight, bias))
     # on-policy: one phase, also vocabulary-parallel (see on_policy_chunks)
@@ -302,7 +306,7 @@ def fused_linear_opo_loss_with_config(hidden, weight, labels, ref_logprobs, rewa
 
 
 def _prepare_parallel(hidden, weight, bias, labels, ref_logprobs, rewards, cfg, group,
-                      vocab_start, reduce_hidden_grad, layout):
+                      vocab_start, reduce_hidden_grad, chunk_size, layout):
     """Checks of a vocabulary-parallel call, agreed by every rank (see tensor_parallel)."""
     def checked():
         if not isinstance(reduce_hidden_grad, bool):
@@ -313,7 +317,9 @@ def _prepare_parallel(hidden, weight, bias, labels, ref_logprobs, rewards, cfg, 
         return batch
 
     vocab_local = weight.shape[0] if isinstance(weight, torch.Tensor) and weight.dim() else 0
-    batch, start = prepare_together(group, checked, vocab_local, vocab_start, cfg.validate)
+    batch, start = prepare_together(group, checked, vocab_local, vocab_start, cfg,
+                                    agree={"chunk_size": chunk_size,
+                                           "reduce_hidden_grad": reduce_hidden_grad})
     return batch, (group, start, reduce_hidden_grad)
 
 

@@ -429,7 +429,7 @@ def vocab_parallel_loss(logits, labels, ref_logprobs, rewards, cfg: OPOLossConfi
         return batch
 
     vocab_local = logits.shape[-1] if isinstance(logits, torch.Tensor) and logits.dim() else 0
-    batch, start = prepare_together(group, checked, vocab_local, vocab_start, cfg.validate)
+    batch, start = prepare_together(group, checked, vocab_local, vocab_start, cfg)
     loss, metrics = VocabParallelOPOFunction.apply(logits, batch, cfg, group, start)
     if not cfg.return_metrics:
         return loss

@@ -18,7 +18,11 @@ head, torchtitan's ``Shard(-1)`` loss parallel). Per call, with N token rows:
 
 Checks (``check_layout``, with validate=True): every rank's arguments, slice and N are
 gathered with one ``all_gather_object``, so that a bad input on ONE rank raises the same error
-on EVERY rank instead of leaving the others waiting in a collective.
+on EVERY rank instead of leaving the others waiting in a collective. The same gather carries a
+fingerprint of the replicated arguments (labels, mask / seq_ids, ref_logprobs, rewards,
+group_ids, weights) and the options (``replicated_summary``): each rank computes the loss from
+its own copy, so a copy that differs on one rank would give the ranks different losses and
+coefficients without any error.
 """
 
 from __future__ import annotations
@@ -44,13 +48,16 @@ def _layouts_of(group) -> dict:
 
 
 def check_layout(group, vocab_local: int, vocab_start: Optional[int], num_rows: int,
-                 error: Optional[BaseException], validate: bool) -> Tuple[int, int]:
+                 error: Optional[BaseException], validate: bool,
+                 replicated: Optional[dict] = None) -> Tuple[int, int]:
     """(vocab_start of this rank, global vocabulary size V).
 
     vocab_start None: equal slices, rank r starts at r·V_local. With validate=True (or the
-    first time a layout is seen) every rank's (error, vocab_start, V_local, N) is gathered and
-    checked: slices must tile [0, V) in rank order and N must agree; any problem raises the
-    same ValueError on every rank (a rank whose own arguments failed re-raises its error).
+    first time a layout is seen) every rank's (error, vocab_start, V_local, N, replicated) is
+    gathered and checked: slices must tile [0, V) in rank order, N must agree, and so must
+    ``replicated`` ({name: summary}, see ``replicated_summary``; None = not compared); any
+    problem raises the same ValueError on every rank (a rank whose own arguments failed
+    re-raises its error).
     """
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     start = rank * vocab_local if vocab_start is None else vocab_start
@@ -65,7 +72,8 @@ def check_layout(group, vocab_local: int, vocab_start: Optional[int], num_rows: 
             return start, known[key]
     info = [None] * world
     message = None if error is None else f"{type(error).__name__}: {error}"
-    dist.all_gather_object(info, (message, start, vocab_local, num_rows), group=group)
+    dist.all_gather_object(info, (message, start, vocab_local, num_rows, replicated),
+                           group=group)
     failed = [(r, m) for r, (m, *_) in enumerate(info) if m is not None]
     if error is not None:
         # cleared as it leaves: a frame in the traceback holding the exception is a cycle that
@@ -94,15 +102,79 @@ def check_layout(group, vocab_local: int, vocab_start: Optional[int], num_rows: 
                 f"slices (vocab_start, V_local) by rank = {list(zip(starts, sizes))} must "
                 "tile the vocabulary contiguously in rank order")
         expected = s + v
+    _check_replicated([i[4] for i in info])
     known[key] = expected
     return start, expected
 
 
-def prepare_together(group, prepare: Callable, vocab_local: int, vocab_start, validate: bool):
+def _check_replicated(summaries) -> None:
+    """Every rank's ``replicated_summary`` must be rank 0's (None: a caller without one)."""
+    if any(s is None for s in summaries):
+        return
+    first = summaries[0]
+    for r, summary in enumerate(summaries[1:], 1):
+        for name in first:
+            if summary.get(name) != first[name]:
+                raise ValueError(
+                    f"{name} is not the same on every rank of the process group (rank 0: "
+                    f"{first[name]}; rank {r}: {summary.get(name)}): every argument but the "
+                    "vocabulary slice (logits, or weight and bias) and every option must be "
+                    "identical on every rank, whose epilogue computes the loss from its own "
+                    "copy")
+
+
+# A prime below 2**24: a fingerprint is exact in fp32, and a product of two residues fits int64.
+_PRIME = 16_777_213
+# Fields of OPOLossConfig that only affect this rank's own work (not the replicated loss).
+_LOCAL_OPTIONS = ("backend", "return_metrics", "inplace_backward", "explicit", "weights")
+
+
+def fingerprints(tensors: dict) -> dict:
+    """{name: "shape [..], fingerprint h"} of device tensors, with ONE host sync: the hash is a
+    position-weighted sum of the values' bit patterns modulo a prime (order-independent integer
+    arithmetic, so every device and every reduction order gives the same number)."""
+    names = [n for n, t in tensors.items() if t is not None]
+    hashes = []
+    for name in names:
+        flat = tensors[name].detach().reshape(-1)
+        if flat.dtype == torch.bool:
+            flat = flat.long()
+        elif flat.is_floating_point():  # bit patterns: exact, whatever the values
+            flat = flat.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[flat.element_size()])
+        pos = torch.arange(1, flat.numel() + 1, device=flat.device, dtype=torch.int64)
+        weight = (pos * 40503 + 1).remainder_(_PRIME)
+        hashes.append((flat.long().remainder(_PRIME) * weight).remainder_(_PRIME).sum())
+    values = torch.stack(hashes).tolist() if hashes else []
+    return {n: f"shape {list(tensors[n].shape)}, fingerprint {h}" for n, h in zip(names, values)}
+
+
+def replicated_summary(batch, cfg, agree: Optional[dict] = None) -> dict:
+    """What must be identical on every rank, in a form ``all_gather_object`` can carry: the
+    options that shape the loss, ``agree`` (the op's own host-side arguments, e.g. the
+    fused-linear chunk size, whose chunks each run collectives), the group layout, and
+    ``fingerprints`` of the replicated tensors of ``batch`` (an ``inputs.Batch``). One host
+    sync (validate=True only)."""
+    summary = {f"option {f.name}": repr(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)
+               if f.name not in _LOCAL_OPTIONS}
+    if isinstance(cfg.weights, str):
+        summary["option weights"] = repr(cfg.weights)
+    summary.update({name: repr(value) for name, value in (agree or {}).items()})
+    summary["group_size"] = repr(batch.group_size)
+    summary.update(fingerprints({
+        "labels": batch.labels, "mask": batch.mask, "seq_ids": batch.seq_ids,
+        "ref_logprobs": batch.ref_logprobs, "rewards": batch.rewards,
+        "group_ids": batch.group_ids, "weights": batch.weights}))
+    return summary
+
+
+def prepare_together(group, prepare: Callable, vocab_local: int, vocab_start, cfg,
+                     agree: Optional[dict] = None):
     """(batch, this rank's vocab_start): ``prepare()`` (the call's own input checks, returning
     an ``inputs.Batch``) on this rank, ``vocab_start`` checked, then ``check_layout``'s
-    agreement, so that an error on ONE rank raises on EVERY rank; the batch gets the global
-    vocabulary size."""
+    agreement, so that an error on ONE rank raises on EVERY rank (with cfg.validate, also a
+    replicated argument, option or ``agree`` value that differs between ranks); the batch gets
+    the global vocabulary size."""
+    validate = cfg.validate
     try:
         if vocab_start is not None and (isinstance(vocab_start, bool) or
                                         not isinstance(vocab_start, int) or vocab_start < 0):
@@ -111,7 +183,9 @@ def prepare_together(group, prepare: Callable, vocab_local: int, vocab_start, va
     except (TypeError, ValueError) as err:  # (`err` is deleted when this block is left)
         check_layout(group, vocab_local, vocab_start, -1, err, validate)
         raise  # check_layout re-raised err; not reached
-    start, vocab = check_layout(group, vocab_local, vocab_start, batch.num_rows, None, validate)
+    replicated = replicated_summary(batch, cfg, agree) if validate else None
+    start, vocab = check_layout(group, vocab_local, vocab_start, batch.num_rows, None, validate,
+                                replicated)
     return dataclasses.replace(batch, vocab=vocab), start
 
 

@@ -70,11 +70,48 @@ def test_fused_linear_four_ranks_on_policy():
               {"on_policy": True, "temperature": 0.8, "level": "sequence"})
 
 
+def test_fused_linear_default_chunks_agree_on_uneven_slices():
+    """The default chunk size comes from the global V: slices of 10 and 9 rows of the weight
+    would otherwise round to chunks of 2 and 4 rows here, and the on-policy chunks' all-reduces
+    would not pair up across the ranks."""
+    run_ranks(tp_workers.fused_linear_case, 2, "padded",
+              {"on_policy": True, "chunk_bytes": 150}, deadline=240.0)
+
+
 @pytest.mark.parametrize("case", ["label_outside_vocab", "inconsistent_vocab_start",
                                   "mismatched_rows", "bad_argument_on_one_rank",
-                                  "bad_option_on_one_rank", "bad_chunk_size_on_one_rank"])
+                                  "bad_option_on_one_rank", "bad_chunk_size_on_one_rank",
+                                  "labels_differ_on_one_rank", "rewards_differ_on_one_rank",
+                                  "mask_differs_on_one_rank", "option_differs_on_one_rank",
+                                  "chunk_size_differs_on_one_rank"])
 def test_bad_input_raises_on_every_rank(case):
     run_ranks(tp_workers.bad_input_case, 2, case, deadline=120.0)
+
+
+def test_fingerprints_see_every_value_and_position():
+    """The replicated-input fingerprint changes with one ulp, one flipped bool, a swap of two
+    labels, and a shape; it is the same for a strided view and its contiguous copy."""
+    from opo_kernels.tensor_parallel import fingerprints
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 8, generator=g)
+    labels = torch.randint(0, 100, (48,), generator=g)
+    mask = torch.rand(6, 8, generator=g) < 0.5
+    base = fingerprints({"x": x, "labels": labels, "mask": mask, "bf16": x.bfloat16()})
+    ulp = x.clone()
+    ulp[3, 5] = torch.nextafter(ulp[3, 5], torch.tensor(float("inf")))
+    swapped = labels.clone()
+    swapped[[4, 9]] = labels[[9, 4]]
+    assert labels[4] != labels[9]
+    flipped = mask.clone()
+    flipped[2, 2] = ~flipped[2, 2]
+    changed = fingerprints({"x": ulp, "labels": swapped, "mask": flipped,
+                            "bf16": x.bfloat16().flip(0)})
+    for name in base:
+        assert changed[name] != base[name], name
+    assert fingerprints({"x": x.view(8, 6)})["x"] != base["x"]  # same values, another shape
+    view = torch.randn(8, 6, generator=g).t()  # a strided view
+    assert fingerprints({"v": view}) == fingerprints({"v": view.contiguous()})
 
 
 @pytest.mark.gpu

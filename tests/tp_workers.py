@@ -93,10 +93,18 @@ def fused_linear_case(rank, world, port, layout, options=None):
     """fused_linear_opo_loss with a [V_local, H] weight slice (uneven slices, bias), the hidden
     gradient all-reduced by the op (default) or left to the caller (reduce_hidden_grad=False:
     the ranks' parts sum to the single-process gradient). options: extra loss options, and
-    on_policy=True for ref_logprobs=None."""
+    on_policy=True for ref_logprobs=None, chunk_bytes=K for the default chunk size with
+    linear_chunks' budget set to K bytes (and no minimum), so that the tiny uneven slices
+    round to different row counts when a rank sizes its chunks from its own slice."""
     options = dict(options or {})
     on_policy = options.pop("on_policy", False)
+    chunk_bytes = options.pop("chunk_bytes", None)
     import opo_kernels
+    from opo_kernels import linear_chunks
+
+    if chunk_bytes is not None:  # (a spawned process: the patch dies with it)
+        linear_chunks._CHUNK_BYTES, linear_chunks._MIN_CHUNK = chunk_bytes, 1
+        options["chunk_size"] = None
 
     dist.init_process_group("gloo", rank=rank, world_size=world,
                             init_method=f"tcp://127.0.0.1:{port}")
@@ -113,7 +121,8 @@ def fused_linear_case(rank, world, port, layout, options=None):
             lp = torch.log_softmax(hidden @ weight.T + bias, -1).gather(-1, labels[..., None])
         ref = lp[..., 0] + 0.05 * torch.randn(B, T, generator=g)
         kwargs = dict(mask=mask, group_size=3, chunk_size=7, entropy_coef=0.02,
-                      return_metrics=True, backend="triton", **options)
+                      return_metrics=True, backend="triton")
+        kwargs.update(options)
         if layout == "packed":
             kwargs.pop("mask")
             hidden, labels, ref = hidden.view(-1, H), labels.view(-1), ref.view(-1)
@@ -185,15 +194,35 @@ def bad_input_case(rank, world, port, case):
             if rank == 0:
                 options["alpha"] = 2.0
             expect = "alpha"
-        elif case == "bad_chunk_size_on_one_rank":
+        elif case in ("bad_chunk_size_on_one_rank", "chunk_size_differs_on_one_rank"):
             expect = "chunk_size"
+        # valid on every rank, but a replicated argument or option is not the same everywhere
+        elif case == "labels_differ_on_one_rank":
+            if rank == 1:
+                labels = labels.clone()
+                labels[0, 1] = (labels[0, 1] + 1) % V
+            expect = "labels is not the same on every rank"
+        elif case == "rewards_differ_on_one_rank":  # by one ulp
+            if rank == 1:
+                rewards = rewards.clone()
+                rewards[2] = torch.nextafter(rewards[2], torch.tensor(2.0))
+            expect = "rewards is not the same on every rank"
+        elif case == "mask_differs_on_one_rank":
+            if rank == 0:
+                layout["mask"] = layout["mask"].clone()
+                layout["mask"][1, -1] = ~layout["mask"][1, -1]
+            expect = "mask is not the same on every rank"
+        elif case == "option_differs_on_one_rank":
+            options["mu"] = 1.0 if rank == 0 else 0.5
+            expect = "option mu is not the same on every rank"
         try:
-            if case == "bad_chunk_size_on_one_rank":  # the fused-linear op's own option
+            if "chunk_size" in case:  # the fused-linear op's own option
                 g = torch.Generator().manual_seed(5)
                 hidden = torch.randn(6, 4, 3, generator=g)
                 weight = torch.randn(V, 3, generator=g)[lo:hi]
+                bad = 0 if case == "bad_chunk_size_on_one_rank" else 4
                 opo_kernels.fused_linear_opo_loss(
-                    hidden, weight, labels, ref, rewards, chunk_size=0 if rank == 0 else 5,
+                    hidden, weight, labels, None, rewards, chunk_size=bad if rank == 0 else 5,
                     backend="triton", process_group=dist.group.WORLD, **layout)
             else:
                 opo_kernels.opo_loss(logits, labels, ref, rewards, backend="triton",
