@@ -19,7 +19,7 @@ import json
 import os
 from pathlib import Path
 
-from benchmarks.harness import time_cuda, time_host
+from benchmarks.timers import time_cuda, time_host
 
 SHAPES = {"N16384": (24, 976), "N1024": (12, 122)}
 TINY = {"tiny": (6, 9)}

@@ -18,7 +18,9 @@ import sys
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
-from benchmarks.harness import ALL_IMPLS, FLOOR_MATMULS, LINEAR_IMPLS, validate_results
+from benchmarks.cases import ALL_IMPLS, LINEAR_IMPLS
+from benchmarks.counts import FLOOR_MATMULS
+from benchmarks.results import validate_results
 
 START = "<!-- perf-table:start -->"
 END = "<!-- perf-table:end -->"

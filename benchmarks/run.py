@@ -22,7 +22,7 @@ import tempfile
 from pathlib import Path
 from typing import Optional
 
-from benchmarks.harness import RESULTS_DIR, ROOT, cuda_ok
+from benchmarks.cases import RESULTS_DIR, ROOT, cuda_ok
 from benchmarks.plot import plot
 from benchmarks.report import load, render_table, update_readme
 

@@ -25,7 +25,7 @@ import os
 import time
 from pathlib import Path
 
-from benchmarks.harness import copy_bandwidth, time_cuda, time_host
+from benchmarks.timers import copy_bandwidth, time_cuda, time_host
 
 SIZES = [32000, 128256, 151936]
 DTYPES = ["bfloat16", "float32"]

@@ -1,0 +1,169 @@
+"""Benchmark grid: the implementations, shapes and cases, and the run's settings (read from
+the environment; see ``benchmarks/harness.py`` for the variables)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Optional, Tuple
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS_DIR = ROOT / "benchmarks" / "results"
+
+GROUP_SIZE = 6            # rollouts per prompt (the paper's run)
+COUNTED_FRACTION = 0.7    # padded layout: ~70 % of the B·T positions are counted
+MIN_LEN_FRACTION = 0.4    # sequence lengths uniform in [0.4·T, T] (mean 0.7·T)
+REF_NOISE = 0.05          # ref_logprobs = current log-probs + N(0, 0.05²): small log-ratios
+
+IMPLS = ("opo_kernels", "opo_kernels_inplace", "eager", "compile", "liger_gspo", "liger_ce")
+# from hidden states: loss and gradients for hidden and weight (run at the fused-linear shapes)
+LINEAR_IMPLS = ("opo_kernels_fused_linear", "opo_kernels_materialized", "liger_fused_linear_gspo")
+OPTIONAL_IMPLS = ("liger_gspo_noinplace",)
+DEFAULT_IMPLS = IMPLS + LINEAR_IMPLS
+ALL_IMPLS = IMPLS + LINEAR_IMPLS + OPTIONAL_IMPLS
+INPLACE_IMPLS = ("opo_kernels_inplace", "liger_gspo", "liger_ce")
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
+
+
+# --------------------------------------------------------------------------------------------
+# Settings, shapes, cases
+# --------------------------------------------------------------------------------------------
+
+
+def _env(name: str, default: str = "") -> str:
+    return os.environ.get(name, default).strip()
+
+
+def interpreter_on() -> bool:
+    return _env("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def cuda_ok() -> bool:
+    """Compiled kernels on a GPU (not the Triton interpreter)."""
+    return torch.cuda.is_available() and not interpreter_on()
+
+
+@dataclass(frozen=True)
+class Shape:
+    N: int          # counted tokens
+    V: int
+    dtype: str      # "bfloat16" | "float32"
+    layout: str     # "padded" | "packed"
+    # fused-linear shapes only (hidden [B, T, H], weight [V, H]): hidden size and the explicit
+    # batch geometry; None for the logits shapes (B, T from batch_geometry)
+    H: Optional[int] = None
+    B: Optional[int] = None
+    T: Optional[int] = None
+
+    @property
+    def linear(self) -> bool:
+        return self.H is not None
+
+    @property
+    def label(self) -> str:
+        short = {"bfloat16": "bf16", "float32": "fp32", "float16": "fp16"}[self.dtype]
+        if self.linear:
+            return f"B{self.B}-T{self.T}-H{self.H}-V{self.V}-{short}-{self.layout}"
+        return f"N{self.N}-V{self.V}-{short}-{self.layout}"
+
+
+def linear_shape(b: int, t: int, h: int, v: int, dtype: str = "bfloat16") -> Shape:
+    """A fused-linear shape: padded [B, T], ~COUNTED_FRACTION of the positions counted."""
+    return Shape(max(1, round(COUNTED_FRACTION * b * t)), v, dtype, "padded", H=h, B=b, T=t)
+
+
+def is_linear_impl(impl: str) -> bool:
+    return impl in LINEAR_IMPLS
+
+
+@dataclass(frozen=True)
+class Case:
+    impl: str
+    shape: Shape
+
+    @property
+    def id(self) -> str:
+        return f"{self.impl}-{self.shape.label}"
+
+
+# The issue's target shape comes first so that a time-limited run measures it before anything
+# else; then the other shapes at the largest vocabulary, and so on.
+TARGET = Shape(16384, 151936, "bfloat16", "padded")
+# Issue 4 (fused linear): Llama-3-8B-like LM head, B=16 sequences of T=1024, ~70 % counted
+# (N = 11469), measured right after TARGET.
+LINEAR_TARGET = linear_shape(16, 1024, 4096, 128256)
+
+
+def linear_shapes(tiny: bool) -> List[Shape]:
+    return [linear_shape(2, 8, 16, 64)] if tiny else [LINEAR_TARGET]
+
+
+def shapes(tiny: bool) -> List[Shape]:
+    if tiny:
+        return [Shape(64, 128, "bfloat16", "padded"), Shape(64, 128, "bfloat16", "packed"),
+                Shape(64, 128, "float32", "padded")]
+    grid = [TARGET, Shape(16384, 151936, "bfloat16", "packed"),
+            Shape(4096, 151936, "float32", "padded")]  # fp32 at one shape
+    for v in (151936, 128256, 32000):
+        for layout in ("padded", "packed"):
+            for n in (4096, 16384, 32768):
+                s = Shape(n, v, "bfloat16", layout)
+                if s not in grid:
+                    grid.append(s)
+    return grid
+
+
+@dataclass
+class Settings:
+    tiny: bool = False
+    impls: Tuple[str, ...] = DEFAULT_IMPLS
+    out_dir: Optional[Path] = None
+    budget_s: Optional[float] = None
+    resume: Optional[Path] = None
+    compile_backend: str = "inductor"
+    commit: Optional[str] = None
+
+    @classmethod
+    def from_env(cls) -> Settings:
+        tiny = _env("OPO_BENCH_TINY", "0") not in ("", "0")
+        impls = tuple(x for x in _env("OPO_BENCH_IMPLS").replace(" ", "").split(",") if x)
+        unknown = [x for x in impls if x not in ALL_IMPLS]
+        if unknown:
+            raise ValueError(f"OPO_BENCH_IMPLS: unknown implementation(s) {unknown}; "
+                             f"known: {list(ALL_IMPLS)}")
+        out = _env("OPO_BENCH_OUT")
+        budget = _env("OPO_BENCH_BUDGET_S")
+        resume = _env("OPO_BENCH_RESUME")
+        backend = _env("OPO_BENCH_COMPILE_BACKEND") or (
+            "inductor" if (cuda_ok() or not tiny) else "eager")
+        return cls(tiny=tiny, impls=impls or DEFAULT_IMPLS, out_dir=Path(out) if out else None,
+                   budget_s=float(budget) if budget else None,
+                   resume=Path(resume) if resume else None, compile_backend=backend,
+                   commit=_env("OPO_BENCH_COMMIT") or None)
+
+
+def cases(settings: Optional[Settings] = None) -> List[Case]:
+    """The target shape first, then the fused-linear shape(s), then the other logits shapes;
+    each implementation at the shapes of its kind."""
+    settings = settings or Settings.from_env()
+    grid = shapes(settings.tiny)
+    ordered = grid[:1] + linear_shapes(settings.tiny) + grid[1:]
+    return [Case(impl, s) for s in ordered for impl in settings.impls
+            if is_linear_impl(impl) == s.linear]
+
+
+def resolve_out_dir(settings: Settings) -> Path:
+    """The results folder. Tiny (CPU) results never go to benchmarks/results/."""
+    if settings.out_dir is None:
+        if settings.tiny:
+            import tempfile
+            return Path(tempfile.mkdtemp(prefix="opo-bench-tiny-"))
+        return RESULTS_DIR
+    out = settings.out_dir.resolve()
+    if settings.tiny and (out == RESULTS_DIR or RESULTS_DIR in out.parents):
+        raise ValueError(f"tiny-mode results must not be written under {RESULTS_DIR}: "
+                         "they are not measurements of a GPU")
+    return out
