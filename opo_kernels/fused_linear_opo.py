@@ -61,10 +61,17 @@ from .utils import use_triton
 # --------------------------------------------------------------------------------------------
 
 
-def _scale(grad: torch.Tensor, grad_loss: torch.Tensor) -> torch.Tensor:
-    """grad·grad_loss, multiplied in fp32 (fp64) so a 16-bit grad is rounded only once more."""
+def _scale(grad: torch.Tensor, grad_loss: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """grad·grad_loss in ``dtype`` (the parameter's), multiplied in fp32 (fp64) and rounded
+    once. An fp32 accumulator (∂W, ∂b) going to a 16-bit parameter is scaled and cast in ONE
+    pass, the product rounded on store (6 bytes per element instead of a multiply and then a
+    cast, 14: ~4 GB less traffic per call for a 128256 × 4096 LM head). The saved gradient is
+    never scaled in place: a retained graph's second backward reads it again."""
     acc = compute_dtype(grad.dtype)
-    return (grad.to(acc) * grad_loss.to(acc)).to(grad.dtype)
+    if grad.dtype == acc and dtype != acc:
+        out = torch.empty(grad.shape, dtype=dtype, device=grad.device)
+        return torch.mul(grad, grad_loss.to(acc), out=out)
+    return (grad.to(acc) * grad_loss.to(acc)).to(dtype)
 
 
 class FusedLinearOPOFunction(torch.autograd.Function):
@@ -120,8 +127,9 @@ class FusedLinearOPOFunction(torch.autograd.Function):
             return None, None, None, None, None, None, None, None
         cfg, tp = ctx.cfg, ctx.tp
         if ctx.one_phase:  # gradients were formed in forward for a unit upstream gradient
-            grad_hidden, grad_weight, grad_bias = map(
-                lambda g: None if g is None else _scale(g, grad_loss), ctx.saved_tensors)
+            grad_hidden, grad_weight, grad_bias = (
+                None if g is None else _scale(g, grad_loss, dtype)
+                for g, dtype in zip(ctx.saved_tensors, ctx.dtypes))
             if tp is not None and tp[2] and grad_hidden is not None:
                 torch.distributed.all_reduce(grad_hidden, group=tp[0])  # Σ over the slices
         else:

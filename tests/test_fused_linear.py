@@ -235,6 +235,34 @@ def test_on_policy_bf16(layout):
             entropy_coef=0.05)
 
 
+def test_on_policy_scale_is_one_rounding_and_leaves_the_saved_gradient():
+    """The one-phase backward's scale-and-cast of an fp32 accumulator to a 16-bit parameter
+    (one op) equals the multiply-then-cast it replaces, bit for bit, and does not touch its
+    input; a retained graph's second backward gives the first one's gradients."""
+    from opo_kernels.fused_linear_opo import _scale
+
+    g = torch.Generator().manual_seed(3)
+    acc = torch.randn(50, 8, generator=g, dtype=torch.float64).float()
+    before = acc.clone()
+    for s in (1.0, -0.37, 3.1e4):
+        scale = torch.tensor(s)
+        for dtype in (torch.bfloat16, torch.float16):
+            got = _scale(acc, scale, dtype)
+            assert got.dtype == dtype
+            assert torch.equal(got, (acc * scale).to(dtype)), (s, dtype)
+    assert torch.equal(acc, before)
+
+    problem = Problem("padded", 11)
+    leaves = [t.requires_grad_() for t in problem.params(torch.bfloat16)]
+    loss = opo_kernels.fused_linear_opo_loss(
+        problem.view(leaves[0]), leaves[1], problem.labels, None, problem.rewards,
+        bias=leaves[2], backend="triton", chunk_size=3, **problem.layout)
+    first = torch.autograd.grad(2.5 * loss, leaves, retain_graph=True)
+    second = torch.autograd.grad(2.5 * loss, leaves)
+    for name, a, b in zip(("hidden", "weight", "bias"), first, second):
+        assert torch.equal(a, b), name
+
+
 @pytest.mark.parametrize("layout", ["padded", "packed"])
 def test_on_policy_one_phase_equals_two_phase(layout):
     """ref_logprobs=None (one phase, gradients formed in forward) must give what the two-phase

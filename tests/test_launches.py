@@ -184,15 +184,29 @@ FUSED_LINEAR_OPS = {
 }
 
 
-@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
-@pytest.mark.parametrize("on_policy", [False, True], ids=["general", "on_policy"])
-def test_fused_linear_one_chunk(on_policy, bias):
+# bf16 on-policy with bias: the accumulation is mm + add_ (fp32 accumulator, bf16 product);
+# ∂hidden (bf16) is scaled through fp32 (_to_copy, mul, _to_copy), while ∂W and ∂b go from
+# their fp32 accumulators to bf16 scaled in ONE op each (mul.out), not a mul then a cast
+FUSED_LINEAR_OPS[(True, True, torch.bfloat16)] = [
+    "zeros", "zeros", "zeros", "addmm", "mm.out", "mm", "add_.Tensor", "sum.dim_IntList",
+    "add_.Tensor", "ones_like", "_to_copy", "mul.Tensor", "_to_copy", "mul.out", "mul.out"]
+
+
+FUSED_LINEAR_CASES = {f"{'on_policy' if p else 'general'}-{'bias' if b else 'no-bias'}":
+                      (p, b, torch.float32) for p in (False, True) for b in (True, False)}
+FUSED_LINEAR_CASES["on_policy-bias-bf16"] = (True, True, torch.bfloat16)
+
+
+@pytest.mark.parametrize("on_policy,bias,dtype", list(FUSED_LINEAR_CASES.values()),
+                         ids=list(FUSED_LINEAR_CASES))
+def test_fused_linear_one_chunk(on_policy, bias, dtype):
     g = torch.Generator().manual_seed(0)
     B, T, H, V = 6, 5, 8, 50
     tensors = [torch.randn(B, T, H, generator=g), torch.randn(V, H, generator=g),
                torch.randn(V, generator=g), torch.randint(0, V, (B, T), generator=g),
                torch.rand(B, T, generator=g) < 0.8, torch.rand(B, generator=g),
                -3 * torch.rand(B, T, generator=g)]
+    tensors[:3] = [t.to(dtype) for t in tensors[:3]]
     hidden, weight, b, labels, mask, rewards, ref = on_device(tensors)
     leaves = [t.clone().requires_grad_() for t in (hidden, weight, b)][:3 if bias else 2]
 
@@ -210,4 +224,5 @@ def test_fused_linear_one_chunk(on_policy, bias):
                          else ["_opo_fwd_kernel", "epilogue_kernel", "_opo_bwd_kernel"])
     assert counter.launches == expected_launches
     ops = [op.removeprefix("aten.").removesuffix(".default") for op in counter.ops]
-    assert ops == FUSED_LINEAR_OPS[(on_policy, bias)], ops
+    key = (on_policy, bias) if dtype == torch.float32 else (on_policy, bias, dtype)
+    assert ops == FUSED_LINEAR_OPS[key], ops
