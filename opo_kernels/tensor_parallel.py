@@ -108,16 +108,18 @@ def check_layout(group, vocab_local: int, vocab_start: Optional[int], num_rows: 
 
 
 def _check_replicated(summaries) -> None:
-    """Every rank's ``replicated_summary`` must be rank 0's (None: a caller without one)."""
+    """Every rank's ``replicated_summary`` must be rank 0's (None: a caller without one).
+    Names present on one side only count too: a tensor passed on one rank and None on another
+    (ref_logprobs: off-policy there, on-policy here) is a difference."""
     if any(s is None for s in summaries):
         return
     first = summaries[0]
     for r, summary in enumerate(summaries[1:], 1):
-        for name in first:
-            if summary.get(name) != first[name]:
+        for name in [*first, *(n for n in summary if n not in first)]:
+            if summary.get(name) != first.get(name):
                 raise ValueError(
                     f"{name} is not the same on every rank of the process group (rank 0: "
-                    f"{first[name]}; rank {r}: {summary.get(name)}): every argument but the "
+                    f"{first.get(name)}; rank {r}: {summary.get(name)}): every argument but the "
                     "vocabulary slice (logits, or weight and bias) and every option must be "
                     "identical on every rank, whose epilogue computes the loss from its own "
                     "copy")

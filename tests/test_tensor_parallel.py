@@ -83,6 +83,7 @@ def test_fused_linear_default_chunks_agree_on_uneven_slices():
                                   "bad_option_on_one_rank", "bad_chunk_size_on_one_rank",
                                   "labels_differ_on_one_rank", "rewards_differ_on_one_rank",
                                   "mask_differs_on_one_rank", "option_differs_on_one_rank",
+                                  "ref_logprobs_only_on_one_rank",
                                   "chunk_size_differs_on_one_rank"])
 def test_bad_input_raises_on_every_rank(case):
     run_ranks(tp_workers.bad_input_case, 2, case, deadline=120.0)

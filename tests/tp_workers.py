@@ -212,6 +212,10 @@ def bad_input_case(rank, world, port, case):
                 layout["mask"] = layout["mask"].clone()
                 layout["mask"][1, -1] = ~layout["mask"][1, -1]
             expect = "mask is not the same on every rank"
+        elif case == "ref_logprobs_only_on_one_rank":  # on-policy on rank 0, off-policy on 1
+            if rank == 0:  # (rank 0's summary lacks the name that rank 1's has)
+                ref = None
+            expect = "ref_logprobs is not the same on every rank"
         elif case == "option_differs_on_one_rank":
             options["mu"] = 1.0 if rank == 0 else 0.5
             expect = "option mu is not the same on every rank"
