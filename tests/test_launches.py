@@ -173,32 +173,34 @@ def test_logprob_api(layout):
 # accumulators, logits recomputed, ∂hidden into its buffer (mm.out), ∂W += (addmm_),
 # ∂b += Σ rows; on-policy: the same in one loop, then ∂hidden, ∂W, ∂b scaled by the upstream
 # gradient (one mul each).
+FP32, BF16 = torch.float32, torch.bfloat16
+# keyed (on_policy, bias, dtype). bf16 on-policy with bias: the accumulation is mm + add_ (fp32
+# accumulator, bf16 product); ∂hidden (bf16) is scaled through fp32 (_to_copy, mul, _to_copy),
+# while ∂W and ∂b go from their fp32 accumulators to bf16 scaled in ONE op each (mul.out), not
+# a mul then a cast
 FUSED_LINEAR_OPS = {
-    (False, True): ["zeros", "addmm", "ones_like", "zeros", "zeros", "addmm", "mm.out",
-                    "addmm_", "sum.dim_IntList", "add_.Tensor"],
-    (False, False): ["zeros", "mm", "ones_like", "zeros", "mm", "mm.out", "addmm_"],
-    (True, True): ["zeros", "zeros", "zeros", "addmm", "mm.out", "addmm_", "sum.dim_IntList",
-                   "add_.Tensor", "ones_like", "mul.Tensor", "mul.Tensor", "mul.Tensor"],
-    (True, False): ["zeros", "zeros", "mm", "mm.out", "addmm_", "ones_like", "mul.Tensor",
-                    "mul.Tensor"],
+    (False, True, FP32): ["zeros", "addmm", "ones_like", "zeros", "zeros", "addmm", "mm.out",
+                          "addmm_", "sum.dim_IntList", "add_.Tensor"],
+    (False, False, FP32): ["zeros", "mm", "ones_like", "zeros", "mm", "mm.out", "addmm_"],
+    (True, True, FP32): ["zeros", "zeros", "zeros", "addmm", "mm.out", "addmm_",
+                         "sum.dim_IntList", "add_.Tensor", "ones_like", "mul.Tensor",
+                         "mul.Tensor", "mul.Tensor"],
+    (True, False, FP32): ["zeros", "zeros", "mm", "mm.out", "addmm_", "ones_like",
+                          "mul.Tensor", "mul.Tensor"],
+    (True, True, BF16): ["zeros", "zeros", "zeros", "addmm", "mm.out", "mm", "add_.Tensor",
+                         "sum.dim_IntList", "add_.Tensor", "ones_like", "_to_copy",
+                         "mul.Tensor", "_to_copy", "mul.out", "mul.out"],
 }
 
 
-# bf16 on-policy with bias: the accumulation is mm + add_ (fp32 accumulator, bf16 product);
-# ∂hidden (bf16) is scaled through fp32 (_to_copy, mul, _to_copy), while ∂W and ∂b go from
-# their fp32 accumulators to bf16 scaled in ONE op each (mul.out), not a mul then a cast
-FUSED_LINEAR_OPS[(True, True, torch.bfloat16)] = [
-    "zeros", "zeros", "zeros", "addmm", "mm.out", "mm", "add_.Tensor", "sum.dim_IntList",
-    "add_.Tensor", "ones_like", "_to_copy", "mul.Tensor", "_to_copy", "mul.out", "mul.out"]
+def _fused_linear_id(key):
+    on_policy, bias, dtype = key
+    return (f"{'on_policy' if on_policy else 'general'}-{'bias' if bias else 'no-bias'}"
+            f"{'-bf16' if dtype == BF16 else ''}")
 
 
-FUSED_LINEAR_CASES = {f"{'on_policy' if p else 'general'}-{'bias' if b else 'no-bias'}":
-                      (p, b, torch.float32) for p in (False, True) for b in (True, False)}
-FUSED_LINEAR_CASES["on_policy-bias-bf16"] = (True, True, torch.bfloat16)
-
-
-@pytest.mark.parametrize("on_policy,bias,dtype", list(FUSED_LINEAR_CASES.values()),
-                         ids=list(FUSED_LINEAR_CASES))
+@pytest.mark.parametrize("on_policy,bias,dtype", list(FUSED_LINEAR_OPS),
+                         ids=[_fused_linear_id(k) for k in FUSED_LINEAR_OPS])
 def test_fused_linear_one_chunk(on_policy, bias, dtype):
     g = torch.Generator().manual_seed(0)
     B, T, H, V = 6, 5, 8, 50
@@ -224,5 +226,4 @@ def test_fused_linear_one_chunk(on_policy, bias, dtype):
                          else ["_opo_fwd_kernel", "epilogue_kernel", "_opo_bwd_kernel"])
     assert counter.launches == expected_launches
     ops = [op.removeprefix("aten.").removesuffix(".default") for op in counter.ops]
-    key = (on_policy, bias) if dtype == torch.float32 else (on_policy, bias, dtype)
-    assert ops == FUSED_LINEAR_OPS[key], ops
+    assert ops == FUSED_LINEAR_OPS[(on_policy, bias, dtype)], ops
