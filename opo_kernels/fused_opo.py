@@ -9,7 +9,8 @@ epilogue/), with N = B·T (padded) or N (packed) token rows:
                   lengths: a counts-only epilogue first, then ONE pass over the logits that
                   writes the statistics and the gradient, then the epilogue for the loss and
                   the metrics; backward only rescales (and returns at once for a unit upstream
-                  gradient).
+                  gradient). Eager only: under torch.compile, on-policy runs the general mode
+                  (see FusedOPOFunction.forward).
 Plus one memset (the epilogue's ticket counters) and nothing else: the caller's labels, mask,
 seq_ids, ref_logprobs, rewards and group ids are read by the kernels as passed. No host sync
 unless validate=True (one read of the value-check counts).
@@ -56,7 +57,7 @@ def one_pass_exact(cfg: OPOLossConfig) -> bool:
 
 class Flags(NamedTuple):
     """Everything the passes branch on, as ints (the ops take them as an int list): the
-    epilogue's Mode fields, then with_entropy, validate, one_pass, group_size (0 = group_ids)
+    epilogue's Mode fields, then with_entropy, validate, group_size (0 = group_ids)
     and B."""
 
     level: int
@@ -68,14 +69,13 @@ class Flags(NamedTuple):
     bonus: int
     with_entropy: int
     validate: int
-    one_pass: int
     group_size: int
     num_seqs: int
 
     @classmethod
-    def of(cls, cfg: OPOLossConfig, batch: Batch, one_pass: bool) -> List[int]:
+    def of(cls, cfg: OPOLossConfig, batch: Batch) -> List[int]:
         return list(cls(*Mode.of(cfg, batch.weights is not None), int(cfg.with_entropy),
-                        int(cfg.validate), int(one_pass), batch.group_size or 0,
+                        int(cfg.validate), batch.group_size or 0,
                         batch.num_seqs))
 
     @property
@@ -152,28 +152,12 @@ def _forward_op(logits: torch.Tensor, labels: torch.Tensor, ref: Optional[torch.
                 rewards: torch.Tensor, group_ids: Optional[torch.Tensor],
                 weights: Optional[torch.Tensor], params: torch.Tensor, flags: List[int]
                 ) -> List[torch.Tensor]:
-    return _forward_impl(logits, labels, ref, mask, seq_ids, rewards, group_ids, weights, params,
-                         flags)
+    """The general mode's forward (the one-pass mode is eager only: FusedOPOFunction)."""
+    return list(_forward(logits, labels, ref, mask, seq_ids, rewards, group_ids, weights,
+                         params, flags, None))
 
 
 @_forward_op.register_fake
-def _(logits, labels, ref, mask, seq_ids, rewards, group_ids, weights, params, flags):
-    grad = torch.empty_like(logits) if Flags(*flags).one_pass else logits.new_empty(0)
-    return [*_fake_forward(logits, labels, rewards, flags), grad]
-
-
-@torch.library.custom_op("opo_kernels::fused_forward_", mutates_args=("logits",))
-def _forward_inplace_op(logits: torch.Tensor, labels: torch.Tensor, ref: Optional[torch.Tensor],
-                        mask: Optional[torch.Tensor], seq_ids: Optional[torch.Tensor],
-                        rewards: torch.Tensor, group_ids: Optional[torch.Tensor],
-                        weights: Optional[torch.Tensor], params: torch.Tensor, flags: List[int]
-                        ) -> List[torch.Tensor]:
-    """The one-pass mode with the gradient written over the logits."""
-    return list(_forward(logits, labels, ref, mask, seq_ids, rewards, group_ids, weights,
-                         params, flags, logits))
-
-
-@_forward_inplace_op.register_fake
 def _(logits, labels, ref, mask, seq_ids, rewards, group_ids, weights, params, flags):
     return list(_fake_forward(logits, labels, rewards, flags))
 
@@ -203,16 +187,6 @@ def _backward_inplace_op(logits: torch.Tensor, labels: torch.Tensor, ref: Option
               flags, inplace=True)
 
 
-def _scale(grad, labels, mask, seq_ids, scale, flags) -> None:
-    scale_rows_(grad, Flags(*flags).rows(labels, mask, seq_ids, None), scale)
-
-
-@torch.library.custom_op("opo_kernels::scale_rows_", mutates_args=("grad",))
-def _scale_op(grad: torch.Tensor, labels: torch.Tensor, mask: Optional[torch.Tensor],
-              seq_ids: Optional[torch.Tensor], scale: torch.Tensor, flags: List[int]) -> None:
-    _scale(grad, labels, mask, seq_ids, scale, flags)
-
-
 def _call(op, impl, *args):
     """The custom op under torch.compile; its implementation directly otherwise."""
     return op(*args) if torch.compiler.is_compiling() else impl(*args)
@@ -232,18 +206,24 @@ class FusedOPOFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits: torch.Tensor, batch: Batch, cfg: OPOLossConfig):
-        one_pass = batch.ref_logprobs is None and one_pass_exact(cfg)
+        # The one-pass mode runs eagerly only. Under torch.compile, AOTAutograd functionalizes
+        # the backward's in-place scale of the saved gradient (a forward output, not a graph
+        # input) into a clone plus the scale: a full extra pass over [N, V] on every call
+        # (>= 2R + 2W), where the general passes cost 2R + 1W; and their in-place backward,
+        # which writes into the logits (a graph input), Inductor keeps in place. Both checked
+        # on the generated code in tests/test_compile.py.
+        one_pass = (batch.ref_logprobs is None and one_pass_exact(cfg)
+                    and not torch.compiler.is_compiling())
         params = params_tensor(cfg, logits.device, batch.compute_dtype)
-        flags = Flags.of(cfg, batch, one_pass)
+        flags = Flags.of(cfg, batch)
         inputs = (logits, batch.labels, batch.ref_logprobs, batch.mask, batch.seq_ids,
                   batch.rewards, batch.group_ids, batch.weights, params, flags)
-        if one_pass and cfg.inplace_backward:
-            out = _call(_forward_inplace_op, lambda *a: _forward(*a, logits), *inputs)
-            grad = logits
-        elif one_pass:
-            *out, grad = _call(_forward_op, _forward_impl, *inputs)
+        if one_pass:
+            grad = logits if cfg.inplace_backward else new_output(logits.shape, logits.dtype,
+                                                                   logits.device)
+            out = _forward(*inputs, grad)
         else:
-            out = _call(_forward_op, _forward_impl, *inputs)[:8]
+            out = _call(_forward_op, lambda *a: _forward(*a, None), *inputs)
         lp, stats, ent, loss, metrics, coef, scal, errs = out
         if cfg.validate and not torch.compiler.is_compiling():  # the one host sync
             raise_bad_values(errs, batch)
@@ -269,7 +249,7 @@ class FusedOPOFunction(torch.autograd.Function):
                                    "writes its gradient during forward: run backward once")
             ctx.backward_done = True
             (grad,) = ctx.saved_tensors
-            _call(_scale_op, _scale, grad, labels, mask, seq_ids, grad_loss, ctx.flags)
+            scale_rows_(grad, Flags(*ctx.flags).rows(labels, mask, seq_ids, None), grad_loss)
             return grad, None, None
         logits, lp, stats, ent, coef, scal, params = ctx.saved_tensors
         args = (logits, labels, ref, mask, seq_ids, lp, stats, ent, coef, scal, grad_loss,
@@ -278,16 +258,6 @@ class FusedOPOFunction(torch.autograd.Function):
             _call(_backward_inplace_op, lambda *a: _backward(*a, inplace=True), *args)
             return logits, None, None
         return _call(_backward_op, lambda *a: _backward(*a, inplace=False), *args), None, None
-
-
-def _forward_impl(*args):
-    """``_forward_op``'s body for eager calls (fresh gradient buffer in one-pass mode)."""
-    flags = args[-1]
-    logits = args[0]
-    grad = new_output(logits.shape, logits.dtype, logits.device) if Flags(*flags).one_pass \
-        else None
-    out = _forward(*args, grad)
-    return [*out, grad if grad is not None else logits.new_empty(0)]
 
 
 # --------------------------------------------------------------------------------------------

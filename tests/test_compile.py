@@ -101,6 +101,43 @@ def test_inductor_compile_matches():
                              entropy_coef=0.01)
 
 
+@pytest.mark.parametrize("on_policy,inplace", [(True, False), (True, True), (False, True)],
+                         ids=["on_policy", "on_policy-inplace", "general-inplace"])
+def test_inductor_keeps_gradient_in_place(on_policy, inplace):
+    """Inductor's code for forward + backward holds no copy of a [N, V] buffer: no clone, no
+    copy_. AOTAutograd functionalizes a mutating op; an in-place write into a buffer that is not
+    a graph input it may keep in place (the general in-place backward writes into the logits,
+    a graph input), but the one-pass mode's in-place scale of its saved gradient became a clone
+    plus a copy back: a full extra pass per call, and ``inplace_backward=True`` did not compile
+    at all (a mutating op returning List[Tensor]). Under torch.compile the on-policy mode runs
+    the general passes (fused_opo.py), which this checks together with the values."""
+    from torch._inductor.utils import run_and_get_code
+
+    torch._dynamo.reset()
+
+    def loss_fn(logits, labels, ref, rewards, mask):
+        return opo_kernels.opo_loss(logits, labels, ref, rewards, mask=mask, group_size=2,
+                                    backend="triton", inplace_backward=inplace)
+
+    step = torch.compile(loss_fn, fullgraph=True)
+    inputs = _inputs(4, 6, 9, seed=5)
+    logits, labels, ref, rewards, mask = inputs
+    ref = None if on_policy else ref
+    x = logits.clone().requires_grad_()  # (the in-place backward overwrites x, not logits)
+
+    def step_and_grad():
+        loss = step(x, labels, ref, rewards, mask)
+        return loss, torch.autograd.grad(loss, x)[0]
+
+    (loss, grad), codes = run_and_get_code(step_and_grad)
+    _check_against_reference(loss.detach(), grad, (logits, labels, ref, rewards, mask))
+    assert len(codes) == 2, f"expected a forward and a backward graph, got {len(codes)}"
+    for code in codes:
+        copies = [line.strip() for line in code.splitlines()
+                  if "clone" in line or "copy_" in line]
+        assert not copies, "a copy of a buffer in the compiled code:\n" + "\n".join(copies)
+
+
 @pytest.mark.gpu
 def test_inductor_compile_cuda_no_recompile():
     torch._dynamo.reset()
