@@ -327,7 +327,9 @@ def _prepare_parallel(hidden, weight, bias, labels, ref_logprobs, rewards, cfg, 
     vocab_local = weight.shape[0] if isinstance(weight, torch.Tensor) and weight.dim() else 0
     batch, start = prepare_together(group, checked, vocab_local, vocab_start, cfg,
                                     agree={"chunk_size": chunk_size,
-                                           "reduce_hidden_grad": reduce_hidden_grad})
+                                           "reduce_hidden_grad": reduce_hidden_grad},
+                                    # every rank's slice of the logits is hidden @ its weight
+                                    agree_tensors={"hidden": hidden})
     return batch, (group, start, reduce_hidden_grad)
 
 

@@ -20,9 +20,9 @@ Checks (``check_layout``, with validate=True): every rank's arguments, slice and
 gathered with one ``all_gather_object``, so that a bad input on ONE rank raises the same error
 on EVERY rank instead of leaving the others waiting in a collective. The same gather carries a
 fingerprint of the replicated arguments (labels, mask / seq_ids, ref_logprobs, rewards,
-group_ids, weights) and the options (``replicated_summary``): each rank computes the loss from
-its own copy, so a copy that differs on one rank would give the ranks different losses and
-coefficients without any error.
+group_ids, weights; fused-linear's hidden states too) and the options (``replicated_summary``):
+each rank computes the loss from its own copy, so a copy that differs on one rank would give the
+ranks different losses and coefficients without any error.
 """
 
 from __future__ import annotations
@@ -127,8 +127,32 @@ def _check_replicated(summaries) -> None:
 
 # A prime below 2**24: a fingerprint is exact in fp32, and a product of two residues fits int64.
 _PRIME = 16_777_213
+# Elements hashed per step: the int64 temporaries stay ~32 MB each whatever the tensor (the
+# fused-linear hidden states are N x H, e.g. 67M elements at N = 16384, H = 4096).
+_HASH_CHUNK = 1 << 22
 # Fields of OPOLossConfig that only affect this rank's own work (not the replicated loss).
 _LOCAL_OPTIONS = ("backend", "return_metrics", "inplace_backward", "explicit", "weights")
+
+
+def _fingerprint(tensor: torch.Tensor) -> torch.Tensor:
+    """Σ_i ((bits_i mod p)·(w_i mod p) mod p) over the row-major elements, w_i = 40503·i + 1: a
+    0-dim int64 on the tensor's device, computed over slices of the first dimension of about
+    ``_HASH_CHUNK`` elements (a strided view is copied one slice at a time, never whole)."""
+    t = tensor.detach().reshape(1, -1) if tensor.dim() < 2 else tensor.detach()
+    total = torch.zeros((), dtype=torch.int64, device=t.device)
+    per_row = t[0].numel() if t.shape[0] else 0
+    step = max(1, _HASH_CHUNK // max(per_row, 1))
+    for row in range(0, t.shape[0] if per_row else 0, step):
+        flat = t[row:row + step].reshape(-1)
+        if flat.dtype == torch.bool:
+            flat = flat.long()
+        elif flat.is_floating_point():  # bit patterns: exact, whatever the values
+            flat = flat.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[flat.element_size()])
+        first = row * per_row + 1
+        pos = torch.arange(first, first + flat.numel(), device=flat.device, dtype=torch.int64)
+        weight = (pos * 40503 + 1).remainder_(_PRIME)
+        total += (flat.long().remainder(_PRIME) * weight).remainder_(_PRIME).sum()
+    return total
 
 
 def fingerprints(tensors: dict) -> dict:
@@ -136,26 +160,19 @@ def fingerprints(tensors: dict) -> dict:
     position-weighted sum of the values' bit patterns modulo a prime (order-independent integer
     arithmetic, so every device and every reduction order gives the same number)."""
     names = [n for n, t in tensors.items() if t is not None]
-    hashes = []
-    for name in names:
-        flat = tensors[name].detach().reshape(-1)
-        if flat.dtype == torch.bool:
-            flat = flat.long()
-        elif flat.is_floating_point():  # bit patterns: exact, whatever the values
-            flat = flat.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[flat.element_size()])
-        pos = torch.arange(1, flat.numel() + 1, device=flat.device, dtype=torch.int64)
-        weight = (pos * 40503 + 1).remainder_(_PRIME)
-        hashes.append((flat.long().remainder(_PRIME) * weight).remainder_(_PRIME).sum())
+    hashes = [_fingerprint(tensors[name]) for name in names]
     values = torch.stack(hashes).tolist() if hashes else []
     return {n: f"shape {list(tensors[n].shape)}, fingerprint {h}" for n, h in zip(names, values)}
 
 
-def replicated_summary(batch, cfg, agree: Optional[dict] = None) -> dict:
+def replicated_summary(batch, cfg, agree: Optional[dict] = None,
+                       agree_tensors: Optional[dict] = None) -> dict:
     """What must be identical on every rank, in a form ``all_gather_object`` can carry: the
     options that shape the loss, ``agree`` (the op's own host-side arguments, e.g. the
     fused-linear chunk size, whose chunks each run collectives), the group layout, and
-    ``fingerprints`` of the replicated tensors of ``batch`` (an ``inputs.Batch``). One host
-    sync (validate=True only)."""
+    ``fingerprints`` of the replicated tensors of ``batch`` (an ``inputs.Batch``) and of
+    ``agree_tensors`` (the op's own replicated tensors, e.g. the fused-linear hidden states).
+    One host sync (validate=True only)."""
     summary = {f"option {f.name}": repr(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)
                if f.name not in _LOCAL_OPTIONS}
     if isinstance(cfg.weights, str):
@@ -165,17 +182,18 @@ def replicated_summary(batch, cfg, agree: Optional[dict] = None) -> dict:
     summary.update(fingerprints({
         "labels": batch.labels, "mask": batch.mask, "seq_ids": batch.seq_ids,
         "ref_logprobs": batch.ref_logprobs, "rewards": batch.rewards,
-        "group_ids": batch.group_ids, "weights": batch.weights}))
+        "group_ids": batch.group_ids, "weights": batch.weights, **(agree_tensors or {})}))
     return summary
 
 
 def prepare_together(group, prepare: Callable, vocab_local: int, vocab_start, cfg,
-                     agree: Optional[dict] = None):
+                     agree: Optional[dict] = None, agree_tensors: Optional[dict] = None):
     """(batch, this rank's vocab_start): ``prepare()`` (the call's own input checks, returning
     an ``inputs.Batch``) on this rank, ``vocab_start`` checked, then ``check_layout``'s
     agreement, so that an error on ONE rank raises on EVERY rank (with cfg.validate, also a
     replicated argument, option or ``agree`` value that differs between ranks); the batch gets
-    the global vocabulary size."""
+    the global vocabulary size. ``agree_tensors``: {name: tensor} replicated beyond the
+    batch's, fingerprinted with it."""
     validate = cfg.validate
     try:
         if vocab_start is not None and (isinstance(vocab_start, bool) or
@@ -185,7 +203,7 @@ def prepare_together(group, prepare: Callable, vocab_local: int, vocab_start, cf
     except (TypeError, ValueError) as err:  # (`err` is deleted when this block is left)
         check_layout(group, vocab_local, vocab_start, -1, err, validate)
         raise  # check_layout re-raised err; not reached
-    replicated = replicated_summary(batch, cfg, agree) if validate else None
+    replicated = replicated_summary(batch, cfg, agree, agree_tensors) if validate else None
     start, vocab = check_layout(group, vocab_local, vocab_start, batch.num_rows, None, validate,
                                 replicated)
     return dataclasses.replace(batch, vocab=vocab), start

@@ -84,7 +84,8 @@ def test_fused_linear_default_chunks_agree_on_uneven_slices():
                                   "labels_differ_on_one_rank", "rewards_differ_on_one_rank",
                                   "mask_differs_on_one_rank", "option_differs_on_one_rank",
                                   "ref_logprobs_only_on_one_rank",
-                                  "chunk_size_differs_on_one_rank"])
+                                  "chunk_size_differs_on_one_rank",
+                                  "hidden_differs_on_one_rank"])
 def test_bad_input_raises_on_every_rank(case):
     run_ranks(tp_workers.bad_input_case, 2, case, deadline=120.0)
 
@@ -113,6 +114,23 @@ def test_fingerprints_see_every_value_and_position():
     assert fingerprints({"x": x.view(8, 6)})["x"] != base["x"]  # same values, another shape
     view = torch.randn(8, 6, generator=g).t()  # a strided view
     assert fingerprints({"v": view}) == fingerprints({"v": view.contiguous()})
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 7, 48, 10**6])
+def test_fingerprints_do_not_depend_on_the_hashing_chunk(chunk, monkeypatch):
+    """Hashed slice by slice (bounded temporaries for the fused-linear hidden states): the same
+    value for every chunk size, with chunks smaller than a row, of a few rows, and whole; for
+    0-dim, 1-D, 3-D, strided and empty tensors."""
+    from opo_kernels import tensor_parallel
+
+    g = torch.Generator().manual_seed(1)
+    cube = torch.randn(4, 3, 5, generator=g)
+    tensors = {"scalar": torch.tensor(2.5), "labels": torch.randint(0, 9, (13,), generator=g),
+               "cube": cube, "strided": cube.transpose(0, 2)[:, ::2],
+               "bf16": cube.bfloat16(), "mask": cube > 0, "empty": torch.zeros(3, 0)}
+    whole = tensor_parallel.fingerprints(tensors)
+    monkeypatch.setattr(tensor_parallel, "_HASH_CHUNK", chunk)
+    assert tensor_parallel.fingerprints(tensors) == whole
 
 
 @pytest.mark.gpu

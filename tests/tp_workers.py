@@ -196,6 +196,8 @@ def bad_input_case(rank, world, port, case):
             expect = "alpha"
         elif case in ("bad_chunk_size_on_one_rank", "chunk_size_differs_on_one_rank"):
             expect = "chunk_size"
+        elif case == "hidden_differs_on_one_rank":  # fused-linear, by one ulp on rank 1
+            expect = "hidden is not the same on every rank"
         # valid on every rank, but a replicated argument or option is not the same everywhere
         elif case == "labels_differ_on_one_rank":
             if rank == 1:
@@ -220,13 +222,17 @@ def bad_input_case(rank, world, port, case):
             options["mu"] = 1.0 if rank == 0 else 0.5
             expect = "option mu is not the same on every rank"
         try:
-            if "chunk_size" in case:  # the fused-linear op's own option
+            if "chunk_size" in case or "hidden" in case:  # the fused-linear op's own inputs
                 g = torch.Generator().manual_seed(5)
                 hidden = torch.randn(6, 4, 3, generator=g)
                 weight = torch.randn(V, 3, generator=g)[lo:hi]
-                bad = 0 if case == "bad_chunk_size_on_one_rank" else 4
+                chunk_size = {"bad_chunk_size_on_one_rank": 0,
+                              "chunk_size_differs_on_one_rank": 4}.get(case, 5)
+                if case == "hidden_differs_on_one_rank" and rank == 1:
+                    hidden[5, 3, 2] = torch.nextafter(hidden[5, 3, 2], torch.tensor(9.0))
                 opo_kernels.fused_linear_opo_loss(
-                    hidden, weight, labels, None, rewards, chunk_size=bad if rank == 0 else 5,
+                    hidden, weight, labels, None, rewards,
+                    chunk_size=chunk_size if rank == 0 else 5,
                     backend="triton", process_group=dist.group.WORLD, **layout)
             else:
                 opo_kernels.opo_loss(logits, labels, ref, rewards, backend="triton",
