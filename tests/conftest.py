@@ -2,7 +2,8 @@
 
 - **CPU (CI, the default):** TRITON_INTERPRET=1 is set here, before triton is first imported
   (importing torch does not import triton), so the real Triton kernels run on CPU tensors
-  through the interpreter.
+  through the interpreter (with ``fast_interpreter``: the interpreter's redundant re-patching
+  of ``triton.language`` at every nested ``@triton.jit`` call skipped, ~2x faster).
 - **CUDA:** ``TRITON_INTERPRET=0 python -m pytest`` on a CUDA machine runs the same
   kernel-vs-reference tests (every option, dtype, V, layout, strided views, NaN-poisoned
   outputs, float64 gradcheck, properties, bad inputs, on-policy, in place, fused-linear,
@@ -35,6 +36,10 @@ if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
                               // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 
 INTERPRETER = ok_utils.interpreter_on()
+if INTERPRETER:  # ~2x faster kernels under the interpreter, the same operations (see module)
+    import fast_interpreter  # noqa: E402
+
+    fast_interpreter.install()
 HAS_CUDA = torch.cuda.is_available() and not INTERPRETER
 ON_CUDA = torch.device(DEVICE).type == "cuda"
 

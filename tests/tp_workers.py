@@ -12,6 +12,11 @@ import torch.distributed as dist
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
+if os.environ["TRITON_INTERPRET"] not in ("", "0"):  # (a spawned rank skips conftest.py)
+    import fast_interpreter
+
+    fast_interpreter.install()
+
 
 def bounds(world: int, V: int, uneven: bool):
     """Slice boundaries [0, ..., V] by rank: equal slices, or uneven ones."""
