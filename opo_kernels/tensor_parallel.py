@@ -134,22 +134,36 @@ _HASH_CHUNK = 1 << 22
 _LOCAL_OPTIONS = ("backend", "return_metrics", "inplace_backward", "explicit", "weights")
 
 
+def _slices(t: torch.Tensor, offset: int = 0):
+    """(slice, flat offset of its first element) covering t in row-major order, each of at most
+    ``_HASH_CHUNK`` elements (or one 1-D row): whole rows of the first dimension when a row is
+    small, else each row split the same way (a [B, T, H] with T·H above the chunk)."""
+    if t.dim() <= 1 or t.numel() <= _HASH_CHUNK:
+        yield t, offset
+        return
+    per_row = t[0].numel()
+    step = _HASH_CHUNK // per_row
+    if step:
+        for row in range(0, t.shape[0], step):
+            yield t[row:row + step], offset + row * per_row
+    else:
+        for row in range(t.shape[0]):
+            yield from _slices(t[row], offset + row * per_row)
+
+
 def _fingerprint(tensor: torch.Tensor) -> torch.Tensor:
     """Σ_i ((bits_i mod p)·(w_i mod p) mod p) over the row-major elements, w_i = 40503·i + 1: a
-    0-dim int64 on the tensor's device, computed over slices of the first dimension of about
-    ``_HASH_CHUNK`` elements (a strided view is copied one slice at a time, never whole)."""
-    t = tensor.detach().reshape(1, -1) if tensor.dim() < 2 else tensor.detach()
-    total = torch.zeros((), dtype=torch.int64, device=t.device)
-    per_row = t[0].numel() if t.shape[0] else 0
-    step = max(1, _HASH_CHUNK // max(per_row, 1))
-    for row in range(0, t.shape[0] if per_row else 0, step):
-        flat = t[row:row + step].reshape(-1)
+    0-dim int64 on the tensor's device, summed over ``_slices`` (int64 temporaries of a slice,
+    and a strided view copied one slice at a time, never whole)."""
+    total = torch.zeros((), dtype=torch.int64, device=tensor.device)
+    for part, offset in _slices(tensor.detach()):
+        flat = part.reshape(-1)
         if flat.dtype == torch.bool:
             flat = flat.long()
         elif flat.is_floating_point():  # bit patterns: exact, whatever the values
             flat = flat.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[flat.element_size()])
-        first = row * per_row + 1
-        pos = torch.arange(first, first + flat.numel(), device=flat.device, dtype=torch.int64)
+        pos = torch.arange(offset + 1, offset + flat.numel() + 1, device=flat.device,
+                           dtype=torch.int64)
         weight = (pos * 40503 + 1).remainder_(_PRIME)
         total += (flat.long().remainder(_PRIME) * weight).remainder_(_PRIME).sum()
     return total

@@ -116,11 +116,12 @@ def test_fingerprints_see_every_value_and_position():
     assert fingerprints({"v": view}) == fingerprints({"v": view.contiguous()})
 
 
-@pytest.mark.parametrize("chunk", [1, 5, 7, 48, 10**6])
+@pytest.mark.parametrize("chunk", [1, 5, 7, 16, 48, 10**6])
 def test_fingerprints_do_not_depend_on_the_hashing_chunk(chunk, monkeypatch):
     """Hashed slice by slice (bounded temporaries for the fused-linear hidden states): the same
     value for every chunk size, with chunks smaller than a row, of a few rows, and whole; for
-    0-dim, 1-D, 3-D, strided and empty tensors."""
+    0-dim, 1-D, 3-D (a row of the first dimension above the chunk: split further), strided
+    and empty tensors."""
     from opo_kernels import tensor_parallel
 
     g = torch.Generator().manual_seed(1)
