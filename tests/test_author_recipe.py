@@ -196,7 +196,12 @@ def test_gradcheck(layout, backend):
     for term in (dict(mu=0.0), dict(logit_reg_coef=0.0), dict(direction_scale=1.0)):
         other = torch.autograd.grad(fn(x, **term), x)[0]
         assert (other - base).abs().max() > 1e-6 * base.abs().max(), f"{term}: no effect"
-    assert torch.autograd.gradcheck(fn, (x,), eps=1e-6, atol=1e-7, rtol=1e-5)
+    # the Triton path: gradcheck's fast mode (a directional derivative along a random vector;
+    # tests/test_gradcheck.py shows it fails on one partial off by 1e-4), as the whole
+    # Jacobian costs the interpreter ~1-2 min; the reference's is whole, and the kernels equal
+    # the reference on these options above (random upstream gradient)
+    assert torch.autograd.gradcheck(fn, (x,), eps=1e-6, atol=1e-7, rtol=1e-5,
+                                    fast_mode=backend == "triton")
 
 
 # ---- properties ----------------------------------------------------------------------------
