@@ -78,16 +78,17 @@ def test_fused_linear_default_chunks_agree_on_uneven_slices():
               {"on_policy": True, "chunk_bytes": 150}, deadline=240.0)
 
 
-@pytest.mark.parametrize("case", ["label_outside_vocab", "inconsistent_vocab_start",
-                                  "mismatched_rows", "bad_argument_on_one_rank",
-                                  "bad_option_on_one_rank", "bad_chunk_size_on_one_rank",
-                                  "labels_differ_on_one_rank", "rewards_differ_on_one_rank",
-                                  "mask_differs_on_one_rank", "option_differs_on_one_rank",
-                                  "ref_logprobs_only_on_one_rank",
-                                  "chunk_size_differs_on_one_rank",
-                                  "hidden_differs_on_one_rank"])
-def test_bad_input_raises_on_every_rank(case):
-    run_ranks(tp_workers.bad_input_case, 2, case, deadline=120.0)
+BAD_INPUT_CASES = ["label_outside_vocab", "inconsistent_vocab_start", "mismatched_rows",
+                   "bad_argument_on_one_rank", "bad_option_on_one_rank",
+                   "bad_chunk_size_on_one_rank", "labels_differ_on_one_rank",
+                   "rewards_differ_on_one_rank", "mask_differs_on_one_rank",
+                   "option_differs_on_one_rank", "ref_logprobs_only_on_one_rank",
+                   "chunk_size_differs_on_one_rank", "hidden_differs_on_one_rank"]
+
+
+def test_bad_input_raises_on_every_rank():
+    """Each case in turn, on the same two ranks (see tp_workers.bad_input_cases)."""
+    run_ranks(tp_workers.bad_input_cases, 2, BAD_INPUT_CASES, deadline=300.0)
 
 
 def test_fingerprints_see_every_value_and_position():

@@ -161,91 +161,104 @@ def fused_linear_case(rank, world, port, layout, options=None):
         dist.destroy_process_group()
 
 
-def bad_input_case(rank, world, port, case):
-    """Every rank must raise a ValueError naming the problem (none may wait in a collective)."""
+def bad_input_cases(rank, world, port, cases):
+    """For each case, every rank must raise a ValueError naming the problem (none may wait in a
+    collective). The cases share one process group (a rank's start-up is most of a case's
+    time); a case that fails is reported with its name, the others still run, unless a rank
+    was left in a collective (then the test's deadline reports the hang)."""
+    dist.init_process_group("gloo", rank=rank, world_size=world,
+                            init_method=f"tcp://127.0.0.1:{port}")
+    try:
+        failed = []
+        for case in cases:
+            try:
+                _bad_input_case(rank, world, case)
+            except AssertionError as err:
+                failed.append(f"{case}: {err}")
+        assert not failed, "\n".join(failed)
+    finally:
+        dist.destroy_process_group()
+
+
+def _bad_input_case(rank, world, case):
     from problems import make_problem
 
     import opo_kernels
 
-    dist.init_process_group("gloo", rank=rank, world_size=world,
-                            init_method=f"tcp://127.0.0.1:{port}")
-    try:
-        problem = make_problem(6, 4, 8, torch.float32, "padded", seed=3)
-        labels, ref, rewards = problem.args()
-        V = problem.logits.shape[-1]
-        lo, hi = rank * V // world, (rank + 1) * V // world
-        logits = problem.leaf()[..., lo:hi]
-        layout = dict(problem.layout)
-        vocab_start = None
-        expect = None
-        options = {}
-        if case == "label_outside_vocab":
+    problem = make_problem(6, 4, 8, torch.float32, "padded", seed=3)
+    labels, ref, rewards = problem.args()
+    V = problem.logits.shape[-1]
+    lo, hi = rank * V // world, (rank + 1) * V // world
+    logits = problem.leaf()[..., lo:hi]
+    layout = dict(problem.layout)
+    vocab_start = None
+    expect = None
+    options = {}
+    if case == "label_outside_vocab":
+        labels = labels.clone()
+        labels[0, 0] = V  # a counted token (every sequence's first token is counted)
+        expect = "labels"
+    elif case == "inconsistent_vocab_start":
+        vocab_start = lo + (1 if rank == world - 1 else 0)
+        expect = "vocab_start"
+    elif case == "mismatched_rows":
+        if rank == 1:
+            logits, labels, ref = logits[:, :-1], labels[:, :-1], ref[:, :-1]
+            layout["mask"] = layout["mask"][:, :-1]
+        expect = "token rows"
+    elif case == "bad_argument_on_one_rank":
+        if rank == 0:
+            layout["mask"] = layout["mask"][:, :-1]
+        expect = "mask"
+    elif case == "bad_option_on_one_rank":  # fails in OPOLossConfig, before any check
+        if rank == 0:
+            options["alpha"] = 2.0
+        expect = "alpha"
+    elif case in ("bad_chunk_size_on_one_rank", "chunk_size_differs_on_one_rank"):
+        expect = "chunk_size"
+    elif case == "hidden_differs_on_one_rank":  # fused-linear, by one ulp on rank 1
+        expect = "hidden is not the same on every rank"
+    # valid on every rank, but a replicated argument or option is not the same everywhere
+    elif case == "labels_differ_on_one_rank":
+        if rank == 1:
             labels = labels.clone()
-            labels[0, 0] = V  # a counted token (every sequence's first token is counted)
-            expect = "labels"
-        elif case == "inconsistent_vocab_start":
-            vocab_start = lo + (1 if rank == world - 1 else 0)
-            expect = "vocab_start"
-        elif case == "mismatched_rows":
-            if rank == 1:
-                logits, labels, ref = logits[:, :-1], labels[:, :-1], ref[:, :-1]
-                layout["mask"] = layout["mask"][:, :-1]
-            expect = "token rows"
-        elif case == "bad_argument_on_one_rank":
-            if rank == 0:
-                layout["mask"] = layout["mask"][:, :-1]
-            expect = "mask"
-        elif case == "bad_option_on_one_rank":  # fails in OPOLossConfig, before any check
-            if rank == 0:
-                options["alpha"] = 2.0
-            expect = "alpha"
-        elif case in ("bad_chunk_size_on_one_rank", "chunk_size_differs_on_one_rank"):
-            expect = "chunk_size"
-        elif case == "hidden_differs_on_one_rank":  # fused-linear, by one ulp on rank 1
-            expect = "hidden is not the same on every rank"
-        # valid on every rank, but a replicated argument or option is not the same everywhere
-        elif case == "labels_differ_on_one_rank":
-            if rank == 1:
-                labels = labels.clone()
-                labels[0, 1] = (labels[0, 1] + 1) % V
-            expect = "labels is not the same on every rank"
-        elif case == "rewards_differ_on_one_rank":  # by one ulp
-            if rank == 1:
-                rewards = rewards.clone()
-                rewards[2] = torch.nextafter(rewards[2], torch.tensor(2.0))
-            expect = "rewards is not the same on every rank"
-        elif case == "mask_differs_on_one_rank":
-            if rank == 0:
-                layout["mask"] = layout["mask"].clone()
-                layout["mask"][1, -1] = ~layout["mask"][1, -1]
-            expect = "mask is not the same on every rank"
-        elif case == "ref_logprobs_only_on_one_rank":  # on-policy on rank 0, off-policy on 1
-            if rank == 0:  # (rank 0's summary lacks the name that rank 1's has)
-                ref = None
-            expect = "ref_logprobs is not the same on every rank"
-        elif case == "option_differs_on_one_rank":
-            options["mu"] = 1.0 if rank == 0 else 0.5
-            expect = "option mu is not the same on every rank"
-        try:
-            if "chunk_size" in case or "hidden" in case:  # the fused-linear op's own inputs
-                g = torch.Generator().manual_seed(5)
-                hidden = torch.randn(6, 4, 3, generator=g)
-                weight = torch.randn(V, 3, generator=g)[lo:hi]
-                chunk_size = {"bad_chunk_size_on_one_rank": 0,
-                              "chunk_size_differs_on_one_rank": 4}.get(case, 5)
-                if case == "hidden_differs_on_one_rank" and rank == 1:
-                    hidden[5, 3, 2] = torch.nextafter(hidden[5, 3, 2], torch.tensor(9.0))
-                opo_kernels.fused_linear_opo_loss(
-                    hidden, weight, labels, None, rewards,
-                    chunk_size=chunk_size if rank == 0 else 5,
-                    backend="triton", process_group=dist.group.WORLD, **layout)
-            else:
-                opo_kernels.opo_loss(logits, labels, ref, rewards, backend="triton",
-                                     process_group=dist.group.WORLD, vocab_start=vocab_start,
-                                     **layout, **options)
-        except ValueError as err:
-            assert expect in str(err), f"rank {rank}: {err}"
+            labels[0, 1] = (labels[0, 1] + 1) % V
+        expect = "labels is not the same on every rank"
+    elif case == "rewards_differ_on_one_rank":  # by one ulp
+        if rank == 1:
+            rewards = rewards.clone()
+            rewards[2] = torch.nextafter(rewards[2], torch.tensor(2.0))
+        expect = "rewards is not the same on every rank"
+    elif case == "mask_differs_on_one_rank":
+        if rank == 0:
+            layout["mask"] = layout["mask"].clone()
+            layout["mask"][1, -1] = ~layout["mask"][1, -1]
+        expect = "mask is not the same on every rank"
+    elif case == "ref_logprobs_only_on_one_rank":  # on-policy on rank 0, off-policy on 1
+        if rank == 0:  # (rank 0's summary lacks the name that rank 1's has)
+            ref = None
+        expect = "ref_logprobs is not the same on every rank"
+    elif case == "option_differs_on_one_rank":
+        options["mu"] = 1.0 if rank == 0 else 0.5
+        expect = "option mu is not the same on every rank"
+    try:
+        if "chunk_size" in case or "hidden" in case:  # the fused-linear op's own inputs
+            g = torch.Generator().manual_seed(5)
+            hidden = torch.randn(6, 4, 3, generator=g)
+            weight = torch.randn(V, 3, generator=g)[lo:hi]
+            chunk_size = {"bad_chunk_size_on_one_rank": 0,
+                          "chunk_size_differs_on_one_rank": 4}.get(case, 5)
+            if case == "hidden_differs_on_one_rank" and rank == 1:
+                hidden[5, 3, 2] = torch.nextafter(hidden[5, 3, 2], torch.tensor(9.0))
+            opo_kernels.fused_linear_opo_loss(
+                hidden, weight, labels, None, rewards,
+                chunk_size=chunk_size if rank == 0 else 5,
+                backend="triton", process_group=dist.group.WORLD, **layout)
         else:
-            raise AssertionError(f"rank {rank}: no error for {case}")
-    finally:
-        dist.destroy_process_group()
+            opo_kernels.opo_loss(logits, labels, ref, rewards, backend="triton",
+                                 process_group=dist.group.WORLD, vocab_start=vocab_start,
+                                 **layout, **options)
+    except ValueError as err:
+        assert expect in str(err), f"rank {rank}: {err}"
+    else:
+        raise AssertionError(f"rank {rank}: no error for {case}")
