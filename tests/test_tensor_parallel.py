@@ -130,9 +130,16 @@ def test_fingerprints_do_not_depend_on_the_hashing_chunk(chunk, monkeypatch):
     tensors = {"scalar": torch.tensor(2.5), "labels": torch.randint(0, 9, (13,), generator=g),
                "cube": cube, "strided": cube.transpose(0, 2)[:, ::2],
                "bf16": cube.bfloat16(), "mask": cube > 0, "empty": torch.zeros(3, 0)}
-    whole = tensor_parallel.fingerprints(tensors)
     monkeypatch.setattr(tensor_parallel, "_HASH_CHUNK", chunk)
-    assert tensor_parallel.fingerprints(tensors) == whole
+    got = tensor_parallel.fingerprints(tensors)
+    for name, t in tensors.items():  # the definition, in Python integers, element by element
+        bits = t.contiguous().reshape(-1)
+        if bits.is_floating_point():
+            bits = bits.view({2: torch.int16, 4: torch.int32}[bits.element_size()])
+        p = tensor_parallel._PRIME
+        expected = sum((b % p) * ((40503 * i + 1) % p) % p
+                       for i, b in enumerate(bits.long().tolist(), 1))
+        assert got[name] == f"shape {list(t.shape)}, fingerprint {expected}", name
 
 
 @pytest.mark.gpu
