@@ -23,6 +23,7 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import fast_interpreter  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from problems import DEVICE  # noqa: E402
@@ -36,10 +37,7 @@ if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
                               // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 
 INTERPRETER = ok_utils.interpreter_on()
-if INTERPRETER:  # ~2x faster kernels under the interpreter, the same operations (see module)
-    import fast_interpreter  # noqa: E402
-
-    fast_interpreter.install()
+fast_interpreter.install()  # ~2x faster kernels under the interpreter, the same operations
 HAS_CUDA = torch.cuda.is_available() and not INTERPRETER
 ON_CUDA = torch.device(DEVICE).type == "cuda"
 

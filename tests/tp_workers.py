@@ -12,10 +12,9 @@ import torch.distributed as dist
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
-if os.environ["TRITON_INTERPRET"] not in ("", "0"):  # (a spawned rank skips conftest.py)
-    import fast_interpreter
+import fast_interpreter  # noqa: E402
 
-    fast_interpreter.install()
+fast_interpreter.install()  # (a spawned rank skips conftest.py)
 
 
 def bounds(world: int, V: int, uneven: bool):
