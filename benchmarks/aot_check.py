@@ -34,7 +34,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, make_backend
 from triton.runtime.jit import create_function_from_signature
 
-from opo_kernels import OPOLossConfig, epilogue, from_logprobs, row_kernels
+from opo_kernels import OPOLossConfig, epilogue, from_logprobs, row_kernels, tp_combine
 from opo_kernels.epilogue import kernel as epilogue_kernel_module
 from opo_kernels.inputs import prepare, prepare_logprobs
 
@@ -44,7 +44,7 @@ from opo_kernels.inputs import prepare, prepare_logprobs
 
 _KERNELS = [(row_kernels, "_opo_fwd_kernel"), (row_kernels, "_opo_bwd_kernel"),
             (row_kernels, "_scale_kernel"), (epilogue_kernel_module, "epilogue_kernel"),
-            (from_logprobs, "_logprob_grad_kernel")]
+            (from_logprobs, "_logprob_grad_kernel"), (tp_combine, "_combine_kernel")]
 
 
 class _Recorder:
@@ -168,6 +168,17 @@ def _logprob_grad():
     return run
 
 
+def _combine(cdtype, entropy, world=8):
+    """The vocabulary-parallel combine of [world·N, 4] gathered partials (N = B·T rows)."""
+    def run():
+        n = B * T
+        out = (torch.empty(n, dtype=cdtype), torch.empty(n, 2, dtype=cdtype),
+               torch.empty(n, dtype=cdtype) if entropy else None)
+        tp_combine.combine_gathered(torch.empty(world * n, 4, dtype=cdtype), world,
+                                    _params(cdtype), entropy, out)
+    return run
+
+
 def _pipelined(run, config=(8192, 16, 2)):
     """A variant launched with a software-pipelined vocabulary loop (a sweep candidate)."""
     def wrapped():
@@ -202,6 +213,9 @@ VARIANTS: Dict[str, Callable[[], None]] = {
     "epilogue-packed-ids": _epilogue(packed=True, group_ids=True),
     "epilogue-padded-fp64": _epilogue(packed=False, cdtype=torch.float64, validate=False),
     "logprob-grad": _logprob_grad(),
+    "combine-tp8": _combine(torch.float32, entropy=False),
+    "combine-tp8-entropy": _combine(torch.float32, entropy=True),
+    "combine-tp8-fp64": _combine(torch.float64, entropy=True),
 }
 
 # --------------------------------------------------------------------------------------------

@@ -110,6 +110,9 @@ class OPOLossConfig:
     return_metrics: bool = False
     validate: bool = True
     inplace_backward: bool = False
+    # vocabulary-parallel on-policy logits: stream the slice in L2-sized chunks of rows, one
+    # all-gather each, and write the gradient during forward (vocab_parallel.py)
+    vocab_parallel_one_pass: bool = False
     # the preset options given explicitly (replace() keeps the others following the preset)
     explicit: frozenset = field(default=frozenset(), repr=False, compare=False)
 
@@ -169,7 +172,7 @@ class OPOLossConfig:
             )
         self._check_recipe()
         for name in ("adaptive_tau", "center_weights", "compute_entropy", "return_metrics",
-                     "validate", "inplace_backward"):
+                     "validate", "inplace_backward", "vocab_parallel_one_pass"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
         set_("alpha", alpha)
@@ -187,6 +190,14 @@ class OPOLossConfig:
     def entropy_in_gradient(self) -> bool:
         """The backward adds the entropy term only when the bonus is on."""
         return self.entropy_coef > 0
+
+    @property
+    def one_pass_exact(self) -> bool:
+        """Whether the on-policy coefficients are known before the pass over the logits. They
+        are (Δ ≡ 0, p̃ uniform whatever τ is), except the Z-loss's gradient, which scales with
+        1/τ: with logit_reg_coef > 0 and the adaptive τ (which reads the log-probs), the
+        on-policy mode runs the general two passes instead."""
+        return not (self.logit_reg_coef > 0 and self.adaptive_tau)
 
     def _check_recipe(self) -> None:
         """The options of SPEC "The author's recipe"."""

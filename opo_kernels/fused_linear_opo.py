@@ -44,7 +44,6 @@ import torch
 
 from .config import OPOLossConfig
 from .epilogue import Mode, params_tensor, raise_bad_values, run_epilogue, unpack_metrics
-from .fused_opo import one_pass_exact, require_fused_kernels
 from .inputs import FLOAT_DTYPES, Batch, compute_dtype, prepare
 from .linear_chunks import (
     backward_chunks,
@@ -55,6 +54,7 @@ from .linear_chunks import (
 from .row_kernels import Rows
 from .tensor_parallel import config_or_fail_together, prepare_together
 from .utils import use_triton
+from .vocab_parallel import require_fused_kernels
 
 # --------------------------------------------------------------------------------------------
 # autograd
@@ -305,7 +305,7 @@ def fused_linear_opo_loss_with_config(hidden, weight, labels, ref_logprobs, rewa
     wants_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (hidden, weight, bias))
     # on-policy: one phase, also vocabulary-parallel (see on_policy_chunks)
-    one_phase = batch.ref_logprobs is None and wants_grad and one_pass_exact(cfg)
+    one_phase = batch.ref_logprobs is None and wants_grad and cfg.one_pass_exact
     loss, metrics = FusedLinearOPOFunction.apply(hidden, weight, bias, batch, cfg, chunk_size,
                                                  one_phase, tp)
     if not cfg.return_metrics:

@@ -39,20 +39,13 @@ from .epilogue import (
 )
 from .inputs import Batch, compute_dtype, prepare
 from .row_kernels import Rows, backward_rows, forward_rows, scale_rows_
-from .tensor_parallel import combine_partials, config_or_fail_together, prepare_together
+from .tensor_parallel import config_or_fail_together
 from .utils import new_output, use_triton
+from .vocab_parallel import vocab_parallel_loss
 
 # --------------------------------------------------------------------------------------------
 # The passes of one call
 # --------------------------------------------------------------------------------------------
-
-
-def one_pass_exact(cfg: OPOLossConfig) -> bool:
-    """Whether the on-policy coefficients are known before the pass over the logits. They are
-    (Δ ≡ 0, p̃ uniform whatever τ is), except the Z-loss's gradient, which scales with 1/τ:
-    with logit_reg_coef > 0 and the adaptive τ (which reads the log-probs), the on-policy mode
-    runs the general two passes instead."""
-    return not (getattr(cfg, "logit_reg_coef", 0.0) > 0 and cfg.adaptive_tau)
 
 
 class Flags(NamedTuple):
@@ -212,7 +205,7 @@ class FusedOPOFunction(torch.autograd.Function):
         # (>= 2R + 2W), where the general passes cost 2R + 1W; and their in-place backward,
         # which writes into the logits (a graph input), Inductor keeps in place. Both checked
         # on the generated code in tests/test_compile.py.
-        one_pass = (batch.ref_logprobs is None and one_pass_exact(cfg)
+        one_pass = (batch.ref_logprobs is None and cfg.one_pass_exact
                     and not torch.compiler.is_compiling())
         params = params_tensor(cfg, logits.device, batch.compute_dtype)
         flags = Flags.of(cfg, batch)
@@ -287,7 +280,7 @@ def opo_loss(logits, labels, ref_logprobs, rewards, *, mask=None, seq_ids=None,
     Vocabulary-parallel logits: with ``process_group``, logits are this rank's slice
     [..., V_local] of the vocabulary, starting at ``vocab_start`` (default rank·V_local, equal
     slices); labels are global token ids. Every rank gets the loss and metrics of the whole
-    vocabulary and the gradient of its own slice (tensor_parallel.py; O(N) communication).
+    vocabulary and the gradient of its own slice (vocab_parallel.py; O(N) communication).
 
     validate=True (default) checks labels, seq_ids, mask values and finiteness with one host
     sync per call (and, with a process group, every rank's arguments and slice); validate=False
@@ -298,7 +291,9 @@ def opo_loss(logits, labels, ref_logprobs, rewards, *, mask=None, seq_ids=None,
     adaptive_tau=True, tau_range=(0.2, 1.5), reward_temperature=0.15, weights="seed",
     center_weights=False, level="sequence_mean", coordinates="ratio", temperature=1.0,
     entropy_coef=0.0, backend="auto", return_metrics=False, validate=True,
-    inplace_backward=False, compute_entropy=False, ...); an unknown name is a TypeError.
+    inplace_backward=False, compute_entropy=False, vocab_parallel_one_pass=False, ...); an
+    unknown name is a TypeError. vocab_parallel_one_pass=True: with process_group and
+    ref_logprobs=None, the one-pass mode over the slice in L2-sized chunks (vocab_parallel.py).
 
     Returns the 0-dim loss (float32; float64 for float64 logits), or (loss, metrics) with
     return_metrics=True: log_ratio_mean, kl_k3, v_mean, omega_mean, omega_max, tau, penalty
@@ -333,77 +328,6 @@ def opo_loss_with_config(logits, labels, ref_logprobs, rewards, cfg: OPOLossConf
     if use_triton(cfg.backend, logits.device):
         return loss_from_batch(batch, cfg)
     return reference.loss_from_batch(batch, cfg)
-
-
-# --------------------------------------------------------------------------------------------
-# Vocabulary-parallel logits
-# --------------------------------------------------------------------------------------------
-
-
-class VocabParallelOPOFunction(torch.autograd.Function):
-    """loss, metrics_vector = VocabParallelOPOFunction.apply(logits, batch, cfg, group,
-    vocab_start): logits [..., V_local] are this rank's vocabulary slice; batch.vocab is the
-    global V. The general two passes in every mode: an on-policy batch's coefficients are known
-    early, but a row's normalization is global, known only after the all-reduce, so the
-    gradient cannot be written in the forward's pass over the slice (a second kernel would
-    re-read the slice from HBM: the backward's traffic, earlier)."""
-
-    @staticmethod
-    def forward(ctx, logits, batch: Batch, cfg: OPOLossConfig, group, vocab_start: int):
-        params = params_tensor(cfg, logits.device, batch.compute_dtype)
-        rows = Rows.of(batch)
-        partials = new_output((batch.num_rows, 4), batch.compute_dtype, logits.device)
-        forward_rows(logits, rows, params, cfg.with_entropy, partials=partials,
-                     vocab_start=vocab_start)
-        lp, stats, ent = combine_partials(partials, batch.counted, 1.0 / cfg.temperature,
-                                          cfg.with_entropy, group)
-        counter = torch.zeros(1, dtype=torch.int32, device=logits.device)
-        shape = batch.labels.shape
-        out = run_epilogue(batch, Mode.of(cfg, batch.weights is not None), params, counter,
-                           logprobs=lp.view(shape),
-                           entropy=None if ent is None else ent.view(shape), stats=stats,
-                           validate=cfg.validate)
-        if cfg.validate:  # the same counts on every rank: every rank raises, none waits
-            raise_bad_values(out.errs, batch)
-        ctx.mark_non_differentiable(out.metrics)
-        ctx.set_materialize_grads(False)
-        ctx.cfg, ctx.rows, ctx.vocab_start = cfg, rows, vocab_start
-        ctx.save_for_backward(logits, lp, stats, ent if cfg.entropy_in_gradient else None,
-                              out.coef, out.scal, params)
-        return out.loss, out.metrics
-
-    @staticmethod
-    def backward(ctx, grad_loss, grad_metrics):
-        if grad_loss is None:
-            return None, None, None, None, None
-        logits, lp, stats, ent, coef, scal, params = ctx.saved_tensors
-        cfg = ctx.cfg
-        grad = backward_rows(logits, ctx.rows, lp, stats, ent, coef, scal, grad_loss, params,
-                             cfg.level, cfg.coordinates, inplace=cfg.inplace_backward,
-                             vocab_start=ctx.vocab_start)
-        return grad, None, None, None, None
-
-
-def require_fused_kernels(cfg: OPOLossConfig, batch: Batch) -> None:
-    if not use_triton(cfg.backend, batch.device):
-        raise ValueError("process_group needs the fused kernels (backend 'triton' or 'auto' "
-                         "on CUDA / with TRITON_INTERPRET=1)")
-
-
-def vocab_parallel_loss(logits, labels, ref_logprobs, rewards, cfg: OPOLossConfig, group,
-                        vocab_start, **layout):
-    """``opo_loss`` on vocabulary-parallel logits (see ``opo_loss``)."""
-    def checked():
-        batch = prepare(logits, labels, ref_logprobs, rewards, config=cfg, **layout)
-        require_fused_kernels(cfg, batch)
-        return batch
-
-    vocab_local = logits.shape[-1] if isinstance(logits, torch.Tensor) and logits.dim() else 0
-    batch, start = prepare_together(group, checked, vocab_local, vocab_start, cfg)
-    loss, metrics = VocabParallelOPOFunction.apply(logits, batch, cfg, group, start)
-    if not cfg.return_metrics:
-        return loss
-    return loss, unpack_metrics(metrics, cfg.with_entropy)
 
 
 class OPOLoss(torch.nn.Module):

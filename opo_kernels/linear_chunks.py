@@ -19,7 +19,7 @@ from .config import OPOLossConfig
 from .epilogue import Mode, run_epilogue
 from .inputs import Batch, compute_dtype
 from .row_kernels import Rows, backward_rows, forward_rows
-from .tensor_parallel import combine_partials
+from .tp_combine import combine_partials
 from .utils import new_output
 
 # Default chunk: the largest power of two of rows whose logits fit in _CHUNK_BYTES, at least
@@ -95,8 +95,7 @@ def forward_chunks(hidden2d, weight, bias, batch: Batch, cfg: OPOLossConfig, par
         logits = _chunk_logits(hidden2d[start:end], weight, bias)
         forward_rows(logits, rows, params, cfg.with_entropy, row_start=start,
                      partials=partials, vocab_start=vocab_start)
-    return combine_partials(partials, batch.counted, 1.0 / cfg.temperature, cfg.with_entropy,
-                            group)
+    return combine_partials(partials, params, cfg.with_entropy, group)
 
 
 def _grad_buffers(hidden2d, weight, bias, needs: Tuple[bool, bool, bool]):
@@ -135,9 +134,9 @@ def on_policy_chunks(hidden2d, weight, bias, batch: Batch, cfg: OPOLossConfig, p
     gradient, in one pass over the chunks. Returns ((logprobs, stats, entropy), grads).
 
     tp = (group, vocab_start): the weight is this rank's vocabulary slice. A row's gradient
-    needs the row's global normalization, so each chunk's slice partials are combined (two
-    all-reduces of the chunk's rows: O(C) values) before the backward kernel writes the
-    chunk's gradient over its logits — still one matmul per chunk instead of the general
+    needs the row's global normalization, so each chunk's slice partials are combined (one
+    all-gather of the chunk's rows, O(C) values, and one kernel) before the backward kernel
+    writes the chunk's gradient over its logits — still one matmul per chunk instead of the general
     path's two (the logits are not recomputed in backward)."""
     mode = Mode.of(cfg, batch.weights is not None)
     unit = run_epilogue(batch, mode, params, counter, logprobs=None)  # c_t without log-probs
@@ -156,11 +155,8 @@ def on_policy_chunks(hidden2d, weight, bias, batch: Batch, cfg: OPOLossConfig, p
         else:
             forward_rows(logits, rows, params, cfg.with_entropy, row_start=start,
                          partials=partials, vocab_start=vocab_start)
-            chunk_out = combine_partials(partials[start:end], batch.counted[start:end],
-                                         1.0 / cfg.temperature, cfg.with_entropy, group)
-            for full, part in zip(out, chunk_out):
-                if full is not None:
-                    full[start:end] = part
+            combine_partials(partials[start:end], params, cfg.with_entropy, group, out=out,
+                             row_start=start)
             # the one-pass kernel's coefficients: c_t from the on-policy epilogue (Δ ≡ 0:
             # no per-token term, whatever the level), a unit upstream gradient
             backward_rows(logits, rows, out[0], out[1],

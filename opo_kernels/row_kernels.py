@@ -149,7 +149,7 @@ def _opo_fwd_kernel(
     Δ ≡ 0) the program then writes the row's gradient for a unit upstream gradient.
     PARTIAL (vocabulary-parallel): the row is this rank's slice [vocab_start, vocab_start + V)
     of the vocabulary; the program writes the slice's partials (x_max, x_label or −inf,
-    others, w) for ``tensor_parallel.combine_partials`` instead of lp / stats / entropy."""
+    others, w) for ``tp_combine.combine_partials`` instead of lp / stats / entropy."""
     pid = tl.program_id(0).to(tl.int64)
     r = row_start + pid
     b, t, seq = row_seq(r, T, sel_ptr, sel_sb, sel_st, num_seqs, PACKED, HAS_MASK)
@@ -410,7 +410,7 @@ def forward_rows(logits: torch.Tensor, rows: Rows, params: torch.Tensor, with_en
     a unit upstream gradient.
     Vocabulary-parallel mode: with ``partials`` [N, 4], logits are the slice
     [vocab_start, vocab_start + V) of the vocabulary and the kernel writes the slice's
-    partials there (``tensor_parallel.combine_partials``) instead of ``out``.
+    partials there (``tp_combine.combine_partials``) instead of ``out``.
     """
     num_local = logits.numel() // max(logits.shape[-1], 1)
     vocab = logits.shape[-1]
@@ -448,17 +448,20 @@ def logsumexp(stats: torch.Tensor, temperature: float) -> torch.Tensor:
 def backward_rows(logits: torch.Tensor, rows: Rows, logprobs: torch.Tensor, stats: torch.Tensor,
                   entropy: Optional[torch.Tensor], coef: torch.Tensor, scal: torch.Tensor,
                   grad_loss: torch.Tensor, params: torch.Tensor, level: str, coordinates: str,
-                  inplace: bool, row_start: int = 0, vocab_start: int = 0) -> torch.Tensor:
+                  inplace: bool, row_start: int = 0, vocab_start: int = 0,
+                  out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Backward pass over logits rows [row_start, row_start + R): ∂L/∂logits, same shape and
     dtype as logits.
 
     logprobs [N], stats [N, 2], entropy [N] or None: from ``forward_rows``; coef [B, 2],
     scal [2]: the epilogue's coefficients; grad_loss: 0-dim upstream gradient (read on device).
-    With inplace=True the gradient overwrites `logits` (which is returned). vocab_start: the
+    With inplace=True the gradient overwrites `logits` (which is returned); else it is written
+    into ``out`` (logits-shaped, any strides) or a fresh tensor. vocab_start: the
     first token id of the logits' vocabulary slice (vocabulary-parallel), else 0.
     """
     num_local, vocab = logits.numel() // max(logits.shape[-1], 1), logits.shape[-1]
-    grad = logits if inplace else new_output(logits.shape, logits.dtype, logits.device)
+    grad = logits if inplace else out if out is not None else new_output(
+        logits.shape, logits.dtype, logits.device)
     if num_local:
         block, num_warps, stages = launch_config(vocab, logits.dtype, "bwd")
         geo, ggeo = _logits_geometry(logits), _logits_geometry(grad)

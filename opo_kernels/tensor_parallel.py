@@ -7,11 +7,10 @@ head, torchtitan's ``Shard(-1)`` loss parallel). Per call, with N token rows:
   1. the forward row kernel reads the local slice once and writes per-row partials
      (x_max, the label's logit or −inf when another rank holds it, Σ_{j≠label} e^{(x−x_max)/t},
      and the entropy's Σ e·(x − x_max)/t);
-  2. ``combine_partials``: ONE all-reduce (MAX) of [N, 2] — the global max and the label's
-     logit — then ONE all-reduce (SUM) of [N, 1] (or [N, 2] with entropy) of the rescaled sums:
-     every rank then has the exact row statistics, log-probs and entropies of the whole
-     vocabulary. 12 bytes per row in fp32 (16 with entropy; twice that for fp64 logits),
-     never O(N·V);
+  2. ``tp_combine.combine_partials``: ONE all-gather of the [N, 4] partials (16 bytes per
+     row and rank in fp32, 32 for fp64 logits; never O(N·V)) and one kernel that combines
+     them: every rank then has the exact row statistics, log-probs and entropies of the whole
+     vocabulary, bitwise the same on every rank;
   3. the epilogue runs replicated (same inputs on every rank -> the same loss, metrics and
      coefficients, deterministically);
   4. backward is local: each rank writes the gradient of its own slice.
@@ -235,44 +234,3 @@ def config_or_fail_together(group, make_config):
             raise
         check_layout(group, 0, None, -1, err, validate=True)
         raise  # check_layout re-raises err; kept for clarity
-
-
-def combine_partials(partials: torch.Tensor, counted: torch.Tensor, inv_temperature: float,
-                     with_entropy: bool, group) -> Tuple[torch.Tensor, torch.Tensor,
-                                                         Optional[torch.Tensor]]:
-    """The exact per-row statistics of the whole vocabulary from every rank's slice.
-
-    partials: [N, 4] (x_max, x_label or −inf, others, w) of this rank's slice
-    (``row_kernels.forward_rows(..., partials=)``); counted: [N] bool.
-    Returns (logprobs [N], stats [N, 2] = (global x_max, log Σ e^{(x − x_max)/t}),
-    entropy [N] or None), the same on every rank; 0 on rows not counted.
-    """
-    x_max, x_label, others, w = partials.unbind(1)
-    top = torch.stack([x_max, x_label], 1)
-    dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
-    g_max, g_label = top.unbind(1)
-    shift = torch.where(torch.isfinite(g_max), g_max, 0.0)
-    # this slice's terms relative to the global max (a slice of −inf only contributes 0)
-    d_local = torch.where(x_max > float("-inf"), (x_max - shift) * inv_temperature, 0.0)
-    scale = torch.where(x_max > float("-inf"), torch.exp(d_local), 0.0)
-    own_label = torch.where(x_label > float("-inf"),
-                            torch.exp((x_label - x_max) * inv_temperature), 0.0)
-    sums = [others * scale]
-    if with_entropy:  # Σ e·(x − M)/t over the slice, re-centred from the slice's max
-        sums.append(scale * (w + d_local * (others + own_label)))
-    sums = torch.stack(sums, 1)
-    dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
-    g_others = sums[:, 0]
-    e_label = torch.exp((g_label - shift) * inv_temperature)
-    total = g_others + e_label
-    log_sum = torch.log(total)
-    logprobs = torch.where(e_label > g_others, -torch.log1p(g_others / e_label),
-                           (g_label - shift) * inv_temperature - log_sum)
-    zero = torch.zeros_like(log_sum)
-    logprobs = torch.where(counted, logprobs, zero)
-    stats = torch.stack([torch.where(counted, shift, zero), torch.where(counted, log_sum, zero)],
-                        1)
-    entropy = None
-    if with_entropy:
-        entropy = torch.where(counted, log_sum - sums[:, 1] / total, zero)
-    return logprobs, stats, entropy

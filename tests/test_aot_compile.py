@@ -37,7 +37,8 @@ def compiled():
 
 def test_every_variant_compiles_without_spills(compiled):
     assert {"fwd-bf16", "fwd-bf16-onepass", "fwd-bf16-partial", "bwd-bf16", "scale-bf16",
-            "epilogue-padded", "epilogue-packed-ids", "logprob-grad", "fwd-fp64"} <= set(compiled)
+            "epilogue-padded", "epilogue-packed-ids", "logprob-grad", "fwd-fp64",
+            "combine-tp8-entropy"} <= set(compiled)
     spills = {name: row["spill_bytes"] for name, row in compiled.items()}
     assert all(v == 0 for v in spills.values()), f"register spills: {spills}"
 
@@ -69,7 +70,8 @@ def test_pipelined_loop_prefetches_with_16_byte_async_copies(compiled, name):
 
 
 @pytest.mark.parametrize("name", [n for n in SIXTEEN_BIT if n != "scale-bf16"]
-                         + ["fwd-fp32", "bwd-fp32", "fwd-bf16-stages2", "bwd-bf16-stages2"])
+                         + ["fwd-fp32", "bwd-fp32", "fwd-bf16-stages2", "bwd-bf16-stages2",
+                            "combine-tp8", "combine-tp8-entropy"])
 def test_row_exponentials_flush_to_zero(compiled, name):
     row = compiled[name]
     assert row["ex2_ftz"] >= 1 and row["ex2_nonftz"] == 0, row

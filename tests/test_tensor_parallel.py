@@ -44,11 +44,18 @@ CASES_2 = [
                       "on_policy": True}),
     ("padded", False, {"entropy_coef": 0.03, "on_policy": True, "temperature": 1.3}),
     ("packed", False, {"inplace_backward": True, "compute_entropy": True}),
+    # the on-policy one-pass mode, in chunks of 2 rows (within sequences) and of 12 rows
+    ("padded", True, {"on_policy": True, "vocab_parallel_one_pass": True, "chunk_bytes": 60,
+                      "entropy_coef": 0.05, "temperature": 0.8}),
+    ("packed", False, {"on_policy": True, "vocab_parallel_one_pass": True, "chunk_bytes": 300,
+                       "inplace_backward": True, "level": "token"}),
 ]
 CASES_4 = [
     ("padded", True, {"entropy_coef": 0.05, "level": "sequence"}),
     ("packed", True, {"on_policy": True, "level": "token"}),
     ("padded", True, {"temperature": 0.8, "weights": "escort", "center_weights": True}),
+    ("padded", True, {"on_policy": True, "vocab_parallel_one_pass": True, "chunk_bytes": 200,
+                      "compute_entropy": True, "weights": "escort"}),
 ]
 
 
@@ -83,7 +90,8 @@ BAD_INPUT_CASES = ["label_outside_vocab", "inconsistent_vocab_start", "mismatche
                    "bad_chunk_size_on_one_rank", "labels_differ_on_one_rank",
                    "rewards_differ_on_one_rank", "mask_differs_on_one_rank",
                    "option_differs_on_one_rank", "ref_logprobs_only_on_one_rank",
-                   "chunk_size_differs_on_one_rank", "hidden_differs_on_one_rank"]
+                   "chunk_size_differs_on_one_rank", "hidden_differs_on_one_rank",
+                   "logits_dtype_differs_on_one_rank", "one_pass_differs_on_one_rank"]
 
 
 def test_bad_input_raises_on_every_rank():
@@ -142,7 +150,45 @@ def test_fingerprints_do_not_depend_on_the_hashing_chunk(chunk, monkeypatch):
         assert got[name] == f"shape {list(t.shape)}, fingerprint {expected}", name
 
 
+@pytest.mark.parametrize("shape, chunk", [((4, 5, 3), 2), ((4, 5, 3), 5), ((4, 5, 3), 12),
+                                          ((4, 5, 3), 100), ((7, 3), 3), ((7, 3), 1),
+                                          ((0, 5, 3), 2), ((3, 0, 3), 2), ((2, 4, 0), 3)])
+def test_one_pass_pieces_cover_every_row_once_in_order(shape, chunk):
+    """The one-pass mode's chunks of rows: views of the logits (no copy), at most ``chunk``
+    rows each, in order, every row exactly once at its global index; a padded chunk splits a
+    sequence only when it cannot hold one, else holds whole sequences."""
+    from opo_kernels.vocab_parallel import one_pass_chunk_rows, row_pieces
+
+    full = torch.arange(torch.Size(shape).numel() or 1, dtype=torch.float32)
+    logits = full[:torch.Size(shape).numel()].view(shape)
+    rows = torch.arange(torch.Size(shape[:-1]).numel()).view(shape[:-1])
+    seen = []
+    for piece, start in row_pieces(logits, chunk):
+        assert piece.untyped_storage().data_ptr() == logits.untyped_storage().data_ptr()
+        n = torch.Size(piece.shape[:-1]).numel()
+        assert 1 <= n <= chunk, (piece.shape, chunk)
+        if logits.dim() == 3 and chunk >= shape[1]:
+            assert piece.dim() == 3  # whole sequences
+        flat = logits.reshape(-1, shape[-1]) if shape[-1] else None
+        if flat is not None:
+            assert torch.equal(piece.reshape(-1, shape[-1]), flat[start:start + n])
+        seen.extend(range(start, start + n))
+    assert seen == rows.reshape(-1).tolist()
+    # sized from ⌈V / ranks⌉ of the global V (the same on ranks holding 10 and 9 of 19)
+    assert one_pass_chunk_rows(19, 2, 4) == 16 * 2**20 // (10 * 4)
+    assert one_pass_chunk_rows(151936, 8, 2) == 16 * 2**20 // (18992 * 2)
+    assert one_pass_chunk_rows(10**9, 1, 4) == 1
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs for NCCL")
 def test_nccl_two_gpus():
     run_ranks(tp_workers.logits_cases, 2, CASES_2, "nccl")
+
+
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+def test_operation_counts(layout):
+    """General mode: the forward kernel, ONE all-gather and the combine kernel, the epilogue,
+    the backward kernel (+ the tickets' memset and autograd's seed). One-pass mode: the same
+    three launches and one all-gather per chunk of rows, nothing else per chunk."""
+    run_ranks(tp_workers.operation_counts, 2, layout)

@@ -88,9 +88,39 @@ def logits_cases(rank, world, port, cases, backend="gloo"):
                                    temperature=temperature, device=device)
             if options.pop("on_policy", False):
                 problem.ref_logprobs = None
-            _compare(rank, world, problem, uneven, **options)
+            chunk_bytes = options.pop("chunk_bytes", None)
+            if options.get("vocab_parallel_one_pass"):
+                _compare_one_pass(rank, world, problem, uneven, chunk_bytes, **options)
+            else:
+                _compare(rank, world, problem, uneven, **options)
     finally:
         dist.destroy_process_group()
+
+
+def _compare_one_pass(rank, world, problem, uneven, chunk_bytes, **options):
+    """``_compare`` in the on-policy one-pass mode, with the chunk budget set to
+    ``chunk_bytes`` (tiny slices: a few rows per chunk, so that the chunks split sequences or
+    hold several), checking that the mode ran, chunk by chunk: one combine per piece of
+    ``vocab_parallel.row_pieces``, and more than one piece."""
+    from opo_kernels import vocab_parallel
+
+    saved = vocab_parallel._ONE_PASS_CHUNK_BYTES, vocab_parallel.combine_partials
+    calls = []
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs.get("row_start", 0))
+        return saved[1](*args, **kwargs)
+
+    vocab_parallel._ONE_PASS_CHUNK_BYTES, vocab_parallel.combine_partials = chunk_bytes, counting
+    try:
+        _compare(rank, world, problem, uneven, **options)
+        V = problem.logits.shape[-1]
+        rows = vocab_parallel.one_pass_chunk_rows(V, world, problem.logits.element_size())
+    finally:
+        vocab_parallel._ONE_PASS_CHUNK_BYTES, vocab_parallel.combine_partials = saved
+    starts = [start for _, start in vocab_parallel.row_pieces(problem.logits, rows)]
+    assert len(starts) > 1, (rows, starts)
+    assert calls == starts * 3, (calls, starts)  # _compare's three calls
 
 
 def fused_linear_case(rank, world, port, layout, options=None):
@@ -237,6 +267,16 @@ def _bad_input_case(rank, world, case):
         if rank == 0:  # (rank 0's summary lacks the name that rank 1's has)
             ref = None
         expect = "ref_logprobs is not the same on every rank"
+    elif case == "logits_dtype_differs_on_one_rank":  # the partials' dtype would differ
+        if rank == 1:
+            logits = logits.double()
+        expect = "logits dtype is not the same on every rank"
+    elif case == "one_pass_differs_on_one_rank":  # one collective per chunk vs one per call
+        ref = None
+        options["vocab_parallel_one_pass"] = True
+        if rank == 0:
+            logits = logits.detach()  # no gradient wanted here: the general mode
+        expect = "one-pass mode is not the same on every rank"
     elif case == "option_differs_on_one_rank":
         options["mu"] = 1.0 if rank == 0 else 0.5
         expect = "option mu is not the same on every rank"
@@ -261,3 +301,54 @@ def _bad_input_case(rank, world, case):
         assert expect in str(err), f"rank {rank}: {err}"
     else:
         raise AssertionError(f"rank {rank}: no error for {case}")
+
+
+def operation_counts(rank, world, port, layout):
+    """The device operations of one vocabulary-parallel call, forward + backward, with
+    validate=False (counted as tests/test_launches.py counts the single-process modes):
+    general mode, the collective once per call; on-policy one-pass mode, once per chunk."""
+    import test_launches
+    from problems import make_problem
+
+    import opo_kernels
+    from opo_kernels import utils, vocab_parallel
+
+    utils.POISON_OUTPUTS = False  # (a poisoned output is a torch op of its own)
+    dist.init_process_group("gloo", rank=rank, world_size=world,
+                            init_method=f"tcp://127.0.0.1:{port}")
+    try:
+        problem = make_problem(6, 4, 8, torch.float32, layout, seed=2)
+        V = problem.logits.shape[-1]
+        lo, hi = rank * V // world, (rank + 1) * V // world
+        vocab_parallel._ONE_PASS_CHUNK_BYTES = 4 * (V // world) * 5  # 5 rows per chunk
+        for ref, one_pass in ((problem.ref_logprobs, False), (None, True)):
+            x = problem.leaf()[..., lo:hi].detach().requires_grad_()  # the rank's slice
+
+            def step(validate, x=x, ref=ref, one_pass=one_pass):
+                loss = opo_kernels.opo_loss(
+                    x, problem.labels, ref, problem.rewards, backend="triton",
+                    process_group=dist.group.WORLD, validate=validate,
+                    vocab_parallel_one_pass=one_pass, **problem.layout)
+                torch.autograd.grad(loss, x)
+
+            step(True)  # the layout's first call gathers the checks
+            with test_launches.count_operations() as counter:
+                step(False)
+            collectives = [op for op in counter.ops if op.startswith("c10d.")]
+            others = [op for op in counter.ops if not op.startswith("c10d.")]
+            if not one_pass:
+                assert counter.launches == ["_opo_fwd_kernel", "_combine_kernel",
+                                            "epilogue_kernel", "_opo_bwd_kernel"], counter.launches
+                assert len(collectives) == 1, collectives
+                assert others == ["aten.zeros.default", "aten.ones_like.default"], others
+            else:
+                # packed: ⌈N / 5⌉ chunks; padded (T = 4): one whole sequence per chunk
+                pieces = -(-problem.labels.numel() // 5) if layout == "packed" else 6
+                chunk = ["_opo_fwd_kernel", "_combine_kernel", "_opo_bwd_kernel"]
+                assert counter.launches == ["epilogue_kernel", *chunk * pieces,
+                                            "epilogue_kernel", "_scale_kernel"], counter.launches
+                assert len(collectives) == pieces, collectives
+                assert others == ["aten.zeros.default", "aten.ones.default",
+                                  "aten.ones_like.default"], others
+    finally:
+        dist.destroy_process_group()
