@@ -186,6 +186,15 @@ def test_nccl_two_gpus():
     run_ranks(tp_workers.logits_cases, 2, CASES_2, "nccl")
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_nccl_one_rank():
+    """A group of one rank on one GPU: the compiled forward-partials, combine and backward
+    kernels and both modes' chunking on CUDA (the collectives are trivial), against the
+    single-process loss computed in the same process."""
+    run_ranks(tp_workers.logits_cases, 1, CASES_2, "nccl")
+
+
 @pytest.mark.parametrize("layout", ["padded", "packed"])
 def test_operation_counts(layout):
     """General mode: the forward kernel, ONE all-gather and the combine kernel, the epilogue,
