@@ -7,7 +7,10 @@
 #          time before/after issue 10, then the launch-config sweep
 #   bench  the benchmark suite (python -m benchmarks.run; arguments after the stage go to it,
 #          e.g. --resume FILE, -k EXPR, --impls ...)
-#   all    check, then bench (a CUDA machine without the device tool's limits)
+#   tp     vocabulary-parallel on-policy logits, general vs one-pass mode (benchmarks/tp_bench.py:
+#          NCCL over the GPUs present; on one GPU, a group of one rank at the slice sizes of
+#          tp = 2 and 8), ~1-2 minutes
+#   all    check, then bench, then tp (a CUDA machine without the device tool's limits)
 #
 # From the development machine:
 #   bash benchmarks/fetch_wheels.sh          # once: liger-kernel wheel into .whl/ (ignored)
@@ -27,7 +30,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 stage=${1:-check}
 [ $# -gt 0 ] && shift
-case "$stage" in all|check|bench) ;; *) echo "usage: $0 [check|bench|all] [run.py args]"; exit 2;; esac
+case "$stage" in all|check|bench|tp) ;; *) echo "usage: $0 [check|bench|tp|all] [run.py args]"; exit 2;; esac
 
 export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0 TRITON_DEFAULT_FP_FUSION=1
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -77,5 +80,11 @@ if [ "$stage" = all ] || [ "$stage" = bench ]; then
   brc=${PIPESTATUS[0]}
   echo "[device_run] benchmark exit code $brc" | tee -a "$log"
   [ "$rc" -eq 0 ] && rc=$brc
+fi
+if [ "$stage" = all ] || [ "$stage" = tp ]; then
+  timeout 240 python3 -m benchmarks.tp_bench --out "$out_dir" 2>&1 | tee -a "$log"
+  trc=${PIPESTATUS[0]}
+  echo "[device_run] tp bench exit code $trc" | tee -a "$log"
+  [ "$rc" -eq 0 ] && rc=$trc
 fi
 exit "$rc"
