@@ -19,7 +19,7 @@ from .config import OPOLossConfig
 from .epilogue import Mode, run_epilogue
 from .inputs import Batch, compute_dtype
 from .row_kernels import Rows, backward_rows, forward_rows
-from .tp_combine import combine_partials
+from .tp_combine import combine_partials, one_pass_chunk
 from .utils import new_output
 
 # Default chunk: the largest power of two of rows whose logits fit in _CHUNK_BYTES, at least
@@ -153,16 +153,8 @@ def on_policy_chunks(hidden2d, weight, bias, batch: Batch, cfg: OPOLossConfig, p
             forward_rows(logits, rows, params, cfg.with_entropy, row_start=start, out=out,
                          grad=logits, coef=unit.coef, scal=unit.scal)
         else:
-            forward_rows(logits, rows, params, cfg.with_entropy, row_start=start,
-                         partials=partials, vocab_start=vocab_start)
-            combine_partials(partials[start:end], params, cfg.with_entropy, group, out=out,
-                             row_start=start)
-            # the one-pass kernel's coefficients: c_t from the on-policy epilogue (Δ ≡ 0:
-            # no per-token term, whatever the level), a unit upstream gradient
-            backward_rows(logits, rows, out[0], out[1],
-                          out[2] if cfg.entropy_in_gradient else None, unit.coef, unit.scal,
-                          unit_grad, params, "sequence", "log", inplace=True,
-                          row_start=start, vocab_start=vocab_start)
+            one_pass_chunk(logits, logits, rows, params, cfg, partials, out, unit, unit_grad,
+                           group, vocab_start, start)
         _accumulate(logits, hidden_c, weight,
                     None if grad_hidden is None else grad_hidden[start:end],
                     grad_weight, grad_bias)

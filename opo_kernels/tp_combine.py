@@ -11,10 +11,15 @@ token row, the partials of its slice [vocab_start, vocab_start + V_local):
 order (rank 0 first), so every rank gets bitwise the same log-probs, statistics and entropies,
 whatever the backend's reduction order. One collective and one launch, where two all-reduces
 and ~35 small torch ops did the same before.
+
+``one_pass_chunk``: one chunk of rows of the on-policy one-pass modes (logits in
+``vocab_parallel.py``, hidden states in ``linear_chunks.py``): the partials, their combine, then
+the chunk's gradient for a unit upstream gradient.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Tuple
 
 import torch
@@ -23,7 +28,7 @@ import triton
 import triton.language as tl
 
 from .inputs import compute_dtype
-from .row_kernels import INV_TEMPERATURE, acc_type
+from .row_kernels import INV_TEMPERATURE, Rows, acc_type, backward_rows, forward_rows
 from .triton_math import LOG2E, log1p
 from .utils import new_output
 
@@ -127,3 +132,25 @@ def combine_gathered(gathered: torch.Tensor, world: int, params: torch.Tensor,
         gathered, logprobs, stats, entropy if entropy is not None else logprobs, params, rows,
         row_start, WORLD=world, WITH_ENTROPY=with_entropy, ACC=acc_type(gathered.dtype),
         BLOCK_ROWS=_BLOCK_ROWS)
+
+
+def one_pass_chunk(logits: torch.Tensor, grad: torch.Tensor, rows: Rows, params: torch.Tensor,
+                   cfg, partials: torch.Tensor, out: Tuple, unit, unit_grad: torch.Tensor,
+                   group, vocab_start: int, row_start: int) -> None:
+    """One chunk of the vocabulary-parallel on-policy one-pass mode: rows [row_start,
+    row_start + R) of this rank's slice ``logits`` ([b, T, V_local] or [R, V_local]).
+
+    The forward kernel writes the slice's partials (into ``partials`` [N, 4]), the all-gather
+    and combine write the rows' lp / stats / entropy into ``out``, then the backward kernel
+    re-reads the chunk and writes its gradient into ``grad`` (logits-shaped; ``logits`` itself:
+    in place), with c_t from the on-policy epilogue ``unit`` (Δ ≡ 0: no per-token term at any
+    level) and ``unit_grad`` = 1 as the upstream gradient. cfg: ``OPOLossConfig``."""
+    end = row_start + math.prod(logits.shape[:-1])
+    forward_rows(logits, rows, params, cfg.with_entropy, row_start=row_start,
+                 partials=partials, vocab_start=vocab_start)
+    combine_partials(partials[row_start:end], params, cfg.with_entropy, group, out=out,
+                     row_start=row_start)
+    inplace = grad is logits
+    backward_rows(logits, rows, out[0], out[1], out[2] if cfg.entropy_in_gradient else None,
+                  unit.coef, unit.scal, unit_grad, params, "sequence", "log", inplace=inplace,
+                  out=None if inplace else grad, row_start=row_start, vocab_start=vocab_start)

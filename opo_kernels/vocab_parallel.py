@@ -27,7 +27,6 @@ the target machine (no multi-GPU machine has run it yet).
 
 from __future__ import annotations
 
-import math
 from typing import Iterator, Tuple
 
 import torch
@@ -37,7 +36,7 @@ from .epilogue import Mode, params_tensor, raise_bad_values, run_epilogue, unpac
 from .inputs import Batch, prepare
 from .row_kernels import Rows, backward_rows, forward_rows, scale_rows_
 from .tensor_parallel import prepare_together
-from .tp_combine import combine_partials
+from .tp_combine import combine_partials, one_pass_chunk
 from .utils import new_output, use_triton
 
 # Bytes of one rank's logits per chunk of the one-pass mode: the chunk is read, then re-read
@@ -147,19 +146,10 @@ def _one_pass(logits, grad, batch: Batch, cfg: OPOLossConfig, params, mode, coun
     unit_grad = torch.ones((), dtype=cdtype, device=logits.device)
     world = torch.distributed.get_world_size(group)
     chunk = one_pass_chunk_rows(batch.vocab, world, logits.element_size())
-    entropy = out[2] if cfg.entropy_in_gradient else None
     for (piece, start), (grad_piece, _) in zip(row_pieces(logits, chunk),
                                                row_pieces(grad, chunk)):
-        end = start + math.prod(piece.shape[:-1])
-        forward_rows(piece, rows, params, cfg.with_entropy, row_start=start, partials=partials,
-                     vocab_start=vocab_start)
-        combine_partials(partials[start:end], params, cfg.with_entropy, group, out=out,
-                         row_start=start)
-        # c_t of the on-policy epilogue (Δ ≡ 0: no per-token term at any level), unit gradient
-        backward_rows(piece, rows, out[0], out[1], entropy, unit.coef, unit.scal, unit_grad,
-                      params, "sequence", "log", inplace=cfg.inplace_backward,
-                      out=None if cfg.inplace_backward else grad_piece, row_start=start,
-                      vocab_start=vocab_start)
+        one_pass_chunk(piece, piece if cfg.inplace_backward else grad_piece, rows, params, cfg,
+                       partials, out, unit, unit_grad, group, vocab_start, start)
     return out
 
 

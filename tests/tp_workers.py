@@ -102,22 +102,22 @@ def _compare_one_pass(rank, world, problem, uneven, chunk_bytes, **options):
     ``chunk_bytes`` (tiny slices: a few rows per chunk, so that the chunks split sequences or
     hold several), checking that the mode ran, chunk by chunk: one combine per piece of
     ``vocab_parallel.row_pieces``, and more than one piece."""
-    from opo_kernels import vocab_parallel
+    from opo_kernels import tp_combine, vocab_parallel
 
-    saved = vocab_parallel._ONE_PASS_CHUNK_BYTES, vocab_parallel.combine_partials
+    saved = vocab_parallel._ONE_PASS_CHUNK_BYTES, tp_combine.combine_partials
     calls = []
 
     def counting(*args, **kwargs):
         calls.append(kwargs.get("row_start", 0))
         return saved[1](*args, **kwargs)
 
-    vocab_parallel._ONE_PASS_CHUNK_BYTES, vocab_parallel.combine_partials = chunk_bytes, counting
+    vocab_parallel._ONE_PASS_CHUNK_BYTES, tp_combine.combine_partials = chunk_bytes, counting
     try:
         _compare(rank, world, problem, uneven, **options)
         V = problem.logits.shape[-1]
         rows = vocab_parallel.one_pass_chunk_rows(V, world, problem.logits.element_size())
     finally:
-        vocab_parallel._ONE_PASS_CHUNK_BYTES, vocab_parallel.combine_partials = saved
+        vocab_parallel._ONE_PASS_CHUNK_BYTES, tp_combine.combine_partials = saved
     starts = [start for _, start in vocab_parallel.row_pieces(problem.logits, rows)]
     assert len(starts) > 1, (rows, starts)
     assert calls == starts * 3, (calls, starts)  # _compare's three calls
