@@ -18,7 +18,7 @@ import triton
 from .config import OPOLossConfig
 from .epilogue import Mode, run_epilogue
 from .inputs import Batch, compute_dtype
-from .row_kernels import Rows, backward_rows, forward_rows
+from .row_kernels import Rows, backward_rows, forward_rows, row_outputs
 from .tp_combine import combine_partials, one_pass_chunk
 from .utils import new_output
 
@@ -70,13 +70,6 @@ def _chunks(num_rows: int, chunk_size: int):
         yield start, min(start + chunk_size, num_rows)
 
 
-def _row_outputs(batch: Batch, with_entropy: bool):
-    """(logprobs [N], stats [N, 2], entropy [N] or None) that every chunk writes into."""
-    n, cdtype, dev = batch.num_rows, batch.compute_dtype, batch.device
-    return (new_output((n,), cdtype, dev), new_output((n, 2), cdtype, dev),
-            new_output((n,), cdtype, dev) if with_entropy else None)
-
-
 def forward_chunks(hidden2d, weight, bias, batch: Batch, cfg: OPOLossConfig, params,
                    chunk_size: int, tp=None):
     """Phase 1: per-row (logprobs [N], stats [N, 2], entropy [N] or None) over all rows, chunk
@@ -84,7 +77,7 @@ def forward_chunks(hidden2d, weight, bias, batch: Batch, cfg: OPOLossConfig, par
     weight is this rank's vocabulary slice; the chunks write partials, combined once."""
     rows = Rows.of(batch)
     if tp is None:
-        out = _row_outputs(batch, cfg.with_entropy)
+        out = row_outputs(batch.num_rows, batch.compute_dtype, batch.device, cfg.with_entropy)
         for start, end in _chunks(hidden2d.shape[0], chunk_size):
             logits = _chunk_logits(hidden2d[start:end], weight, bias)
             forward_rows(logits, rows, params, cfg.with_entropy, row_start=start, out=out)
@@ -140,7 +133,8 @@ def on_policy_chunks(hidden2d, weight, bias, batch: Batch, cfg: OPOLossConfig, p
     path's two (the logits are not recomputed in backward)."""
     mode = Mode.of(cfg, batch.weights is not None)
     unit = run_epilogue(batch, mode, params, counter, logprobs=None)  # c_t without log-probs
-    rows, out = Rows.of(batch), _row_outputs(batch, cfg.with_entropy)
+    rows = Rows.of(batch)
+    out = row_outputs(batch.num_rows, batch.compute_dtype, batch.device, cfg.with_entropy)
     grad_hidden, grad_weight, grad_bias = _grad_buffers(hidden2d, weight, bias, needs)
     if tp is not None:
         group, vocab_start = tp

@@ -393,6 +393,13 @@ class Rows:
         return dict(PACKED=self.packed, HAS_MASK=self.mask is not None)
 
 
+def row_outputs(num_rows: int, dtype: torch.dtype, device, with_entropy: bool):
+    """(logprobs [N], stats [N, 2], entropy [N] or None): the per-row outputs that the forward
+    kernel (or the vocabulary-parallel combine) writes, in the compute dtype ``dtype``."""
+    return (new_output((num_rows,), dtype, device), new_output((num_rows, 2), dtype, device),
+            new_output((num_rows,), dtype, device) if with_entropy else None)
+
+
 def forward_rows(logits: torch.Tensor, rows: Rows, params: torch.Tensor, with_entropy: bool, *,
                  row_start: int = 0, out=None, grad: Optional[torch.Tensor] = None,
                  coef: Optional[torch.Tensor] = None, scal: Optional[torch.Tensor] = None,
@@ -416,10 +423,8 @@ def forward_rows(logits: torch.Tensor, rows: Rows, params: torch.Tensor, with_en
     vocab = logits.shape[-1]
     partial = partials is not None
     if out is None and not partial:
-        cdtype = compute_dtype(logits.dtype)
-        n, dev = rows.num_rows, logits.device
-        out = (new_output((n,), cdtype, dev), new_output((n, 2), cdtype, dev),
-               new_output((n,), cdtype, dev) if with_entropy else None)
+        out = row_outputs(rows.num_rows, compute_dtype(logits.dtype), logits.device,
+                          with_entropy)
     logprobs, stats, entropy = out if out is not None else (partials, partials, None)
     write_grad = grad is not None
     if num_local:

@@ -28,9 +28,15 @@ import triton
 import triton.language as tl
 
 from .inputs import compute_dtype
-from .row_kernels import INV_TEMPERATURE, Rows, acc_type, backward_rows, forward_rows
+from .row_kernels import (
+    INV_TEMPERATURE,
+    Rows,
+    acc_type,
+    backward_rows,
+    forward_rows,
+    row_outputs,
+)
 from .triton_math import LOG2E, log1p
-from .utils import new_output
 
 # torch >= 2.13 names it all_gather_single (the old name warns); the GPU image's 2.11 has only
 # all_gather_into_tensor. Both take (output [world·R, ...], input [R, ...]).
@@ -112,9 +118,7 @@ def combine_partials(partials: torch.Tensor, params: torch.Tensor, with_entropy:
     """
     rows = partials.shape[0]
     if out is None:
-        cdtype, dev = compute_dtype(partials.dtype), partials.device
-        out = (new_output((rows,), cdtype, dev), new_output((rows, 2), cdtype, dev),
-               new_output((rows,), cdtype, dev) if with_entropy else None)
+        out = row_outputs(rows, compute_dtype(partials.dtype), partials.device, with_entropy)
     gathered = gather_partials(partials, group)
     combine_gathered(gathered, dist.get_world_size(group), params, with_entropy, out, row_start)
     return out

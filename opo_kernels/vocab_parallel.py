@@ -34,7 +34,7 @@ import torch
 from .config import OPOLossConfig
 from .epilogue import Mode, params_tensor, raise_bad_values, run_epilogue, unpack_metrics
 from .inputs import Batch, prepare
-from .row_kernels import Rows, backward_rows, forward_rows, scale_rows_
+from .row_kernels import Rows, backward_rows, forward_rows, row_outputs, scale_rows_
 from .tensor_parallel import prepare_together
 from .tp_combine import combine_partials, one_pass_chunk
 from .utils import new_output, use_triton
@@ -140,10 +140,8 @@ def _one_pass(logits, grad, batch: Batch, cfg: OPOLossConfig, params, mode, coun
     """The one-pass mode's forward: (logprobs [N], stats [N, 2], entropy [N] or None), with
     ``grad`` (logits-shaped; logits itself in place) written for a unit upstream gradient."""
     unit = run_epilogue(batch, mode, params, counter, logprobs=None)  # c_t without log-probs
-    n, cdtype = batch.num_rows, batch.compute_dtype
-    out = (new_output((n,), cdtype, logits.device), new_output((n, 2), cdtype, logits.device),
-           new_output((n,), cdtype, logits.device) if cfg.with_entropy else None)
-    unit_grad = torch.ones((), dtype=cdtype, device=logits.device)
+    out = row_outputs(batch.num_rows, batch.compute_dtype, logits.device, cfg.with_entropy)
+    unit_grad = torch.ones((), dtype=batch.compute_dtype, device=logits.device)
     world = torch.distributed.get_world_size(group)
     chunk = one_pass_chunk_rows(batch.vocab, world, logits.element_size())
     for (piece, start), (grad_piece, _) in zip(row_pieces(logits, chunk),
