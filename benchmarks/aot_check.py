@@ -71,15 +71,29 @@ def recording():
             setattr(module, name, kernel)
 
 
-def compile_launch(kernel, args, kwargs, arch: int = 90):
-    """The CompiledKernel that ``kernel[grid](*args, **kwargs)`` would run on sm_<arch>."""
-    target = GPUTarget("cuda", arch, 32)
-    backend = make_backend(target)
+def _bind(kernel, args, kwargs, arch: int):
+    """Triton's binder for sm_<arch>: (backend, keyword arguments, bound, specialization,
+    options), as ``kernel[grid](*args, **kwargs)`` computes them."""
+    backend = make_backend(GPUTarget("cuda", arch, 32))
     binder = create_function_from_signature(kernel.signature, kernel.params, backend)
     kw = dict(kwargs)
     kw.setdefault("debug", False)
     kw.setdefault("instrumentation_mode", "")
-    bound, specialization, options = binder(*args, **kw)
+    return (backend, kw, *binder(*args, **kw))
+
+
+def specialization_key(kernel, args, kwargs, arch: int = 90) -> str:
+    """The part of the JIT cache key that the arguments decide (dtypes, constexprs, integer
+    and alignment specialization, launch options): equal keys share one compiled kernel."""
+    _, _, _, specialization, options = _bind(kernel, args, kwargs, arch)
+    opts = options if isinstance(options, dict) else vars(options)
+    return f"{kernel.fn.__name__}{specialization}{sorted(opts.items())}"
+
+
+def compile_launch(kernel, args, kwargs, arch: int = 90):
+    """The CompiledKernel that ``kernel[grid](*args, **kwargs)`` would run on sm_<arch>."""
+    backend, kw, bound, specialization, options = _bind(kernel, args, kwargs, arch)
+    target = GPUTarget("cuda", arch, 32)
     options, signature, constexprs, attrs = kernel._pack_args(backend, kw, bound, specialization,
                                                               options)
     return triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=target,

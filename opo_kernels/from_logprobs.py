@@ -37,7 +37,7 @@ from .utils import new_output, use_triton
 # --------------------------------------------------------------------------------------------
 
 
-@triton.jit(do_not_specialize=["T", "N"])
+@triton.jit(do_not_specialize=["T", "N", "lp_sb", "ref_sb", "sel_sb", "num_seqs"])
 def _logprob_grad_kernel(
     lp_ptr, lp_sb, lp_st, ref_ptr, ref_sb, ref_st, sel_ptr, sel_sb, sel_st, num_seqs,
     coef_ptr, scal_ptr, grad_loss_ptr, grad_lp_ptr, grad_ent_ptr, T, N,

@@ -129,7 +129,16 @@ def _row_gradient(base, sv, grad_base, grad_sv, V, label, x_max, log_sum, lp_lab
                  (g * inv_t).to(grad_base.dtype.element_ty), mask=in_row)
 
 
-@triton.jit(do_not_specialize=["T", "row_start", "l_T", "vocab_start"])
+# Integers that follow the batch's shape (B, T, and the strides over sequences of the [B, T]
+# labels / mask / ref_logprobs, which are T or T + 1) are not specialized: an RL loop's B and T
+# change every step, and Triton would compile a new variant whenever T % 16 or B % 16 changes
+# (benchmarks/jit_keys.py counts it). Only scalars per row are read through them, so
+# specializing them buys nothing. The logits' strides (multiples of V) stay specialized: they
+# decide the 16-byte accesses of the vocabulary loop.
+_SHAPE_ARGS = ["T", "row_start", "l_T", "vocab_start", "lab_sb", "sel_sb", "num_seqs"]
+
+
+@triton.jit(do_not_specialize=_SHAPE_ARGS)
 def _opo_fwd_kernel(
     logits_ptr, l_T, l_sb, l_st, l_sv,      # logits rows, indexed by the local row pid
     labels_ptr, lab_sb, lab_st,             # [B, T] or [N] (any integer dtype)
@@ -236,7 +245,7 @@ def _opo_fwd_kernel(
                       entropy, d_entropy, inv_t, WITH_ENTROPY, ACC, BLOCK_V, WIDE, STAGES)
 
 
-@triton.jit(do_not_specialize=["T", "row_start", "l_T", "vocab_start"])
+@triton.jit(do_not_specialize=_SHAPE_ARGS + ["ref_sb"])
 def _opo_bwd_kernel(
     logits_ptr, l_T, l_sb, l_st, l_sv,      # grad_ptr may equal logits_ptr (in place)
     grad_ptr, g_sb, g_st, g_sv,
@@ -277,7 +286,7 @@ def _opo_bwd_kernel(
                   WITH_ENTROPY, ACC, BLOCK_V, WIDE, STAGES)
 
 
-@triton.jit(do_not_specialize=["T", "l_T"])
+@triton.jit(do_not_specialize=["T", "l_T", "sel_sb", "num_seqs"])
 def _scale_kernel(grad_ptr, l_T, g_sb, g_st, g_sv, sel_ptr, sel_sb, sel_st, num_seqs, scale_ptr,
                   T, V,
                   PACKED: tl.constexpr, HAS_MASK: tl.constexpr, ACC: tl.constexpr,

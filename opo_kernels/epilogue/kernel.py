@@ -18,7 +18,8 @@ from .sums import _phase1_packed, _phase1_padded
 
 # mode flags are runtime ints (uniform branches), not constexprs: one compiled variant serves
 # every option combination (the option grid would otherwise compile hundreds of variants)
-@triton.jit(do_not_specialize=["B", "T", "N", "K", "ON_POLICY", "LEVEL", "RATIO", "WEIGHTS",
+@triton.jit(do_not_specialize=["B", "T", "N", "K", "lp_sb", "ref_sb", "ent_sb", "sel_sb",
+                               "lab_sb", "ON_POLICY", "LEVEL", "RATIO", "WEIGHTS",
                                "CENTER", "ADAPTIVE", "SCALE_REWARDS", "ENT_IN_LOSS",
                                "BONUS", "VALIDATE"])
 def epilogue_kernel(
