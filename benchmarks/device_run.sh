@@ -62,8 +62,16 @@ triton.__version__, 'numpy', numpy.__version__, 'cuda', torch.cuda.is_available(
 rc=0
 if [ "$stage" = all ] || [ "$stage" = check ]; then
   start=$(date +%s)
-  timeout "${OPO_SUITE_TIMEOUT_S:-300}" python3 -m pytest -q -p no:cacheprovider tests \
-    -rfE --durations=15 --junitxml="$out_dir/suite.xml" 2>&1 | tee -a "$log"
+  # Parallel workers (pytest-xdist is in the GPU image): the suite's time on a fresh machine is
+  # mostly Triton compiling ~300 kernel variants for sm_90 (0.1-0.5 s each for the row kernels,
+  # 3-5 s for the epilogue, measured on the 2-core development machine), one process each.
+  # Several processes share the one GPU; the largest GPU tests hold ~20 GB each.
+  xdist=()
+  python3 -c "import xdist" 2>/dev/null && xdist=(-n "${OPO_SUITE_WORKERS:-8}")
+  # SIGINT at the limit: pytest then stops cleanly and still writes the summary and suite.xml
+  timeout -s INT -k 30 "${OPO_SUITE_TIMEOUT_S:-300}" python3 -m pytest -q -p no:cacheprovider \
+    tests ${xdist[@]+"${xdist[@]}"} -rfE --durations=15 --junitxml="$out_dir/suite.xml" \
+    2>&1 | tee -a "$log"
   rc=${PIPESTATUS[0]}
   echo "[device_run] suite on CUDA: exit code $rc, $(( $(date +%s) - start )) s" | tee -a "$log"
   timeout 120 python3 -m opo_kernels 2>&1 | tee -a "$log"

@@ -52,3 +52,24 @@ def test_on_policy_epilogue_has_its_two_launch_variants(scenarios):
     the key count is not trivially 1, so the binder's keys do tell variants apart."""
     assert scenarios["padded-on-policy-entropy"]["epilogue_kernel"] == {"first": 2, "all": 2}
 
+
+def test_suite_variants_records_and_compiles_a_suite_slice(tmp_path):
+    """``benchmarks/suite_variants.py`` (run by hand: ~15 min for the whole suite) on a slice of
+    the suite: the float64 gradcheck launches of both layouts are recorded, rebuilt with the same
+    keys and compiled for sm_90."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("TRITON_INTERPRET", "PYTEST_XDIST_WORKER", "PYTEST_XDIST_WORKER_COUNT")}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    out = subprocess.run(
+        [sys.executable, "-m", "benchmarks.suite_variants", "--workers", "1", "--dir",
+         str(tmp_path), "--pytest-args",
+         "tests/test_gradcheck.py -k 'sequence-ratio-tensor and triton'"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    lines = out.stdout.splitlines()
+    assert "[suite_variants] interpreter suite: exit code 0" in out.stdout
+    launched = next(ln for ln in lines if "distinct kernel variants launched" in ln)
+    assert int(launched.split()[1]) >= 4, launched  # fwd, bwd, epilogue; two layouts
+    kernels = {ln.split()[0] for ln in lines if ln.startswith("  _") or ln.startswith("  epi")}
+    assert {"_opo_fwd_kernel", "_opo_bwd_kernel", "epilogue_kernel"} <= kernels, out.stdout
+    assert "[suite_variants] 0 variant(s) failed, spilled or did not rebuild" in out.stdout
