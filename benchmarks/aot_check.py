@@ -93,10 +93,9 @@ def specialization_key(kernel, args, kwargs, arch: int = 90) -> str:
 def compile_launch(kernel, args, kwargs, arch: int = 90):
     """The CompiledKernel that ``kernel[grid](*args, **kwargs)`` would run on sm_<arch>."""
     backend, kw, bound, specialization, options = _bind(kernel, args, kwargs, arch)
-    target = GPUTarget("cuda", arch, 32)
     options, signature, constexprs, attrs = kernel._pack_args(backend, kw, bound, specialization,
                                                               options)
-    return triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=target,
+    return triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=backend.target,
                           options=options.__dict__)
 
 

@@ -63,8 +63,9 @@ rc=0
 if [ "$stage" = all ] || [ "$stage" = check ]; then
   start=$(date +%s)
   # Parallel workers (pytest-xdist is in the GPU image): the suite's time on a fresh machine is
-  # mostly Triton compiling ~300 kernel variants for sm_90 (0.1-0.5 s each for the row kernels,
-  # 3-5 s for the epilogue, measured on the 2-core development machine), one process each.
+  # mostly Triton compiling the 361 kernel variants it launches for sm_90 (0.1-0.5 s each for
+  # the row kernels, 3-5 s for the epilogue on one process of the 2-core development machine;
+  # benchmarks/suite_variants.py counts them).
   # Several processes share the one GPU; the largest GPU tests hold ~20 GB each.
   xdist=()
   python3 -c "import xdist" 2>/dev/null && xdist=(-n "${OPO_SUITE_WORKERS:-8}")
