@@ -1,7 +1,13 @@
 #!/usr/bin/env bash
 # The GPU session's commands, for the lent GPU machine (the device tool's `run`) or any CUDA
-# machine. Stages (one device call each; the lent machine gives 15 minutes of device time in
-# all and 10 minutes per command, so each stage stays well inside ~8 minutes):
+# machine. Stages (one device call each):
+#   lease  for the lent machine's 15 minutes of device time (start included): the essentials
+#          in ONE call that ends by OPO_DEADLINE_S (default 540 s) -- the whole suite on CUDA
+#          (<= 200 s), the self-check, the epilogue's per-call time, the benchmark rows at the
+#          issue's target shapes (logits V = 151936 bf16 N = 16384, then fused-linear), and
+#          the launch-config sweep in the time left. Each step's limit is cut to what is left.
+#   rest   straight after `lease`, while the machine is warm (30 s): the tensor-parallel bench,
+#          then the benchmark rows not measured yet (--resume FILE), by OPO_DEADLINE_S (200)
 #   check  the WHOLE test suite on CUDA (the kernel-vs-reference grid with compiled kernels +
 #          the GPU-only tests; CPU-only tests skip), the self-check, the epilogue's per-call
 #          time before/after issue 10, then the launch-config sweep
@@ -12,25 +18,42 @@
 #          tp = 2 and 8), ~1-2 minutes
 #   all    check, then bench, then tp (a CUDA machine without the device tool's limits)
 #
-# From the development machine:
+# The 15-minute lease, from the development machine (plan: start ~1-2 min + lease 9 min +
+# rest ~3 min; `lease` alone already returns every result the issue asks for first):
 #   bash benchmarks/fetch_wheels.sh          # once: liger-kernel wheel into .whl/ (ignored)
-#   run(command="OPO_BENCH_COMMIT=$(git rev-parse HEAD) bash benchmarks/device_run.sh check",
-#       carry=[".whl"], timeout_s=560)
-#   run(command="OPO_BENCH_COMMIT=<sha> bash benchmarks/device_run.sh bench", carry=[".whl"],
-#       timeout_s=560)
+#   run(command="OPO_BENCH_COMMIT=$(git rev-parse HEAD) bash benchmarks/device_run.sh lease",
+#       carry=[".whl"], timeout_s=590)
+#   # AT ONCE (the machine goes back after 30 s idle), if status says >= 4 min are left:
+#   cp <files_at>/<device>.json .whl/resume.json
+#   run(command="OPO_BENCH_COMMIT=<sha> bash benchmarks/device_run.sh rest --resume "
+#       ".whl/resume.json", carry=[".whl"], timeout_s=<left - 30>)   # OPO_DEADLINE_S to match
+#   give_back()
 #   # back here: copy <device>.json from files_at to benchmarks/results/, then
 #   python -m benchmarks.run --report-only benchmarks/results/<device>.json
 #
-# Everything goes under $OUT when set (the device tool returns at most 8 files from there):
-# log.txt (all output), suite.xml (JUnit: the suite's pass counts), sweep.jsonl, <device>.json,
-# .png, .md. Without $OUT: benchmarks/results/ and the README's table.
+# Everything goes under $OUT when set (the device tool returns at most 8 files from there;
+# `lease` writes exactly 8: log.txt, suite.xml, epilogue_bench.json, sweep.jsonl and the
+# bench's <device>.json, .pytest-benchmark.json, .png, .md). Without $OUT:
+# benchmarks/results/ and the README's table.
 # Time limits (seconds): OPO_SUITE_TIMEOUT_S (default 300), OPO_SWEEP_BUDGET_S (120: no new
-# sweep shape starts after it), OPO_BENCH_BUDGET_S (360 for bench alone: no new row after it).
+# sweep shape starts after it), OPO_BENCH_BUDGET_S (360 for bench alone: no new row after it),
+# OPO_DEADLINE_S (lease / rest: the whole call's end; every step is cut to fit it).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 stage=${1:-check}
 [ $# -gt 0 ] && shift
-case "$stage" in all|check|bench|tp) ;; *) echo "usage: $0 [check|bench|tp|all] [run.py args]"; exit 2;; esac
+case "$stage" in lease|rest|all|check|bench|tp) ;;
+  *) echo "usage: $0 [lease|rest|check|bench|tp|all] [run.py args]"; exit 2;; esac
+start_all=$(date +%s)
+case "$stage" in lease) deadline_s=${OPO_DEADLINE_S:-540};; rest) deadline_s=${OPO_DEADLINE_S:-200};;
+  *) deadline_s=${OPO_DEADLINE_S:-1000000};; esac
+# cap WANT RESERVE: WANT seconds, cut so that RESERVE seconds are still left before the deadline
+cap() {
+  local left=$(( start_all + deadline_s - $(date +%s) - $2 ))
+  (( left < $1 )) && set -- "$left"
+  (( $1 < 5 )) && set -- 5
+  echo "$1"
+}
 
 export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0 TRITON_DEFAULT_FP_FUSION=1
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -60,40 +83,99 @@ triton.__version__, 'numpy', numpy.__version__, 'cuda', torch.cuda.is_available(
 } 2>&1 | tee -a "$log"
 
 rc=0
-if [ "$stage" = all ] || [ "$stage" = check ]; then
-  start=$(date +%s)
+keep() { [ "$rc" -eq 0 ] && rc=$1; }  # the first failing step's exit code is the stage's
+
+run_suite() {  # $1: time limit (s)
+  local start=$(date +%s)
   # Parallel workers (pytest-xdist is in the GPU image): the suite's time on a fresh machine is
   # mostly Triton compiling the 361 kernel variants it launches for sm_90 (0.1-0.5 s each for
   # the row kernels, 3-5 s for the epilogue on one process of the 2-core development machine;
   # benchmarks/suite_variants.py counts them).
   # Several processes share the one GPU; the largest GPU tests hold ~20 GB each.
-  xdist=()
+  local xdist=()
   python3 -c "import xdist" 2>/dev/null && xdist=(-n "${OPO_SUITE_WORKERS:-8}")
   # SIGINT at the limit: pytest then stops cleanly and still writes the summary and suite.xml
-  timeout -s INT -k 30 "${OPO_SUITE_TIMEOUT_S:-300}" python3 -m pytest -q -p no:cacheprovider \
+  timeout -s INT -k 30 "$1" python3 -m pytest -q -p no:cacheprovider \
     tests ${xdist[@]+"${xdist[@]}"} -rfE --durations=15 --junitxml="$out_dir/suite.xml" \
     2>&1 | tee -a "$log"
-  rc=${PIPESTATUS[0]}
-  echo "[device_run] suite on CUDA: exit code $rc, $(( $(date +%s) - start )) s" | tee -a "$log"
-  timeout 120 python3 -m opo_kernels 2>&1 | tee -a "$log"
+  local src=${PIPESTATUS[0]}
+  echo "[device_run] suite on CUDA: exit code $src, $(( $(date +%s) - start )) s (limit $1 s)" \
+    | tee -a "$log"
+  keep "$src"
+}
+
+run_selfcheck() {
+  timeout "$1" python3 -m opo_kernels 2>&1 | tee -a "$log"
   echo "[device_run] self-check exit code ${PIPESTATUS[0]}" | tee -a "$log"
-  timeout 90 python3 -m benchmarks.epilogue_bench --out "$out_dir" 2>&1 | tee -a "$log"
+}
+
+run_epilogue() {
+  timeout "$1" python3 -m benchmarks.epilogue_bench --out "$out_dir" 2>&1 | tee -a "$log"
   echo "[device_run] epilogue bench exit code ${PIPESTATUS[0]}" | tee -a "$log"
-  timeout 300 python3 -m benchmarks.sweep --out "$out_dir" \
-    --budget-s "${OPO_SWEEP_BUDGET_S:-120}" 2>&1 | grep -v '^{"kind"' | tee -a "$log"
+}
+
+run_sweep() {  # $1: budget (no new shape after it), $2: time limit
+  timeout "$2" python3 -m benchmarks.sweep --out "$out_dir" --budget-s "$1" 2>&1 \
+    | grep -v '^{"kind"' | tee -a "$log"
   echo "[device_run] sweep exit code ${PIPESTATUS[0]}" | tee -a "$log"
-fi
-if [ "$stage" = all ] || [ "$stage" = bench ]; then
-  python3 -m benchmarks.run --out "$out_dir" --budget-s "${OPO_BENCH_BUDGET_S:-360}" \
+}
+
+run_bench() {  # $1: budget (no new row after it), $2: time limit, then run.py's arguments
+  local budget=$1 limit=$2
+  shift 2
+  # SIGINT at the limit: the results JSON is rewritten after every row, so what was measured
+  # stays; the plot and table are then made from it below
+  timeout -s INT -k 20 "$limit" python3 -m benchmarks.run --out "$out_dir" --budget-s "$budget" \
     ${readme_args[@]+"${readme_args[@]}"} "$@" 2>&1 | tee -a "$log"
-  brc=${PIPESTATUS[0]}
+  local brc=${PIPESTATUS[0]}
   echo "[device_run] benchmark exit code $brc" | tee -a "$log"
-  [ "$rc" -eq 0 ] && rc=$brc
-fi
-if [ "$stage" = all ] || [ "$stage" = tp ]; then
-  timeout 240 python3 -m benchmarks.tp_bench --out "$out_dir" 2>&1 | tee -a "$log"
-  trc=${PIPESTATUS[0]}
+  local results
+  results=$(ls -t "$out_dir"/*.json 2>/dev/null | grep -v -e pytest-benchmark -e sweep \
+            -e epilogue_bench -e tp_bench | head -1)
+  if [ -n "$results" ] && [ ! -e "${results%.json}.md" -o "$results" -nt "${results%.json}.md" ]; then
+    python3 -m benchmarks.run --report-only "$results" --no-readme 2>&1 | tee -a "$log"
+  fi
+  keep "$brc"
+}
+
+run_tp() {
+  timeout "$1" python3 -m benchmarks.tp_bench --out "$out_dir" 2>&1 | tee -a "$log"
+  local trc=${PIPESTATUS[0]}
   echo "[device_run] tp bench exit code $trc" | tee -a "$log"
-  [ "$rc" -eq 0 ] && rc=$trc
-fi
+  keep "$trc"
+}
+
+case "$stage" in
+  lease)
+    # each step: cap(its own limit, the seconds kept for the steps after it). Worst case at the
+    # default 540 s: suite 200 (+30 s to stop), self-check 30, epilogue 30, benchmark rows
+    # >= 100 s of budget, the sweep what is left; a quick suite leaves the time to the sweep.
+    run_suite "$(cap 200 330)"
+    run_selfcheck "$(cap 45 280)"
+    run_epilogue "$(cap 40 250)"
+    # the issue's target rows come first in the grid (logits V = 151936 bf16 N = 16384, then
+    # fused-linear B16 T1024 H4096 V128256); rows not started by the budget wait for `rest`
+    run_bench "$(cap 120 150)" "$(cap 240 60)" "$@"
+    left=$(cap 100000 15)
+    run_sweep "$(( left > 60 ? left - 60 : 5 ))" "$left"
+    ;;
+  rest)
+    # the tensor-parallel bench first (README: "not yet measured on any GPU"), then more rows
+    run_tp "$(cap 150 60)"
+    run_bench "$(cap 100000 60)" "$(cap 100000 20)" "$@"
+    ;;
+  check|all)
+    run_suite "${OPO_SUITE_TIMEOUT_S:-300}"
+    run_selfcheck 120
+    run_epilogue 90
+    run_sweep "${OPO_SWEEP_BUDGET_S:-120}" 300
+    if [ "$stage" = all ]; then
+      run_bench "${OPO_BENCH_BUDGET_S:-360}" 100000 "$@"
+      run_tp 240
+    fi
+    ;;
+  bench) run_bench "${OPO_BENCH_BUDGET_S:-360}" 100000 "$@" ;;
+  tp) run_tp 240 ;;
+esac
+echo "[device_run] stage $stage: exit code $rc, $(( $(date +%s) - start_all )) s" | tee -a "$log"
 exit "$rc"

@@ -68,3 +68,13 @@ def poison_outputs():
     ok_utils.POISON_OUTPUTS = True
     yield
     ok_utils.POISON_OUTPUTS = False
+
+
+@pytest.fixture(autouse=True)
+def release_gpu_memory(request):
+    """After a GPU test at production size (~20 GB), hand its cached blocks back: the CUDA run
+    has several pytest-xdist processes on one GPU, and each process's caching allocator would
+    otherwise keep the memory of its largest test for the rest of the run."""
+    yield
+    if HAS_CUDA and "gpu" in request.keywords:
+        torch.cuda.empty_cache()
