@@ -21,6 +21,8 @@
 # The 15-minute lease, from the development machine (plan: start ~1-2 min + lease 9 min +
 # rest ~3 min; `lease` alone already returns every result the issue asks for first):
 #   bash benchmarks/fetch_wheels.sh          # once: liger-kernel wheel into .whl/ (ignored)
+#   /tmp/v36/bin/python -m benchmarks.precompile build   # optional, ~20 min here, no device
+#                                            # time: the kernels compiled for the image's Triton
 #   run(command="OPO_BENCH_COMMIT=$(git rev-parse HEAD) bash benchmarks/device_run.sh lease",
 #       carry=[".whl"], timeout_s=590)
 #   # AT ONCE (the machine goes back after 30 s idle), if status says >= 4 min are left:
@@ -81,6 +83,17 @@ triton.__version__, 'numpy', numpy.__version__, 'cuda', torch.cuda.is_available(
   python3 -c "import liger_kernel; print('liger-kernel importable')" 2>&1 | tail -1
   echo "[device_run] commit ${OPO_BENCH_COMMIT:-unknown} stage $stage"
 } 2>&1 | tee -a "$log"
+
+# A Triton cache compiled on the development machine for this image (benchmarks/precompile.py
+# build, carried in .whl/): the variants found there are not compiled here. unpack prints
+# whether each part of Triton's cache key is the same here as where it was built.
+carried=
+if [ -f .whl/triton_cache.tar.xz ]; then
+  export TRITON_CACHE_DIR=/tmp/opo_triton_cache
+  timeout 60 python3 -m benchmarks.precompile unpack .whl/triton_cache.tar.xz \
+    "$TRITON_CACHE_DIR" 2>&1 | tee -a "$log"
+  carried=$(timeout 10 python3 -m benchmarks.precompile count "$TRITON_CACHE_DIR")
+fi
 
 rc=0
 keep() { [ "$rc" -eq 0 ] && rc=$1; }  # the first failing step's exit code is the stage's
@@ -177,5 +190,10 @@ case "$stage" in
   bench) run_bench "${OPO_BENCH_BUDGET_S:-360}" 100000 "$@" ;;
   tp) run_tp 240 ;;
 esac
+if [ -n "$carried" ]; then
+  now=$(timeout 10 python3 -m benchmarks.precompile count "$TRITON_CACHE_DIR")
+  echo "[device_run] triton cache: $carried variants carried, $(( ${now:-$carried} - carried ))" \
+    "compiled here" | tee -a "$log"
+fi
 echo "[device_run] stage $stage: exit code $rc, $(( $(date +%s) - start_all )) s" | tee -a "$log"
 exit "$rc"

@@ -1,0 +1,332 @@
+"""The Triton kernel cache of a GPU session, compiled on the development machine (no GPU) and
+carried to the lent GPU machine, so that its minutes go to measuring rather than compiling.
+
+    # here, in a Python with the GPU image's Triton (3.6.0; benchmarks/NOTES.md says how):
+    python -m benchmarks.precompile build [--wheel W] [--skip-suite] [--workers 2]
+    # there (benchmarks/device_run.sh does it when .whl/triton_cache.tar.xz exists):
+    python -m benchmarks.precompile unpack .whl/triton_cache.tar.xz DIR   # + key comparison
+    python -m benchmarks.precompile count DIR                            # compiled variants
+
+Why: the CUDA suite launches 361 kernel variants (benchmarks/suite_variants.py), 914 s of
+compile summed on this machine, and the launch-config sweep ~80 more; on the lent machine that
+is minutes of a 15-minute lease.
+
+How a carried entry can be found there. Triton looks a compiled kernel up on disk under
+sha256 of ``get_cache_key`` (triton/runtime/cache.py): ``triton_key()`` (its version and the
+hashes of its Python sources and of ``_C/libtriton.so``), the kernel's source and
+specialization (``ASTSource.hash``), the backend (ptxas version and arch), the options (their
+defaults read from the environment: ``TRITON_DEFAULT_FP_FUSION`` ...) and the set
+cache-invalidating environment variables. With the same Triton version and environment all of
+these are the same here as there except ``libtriton.so``, which is built once per Python
+version (the image runs 3.12). ``build`` therefore reads the image's wheel (``pip download``
+for cp312, not installed), checks that its Python sources are byte-identical to this Triton's,
+and compiles under the key the image computes (this Triton's key with libtriton's hash swapped).
+The compiler is the same source built for another Python ABI: an assumption that ``unpack``'s
+comparison and ``count``'s figure (variants compiled there anyway) check on the device. A miss
+costs nothing but the archive's transfer: the kernel compiles there as it would have.
+
+Kept per variant: the cubin and the metadata JSONs (``unpack`` points the group file at where it
+lands); the IRs and the PTX stay here. The archive goes to .whl/ (carried with the wheels).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+import zipfile
+from pathlib import Path
+from typing import Dict, List
+
+REPO = Path(__file__).resolve().parent.parent
+ARCHIVE = "triton_cache.tar.xz"
+MANIFEST = "triton_cache.json"
+KEY_FILE_ENV = "OPO_TRITON_KEY_FILE"  # compile processes read the image's key from this file
+BUILD_ENV = {"TRITON_DEFAULT_FP_FUSION": "1"}  # what device_run.sh exports there
+SWEEP_ROWS = 256  # a multiple of 16 as 16384 is, with 32 sequences of 8 rows: the same keys
+
+
+# --------------------------------------------------------------------------------------------
+# The image's cache key
+# --------------------------------------------------------------------------------------------
+
+
+def _sha256(f) -> str:
+    h = hashlib.sha256()
+    for chunk in iter(lambda: f.read(1 << 20), b""):
+        h.update(chunk)
+    return h.hexdigest()
+
+
+def image_triton_key(wheel: Path) -> str:
+    """``triton_key()`` as the Python of ``wheel`` (a Triton wheel for another Python version)
+    computes it. Raises SystemExit naming what differs when the wheel is not this Triton."""
+    import triton
+    from triton.runtime import cache
+
+    version = wheel.name.split("-")[1] if wheel.name.startswith("triton-") else "?"
+    if version != triton.__version__:
+        raise SystemExit(f"--wheel: {wheel.name} is Triton {version}, this Python has "
+                         f"{triton.__version__}: build with the GPU image's version")
+    site = Path(triton.__file__).resolve().parent.parent
+    differ = []
+    with zipfile.ZipFile(wheel) as z:
+        for info in z.infolist():
+            name = info.filename
+            if name.startswith("triton/") and name.endswith(".py"):
+                local = site / name
+                if not local.is_file() or local.read_bytes() != z.read(info):
+                    differ.append(name)
+        with z.open("triton/_C/libtriton.so") as f:
+            image_lib = _sha256(f)
+    if differ:
+        raise SystemExit(f"--wheel: {len(differ)} Python source(s) differ from this Triton's "
+                         f"(e.g. {differ[:3]}): its cache key cannot be computed here")
+    with open(site / "triton" / "_C" / "libtriton.so", "rb") as f:
+        local_lib = _sha256(f)
+    key = cache.triton_key()
+    if key.count(local_lib) != 1:
+        raise SystemExit("triton_key() does not hold libtriton's hash once: this Triton's key "
+                         "is not made as benchmarks/precompile.py assumes")
+    return key.replace(local_lib, image_lib)
+
+
+def apply_key(key: str) -> None:
+    """This process's Triton compiles and looks kernels up under ``key`` as its triton_key()
+    (``get_cache_key`` reads the module global at each call)."""
+    from triton.runtime import cache
+
+    cache.triton_key = lambda: key
+
+
+def apply_key_from_env() -> None:
+    """Pool initializer: apply the key named by $OPO_TRITON_KEY_FILE, if set."""
+    path = os.environ.get(KEY_FILE_ENV)
+    if path:
+        apply_key(Path(path).read_text())
+
+
+def key_parts(arch: int = 90) -> Dict[str, object]:
+    """Each part of Triton's cache key for one reference launch (aot_check's ``fwd-bf16``) on
+    sm_<arch>, shortened: equal parts here and on the GPU machine mean its lookups can hit."""
+    import triton
+    from triton._C.libtriton import get_cache_invalidating_env_vars
+    from triton.compiler import ASTSource
+    from triton.runtime import cache
+
+    from benchmarks import aot_check
+
+    with aot_check.recording() as log:
+        aot_check.VARIANTS["fwd-bf16"]()
+    (kernel, args, kwargs), = log
+    backend, kw, bound, spec, options = aot_check._bind(kernel, args, kwargs, arch)
+    options, signature, constexprs, attrs = kernel._pack_args(backend, kw, bound, spec, options)
+    short = lambda s: hashlib.sha256(s.encode()).hexdigest()[:16]  # noqa: E731
+    return {"triton": triton.__version__, "triton_key": short(cache.triton_key()),
+            "source": ASTSource(kernel, signature, constexprs, attrs).hash()[:16],
+            "backend": " ".join(backend.hash().split()),  # the ptxas version and the arch
+            "options": backend.parse_options(options.__dict__).hash()[:16],
+            "env": dict(sorted(get_cache_invalidating_env_vars().items()))}
+
+
+# --------------------------------------------------------------------------------------------
+# Building (here)
+# --------------------------------------------------------------------------------------------
+
+
+def download_image_wheel(version: str, dest: Path) -> Path:
+    """The cp312 manylinux wheel of Triton ``version`` (the image's Python), not installed."""
+    dest.mkdir(parents=True, exist_ok=True)
+    subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps",
+                    "--only-binary=:all:", "--python-version", "3.12", "--implementation", "cp",
+                    "--platform", "manylinux_2_27_x86_64", "--platform", "manylinux_2_28_x86_64",
+                    "-d", str(dest), f"triton=={version}"], check=True)
+    wheel, = dest.glob(f"triton-{version}-cp312-*.whl")
+    return wheel
+
+
+def sweep_launches(rows: int = SWEEP_ROWS) -> List[tuple]:
+    """((kernel, args, kwargs), origin) of every launch benchmarks/sweep.py makes (each V,
+    kind, dtype and config), recorded at `rows` rows."""
+    import torch
+
+    from benchmarks import aot_check, sweep
+    from opo_kernels import row_kernels
+
+    launches = []
+    for vocab, dtype in ((v, d) for v in sweep.SIZES for d in sweep.DTYPES):
+        problem = sweep._problem(rows, vocab, getattr(torch, dtype), "cpu")
+        for kind in sweep.KINDS:
+            for config in sweep.CONFIGS:
+                row_kernels.LAUNCH_OVERRIDE = lambda k, v, d, c=config, kind=kind: (
+                    c if k == kind else None)
+                try:
+                    with aot_check.recording() as log:
+                        fn, _ = sweep._kernel_call(kind, problem, "cpu")
+                        fn()
+                finally:
+                    row_kernels.LAUNCH_OVERRIDE = None
+                launches += [(launch, f"sweep V={vocab} {kind} {dtype} {config}")
+                             for launch in log]
+    return launches
+
+
+def production_records() -> List[tuple]:
+    """suite_variants records (module, name, key, args, kwargs, origin), one per distinct key,
+    of the launches the GPU session makes outside the test suite: aot_check's
+    production-shaped variants and the sweep's (at SWEEP_ROWS rows: the keys of 16384)."""
+    import torch
+
+    from benchmarks import aot_check
+    from benchmarks.suite_variants import TensorArg
+
+    launches = []
+    for name, run in aot_check.VARIANTS.items():
+        with aot_check.recording() as log:
+            run()
+        launches += [(launch, f"aot_check {name}") for launch in log]
+    records, seen = [], set()
+    conv = lambda v: TensorArg(v) if isinstance(v, torch.Tensor) else v  # noqa: E731
+    for (kernel, args, kwargs), origin in launches + sweep_launches():
+        key = aot_check.specialization_key(kernel, args, kwargs)
+        if key not in seen:
+            seen.add(key)
+            records.append((kernel.fn.__module__, kernel.fn.__name__, key,
+                            [conv(a) for a in args], {k: conv(v) for k, v in kwargs.items()},
+                            origin))
+    return records
+
+
+def pack(cache_dir: Path, archive: Path) -> Dict[str, int]:
+    """Every compiled variant under cache_dir (its cubin and JSONs) into archive (tar.xz);
+    returns the count of variants per kernel."""
+    counts: Dict[str, int] = {}
+    with tarfile.open(archive, "w:xz") as tar:
+        for entry in sorted(cache_dir.iterdir()):
+            cubins = sorted(entry.glob("*.cubin"))
+            if not cubins:
+                continue
+            for f in sorted(entry.iterdir()):
+                if f.suffix in (".cubin", ".json"):
+                    tar.add(f, arcname=f"{entry.name}/{f.name}")
+            counts[cubins[0].stem] = counts.get(cubins[0].stem, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def _commit() -> Dict[str, object]:
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True).stdout
+    return {"commit": git("rev-parse", "HEAD").strip(),
+            "dirty": bool(git("status", "--porcelain", "--untracked-files=no").strip())}
+
+
+def build(wheel: Path | None, out: Path, suite: bool, workers: int) -> int:
+    import triton
+
+    from benchmarks import suite_variants
+
+    wheel = wheel or download_image_wheel(triton.__version__, Path(tempfile.gettempdir()) /
+                                          "opo_image_wheel")
+    key = image_triton_key(wheel)
+    work = Path(tempfile.mkdtemp(prefix="opo_precompile_"))
+    (work / "triton_key").write_text(key)
+    cache_dir = work / "cache"
+    os.environ.update(BUILD_ENV, TRITON_CACHE_DIR=str(cache_dir),
+                      **{KEY_FILE_ENV: str(work / "triton_key")})
+    os.environ.pop("TRITON_INTERPRET", None)
+    apply_key(key)
+    start = time.perf_counter()
+    rc = int(bool(suite_variants.compile_records(production_records(), workers,
+                                                 "production launches")))
+    if suite:
+        rc |= suite_variants.main(["--workers", str(workers), "--dir", str(work / "launches")])
+    out.mkdir(parents=True, exist_ok=True)
+    counts = pack(cache_dir, out / ARCHIVE)
+    manifest = {"built": time.strftime("%Y-%m-%d %H:%M:%S"), **_commit(), "wheel": wheel.name,
+                "key_parts": key_parts(), "variants": sum(counts.values()), "per_kernel": counts,
+                "archive_bytes": (out / ARCHIVE).stat().st_size}
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+    print(f"[precompile] {manifest['variants']} variants in {out / ARCHIVE} "
+          f"({manifest['archive_bytes'] / 2**20:.1f} MiB), {time.perf_counter() - start:.0f} s; "
+          f"per kernel: {counts}")
+    return rc
+
+
+# --------------------------------------------------------------------------------------------
+# On the GPU machine
+# --------------------------------------------------------------------------------------------
+
+
+def unpack(archive: Path, cache_dir: Path) -> int:
+    """Extracts the archive into cache_dir and points each group file at where its files now
+    are; returns the number of variants."""
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(archive, "r:xz") as tar:
+        extra = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+        tar.extractall(cache_dir, **extra)
+    for group in cache_dir.glob("*/__grp__*.json"):
+        data = json.loads(group.read_text())
+        # where the files are now; the ones left behind (IRs, PTX) are dropped from the group
+        # (Triton 3.9 takes a group with a missing file for a miss; 3.6 skips the file)
+        here = {c: group.parent / Path(p).name for c, p in data["child_paths"].items()}
+        data["child_paths"] = {c: str(p) for c, p in here.items() if p.exists()}
+        group.write_text(json.dumps(data))
+    return count(cache_dir)
+
+
+def count(cache_dir: Path) -> int:
+    """Compiled variants (folders holding a cubin) under cache_dir."""
+    return len(list(cache_dir.glob("*/*.cubin"))) if cache_dir.is_dir() else 0
+
+
+def compare(manifest: dict, here: Dict[str, object], commit: str = "") -> List[str]:
+    """Lines saying, per key part, whether this machine computes what the build did."""
+    lines = [f"{name}: {'same' if here.get(name) == built else 'DIFFERS'} (built {built!r}"
+             + ("" if here.get(name) == built else f", here {here.get(name)!r}") + ")"
+             for name, built in manifest["key_parts"].items()]
+    if commit and commit != manifest.get("commit"):
+        lines.append(f"commit: DIFFERS (built {manifest.get('commit')}, here {commit}): "
+                     "kernels changed since are compiled here")
+    return lines
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    b = sub.add_parser("build", help="compile the GPU session's variants for sm_90, here")
+    b.add_argument("--wheel", type=Path, help="the image's Triton wheel (default: pip download)")
+    b.add_argument("--out", type=Path, default=REPO / ".whl")
+    b.add_argument("--skip-suite", action="store_true", help="only the production launches")
+    b.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    u = sub.add_parser("unpack", help="extract into DIR and compare the cache key's parts")
+    u.add_argument("archive", type=Path)
+    u.add_argument("dir", type=Path)
+    c = sub.add_parser("count", help="compiled variants under DIR")
+    c.add_argument("dir", type=Path)
+    args = parser.parse_args(argv)
+    if args.cmd == "build":
+        return build(args.wheel, args.out, not args.skip_suite, args.workers)
+    if args.cmd == "count":
+        print(count(args.dir))
+        return 0
+    n = unpack(args.archive, args.dir)
+    manifest = json.loads((args.archive.parent / MANIFEST).read_text())
+    import torch
+
+    major, minor = torch.cuda.get_device_capability() if torch.cuda.is_available() else (9, 0)
+    print(f"[precompile] {n} carried variants in {args.dir} (built {manifest['built']} at "
+          f"{manifest['commit'][:12]}{' + changes' if manifest['dirty'] else ''})")
+    for line in compare(manifest, key_parts(10 * major + minor),
+                        os.environ.get("OPO_BENCH_COMMIT", "")):
+        print(f"[precompile]   {line}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
