@@ -21,8 +21,9 @@
 # The 15-minute lease, from the development machine (plan: start ~1-2 min + lease 9 min +
 # rest ~3 min; `lease` alone already returns every result the issue asks for first):
 #   bash benchmarks/fetch_wheels.sh          # once: liger-kernel wheel into .whl/ (ignored)
-#   /tmp/v36/bin/python -m benchmarks.precompile build   # optional, ~20 min here, no device
-#                                            # time: the kernels compiled for the image's Triton
+#   /tmp/v36/bin/python -m benchmarks.precompile build   # optional, ~15 min here, no device
+#       # time: the kernels compiled for the image's Triton, after the last edit of opo_kernels/
+#       # (benchmarks/NOTES.md, "The kernels compiled here, carried to the GPU")
 #   run(command="OPO_BENCH_COMMIT=$(git rev-parse HEAD) bash benchmarks/device_run.sh lease",
 #       carry=[".whl"], timeout_s=590)
 #   # AT ONCE (the machine goes back after 30 s idle), if status says >= 4 min are left:
