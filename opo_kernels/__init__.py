@@ -7,11 +7,19 @@ The math contract is the project's SPEC (see README "The objective"); ``opo_kern
 is its plain-PyTorch form.
 """
 
-from . import reference
+from . import from_logprobs, reference, row_kernels, tp_combine
+from .cache_keys import prehash
 from .config import OPOLossConfig
+from .epilogue import kernel as _epilogue
 from .from_logprobs import opo_loss_from_logprobs
 from .fused_linear_opo import FusedLinearOPOLoss, fused_linear_opo_loss
 from .fused_opo import OPOLoss, opo_loss
+
+# every kernel's Triton cache key, independent of the order of first launches (cache_keys.py)
+prehash(row_kernels._opo_fwd_kernel, row_kernels._opo_bwd_kernel, row_kernels._scale_kernel,
+        from_logprobs._logprob_grad_kernel, tp_combine._combine_kernel,
+        _epilogue.epilogue_kernel)
+del prehash
 
 __all__ = ["FusedLinearOPOLoss", "OPOLoss", "OPOLossConfig", "fused_linear_opo_loss", "opo_loss",
            "opo_loss_from_logprobs", "reference"]
