@@ -90,13 +90,19 @@ def specialization_key(kernel, args, kwargs, arch: int = 90) -> str:
     return f"{kernel.fn.__name__}{specialization}{sorted(opts.items())}"
 
 
-def compile_launch(kernel, args, kwargs, arch: int = 90):
-    """The CompiledKernel that ``kernel[grid](*args, **kwargs)`` would run on sm_<arch>."""
+def launch_source(kernel, args, kwargs, arch: int = 90):
+    """(backend, ASTSource, options) that ``kernel[grid](*args, **kwargs)`` compiles on
+    sm_<arch>: what Triton's cache key is made of (benchmarks/precompile.py compares it)."""
     backend, kw, bound, specialization, options = _bind(kernel, args, kwargs, arch)
     options, signature, constexprs, attrs = kernel._pack_args(backend, kw, bound, specialization,
                                                               options)
-    return triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=backend.target,
-                          options=options.__dict__)
+    return backend, ASTSource(kernel, signature, constexprs, attrs), options
+
+
+def compile_launch(kernel, args, kwargs, arch: int = 90):
+    """The CompiledKernel that ``kernel[grid](*args, **kwargs)`` would run on sm_<arch>."""
+    backend, src, options = launch_source(kernel, args, kwargs, arch)
+    return triton.compile(src, target=backend.target, options=options.__dict__)
 
 
 # --------------------------------------------------------------------------------------------

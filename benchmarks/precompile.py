@@ -117,19 +117,17 @@ def key_parts(arch: int = 90) -> Dict[str, object]:
     sm_<arch>, shortened: equal parts here and on the GPU machine mean its lookups can hit."""
     import triton
     from triton._C.libtriton import get_cache_invalidating_env_vars
-    from triton.compiler import ASTSource
     from triton.runtime import cache
 
     from benchmarks import aot_check
 
     with aot_check.recording() as log:
         aot_check.VARIANTS["fwd-bf16"]()
-    (kernel, args, kwargs), = log
-    backend, kw, bound, spec, options = aot_check._bind(kernel, args, kwargs, arch)
-    options, signature, constexprs, attrs = kernel._pack_args(backend, kw, bound, spec, options)
+    (launch,) = log
+    backend, src, options = aot_check.launch_source(*launch, arch)
     short = lambda s: hashlib.sha256(s.encode()).hexdigest()[:16]  # noqa: E731
     return {"triton": triton.__version__, "triton_key": short(cache.triton_key()),
-            "source": ASTSource(kernel, signature, constexprs, attrs).hash()[:16],
+            "source": src.hash()[:16],
             "backend": " ".join(backend.hash().split()),  # the ptxas version and the arch
             "options": backend.parse_options(options.__dict__).hash()[:16],
             "env": dict(sorted(get_cache_invalidating_env_vars().items()))}
@@ -181,10 +179,8 @@ def production_records() -> List[tuple]:
     """suite_variants records (module, name, key, args, kwargs, origin), one per distinct key,
     of the launches the GPU session makes outside the test suite: aot_check's
     production-shaped variants and the sweep's (at SWEEP_ROWS rows: the keys of 16384)."""
-    import torch
-
     from benchmarks import aot_check
-    from benchmarks.suite_variants import TensorArg
+    from benchmarks.suite_variants import make_record
 
     launches = []
     for name, run in aot_check.VARIANTS.items():
@@ -192,14 +188,11 @@ def production_records() -> List[tuple]:
             run()
         launches += [(launch, f"aot_check {name}") for launch in log]
     records, seen = [], set()
-    conv = lambda v: TensorArg(v) if isinstance(v, torch.Tensor) else v  # noqa: E731
     for (kernel, args, kwargs), origin in launches + sweep_launches():
         key = aot_check.specialization_key(kernel, args, kwargs)
         if key not in seen:
             seen.add(key)
-            records.append((kernel.fn.__module__, kernel.fn.__name__, key,
-                            [conv(a) for a in args], {k: conv(v) for k, v in kwargs.items()},
-                            origin))
+            records.append(make_record(kernel.fn, key, args, kwargs, origin))
     return records
 
 

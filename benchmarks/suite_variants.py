@@ -48,6 +48,14 @@ class TensorArg:
         return base if self.aligned else base[1:]  # one element off: not 16-byte aligned
 
 
+def make_record(fn, key: str, args, kwargs, origin: str) -> tuple:
+    """(module, name, key, args, kwargs, origin) of one launch of the Python function ``fn``'s
+    kernel, tensors as TensorArg: what ``compile_one`` rebuilds and compiles."""
+    conv = lambda v: TensorArg(v) if isinstance(v, torch.Tensor) else v  # noqa: E731
+    return (fn.__module__, fn.__name__, key, [conv(a) for a in args],
+            {k: conv(v) for k, v in kwargs.items()}, origin)
+
+
 # --------------------------------------------------------------------------------------------
 # Phase 1, the pytest plugin (in the interpreter run): record each new key's launch
 # --------------------------------------------------------------------------------------------
@@ -73,10 +81,8 @@ def pytest_configure(config):
         key = specialization_key(jit[self.fn], args, kwargs)
         if key not in seen:
             seen.add(key)
-            conv = lambda v: TensorArg(v) if isinstance(v, torch.Tensor) else v  # noqa: E731
-            pickle.dump((self.fn.__module__, self.fn.__name__, key, [conv(a) for a in args],
-                         {k: conv(v) for k, v in kwargs.items()},
-                         os.environ.get("PYTEST_CURRENT_TEST", "")), out)
+            pickle.dump(make_record(self.fn, key, args, kwargs,
+                                    os.environ.get("PYTEST_CURRENT_TEST", "")), out)
             out.flush()
         return run(self, *args, grid=grid, warmup=warmup, **kwargs)
 
