@@ -1,0 +1,69 @@
+"""OPO in Hugging Face TRL: ``OPOConfig`` (a ``trl.GRPOConfig``) and ``OPOTrainer`` (a
+``trl.GRPOTrainer`` whose loss is ``opo_kernels.opo_loss``). It overrides private GRPOTrainer
+methods, hence the pinned range in setup.py (extra "trl"); tests/test_trl_integration.py passed
+with trl 1.16.0 + transformers 5.23.0 and 4.57.6, and trl 1.8.0, 1.0.0, 0.29.1 + transformers
+5.23.0 (CPU only; no GPU run).
+
+What reaches the loss (SPEC "Inputs"), per micro-batch of B completions:
+- logits: the policy's completion logits [B, C, V] (a view of the model output, not a copy),
+  divided by TRL's sampling ``temperature`` inside the loss (as TRL does for its log-probs).
+- rewards: the RAW rewards Σ_i reward_weights[i]·r_i, captured at generation time (TRL only
+  keeps its group-normalized advantages). A completion that every reward function scored None
+  gets an empty mask, so it is excluded from its group (SPEC: n_s = 0).
+- groups: TRL samples ``num_generations`` consecutive completions per prompt. The integration
+  packs each group into one row of the generation batch, so TRL's shuffle and its split into
+  micro-batches move whole groups: Q, p̃ and τ are always computed over complete groups. This
+  needs ``per_device_train_batch_size % num_generations == 0`` (checked by OPOConfig).
+- π_ref: TRL's ``old_per_token_logps`` when it computes them (when a generation batch outlives
+  one optimizer step: num_iterations > 1 or steps_per_generation > gradient_accumulation_steps;
+  and with vLLM), else the detached current policy (``ref_logprobs=None``: on-policy, the
+  paper's setting; the loss value is then 0, its gradient is not).
+- mask: TRL's completion mask (times its tool mask in multi-turn runs).
+
+Each micro-batch is one ``opo_loss`` call (its own τ), divided by the gradient-accumulation
+steps, like TRL's "grpo" loss. Metrics are logged as ``opo/<name>`` (mean over processes;
+``opo/omega_max`` is the max).
+
+``opo_fused_linear=True``: the loss is ``fused_linear_opo_loss`` on the final hidden states
+and the LM head's weight (and bias), so the [B, C, V] completion logits are never materialized
+(at most ``opo_chunk_size`` × V logits at a time; None = that function's default). The model
+runs with ``logits_to_keep=1`` (its own head sees one position) and ``output_hidden_states``
+(only the last one where transformers can select it); ``hidden_states[-1]`` is the normed
+output that feeds ``lm_head`` in transformers' causal LMs, and it is sliced at the positions
+that predict the completion exactly as the logits are in the default path. The head is
+``get_output_embeddings()`` of the unwrapped model (DDP, accelerate) and is computed in the
+dtype the model's own head uses: the autocast dtype under mixed precision, else the weight's
+(TRL's cast_lm_head_to_fp32 included). Rewards, groups, π_ref, mask, temperature, accumulation
+scaling and the MoE aux loss are those of the default path. Refused, since the fused loss
+computes exactly ``hidden @ weight.T + bias`` and nothing else: a model whose forward takes no
+``logits_to_keep``; a head that is not a plain ``torch.nn.Linear`` (a LoRA adapter on lm_head,
+a quantized head, a patched forward other than cast_lm_head_to_fp32's); a config that
+transforms the logits after the head (``final_logit_softcapping``; ``logit_scale``,
+``output_multiplier``, ``lm_head_multiplier``, ``logits_scaling`` other than 1); FSDP and
+DeepSpeed ZeRO-3 (sharded head weight). The first loss call also checks that the head applied
+to ``hidden_states[-1]`` reproduces the model's own logits at the last position, and raises
+otherwise. ``opo/entropy_mean`` comes from the loss kernels in both paths (same pass over the
+logits, ``compute_entropy``).
+
+GRPO options that do not apply: loss_type, epsilon, epsilon_high, delta,
+importance_sampling_level, the SAPO/VESPO options, and scale_rewards /
+multi_objective_aggregation (these two only shape ``opo_weights="grpo_advantages"``);
+cast_lm_head_to_fp32 acts through the model's head (both paths follow it). Refused:
+beta != 0, entropy_coef != 0 or use_adaptive_entropy (use ``opo_entropy_coef``),
+top_entropy_quantile < 1, off_policy_mask_threshold, multimodal (vision) inputs.
+
+Example::
+
+    from opo_kernels.integrations.trl import OPOConfig, OPOTrainer
+
+    args = OPOConfig(output_dir="out", num_generations=6, per_device_train_batch_size=12,
+                     opo_alpha=0.6, opo_mu=1.0)
+    trainer = OPOTrainer(model=model, reward_funcs=reward_fn, args=args,
+                         train_dataset=dataset, processing_class=tokenizer)
+    trainer.train()
+"""
+
+from .config import OPO_WEIGHTS, OPOConfig
+from .trainer import OPOTrainer
+
+__all__ = ["OPO_WEIGHTS", "OPOConfig", "OPOTrainer"]

@@ -1,0 +1,229 @@
+"""``OPOTrainer``: TRL's GRPOTrainer whose loss is ``opo_loss`` (or, with
+``opo_fused_linear=True``, ``fused_linear_opo_loss``); the package docstring says what reaches
+the loss and which GRPO options apply."""
+
+from __future__ import annotations
+
+import textwrap
+from typing import Dict
+
+import torch
+from trl import GRPOTrainer
+
+from ...fused_linear_opo import fused_linear_opo_loss_with_config
+from ...fused_opo import opo_loss_with_config
+from .batches import check_whole_groups, completion_positions, pack_groups, unpack_groups
+from .config import OPOConfig
+from .lm_head import (
+    LAST_HIDDEN_STATE,
+    accepts_logits_to_keep,
+    casts_head_to_fp32,
+    check_logit_transforms,
+    find_lm_head,
+    verify_head,
+    zero3_enabled,
+)
+
+# Keys TRL adds for vision-language models; their per-image layouts are not supported here.
+_MULTIMODAL_KEYS = ("pixel_values", "image_grid_thw", "num_images", "pixel_attention_mask",
+                    "image_sizes", "spatial_shapes", "num_tiles", "token_type_ids",
+                    "mm_token_type_ids", "image_position_ids")
+
+
+class OPOTrainer(GRPOTrainer):
+    """``trl.GRPOTrainer`` with the OPO loss; same constructor, ``args`` must be an OPOConfig.
+
+    Overrides: ``_calculate_rewards`` (keeps the raw rewards), ``_generate_and_score_completions``
+    (adds them and packs groups, see the module docstring) and ``_compute_loss`` (the loss).
+    """
+
+    _tag_names = ["trl", "opo"]
+    _name = "OPO"
+    _paper = {
+        "title": "Orthogonalized Policy Optimization: Decoupling Sampling Geometry from "
+                 "Optimization Geometry in RLHF",
+        "id": "2601.12415",
+        "citation": textwrap.dedent("""\
+            @article{wang2026opo,
+                title  = {{Orthogonalized Policy Optimization: Decoupling Sampling Geometry from Optimization Geometry in RLHF}},
+                author = {Zixian Wang},
+                year   = 2026,
+                eprint = {arXiv:2601.12415},
+            }"""),  # noqa: E501
+    }
+
+    def __init__(self, model, reward_funcs=None, args=None, *more, **kwargs):
+        if args is None:
+            name = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "")
+            args = OPOConfig(f"{(str(name).rstrip('/').split('/')[-1] or 'model')}-OPO")
+        if not isinstance(args, OPOConfig):
+            raise TypeError(
+                f"OPOTrainer needs args=OPOConfig(...) (a GRPOConfig with the opo_* options), got "
+                f"{type(args).__name__}"
+            )
+        self._opo_config = args.opo_loss_config()
+        self._opo_rewards_per_func = None
+        super().__init__(model, reward_funcs, args, *more, **kwargs)
+        self._opo_logits_to_keep = accepts_logits_to_keep(self.model)
+        self._opo_head_verified = False
+        if args.opo_fused_linear:
+            self._check_fused_linear()
+
+    # ---- generation time: raw rewards and whole groups --------------------------------------
+
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        # [global batch, reward functions], gathered over processes; TRL normalizes it into
+        # advantages and drops it, OPO needs it raw.
+        rewards_per_func = super()._calculate_rewards(inputs, prompts, completions,
+                                                      completion_ids_list)
+        self._opo_rewards_per_func = rewards_per_func
+        return rewards_per_func
+
+    def _generate_and_score_completions(self, inputs):
+        mode = "train" if self.model.training else "eval"
+        group_size = self.num_generations if mode == "train" else self.num_generations_eval
+        check_whole_groups(inputs, group_size)
+        self._opo_rewards_per_func = None
+        output = super()._generate_and_score_completions(inputs)
+        rewards_per_func, self._opo_rewards_per_func = self._opo_rewards_per_func, None
+        if rewards_per_func is None:
+            raise RuntimeError(
+                "OPOTrainer: GRPOTrainer._generate_and_score_completions did not call "
+                "_calculate_rewards; this TRL version is not supported (see setup.py extras 'trl')"
+            )
+        multimodal = sorted(k for k in output if k in _MULTIMODAL_KEYS)
+        if multimodal:
+            raise NotImplementedError(
+                "OPOTrainer supports text-only models; the batch has multimodal inputs "
+                f"{multimodal}"
+            )
+        num_seqs = len(inputs)
+        start = self.accelerator.process_index * num_seqs  # TRL's process slice
+        local = rewards_per_func[start:start + num_seqs]
+        unscorable = torch.isnan(local).all(dim=1)  # every reward function returned None
+        weights = self.reward_weights.to(local.device, local.dtype)
+        output["opo_rewards"] = (local * weights).nansum(dim=1).masked_fill(unscorable, 0.0)
+        output["opo_scorable"] = ~unscorable
+        return pack_groups(output, num_seqs, group_size)
+
+    # ---- the loss ---------------------------------------------------------------------------
+
+    def _compute_loss(self, model, inputs):
+        if "opo_rewards" not in inputs:
+            raise ValueError(
+                "OPOTrainer's loss needs a batch built by "
+                "OPOTrainer._generate_and_score_completions (it has no 'opo_rewards')"
+            )
+        batch, group_size = unpack_groups(inputs)
+        mode = "train" if self.model.training else "eval"
+        completion_ids = batch["completion_ids"]
+        input_ids = torch.cat([batch["prompt_ids"], completion_ids], dim=1)
+        attention_mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)
+        mask = batch["completion_mask"].bool() & batch["opo_scorable"][:, None]
+        if "tool_mask" in batch:
+            mask = mask & batch["tool_mask"].bool()
+        cfg = self._opo_config
+        if self.args.opo_weights == "grpo_advantages":
+            cfg = cfg.replace(weights=batch["advantages"].float())
+        # old_per_token_logps is None when TRL is on-policy: the loss then uses the detached
+        # current log-probs as π_ref.
+        data = (completion_ids, batch.get("old_per_token_logps"), batch["opo_rewards"])
+        layout = {"mask": mask, "group_size": group_size}
+
+        if self.args.opo_fused_linear:
+            hidden, weight, bias, outputs = self._opo_completion_hidden(
+                model, input_ids, attention_mask, completion_ids.size(1))
+            loss, metrics = fused_linear_opo_loss_with_config(
+                hidden, weight, *data, cfg, bias=bias, chunk_size=self.args.opo_chunk_size,
+                **layout)
+        else:
+            logits, outputs = self._opo_completion_logits(model, input_ids, attention_mask,
+                                                          completion_ids.size(1))
+            loss, metrics = opo_loss_with_config(logits, *data, cfg, **layout)
+
+        if getattr(self, "aux_loss_enabled", False):  # MoE load balancing, as GRPOTrainer does
+            loss = loss + self.router_aux_loss_coef * outputs.aux_loss
+            self._metrics[mode]["aux_loss"].append(
+                self.accelerator.gather_for_metrics(outputs.aux_loss.detach()).mean().item())
+        self._opo_log_metrics(mode, metrics)
+        if mode == "train":  # GRPOTrainer.loss_is_scaled_for_ga: the trainer does not rescale
+            loss = loss / self.current_gradient_accumulation_steps
+        return loss
+
+    def _opo_forward(self, model, input_ids, attention_mask, **kwargs):
+        """The policy's forward as both loss paths run it (no cache, MoE router logits,
+        autocast). TRL patched model.forward with a fused log-prob head; fused_lm_head=False
+        (the default) runs the model's own forward, which returns logits."""
+        kwargs.update(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        if getattr(self, "aux_loss_enabled", False):
+            kwargs["output_router_logits"] = True
+        with self.accelerator.autocast():
+            return model(**kwargs)
+
+    def _opo_completion_logits(self, model, input_ids, attention_mask, num_completion: int):
+        """Logits that predict the completion tokens: [B, C, V], a view of the model output."""
+        kwargs = {}
+        if self._opo_logits_to_keep:  # the LM head only runs on the last C + 1 positions
+            kwargs["logits_to_keep"] = num_completion + 1
+        outputs = self._opo_forward(model, input_ids, attention_mask, **kwargs)
+        return completion_positions(outputs.logits, num_completion), outputs
+
+    def _opo_completion_hidden(self, model, input_ids, attention_mask, num_completion: int):
+        """(hidden [B, C, H], weight [V, H], bias [V] or None, model outputs) such that
+        ``hidden @ weight.T + bias`` are the logits that predict the completion tokens, in the
+        dtype the model's own head computes them in. The model's head runs on one position."""
+        head = find_lm_head(self.accelerator.unwrap_model(model), casts_head_to_fp32(self.args))
+        outputs = self._opo_forward(model, input_ids, attention_mask,
+                                    output_hidden_states=LAST_HIDDEN_STATE, logits_to_keep=1)
+        if not outputs.hidden_states or outputs.hidden_states[-1] is None:
+            raise RuntimeError(
+                "OPOTrainer: opo_fused_linear=True needs the final hidden states, but "
+                f"{type(self.accelerator.unwrap_model(model)).__name__} returned none for "
+                "output_hidden_states; set opo_fused_linear=False")
+        final = outputs.hidden_states[-1]  # [B, P + C, H], after the final norm
+        dtype = self._opo_head_dtype(head.weight)
+        weight, bias = head.weight.to(dtype), None if head.bias is None else head.bias.to(dtype)
+        if not self._opo_head_verified:
+            verify_head(final[:, -1], weight, bias, outputs.logits[:, -1])
+            self._opo_head_verified = True
+        hidden = completion_positions(final, num_completion).to(dtype)
+        return hidden, weight, bias, outputs
+
+    def _opo_head_dtype(self, weight: torch.Tensor) -> torch.dtype:
+        """The dtype of ``lm_head(hidden)`` in the model's forward: the autocast dtype under
+        mixed precision (accelerate then returns the logits converted to fp32, so their dtype
+        does not tell), else the weight's (a bf16 hidden meets an fp32 weight only under TRL's
+        cast_lm_head_to_fp32, whose head computes in fp32)."""
+        device = weight.device.type
+        with self.accelerator.autocast():
+            if weight.dtype != torch.float64 and torch.is_autocast_enabled(device):
+                return torch.get_autocast_dtype(device)
+        return weight.dtype
+
+    def _check_fused_linear(self) -> None:
+        """Refuses, at construction, what opo_fused_linear=True cannot reproduce exactly."""
+        why = None
+        if self.is_fsdp_enabled:
+            why = "FSDP shards the LM head weight, which the fused loss reads directly"
+        elif self.is_deepspeed_enabled and zero3_enabled():
+            why = "DeepSpeed ZeRO-3 shards the LM head weight, which the fused loss reads directly"
+        elif not self._opo_logits_to_keep:
+            why = (f"{type(self.model).__name__}.forward takes no logits_to_keep, so the model's "
+                   "own head would still compute the logits of every position")
+        if why:
+            raise NotImplementedError(f"OPOTrainer: opo_fused_linear=True is not supported here: "
+                                      f"{why}; set opo_fused_linear=False")
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        find_lm_head(unwrapped, casts_head_to_fp32(self.args))
+        check_logit_transforms(unwrapped.config)
+
+    def _opo_log_metrics(self, mode: str, metrics: Dict[str, torch.Tensor]) -> None:
+        names = list(metrics)
+        values = [metrics[name].float() for name in names]
+        gathered = self.accelerator.gather(torch.stack(values)[None]).reshape(-1, len(names))
+        reduced = torch.where(torch.tensor([n == "omega_max" for n in names],
+                                           device=gathered.device),
+                              gathered.max(0).values, gathered.mean(0))
+        for name, value in zip(names, reduced.tolist()):
+            self._metrics[mode][f"opo/{name}"].append(value)
+
