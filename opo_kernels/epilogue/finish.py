@@ -28,6 +28,34 @@ from .layout import (
 
 
 @triton.jit
+def _counts(ws_ptr, B, i, i_in):
+    """(n_s, n_s > 0, max(n_s, 1)) of sequences i: counted tokens, non-empty, a safe divisor."""
+    n = _ws(ws_ptr, B, W_COUNT, i, i_in)
+    return n, n > 0, tl.maximum(n, 1.0)
+
+
+@triton.jit
+def _delta(ws_ptr, B, i, i_in, n_safe, sequence_mean):
+    """δ_s of sequences i: the sum of Δ over their counted tokens, or its mean."""
+    delta = _ws(ws_ptr, B, W_DELTA, i, i_in)
+    if sequence_mean:
+        delta = delta / n_safe
+    return delta
+
+
+@triton.jit
+def _reward(rewards_ptr, r_st, i, i_in, ACC: tl.constexpr):
+    """The rewards of sequences i (0 outside [0, B))."""
+    return tl.load(rewards_ptr + i.to(tl.int64) * r_st, mask=i_in, other=0.0).to(ACC)
+
+
+@triton.jit
+def _advantage(ws_ptr, B, rewards_ptr, r_st, i, i_in, ACC: tl.constexpr):
+    """r_s − the mean reward of s's group (written by pass A)."""
+    return _reward(rewards_ptr, r_st, i, i_in, ACC) - _ws(ws_ptr, B, W_GROUP_MEAN_R, i, i_in)
+
+
+@triton.jit
 def _finish(
     B, V, ws_ptr, params_ptr, rewards_ptr, r_st, gid_ptr, gid_st, K, weights_ptr, w_st,
     loss_ptr, metrics_ptr, coef_ptr, scal_ptr, errs_ptr, part_errs_ptr, num_programs,
@@ -66,9 +94,7 @@ def _finish(
     for i0 in range(0, B, BLOCK):
         i = i0 + tl.arange(0, BLOCK)
         i_in = i < B
-        n = _ws(ws_ptr, B, W_COUNT, i, i_in)
-        valid = n > 0
-        n_safe = tl.maximum(n, 1.0)
+        n, valid, n_safe = _counts(ws_ptr, B, i, i_in)
         ell = _ws(ws_ptr, B, W_LP, i, i_in)
         ell_ref = _ws(ws_ptr, B, W_REF, i, i_in)
         if sequence_mean:
@@ -83,7 +109,7 @@ def _finish(
         sum_v2 += tl.sum(_ws(ws_ptr, B, W_V2, i, i_in), 0)
         sum_hs += tl.sum(tl.where(valid, _clamp01(-ell_ref / log_v), 0.0), 0)
         sum_conf += tl.sum(tl.where(valid, _clamp01(-ell / log_v), 0.0), 0)
-        r = tl.load(rewards_ptr + i.to(tl.int64) * r_st, mask=i_in, other=0.0).to(ACC)
+        r = _reward(rewards_ptr, r_st, i, i_in, ACC)
         bad_rewards += tl.sum((i_in & ((r != r) | (tl.abs(r) == float("inf")))).to(tl.int32), 0)
         if WEIGHTS == 2:
             w = tl.load(weights_ptr + i.to(tl.int64) * w_st, mask=i_in, other=0.0).to(ACC)
@@ -108,7 +134,7 @@ def _finish(
         for j0 in range(lo, hi, BLOCK):
             same, j, j_in = _group_tile(ws_ptr, B, i, gi, j0, gid_ptr, gid_st, K, HAS_IDS,
                                         BLOCK)
-            rj = tl.load(rewards_ptr + j.to(tl.int64) * r_st, mask=j_in, other=0.0).to(ACC)
+            rj = _reward(rewards_ptr, r_st, j, j_in, ACC)
             count += tl.sum(same.to(ACC), 1)
             before += tl.sum((same & (j[None, :] < i[:, None])).to(ACC), 1)
             sum_r += tl.sum(tl.where(same, rj[None, :], 0.0), 1)
@@ -128,8 +154,7 @@ def _finish(
         i = i0 + tl.arange(0, BLOCK)
         i_in = i < B
         valid = _ws(ws_ptr, B, W_COUNT, i, i_in) > 0
-        r = tl.load(rewards_ptr + i.to(tl.int64) * r_st, mask=i_in, other=0.0).to(ACC)
-        adv = r - _ws(ws_ptr, B, W_GROUP_MEAN_R, i, i_in)
+        adv = _advantage(ws_ptr, B, rewards_ptr, r_st, i, i_in, ACC)
         a_min = tl.minimum(a_min, tl.min(tl.where(valid, adv, float("inf")), 0))
         a_max = tl.maximum(a_max, tl.max(tl.where(valid, adv, float("-inf")), 0))
     spread = tl.maximum(a_max - a_min, 1e-6)
@@ -138,8 +163,7 @@ def _finish(
         i = i0 + tl.arange(0, BLOCK)
         i_in = i < B
         valid = _ws(ws_ptr, B, W_COUNT, i, i_in) > 0
-        r = tl.load(rewards_ptr + i.to(tl.int64) * r_st, mask=i_in, other=0.0).to(ACC)
-        adv = r - _ws(ws_ptr, B, W_GROUP_MEAN_R, i, i_in)
+        adv = _advantage(ws_ptr, B, rewards_ptr, r_st, i, i_in, ACC)
         sum_rho += tl.sum(tl.where(valid, (adv - a_min) / spread, 0.0), 0)
     if ADAPTIVE:
         h_static = sum_hs / n_valid_safe
@@ -154,15 +178,12 @@ def _finish(
     for i0 in range(0, B, BLOCK):
         i = i0 + tl.arange(0, BLOCK)
         i_in = i < B
-        n = _ws(ws_ptr, B, W_COUNT, i, i_in)
-        delta = _ws(ws_ptr, B, W_DELTA, i, i_in)
-        if sequence_mean:
-            delta = delta / tl.maximum(n, 1.0)
+        _, _, n_safe = _counts(ws_ptr, B, i, i_in)
+        delta = _delta(ws_ptr, B, i, i_in, n_safe, sequence_mean)
         u = _clamp(_clamp(delta, delta_clip) / tau, score_clip)
         tl.store(ws_ptr + W_SCORE * B + i, u, mask=i_in)
         if SCALE_REWARDS:
-            r = tl.load(rewards_ptr + i.to(tl.int64) * r_st, mask=i_in, other=0.0).to(ACC)
-            dev = r - _ws(ws_ptr, B, W_GROUP_MEAN_R, i, i_in)
+            dev = _advantage(ws_ptr, B, rewards_ptr, r_st, i, i_in, ACC)
             tl.store(ws_ptr + W_LOG_Q * B + i, dev * dev, mask=i_in)  # scratch for the variance
     tl.debug_barrier()
     if SCALE_REWARDS:  # Q from group-normalized advantages (unbiased std; one member: A = 0)
@@ -172,9 +193,8 @@ def _finish(
             ss = _group_sum(ws_ptr, B, W_LOG_Q, i0, gid_ptr, gid_st, K, ACC, HAS_IDS, BLOCK)
             count = _ws(ws_ptr, B, W_GROUP_SIZE, i, i_in)
             std = tl.sqrt(ss / tl.maximum(count - 1, 1.0))
-            r = tl.load(rewards_ptr + i.to(tl.int64) * r_st, mask=i_in, other=0.0).to(ACC)
-            mean_r = _ws(ws_ptr, B, W_GROUP_MEAN_R, i, i_in)
-            adv = tl.where(count > 1, (r - mean_r) / (std + 1e-6), 0.0)
+            adv = _advantage(ws_ptr, B, rewards_ptr, r_st, i, i_in, ACC)
+            adv = tl.where(count > 1, adv / (std + 1e-6), 0.0)
             tl.store(ws_ptr + W_Q_LOGIT * B + i, adv / reward_t, mask=i_in)
         tl.debug_barrier()
 
@@ -250,9 +270,7 @@ def _finish(
     for i0 in range(0, B, BLOCK):
         i = i0 + tl.arange(0, BLOCK)
         i_in = i < B
-        n = _ws(ws_ptr, B, W_COUNT, i, i_in)
-        valid = n > 0
-        n_safe = tl.maximum(n, 1.0)
+        _, valid, n_safe = _counts(ws_ptr, B, i, i_in)
         omega = _ws(ws_ptr, B, W_OMEGA, i, i_in)
         omega_sum += tl.sum(omega, 0)
         omega_max = tl.maximum(omega_max, tl.max(tl.where(valid, omega, float("-inf")), 0))
@@ -261,9 +279,7 @@ def _finish(
         if LEVEL == 2:
             policy += tl.sum(omega / n_safe * _ws(ws_ptr, B, W_V, i, i_in), 0)
         else:
-            delta = _ws(ws_ptr, B, W_DELTA, i, i_in)
-            if sequence_mean:
-                delta = delta / n_safe
+            delta = _delta(ws_ptr, B, i, i_in, n_safe, sequence_mean)
             delta_hat = _clamp(delta, delta_clip)
             if RATIO:
                 v = expm1(delta)
@@ -292,13 +308,9 @@ def _finish(
     for i0 in range(0, B, BLOCK):
         i = i0 + tl.arange(0, BLOCK)
         i_in = i < B
-        n = _ws(ws_ptr, B, W_COUNT, i, i_in)
-        valid = n > 0
-        n_safe = tl.maximum(n, 1.0)
+        _, valid, n_safe = _counts(ws_ptr, B, i, i_in)
         omega = _ws(ws_ptr, B, W_OMEGA, i, i_in)
-        delta = _ws(ws_ptr, B, W_DELTA, i, i_in)
-        if sequence_mean:
-            delta = delta / n_safe
+        delta = _delta(ws_ptr, B, i, i_in, n_safe, sequence_mean)
         delta_in = tl.abs(delta) <= delta_clip      # torch.clamp passes the gradient at bounds
         delta_hat = _clamp(delta, delta_clip)
         u_in = tl.abs(delta_hat / tau) <= score_clip

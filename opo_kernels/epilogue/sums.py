@@ -31,6 +31,13 @@ def _err_counts(errs, cond, K: tl.constexpr, NUM_ERR: tl.constexpr):
 
 
 @triton.jit
+def _zero_sums(BLOCK_S: tl.constexpr, ACC: tl.constexpr):
+    """The eight per-sequence accumulators that _store_sums writes, at zero."""
+    zero = tl.zeros([BLOCK_S], ACC)
+    return zero, zero, zero, zero, zero, zero, zero, zero
+
+
+@triton.jit
 def _phase1_padded(
     s0, B, T, V, ws_ptr, errs,
     lp_ptr, lp_sb, lp_st, ref_ptr, ref_sb, ref_st, ent_ptr, ent_sb, ent_st,
@@ -43,14 +50,7 @@ def _phase1_padded(
     """Sums over the tokens of sequences [s0, s0 + BLOCK_S): sequence s is row s of [B, T]."""
     s = s0 + tl.arange(0, BLOCK_S)
     s_in = s < B
-    n = tl.zeros([BLOCK_S], ACC)
-    sum_d = tl.zeros([BLOCK_S], ACC)
-    sum_lp = tl.zeros([BLOCK_S], ACC)
-    sum_ref = tl.zeros([BLOCK_S], ACC)
-    sum_kl = tl.zeros([BLOCK_S], ACC)
-    sum_h = tl.zeros([BLOCK_S], ACC)
-    sum_v = tl.zeros([BLOCK_S], ACC)
-    sum_v2 = tl.zeros([BLOCK_S], ACC)
+    n, sum_d, sum_lp, sum_ref, sum_kl, sum_h, sum_v, sum_v2 = _zero_sums(BLOCK_S, ACC)
     s64 = s.to(tl.int64)[:, None]
     for t0 in range(0, T, BLOCK_T):
         t = (t0 + tl.arange(0, BLOCK_T)).to(tl.int64)[None, :]
@@ -123,14 +123,7 @@ def _phase1_packed(
     as errors by the first program only."""
     s = s0 + tl.arange(0, BLOCK_S)
     s_in = s < B
-    n = tl.zeros([BLOCK_S], ACC)
-    sum_d = tl.zeros([BLOCK_S], ACC)
-    sum_lp = tl.zeros([BLOCK_S], ACC)
-    sum_ref = tl.zeros([BLOCK_S], ACC)
-    sum_kl = tl.zeros([BLOCK_S], ACC)
-    sum_h = tl.zeros([BLOCK_S], ACC)
-    sum_v = tl.zeros([BLOCK_S], ACC)
-    sum_v2 = tl.zeros([BLOCK_S], ACC)
+    n, sum_d, sum_lp, sum_ref, sum_kl, sum_h, sum_v, sum_v2 = _zero_sums(BLOCK_S, ACC)
     for r0 in range(0, N, BLOCK_N):
         r = (r0 + tl.arange(0, BLOCK_N)).to(tl.int64)
         in_n = r < N
