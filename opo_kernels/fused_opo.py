@@ -48,22 +48,13 @@ from .vocab_parallel import vocab_parallel_loss
 # --------------------------------------------------------------------------------------------
 
 
-class Flags(NamedTuple):
+class Flags(NamedTuple("FlagFields", [(name, int) for name in (
+        *Mode._fields, "with_entropy", "validate", "group_size", "num_seqs")])):
     """Everything the passes branch on, as ints (the ops take them as an int list): the
-    epilogue's Mode fields, then with_entropy, validate, group_size (0 = group_ids)
-    and B."""
+    epilogue's Mode fields (taken from Mode, so that a field added there cannot shift these),
+    then with_entropy, validate, group_size (0 = group_ids) and B."""
 
-    level: int
-    ratio: int
-    weights: int
-    center: int
-    adaptive: int
-    scale_rewards: int
-    bonus: int
-    with_entropy: int
-    validate: int
-    group_size: int
-    num_seqs: int
+    __slots__ = ()
 
     @classmethod
     def of(cls, cfg: OPOLossConfig, batch: Batch) -> List[int]:
