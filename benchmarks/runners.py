@@ -79,8 +79,14 @@ def build_linear_runner(case: Case, inp: LinearInputs) -> Runner:
             return fused_linear_opo_loss(hidden, weight, inp.labels, inp.ref_logprobs,
                                          inp.rewards, mask=inp.mask, group_ids=inp.group_ids,
                                          backend="triton", validate=False)
-        extra: Dict[str, object] = {"chunk_size": default_chunk_size(
-            inp.rows, inp.shape.V, inp.shape.H, DTYPES[inp.shape.dtype])}
+        from opo_kernels.linear_chunks import blocks_over_vocab, vocab_block_size
+
+        chunk = default_chunk_size(inp.rows, inp.shape.V, inp.shape.H, DTYPES[inp.shape.dtype])
+        # which dimension the backward cuts, and the columns per block when it is the vocabulary
+        extra: Dict[str, object] = {"chunk_size": chunk, "backward_cuts": "rows"}
+        if blocks_over_vocab(inp.rows, inp.shape.V):
+            extra.update(backward_cuts="vocabulary",
+                         vocab_block=vocab_block_size(inp.rows, inp.shape.V, chunk))
     elif impl == "opo_kernels_materialized":
         from opo_kernels import opo_loss
 

@@ -8,8 +8,16 @@ With C = chunk_size and rows flattened to [N, H] (padded [B, T, H] row-major, or
   phase 1 (forward), per chunk:  logits_c = hidden_c @ weight.T + bias        [C, V], input dtype
                                  forward_rows(logits_c) -> lp, stats, H_t     [C], [C, 2]
           then ONCE over all N rows: epilogue -> loss, metrics, c_t           (epilogue.py)
-  phase 2 (backward), per chunk: logits_c recomputed, its gradient written IN PLACE by
-                                 backward_rows(c_t·grad_loss), then
+  phase 2 (backward), the logits recomputed block by block, each block's gradient written IN
+          PLACE by backward_rows(c_t·grad_loss), then multiplied into the three gradients.
+          ∂hidden sums over V and ∂W over the rows, so the loop cuts the smaller dimension
+          (its accumulator is the smaller one; ``linear_chunks.backward_chunks``):
+          N < V, per block of Vb columns (N·Vb <= C·V logits):
+                                 logits_b = hidden @ weight[b].T + bias[b]    [N, Vb]
+                                 grad_weight[b] = grad_logits_b.T @ hidden    (written once)
+                                 grad_hidden   += grad_logits_b @ weight[b]   (fp32)
+                                 grad_bias[b]   = grad_logits_b.sum(0)
+          N >= V, per chunk of C rows:
                                  grad_hidden_c = grad_logits_c @ weight       (input dtype)
                                  grad_weight  += grad_logits_c.T @ hidden_c   (fp32)
                                  grad_bias    += grad_logits_c.sum(0)         (fp32)
@@ -141,6 +149,8 @@ class FusedLinearOPOFunction(torch.autograd.Function):
                 ctx.chunk_size, ctx.needs, vocab_start=0 if tp is None else tp[1],
             )
             if tp is not None and tp[2] and grad_hidden is not None:
+                # cast first: the all-reduce moves hidden's dtype whichever loop ran
+                grad_hidden = grad_hidden.to(ctx.dtypes[0])
                 torch.distributed.all_reduce(grad_hidden, group=tp[0])  # Σ over the slices
         hidden_dtype, weight_dtype, bias_dtype = ctx.dtypes
         if grad_hidden is not None:
@@ -228,16 +238,21 @@ def fused_linear_opo_loss(hidden, weight, labels, ref_logprobs, rewards, *, bias
     group_size / group_ids. ref_logprobs=None: on-policy (π_ref = detached current policy).
     options: those of ``opo_kernels.opo_loss`` (the fields of ``OPOLossConfig``).
 
-    Gradients flow to hidden, weight and bias (weight/bias gradients are accumulated over the
-    chunks in fp32 and cast to the parameter dtype). The result equals
+    Gradients flow to hidden, weight and bias. The result equals
     ``opo_loss(hidden @ weight.T + bias, ...)`` for any chunk size, up to rounding.
 
-    chunk_size: token rows per chunk. Default: the largest power of two whose logits take at
-    most 256 MiB (rows·V·itemsize), clamped to [128, N] (``default_chunk_size``). Memory
-    beyond the inputs: one [chunk, V] logits buffer in the input dtype (the gradient is written
-    into it), O(N) fp32 statistics, and while gradients are formed the fp32 [V, H] weight (and
-    [V] bias) gradient accumulators (for 16-bit inputs plus one [V, H] 16-bit product per chunk
-    before it is added) and the [N, H] hidden gradient. Never an [N, V] tensor. A padded hidden
+    chunk_size: token rows per chunk (N = token rows). Default: the largest power of two whose
+    logits take at most 256 MiB (rows·V·itemsize), clamped to [128, N]
+    (``default_chunk_size``). At most chunk_size·V logits exist at any time, never [N, V]. The
+    backward recomputes the logits in blocks of as many logits and cuts the smaller of N and V
+    (module docstring). Memory beyond the inputs and the returned gradients: the logits buffer
+    in the input dtype (the gradient is written into it), O(N) fp32 statistics, and while the
+    gradients are formed one fp32 accumulator, for 16-bit inputs plus one 16-bit product per
+    block before it is added:
+      N < V (the usual case):  [N, H] for ∂hidden (none when one block holds all of V);
+                               ∂W is written once per block in the weight's dtype;
+      N >= V:                  [V, H] for ∂W ([V] for ∂b).
+    On-policy (below) runs over chunks of rows, with the [V, H] accumulator. A padded hidden
     that is a non-contiguous view (e.g. ``hidden[:, :-1]``) is copied to [N, H] by reshape.
 
     On-policy with gradients wanted, the loop runs ONCE (forward and gradients together, exact:

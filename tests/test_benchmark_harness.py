@@ -278,7 +278,9 @@ def test_session_measures_tiny_fused_linear_rows(tmp_path):
         assert row["x_floor"] == pytest.approx(row["ms"] / floor)
         assert row["x_floor_rows"] == pytest.approx(row["ms"] / (floor * 16 / shape.N))
     assert [r["impl"] for r in session.data["rows"]][:2] == list(harness.LINEAR_IMPLS[:2])
-    assert session.data["rows"][0]["chunk_size"] == 16
+    first = session.data["rows"][0]
+    assert first["chunk_size"] == 16  # 16 rows < V = 64: one block of all 64 columns
+    assert (first["backward_cuts"], first["vocab_block"]) == ("vocabulary", 64)
     data = report.load(session.path)  # validates the schema, H and the floor included
     assert "| 2 | 8 | 16 | 64 | 11 | opo_kernels_fused_linear |" in report.render_table(data)
     # resuming knows the fused-linear rows by their H as well

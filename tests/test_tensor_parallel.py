@@ -14,6 +14,8 @@ import torch
 import torch.multiprocessing as mp
 import tp_workers
 
+from opo_kernels import linear_chunks
+
 pytestmark = pytest.mark.cpu_only  # CPU-side code / the interpreter (conftest.py)
 
 
@@ -70,6 +72,15 @@ def test_four_ranks():
 @pytest.mark.parametrize("layout", ["padded", "packed"])
 def test_fused_linear_two_ranks(layout):
     run_ranks(tp_workers.fused_linear_case, 2, layout)
+
+
+def test_fused_linear_two_ranks_vocabulary_blocks():
+    """Slices of 34 and 33 ids > the 30 rows: each rank's backward cuts its slice into blocks
+    of columns (chunk 7 -> 7 columns), the blocks' first ids offset by the slice's start."""
+    assert tp_workers.bounds(2, 67, uneven=True) == [0, 34, 67]
+    assert linear_chunks.blocks_over_vocab(30, 33)
+    assert linear_chunks.vocab_block_size(30, 33, 7) == 7
+    run_ranks(tp_workers.fused_linear_case, 2, "padded", {"vocab": 67})
 
 
 def test_fused_linear_four_ranks_on_policy():

@@ -129,10 +129,13 @@ def fused_linear_case(rank, world, port, layout, options=None):
     the ranks' parts sum to the single-process gradient). options: extra loss options, and
     on_policy=True for ref_logprobs=None, chunk_bytes=K for the default chunk size with
     linear_chunks' budget set to K bytes (and no minimum), so that the tiny uneven slices
-    round to different row counts when a rank sizes its chunks from its own slice."""
+    round to different row counts when a rank sizes its chunks from its own slice, vocab=V
+    for another vocabulary than 19 (< the 30 rows: the backward cuts the rows; a V whose
+    slices exceed 30 makes it cut each slice's vocabulary into blocks)."""
     options = dict(options or {})
     on_policy = options.pop("on_policy", False)
     chunk_bytes = options.pop("chunk_bytes", None)
+    V = options.pop("vocab", 19)
     import opo_kernels
     from opo_kernels import linear_chunks
 
@@ -144,7 +147,7 @@ def fused_linear_case(rank, world, port, layout, options=None):
                             init_method=f"tcp://127.0.0.1:{port}")
     try:
         g = torch.Generator().manual_seed(7)
-        B, T, H, V = 6, 5, 8, 19
+        B, T, H = 6, 5, 8
         hidden = torch.randn(B, T, H, generator=g, dtype=torch.float64).float()
         weight = (torch.randn(V, H, generator=g, dtype=torch.float64) / H ** 0.5).float()
         bias = torch.randn(V, generator=g, dtype=torch.float64).float() * 0.1
