@@ -138,8 +138,6 @@ class FusedLinearOPOFunction(torch.autograd.Function):
             grad_hidden, grad_weight, grad_bias = (
                 None if g is None else _scale(g, grad_loss, dtype)
                 for g, dtype in zip(ctx.saved_tensors, ctx.dtypes))
-            if tp is not None and tp[2] and grad_hidden is not None:
-                torch.distributed.all_reduce(grad_hidden, group=tp[0])  # Σ over the slices
         else:
             (hidden, weight, bias, logprobs, stats, entropy, coef, scal,
              params) = ctx.saved_tensors
@@ -148,13 +146,13 @@ class FusedLinearOPOFunction(torch.autograd.Function):
                 (logprobs, stats, entropy, coef, scal), grad_loss, params, cfg,
                 ctx.chunk_size, ctx.needs, vocab_start=0 if tp is None else tp[1],
             )
-            if tp is not None and tp[2] and grad_hidden is not None:
-                # cast first: the all-reduce moves hidden's dtype whichever loop ran
-                grad_hidden = grad_hidden.to(ctx.dtypes[0])
-                torch.distributed.all_reduce(grad_hidden, group=tp[0])  # Σ over the slices
         hidden_dtype, weight_dtype, bias_dtype = ctx.dtypes
         if grad_hidden is not None:
-            grad_hidden = grad_hidden.to(hidden_dtype).view(ctx.hidden_shape)
+            # cast before the all-reduce: it moves hidden's dtype whichever loop ran
+            grad_hidden = grad_hidden.to(hidden_dtype)
+            if tp is not None and tp[2]:
+                torch.distributed.all_reduce(grad_hidden, group=tp[0])  # Σ over the slices
+            grad_hidden = grad_hidden.view(ctx.hidden_shape)
         if grad_weight is not None:
             grad_weight = grad_weight.to(weight_dtype)
         if grad_bias is not None:
