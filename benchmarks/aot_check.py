@@ -34,7 +34,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, make_backend
 from triton.runtime.jit import create_function_from_signature
 
-from opo_kernels import OPOLossConfig, epilogue, from_logprobs, row_kernels, tp_combine
+from opo_kernels import OPOLossConfig, epilogue, from_logprobs, row_launch, tp_combine
 from opo_kernels.epilogue import kernel as epilogue_kernel_module
 from opo_kernels.inputs import prepare, prepare_logprobs
 
@@ -42,8 +42,9 @@ from opo_kernels.inputs import prepare, prepare_logprobs
 # Capturing the arguments of real launches
 # --------------------------------------------------------------------------------------------
 
-_KERNELS = [(row_kernels, "_opo_fwd_kernel"), (row_kernels, "_opo_bwd_kernel"),
-            (row_kernels, "_scale_kernel"), (epilogue_kernel_module, "epilogue_kernel"),
+# (module that launches it, kernel's name there): the recorder replaces the name at the launch site
+_KERNELS = [(row_launch, "_opo_fwd_kernel"), (row_launch, "_opo_bwd_kernel"),
+            (row_launch, "_scale_kernel"), (epilogue_kernel_module, "epilogue_kernel"),
             (from_logprobs, "_logprob_grad_kernel"), (tp_combine, "_combine_kernel")]
 
 
@@ -117,10 +118,10 @@ def _rows(dtype, packed=False):
     labels = torch.zeros(B, T + 1, dtype=torch.long)[:, 1:]
     if packed:
         logits = full.view(-1, V)[: B * T]
-        return logits, row_kernels.Rows(labels.reshape(-1), None, torch.zeros(B * T,
+        return logits, row_launch.Rows(labels.reshape(-1), None, torch.zeros(B * T,
                                         dtype=torch.long), None, B * T, None, B)
     mask = torch.ones(B, T, dtype=torch.bool)
-    return full[:, :-1], row_kernels.Rows(labels, mask, None, torch.zeros(B, T), B * T, T, B)
+    return full[:, :-1], row_launch.Rows(labels, mask, None, torch.zeros(B, T), B * T, T, B)
 
 
 def _params(dtype=torch.float32):
@@ -137,7 +138,7 @@ def _fwd(dtype, entropy=False, one_pass=False, partial=False, packed=False):
                          scal=torch.zeros(2, dtype=cdtype))
         if partial:
             extra = dict(partials=torch.empty(B * T, 4, dtype=cdtype), vocab_start=V)
-        row_kernels.forward_rows(logits, rows, _params(cdtype), entropy, **extra)
+        row_launch.forward_rows(logits, rows, _params(cdtype), entropy, **extra)
     return run
 
 
@@ -146,7 +147,7 @@ def _bwd(dtype, entropy=False, level="sequence_mean"):
         logits, rows = _rows(dtype)
         cdtype = torch.float64 if dtype == torch.float64 else torch.float32
         z = lambda *shape: torch.zeros(*shape, dtype=cdtype)  # noqa: E731
-        row_kernels.backward_rows(logits, rows, z(B * T), z(B * T, 2), z(B * T) if entropy
+        row_launch.backward_rows(logits, rows, z(B * T), z(B * T, 2), z(B * T) if entropy
                                   else None, z(B, 2), z(2), z(()), _params(cdtype), level,
                                   "ratio", inplace=False)
     return run
@@ -155,7 +156,7 @@ def _bwd(dtype, entropy=False, level="sequence_mean"):
 def _scale(dtype):
     def run():
         logits, rows = _rows(dtype)
-        row_kernels.scale_rows_(logits, rows, torch.ones(()))
+        row_launch.scale_rows_(logits, rows, torch.ones(()))
     return run
 
 
@@ -181,7 +182,7 @@ def _logprob_grad():
         cfg = OPOLossConfig(adaptive_tau=False)
         lp = torch.zeros(B, T)
         batch = prepare_logprobs(lp, lp, torch.zeros(B), mask=lp == 0, group_size=2, config=cfg)
-        rows = row_kernels.Rows.of(batch)
+        rows = row_launch.Rows.of(batch)
         from_logprobs.logprob_gradients(rows, lp, lp, torch.zeros(B, 2), torch.zeros(2),
                                         torch.ones(()), "token", "ratio")
     return run
@@ -201,11 +202,11 @@ def _combine(cdtype, entropy, world=8):
 def _pipelined(run, config=(8192, 16, 2)):
     """A variant launched with a software-pipelined vocabulary loop (a sweep candidate)."""
     def wrapped():
-        row_kernels.LAUNCH_OVERRIDE = lambda kind, vocab, dtype: config
+        row_launch.LAUNCH_OVERRIDE = lambda kind, vocab, dtype: config
         try:
             run()
         finally:
-            row_kernels.LAUNCH_OVERRIDE = None
+            row_launch.LAUNCH_OVERRIDE = None
     return wrapped
 
 

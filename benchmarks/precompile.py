@@ -155,21 +155,21 @@ def sweep_launches(rows: int = SWEEP_ROWS) -> List[tuple]:
     import torch
 
     from benchmarks import aot_check, sweep
-    from opo_kernels import row_kernels
+    from opo_kernels import row_launch
 
     launches = []
     for vocab, dtype in ((v, d) for v in sweep.SIZES for d in sweep.DTYPES):
         problem = sweep._problem(rows, vocab, getattr(torch, dtype), "cpu")
         for kind in sweep.KINDS:
             for config in sweep.CONFIGS:
-                row_kernels.LAUNCH_OVERRIDE = lambda k, v, d, c=config, kind=kind: (
+                row_launch.LAUNCH_OVERRIDE = lambda k, v, d, c=config, kind=kind: (
                     c if k == kind else None)
                 try:
                     with aot_check.recording() as log:
                         fn, _ = sweep._kernel_call(kind, problem, "cpu")
                         fn()
                 finally:
-                    row_kernels.LAUNCH_OVERRIDE = None
+                    row_launch.LAUNCH_OVERRIDE = None
                 launches += [(launch, f"sweep V={vocab} {kind} {dtype} {config}")
                              for launch in log]
     return launches

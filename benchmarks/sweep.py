@@ -7,8 +7,8 @@ software-pipelining depth of the vocabulary loop (``stages``).
     python -m benchmarks.sweep --occupancy                  # CPU, no GPU: compiler's registers
                                                             # and shared memory per candidate
 
-Each kernel runs through the package's own launchers (``row_kernels.forward_rows`` /
-``backward_rows``) with the launch config forced by ``row_kernels.LAUNCH_OVERRIDE``, so what is
+Each kernel runs through the package's own launchers (``row_launch.forward_rows`` /
+``backward_rows``) with the launch config forced by ``row_launch.LAUNCH_OVERRIDE``, so what is
 timed is what ``opo_loss`` launches. Per measurement: median time (``triton.testing.do_bench``,
 L2 flushed), GB/s of the bytes the kernel must move (forward: N·V·itemsize read; backward and
 one-pass: read + write) and % of the device-to-device copy bandwidth measured in the same run.
@@ -57,7 +57,7 @@ def _problem(rows: int, vocab: int, dtype, device):
     take longer than the sweep of one shape), uniform labels, 8 counted rows per sequence."""
     import torch
 
-    from opo_kernels import OPOLossConfig, epilogue, row_kernels
+    from opo_kernels import OPOLossConfig, epilogue, row_launch
 
     g = torch.Generator(device=device).manual_seed(vocab)
     logits = torch.empty(rows, vocab, dtype=dtype, device=device)
@@ -66,7 +66,7 @@ def _problem(rows: int, vocab: int, dtype, device):
     labels = torch.randint(0, vocab, (rows,), generator=g, device=device)
     seq = torch.arange(rows, device=device) // 8
     num_seqs = (rows + 7) // 8
-    rows_ = row_kernels.Rows(labels, None, seq, None, rows, None, num_seqs)
+    rows_ = row_launch.Rows(labels, None, seq, None, rows, None, num_seqs)
     params = epilogue.params_tensor(OPOLossConfig(), device, torch.float32)
     coef = torch.rand(num_seqs, 2, generator=g, device=device) - 0.5
     scal = torch.zeros(2, device=device)
@@ -95,28 +95,28 @@ def _kernel_call(kind, problem, device):
     """The launcher call of one kernel kind (and the gradient buffer or statistics it needs)."""
     import torch
 
-    from opo_kernels import row_kernels
+    from opo_kernels import row_launch
 
     logits, labels, seq, rows, params, coef, scal = problem
     if kind == "fwd":
-        return (lambda: row_kernels.forward_rows(logits, rows, params, False)), None
+        return (lambda: row_launch.forward_rows(logits, rows, params, False)), None
     grad = torch.empty_like(logits)
     if kind == "onepass":
-        return (lambda: row_kernels.forward_rows(logits, rows, params, False, grad=grad,
+        return (lambda: row_launch.forward_rows(logits, rows, params, False, grad=grad,
                                                  coef=coef, scal=scal)), grad
-    stats = row_kernels.forward_rows(logits, rows, params, False)
+    stats = row_launch.forward_rows(logits, rows, params, False)
     one = torch.ones((), device=device)
-    return (lambda: row_kernels.backward_rows(logits, rows, stats[0], stats[1], None, coef,
+    return (lambda: row_launch.backward_rows(logits, rows, stats[0], stats[1], None, coef,
                                               scal, one, params, "sequence_mean", "ratio",
                                               inplace=False)), stats
 
 
 def measure(kind, config, problem, device, cuda):
     """Checked, then timed: (ms, bytes moved) of one kernel at one launch config."""
-    from opo_kernels import row_kernels
+    from opo_kernels import row_launch
 
     logits, labels, seq, _, _, coef, _ = problem
-    row_kernels.LAUNCH_OVERRIDE = lambda k, v, d: config if k == kind else None
+    row_launch.LAUNCH_OVERRIDE = lambda k, v, d: config if k == kind else None
     try:
         fn, extra = _kernel_call(kind, problem, device)
         result = fn()
@@ -126,7 +126,7 @@ def measure(kind, config, problem, device, cuda):
             _check(kind, logits, labels, seq, result, coef, extra)
         ms = _bench(fn, cuda)
     finally:
-        row_kernels.LAUNCH_OVERRIDE = None
+        row_launch.LAUNCH_OVERRIDE = None
     passes = 1 if kind == "fwd" else 2  # read (+ write)
     return ms, passes * logits.numel() * logits.element_size()
 
@@ -212,13 +212,13 @@ def occupancy(configs=None):
     """Per (variant, config): registers, spills, shared memory, programs per SM and the bytes
     of logits one SM can have requested per iteration (programs × BLOCK_V × itemsize)."""
     from benchmarks import aot_check
-    from opo_kernels import row_kernels
+    from opo_kernels import row_launch
 
     rows = []
     for (kind, dtype_name), variant in VARIANT.items():
         itemsize = 2 if dtype_name == "bfloat16" else 4
         for config in configs or CONFIGS:
-            row_kernels.LAUNCH_OVERRIDE = lambda k, v, d, c=config: c
+            row_launch.LAUNCH_OVERRIDE = lambda k, v, d, c=config: c
             try:
                 with aot_check.recording() as log:
                     aot_check.VARIANTS[variant]()
@@ -226,7 +226,7 @@ def occupancy(configs=None):
                 compiled = aot_check.compile_launch(kernel, args, kwargs)
                 info = aot_check.inspect_compiled(compiled)
             finally:
-                row_kernels.LAUNCH_OVERRIDE = None
+                row_launch.LAUNCH_OVERRIDE = None
             smem = compiled.metadata.shared
             progs = programs_per_sm(info["regs"], config[1], smem)
             rows.append({"kind": kind, "dtype": dtype_name, "BLOCK_V": config[0],

@@ -29,7 +29,8 @@ import triton.language as tl
 from .config import OPOLossConfig
 from .epilogue import Mode, params_tensor, raise_bad_values, run_epilogue, unpack_metrics
 from .inputs import Batch, prepare_logprobs
-from .row_kernels import Rows, acc_type, row_seq, small_geometry, token_coef
+from .row_kernels import row_seq, token_coef
+from .row_launch import Rows, acc_type, small_geometry
 from .utils import new_output, use_triton
 
 # --------------------------------------------------------------------------------------------

@@ -59,7 +59,7 @@ from .linear_chunks import (
     forward_chunks,
     on_policy_chunks,
 )
-from .row_kernels import Rows
+from .row_launch import Rows
 from .tensor_parallel import config_or_fail_together, prepare_together
 from .utils import use_triton
 from .vocab_parallel import require_fused_kernels

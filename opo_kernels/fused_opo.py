@@ -38,7 +38,7 @@ from .epilogue import (
     unpack_metrics,
 )
 from .inputs import Batch, compute_dtype, prepare
-from .row_kernels import Rows, backward_rows, forward_rows, scale_rows_
+from .row_launch import Rows, backward_rows, forward_rows, scale_rows_
 from .tensor_parallel import config_or_fail_together
 from .utils import new_output, use_triton
 from .vocab_parallel import vocab_parallel_loss

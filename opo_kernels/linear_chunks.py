@@ -1,6 +1,6 @@
 """The chunk loops of the fused-linear OPO loss (``fused_linear_opo.py`` has the autograd
 function and the API): per chunk of C token rows (or, in the backward, per block of columns
-over all rows), the logits in the input dtype, the row kernels of ``row_kernels.py`` on them,
+over all rows), the logits in the input dtype, the row kernels (``row_launch.py``) on them,
 and the chunk's share of the three gradients.
 
     forward_chunks    phase 1: row statistics of every row (or, vocabulary-parallel, the
@@ -20,7 +20,7 @@ import triton
 from .config import OPOLossConfig
 from .epilogue import Mode, run_epilogue
 from .inputs import Batch, compute_dtype
-from .row_kernels import Rows, backward_rows, forward_rows, row_outputs
+from .row_launch import Rows, backward_rows, forward_rows, row_outputs
 from .tp_combine import combine_partials, one_pass_chunk
 from .utils import new_output
 

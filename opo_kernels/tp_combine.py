@@ -28,14 +28,8 @@ import triton
 import triton.language as tl
 
 from .inputs import compute_dtype
-from .row_kernels import (
-    INV_TEMPERATURE,
-    Rows,
-    acc_type,
-    backward_rows,
-    forward_rows,
-    row_outputs,
-)
+from .row_kernels import INV_TEMPERATURE
+from .row_launch import Rows, acc_type, backward_rows, forward_rows, row_outputs
 from .triton_math import LOG2E, log1p
 
 # torch >= 2.13 names it all_gather_single (the old name warns); the GPU image's 2.11 has only
@@ -110,7 +104,7 @@ def combine_partials(partials: torch.Tensor, params: torch.Tensor, with_entropy:
     """The exact per-row statistics of the whole vocabulary, the same on every rank.
 
     partials: [R, 4] (x_max, x_label or −inf, others, w) of this rank's slice for rows
-    [row_start, row_start + R) (``row_kernels.forward_rows(..., partials=)``); params: the
+    [row_start, row_start + R) (``row_launch.forward_rows(..., partials=)``); params: the
     epilogue's parameter tensor (1/temperature). ``out`` = (logprobs [N], stats [N, 2],
     entropy [N] or None) to write rows [row_start, row_start + R) of (fresh [R]-row ones when
     None). Returns out: stats = (global x_max, log Σ e^{(x − x_max)/t}) as ``forward_rows``

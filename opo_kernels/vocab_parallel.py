@@ -34,7 +34,7 @@ import torch
 from .config import OPOLossConfig
 from .epilogue import Mode, params_tensor, raise_bad_values, run_epilogue, unpack_metrics
 from .inputs import Batch, prepare
-from .row_kernels import Rows, backward_rows, forward_rows, row_outputs, scale_rows_
+from .row_launch import Rows, backward_rows, forward_rows, row_outputs, scale_rows_
 from .tensor_parallel import prepare_together
 from .tp_combine import combine_partials, one_pass_chunk
 from .utils import new_output, use_triton

@@ -28,9 +28,9 @@ def test_tiny_sweep(tmp_path):
 def test_tiny_sweep_config_that_computes_wrong_fails(monkeypatch):
     """The check before timing is real: a launcher whose forward writes wrong log-probs
     makes the sweep stop with an AssertionError."""
-    from opo_kernels import row_kernels
+    from opo_kernels import row_launch
 
-    original = row_kernels.forward_rows
+    original = row_launch.forward_rows
 
     def wrong(*args, **kwargs):
         out = original(*args, **kwargs)
@@ -38,7 +38,7 @@ def test_tiny_sweep_config_that_computes_wrong_fails(monkeypatch):
             out[0].add_(0.01)
         return out
 
-    monkeypatch.setattr(row_kernels, "forward_rows", wrong)
+    monkeypatch.setattr(row_launch, "forward_rows", wrong)
     with pytest.raises(AssertionError):
         sweep.sweep(tiny=True, out=None, configs=[(64, 4, 1)])
 

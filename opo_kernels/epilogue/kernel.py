@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..row_kernels import small_geometry
+from ..row_launch import small_geometry
 from .finish import _finish
 from .layout import ERRORS, LEVEL, METRICS, NUM_ERR, NUM_WS, WEIGHTS
 from .sums import _phase1_packed, _phase1_padded

@@ -1,0 +1,209 @@
+"""Launchers of the row kernels (row_kernels.py): the launch table, the per-token inputs as
+the kernels read them (``Rows``), and one function per pass over the logits [N, V].
+
+Every launch is one program per token row, grid (R,). The launch config (BLOCK_V, warps,
+pipelining stages) depends only on the vocabulary size, the logits' dtype and the pass; tests
+and the launch-config sweep override it through ``LAUNCH_OVERRIDE``.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from .inputs import compute_dtype
+from .row_kernels import _opo_bwd_kernel, _opo_fwd_kernel, _scale_kernel
+from .utils import new_output
+
+# Launch table (block over V, warps). One program streams one row, so the block only has to be
+# wide enough to keep loads 16 bytes wide and enough bytes in flight; reductions per block are
+# amortized over BLOCK_V elements. Starting point, NOT yet measured on a GPU (see
+# benchmarks/NOTES.md): 8192 elements for 16-bit logits, 4096 for 32/64-bit, 16 warps.
+_MAX_BLOCK = {2: 8192, 4: 4096, 8: 2048}
+
+# Tests and the launch-config sweep (benchmarks/sweep.py) may set this to a function
+# (kind, vocab, dtype) -> (BLOCK_V, num_warps[, num_stages]) or None, kind in {"fwd",
+# "onepass", "bwd", "scale"}; None falls back to the table.
+LAUNCH_OVERRIDE = None
+
+
+class LaunchConfig(NamedTuple):
+    block: int           # BLOCK_V: logits per program per iteration of the vocabulary loop
+    num_warps: int
+    # software-pipelining depth of the vocabulary loop (tl.range num_stages): 1 = none, each
+    # block's loads issued when the loop reaches it; >= 2 prefetches later blocks into shared
+    # memory with cp.async (more registers and shared memory per program: a sweep candidate)
+    stages: int = 1
+
+
+def launch_config(vocab: int, dtype: torch.dtype, kind: str = "fwd") -> LaunchConfig:
+    """The launch config for a row of `vocab` logits of `dtype`, for kernel `kind`."""
+    if LAUNCH_OVERRIDE is not None:
+        chosen = LAUNCH_OVERRIDE(kind, vocab, dtype)
+        if chosen is not None:
+            return LaunchConfig(*chosen)
+    block = min(triton.next_power_of_2(vocab), _MAX_BLOCK[dtype.itemsize])
+    num_warps = 16 if block >= 4096 else (8 if block >= 1024 else 4)
+    return LaunchConfig(block, num_warps)
+
+
+def acc_type(dtype: torch.dtype):
+    return tl.float64 if compute_dtype(dtype) == torch.float64 else tl.float32
+
+
+def _logits_geometry(t: torch.Tensor) -> Tuple[int, int, int, int]:
+    """(rows per "sequence", stride over them, stride over rows, stride over V) of a [B, T, V]
+    or [R, V] tensor (R rows are one "sequence" of R rows)."""
+    if t.dim() == 3:
+        return t.shape[1], t.stride(0), t.stride(1), t.stride(2)
+    return max(t.shape[0], 1), 0, t.stride(0), t.stride(1)
+
+
+def small_geometry(t: Optional[torch.Tensor]) -> Tuple[int, int]:
+    """(stride over sequences, stride over tokens) of a [B, T] or [N] per-token tensor."""
+    if t is None:
+        return 0, 0
+    return (t.stride(0), t.stride(1)) if t.dim() == 2 else (0, t.stride(0))
+
+
+def _wide(block: int, *strides: int) -> bool:
+    return any(block * abs(s) >= 2**31 for s in strides)
+
+
+class Rows:
+    """The per-token inputs of the row kernels, as the caller passed them.
+
+    labels: [B, T] or [N] int; mask: [B, T] or None; seq_ids: [N] or None (packed);
+    ref_logprobs: [B, T] / [N] or None; num_rows = N; seq_len = T (padded) or None;
+    num_seqs = B.
+    """
+
+    def __init__(self, labels, mask, seq_ids, ref_logprobs, num_rows, seq_len, num_seqs):
+        self.labels, self.mask, self.seq_ids, self.ref = labels, mask, seq_ids, ref_logprobs
+        self.num_rows, self.num_seqs = num_rows, num_seqs
+        self.packed = seq_ids is not None
+        self.T = num_rows if self.packed else seq_len
+        self.sel = seq_ids if self.packed else mask
+
+    @classmethod
+    def of(cls, batch) -> Rows:
+        return cls(batch.labels, batch.mask, batch.seq_ids, batch.ref_logprobs, batch.num_rows,
+                   batch.seq_len, batch.num_seqs)
+
+    def args(self, fallback: torch.Tensor):
+        """(labels, its strides, selector, its strides, B) for a launch."""
+        return (self.labels, *small_geometry(self.labels), *self.selector(fallback))
+
+    def selector(self, fallback: torch.Tensor):
+        """(mask or seq_ids, its strides, B); fallback stands in for an absent mask."""
+        sel = self.sel if self.sel is not None else fallback
+        return (sel, *small_geometry(self.sel), self.num_seqs)
+
+    def flags(self):
+        return dict(PACKED=self.packed, HAS_MASK=self.mask is not None)
+
+
+def row_outputs(num_rows: int, dtype: torch.dtype, device, with_entropy: bool):
+    """(logprobs [N], stats [N, 2], entropy [N] or None): the per-row outputs that the forward
+    kernel (or the vocabulary-parallel combine) writes, in the compute dtype ``dtype``."""
+    return (new_output((num_rows,), dtype, device), new_output((num_rows, 2), dtype, device),
+            new_output((num_rows,), dtype, device) if with_entropy else None)
+
+
+def forward_rows(logits: torch.Tensor, rows: Rows, params: torch.Tensor, with_entropy: bool, *,
+                 row_start: int = 0, out=None, grad: Optional[torch.Tensor] = None,
+                 coef: Optional[torch.Tensor] = None, scal: Optional[torch.Tensor] = None,
+                 partials: Optional[torch.Tensor] = None, vocab_start: int = 0):
+    """Forward pass over logits rows [row_start, row_start + R).
+
+    logits: [B, T, V] or [R, V] (any strides); params: the epilogue's hyperparameter tensor
+    (``epilogue.params_tensor``; the kernel reads 1/temperature from it).
+    ``out`` = (logprobs [N], stats [N, 2], entropy [N] or None) to write into (fresh ones
+    otherwise), float32 (float64 for float64 logits); stats[:, 0] is the row's largest logit
+    x_max, stats[:, 1] = log Σ exp((x − x_max)/temperature) (see ``logsumexp``). Rows not
+    counted get zeros.
+    One-pass mode: with ``grad`` (shaped like logits; may be logits itself), ``coef`` [B, 2]
+    and ``scal`` [2] from an on-policy epilogue, the same kernel also writes the gradient of
+    a unit upstream gradient.
+    Vocabulary-parallel mode: with ``partials`` [N, 4], logits are the slice
+    [vocab_start, vocab_start + V) of the vocabulary and the kernel writes the slice's
+    partials there (``tp_combine.combine_partials``) instead of ``out``.
+    """
+    num_local = logits.numel() // max(logits.shape[-1], 1)
+    vocab = logits.shape[-1]
+    partial = partials is not None
+    if out is None and not partial:
+        out = row_outputs(rows.num_rows, compute_dtype(logits.dtype), logits.device,
+                          with_entropy)
+    logprobs, stats, entropy = out if out is not None else (partials, partials, None)
+    write_grad = grad is not None
+    if num_local:
+        block, num_warps, stages = launch_config(vocab, logits.dtype,
+                                                 "onepass" if write_grad else "fwd")
+        geo = _logits_geometry(logits)
+        g = grad if write_grad else logits
+        ggeo = _logits_geometry(g)
+        _opo_fwd_kernel[(num_local,)](
+            logits, *geo, *rows.args(logits), logprobs, stats,
+            entropy if entropy is not None else logprobs, g, *ggeo[1:],
+            coef if write_grad else logprobs, scal if write_grad else logprobs,
+            partials if partial else logprobs, params, rows.T, row_start, vocab, vocab_start,
+            WITH_ENTROPY=with_entropy, WRITE_GRAD=write_grad, PARTIAL=partial,
+            ACC=acc_type(logits.dtype), BLOCK_V=block, WIDE=_wide(block, geo[3], ggeo[3]),
+            STAGES=stages, num_warps=num_warps, **rows.flags(),
+        )
+    return out
+
+
+def logsumexp(stats: torch.Tensor, temperature: float) -> torch.Tensor:
+    """The per-row logsumexp of z = x/temperature [N] from ``forward_rows``' statistics."""
+    return stats[:, 0] / temperature + stats[:, 1]
+
+
+def backward_rows(logits: torch.Tensor, rows: Rows, logprobs: torch.Tensor, stats: torch.Tensor,
+                  entropy: Optional[torch.Tensor], coef: torch.Tensor, scal: torch.Tensor,
+                  grad_loss: torch.Tensor, params: torch.Tensor, level: str, coordinates: str,
+                  inplace: bool, row_start: int = 0, vocab_start: int = 0,
+                  out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Backward pass over logits rows [row_start, row_start + R): ∂L/∂logits, same shape and
+    dtype as logits.
+
+    logprobs [N], stats [N, 2], entropy [N] or None: from ``forward_rows``; coef [B, 2],
+    scal [2]: the epilogue's coefficients; grad_loss: 0-dim upstream gradient (read on device).
+    With inplace=True the gradient overwrites `logits` (which is returned); else it is written
+    into ``out`` (logits-shaped, any strides) or a fresh tensor. vocab_start: the
+    first token id of the logits' vocabulary slice (vocabulary-parallel), else 0.
+    """
+    num_local, vocab = logits.numel() // max(logits.shape[-1], 1), logits.shape[-1]
+    grad = logits if inplace else out if out is not None else new_output(
+        logits.shape, logits.dtype, logits.device)
+    if num_local:
+        block, num_warps, stages = launch_config(vocab, logits.dtype, "bwd")
+        geo, ggeo = _logits_geometry(logits), _logits_geometry(grad)
+        token = level == "token"
+        ref = rows.ref if token and rows.ref is not None else logprobs
+        _opo_bwd_kernel[(num_local,)](
+            logits, *geo, grad, *ggeo[1:], *rows.args(logits), ref, *small_geometry(ref),
+            logprobs, stats, entropy if entropy is not None else logprobs, coef, scal,
+            grad_loss, params, rows.T, row_start, vocab, vocab_start,
+            WITH_ENTROPY=entropy is not None, TOKEN=token, RATIO=coordinates == "ratio",
+            ACC=acc_type(logits.dtype), BLOCK_V=block, WIDE=_wide(block, geo[3], ggeo[3]),
+            STAGES=stages, num_warps=num_warps, **rows.flags(),
+        )
+    return grad
+
+
+def scale_rows_(grad: torch.Tensor, rows: Rows, scale: torch.Tensor) -> torch.Tensor:
+    """grad *= scale (0-dim tensor) on counted rows, in place; free when scale == 1."""
+    num_local, vocab = grad.numel() // max(grad.shape[-1], 1), grad.shape[-1]
+    if num_local:
+        block, num_warps, _ = launch_config(vocab, grad.dtype, "scale")
+        geo = _logits_geometry(grad)
+        _scale_kernel[(num_local,)](grad, *geo, *rows.selector(grad), scale, rows.T,
+                                    vocab, ACC=acc_type(grad.dtype), BLOCK_V=block,
+                                    WIDE=_wide(block, geo[3]), num_warps=num_warps,
+                                    **rows.flags())
+    return grad
