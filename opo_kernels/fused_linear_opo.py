@@ -52,7 +52,7 @@ import torch
 
 from .config import OPOLossConfig
 from .epilogue import Mode, params_tensor, raise_bad_values, run_epilogue, unpack_metrics
-from .inputs import FLOAT_DTYPES, Batch, compute_dtype, prepare
+from .inputs import Batch, check_tensor, compute_dtype, prepare
 from .linear_chunks import (
     backward_chunks,
     default_chunk_size,
@@ -168,13 +168,8 @@ class FusedLinearOPOFunction(torch.autograd.Function):
 def _check_linear(hidden, weight, bias) -> None:
     """The LM-head arguments (SPEC "Bad input" style: name the argument and the shapes)."""
     for name, t in (("hidden", hidden), ("weight", weight), ("bias", bias)):
-        if t is None and name == "bias":
-            continue
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dtype not in FLOAT_DTYPES:
-            raise TypeError(f"{name} must be float32, bfloat16, float16 or float64, "
-                            f"got {t.dtype}")
+        if t is not None or name != "bias":
+            check_tensor(name, t, kind="stream")
     if hidden.dim() not in (2, 3):
         raise ValueError(f"hidden must be [B, T, H] (padded) or [N, H] (packed), got shape "
                          f"{list(hidden.shape)}")

@@ -108,9 +108,14 @@ def _shape(t: torch.Tensor) -> str:
     return str(list(t.shape))
 
 
-def _tensor(name: str, value, *, kind: str) -> torch.Tensor:
+def check_tensor(name: str, value, *, kind: str) -> torch.Tensor:
+    """value, checked to be a tensor of `kind`: "float", "int", "any", or "stream" (one of
+    FLOAT_DTYPES, which the kernels read: logits, log-probs, hidden states, weights)."""
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if kind == "stream" and value.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32, bfloat16, float16 or float64, "
+                        f"got {value.dtype}")
     if kind == "float" and not value.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor, got dtype {value.dtype}")
     if kind == "int" and (value.is_floating_point() or value.is_complex()
@@ -143,9 +148,7 @@ def _group_buckets(group_ids: torch.Tensor) -> torch.Tensor:
 def prepare(logits, labels, ref_logprobs, rewards, *, mask=None, seq_ids=None,
             group_size=None, group_ids=None, config: OPOLossConfig) -> Batch:
     """Checks shapes, dtypes and devices of an ``opo_loss`` call (no host sync, no device op)."""
-    logits = _tensor("logits", logits, kind="float")
-    if logits.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"logits must be float32, bfloat16, float16 or float64, got {logits.dtype}")
+    logits = check_tensor("logits", logits, kind="stream")
     if logits.dim() not in (2, 3):
         raise ValueError(
             f"logits must be [B, T, V] (padded) or [N, V] (packed), got shape {_shape(logits)}"
@@ -153,7 +156,7 @@ def prepare(logits, labels, ref_logprobs, rewards, *, mask=None, seq_ids=None,
     if logits.shape[-1] < 1:
         raise ValueError(f"logits has an empty vocabulary dimension: shape {_shape(logits)}")
     what = ("logits", logits)
-    labels = _tensor("labels", labels, kind="int")
+    labels = check_tensor("labels", labels, kind="int")
     _same_shape("labels", labels, logits.shape[:-1], what)
     return _prepare_rows(logits.shape[:-1], what, logits.device, compute_dtype(logits.dtype),
                          logits.shape[-1], ref_logprobs, rewards, mask, seq_ids, group_size,
@@ -164,16 +167,13 @@ def prepare_logprobs(logprobs, ref_logprobs, rewards, *, entropy=None, vocab_siz
                      mask=None, seq_ids=None, group_size=None, group_ids=None,
                      config: OPOLossConfig) -> Batch:
     """Checks an ``opo_loss_from_logprobs`` call (no host sync, no device op)."""
-    logprobs = _tensor("logprobs", logprobs, kind="float")
-    if logprobs.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"logprobs must be float32, bfloat16, float16 or float64, "
-                        f"got {logprobs.dtype}")
+    logprobs = check_tensor("logprobs", logprobs, kind="stream")
     if logprobs.dim() not in (1, 2):
         raise ValueError(f"logprobs must be [B, T] (padded) or [N] (packed), got shape "
                          f"{_shape(logprobs)}")
     what = ("logprobs", logprobs)
     if entropy is not None:
-        entropy = _tensor("entropy", entropy, kind="float")
+        entropy = check_tensor("entropy", entropy, kind="float")
         _same_shape("entropy", entropy, logprobs.shape, what)
     elif config.entropy_coef > 0:
         raise ValueError("entropy_coef > 0 needs the per-token entropy: pass entropy=[B, T] "
@@ -202,10 +202,10 @@ def _prepare_rows(rows, what, device, cdtype, vocab: int, ref_logprobs, rewards,
     """The checks common to both entry points; ``rows`` is the row shape ([B, T] or [N]) and
     ``what`` = (name, tensor) it comes from (for messages)."""
     if ref_logprobs is not None:
-        ref_logprobs = _tensor("ref_logprobs", ref_logprobs, kind="float")
+        ref_logprobs = check_tensor("ref_logprobs", ref_logprobs, kind="float")
         _same_shape("ref_logprobs", ref_logprobs, rows, what)
         ref_logprobs = ref_logprobs.detach()
-    rewards = _tensor("rewards", rewards, kind="float")
+    rewards = check_tensor("rewards", rewards, kind="float")
     if rewards.dim() != 1:
         raise ValueError(f"rewards must be 1-D [B], got shape {_shape(rewards)}")
     num_seqs = rewards.shape[0]
@@ -219,7 +219,7 @@ def _prepare_rows(rows, what, device, cdtype, vocab: int, ref_logprobs, rewards,
                              f"{rows[0]} sequences")
         seq_len = rows[1]
         if mask is not None:
-            mask = _tensor("mask", mask, kind="any")
+            mask = check_tensor("mask", mask, kind="any")
             _same_shape("mask", mask, rows, what)
     else:
         if mask is not None:
@@ -228,7 +228,7 @@ def _prepare_rows(rows, what, device, cdtype, vocab: int, ref_logprobs, rewards,
         if seq_ids is None:
             raise ValueError(f"packed rows ({_what(what)}) need seq_ids [N] (sequence index, "
                              "-1 = token not counted)")
-        seq_ids = _tensor("seq_ids", seq_ids, kind="int")
+        seq_ids = check_tensor("seq_ids", seq_ids, kind="int")
         _same_shape("seq_ids", seq_ids, rows, what)
         seq_len = None
 
@@ -241,7 +241,7 @@ def _prepare_rows(rows, what, device, cdtype, vocab: int, ref_logprobs, rewards,
             raise ValueError(f"group_size={group_size} does not divide the number of "
                              f"sequences B={num_seqs}")
     else:
-        group_ids = _tensor("group_ids", group_ids, kind="int")
+        group_ids = check_tensor("group_ids", group_ids, kind="int")
         if tuple(group_ids.shape) != (num_seqs,):
             raise ValueError(f"group_ids must have shape [B]=[{num_seqs}] like rewards, "
                              f"got {_shape(group_ids)}")
