@@ -17,7 +17,7 @@ import math
 import pytest
 import torch
 from problems import make_problem, on_device
-from test_opo_loss import TOL, assert_close, compare, grad_atol, run
+from test_opo_loss import TOL, assert_close, assert_matches, compare, grad_atol, run
 
 import opo_kernels
 from opo_kernels import OPOLossConfig, reference
@@ -115,12 +115,7 @@ def test_on_policy(options, layout):
                                          return_metrics=True, backend="triton",
                                          **problem.layout, **options)
     (grad,) = torch.autograd.grad(loss * 0.7, x)
-    rtol, atol = TOL[torch.float32]["loss"]
-    assert_close(loss, exp_loss, rtol, atol, "loss")
-    for k in exp_metrics:
-        assert_close(metrics[k], exp_metrics[k], rtol, atol, k)
-    rtol, frac = TOL[torch.float32]["grad"]
-    assert_close(grad, exp_grad, rtol, grad_atol(exp_grad, frac), "grad")
+    assert_matches(loss, metrics, grad, exp_loss, exp_metrics, exp_grad)
 
 
 @pytest.mark.parametrize("layout", ["padded", "packed"])

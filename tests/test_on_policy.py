@@ -12,7 +12,7 @@ import itertools
 import pytest
 import torch
 from problems import make_problem, true_logprobs
-from test_opo_loss import TOL, assert_close, grad_atol
+from test_opo_loss import TOL, assert_close, assert_matches, grad_atol
 
 import opo_kernels
 from opo_kernels import reference
@@ -50,12 +50,7 @@ def test_one_pass_matches_reference(level, coords, weights, layout):
     loss, metrics = opo_kernels.opo_loss(x, problem.labels, None, problem.rewards,
                                          backend="triton", **options)
     (grad,) = torch.autograd.grad(loss * upstream, x)
-    rtol, atol = TOL[torch.float32]["loss"]
-    assert_close(loss, exp_loss, rtol, atol, "loss")
-    for k in exp_metrics:
-        assert_close(metrics[k], exp_metrics[k], rtol, atol, k)
-    rtol, frac = TOL[torch.float32]["grad"]
-    assert_close(grad, exp_grad, rtol, grad_atol(exp_grad, frac), "grad")
+    assert_matches(loss, metrics, grad, exp_loss, exp_metrics, exp_grad)
 
 
 @pytest.mark.parametrize("upstream", [1.0, 2.5], ids=["g1", "g2.5"])

@@ -67,6 +67,18 @@ def grad_atol(expected, frac):
     return frac * max(expected.abs().max().item(), 1e-6)
 
 
+def assert_matches(loss, metrics, grad, exp_loss, exp_metrics, exp_grad, dtype=torch.float32):
+    """A kernel call's loss, metrics (the same names) and logits gradient against the float64
+    reference's, at TOL[dtype]."""
+    rtol, atol = TOL[dtype]["loss"]
+    assert_close(loss, exp_loss, rtol, atol, "loss")
+    assert set(metrics) == set(exp_metrics)
+    for k in exp_metrics:
+        assert_close(metrics[k], exp_metrics[k], rtol, atol, k)
+    rtol, frac = TOL[dtype]["grad"]
+    assert_close(grad, exp_grad, rtol, grad_atol(exp_grad, frac), "grad")
+
+
 def run(problem, backend, dtype=None, g=None, **options):
     """loss, metrics, ∂(g·loss)/∂logits for one backend."""
     leaf = problem.leaf(dtype)
