@@ -16,15 +16,8 @@ import time
 
 import torch
 
-# Without CUDA the kernels can only run under the interpreter, which must be switched on before
-# triton is imported -- and ``python -m opo_kernels`` has imported the package (and triton)
-# already, so start again with it set.
-if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
-    os.environ["TRITON_INTERPRET"] = "1"
-    os.execv(sys.executable, [sys.executable, "-m", "opo_kernels", *sys.argv[1:]])
-
-import opo_kernels  # noqa: E402
-from opo_kernels import reference  # noqa: E402
+import opo_kernels
+from opo_kernels import reference
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Gradient tolerance (relative to max|oracle grad|: one 16-bit rounding, 2^-7 for bf16 under
@@ -33,7 +26,10 @@ GRAD_TOL = {torch.float32: 1e-5, torch.bfloat16: 8e-3, torch.float16: 1e-3}
 LOSS_TOL = 1e-4
 
 
-def _problem(B, T, V, dtype, device, seed=0):
+def padded_problem(B, T, V, dtype, device, seed=0):
+    """(logits [B, T, V], the [:, :-1] view of a [B, T + 1, V] tensor; labels [B, T]; ref
+    log-probs [B, T] near the true ones; rewards [B]; mask [B, T], ~70 % counted), seeded.
+    tests/test_gpu.py uses the same batches."""
     g = torch.Generator(device=device).manual_seed(seed)
     full = torch.randn(B, T + 1, V, generator=g, device=device, dtype=dtype)
     logits = full[:, :-1]  # the usual shift, read in place
@@ -93,7 +89,7 @@ def main(argv=None) -> int:
 
     device = torch.device("cuda" if on_gpu else "cpu")
     dtype = DTYPES[args.dtype]
-    logits, labels, ref, rewards, mask = _problem(args.B, args.T, args.V, dtype, device)
+    logits, labels, ref, rewards, mask = padded_problem(args.B, args.T, args.V, dtype, device)
     kwargs = dict(mask=mask, group_size=args.group_size, return_metrics=False)
     mode = torch.cuda.get_device_name() if on_gpu else "CPU (Triton interpreter)"
     print(f"opo_kernels {opo_kernels.__version__} self-check on {mode}; torch "
@@ -133,5 +129,16 @@ def main(argv=None) -> int:
     return 0 if ok else 1
 
 
+def _restart_under_interpreter_if_needed() -> None:
+    """Without CUDA the kernels can only run under the interpreter, which must be switched on
+    before triton is imported -- and ``python -m opo_kernels`` has imported the package (and
+    triton) already, so start again with it set. Only when run as a script: importing this
+    module (tests/test_gpu.py shares ``padded_problem``) has no side effect."""
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        os.environ["TRITON_INTERPRET"] = "1"
+        os.execv(sys.executable, [sys.executable, "-m", "opo_kernels", *sys.argv[1:]])
+
+
 if __name__ == "__main__":
+    _restart_under_interpreter_if_needed()
     sys.exit(main())

@@ -13,6 +13,7 @@ import torch
 
 import opo_kernels
 from opo_kernels import reference
+from opo_kernels.__main__ import padded_problem
 from opo_kernels.utils import interpreter_on
 
 pytestmark = pytest.mark.gpu
@@ -51,14 +52,7 @@ def _check_rows(grad, logits, labels, c, rows, temperature, sample=64):
 
 
 def _padded_problem(B, T, V, dtype, seed=0):
-    g = torch.Generator(device=DEV).manual_seed(seed)
-    logits = torch.randn(B, T + 1, V, device=DEV, dtype=dtype, generator=g)[:, :-1]
-    labels = torch.randint(0, V, (B, T), device=DEV, generator=g)
-    mask = torch.rand(B, T, device=DEV, generator=g) < 0.7
-    ref = reference.chunked_logprobs(logits, labels) + 0.05 * torch.randn(
-        B, T, device=DEV, generator=g)
-    rewards = torch.rand(B, device=DEV, generator=g)
-    return logits, labels, ref, rewards, mask
+    return padded_problem(B, T, V, dtype, DEV, seed)
 
 
 def _run_and_check(logits, labels, ref, rewards, mask, group_size, temperature=1.0):
