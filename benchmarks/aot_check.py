@@ -119,7 +119,7 @@ def _rows(dtype, packed=False):
     if packed:
         logits = full.view(-1, V)[: B * T]
         return logits, row_launch.Rows(labels.reshape(-1), None, torch.zeros(B * T,
-                                        dtype=torch.long), None, B * T, None, B)
+                                       dtype=torch.long), None, B * T, None, B)
     mask = torch.ones(B, T, dtype=torch.bool)
     return full[:, :-1], row_launch.Rows(labels, mask, None, torch.zeros(B, T), B * T, T, B)
 
@@ -148,8 +148,8 @@ def _bwd(dtype, entropy=False, level="sequence_mean"):
         cdtype = torch.float64 if dtype == torch.float64 else torch.float32
         z = lambda *shape: torch.zeros(*shape, dtype=cdtype)  # noqa: E731
         row_launch.backward_rows(logits, rows, z(B * T), z(B * T, 2), z(B * T) if entropy
-                                  else None, z(B, 2), z(2), z(()), _params(cdtype), level,
-                                  "ratio", inplace=False)
+                                 else None, z(B, 2), z(2), z(()), _params(cdtype), level,
+                                 "ratio", inplace=False)
     return run
 
 

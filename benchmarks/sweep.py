@@ -103,12 +103,12 @@ def _kernel_call(kind, problem, device):
     grad = torch.empty_like(logits)
     if kind == "onepass":
         return (lambda: row_launch.forward_rows(logits, rows, params, False, grad=grad,
-                                                 coef=coef, scal=scal)), grad
+                                                coef=coef, scal=scal)), grad
     stats = row_launch.forward_rows(logits, rows, params, False)
     one = torch.ones((), device=device)
     return (lambda: row_launch.backward_rows(logits, rows, stats[0], stats[1], None, coef,
-                                              scal, one, params, "sequence_mean", "ratio",
-                                              inplace=False)), stats
+                                             scal, one, params, "sequence_mean", "ratio",
+                                             inplace=False)), stats
 
 
 def measure(kind, config, problem, device, cuda):
