@@ -167,9 +167,10 @@ class FusedLinearOPOFunction(torch.autograd.Function):
 
 def _check_linear(hidden, weight, bias) -> None:
     """The LM-head arguments (SPEC "Bad input" style: name the argument and the shapes)."""
-    for name, t in (("hidden", hidden), ("weight", weight), ("bias", bias)):
-        if t is not None or name != "bias":
-            check_tensor(name, t, kind="stream")
+    check_tensor("hidden", hidden, kind="stream")
+    check_tensor("weight", weight, kind="stream")
+    if bias is not None:
+        check_tensor("bias", bias, kind="stream")
     if hidden.dim() not in (2, 3):
         raise ValueError(f"hidden must be [B, T, H] (padded) or [N, H] (packed), got shape "
                          f"{list(hidden.shape)}")
