@@ -51,10 +51,6 @@ def _check_rows(grad, logits, labels, c, rows, temperature, sample=64):
     assert err.max() <= 1e-5 * expected.abs().max(), f"max excess err {err.max().item():.3e}"
 
 
-def _padded_problem(B, T, V, dtype, seed=0):
-    return padded_problem(B, T, V, dtype, DEV, seed)
-
-
 def _run_and_check(logits, labels, ref, rewards, mask, group_size, temperature=1.0):
     B, T, V = logits.shape
     x = logits.detach().requires_grad_()
@@ -73,7 +69,7 @@ def _run_and_check(logits, labels, ref, rewards, mask, group_size, temperature=1
 
 def test_qwen_vocab_16k_tokens_bf16():
     """V = 151936 (Qwen2) at N = 16384: also N·V = 2.49e9 > 2^31 (int64 offsets)."""
-    logits, labels, ref, rewards, mask = _padded_problem(16, 1024, 151936, torch.bfloat16)
+    logits, labels, ref, rewards, mask = padded_problem(16, 1024, 151936, torch.bfloat16, DEV)
     assert logits.numel() > 2**31
     _run_and_check(logits, labels, ref, rewards, mask, group_size=4, temperature=0.9)
 
@@ -104,7 +100,7 @@ def test_packed_offsets_past_2_31_fp32():
 
 def test_long_sequences_t_over_65535():
     """T > 65,535 rows per sequence: rows are flattened on grid axis 0, never on axis 1."""
-    logits, labels, ref, rewards, mask = _padded_problem(2, 70000, 512, torch.bfloat16, seed=2)
+    logits, labels, ref, rewards, mask = padded_problem(2, 70000, 512, torch.bfloat16, DEV, seed=2)
     x = logits.detach().requires_grad_()
     loss = opo_kernels.opo_loss(x, labels, ref, rewards, mask=mask, group_size=2,
                                 entropy_coef=0.01, backend="triton")
