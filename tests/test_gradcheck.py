@@ -43,7 +43,7 @@ def test_gradcheck(level, coords, weights, layout, backend):
     options = dict(level=level, coordinates=coords, temperature=0.8, entropy_coef=0.1,
                    backend=backend, **problem.layout)
     if weights == "tensor":
-        options["weights"] = torch.randn(6, dtype=torch.float64)
+        options["weights"] = torch.randn(6, dtype=torch.float64).to(x.device)
     else:
         options["alpha"] = 1.0
     fn = lambda logits: opo_kernels.opo_loss(logits, labels, ref.double(), rewards, **options)  # noqa: E731

@@ -16,7 +16,7 @@ from opo_kernels import __main__ as self_check
 
 REPO = Path(__file__).resolve().parents[1]
 # V = 1000 as in the kernel-vs-reference grid: on CUDA, the same compiled variants
-SMALL = ["--B", "3", "--T", "8", "--V", "1000", "--repeats", "1"]
+SMALL = ["--B", "3", "--T", "8", "--V", "1000", "--group-size", "3", "--repeats", "1"]
 
 
 @pytest.mark.cpu_only
