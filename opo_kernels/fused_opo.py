@@ -249,8 +249,29 @@ class FusedOPOFunction(torch.autograd.Function):
 # --------------------------------------------------------------------------------------------
 
 
+# torch.compile of an in-place backward into a leaf tensor that requires grad (AOTAutograd
+# copies the mutation back into the graph input): torch 2.11 fails on it deep inside AOTAutograd
+# ("a leaf Variable that requires grad is being used in an in-place operation"); 2.12 and 2.13
+# compile it (checked on CPU, 2026-12-04). Non-leaf logits, as from a model, compile on all.
+_COMPILES_LEAF_MUTATION = torch.torch_version.TorchVersion(torch.__version__) >= (2, 12)
+
+
+def _check_inplace_under_compile(logits: torch.Tensor, cfg: OPOLossConfig) -> None:
+    if not (cfg.inplace_backward and not _COMPILES_LEAF_MUTATION and logits.requires_grad
+            and torch.compiler.is_compiling()):
+        return
+    base = logits._base if logits._base is not None else logits  # a view writes its base
+    if base.is_leaf:
+        raise ValueError(
+            f"inplace_backward=True under torch.compile needs torch >= 2.12 when logits is "
+            f"(a view of) a leaf tensor that requires grad (torch {torch.__version__} cannot "
+            f"compile the write into it): pass logits computed from the model (not a leaf), "
+            f"or inplace_backward=False, or run this call eagerly")
+
+
 def loss_from_batch(batch: Batch, cfg: OPOLossConfig):
     """The fused path on prepared inputs (see ``inputs.prepare``)."""
+    _check_inplace_under_compile(batch.logits, cfg)
     loss, metrics = FusedOPOFunction.apply(batch.logits, batch, cfg)
     if not cfg.return_metrics:
         return loss

@@ -90,7 +90,11 @@ def params_tensor(cfg, device, dtype) -> torch.Tensor:
               _or_inf(cfg, "score_clip"), getattr(cfg, "direction_scale", 1.0),
               getattr(cfg, "logit_reg_coef", 0.0), 1.0 / cfg.temperature)
     if torch.compiler.is_compiling():
-        return torch.tensor(values, dtype=dtype, device=device)
+        # Each value times a tensor: Inductor turns a symbolic float used so into a graph input
+        # (tensorify), while torch.tensor([...symbolic floats]) made it specialize on the value
+        # and recompile whenever α, μ or τ changed (seen on Inductor, CPU and CUDA).
+        one = torch.ones((), dtype=dtype, device=device)
+        return torch.stack([one * v for v in values])
     key = (values, str(device), dtype)
     cached = _PARAMS_CACHE.get(key)
     if cached is None:
