@@ -18,11 +18,19 @@ from .inputs import compute_dtype
 from .row_kernels import _opo_bwd_kernel, _opo_fwd_kernel, _scale_kernel
 from .utils import new_output
 
-# Launch table (block over V, warps). One program streams one row, so the block only has to be
-# wide enough to keep loads 16 bytes wide and enough bytes in flight; reductions per block are
-# amortized over BLOCK_V elements. Starting point, NOT yet measured on a GPU (see
-# benchmarks/NOTES.md): 8192 elements for 16-bit logits, 4096 for 32/64-bit, 16 warps.
-_MAX_BLOCK = {2: 8192, 4: 4096, 8: 2048}
+# Launch table: (kind, bytes per logit) -> (BLOCK_V, num_warps), measured on an H200 (sm_90,
+# torch 2.11, triton 3.6, 2026-12-04) by benchmarks/sweep.py at N = 16384 rows and
+# V = 32000, 128256, 151936 (benchmarks/results/nvidia-h200.sweep.jsonl; reasoning and table in
+# benchmarks/NOTES.md). Each entry is the fastest config at every V of the sweep or within 2 %
+# of it; pipelining (stages = 2) was slower everywhere. The forward wants small programs
+# (many rows in flight per SM); the backward, which also writes, wide ones. fp64 was not swept:
+# its entries keep the pre-measurement rule. "scale" (on-policy backward rescale) likewise.
+_TABLE = {
+    ("fwd", 2): (4096, 2), ("fwd", 4): (8192, 4),         # 96.9 % / 107 % of copy (1 read)
+    ("bwd", 2): (16384, 16), ("bwd", 4): (32768, 32),     # 95.2 % / 95.5 % (1 read + 1 write)
+    ("onepass", 2): (4096, 4), ("onepass", 4): (8192, 16),
+}
+_MAX_BLOCK = {2: 8192, 4: 4096, 8: 2048}  # the rule for entries not in _TABLE
 
 # Tests and the launch-config sweep (benchmarks/sweep.py) may set this to a function
 # (kind, vocab, dtype) -> (BLOCK_V, num_warps[, num_stages]) or None, kind in {"fwd",
@@ -45,8 +53,14 @@ def launch_config(vocab: int, dtype: torch.dtype, kind: str = "fwd") -> LaunchCo
         chosen = LAUNCH_OVERRIDE(kind, vocab, dtype)
         if chosen is not None:
             return LaunchConfig(*chosen)
-    block = min(triton.next_power_of_2(vocab), _MAX_BLOCK[dtype.itemsize])
-    num_warps = 16 if block >= 4096 else (8 if block >= 1024 else 4)
+    entry = _TABLE.get((kind, dtype.itemsize))
+    if entry is None:
+        block = min(triton.next_power_of_2(vocab), _MAX_BLOCK[dtype.itemsize])
+        return LaunchConfig(block, 16 if block >= 4096 else (8 if block >= 1024 else 4))
+    block, num_warps = entry
+    if vocab < block:  # a short row: the next power of two, at least 16 bytes a thread
+        block = triton.next_power_of_2(vocab)
+        num_warps = max(1, min(num_warps, block * dtype.itemsize // (16 * 32)))
     return LaunchConfig(block, num_warps)
 
 
