@@ -3,14 +3,15 @@
 # machine. Stages (one device call each):
 #   lease  for the lent machine's 15 minutes of device time (start included): the essentials
 #          in ONE call that ends by OPO_DEADLINE_S (default 540 s) -- the whole suite on CUDA
-#          (<= 200 s), the self-check, the epilogue's per-call time, the benchmark rows at the
+#          (<= 240 s), the self-check, host vs device time of a call (host_overhead.py: eager
+#          vs CUDA-graph replay, the epilogue alone too), the benchmark rows at the
 #          issue's target shapes (logits V = 151936 bf16 N = 16384, then fused-linear), and
 #          the launch-config sweep in the time left. Each step's limit is cut to what is left.
 #   rest   straight after `lease`, while the machine is warm (30 s): the tensor-parallel bench,
 #          then the benchmark rows not measured yet (--resume FILE), by OPO_DEADLINE_S (200)
 #   check  the WHOLE test suite on CUDA (the kernel-vs-reference grid with compiled kernels +
 #          the GPU-only tests; CPU-only tests skip), the self-check, the epilogue's per-call
-#          time before/after issue 10, then the launch-config sweep
+#          time before/after issue 10, host vs device time of a call, then the sweep
 #   bench  the benchmark suite (python -m benchmarks.run; arguments after the stage go to it,
 #          e.g. --resume FILE, -k EXPR, --impls ...)
 #   tp     vocabulary-parallel on-policy logits, general vs one-pass mode (benchmarks/tp_bench.py:
@@ -35,7 +36,7 @@
 #   python -m benchmarks.run --report-only benchmarks/results/<device>.json
 #
 # Everything goes under $OUT when set (the device tool returns at most 8 files from there;
-# `lease` writes exactly 8: log.txt, suite.xml, epilogue_bench.json, sweep.jsonl and the
+# `lease` writes exactly 8: log.txt, suite.xml, host_overhead.json, sweep.jsonl and the
 # bench's <device>.json, .pytest-benchmark.json, .png, .md). Without $OUT:
 # benchmarks/results/ and the README's table.
 # Time limits (seconds): OPO_SUITE_TIMEOUT_S (default 300), OPO_SWEEP_BUDGET_S (120: no new
@@ -107,7 +108,9 @@ run_suite() {  # $1: time limit (s)
   # benchmarks/suite_variants.py counts them).
   # Several processes share the one GPU; the largest GPU tests hold ~20 GB each.
   local xdist=()
-  python3 -c "import xdist" 2>/dev/null && xdist=(-n "${OPO_SUITE_WORKERS:-8}")
+  # 2026-12-04, H200: 12 workers ran it in 118 s with a warm cache; 8 did not finish in 172 s
+  # with 161 variants to compile
+  python3 -c "import xdist" 2>/dev/null && xdist=(-n "${OPO_SUITE_WORKERS:-12}")
   # SIGINT at the limit: pytest then stops cleanly and still writes the summary and suite.xml
   timeout -s INT -k 30 "$1" python3 -m pytest -q -p no:cacheprovider \
     tests ${xdist[@]+"${xdist[@]}"} -rfE --durations=15 --junitxml="$out_dir/suite.xml" \
@@ -126,6 +129,11 @@ run_selfcheck() {
 run_epilogue() {
   timeout "$1" python3 -m benchmarks.epilogue_bench --out "$out_dir" 2>&1 | tee -a "$log"
   echo "[device_run] epilogue bench exit code ${PIPESTATUS[0]}" | tee -a "$log"
+}
+
+run_host_overhead() {
+  timeout "$1" python3 -m benchmarks.host_overhead --out "$out_dir" 2>&1 | tee -a "$log"
+  echo "[device_run] host overhead exit code ${PIPESTATUS[0]}" | tee -a "$log"
 }
 
 run_sweep() {  # $1: budget (no new shape after it), $2: time limit
@@ -162,11 +170,11 @@ run_tp() {
 case "$stage" in
   lease)
     # each step: cap(its own limit, the seconds kept for the steps after it). Worst case at the
-    # default 540 s: suite 200 (+30 s to stop), self-check 30, epilogue 30, benchmark rows
+    # default 540 s: suite 240 (+30 s to stop), self-check 30, host overhead 40, benchmark rows
     # >= 100 s of budget, the sweep what is left; a quick suite leaves the time to the sweep.
-    run_suite "$(cap 200 330)"
-    run_selfcheck "$(cap 45 280)"
-    run_epilogue "$(cap 40 250)"
+    run_suite "$(cap 240 290)"
+    run_selfcheck "$(cap 45 250)"
+    run_host_overhead "$(cap 60 210)"
     # the issue's target rows come first in the grid (logits V = 151936 bf16 N = 16384, then
     # fused-linear B16 T1024 H4096 V128256); rows not started by the budget wait for `rest`
     run_bench "$(cap 120 150)" "$(cap 240 60)" "$@"
@@ -182,6 +190,7 @@ case "$stage" in
     run_suite "${OPO_SUITE_TIMEOUT_S:-300}"
     run_selfcheck 120
     run_epilogue 90
+    run_host_overhead 120
     run_sweep "${OPO_SWEEP_BUDGET_S:-120}" 300
     if [ "$stage" = all ]; then
       run_bench "${OPO_BENCH_BUDGET_S:-360}" 100000 "$@"
