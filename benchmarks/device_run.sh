@@ -95,6 +95,7 @@ if [ -f .whl/triton_cache.tar.xz ]; then
   timeout 60 python3 -m benchmarks.precompile unpack .whl/triton_cache.tar.xz \
     "$TRITON_CACHE_DIR" 2>&1 | tee -a "$log"
   carried=$(timeout 10 python3 -m benchmarks.precompile count "$TRITON_CACHE_DIR")
+  touch /tmp/opo_unpacked  # what is compiled after this was not carried (listed at the end)
 fi
 
 rc=0
@@ -204,6 +205,9 @@ if [ -n "$carried" ]; then
   now=$(timeout 10 python3 -m benchmarks.precompile count "$TRITON_CACHE_DIR")
   echo "[device_run] triton cache: $carried variants carried, $(( ${now:-$carried} - carried ))" \
     "compiled here" | tee -a "$log"
+  # which, with their specialization: compared with the build's records, why they missed
+  timeout 30 python3 -m benchmarks.precompile new "$TRITON_CACHE_DIR" /tmp/opo_unpacked \
+    >> "$log" 2>&1
 fi
 echo "[device_run] stage $stage: exit code $rc, $(( $(date +%s) - start_all )) s" | tee -a "$log"
 exit "$rc"

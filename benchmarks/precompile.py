@@ -6,6 +6,7 @@ carried to the lent GPU machine, so that its minutes go to measuring rather than
     # there (benchmarks/device_run.sh does it when .whl/triton_cache.tar.xz exists):
     python -m benchmarks.precompile unpack .whl/triton_cache.tar.xz DIR   # + key comparison
     python -m benchmarks.precompile count DIR                            # compiled variants
+    python -m benchmarks.precompile new DIR MARKER      # the variants compiled there anyway
 
 Why: the CUDA suite launches 361 kernel variants (benchmarks/suite_variants.py), 914 s of
 compile summed on this machine, and the launch-config sweep ~80 more; on the lent machine that
@@ -35,6 +36,7 @@ import argparse
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 import tarfile
@@ -278,12 +280,41 @@ def count(cache_dir: Path) -> int:
     return len(list(cache_dir.glob("*/*.cubin"))) if cache_dir.is_dir() else 0
 
 
+_ARG = re.compile(r"%(\w+): ([^ ]+)( \{tt\.divisibility = 16)?")
+
+
+def new_variants(cache_dir: Path, marker: Path) -> List[str]:
+    """One line per variant compiled under cache_dir after marker was written (the carried
+    ones were unpacked before it): kernel, warps, stages, and its specialization as the TTIR
+    signature shows it (argument types; "/16" = pointer or int taken as divisible by 16).
+    Compared with the build's records, these say why a carried variant was not found."""
+    since = marker.stat().st_mtime
+    lines = []
+    for meta in sorted(cache_dir.glob("*/*.json")):
+        if meta.name.startswith("__grp__") or meta.stat().st_mtime <= since:
+            continue
+        data = json.loads(meta.read_text())
+        ttir = meta.with_suffix(".ttir")
+        head = next((ln for ln in ttir.read_text().splitlines() if "tt.func public" in ln), "") \
+            if ttir.exists() else ""
+        args = " ".join(f"{n}:{t.rstrip(',')}{'/16' if d else ''}"
+                        for n, t, d in _ARG.findall(head))
+        lines.append(f"{data.get('name')} warps={data.get('num_warps')} "
+                     f"stages={data.get('num_stages')} {meta.parent.name[:12]} {args}")
+    return lines
+
+
+def _same_commit(a: str, b: str) -> bool:
+    """Full or abbreviated hashes of one commit."""
+    return bool(a) and bool(b) and (a.startswith(b) or b.startswith(a))
+
+
 def compare(manifest: dict, here: Dict[str, object], commit: str = "") -> List[str]:
     """Lines saying, per key part, whether this machine computes what the build did."""
     lines = [f"{name}: {'same' if here.get(name) == built else 'DIFFERS'} (built {built!r}"
              + ("" if here.get(name) == built else f", here {here.get(name)!r}") + ")"
              for name, built in manifest["key_parts"].items()]
-    if commit and commit != manifest.get("commit"):
+    if commit and not _same_commit(commit, manifest.get("commit", "")):
         lines.append(f"commit: DIFFERS (built {manifest.get('commit')}, here {commit}): "
                      "kernels changed since are compiled here")
     return lines
@@ -302,11 +333,18 @@ def main(argv=None) -> int:
     u.add_argument("dir", type=Path)
     c = sub.add_parser("count", help="compiled variants under DIR")
     c.add_argument("dir", type=Path)
+    n = sub.add_parser("new", help="variants compiled under DIR after the file MARKER")
+    n.add_argument("dir", type=Path)
+    n.add_argument("marker", type=Path)
     args = parser.parse_args(argv)
     if args.cmd == "build":
         return build(args.wheel, args.out, not args.skip_suite, args.workers)
     if args.cmd == "count":
         print(count(args.dir))
+        return 0
+    if args.cmd == "new":
+        for line in new_variants(args.dir, args.marker):
+            print(f"[precompile] compiled here: {line}")
         return 0
     n = unpack(args.archive, args.dir)
     manifest = json.loads((args.archive.parent / MANIFEST).read_text())

@@ -126,6 +126,40 @@ def test_key_parts_tell_which_part_differs(carried):
                                                                           "commit"]
 
 
+def test_commit_compared_by_prefix():
+    """device_run.sh may pass an abbreviated hash; the build records the full one."""
+    full = "3a416f963abe96bd3e060423cd85752a123ddcf2"
+    manifest = {"key_parts": {}, "commit": full}
+    assert precompile.compare(manifest, {}, "3a416f96") == []
+    assert precompile.compare(manifest, {}, full) == []
+    assert "commit: DIFFERS" in precompile.compare(manifest, {}, "3a416f91")[0]
+
+
+def test_new_lists_what_was_compiled_after_the_marker(tmp_path):
+    """The variants compiled on the GPU despite the carried cache, with their specialization
+    (a carried entry, older than the marker, is not listed)."""
+    ttir = ("  tt.func public @_opo_fwd_kernel(%logits_ptr: !tt.ptr<bf16> {tt.divisibility = "
+            "16 : i32} loc(#a), %l_T: i32 loc(#b), %V: i32 {tt.divisibility = 16 : i32} "
+            "loc(#c)) attributes {noinline = false} {\n")
+    for name, when in (("carried", 1_000_000), ("compiled", None)):
+        entry = tmp_path / "cache" / name
+        entry.mkdir(parents=True)
+        for f, text in (("_opo_fwd_kernel.json", json.dumps({"name": "_opo_fwd_kernel",
+                                                              "num_warps": 2,
+                                                              "num_stages": 3})),
+                        ("__grp___opo_fwd_kernel.json", "{}"), ("_opo_fwd_kernel.ttir", ttir)):
+            (entry / f).write_text(text)
+            if when:
+                os.utime(entry / f, (when, when))
+        if when:
+            marker = tmp_path / "marker"
+            marker.write_text("")
+            os.utime(marker, (when + 10, when + 10))
+    (line,) = precompile.new_variants(tmp_path / "cache", marker)
+    assert line.startswith("_opo_fwd_kernel warps=2 stages=3 compiled ")
+    assert line.endswith("logits_ptr:!tt.ptr<bf16>/16 l_T:i32 V:i32/16")
+
+
 def test_sweep_keys_do_not_depend_on_the_recorded_shape(carried):
     # kinds x dtypes x configs, plus the default-config forward the backward's statistics use
     assert carried["sweep_keys"] >= 3 * 2 * 14
