@@ -14,11 +14,9 @@ the general mode with the package's default options. Timed with triton.testing.d
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
 from pathlib import Path
 
+from benchmarks.side_bench import environment, save, tiny_cli
 from benchmarks.timers import time_cuda, time_host
 
 SHAPES = {"N16384": (24, 976), "N1024": (12, 122)}
@@ -42,13 +40,28 @@ def _time(fn, cuda: bool) -> float:
     return (time_cuda(fn) if cuda else time_host(fn, reps=1)).ms
 
 
+def triton_epilogue(batch, cfg, logprobs):
+    """A step that runs the package's epilogue (memset of its ticket + one launch) on a
+    prepared batch and log-probs [B, T] (general mode); returns its EpilogueOut."""
+    import torch
+
+    from opo_kernels.epilogue import Mode, params_tensor, run_epilogue
+
+    mode = Mode.of(cfg, False)
+    params = params_tensor(cfg, logprobs.device, torch.float32)
+
+    def step():
+        counter = torch.zeros(1, dtype=torch.int32, device=logprobs.device)
+        return run_epilogue(batch, mode, params, counter, logprobs=logprobs)
+    return step
+
+
 def _measure(name, B, T, device, cuda):
     """One shape: cross-check, then time both epilogues."""
     import torch
 
     import benchmarks.legacy_epilogue as legacy
     from opo_kernels import OPOLossConfig
-    from opo_kernels.epilogue import Mode, params_tensor, run_epilogue
     from opo_kernels.inputs import prepare
 
     cfg = OPOLossConfig()
@@ -57,15 +70,11 @@ def _measure(name, B, T, device, cuda):
     labels = torch.zeros(B, T, dtype=torch.long, device=device)
     batch = prepare(stand_in, labels, ref, rewards, mask=mask, group_size=6, config=cfg)
     flat = torch.where(mask, lp, 0.0).reshape(-1)
-    mode = Mode.of(cfg, False)
-    params = params_tensor(cfg, lp.device, torch.float32)
 
     def before():
         return legacy.batch_epilogue(cfg, batch, flat, None)
 
-    def after():
-        counter = torch.zeros(1, dtype=torch.int32, device=device)
-        return run_epilogue(batch, mode, params, counter, logprobs=flat.view(B, T))
+    after = triton_epilogue(batch, cfg, flat.view(B, T))
 
     old, new = before(), after()
     seq = batch.seq
@@ -88,23 +97,13 @@ def run(tiny: bool, out: Path | None):
         rows.append(row)
         print(f"{name:7s} B={B:3d} T={T:4d} counted={row['counted']:6d}  "
               f"before {row['before_ms'] * 1e3:9.1f} us   after {row['after_ms'] * 1e3:9.1f} us")
-    result = {"device": torch.cuda.get_device_name() if cuda else "cpu (interpreter)",
-              "torch": torch.__version__, "triton": __import__("triton").__version__,
-              "rows": rows}
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "epilogue_bench.json").write_text(json.dumps(result, indent=2))
+    result = environment(cuda, rows=rows)
+    save(out, "epilogue_bench.json", result)
     return result
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tiny", action="store_true", help="CPU check at a tiny shape")
-    parser.add_argument("--out", type=Path, default=None)
-    args = parser.parse_args(argv)
-    if args.tiny:
-        os.environ.setdefault("TRITON_INTERPRET", "1")
-    run(args.tiny, args.out)
+    tiny_cli(run, __doc__, argv)
 
 
 if __name__ == "__main__":

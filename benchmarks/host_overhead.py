@@ -15,10 +15,10 @@ on-policy mode, validate=False (capturable: no host sync).
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 from pathlib import Path
+
+from benchmarks.side_bench import environment, save, tiny_cli
 
 SHAPES = {"N16384": 16384, "N1024": 1024}
 
@@ -55,23 +55,15 @@ def _call_step(inp, on_policy: bool):
 
 
 def _epilogue_step(inp):
-    import torch
-
+    from benchmarks.epilogue_bench import triton_epilogue
     from opo_kernels import OPOLossConfig
-    from opo_kernels.epilogue import Mode, params_tensor, run_epilogue
     from opo_kernels.inputs import prepare
 
     cfg = OPOLossConfig()
     batch = prepare(inp.logits, inp.labels, inp.ref_logprobs, inp.rewards, mask=inp.mask,
                     group_ids=inp.group_ids, config=cfg)
-    mode = Mode.of(cfg, False)
-    params = params_tensor(cfg, inp.logits.device, torch.float32)
-    lp = inp.ref_logprobs.float()  # stands in for the forward's log-probs: same shape, dtype
-
-    def step():
-        counter = torch.zeros(1, dtype=torch.int32, device=lp.device)
-        return run_epilogue(batch, mode, params, counter, logprobs=lp).loss
-    return step
+    # the reference log-probs stand in for the forward's: same shape and dtype
+    return triton_epilogue(batch, cfg, inp.ref_logprobs.float())
 
 
 def run(tiny: bool, out: Path | None):
@@ -104,23 +96,13 @@ def run(tiny: bool, out: Path | None):
         del inp, steps
         if cuda:
             torch.cuda.empty_cache()
-    result = {"device": torch.cuda.get_device_name() if cuda else "cpu (interpreter)",
-              "torch": torch.__version__, "triton": __import__("triton").__version__,
-              "commit": os.environ.get("OPO_BENCH_COMMIT", "unknown"), "rows": rows}
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "host_overhead.json").write_text(json.dumps(result, indent=2))
+    result = environment(cuda, commit=os.environ.get("OPO_BENCH_COMMIT", "unknown"), rows=rows)
+    save(out, "host_overhead.json", result)
     return result
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tiny", action="store_true", help="CPU check at a tiny shape")
-    parser.add_argument("--out", type=Path, default=None)
-    args = parser.parse_args(argv)
-    if args.tiny:
-        os.environ.setdefault("TRITON_INTERPRET", "1")
-    run(args.tiny, args.out)
+    tiny_cli(run, __doc__, argv)
 
 
 if __name__ == "__main__":

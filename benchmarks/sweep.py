@@ -25,6 +25,7 @@ import os
 import time
 from pathlib import Path
 
+from benchmarks.side_bench import environment
 from benchmarks.timers import copy_bandwidth, time_cuda, time_host
 
 # the target vocabulary first: a time-limited run (device_run.sh lease) measures it
@@ -149,9 +150,7 @@ def sweep(tiny: bool, out: Path | None, budget_s: float = float("inf"), configs=
             log.write(json.dumps(record) + "\n")
             log.flush()
 
-    emit({"device": torch.cuda.get_device_name() if cuda else "cpu (interpreter)",
-          "torch": torch.__version__, "triton": __import__("triton").__version__,
-          "copy_gbps": bandwidth, "rows": rows})
+    emit(environment(cuda, copy_gbps=bandwidth, rows=rows))
     start = time.perf_counter()
     results = []
     for dtype_name in (TINY["dtypes"] if tiny else DTYPES):

@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import os
 import socket
 import statistics
 import time
 from pathlib import Path
+
+from benchmarks.side_bench import environment, save
 
 V_GLOBAL = 151936
 SLICES = {"tp2": -(-V_GLOBAL // 2), "tp8": -(-V_GLOBAL // 8)}  # V_local of each rank
@@ -125,14 +126,9 @@ def _rank(rank, world, port, tiny, out):
                       f"speed-up {row['one_pass_speedup']:.2f}x", flush=True)
     finally:
         dist.destroy_process_group()
-    if rank == 0 and out is not None:
-        import triton
-
-        result = {"device": torch.cuda.get_device_name() if cuda else "cpu (interpreter)",
-                  "world": world, "torch": torch.__version__, "triton": triton.__version__,
-                  "commit": os.environ.get("OPO_BENCH_COMMIT", "unknown"), "rows": rows}
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "tp_bench.json").write_text(json.dumps(result, indent=2))
+    if rank == 0:
+        save(out, "tp_bench.json", environment(
+            cuda, world=world, commit=os.environ.get("OPO_BENCH_COMMIT", "unknown"), rows=rows))
 
 
 def main(argv=None):
