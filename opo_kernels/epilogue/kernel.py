@@ -19,16 +19,16 @@ from .sums import _phase1_packed, _phase1_padded
 # mode flags are runtime ints (uniform branches), not constexprs: one compiled variant serves
 # every option combination (the option grid would otherwise compile hundreds of variants)
 @triton.jit(do_not_specialize=["B", "T", "N", "K", "lp_sb", "ref_sb", "ent_sb", "sel_sb",
-                               "lab_sb", "ON_POLICY", "LEVEL", "RATIO", "WEIGHTS",
-                               "CENTER", "ADAPTIVE", "SCALE_REWARDS", "ENT_IN_LOSS",
-                               "BONUS", "VALIDATE"])
+                               "lab_sb", "num_chunks", "chunk_len", "ON_POLICY", "LEVEL",
+                               "RATIO", "WEIGHTS", "CENTER", "ADAPTIVE", "SCALE_REWARDS",
+                               "ENT_IN_LOSS", "BONUS", "VALIDATE"])
 def epilogue_kernel(
     lp_ptr, lp_sb, lp_st, ref_ptr, ref_sb, ref_st, ent_ptr, ent_sb, ent_st,
     sel_ptr, sel_sb, sel_st, labels_ptr, lab_sb, lab_st, stats_ptr,
     rewards_ptr, r_st, gid_ptr, gid_st, weights_ptr, w_st, params_ptr,
-    ws_ptr, part_errs_ptr, counter_ptr,
+    ws_ptr, sums_ptr, part_errs_ptr, counter_ptr,
     loss_ptr, metrics_ptr, coef_ptr, scal_ptr, errs_ptr,
-    B, T, N, V, K,
+    B, T, N, V, K, num_chunks, chunk_len,
     PACKED: tl.constexpr, HAS_MASK: tl.constexpr, HAS_LP: tl.constexpr,
     HAS_REF: tl.constexpr, HAS_ENT: tl.constexpr, ENT_IN_LOSS, BONUS,
     FROM_LOGITS: tl.constexpr,
@@ -39,21 +39,33 @@ def epilogue_kernel(
     NUM_ERR: tl.constexpr, NUM_PROG_BLOCK: tl.constexpr,
 ):
     """See the module docstring. Per-token tensors are read through (stride over sequences,
-    stride over tokens); packed tensors have stride 0 over sequences and T = N."""
+    stride over tokens); packed tensors have stride 0 over sequences and T = N.
+
+    Program pid = block · num_chunks + chunk sums the tokens [chunk · chunk_len, + chunk_len)
+    (positions t of [B, T], or rows of the packed [N]) of sequences [block · BLOCK_S, +
+    BLOCK_S) into its slice of sums [num_chunks, 8, B] (the workspace itself when num_chunks
+    is 1); the last program adds the slices up in chunk order. Splitting the tokens keeps each
+    program's serial loop short: a whole packed scan of N = 16384 rows was 128 dependent
+    iterations in one program."""
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
+    block = pid // num_chunks
+    chunk = pid - block * num_chunks
+    lo = chunk * chunk_len
+    sums_ptr += chunk * (8 * B)
     errs = tl.zeros([NUM_ERR], tl.int32)
     inv_temperature = tl.load(params_ptr + 11).to(ACC)
     if PACKED:
         errs = _phase1_packed(
-            pid * BLOCK_S, B, N, V, ws_ptr, errs, pid == 0,
+            block * BLOCK_S, lo, tl.minimum(lo + chunk_len, N), B, N, V, sums_ptr, errs,
+            block == 0,
             lp_ptr, lp_st, ref_ptr, ref_st, ent_ptr, ent_st, sel_ptr, sel_st, labels_ptr,
             lab_st, stats_ptr, inv_temperature,
             HAS_LP, HAS_REF, HAS_ENT, FROM_LOGITS, ON_POLICY, RATIO, VALIDATE, ACC, BLOCK_S,
             BLOCK_T, NUM_ERR)
     else:
         errs = _phase1_padded(
-            pid * BLOCK_S, B, T, V, ws_ptr, errs,
+            block * BLOCK_S, lo, tl.minimum(lo + chunk_len, T), B, T, V, sums_ptr, errs,
             lp_ptr, lp_sb, lp_st, ref_ptr, ref_sb, ref_st, ent_ptr, ent_sb, ent_st,
             sel_ptr, sel_sb, sel_st, labels_ptr, lab_sb, lab_st, stats_ptr, inv_temperature,
             HAS_MASK, HAS_LP, HAS_REF, HAS_ENT, FROM_LOGITS, ON_POLICY, RATIO, VALIDATE, ACC,
@@ -66,10 +78,33 @@ def epilogue_kernel(
     ticket = tl.atomic_add(counter_ptr, 1, sem="acq_rel", scope="gpu")
     if ticket == num_programs - 1:
         tl.debug_barrier()
+        if num_chunks > 1:
+            _add_chunks(sums_ptr - chunk * (8 * B), ws_ptr, B, num_chunks, ACC, BLOCK)
+            tl.debug_barrier()
         _finish(B, V, ws_ptr, params_ptr, rewards_ptr, r_st, gid_ptr, gid_st, K, weights_ptr,
                 w_st, loss_ptr, metrics_ptr, coef_ptr, scal_ptr, errs_ptr, part_errs_ptr,
                 num_programs, LEVEL, RATIO, WEIGHTS, CENTER, ADAPTIVE, SCALE_REWARDS, HAS_IDS,
                 HAS_ENT, ENT_IN_LOSS, BONUS, VALIDATE, ACC, BLOCK, NUM_ERR, NUM_PROG_BLOCK)
+
+
+@triton.jit
+def _add_chunks(sums_ptr, ws_ptr, B, num_chunks, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    """ws rows 0..7 = Σ over chunks of sums [num_chunks, 8, B], in chunk order (a fixed order:
+    the result does not depend on which program finished last). Loads bypass L1: the other
+    programs wrote the slices."""
+    CHUNKS: tl.constexpr = 16
+    for i0 in range(0, B, BLOCK):
+        i = i0 + tl.arange(0, BLOCK)
+        i_in = i < B
+        for row in tl.static_range(8):
+            acc = tl.zeros([BLOCK], ACC)
+            for c0 in range(0, num_chunks, CHUNKS):
+                c = c0 + tl.arange(0, CHUNKS)
+                part = tl.load(sums_ptr + (c[:, None] * 8 + row) * B + i[None, :],
+                               mask=(c < num_chunks)[:, None] & i_in[None, :], other=0.0,
+                               cache_modifier=".cg")
+                acc += tl.sum(part, 0)
+            tl.store(ws_ptr + row * B + i, acc, mask=i_in)
 
 
 # --------------------------------------------------------------------------------------------
@@ -165,9 +200,12 @@ def run_epilogue(batch, mode: Mode, params: torch.Tensor, counter: torch.Tensor,
     T = N if packed else batch.seq_len
     has_ref = batch.ref_logprobs is not None and logprobs is not None
     has_ent = entropy is not None
-    block_s = 32 if packed else 16
-    num_programs = max(triton.cdiv(B, block_s), 1)
+    block_s, block_t = (32, 128) if packed else (16, 64)
+    chunk_len, num_chunks = _chunks(T, block_t)
+    num_programs = max(triton.cdiv(B, block_s), 1) * num_chunks
     ws = torch.empty((NUM_WS, max(B, 1)), dtype=cdtype, device=device)
+    sums = ws if num_chunks == 1 else torch.empty((num_chunks, 8, max(B, 1)), dtype=cdtype,
+                                                  device=device)
     part_errs = torch.empty((num_programs if validate else 1, NUM_ERR), dtype=torch.int32,
                             device=device)
     out = EpilogueOut(loss=torch.empty((), dtype=cdtype, device=device),
@@ -191,9 +229,9 @@ def run_epilogue(batch, mode: Mode, params: torch.Tensor, counter: torch.Tensor,
         batch.group_ids.stride(0) if batch.group_ids is not None else 0,
         batch.weights if batch.weights is not None else dummy,
         batch.weights.stride(0) if batch.weights is not None else 0,
-        params, ws, part_errs, counter,
+        params, ws, sums, part_errs, counter,
         out.loss, out.metrics, out.coef, out.scal, out.errs,
-        B, T, N, batch.vocab, batch.group_size or 1,
+        B, T, N, batch.vocab, batch.group_size or 1, num_chunks, chunk_len,
         PACKED=packed, HAS_MASK=batch.mask is not None, HAS_LP=logprobs is not None,
         HAS_REF=has_ref, HAS_ENT=has_ent, ENT_IN_LOSS=int(has_ent and mode.bonus), BONUS=mode.bonus,
         FROM_LOGITS=from_logits, ON_POLICY=int(batch.ref_logprobs is None),
@@ -201,10 +239,23 @@ def run_epilogue(batch, mode: Mode, params: torch.Tensor, counter: torch.Tensor,
         ADAPTIVE=mode.adaptive, SCALE_REWARDS=mode.scale_rewards,
         HAS_IDS=batch.group_ids is not None, VALIDATE=int(validate and logprobs is not None),
         ACC=tl.float64 if cdtype == torch.float64 else tl.float32,
-        BLOCK_S=block_s, BLOCK_T=128 if packed else 64, BLOCK=32, NUM_ERR=NUM_ERR,
+        BLOCK_S=block_s, BLOCK_T=block_t, BLOCK=32, NUM_ERR=NUM_ERR,
         NUM_PROG_BLOCK=64, num_warps=4,
     )
     return out
+
+
+# Tokens per program in phase 1: ITERS iterations of BLOCK_T, so that the longest serial chain
+# of loads is ITERS round trips to memory; at most MAX_CHUNKS slices (what the last program
+# adds up), the chunks growing beyond that (T > MAX_CHUNKS · ITERS · BLOCK_T).
+_ITERS = 8
+_MAX_CHUNKS = 64
+
+
+def _chunks(T: int, block_t: int) -> tuple:
+    """(chunk_len, num_chunks) of the T positions (padded) or N rows (packed) of phase 1."""
+    per_chunk = block_t * max(_ITERS, triton.cdiv(triton.cdiv(T, _MAX_CHUNKS), block_t))
+    return per_chunk, max(triton.cdiv(T, per_chunk), 1)
 
 
 def metric_keys(with_entropy: bool) -> List[str]:
