@@ -200,7 +200,8 @@ def _combine(cdtype, entropy, world=8):
 
 
 def _pipelined(run, config=(8192, 16, 2)):
-    """A variant launched with a software-pipelined vocabulary loop (a sweep candidate)."""
+    """A variant launched with a launch config other than the table's (a sweep candidate; by
+    default a software-pipelined vocabulary loop)."""
     def wrapped():
         row_launch.LAUNCH_OVERRIDE = lambda kind, vocab, dtype: config
         try:
@@ -229,6 +230,10 @@ VARIANTS: Dict[str, Callable[[], None]] = {
     "fwd-bf16-stages2": _pipelined(_fwd(torch.bfloat16)),
     "bwd-bf16-stages2": _pipelined(_bwd(torch.bfloat16)),
     "fwd-bf16-onepass-stages2": _pipelined(_fwd(torch.bfloat16, one_pass=True)),
+    # programs that loop over rows (LaunchConfig.programs_per_sm), another sweep candidate
+    "fwd-bf16-onepass-persistent": _pipelined(_fwd(torch.bfloat16, one_pass=True),
+                                              config=(8192, 16, 1, 1)),
+    "fwd-bf16-persistent": _pipelined(_fwd(torch.bfloat16), config=(4096, 2, 1, 2)),
     "epilogue-padded": _epilogue(packed=False),
     "epilogue-packed-ids": _epilogue(packed=True, group_ids=True),
     "epilogue-padded-fp64": _epilogue(packed=False, cdtype=torch.float64, validate=False),

@@ -6,9 +6,12 @@
 #          (<= 240 s), the self-check, host vs device time of a call (host_overhead.py: eager
 #          vs CUDA-graph replay, the epilogue alone too), the benchmark rows at the
 #          issue's target shapes (logits V = 151936 bf16 N = 16384, then fused-linear), and
-#          the launch-config sweep in the time left. Each step's limit is cut to what is left.
+#          the focused sweep (sweep.py --focus: one-pass rows in flight vs L2, zero rows) in
+#          the time left. Each step's limit is cut to what is left. (The full launch-config
+#          sweep ran in the first lease: benchmarks/results/nvidia-h200.sweep.jsonl.)
 #   rest   straight after `lease`, while the machine is warm (30 s): the tensor-parallel bench,
-#          then the benchmark rows not measured yet (--resume FILE), by OPO_DEADLINE_S (200)
+#          the demo on CUDA (--quick), then the benchmark rows not measured yet (--resume FILE),
+#          by OPO_DEADLINE_S (200)
 #   check  the WHOLE test suite on CUDA (the kernel-vs-reference grid with compiled kernels +
 #          the GPU-only tests; CPU-only tests skip), the self-check, the epilogue's per-call
 #          time before/after issue 10, host vs device time of a call, then the sweep
@@ -36,8 +39,9 @@
 #   python -m benchmarks.run --report-only benchmarks/results/<device>.json
 #
 # Everything goes under $OUT when set (the device tool returns at most 8 files from there;
-# `lease` writes exactly 8: log.txt, suite.xml, host_overhead.json, sweep.jsonl and the
-# bench's <device>.json, .pytest-benchmark.json, .png, .md). Without $OUT:
+# `lease` writes exactly 8: log.txt, suite.xml, host_overhead.json, sweep_focus.jsonl and the
+# bench's <device>.json, .pytest-benchmark.json, .png, .md; `rest` 7: log.txt,
+# tp_bench.json, demo_curves.json and the bench's four). Without $OUT:
 # benchmarks/results/ and the README's table.
 # Time limits (seconds): OPO_SUITE_TIMEOUT_S (default 300), OPO_SWEEP_BUDGET_S (120: no new
 # sweep shape starts after it), OPO_BENCH_BUDGET_S (360 for bench alone: no new row after it),
@@ -137,10 +141,20 @@ run_host_overhead() {
   echo "[device_run] host overhead exit code ${PIPESTATUS[0]}" | tee -a "$log"
 }
 
-run_sweep() {  # $1: budget (no new shape after it), $2: time limit
-  timeout "$2" python3 -m benchmarks.sweep --out "$out_dir" --budget-s "$1" 2>&1 \
-    | grep -v '^{"kind"' | tee -a "$log"
+run_sweep() {  # $1: budget (no new shape after it), $2: time limit, then sweep.py's arguments
+  local budget=$1 limit=$2
+  shift 2
+  timeout "$limit" python3 -m benchmarks.sweep --out "$out_dir" --budget-s "$budget" "$@" \
+    2>&1 | grep -v '^{"kind"' | tee -a "$log"
   echo "[device_run] sweep exit code ${PIPESTATUS[0]}" | tee -a "$log"
+}
+
+run_demo() {  # the demo's short run on CUDA (fused kernels); only its curves.json comes back
+  local dir=/tmp/opo_demo_cuda
+  timeout "$1" python3 -m opo_kernels.demo --device cuda --quick --no-progress --out "$dir" \
+    2>&1 | tee -a "$log"
+  echo "[device_run] demo exit code ${PIPESTATUS[0]}" | tee -a "$log"
+  [ -f "$dir/curves.json" ] && cp "$dir/curves.json" "$out_dir/demo_curves.json"
 }
 
 run_bench() {  # $1: budget (no new row after it), $2: time limit, then run.py's arguments
@@ -180,11 +194,12 @@ case "$stage" in
     # fused-linear B16 T1024 H4096 V128256); rows not started by the budget wait for `rest`
     run_bench "$(cap 120 150)" "$(cap 240 60)" "$@"
     left=$(cap 100000 15)
-    run_sweep "$(( left > 60 ? left - 60 : 5 ))" "$left"
+    run_sweep "$(( left > 30 ? left - 30 : 5 ))" "$left" --focus
     ;;
   rest)
-    # the tensor-parallel bench first (README: "not yet measured on any GPU"), then more rows
+    # the tensor-parallel bench (measured once: 2026-12-04), the demo, then more rows
     run_tp "$(cap 150 60)"
+    run_demo "$(cap 150 40)"
     run_bench "$(cap 100000 60)" "$(cap 100000 20)" "$@"
     ;;
   check|all)
@@ -193,6 +208,7 @@ case "$stage" in
     run_epilogue 90
     run_host_overhead 120
     run_sweep "${OPO_SWEEP_BUDGET_S:-120}" 300
+    run_sweep 60 120 --focus
     if [ "$stage" = all ]; then
       run_bench "${OPO_BENCH_BUDGET_S:-360}" 100000 "$@"
       run_tp 240

@@ -153,27 +153,33 @@ def download_image_wheel(version: str, dest: Path) -> Path:
 
 def sweep_launches(rows: int = SWEEP_ROWS) -> List[tuple]:
     """((kernel, args, kwargs), origin) of every launch benchmarks/sweep.py makes (each V,
-    kind, dtype and config), recorded at `rows` rows."""
+    kind, dtype and config, and the --focus list), recorded at `rows` rows."""
     import torch
 
     from benchmarks import aot_check, sweep
     from opo_kernels import row_launch
+
+    def record(kind, config, problem, origin):
+        row_launch.LAUNCH_OVERRIDE = lambda k, v, d: config if k == kind else None
+        try:
+            with aot_check.recording() as log:
+                fn, _ = sweep._kernel_call(kind, problem, "cpu")
+                fn()
+        finally:
+            row_launch.LAUNCH_OVERRIDE = None
+        return [(launch, origin) for launch in log]
 
     launches = []
     for vocab, dtype in ((v, d) for v in sweep.SIZES for d in sweep.DTYPES):
         problem = sweep._problem(rows, vocab, getattr(torch, dtype), "cpu")
         for kind in sweep.KINDS:
             for config in sweep.CONFIGS:
-                row_launch.LAUNCH_OVERRIDE = lambda k, v, d, c=config, kind=kind: (
-                    c if k == kind else None)
-                try:
-                    with aot_check.recording() as log:
-                        fn, _ = sweep._kernel_call(kind, problem, "cpu")
-                        fn()
-                finally:
-                    row_launch.LAUNCH_OVERRIDE = None
-                launches += [(launch, f"sweep V={vocab} {kind} {dtype} {config}")
-                             for launch in log]
+                launches += record(kind, config, problem,
+                                   f"sweep V={vocab} {kind} {dtype} {config}")
+    dtype = getattr(torch, sweep.FOCUS_DTYPE)
+    for kind, config, uncounted in sweep.FOCUS:
+        problem = sweep._problem(rows, sweep.FOCUS_V, dtype, "cpu", uncounted)
+        launches += record(kind, config, problem, f"sweep --focus {kind} {config} {uncounted}")
     return launches
 
 

@@ -3,7 +3,8 @@ V ∈ {32000, 128256, 151936}, bf16 and fp32, N = 16384 rows, over BLOCK_V × nu
 software-pipelining depth of the vocabulary loop (``stages``).
 
     python -m benchmarks.sweep [--out DIR] [--budget-s S]   # CUDA: JSON lines + best rows
-    python -m benchmarks.sweep --tiny                       # CPU (interpreter): same code, tiny
+    python -m benchmarks.sweep --focus [--out DIR]          # CUDA: the FOCUS list only
+    python -m benchmarks.sweep --tiny [--focus]             # CPU (interpreter): same code, tiny
     python -m benchmarks.sweep --occupancy                  # CPU, no GPU: compiler's registers
                                                             # and shared memory per candidate
 
@@ -39,6 +40,27 @@ KINDS = ["fwd", "bwd", "onepass"]
 TINY = dict(sizes=[200], dtypes=["bfloat16", "float32"], configs=[(64, 4, 1), (256, 4, 2)],
             rows=16)
 
+# --focus: the questions the first sweep left (benchmarks/GPU_RUNS.md), bf16, V = 151936,
+# N = 16384, as (kind, config, fraction of rows not counted):
+# - Does the one-pass re-read hit L2 when fewer rows are in flight? One program per row keeps
+#   thousands of 297 KiB rows in flight (the best one-pass config moved 2 reads + 1 write from
+#   HBM). Programs that loop over rows (4th element: programs per SM) bound them to
+#   programs/SM × SMs rows: 1 per SM × 132 SMs ≈ 38 MiB, 0.5 ≈ 19 MiB, against a 50 MiB L2.
+#   Fewer programs need more bytes in flight each (Little's law: ~32 KiB per SM), hence the
+#   wide blocks, 32 warps and the pipelined (stages 2) candidates.
+# - How fast are the zero rows written? The padded call's backward writes 30 % of its rows as
+#   zeros (2.14 GB at the target shape), which the first sweep (every row counted) left out.
+FOCUS_V, FOCUS_DTYPE = 151936, "bfloat16"
+FOCUS = [("onepass", (4096, 4, 1), 0.0),            # the committed config, as the baseline
+         ("onepass", (8192, 16, 1, 1), 0.0), ("onepass", (16384, 32, 1, 1), 0.0),
+         ("onepass", (8192, 16, 2, 1), 0.0), ("onepass", (16384, 32, 1, 0.5), 0.0),
+         ("onepass", (8192, 16, 2, 0.5), 0.0), ("onepass", (4096, 8, 1, 2), 0.0),
+         ("onepass", (8192, 8, 2, 2), 0.0),
+         ("bwd", (16384, 16, 1), 0.3), ("bwd", (32768, 32, 1), 0.3), ("bwd", (8192, 8, 1), 0.3),
+         ("fwd", (4096, 2, 1), 0.3), ("fwd", (4096, 2, 1, 4), 0.0)]
+TINY_FOCUS = [("onepass", (64, 4, 1), 0.0), ("onepass", (64, 4, 1, 1), 0.0),
+              ("bwd", (64, 4, 1), 0.3), ("fwd", (64, 4, 1, 2), 0.3)]
+
 
 def _bench(fn, cuda: bool) -> float:
     """Median ms: the benchmark suite's CUDA timer (do_bench, L2 flushed); tiny mode: one
@@ -53,9 +75,10 @@ def copy_gbps(cuda: bool) -> float:
     return copy_bandwidth(torch.device("cuda"))["copy_gbps"] if cuda else float("nan")
 
 
-def _problem(rows: int, vocab: int, dtype, device):
+def _problem(rows: int, vocab: int, dtype, device, uncounted: float = 0.0):
     """Logits ~ N(0, 2²) drawn on the device (a [16384, 151936] float32 draw on the host would
-    take longer than the sweep of one shape), uniform labels, 8 counted rows per sequence."""
+    take longer than the sweep of one shape), uniform labels, 8 rows per sequence, of which
+    the fraction ``uncounted`` (the first rows of every 10) is not counted (seq_id −1)."""
     import torch
 
     from opo_kernels import OPOLossConfig, epilogue, row_launch
@@ -65,7 +88,8 @@ def _problem(rows: int, vocab: int, dtype, device):
     for part in logits.split(1024):  # in slices: no float32 copy of the whole tensor
         part.copy_(torch.randn(part.shape, generator=g, device=device) * 2)
     labels = torch.randint(0, vocab, (rows,), generator=g, device=device)
-    seq = torch.arange(rows, device=device) // 8
+    index = torch.arange(rows, device=device)
+    seq = torch.where(index % 10 < round(10 * uncounted), -1, index // 8)
     num_seqs = (rows + 7) // 8
     rows_ = row_launch.Rows(labels, None, seq, None, rows, None, num_seqs)
     params = epilogue.params_tensor(OPOLossConfig(), device, torch.float32)
@@ -81,10 +105,12 @@ def _check(kind, logits, labels, seq, out, coef, grad):
     pick = torch.linspace(0, logits.shape[0] - 1, 16, device=logits.device).long()
     log_p = torch.log_softmax(logits[pick].float(), -1)
     lp = out[0][pick]
-    expected_lp = log_p.gather(1, labels[pick, None])[:, 0]
+    counted = seq[pick] >= 0  # rows not counted: log-prob 0 and a zero gradient row
+    expected_lp = torch.where(counted, log_p.gather(1, labels[pick, None])[:, 0], 0.0)
     assert torch.allclose(lp, expected_lp, rtol=1e-4, atol=1e-4), (kind, lp, expected_lp)
     if grad is not None:
-        c = coef[seq[pick], 0] + coef[seq[pick], 1]
+        s = seq[pick].clamp(min=0)
+        c = torch.where(counted, coef[s, 0] + coef[s, 1], 0.0)
         onehot = torch.nn.functional.one_hot(labels[pick], logits.shape[1]).float()
         expected = c[:, None] * (onehot - log_p.exp())
         err = (grad[pick].float() - expected).abs().max().item()
@@ -128,13 +154,32 @@ def measure(kind, config, problem, device, cuda):
         ms = _bench(fn, cuda)
     finally:
         row_launch.LAUNCH_OVERRIDE = None
-    passes = 1 if kind == "fwd" else 2  # read (+ write)
-    return ms, passes * logits.numel() * logits.element_size()
+    # counted rows are read (and written); rows not counted are only written (not by fwd)
+    row_bytes = logits.shape[1] * logits.element_size()
+    counted = int((seq >= 0).sum())
+    written = 0 if kind == "fwd" else logits.shape[0]
+    return ms, (counted + written) * row_bytes
 
 
-def sweep(tiny: bool, out: Path | None, budget_s: float = float("inf"), configs=None):
-    """Every (dtype, V, kind, config); rows as dicts, also appended to out/sweep.jsonl. After
-    budget_s seconds no new shape starts (the rest is listed as skipped)."""
+def _row(kind, dtype_name, vocab, rows, config, ms, nbytes, bandwidth, cuda, uncounted=0.0):
+    gbps = nbytes / (ms * 1e-3) / 1e9
+    return {"kind": kind, "dtype": dtype_name, "V": vocab, "N": rows, "BLOCK_V": config[0],
+            "num_warps": config[1], "stages": config[2],
+            "programs_per_sm": config[3] if len(config) > 3 else 0, "uncounted": uncounted,
+            "ms": ms, "gbps": gbps, "pct_copy": 100 * gbps / bandwidth if cuda else None}
+
+
+def _l2_bytes(cuda: bool):
+    import torch
+
+    return torch.cuda.get_device_properties(0).L2_cache_size if cuda else None
+
+
+def sweep(tiny: bool, out: Path | None, budget_s: float = float("inf"), configs=None,
+          focus: bool = False):
+    """Every (dtype, V, kind, config), or with focus the FOCUS list; rows as dicts, also
+    appended to out/sweep.jsonl (focus: out/sweep_focus.jsonl). After budget_s seconds no new
+    shape (focus: measurement) starts (the rest is listed as skipped)."""
     import torch
 
     cuda = torch.cuda.is_available() and not tiny
@@ -142,7 +187,8 @@ def sweep(tiny: bool, out: Path | None, budget_s: float = float("inf"), configs=
     rows = TINY["rows"] if tiny else 16384
     configs = configs or (TINY["configs"] if tiny else CONFIGS)
     bandwidth = copy_gbps(cuda)
-    log = open(out / "sweep.jsonl", "a") if out is not None else None
+    name = "sweep_focus.jsonl" if focus else "sweep.jsonl"
+    log = open(out / name, "a") if out is not None else None
 
     def emit(record):
         print(json.dumps(record), flush=True)
@@ -150,9 +196,32 @@ def sweep(tiny: bool, out: Path | None, budget_s: float = float("inf"), configs=
             log.write(json.dumps(record) + "\n")
             log.flush()
 
-    emit(environment(cuda, copy_gbps=bandwidth, rows=rows))
+    emit(environment(cuda, copy_gbps=bandwidth, rows=rows, l2_bytes=_l2_bytes(cuda),
+                     sm_count=torch.cuda.get_device_properties(0).multi_processor_count
+                     if cuda else None))
     start = time.perf_counter()
     results = []
+    if focus:
+        vocab, dtype_name = (TINY["sizes"][0], "bfloat16") if tiny else (FOCUS_V, FOCUS_DTYPE)
+        problems = {}
+        for kind, config, uncounted in (TINY_FOCUS if tiny else FOCUS):
+            if time.perf_counter() - start > budget_s:
+                emit({"skipped": [kind, list(config), uncounted],
+                      "reason": f"budget {budget_s} s"})
+                continue
+            if uncounted not in problems:
+                problems.clear()  # one [16384, 151936] problem at a time
+                if cuda:
+                    torch.cuda.empty_cache()
+                problems[uncounted] = _problem(rows, vocab, getattr(torch, dtype_name), device,
+                                               uncounted)
+            ms, nbytes = measure(kind, config, problems[uncounted], device, cuda)
+            results.append(_row(kind, dtype_name, vocab, rows, config, ms, nbytes, bandwidth,
+                                cuda, uncounted))
+            emit(results[-1])
+        if log:
+            log.close()
+        return results
     for dtype_name in (TINY["dtypes"] if tiny else DTYPES):
         for vocab in (TINY["sizes"] if tiny else SIZES):
             if time.perf_counter() - start > budget_s:
@@ -162,13 +231,9 @@ def sweep(tiny: bool, out: Path | None, budget_s: float = float("inf"), configs=
             for kind in KINDS:
                 for config in configs:
                     ms, nbytes = measure(kind, config, problem, device, cuda)
-                    gbps = nbytes / (ms * 1e-3) / 1e9
-                    row = {"kind": kind, "dtype": dtype_name, "V": vocab, "N": rows,
-                           "BLOCK_V": config[0], "num_warps": config[1], "stages": config[2],
-                           "ms": ms, "gbps": gbps,
-                           "pct_copy": 100 * gbps / bandwidth if cuda else None}
-                    results.append(row)
-                    emit(row)
+                    results.append(_row(kind, dtype_name, vocab, rows, config, ms, nbytes,
+                                        bandwidth, cuda))
+                    emit(results[-1])
             del problem
             if cuda:
                 torch.cuda.empty_cache()
@@ -246,6 +311,8 @@ def main(argv=None):
                         help="folder for sweep.jsonl (default: $OUT if set)")
     parser.add_argument("--budget-s", type=float, default=float("inf"),
                         help="start no new shape after this many seconds")
+    parser.add_argument("--focus", action="store_true",
+                        help="only the FOCUS list (one-pass rows in flight vs L2, zero rows)")
     args = parser.parse_args(argv)
     if args.occupancy:
         print(f"{'kind':<8}{'dtype':<10}{'BLOCK_V':>8}{'warps':>6}{'stages':>7}{'regs':>6}"
@@ -260,11 +327,12 @@ def main(argv=None):
     out = args.out or (Path(os.environ["OUT"]) if os.environ.get("OUT") else None)
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
-    results = sweep(args.tiny, out, args.budget_s)
-    print("best per (kind, dtype, V):")
-    for r in best_rows(results):
+    results = sweep(args.tiny, out, args.budget_s, focus=args.focus)
+    print("every row:" if args.focus else "best per (kind, dtype, V):")
+    for r in results if args.focus else best_rows(results):
         print(f"  {r['kind']:<8} {r['dtype']:<9} V={r['V']:<7} BLOCK_V={r['BLOCK_V']:<6} "
-              f"warps={r['num_warps']:<3} stages={r['stages']} {r['ms']:.3f} ms "
+              f"warps={r['num_warps']:<3} stages={r['stages']} "
+              f"per_sm={r['programs_per_sm']:<4} uncounted={r['uncounted']:<4} {r['ms']:.3f} ms "
               f"{r['gbps']:.0f} GB/s" + (f" ({r['pct_copy']:.1f} % of copy)"
                                          if r["pct_copy"] else ""))
 

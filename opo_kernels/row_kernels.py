@@ -133,7 +133,7 @@ def _row_gradient(base, sv, grad_base, grad_sv, V, label, x_max, log_sum, lp_lab
 _SHAPE_ARGS = ["T", "row_start", "l_T", "vocab_start", "lab_sb", "sel_sb", "num_seqs"]
 
 
-@triton.jit(do_not_specialize=_SHAPE_ARGS)
+@triton.jit(do_not_specialize=_SHAPE_ARGS + ["num_local"])
 def _opo_fwd_kernel(
     logits_ptr, l_T, l_sb, l_st, l_sv,      # logits rows, indexed by the local row pid
     labels_ptr, lab_sb, lab_st,             # [B, T] or [N] (any integer dtype)
@@ -142,19 +142,48 @@ def _opo_fwd_kernel(
     grad_ptr, g_sb, g_st, g_sv,             # one-pass mode (WRITE_GRAD): gradient rows
     coef_ptr, scal_ptr,                     # one-pass mode: epilogue coefficients (on-policy)
     part_ptr,                               # vocabulary-parallel mode: partials [N, 4]
+    params_ptr, T, row_start, V, vocab_start, num_local,
+    PACKED: tl.constexpr, HAS_MASK: tl.constexpr, WITH_ENTROPY: tl.constexpr,
+    WRITE_GRAD: tl.constexpr, PARTIAL: tl.constexpr, ACC: tl.constexpr, BLOCK_V: tl.constexpr,
+    WIDE: tl.constexpr, STAGES: tl.constexpr, PERSISTENT: tl.constexpr,
+):
+    """One program per row (``_fwd_row``), or with PERSISTENT fewer programs than the
+    num_local rows, program p taking rows p, p + programs, p + 2·programs, ...: this bounds
+    the rows in flight, so that the one-pass mode's re-read of a row can still find it in L2
+    (rows in flight × row bytes under the L2 size; a launch-config candidate)."""
+    if PERSISTENT:
+        for local in range(tl.program_id(0), num_local, tl.num_programs(0)):
+            _fwd_row(local, logits_ptr, l_T, l_sb, l_st, l_sv, labels_ptr, lab_sb, lab_st,
+                     sel_ptr, sel_sb, sel_st, num_seqs, lp_ptr, stats_ptr, ent_ptr, grad_ptr,
+                     g_sb, g_st, g_sv, coef_ptr, scal_ptr, part_ptr, params_ptr, T, row_start,
+                     V, vocab_start, PACKED, HAS_MASK, WITH_ENTROPY, WRITE_GRAD, PARTIAL, ACC,
+                     BLOCK_V, WIDE, STAGES)
+    else:
+        _fwd_row(tl.program_id(0), logits_ptr, l_T, l_sb, l_st, l_sv, labels_ptr, lab_sb,
+                 lab_st, sel_ptr, sel_sb, sel_st, num_seqs, lp_ptr, stats_ptr, ent_ptr,
+                 grad_ptr, g_sb, g_st, g_sv, coef_ptr, scal_ptr, part_ptr, params_ptr, T,
+                 row_start, V, vocab_start, PACKED, HAS_MASK, WITH_ENTROPY, WRITE_GRAD,
+                 PARTIAL, ACC, BLOCK_V, WIDE, STAGES)
+
+
+@triton.jit
+def _fwd_row(
+    local, logits_ptr, l_T, l_sb, l_st, l_sv, labels_ptr, lab_sb, lab_st,
+    sel_ptr, sel_sb, sel_st, num_seqs, lp_ptr, stats_ptr, ent_ptr,
+    grad_ptr, g_sb, g_st, g_sv, coef_ptr, scal_ptr, part_ptr,
     params_ptr, T, row_start, V, vocab_start,
     PACKED: tl.constexpr, HAS_MASK: tl.constexpr, WITH_ENTROPY: tl.constexpr,
     WRITE_GRAD: tl.constexpr, PARTIAL: tl.constexpr, ACC: tl.constexpr, BLOCK_V: tl.constexpr,
     WIDE: tl.constexpr, STAGES: tl.constexpr,
 ):
-    """One program per row: online logsumexp (and entropy) over V in blocks. The global row is
-    r = row_start + pid (a chunk of rows in the fused-linear path); the logits row is pid of a
-    [*, l_T, V] (or [l_T, V]) tensor. With WRITE_GRAD (on-policy: c_t known before the pass,
-    Δ ≡ 0) the program then writes the row's gradient for a unit upstream gradient.
+    """One row: online logsumexp (and entropy) over V in blocks. The global row is
+    r = row_start + local (a chunk of rows in the fused-linear path); the logits row is local
+    of a [*, l_T, V] (or [l_T, V]) tensor. With WRITE_GRAD (on-policy: c_t known before the
+    pass, Δ ≡ 0) the program then writes the row's gradient for a unit upstream gradient.
     PARTIAL (vocabulary-parallel): the row is this rank's slice [vocab_start, vocab_start + V)
     of the vocabulary; the program writes the slice's partials (x_max, x_label or −inf,
     others, w) for ``tp_combine.combine_partials`` instead of lp / stats / entropy."""
-    pid = tl.program_id(0).to(tl.int64)
+    pid = local + tl.zeros([], tl.int64)  # (the interpreter's loop index is a Python int)
     r = row_start + pid
     b, t, seq = row_seq(r, T, sel_ptr, sel_sb, sel_st, num_seqs, PACKED, HAS_MASK)
     lb = pid // l_T

@@ -1,9 +1,11 @@
 """Launchers of the row kernels (row_kernels.py): the launch table, the per-token inputs as
 the kernels read them (``Rows``), and one function per pass over the logits [N, V].
 
-Every launch is one program per token row, grid (R,). The launch config (BLOCK_V, warps,
-pipelining stages) depends only on the vocabulary size, the logits' dtype and the pass; tests
-and the launch-config sweep override it through ``LAUNCH_OVERRIDE``.
+Every launch is one program per token row, grid (R,) (the forward kernel may instead run a
+fixed number of programs per SM that loop over the rows: ``LaunchConfig.programs_per_sm``).
+The launch config (BLOCK_V, warps, pipelining stages) depends only on the vocabulary size, the
+logits' dtype and the pass; tests and the launch-config sweep override it through
+``LAUNCH_OVERRIDE``.
 """
 
 from __future__ import annotations
@@ -33,8 +35,8 @@ _TABLE = {
 _MAX_BLOCK = {2: 8192, 4: 4096, 8: 2048}  # the rule for entries not in _TABLE
 
 # Tests and the launch-config sweep (benchmarks/sweep.py) may set this to a function
-# (kind, vocab, dtype) -> (BLOCK_V, num_warps[, num_stages]) or None, kind in {"fwd",
-# "onepass", "bwd", "scale"}; None falls back to the table.
+# (kind, vocab, dtype) -> (BLOCK_V, num_warps[, num_stages[, programs_per_sm]]) or None, kind
+# in {"fwd", "onepass", "bwd", "scale"}; None falls back to the table.
 LAUNCH_OVERRIDE = None
 
 
@@ -45,6 +47,9 @@ class LaunchConfig(NamedTuple):
     # block's loads issued when the loop reaches it; >= 2 prefetches later blocks into shared
     # memory with cp.async (more registers and shared memory per program: a sweep candidate)
     stages: int = 1
+    # forward / one-pass only: 0 = one program per row; k > 0 = k programs per SM, each
+    # looping over rows (bounds the rows in flight: the one-pass re-read may then hit L2)
+    programs_per_sm: int = 0
 
 
 def launch_config(vocab: int, dtype: torch.dtype, kind: str = "fwd") -> LaunchConfig:
@@ -62,6 +67,24 @@ def launch_config(vocab: int, dtype: torch.dtype, kind: str = "fwd") -> LaunchCo
         block = triton.next_power_of_2(vocab)
         num_warps = max(1, min(num_warps, block * dtype.itemsize // (16 * 32)))
     return LaunchConfig(block, num_warps)
+
+
+_SM_COUNT = {}
+
+
+def _grid(num_rows: int, programs_per_sm: int, device: torch.device) -> int:
+    """Programs of a row launch: one per row, or programs_per_sm per SM (at most one per row).
+    Without CUDA (the interpreter) an "SM" is one program: any count works, as on a GPU."""
+    if not programs_per_sm:
+        return num_rows
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        if index not in _SM_COUNT:
+            _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
+        sms = _SM_COUNT[index]
+    else:
+        sms = 1
+    return max(1, min(num_rows, programs_per_sm * sms))
 
 
 def acc_type(dtype: torch.dtype):
@@ -155,19 +178,19 @@ def forward_rows(logits: torch.Tensor, rows: Rows, params: torch.Tensor, with_en
     logprobs, stats, entropy = out if out is not None else (partials, partials, None)
     write_grad = grad is not None
     if num_local:
-        block, num_warps, stages = launch_config(vocab, logits.dtype,
-                                                 "onepass" if write_grad else "fwd")
+        block, num_warps, stages, per_sm = launch_config(vocab, logits.dtype,
+                                                         "onepass" if write_grad else "fwd")
         geo = _logits_geometry(logits)
         g = grad if write_grad else logits
         ggeo = _logits_geometry(g)
-        _opo_fwd_kernel[(num_local,)](
+        _opo_fwd_kernel[(_grid(num_local, per_sm, logits.device),)](
             logits, *geo, *rows.args(logits), logprobs, stats,
             entropy if entropy is not None else logprobs, g, *ggeo[1:],
             coef if write_grad else logprobs, scal if write_grad else logprobs,
             partials if partial else logprobs, params, rows.T, row_start, vocab, vocab_start,
-            WITH_ENTROPY=with_entropy, WRITE_GRAD=write_grad, PARTIAL=partial,
+            num_local, WITH_ENTROPY=with_entropy, WRITE_GRAD=write_grad, PARTIAL=partial,
             ACC=acc_type(logits.dtype), BLOCK_V=block, WIDE=_wide(block, geo[3], ggeo[3]),
-            STAGES=stages, num_warps=num_warps, **rows.flags(),
+            STAGES=stages, PERSISTENT=per_sm > 0, num_warps=num_warps, **rows.flags(),
         )
     return out
 
@@ -195,7 +218,7 @@ def backward_rows(logits: torch.Tensor, rows: Rows, logprobs: torch.Tensor, stat
     grad = logits if inplace else out if out is not None else new_output(
         logits.shape, logits.dtype, logits.device)
     if num_local:
-        block, num_warps, stages = launch_config(vocab, logits.dtype, "bwd")
+        block, num_warps, stages, _ = launch_config(vocab, logits.dtype, "bwd")
         geo, ggeo = _logits_geometry(logits), _logits_geometry(grad)
         token = level == "token"
         ref = rows.ref if token and rows.ref is not None else logprobs
@@ -214,7 +237,7 @@ def scale_rows_(grad: torch.Tensor, rows: Rows, scale: torch.Tensor) -> torch.Te
     """grad *= scale (0-dim tensor) on counted rows, in place; free when scale == 1."""
     num_local, vocab = grad.numel() // max(grad.shape[-1], 1), grad.shape[-1]
     if num_local:
-        block, num_warps, _ = launch_config(vocab, grad.dtype, "scale")
+        block, num_warps, _, _ = launch_config(vocab, grad.dtype, "scale")
         geo = _logits_geometry(grad)
         _scale_kernel[(num_local,)](grad, *geo, *rows.selector(grad), scale, rows.T,
                                     vocab, ACC=acc_type(grad.dtype), BLOCK_V=block,

@@ -46,7 +46,8 @@ def test_every_variant_compiles_without_spills(compiled):
 SIXTEEN_BIT = [n for n in ("fwd-bf16", "fwd-bf16-entropy", "fwd-bf16-onepass",
                            "fwd-bf16-entropy-onepass", "fwd-bf16-partial", "fwd-bf16-packed",
                            "fwd-fp16", "bwd-bf16", "bwd-bf16-entropy-token", "bwd-fp16",
-                           "scale-bf16")]
+                           "scale-bf16", "fwd-bf16-persistent",
+                           "fwd-bf16-onepass-persistent")]
 
 
 @pytest.mark.parametrize("name", SIXTEEN_BIT)

@@ -85,3 +85,34 @@ def test_one_pass_backward_runs_once():
     torch.autograd.grad(loss, x, retain_graph=True)
     with pytest.raises(RuntimeError, match="backward once"):
         torch.autograd.grad(loss, x)
+
+
+@pytest.mark.parametrize("per_sm", [1, 3])
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+@pytest.mark.parametrize("entropy", [False, True], ids=["plain", "entropy"])
+def test_persistent_launch_is_bitwise_the_same(layout, per_sm, entropy, monkeypatch):
+    """The forward / one-pass kernel with a fixed number of programs looping over the rows
+    (``LaunchConfig.programs_per_sm``, a launch-config candidate: the one-pass re-read may then
+    hit L2) computes each row exactly as one program per row does: the same loss, metrics and
+    gradient to the bit, counted rows and zero rows alike. Without CUDA an "SM" is one
+    program, so the grid is 1 or 3 programs for the 45 rows here."""
+    from opo_kernels import row_launch
+
+    problem = make_problem(9, 5, 13, torch.float32, layout, seed=4)
+    options = dict(entropy_coef=0.05 if entropy else 0.0, compute_entropy=entropy,
+                   return_metrics=True, backend="triton", **problem.layout)
+    results = []
+    for programs in (0, per_sm):  # 0: one program per row, the same block and warps
+        override = lambda kind, vocab, dtype, p=programs: (16, 4, 1, p)  # noqa: E731
+        monkeypatch.setattr(row_launch, "LAUNCH_OVERRIDE", override)
+        for ref in (None, problem.ref_logprobs):  # one-pass, then general (forward kernel)
+            x = problem.leaf()
+            loss, metrics = opo_kernels.opo_loss(x, problem.labels, ref, problem.rewards,
+                                                 **options)
+            (grad,) = torch.autograd.grad(loss * 0.7, x)
+            results.append((loss, metrics, grad))
+    assert row_launch._grid(45, per_sm, torch.device("cpu")) == per_sm
+    for (loss, metrics, grad), (loss2, metrics2, grad2) in zip(results[:2], results[2:]):
+        assert torch.equal(loss, loss2)
+        assert all(torch.equal(metrics[k], metrics2[k]) for k in metrics)
+        assert torch.equal(grad, grad2)

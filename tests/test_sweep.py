@@ -53,3 +53,20 @@ def test_tiny_sweep_config_that_computes_wrong_fails(monkeypatch):
 ])
 def test_programs_per_sm(regs, warps, smem, expected):
     assert sweep.programs_per_sm(regs, warps, smem) == expected
+
+
+def test_tiny_focus(tmp_path):
+    """--focus: the FOCUS list's kinds and configs (programs per SM, rows not counted) run
+    checked through the launchers; the bytes credited count rows not counted as written only
+    (and not at all for the forward)."""
+    results = sweep.sweep(tiny=True, out=tmp_path, focus=True)
+    assert [(r["kind"], r["programs_per_sm"], r["uncounted"]) for r in results] == [
+        (kind, config[3] if len(config) > 3 else 0, uncounted)
+        for kind, config, uncounted in sweep.TINY_FOCUS]
+    lines = (tmp_path / "sweep_focus.jsonl").read_text().splitlines()
+    assert len(lines) == 1 + len(results)
+    rows, row_bytes = 16, 200 * 2  # 6 of the 16 rows are not counted (index % 10 < 3)
+    for r in results:
+        counted = rows - 6 if r["uncounted"] else rows
+        expected = (counted + (0 if r["kind"] == "fwd" else rows)) * row_bytes
+        assert abs(r["gbps"] * r["ms"] * 1e6 - expected) < 1e-6 * expected, r
