@@ -18,7 +18,12 @@ COUNTED_FRACTION = 0.7    # padded layout: ~70 % of the B·T positions are count
 MIN_LEN_FRACTION = 0.4    # sequence lengths uniform in [0.4·T, T] (mean 0.7·T)
 REF_NOISE = 0.05          # ref_logprobs = current log-probs + N(0, 0.05²): small log-ratios
 
-IMPLS = ("opo_kernels", "opo_kernels_inplace", "eager", "compile", "liger_gspo", "liger_ce")
+# the loss fed a slice of the model's [B, T+1, V] output, as a training loop does, the gradient
+# taken w.r.t. that output: autograd's slice backward runs, unless grad_to_base=True. At the
+# first (target) shape only.
+SLICE_IMPLS = ("opo_kernels_model_slice", "opo_kernels_grad_to_base")
+IMPLS = ("opo_kernels", "opo_kernels_inplace", "eager", "compile", "liger_gspo", "liger_ce",
+         *SLICE_IMPLS)
 # from hidden states: loss and gradients for hidden and weight (run at the fused-linear shapes)
 LINEAR_IMPLS = ("opo_kernels_fused_linear", "opo_kernels_materialized", "liger_fused_linear_gspo")
 OPTIONAL_IMPLS = ("liger_gspo_noinplace",)
@@ -152,7 +157,7 @@ def cases(settings: Optional[Settings] = None) -> List[Case]:
     grid = shapes(settings.tiny)
     ordered = grid[:1] + linear_shapes(settings.tiny) + grid[1:]
     return [Case(impl, s) for s in ordered for impl in settings.impls
-            if is_linear_impl(impl) == s.linear]
+            if is_linear_impl(impl) == s.linear and (impl not in SLICE_IMPLS or s == grid[0])]
 
 
 def resolve_out_dir(settings: Settings) -> Path:

@@ -89,6 +89,9 @@ def memory_estimate(case: Case) -> Tuple[int, int]:
     extra = {
         "opo_kernels": grad, "opo_kernels_inplace": 0, "liger_gspo": 0, "liger_ce": 0,
         "liger_gspo_noinplace": b * (t + 1) * v * s,
+        # the slice's gradient + the slice backward's zero-filled [B, T+1, V]; or the latter only
+        "opo_kernels_model_slice": grad + b * (t + 1) * v * s,
+        "opo_kernels_grad_to_base": b * (t + 1) * v * s,
         "eager": EAGER_BYTES_PER_COUNTED_ELEMENT * n * v,
         "compile": EAGER_BYTES_PER_COUNTED_ELEMENT * n * v,  # assumed like eager
     }[case.impl]

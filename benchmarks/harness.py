@@ -17,6 +17,10 @@ at one shape, for one implementation:
                        its default inplace=True; padded layout only
   liger_ce             Liger-Kernel liger_cross_entropy (fused CE fwd+bwd): bandwidth anchor
   liger_gspo_noinplace (opt-in) liger_gspo with inplace=False
+  opo_kernels_model_slice   opo_kernels at the target shape with the gradient taken w.r.t. the
+                       model's whole [B, T+1, V] output, the loss fed its [:, :-1] slice, as a
+                       training loop does (autograd's slice backward runs)
+  opo_kernels_grad_to_base  the same with grad_to_base=True (no slice backward)
 
 Fused-linear rows (issue 4): forward + backward from hidden states, gradients for hidden [B, T, H]
 AND weight [V, H] (``torch.autograd.grad(loss, (hidden, weight))``), at their own shapes (Shape

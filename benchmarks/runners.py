@@ -146,6 +146,19 @@ def build_runner(case: Case, inp: Inputs, settings: Settings) -> Runner:
             torch.autograd.grad(loss_fn(), leaf)
         return Runner(step, inplace, extra)
 
+    if impl in ("opo_kernels_model_slice", "opo_kernels_grad_to_base"):
+        from opo_kernels import opo_loss
+        leaf = inp.storage.detach().requires_grad_()  # the model's output: [B, T+1, V] padded
+        cut = (lambda x: x[:, :-1]) if inp.logits.dim() == 3 else (lambda x: x)  # noqa: E731
+        to_base = impl == "opo_kernels_grad_to_base"
+
+        def step():
+            loss = opo_loss(cut(leaf), inp.labels, inp.ref_logprobs, inp.rewards,
+                            group_size=GROUP_SIZE, backend="triton", validate=False,
+                            grad_to_base=to_base, **kw)
+            torch.autograd.grad(loss, leaf)
+        return Runner(step, False, {})
+
     if impl in ("liger_gspo", "liger_gspo_noinplace"):
         from liger_kernel.transformers.grpo_loss import triton_grpo_loss
         leaf = inp.storage.detach().requires_grad_()  # Liger takes the full [B, T+1, V]

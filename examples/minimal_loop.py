@@ -108,6 +108,7 @@ def main(argv=None):
                 logits[:, :-1], tokens, old_logprobs, rewards, mask=mask,
                 group_size=args.group, temperature=args.temperature, level=args.level,
                 center_weights=args.center_weights, return_metrics=True,
+                grad_to_base=True,  # the gradient of logits written whole: no slice backward
             )
             optimizer.zero_grad()
             loss.backward()

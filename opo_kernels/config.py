@@ -110,6 +110,11 @@ class OPOLossConfig:
     return_metrics: bool = False
     validate: bool = True
     inplace_backward: bool = False
+    # logits a slice of whole positions of a tensor that requires grad (``logits[:, :-1]``):
+    # the gradient goes to that tensor directly, zeros at the positions outside the slice, and
+    # autograd's slice backward (a zero fill of the whole tensor plus a copy) never runs. The
+    # slice itself is then not in the graph (no torch.autograd.grad w.r.t. it; fused_opo.py)
+    grad_to_base: bool = False
     # vocabulary-parallel on-policy logits: stream the slice in L2-sized chunks of rows, one
     # all-gather each, and write the gradient during forward (vocab_parallel.py)
     vocab_parallel_one_pass: bool = False
@@ -172,7 +177,8 @@ class OPOLossConfig:
             )
         self._check_recipe()
         for name in ("adaptive_tau", "center_weights", "compute_entropy", "return_metrics",
-                     "validate", "inplace_backward", "vocab_parallel_one_pass"):
+                     "validate", "inplace_backward", "grad_to_base",
+                     "vocab_parallel_one_pass"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
         set_("alpha", alpha)

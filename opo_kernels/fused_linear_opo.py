@@ -203,6 +203,9 @@ def _linear_config(options) -> OPOLossConfig:
     if cfg.inplace_backward:
         raise ValueError("inplace_backward does not apply: the fused-linear backward "
                          "always writes into its own chunk buffer")
+    if cfg.grad_to_base:
+        raise ValueError("grad_to_base does not apply: the fused-linear loss takes hidden "
+                         "states, not logits")
     return cfg
 
 

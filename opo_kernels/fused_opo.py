@@ -106,14 +106,59 @@ def _forward(logits, labels, ref, mask, seq_ids, rewards, group_ids, weights, pa
 
 
 def _backward(logits, labels, ref, mask, seq_ids, lp, stats, ent, coef, scal, grad_loss, params,
-              flags, inplace: bool) -> torch.Tensor:
-    """∂L/∂logits (written into logits when inplace)."""
+              flags, inplace: bool, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """∂L/∂logits (written into logits when inplace, else into ``out`` or a new tensor)."""
     flags = Flags(*flags)
     rows, mode = flags.rows(labels, mask, seq_ids, ref), flags.mode
     level = ("sequence", "sequence_mean", "token")[mode.level]
     entropy = ent if ent.numel() and mode.bonus else None  # metric-only entropy: no term
     return backward_rows(logits, rows, lp, stats, entropy, coef, scal, grad_loss, params, level,
-                         "ratio" if mode.ratio else "log", inplace=inplace)
+                         "ratio" if mode.ratio else "log", inplace=inplace, out=out)
+
+
+class RowSlice(NamedTuple):
+    """logits = base.narrow(dim, start, length): whole positions (dim 1 of [B, T, V]) or rows
+    (dim 0 of [N, V]) of a contiguous ``base`` that requires grad, as ``logits[:, :-1]`` or
+    ``outputs.logits[:, -(C + 1):-1]`` are. With ``grad_to_base`` the loss differentiates
+    ``base`` directly: its gradient is written base-shaped (the slice's rows by the backward
+    kernel, zeros elsewhere), so autograd never runs the slice's backward, which allocates a
+    zero-filled base-sized tensor and copies the slice's gradient into it (one more
+    logits-sized buffer and ~3 more passes over it per step)."""
+
+    base: Optional[torch.Tensor]
+    dim: int
+    start: int
+    length: int
+
+    @classmethod
+    def of(cls, logits: torch.Tensor) -> Optional[RowSlice]:
+        base = logits._base
+        if (base is None or not base.requires_grad or base.dim() != logits.dim()
+                or logits.dim() not in (2, 3) or not base.is_contiguous()
+                or logits.stride() != base.stride()):
+            return None
+        dim = logits.dim() - 2
+        if any(logits.shape[d] != base.shape[d] for d in range(logits.dim()) if d != dim):
+            return None
+        step, offset = base.stride(dim), logits.storage_offset() - base.storage_offset()
+        if step <= 0 or offset < 0 or offset % step or logits.shape[dim] == base.shape[dim]:
+            return None
+        start = offset // step
+        if start + logits.shape[dim] > base.shape[dim]:
+            return None
+        return cls(base, dim, start, logits.shape[dim])
+
+    def rows(self, full: torch.Tensor) -> torch.Tensor:
+        """The slice's rows of a base-shaped tensor (a view)."""
+        return full.narrow(self.dim, self.start, self.length)
+
+    def zero_outside(self, full: torch.Tensor) -> None:
+        """Zeros at the rows of a base-shaped tensor outside the slice (at most two fills)."""
+        end = self.start + self.length
+        if self.start:
+            full.narrow(self.dim, 0, self.start).zero_()
+        if end < full.shape[self.dim]:
+            full.narrow(self.dim, end, full.shape[self.dim] - end).zero_()
 
 
 # --------------------------------------------------------------------------------------------
@@ -182,14 +227,18 @@ def _call(op, impl, *args):
 
 
 class FusedOPOFunction(torch.autograd.Function):
-    """loss, metrics_vector = FusedOPOFunction.apply(logits, batch, cfg).
+    """loss, metrics_vector = FusedOPOFunction.apply(x, batch, cfg, sliced).
 
-    Only logits receive a gradient (ω, τ, p̃, Q are constants; ref_logprobs and rewards are
-    data). metrics_vector [8] holds ``epilogue.METRICS`` (not differentiable).
+    x is batch.logits, or with ``sliced`` (a ``RowSlice`` of batch.logits, eager only) its
+    base, which then receives the base-shaped gradient. Only x receives a gradient (ω, τ, p̃, Q
+    are constants; ref_logprobs and rewards are data). metrics_vector [8] holds
+    ``epilogue.METRICS`` (not differentiable).
     """
 
     @staticmethod
-    def forward(ctx, logits: torch.Tensor, batch: Batch, cfg: OPOLossConfig):
+    def forward(ctx, x: torch.Tensor, batch: Batch, cfg: OPOLossConfig,
+                sliced: Optional[RowSlice]):
+        logits = batch.logits
         # The one-pass mode runs eagerly only. Under torch.compile, AOTAutograd functionalizes
         # the backward's in-place scale of the saved gradient (a forward output, not a graph
         # input) into a clone plus the scale: a full extra pass over [N, V] on every call
@@ -203,9 +252,8 @@ class FusedOPOFunction(torch.autograd.Function):
         inputs = (logits, batch.labels, batch.ref_logprobs, batch.mask, batch.seq_ids,
                   batch.rewards, batch.group_ids, batch.weights, params, flags)
         if one_pass:
-            grad = logits if cfg.inplace_backward else new_output(logits.shape, logits.dtype,
-                                                                   logits.device)
-            out = _forward(*inputs, grad)
+            full = x if cfg.inplace_backward else new_output(x.shape, x.dtype, x.device)
+            out = _forward(*inputs, full if sliced is None else sliced.rows(full))
         else:
             out = _call(_forward_op, lambda *a: _forward(*a, None), *inputs)
         lp, stats, ent, loss, metrics, coef, scal, errs = out
@@ -214,34 +262,47 @@ class FusedOPOFunction(torch.autograd.Function):
         ctx.mark_non_differentiable(metrics)
         ctx.set_materialize_grads(False)  # no zeros for the metrics' (unused) gradient
         ctx.cfg, ctx.one_pass, ctx.flags = cfg, one_pass, flags
+        # the geometry only: ctx holding the base itself would be a reference cycle
+        ctx.sliced = None if sliced is None else sliced._replace(base=None)
         ctx.batch_tensors = (batch.labels, batch.ref_logprobs, batch.mask, batch.seq_ids)
         if one_pass:
-            ctx.save_for_backward(grad)
+            ctx.save_for_backward(full)
             ctx.backward_done = False
         else:
-            ctx.save_for_backward(logits, lp, stats, ent, coef, scal, params)
+            ctx.save_for_backward(x, lp, stats, ent, coef, scal, params)
         return loss, metrics
 
     @staticmethod
     def backward(ctx, grad_loss, grad_metrics):
         if grad_loss is None:  # the loss was not used (its metrics carry no gradient)
-            return None, None, None
+            return None, None, None, None
         labels, ref, mask, seq_ids = ctx.batch_tensors
+        sliced, inplace = ctx.sliced, ctx.cfg.inplace_backward
         if ctx.one_pass:
             if ctx.backward_done:
                 raise RuntimeError("opo_loss with ref_logprobs=None (one-pass on-policy mode) "
                                    "writes its gradient during forward: run backward once")
             ctx.backward_done = True
-            (grad,) = ctx.saved_tensors
-            scale_rows_(grad, Flags(*ctx.flags).rows(labels, mask, seq_ids, None), grad_loss)
-            return grad, None, None
-        logits, lp, stats, ent, coef, scal, params = ctx.saved_tensors
+            (full,) = ctx.saved_tensors
+            scale_rows_(full if sliced is None else sliced.rows(full),
+                        Flags(*ctx.flags).rows(labels, mask, seq_ids, None), grad_loss)
+            if sliced is not None:
+                sliced.zero_outside(full)
+            return full, None, None, None
+        x, lp, stats, ent, coef, scal, params = ctx.saved_tensors
+        logits = x if sliced is None else sliced.rows(x)
         args = (logits, labels, ref, mask, seq_ids, lp, stats, ent, coef, scal, grad_loss,
                 params, ctx.flags)
-        if ctx.cfg.inplace_backward:
+        if sliced is not None:  # eager only: the base-shaped gradient, zeros outside
+            full = x if inplace else new_output(x.shape, x.dtype, x.device)
+            _backward(*args, inplace=inplace, out=None if inplace else sliced.rows(full))
+            sliced.zero_outside(full)
+            return full, None, None, None
+        if inplace:
             _call(_backward_inplace_op, lambda *a: _backward(*a, inplace=True), *args)
-            return logits, None, None
-        return _call(_backward_op, lambda *a: _backward(*a, inplace=False), *args), None, None
+            return logits, None, None, None
+        return (_call(_backward_op, lambda *a: _backward(*a, inplace=False), *args), None, None,
+                None)
 
 
 # --------------------------------------------------------------------------------------------
@@ -272,7 +333,10 @@ def _check_inplace_under_compile(logits: torch.Tensor, cfg: OPOLossConfig) -> No
 def loss_from_batch(batch: Batch, cfg: OPOLossConfig):
     """The fused path on prepared inputs (see ``inputs.prepare``)."""
     _check_inplace_under_compile(batch.logits, cfg)
-    loss, metrics = FusedOPOFunction.apply(batch.logits, batch, cfg)
+    sliced = (RowSlice.of(batch.logits) if cfg.grad_to_base and not torch.compiler.is_compiling()
+              else None)
+    loss, metrics = FusedOPOFunction.apply(batch.logits if sliced is None else sliced.base,
+                                           batch, cfg, sliced)
     if not cfg.return_metrics:
         return loss
     return loss, unpack_metrics(metrics, cfg.with_entropy)
@@ -298,12 +362,17 @@ def opo_loss(logits, labels, ref_logprobs, rewards, *, mask=None, seq_ids=None,
     sync per call (and, with a process group, every rank's arguments and slice); validate=False
     skips it (no host sync at all). inplace_backward=True writes the gradient into the logits
     buffer (saves one logits-sized allocation; logits are overwritten by backward).
+    grad_to_base=True: when logits are a slice of whole positions of a tensor that requires
+    grad (``logits[:, :-1]``), that tensor gets the gradient directly (zeros outside the slice)
+    and autograd's slice backward, a zero-filled copy of the whole tensor, never runs; the slice
+    itself is then not in the graph (see ``RowSlice``; eager calls only).
 
     options: the fields of ``OPOLossConfig`` as keywords (alpha=0.6, mu=1.0, tau=0.5,
     adaptive_tau=True, tau_range=(0.2, 1.5), reward_temperature=0.15, weights="seed",
     center_weights=False, level="sequence_mean", coordinates="ratio", temperature=1.0,
     entropy_coef=0.0, backend="auto", return_metrics=False, validate=True,
-    inplace_backward=False, compute_entropy=False, vocab_parallel_one_pass=False, ...); an
+    inplace_backward=False, grad_to_base=False, compute_entropy=False,
+    vocab_parallel_one_pass=False, ...); an
     unknown name is a TypeError. vocab_parallel_one_pass=True: with process_group and
     ref_logprobs=None, the one-pass mode over the slice in L2-sized chunks (vocab_parallel.py).
 
@@ -315,7 +384,7 @@ def opo_loss(logits, labels, ref_logprobs, rewards, *, mask=None, seq_ids=None,
     Example::
 
         loss = opo_loss(logits[:, :-1], input_ids[:, 1:], old_logprobs, rewards,
-                        mask=completion_mask, group_size=6)
+                        mask=completion_mask, group_size=6, grad_to_base=True)
     """
     cfg = config_or_fail_together(process_group, lambda: OPOLossConfig(**options))
     return opo_loss_with_config(logits, labels, ref_logprobs, rewards, cfg, mask=mask,

@@ -187,8 +187,9 @@ def prepare_logprobs(logprobs, ref_logprobs, rewards, *, entropy=None, vocab_siz
     if config.temperature != 1.0:
         raise ValueError("temperature applies to logits; log-probs are taken as given (compute "
                          "them at your sampling temperature), so leave temperature at 1.0")
-    if config.inplace_backward:
-        raise ValueError("inplace_backward applies to logits only")
+    for name in ("inplace_backward", "grad_to_base"):
+        if getattr(config, name):
+            raise ValueError(f"{name} applies to logits only")
     batch = _prepare_rows(logprobs.shape, what, logprobs.device, compute_dtype(logprobs.dtype),
                           vocab_size or 1, ref_logprobs, rewards, mask, seq_ids, group_size,
                           group_ids, config, logprobs=logprobs, entropy=entropy)

@@ -161,6 +161,9 @@ def vocab_parallel_loss(logits, labels, ref_logprobs, rewards, cfg: OPOLossConfi
                         vocab_start, **layout):
     """``opo_loss`` on vocabulary-parallel logits (see ``opo_loss``)."""
     def checked():
+        if cfg.grad_to_base:  # (raised inside prepare_together: every rank raises)
+            raise ValueError("grad_to_base is not supported with process_group "
+                             "(vocabulary-parallel logits)")
         batch = prepare(logits, labels, ref_logprobs, rewards, config=cfg, **layout)
         require_fused_kernels(cfg, batch)
         return batch

@@ -17,6 +17,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+import opo_kernels
 
 pytestmark = pytest.mark.cpu_only  # CPU-side code / the interpreter (conftest.py)
 
@@ -73,7 +76,10 @@ def test_fused_linear_rows_come_right_after_the_target():
     n = len(harness.IMPLS)
     assert ids[n:n + len(harness.LINEAR_IMPLS)] == [(i, lin) for i in harness.LINEAR_IMPLS]
     assert all((s.H is not None) == (i in harness.LINEAR_IMPLS) for i, s in ids)
-    assert len(ids) == 19 * len(harness.IMPLS) + len(harness.LINEAR_IMPLS)
+    # the slice rows (the loss fed the model output's [:, :-1]) at the target shape only
+    plain = len(harness.IMPLS) - len(harness.SLICE_IMPLS)
+    assert len(ids) == 19 * plain + len(harness.SLICE_IMPLS) + len(harness.LINEAR_IMPLS)
+    assert {s for i, s in ids if i in harness.SLICE_IMPLS} == {harness.TARGET}
     tiny = harness.linear_shapes(tiny=True)[0]
     assert (tiny.B, tiny.T, tiny.H, tiny.V) == (2, 8, 16, 64)
     # groups of 6 consecutive sequences; B=16 leaves a last group of 4
@@ -254,6 +260,30 @@ def test_session_measures_tiny_rows(tmp_path):
     assert len(json.loads(resumed.path.read_text())["rows"]) == 2
 
 
+def test_session_measures_tiny_slice_rows(tmp_path):
+    """The two rows that feed the loss the model output's [:, :-1] (default: autograd's slice
+    backward; grad_to_base=True: none) run at the first shape, padded, with the same gradient
+    w.r.t. the whole output."""
+    settings = harness.Settings(tiny=True, impls=harness.SLICE_IMPLS, out_dir=tmp_path)
+    session = harness.Session(settings)
+    shape = harness.shapes(tiny=True)[0]
+    assert shape.layout == "padded"
+    grads = []
+    for case in harness.cases(settings):
+        assert case.shape == shape
+        outcome = session.measure(case)
+        assert outcome.row is not None and outcome.row["ms"] > 0, outcome
+        inp = harness.make_inputs(case.shape, torch.device("cpu"), seed=0)
+        leaf = inp.storage.detach().requires_grad_()
+        loss = opo_kernels.opo_loss(leaf[:, :-1], inp.labels, inp.ref_logprobs, inp.rewards,
+                                    group_size=harness.GROUP_SIZE, backend="triton",
+                                    grad_to_base=case.impl == "opo_kernels_grad_to_base",
+                                    mask=inp.mask)
+        grads.append(torch.autograd.grad(loss, leaf)[0])
+    assert [r["impl"] for r in session.data["rows"]] == list(harness.SLICE_IMPLS)
+    assert torch.equal(grads[0], grads[1]) and (grads[1][:, -1] == 0).all()
+
+
 def test_session_measures_tiny_fused_linear_rows(tmp_path):
     settings = harness.Settings(tiny=True, impls=harness.LINEAR_IMPLS, out_dir=tmp_path)
     session = harness.Session(settings)
@@ -333,7 +363,8 @@ def test_run_refuses_tiny_into_results_dir():
 
 @pytest.mark.gpu
 def test_session_on_gpu_tiny(tmp_path):
-    impls = ("opo_kernels", "opo_kernels_inplace", "eager", "liger_gspo", "liger_ce")
+    impls = ("opo_kernels", "opo_kernels_inplace", "eager", "liger_gspo", "liger_ce",
+             *harness.SLICE_IMPLS)
     session = harness.Session(harness.Settings(tiny=True, impls=impls + harness.LINEAR_IMPLS,
                                                out_dir=tmp_path))
     assert session.data["copy_gbps"] > 100 and session.data["matmul_tflops"] > 1

@@ -106,6 +106,7 @@ _REFUSED_OPTIONS = {
                     "exactly -beta * mean entropy over counted tokens)",
     "compute_entropy": "verl's policy-loss hook never receives the entropy",
     "inplace_backward": "there are no logits in verl's policy-loss hook",
+    "grad_to_base": "there are no logits in verl's policy-loss hook",
     "vocab_parallel_one_pass": "there are no logits in verl's policy-loss hook",
     "return_metrics": "the integration always returns OPO's metrics to verl",
 }

@@ -139,7 +139,10 @@ class OPOTrainer(GRPOTrainer):
         else:
             logits, outputs = self._opo_completion_logits(model, input_ids, attention_mask,
                                                           completion_ids.size(1))
-            loss, metrics = opo_loss_with_config(logits, *data, cfg, **layout)
+            # the logits are a slice of the model's output: its gradient is written whole
+            # (zeros at the prompt and last positions), without autograd's slice backward
+            loss, metrics = opo_loss_with_config(logits, *data, cfg.replace(grad_to_base=True),
+                                                 **layout)
 
         if getattr(self, "aux_loss_enabled", False):  # MoE load balancing, as GRPOTrainer does
             loss = loss + self.router_aux_loss_coef * outputs.aux_loss
