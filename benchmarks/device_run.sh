@@ -9,9 +9,9 @@
 #          the focused sweep (sweep.py --focus: one-pass rows in flight vs L2, zero rows) in
 #          the time left. Each step's limit is cut to what is left. (The full launch-config
 #          sweep ran in the first lease: benchmarks/results/nvidia-h200.sweep.jsonl.)
-#   rest   straight after `lease`, while the machine is warm (30 s): the tensor-parallel bench,
-#          the demo on CUDA (--quick), then the benchmark rows not measured yet (--resume FILE),
-#          by OPO_DEADLINE_S (200)
+#   rest   straight after `lease`, while the machine is warm (30 s): the demo on CUDA
+#          (--quick), then the benchmark rows not measured yet (--resume FILE), by
+#          OPO_DEADLINE_S (200)
 #   check  the WHOLE test suite on CUDA (the kernel-vs-reference grid with compiled kernels +
 #          the GPU-only tests; CPU-only tests skip), the self-check, the epilogue's per-call
 #          time before/after issue 10, host vs device time of a call, then the sweep
@@ -40,8 +40,8 @@
 #
 # Everything goes under $OUT when set (the device tool returns at most 8 files from there;
 # `lease` writes exactly 8: log.txt, suite.xml, host_overhead.json, sweep_focus.jsonl and the
-# bench's <device>.json, .pytest-benchmark.json, .png, .md; `rest` 7: log.txt,
-# tp_bench.json, demo_curves.json and the bench's four). Without $OUT:
+# bench's <device>.json, .pytest-benchmark.json, .png, .md; `rest` 6: log.txt,
+# demo_curves.json and the bench's four). Without $OUT:
 # benchmarks/results/ and the README's table.
 # Time limits (seconds): OPO_SUITE_TIMEOUT_S (default 300), OPO_SWEEP_BUDGET_S (120: no new
 # sweep shape starts after it), OPO_BENCH_BUDGET_S (360 for bench alone: no new row after it),
@@ -197,8 +197,8 @@ case "$stage" in
     run_sweep "$(( left > 30 ? left - 30 : 5 ))" "$left" --focus
     ;;
   rest)
-    # the tensor-parallel bench (measured once: 2026-12-04), the demo, then more rows
-    run_tp "$(cap 150 60)"
+    # the demo on CUDA, then more rows (the tensor-parallel bench ran in the first lease's
+    # rest, 2026-12-04; `tp` runs it again)
     run_demo "$(cap 150 40)"
     run_bench "$(cap 100000 60)" "$(cap 100000 20)" "$@"
     ;;
