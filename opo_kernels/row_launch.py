@@ -47,9 +47,10 @@ class LaunchConfig(NamedTuple):
     # block's loads issued when the loop reaches it; >= 2 prefetches later blocks into shared
     # memory with cp.async (more registers and shared memory per program: a sweep candidate)
     stages: int = 1
-    # forward / one-pass only: 0 = one program per row; k > 0 = k programs per SM, each
-    # looping over rows (bounds the rows in flight: the one-pass re-read may then hit L2)
-    programs_per_sm: int = 0
+    # forward / one-pass only: 0 = one program per row; k > 0 = k programs per SM (k may be a
+    # fraction), each looping over rows (bounds the rows in flight: the one-pass re-read may
+    # then hit L2)
+    programs_per_sm: float = 0
 
 
 def launch_config(vocab: int, dtype: torch.dtype, kind: str = "fwd") -> LaunchConfig:
@@ -73,8 +74,9 @@ _SM_COUNT = {}
 
 
 def _grid(num_rows: int, programs_per_sm: int, device: torch.device) -> int:
-    """Programs of a row launch: one per row, or programs_per_sm per SM (at most one per row).
-    Without CUDA (the interpreter) an "SM" is one program: any count works, as on a GPU."""
+    """Programs of a row launch: one per row, or programs_per_sm per SM (a fraction is fewer
+    programs than SMs), at least 1 and at most one per row. Without CUDA (the interpreter) an
+    "SM" is one program: any count works, as on a GPU."""
     if not programs_per_sm:
         return num_rows
     if device.type == "cuda":
@@ -84,7 +86,7 @@ def _grid(num_rows: int, programs_per_sm: int, device: torch.device) -> int:
         sms = _SM_COUNT[index]
     else:
         sms = 1
-    return max(1, min(num_rows, programs_per_sm * sms))
+    return max(1, min(num_rows, round(programs_per_sm * sms)))
 
 
 def acc_type(dtype: torch.dtype):

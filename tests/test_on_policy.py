@@ -87,18 +87,22 @@ def test_one_pass_backward_runs_once():
         torch.autograd.grad(loss, x)
 
 
-@pytest.mark.parametrize("per_sm", [1, 3])
+@pytest.mark.parametrize("programs", [1, 3])
 @pytest.mark.parametrize("layout", ["padded", "packed"])
 @pytest.mark.parametrize("entropy", [False, True], ids=["plain", "entropy"])
-def test_persistent_launch_is_bitwise_the_same(layout, per_sm, entropy, monkeypatch):
+def test_persistent_launch_is_bitwise_the_same(layout, programs, entropy, monkeypatch):
     """The forward / one-pass kernel with a fixed number of programs looping over the rows
     (``LaunchConfig.programs_per_sm``, a launch-config candidate: the one-pass re-read may then
     hit L2) computes each row exactly as one program per row does: the same loss, metrics and
-    gradient to the bit, counted rows and zero rows alike. Without CUDA an "SM" is one
-    program, so the grid is 1 or 3 programs for the 45 rows here."""
+    gradient to the bit, counted rows and zero rows alike. programs_per_sm is a fraction of the
+    device's SMs here (1 without CUDA), so that the grid is 1 or 3 programs for the 45 rows."""
     from opo_kernels import row_launch
 
     problem = make_problem(9, 5, 13, torch.float32, layout, seed=4)
+    device = problem.logits.device
+    sms = (torch.cuda.get_device_properties(device).multi_processor_count
+           if device.type == "cuda" else 1)
+    per_sm = programs / sms
     options = dict(entropy_coef=0.05 if entropy else 0.0, compute_entropy=entropy,
                    return_metrics=True, backend="triton", **problem.layout)
     results = []
@@ -111,7 +115,7 @@ def test_persistent_launch_is_bitwise_the_same(layout, per_sm, entropy, monkeypa
                                                  **options)
             (grad,) = torch.autograd.grad(loss * 0.7, x)
             results.append((loss, metrics, grad))
-    assert row_launch._grid(45, per_sm, torch.device("cpu")) == per_sm
+    assert row_launch._grid(45, per_sm, device) == programs
     for (loss, metrics, grad), (loss2, metrics2, grad2) in zip(results[:2], results[2:]):
         assert torch.equal(loss, loss2)
         assert all(torch.equal(metrics[k], metrics2[k]) for k in metrics)
