@@ -1,12 +1,15 @@
 """The epilogue of the fused OPO loss as ONE Triton launch: from per-token log-probs to the loss,
 the metrics and the per-sequence gradient coefficients (SPEC "Per sequence" to "Gradient").
 
-Grid: one program per block of BLOCK_S sequences.
-  phase 1 (every program): its sequences' sums over their counted tokens — n_s, Σ Δ, Σ lp,
-           Σ ref, Σ k3, Σ H, Σ v_t, Σ v_t² — into a [8, B] workspace (padded: the sequence's own
-           row of [B, T]; packed: a scan of all N seq_ids, one-hot against the block), and the
-           value checks of SPEC "Bad input" as integer counts.
-  phase 2 (the last program to finish, found with an integer atomic ticket): groups, τ, Q,
+Grid: one program per (block of BLOCK_S sequences, chunk of tokens) (kernel.py ``_chunks``:
+chunks of 8 loop iterations, at most 64 of them).
+  phase 1 (every program): its sequences' sums over the counted tokens of its chunk — n_s,
+           Σ Δ, Σ lp, Σ ref, Σ k3, Σ H, Σ v_t, Σ v_t² — into its slice of a [chunks, 8, B]
+           workspace (padded: positions of the sequence's own row of [B, T]; packed: a scan of
+           the chunk's seq_ids, one-hot against the block), and the value checks of SPEC "Bad
+           input" as integer counts.
+  phase 2 (the last program to finish, found with an integer atomic ticket): the chunks' sums
+           added in chunk order, then groups, τ, Q,
            p̃, ω, v, the loss and the metrics, and per sequence s the coefficients
            (a_s, z_s) from which every token's c_t = ∂L/∂lp_t follows (row_kernels.token_coef):
                c_t = (a_s + b·v_t)·f_t + z_s         (level "token": v_t, f_t = dv_t/dΔ_t)
