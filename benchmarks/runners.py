@@ -8,7 +8,7 @@ from typing import Callable, Dict, Optional
 
 import torch
 
-from benchmarks.cases import DTYPES, GROUP_SIZE, Case, Settings, is_linear_impl
+from benchmarks.cases import DTYPES, GROUP_SIZE, SLICE_IMPLS, Case, Settings, is_linear_impl
 from benchmarks.inputs import Inputs, LinearInputs
 
 # Liger's GSPO setting as TRL documents it for GSPO: sequence-level ratio, no KL term, tight
@@ -120,16 +120,22 @@ def build_runner(case: Case, inp: Inputs, settings: Settings) -> Runner:
     if is_linear_impl(impl):
         return build_linear_runner(case, inp)
     kw = _layout_kwargs(inp)
-    if impl in ("opo_kernels", "opo_kernels_inplace", "eager", "compile"):
-        leaf = inp.logits.detach().requires_grad_()  # a strided view for padded: not copied
+    if impl in ("opo_kernels", "opo_kernels_inplace", "eager", "compile", *SLICE_IMPLS):
+        if impl in SLICE_IMPLS:  # the gradient w.r.t. the model's whole output [B, T+1, V]
+            leaf = inp.storage.detach().requires_grad_()
+            view = (lambda x: x[:, :-1]) if inp.logits.dim() == 3 else (lambda x: x)  # noqa: E731
+        else:  # the gradient w.r.t. the logits read (a strided view for padded: not copied)
+            leaf = inp.logits.detach().requires_grad_()
+            view = lambda x: x  # noqa: E731
         if impl.startswith("opo_kernels"):
             from opo_kernels import opo_loss
             inplace = impl == "opo_kernels_inplace"
+            to_base = impl == "opo_kernels_grad_to_base"
 
             def loss_fn():
-                return opo_loss(leaf, inp.labels, inp.ref_logprobs, inp.rewards,
+                return opo_loss(view(leaf), inp.labels, inp.ref_logprobs, inp.rewards,
                                 group_size=GROUP_SIZE, backend="triton", validate=False,
-                                inplace_backward=inplace, **kw)
+                                inplace_backward=inplace, grad_to_base=to_base, **kw)
             extra: Dict[str, object] = {}
         else:
             from opo_kernels import reference
@@ -145,19 +151,6 @@ def build_runner(case: Case, inp: Inputs, settings: Settings) -> Runner:
         def step():
             torch.autograd.grad(loss_fn(), leaf)
         return Runner(step, inplace, extra)
-
-    if impl in ("opo_kernels_model_slice", "opo_kernels_grad_to_base"):
-        from opo_kernels import opo_loss
-        leaf = inp.storage.detach().requires_grad_()  # the model's output: [B, T+1, V] padded
-        cut = (lambda x: x[:, :-1]) if inp.logits.dim() == 3 else (lambda x: x)  # noqa: E731
-        to_base = impl == "opo_kernels_grad_to_base"
-
-        def step():
-            loss = opo_loss(cut(leaf), inp.labels, inp.ref_logprobs, inp.rewards,
-                            group_size=GROUP_SIZE, backend="triton", validate=False,
-                            grad_to_base=to_base, **kw)
-            torch.autograd.grad(loss, leaf)
-        return Runner(step, False, {})
 
     if impl in ("liger_gspo", "liger_gspo_noinplace"):
         from liger_kernel.transformers.grpo_loss import triton_grpo_loss

@@ -76,7 +76,9 @@ _SM_COUNT = {}
 def _grid(num_rows: int, programs_per_sm: int, device: torch.device) -> int:
     """Programs of a row launch: one per row, or programs_per_sm per SM (a fraction is fewer
     programs than SMs), at least 1 and at most one per row. Without CUDA (the interpreter) an
-    "SM" is one program: any count works, as on a GPU."""
+    "SM" is one program: any count works, as on a GPU. (The kernel calls its row body from
+    two sites, not from one loop whose trip count is 1, so that one program per row, the
+    table's default, compiles without a loop around the row.)"""
     if not programs_per_sm:
         return num_rows
     if device.type == "cuda":

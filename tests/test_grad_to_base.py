@@ -14,6 +14,8 @@ straight to that tensor (fused_opo.RowSlice).
 - the options where it cannot apply name it.
 """
 
+import contextlib
+
 import pytest
 import torch
 from problems import on_device
@@ -72,10 +74,7 @@ def _grad(base0, cut, labels, ref, rewards, lay, record=False, **options):
     loss = opo_kernels.opo_loss(cut(base), labels, ref, rewards, backend="triton",
                                 validate=False, **lay, **options)
     mode = _Ops()
-    if record:
-        with mode:
-            (grad,) = torch.autograd.grad(loss * 0.8, leaf)
-    else:
+    with mode if record else contextlib.nullcontext():
         (grad,) = torch.autograd.grad(loss * 0.8, leaf)
     return grad, mode.ops
 
