@@ -234,6 +234,9 @@ VARIANTS: Dict[str, Callable[[], None]] = {
     "fwd-bf16-onepass-persistent": _pipelined(_fwd(torch.bfloat16, one_pass=True),
                                               config=(8192, 16, 1, 1)),
     "fwd-bf16-persistent": _pipelined(_fwd(torch.bfloat16), config=(4096, 2, 1, 2)),
+    # the one-pass gradient pass in the forward block order (the table walks it backwards)
+    "fwd-bf16-onepass-forward": _pipelined(_fwd(torch.bfloat16, one_pass=True),
+                                           config=(4096, 4, 1, 0, False)),
     "epilogue-padded": _epilogue(packed=False),
     "epilogue-packed-ids": _epilogue(packed=True, group_ids=True),
     "epilogue-padded-fp64": _epilogue(packed=False, cdtype=torch.float64, validate=False),

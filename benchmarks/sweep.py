@@ -40,25 +40,27 @@ KINDS = ["fwd", "bwd", "onepass"]
 TINY = dict(sizes=[200], dtypes=["bfloat16", "float32"], configs=[(64, 4, 1), (256, 4, 2)],
             rows=16)
 
-# --focus: the questions the first sweep left (benchmarks/GPU_RUNS.md), bf16, V = 151936,
-# N = 16384, as (kind, config, fraction of rows not counted):
-# - Does the one-pass re-read hit L2 when fewer rows are in flight? One program per row keeps
-#   thousands of 297 KiB rows in flight (the best one-pass config moved 2 reads + 1 write from
-#   HBM). Programs that loop over rows (4th element: programs per SM) bound them to
-#   programs/SM × SMs rows: 1 per SM × 132 SMs ≈ 38 MiB, 0.5 ≈ 19 MiB, against a 50 MiB L2.
-#   Fewer programs need more bytes in flight each (Little's law: ~32 KiB per SM), hence the
-#   wide blocks, 32 warps and the pipelined (stages 2) candidates.
-# - How fast are the zero rows written? The padded call's backward writes 30 % of its rows as
-#   zeros (2.14 GB at the target shape), which the first sweep (every row counted) left out.
+# --focus: the question the last lease left (benchmarks/GPU_RUNS.md), bf16, V = 151936,
+# N = 16384, as (kind, config, fraction of rows not counted). The 2026-12-04 second lease
+# answered the earlier focus list (programs that loop over rows: all slower, 4.96-13.99 ms
+# against 3.60 ms for one program per row; zero rows at ~93 % of copy).
+# - Does the one-pass re-read hit L2 more when the gradient pass walks each row backwards
+#   (LaunchConfig.reverse, 5th element)? One program per row keeps thousands of 297 KiB rows in
+#   flight, so only each row's last few blocks can still be in L2 when the pass comes back;
+#   walking backwards re-reads exactly those first. The bigger programs keep fewer rows in
+#   flight (4 warps: ~16 programs per SM; 16 warps: ~4), so more of each row may be re-read
+#   from L2, at the first pass's cost (the forward kernel alone lost 25 % with 16 warps).
+# - The general mode's two kernels at the same all-counted rows, for the kernel-level
+#   one-pass ÷ general ratio in the same run (the issue's ≥ 1.4× target).
 FOCUS_V, FOCUS_DTYPE = 151936, "bfloat16"
-FOCUS = [("onepass", (4096, 4, 1), 0.0),            # the committed config, as the baseline
-         ("onepass", (8192, 16, 1, 1), 0.0), ("onepass", (16384, 32, 1, 1), 0.0),
-         ("onepass", (8192, 16, 2, 1), 0.0), ("onepass", (16384, 32, 1, 0.5), 0.0),
-         ("onepass", (8192, 16, 2, 0.5), 0.0), ("onepass", (4096, 8, 1, 2), 0.0),
-         ("onepass", (8192, 8, 2, 2), 0.0),
-         ("bwd", (16384, 16, 1), 0.3), ("bwd", (32768, 32, 1), 0.3), ("bwd", (8192, 8, 1), 0.3),
-         ("fwd", (4096, 2, 1), 0.3), ("fwd", (4096, 2, 1, 4), 0.0)]
-TINY_FOCUS = [("onepass", (64, 4, 1), 0.0), ("onepass", (64, 4, 1, 1), 0.0),
+FOCUS = [("onepass", (4096, 4, 1, 0, reverse), 0.0)
+         for reverse in (False, True)]  # the committed config, both directions
+FOCUS += [("onepass", (block, warps, 1, 0, reverse), 0.0)
+          for block, warps in ((4096, 8), (8192, 8), (8192, 16), (16384, 16), (2048, 4))
+          for reverse in (False, True)]
+FOCUS += [("fwd", (4096, 2, 1), 0.0), ("bwd", (16384, 16, 1), 0.0)]
+TINY_FOCUS = [("onepass", (64, 4, 1), 0.0), ("onepass", (64, 4, 1, 0, True), 0.0),
+              ("onepass", (64, 4, 1, 1), 0.0),
               ("onepass", (64, 4, 1, 0.5), 0.0), ("bwd", (64, 4, 1), 0.3),
               ("fwd", (64, 4, 1, 2), 0.3)]
 
@@ -166,7 +168,8 @@ def _row(kind, dtype_name, vocab, rows, config, ms, nbytes, bandwidth, cuda, unc
     gbps = nbytes / (ms * 1e-3) / 1e9
     return {"kind": kind, "dtype": dtype_name, "V": vocab, "N": rows, "BLOCK_V": config[0],
             "num_warps": config[1], "stages": config[2],
-            "programs_per_sm": config[3] if len(config) > 3 else 0, "uncounted": uncounted,
+            "programs_per_sm": config[3] if len(config) > 3 else 0,
+            "reverse": bool(config[4]) if len(config) > 4 else False, "uncounted": uncounted,
             "ms": ms, "gbps": gbps, "pct_copy": 100 * gbps / bandwidth if cuda else None}
 
 
@@ -333,7 +336,8 @@ def main(argv=None):
     for r in results if args.focus else best_rows(results):
         print(f"  {r['kind']:<8} {r['dtype']:<9} V={r['V']:<7} BLOCK_V={r['BLOCK_V']:<6} "
               f"warps={r['num_warps']:<3} stages={r['stages']} "
-              f"per_sm={r['programs_per_sm']:<4} uncounted={r['uncounted']:<4} {r['ms']:.3f} ms "
+              f"per_sm={r['programs_per_sm']:<4} reverse={r.get('reverse', False):d} "
+              f"uncounted={r['uncounted']:<4} {r['ms']:.3f} ms "
               f"{r['gbps']:.0f} GB/s" + (f" ({r['pct_copy']:.1f} % of copy)"
                                          if r["pct_copy"] else ""))
 

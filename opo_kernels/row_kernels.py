@@ -99,29 +99,48 @@ def _zero_row(grad_base, grad_sv, V, BLOCK_V: tl.constexpr, WIDE: tl.constexpr):
 
 
 @triton.jit
+def _grad_block(base, sv, grad_base, grad_sv, start, V, label, x_max, c2, k2, one_minus_p_label,
+                coef, entropy, d_entropy, inv_t, log_sum, WITH_ENTROPY: tl.constexpr,
+                ACC: tl.constexpr, BLOCK_V: tl.constexpr, WIDE: tl.constexpr):
+    """The gradient of one block [start, start + BLOCK_V) of a row (``_row_gradient``)."""
+    offs = start + tl.arange(0, BLOCK_V)
+    in_row = offs < V
+    x = tl.load(base + _block_offsets(start, sv, BLOCK_V, WIDE), mask=in_row,
+                other=float("-inf")).to(ACC)
+    d = x - x_max
+    p = tl.exp2(d * c2 - k2)
+    g = tl.where(offs == label, coef * one_minus_p_label, -coef * p)
+    if WITH_ENTROPY:  # ∂H/∂z = −p·(log p + H); p = 0 contributes 0 (no 0·−inf)
+        log_p = d * inv_t - log_sum
+        g -= d_entropy * p * tl.where(p > 0, log_p + entropy, 0.0)
+    tl.store(grad_base + _block_offsets(start, grad_sv, BLOCK_V, WIDE),
+             (g * inv_t).to(grad_base.dtype.element_ty), mask=in_row)
+
+
+@triton.jit
 def _row_gradient(base, sv, grad_base, grad_sv, V, label, x_max, log_sum, lp_label, coef,
                   entropy, d_entropy, inv_t, WITH_ENTROPY: tl.constexpr, ACC: tl.constexpr,
-                  BLOCK_V: tl.constexpr, WIDE: tl.constexpr, STAGES: tl.constexpr):
+                  BLOCK_V: tl.constexpr, WIDE: tl.constexpr, STAGES: tl.constexpr,
+                  REVERSE: tl.constexpr):
     """Writes (1/temperature)·[c·(onehot − p) − ∂L/∂H·p·(log p + H)] for one row (SPEC
     "Gradient"), log p = (x − x_max)/temperature − log s from the saved row statistics.
     grad_base may alias base (in place): each block is read before it is written, by this
-    program only."""
+    program only. REVERSE walks the blocks from the row's end: in the one-pass mode the blocks
+    that the statistics pass read last are re-read first, while they may still be in L2."""
     c2 = inv_t * LOG2E
     k2 = log_sum * LOG2E
     one_minus_p_label = -expm1(lp_label)  # 1 − p_label, accurate for confident tokens
-    for start in tl.range(0, V, BLOCK_V, num_stages=STAGES):
-        offs = start + tl.arange(0, BLOCK_V)
-        in_row = offs < V
-        x = tl.load(base + _block_offsets(start, sv, BLOCK_V, WIDE), mask=in_row,
-                    other=float("-inf")).to(ACC)
-        d = x - x_max
-        p = tl.exp2(d * c2 - k2)
-        g = tl.where(offs == label, coef * one_minus_p_label, -coef * p)
-        if WITH_ENTROPY:  # ∂H/∂z = −p·(log p + H); p = 0 contributes 0 (no 0·−inf)
-            log_p = d * inv_t - log_sum
-            g -= d_entropy * p * tl.where(p > 0, log_p + entropy, 0.0)
-        tl.store(grad_base + _block_offsets(start, grad_sv, BLOCK_V, WIDE),
-                 (g * inv_t).to(grad_base.dtype.element_ty), mask=in_row)
+    if REVERSE:
+        last = tl.cdiv(V, BLOCK_V) - 1
+        for i in tl.range(0, last + 1, num_stages=STAGES):
+            _grad_block(base, sv, grad_base, grad_sv, (last - i) * BLOCK_V, V, label, x_max,
+                        c2, k2, one_minus_p_label, coef, entropy, d_entropy, inv_t, log_sum,
+                        WITH_ENTROPY, ACC, BLOCK_V, WIDE)
+    else:
+        for start in tl.range(0, V, BLOCK_V, num_stages=STAGES):
+            _grad_block(base, sv, grad_base, grad_sv, start, V, label, x_max, c2, k2,
+                        one_minus_p_label, coef, entropy, d_entropy, inv_t, log_sum,
+                        WITH_ENTROPY, ACC, BLOCK_V, WIDE)
 
 
 # Integers that follow the batch's shape (B, T, and the strides over sequences of the [B, T]
@@ -146,6 +165,7 @@ def _opo_fwd_kernel(
     PACKED: tl.constexpr, HAS_MASK: tl.constexpr, WITH_ENTROPY: tl.constexpr,
     WRITE_GRAD: tl.constexpr, PARTIAL: tl.constexpr, ACC: tl.constexpr, BLOCK_V: tl.constexpr,
     WIDE: tl.constexpr, STAGES: tl.constexpr, PERSISTENT: tl.constexpr,
+    REVERSE: tl.constexpr,
 ):
     """One program per row (``_fwd_row``), or with PERSISTENT fewer programs than the
     num_local rows, program p taking rows p, p + programs, p + 2·programs, ...: this bounds
@@ -157,13 +177,13 @@ def _opo_fwd_kernel(
                      sel_ptr, sel_sb, sel_st, num_seqs, lp_ptr, stats_ptr, ent_ptr, grad_ptr,
                      g_sb, g_st, g_sv, coef_ptr, scal_ptr, part_ptr, params_ptr, T, row_start,
                      V, vocab_start, PACKED, HAS_MASK, WITH_ENTROPY, WRITE_GRAD, PARTIAL, ACC,
-                     BLOCK_V, WIDE, STAGES)
+                     BLOCK_V, WIDE, STAGES, REVERSE)
     else:
         _fwd_row(tl.program_id(0), logits_ptr, l_T, l_sb, l_st, l_sv, labels_ptr, lab_sb,
                  lab_st, sel_ptr, sel_sb, sel_st, num_seqs, lp_ptr, stats_ptr, ent_ptr,
                  grad_ptr, g_sb, g_st, g_sv, coef_ptr, scal_ptr, part_ptr, params_ptr, T,
                  row_start, V, vocab_start, PACKED, HAS_MASK, WITH_ENTROPY, WRITE_GRAD,
-                 PARTIAL, ACC, BLOCK_V, WIDE, STAGES)
+                 PARTIAL, ACC, BLOCK_V, WIDE, STAGES, REVERSE)
 
 
 @triton.jit
@@ -174,7 +194,7 @@ def _fwd_row(
     params_ptr, T, row_start, V, vocab_start,
     PACKED: tl.constexpr, HAS_MASK: tl.constexpr, WITH_ENTROPY: tl.constexpr,
     WRITE_GRAD: tl.constexpr, PARTIAL: tl.constexpr, ACC: tl.constexpr, BLOCK_V: tl.constexpr,
-    WIDE: tl.constexpr, STAGES: tl.constexpr,
+    WIDE: tl.constexpr, STAGES: tl.constexpr, REVERSE: tl.constexpr,
 ):
     """One row: online logsumexp (and entropy) over V in blocks. The global row is
     r = row_start + local (a chunk of rows in the fused-linear path); the logits row is local
@@ -266,7 +286,8 @@ def _fwd_row(
             d_entropy = tl.load(scal_ptr + 1).to(ACC)
         coef = token_coef(seq, lp, lp, coef_ptr, scal_ptr, 1.0, False, False).to(ACC)
         _row_gradient(base, l_sv, grad_base, g_sv, V, label, shift, log_sum, lp, coef,
-                      entropy, d_entropy, inv_t, WITH_ENTROPY, ACC, BLOCK_V, WIDE, STAGES)
+                      entropy, d_entropy, inv_t, WITH_ENTROPY, ACC, BLOCK_V, WIDE, STAGES,
+                      REVERSE)
 
 
 @triton.jit(do_not_specialize=_SHAPE_ARGS + ["ref_sb"])
@@ -307,7 +328,7 @@ def _opo_bwd_kernel(
                   tl.load(labels_ptr + b * lab_sb + t * lab_st).to(tl.int64) - vocab_start,
                   tl.load(stats_ptr + 2 * r).to(ACC), tl.load(stats_ptr + 2 * r + 1).to(ACC),
                   lp, coef, entropy, d_entropy, tl.load(params_ptr + INV_TEMPERATURE).to(ACC),
-                  WITH_ENTROPY, ACC, BLOCK_V, WIDE, STAGES)
+                  WITH_ENTROPY, ACC, BLOCK_V, WIDE, STAGES, False)
 
 
 @triton.jit(do_not_specialize=["T", "l_T", "sel_sb", "num_seqs"])

@@ -30,12 +30,14 @@ from .utils import new_output
 _TABLE = {
     ("fwd", 2): (4096, 2), ("fwd", 4): (8192, 4),         # 96.9 % / 107 % of copy (1 read)
     ("bwd", 2): (16384, 16), ("bwd", 4): (32768, 32),     # 95.2 % / 95.5 % (1 read + 1 write)
-    ("onepass", 2): (4096, 4), ("onepass", 4): (8192, 16),
+    # one-pass: its gradient pass walks each row backwards (``reverse``, see LaunchConfig)
+    ("onepass", 2): (4096, 4, 1, 0, True), ("onepass", 4): (8192, 16, 1, 0, True),
 }
 _MAX_BLOCK = {2: 8192, 4: 4096, 8: 2048}  # the rule for entries not in _TABLE
 
 # Tests and the launch-config sweep (benchmarks/sweep.py) may set this to a function
-# (kind, vocab, dtype) -> (BLOCK_V, num_warps[, num_stages[, programs_per_sm]]) or None, kind
+# (kind, vocab, dtype) -> (BLOCK_V, num_warps[, num_stages[, programs_per_sm[, reverse]]]) or
+# None, kind
 # in {"fwd", "onepass", "bwd", "scale"}; None falls back to the table.
 LAUNCH_OVERRIDE = None
 
@@ -51,6 +53,12 @@ class LaunchConfig(NamedTuple):
     # fraction), each looping over rows (bounds the rows in flight: the one-pass re-read may
     # then hit L2)
     programs_per_sm: float = 0
+    # one-pass only: the gradient pass walks the row from its last block to its first, so that
+    # it re-reads first the blocks the statistics pass read last, the ones most likely still
+    # in L2 (thousands of rows in flight leave each row only its last few blocks there). The
+    # values are the same either way: each gradient element depends on its logit and the row's
+    # statistics only.
+    reverse: bool = False
 
 
 def launch_config(vocab: int, dtype: torch.dtype, kind: str = "fwd") -> LaunchConfig:
@@ -63,11 +71,12 @@ def launch_config(vocab: int, dtype: torch.dtype, kind: str = "fwd") -> LaunchCo
     if entry is None:
         block = min(triton.next_power_of_2(vocab), _MAX_BLOCK[dtype.itemsize])
         return LaunchConfig(block, 16 if block >= 4096 else (8 if block >= 1024 else 4))
-    block, num_warps = entry
-    if vocab < block:  # a short row: the next power of two, at least 16 bytes a thread
+    config = LaunchConfig(*entry)
+    if vocab < config.block:  # a short row: the next power of two, at least 16 bytes a thread
         block = triton.next_power_of_2(vocab)
-        num_warps = max(1, min(num_warps, block * dtype.itemsize // (16 * 32)))
-    return LaunchConfig(block, num_warps)
+        num_warps = max(1, min(config.num_warps, block * dtype.itemsize // (16 * 32)))
+        config = config._replace(block=block, num_warps=num_warps)
+    return config
 
 
 _SM_COUNT = {}
@@ -182,8 +191,8 @@ def forward_rows(logits: torch.Tensor, rows: Rows, params: torch.Tensor, with_en
     logprobs, stats, entropy = out if out is not None else (partials, partials, None)
     write_grad = grad is not None
     if num_local:
-        block, num_warps, stages, per_sm = launch_config(vocab, logits.dtype,
-                                                         "onepass" if write_grad else "fwd")
+        block, num_warps, stages, per_sm, reverse = launch_config(
+            vocab, logits.dtype, "onepass" if write_grad else "fwd")
         geo = _logits_geometry(logits)
         g = grad if write_grad else logits
         ggeo = _logits_geometry(g)
@@ -194,7 +203,8 @@ def forward_rows(logits: torch.Tensor, rows: Rows, params: torch.Tensor, with_en
             partials if partial else logprobs, params, rows.T, row_start, vocab, vocab_start,
             num_local, WITH_ENTROPY=with_entropy, WRITE_GRAD=write_grad, PARTIAL=partial,
             ACC=acc_type(logits.dtype), BLOCK_V=block, WIDE=_wide(block, geo[3], ggeo[3]),
-            STAGES=stages, PERSISTENT=per_sm > 0, num_warps=num_warps, **rows.flags(),
+            STAGES=stages, PERSISTENT=per_sm > 0, REVERSE=write_grad and reverse,
+            num_warps=num_warps, **rows.flags(),
         )
     return out
 
@@ -222,7 +232,7 @@ def backward_rows(logits: torch.Tensor, rows: Rows, logprobs: torch.Tensor, stat
     grad = logits if inplace else out if out is not None else new_output(
         logits.shape, logits.dtype, logits.device)
     if num_local:
-        block, num_warps, stages, _ = launch_config(vocab, logits.dtype, "bwd")
+        block, num_warps, stages = launch_config(vocab, logits.dtype, "bwd")[:3]
         geo, ggeo = _logits_geometry(logits), _logits_geometry(grad)
         token = level == "token"
         ref = rows.ref if token and rows.ref is not None else logprobs
@@ -241,7 +251,7 @@ def scale_rows_(grad: torch.Tensor, rows: Rows, scale: torch.Tensor) -> torch.Te
     """grad *= scale (0-dim tensor) on counted rows, in place; free when scale == 1."""
     num_local, vocab = grad.numel() // max(grad.shape[-1], 1), grad.shape[-1]
     if num_local:
-        block, num_warps, _, _ = launch_config(vocab, grad.dtype, "scale")
+        block, num_warps = launch_config(vocab, grad.dtype, "scale")[:2]
         geo = _logits_geometry(grad)
         _scale_kernel[(num_local,)](grad, *geo, *rows.selector(grad), scale, rows.T,
                                     vocab, ACC=acc_type(grad.dtype), BLOCK_V=block,

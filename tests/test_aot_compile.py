@@ -47,7 +47,7 @@ SIXTEEN_BIT = [n for n in ("fwd-bf16", "fwd-bf16-entropy", "fwd-bf16-onepass",
                            "fwd-bf16-entropy-onepass", "fwd-bf16-partial", "fwd-bf16-packed",
                            "fwd-fp16", "bwd-bf16", "bwd-bf16-entropy-token", "bwd-fp16",
                            "scale-bf16", "fwd-bf16-persistent",
-                           "fwd-bf16-onepass-persistent")]
+                           "fwd-bf16-onepass-persistent", "fwd-bf16-onepass-forward")]
 
 
 @pytest.mark.parametrize("name", SIXTEEN_BIT)
@@ -76,3 +76,13 @@ def test_pipelined_loop_prefetches_with_16_byte_async_copies(compiled, name):
 def test_row_exponentials_flush_to_zero(compiled, name):
     row = compiled[name]
     assert row["ex2_ftz"] >= 1 and row["ex2_nonftz"] == 0, row
+
+
+def test_reverse_gradient_pass_keeps_16_byte_accesses(compiled):
+    """The one-pass gradient pass walking the row backwards (the table's choice) computes its
+    block starts as (last − i)·BLOCK_V: the compiler must still know them aligned, so the
+    backward walk has as many 16-byte loads and stores as the forward one, and no spill."""
+    back, forward = compiled["fwd-bf16-onepass"], compiled["fwd-bf16-onepass-forward"]
+    for key in ("ld_v4", "st_v4", "ldg128", "stg128"):
+        assert back[key] == forward[key] >= 1, (key, back, forward)
+    assert back["spill_bytes"] == 0

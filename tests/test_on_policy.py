@@ -106,8 +106,8 @@ def test_persistent_launch_is_bitwise_the_same(layout, programs, entropy, monkey
     options = dict(entropy_coef=0.05 if entropy else 0.0, compute_entropy=entropy,
                    return_metrics=True, backend="triton", **problem.layout)
     results = []
-    for programs in (0, per_sm):  # 0: one program per row, the same block and warps
-        override = lambda kind, vocab, dtype, p=programs: (16, 4, 1, p)  # noqa: E731
+    for launch in (0, per_sm):  # 0: one program per row, the same block and warps
+        override = lambda kind, vocab, dtype, p=launch: (16, 4, 1, p)  # noqa: E731
         monkeypatch.setattr(row_launch, "LAUNCH_OVERRIDE", override)
         for ref in (None, problem.ref_logprobs):  # one-pass, then general (forward kernel)
             x = problem.leaf()
@@ -120,3 +120,33 @@ def test_persistent_launch_is_bitwise_the_same(layout, programs, entropy, monkey
         assert torch.equal(loss, loss2)
         assert all(torch.equal(metrics[k], metrics2[k]) for k in metrics)
         assert torch.equal(grad, grad2)
+
+
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+@pytest.mark.parametrize("entropy", [False, True], ids=["plain", "entropy"])
+def test_reverse_gradient_pass_is_bitwise_the_same(layout, entropy, monkeypatch):
+    """The one-pass kernel's gradient pass walks each row from its last block
+    (``LaunchConfig.reverse``, the table's choice, so that it re-reads first what may still be
+    in L2): every gradient element depends only on its logit and the row's statistics, so the
+    loss, metrics and gradient are those of the forward walk to the bit. 4 blocks of 16 per
+    row, the last one partial (V = 61)."""
+    from opo_kernels import row_launch
+
+    assert row_launch.launch_config(151936, torch.bfloat16, "onepass").reverse
+    assert not row_launch.launch_config(151936, torch.bfloat16, "fwd").reverse
+    problem = make_problem(6, 6, 61, torch.bfloat16, layout, seed=7)
+    options = dict(entropy_coef=0.05 if entropy else 0.0, compute_entropy=entropy,
+                   return_metrics=True, backend="triton", **problem.layout)
+    results = []
+    for reverse in (False, True):
+        override = lambda kind, vocab, dtype, r=reverse: (16, 4, 1, 0, r)  # noqa: E731
+        monkeypatch.setattr(row_launch, "LAUNCH_OVERRIDE", override)
+        x = problem.leaf()
+        loss, metrics = opo_kernels.opo_loss(x, problem.labels, None, problem.rewards, **options)
+        (grad,) = torch.autograd.grad(loss * 0.7, x)
+        results.append((loss, metrics, grad))
+    (loss, metrics, grad), (loss2, metrics2, grad2) = results
+    assert torch.equal(loss, loss2)
+    assert all(torch.equal(metrics[k], metrics2[k]) for k in metrics)
+    assert torch.equal(grad, grad2)
+    assert grad.abs().amax(-1).gt(0).any()  # not an all-zero gradient

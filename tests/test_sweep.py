@@ -60,9 +60,11 @@ def test_tiny_focus(tmp_path):
     checked through the launchers; the bytes credited count rows not counted as written only
     (and not at all for the forward)."""
     results = sweep.sweep(tiny=True, out=tmp_path, focus=True)
-    assert [(r["kind"], r["programs_per_sm"], r["uncounted"]) for r in results] == [
-        (kind, config[3] if len(config) > 3 else 0, uncounted)
+    assert [(r["kind"], r["programs_per_sm"], r["reverse"], r["uncounted"])
+            for r in results] == [
+        (kind, config[3] if len(config) > 3 else 0, len(config) > 4 and config[4], uncounted)
         for kind, config, uncounted in sweep.TINY_FOCUS]
+    assert any(r["reverse"] for r in results)
     lines = (tmp_path / "sweep_focus.jsonl").read_text().splitlines()
     assert len(lines) == 1 + len(results)
     rows, row_bytes = 16, 200 * 2  # 6 of the 16 rows are not counted (index % 10 < 3)
