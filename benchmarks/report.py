@@ -92,6 +92,13 @@ def render_table(data: Dict[str, object]) -> str:
         "same byte count for every implementation (benchmarks/NOTES.md). The last two columns "
         "are the row's time over opo_kernels' (resp. opo_kernels_inplace's) at the same shape: "
         "how many times faster ours is.")
+    resumed = data.get("resumed_from")
+    if resumed and any(r.get("run") == "resumed" for r in data["rows"]):
+        lines[-1] += (
+            f" Rows measured by an earlier run of the same device were resumed from it (commit "
+            f"`{str(resumed.get('commit'))[:12]}`, {str(resumed.get('created_utc'))[:16]}, copy "
+            f"{_fmt_gbps(resumed['copy_gbps'])} GB/s); each row's % of copy is against its own "
+            "run's copy bandwidth.")
     linear = render_linear_table(data)
     if rows or not linear:  # no empty logits table above the fused-linear one
         lines.append("")

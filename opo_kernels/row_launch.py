@@ -30,7 +30,9 @@ from .utils import new_output
 _TABLE = {
     ("fwd", 2): (4096, 2), ("fwd", 4): (8192, 4),         # 96.9 % / 107 % of copy (1 read)
     ("bwd", 2): (16384, 16), ("bwd", 4): (32768, 32),     # 95.2 % / 95.5 % (1 read + 1 write)
-    # one-pass: its gradient pass walks each row backwards (``reverse``, see LaunchConfig)
+    # one-pass: its gradient pass walks each row backwards (``reverse``, see LaunchConfig):
+    # 3.555 vs 3.575 ms at bf16 V = 151936 (second H200 run, sweep_focus.jsonl; the fp32
+    # entry's direction was not measured). The re-read misses L2 in both directions.
     ("onepass", 2): (4096, 4, 1, 0, True), ("onepass", 4): (8192, 16, 1, 0, True),
 }
 _MAX_BLOCK = {2: 8192, 4: 4096, 8: 2048}  # the rule for entries not in _TABLE

@@ -258,6 +258,9 @@ def test_session_measures_tiny_rows(tmp_path):
     outcome = resumed.measure(harness.Case("compile", shape))
     assert outcome.skip and "already measured" in outcome.skip
     assert len(json.loads(resumed.path.read_text())["rows"]) == 2
+    # the table says which rows came from the earlier run, and its copy bandwidth
+    header = report.render_table(json.loads(resumed.path.read_text())).split("\n| N |")[0]
+    assert f"resumed from it (commit `{data['commit'][:12]}`" in header
 
 
 def test_session_measures_tiny_slice_rows(tmp_path):
