@@ -1,0 +1,32 @@
+"""benchmarks/host_time.py (the package's own host time per call, launches stubbed) runs every
+mode, counts the launches a call makes and leaves Triton's launch path as it found it."""
+
+import os
+import sys
+from pathlib import Path
+
+import torch
+from triton.runtime.jit import KernelInterface
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks import host_time  # noqa: E402
+
+
+def test_host_time_measures_every_mode_and_restores_launches():
+    assert os.environ.get("TRITON_INTERPRET") == "1"
+    original = KernelInterface.__getitem__
+    result = host_time.measure(calls=2, repeats=1, warmup=1)
+    assert KernelInterface.__getitem__ is original
+    assert set(result) == set(host_time.MODES)
+    assert all(us > 0 for us, _ in result.values())
+    # general: forward row kernel, epilogue, backward row kernel; on-policy: counts-only
+    # epilogue, one-pass kernel, epilogue, scale (README "How the kernels work")
+    launches = {mode: n for mode, (_, n) in result.items()}
+    assert launches == {"general": 3, "grad_to_base": 3, "on_policy": 4, "packed": 3}
+    # the real kernels still run afterwards
+    x = torch.randn(4, 8, requires_grad=True)
+    import opo_kernels
+    loss = opo_kernels.opo_loss(x, torch.randint(0, 8, (4,)), torch.zeros(4), torch.randn(2),
+                                seq_ids=torch.tensor([0, 0, 1, 1]), group_size=2,
+                                backend="triton")
+    assert torch.isfinite(loss)
