@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .config import OPOLossConfig
+from .config import OPOLossConfig, config_from_options
 from .epilogue import Mode, params_tensor, raise_bad_values, run_epilogue, unpack_metrics
 from .inputs import Batch, prepare_logprobs
 from .row_kernels import row_seq, token_coef
@@ -158,7 +158,7 @@ def opo_loss_from_logprobs(logprobs, ref_logprobs, rewards, *, mask=None, seq_id
     """
     from . import reference  # local import: the reference is only needed for backend="torch"
 
-    cfg = OPOLossConfig(**options)
+    cfg = config_from_options(options)
     batch = prepare_logprobs(logprobs, ref_logprobs, rewards, entropy=entropy,
                              vocab_size=vocab_size, mask=mask, seq_ids=seq_ids,
                              group_size=group_size, group_ids=group_ids, config=cfg)

@@ -50,7 +50,7 @@ from typing import Optional
 
 import torch
 
-from .config import OPOLossConfig
+from .config import OPOLossConfig, config_from_options
 from .epilogue import Mode, params_tensor, raise_bad_values, run_epilogue, unpack_metrics
 from .inputs import Batch, check_tensor, compute_dtype, prepare
 from .linear_chunks import (
@@ -199,7 +199,7 @@ def _check_chunk_size(chunk_size) -> None:
 
 
 def _linear_config(options) -> OPOLossConfig:
-    cfg = OPOLossConfig(**options)
+    cfg = config_from_options(options)
     if cfg.inplace_backward:
         raise ValueError("inplace_backward does not apply: the fused-linear backward "
                          "always writes into its own chunk buffer")

@@ -27,7 +27,7 @@ from typing import List, NamedTuple, Optional
 
 import torch
 
-from .config import OPOLossConfig
+from .config import OPOLossConfig, config_from_options
 from .epilogue import (
     METRICS,
     NUM_ERR,
@@ -386,7 +386,7 @@ def opo_loss(logits, labels, ref_logprobs, rewards, *, mask=None, seq_ids=None,
         loss = opo_loss(logits[:, :-1], input_ids[:, 1:], old_logprobs, rewards,
                         mask=completion_mask, group_size=6, grad_to_base=True)
     """
-    cfg = config_or_fail_together(process_group, lambda: OPOLossConfig(**options))
+    cfg = config_or_fail_together(process_group, lambda: config_from_options(options))
     return opo_loss_with_config(logits, labels, ref_logprobs, rewards, cfg, mask=mask,
                                 seq_ids=seq_ids, group_size=group_size, group_ids=group_ids,
                                 process_group=process_group, vocab_start=vocab_start)

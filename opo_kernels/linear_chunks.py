@@ -15,14 +15,13 @@ from __future__ import annotations
 from typing import Optional, Tuple
 
 import torch
-import triton
 
 from .config import OPOLossConfig
 from .epilogue import Mode, run_epilogue
 from .inputs import Batch, compute_dtype
 from .row_launch import Rows, backward_rows, forward_rows, row_outputs
 from .tp_combine import combine_partials, one_pass_chunk
-from .utils import new_output
+from .utils import new_output, next_power_of_2
 
 # Default chunk: the largest power of two of rows whose logits fit in _CHUNK_BYTES, at least
 # _MIN_CHUNK rows (so each chunk's matmuls still amortize one read of the weight; only binds for
@@ -43,7 +42,7 @@ def default_chunk_size(num_rows: int, vocab: int, hidden_size: int, dtype: torch
     """
     del hidden_size  # see the docstring: H does not change the chunk's transient memory
     rows = max(_CHUNK_BYTES // max(vocab * dtype.itemsize, 1), 1)
-    rows = max(triton.next_power_of_2(rows + 1) // 2, _MIN_CHUNK)  # power of two <= rows
+    rows = max(next_power_of_2(rows + 1) // 2, _MIN_CHUNK)  # power of two <= rows
     return max(min(rows, num_rows), 1)
 
 

@@ -13,12 +13,11 @@ from __future__ import annotations
 from typing import NamedTuple, Optional, Tuple
 
 import torch
-import triton
 import triton.language as tl
 
 from .inputs import compute_dtype
 from .row_kernels import _opo_bwd_kernel, _opo_fwd_kernel, _scale_kernel
-from .utils import new_output
+from .utils import new_output, next_power_of_2
 
 # Launch table: (kind, bytes per logit) -> (BLOCK_V, num_warps), measured on an H200 (sm_90,
 # torch 2.11, triton 3.6, 2026-12-04) by benchmarks/sweep.py at N = 16384 rows and
@@ -69,13 +68,28 @@ def launch_config(vocab: int, dtype: torch.dtype, kind: str = "fwd") -> LaunchCo
         chosen = LAUNCH_OVERRIDE(kind, vocab, dtype)
         if chosen is not None:
             return LaunchConfig(*chosen)
+    if type(vocab) is not int:  # symbolic (torch.compile tracing): not a dictionary key
+        return _from_table(vocab, dtype, kind)
+    key = (vocab, dtype, kind)
+    config = _CHOSEN.get(key)
+    if config is None:  # remembered: a loss call asks 2-3 times, for the same few shapes
+        if len(_CHOSEN) > 1024:
+            _CHOSEN.clear()
+        config = _CHOSEN[key] = _from_table(vocab, dtype, kind)
+    return config
+
+
+_CHOSEN = {}
+
+
+def _from_table(vocab: int, dtype: torch.dtype, kind: str) -> LaunchConfig:
     entry = _TABLE.get((kind, dtype.itemsize))
     if entry is None:
-        block = min(triton.next_power_of_2(vocab), _MAX_BLOCK[dtype.itemsize])
+        block = min(next_power_of_2(vocab), _MAX_BLOCK[dtype.itemsize])
         return LaunchConfig(block, 16 if block >= 4096 else (8 if block >= 1024 else 4))
     config = LaunchConfig(*entry)
     if vocab < config.block:  # a short row: the next power of two, at least 16 bytes a thread
-        block = triton.next_power_of_2(vocab)
+        block = next_power_of_2(vocab)
         num_warps = max(1, min(config.num_warps, block * dtype.itemsize // (16 * 32)))
         config = config._replace(block=block, num_warps=num_warps)
     return config

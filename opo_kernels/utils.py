@@ -19,6 +19,22 @@ def new_output(shape, dtype: torch.dtype, device) -> torch.Tensor:
     return torch.full(shape, fill, dtype=dtype, device=device)
 
 
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) on the host. ``triton.cdiv`` is a constexpr function whose Python call costs
+    ~1 µs of argument unwrapping; a loss call computes a handful of these (host_time.py)."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two >= n (n >= 1), on the host (see ``cdiv``); a symbolic size
+    (torch.compile) goes to triton's."""
+    if type(n) is int:
+        return 1 << (n - 1).bit_length() if n > 1 else 1
+    import triton
+
+    return triton.next_power_of_2(n)
+
+
 def interpreter_on() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 

@@ -11,6 +11,7 @@ import triton
 import triton.language as tl
 
 from ..row_launch import small_geometry
+from ..utils import cdiv
 from .finish import _finish
 from .layout import ERRORS, LEVEL, METRICS, NUM_ERR, NUM_WS, WEIGHTS
 from .sums import _phase1_packed, _phase1_padded
@@ -202,7 +203,7 @@ def run_epilogue(batch, mode: Mode, params: torch.Tensor, counter: torch.Tensor,
     has_ent = entropy is not None
     block_s, block_t = (32, 128) if packed else (16, 64)
     chunk_len, num_chunks = _chunks(T, block_t)
-    num_programs = max(triton.cdiv(B, block_s), 1) * num_chunks
+    num_programs = max(cdiv(B, block_s), 1) * num_chunks
     ws = torch.empty((NUM_WS, max(B, 1)), dtype=cdtype, device=device)
     sums = ws if num_chunks == 1 else torch.empty((num_chunks, 8, max(B, 1)), dtype=cdtype,
                                                   device=device)
@@ -254,8 +255,8 @@ _MAX_CHUNKS = 64
 
 def _chunks(T: int, block_t: int) -> tuple:
     """(chunk_len, num_chunks) of the T positions (padded) or N rows (packed) of phase 1."""
-    per_chunk = block_t * max(_ITERS, triton.cdiv(triton.cdiv(T, _MAX_CHUNKS), block_t))
-    return per_chunk, max(triton.cdiv(T, per_chunk), 1)
+    per_chunk = block_t * max(_ITERS, cdiv(cdiv(T, _MAX_CHUNKS), block_t))
+    return per_chunk, max(cdiv(T, per_chunk), 1)
 
 
 def metric_keys(with_entropy: bool) -> List[str]:
