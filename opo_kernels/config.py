@@ -240,7 +240,6 @@ class OPOLossConfig:
         return OPOLossConfig(**values)
 
 
-
 _FROM_OPTIONS: Dict[tuple, OPOLossConfig] = {}
 
 

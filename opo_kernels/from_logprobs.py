@@ -31,7 +31,7 @@ from .epilogue import Mode, params_tensor, raise_bad_values, run_epilogue, unpac
 from .inputs import Batch, prepare_logprobs
 from .row_kernels import row_seq, token_coef
 from .row_launch import Rows, acc_type, small_geometry
-from .utils import new_output, use_triton
+from .utils import cdiv, new_output, use_triton
 
 # --------------------------------------------------------------------------------------------
 # Kernel and launcher
@@ -79,7 +79,7 @@ def logprob_gradients(rows: Rows, logprobs: torch.Tensor, entropy_like: Optional
     if n:
         block = 1024
         ref = rows.ref
-        _logprob_grad_kernel[(triton.cdiv(n, block),)](
+        _logprob_grad_kernel[(cdiv(n, block),)](
             logprobs, *small_geometry(logprobs), ref if ref is not None else logprobs,
             *small_geometry(ref), *rows.selector(logprobs), coef, scal, grad_loss,
             grad_lp, grad_ent if grad_ent is not None else grad_lp, rows.T, n,

@@ -38,8 +38,7 @@ _MAX_BLOCK = {2: 8192, 4: 4096, 8: 2048}  # the rule for entries not in _TABLE
 
 # Tests and the launch-config sweep (benchmarks/sweep.py) may set this to a function
 # (kind, vocab, dtype) -> (BLOCK_V, num_warps[, num_stages[, programs_per_sm[, reverse]]]) or
-# None, kind
-# in {"fwd", "onepass", "bwd", "scale"}; None falls back to the table.
+# None, kind in {"fwd", "onepass", "bwd", "scale"}; None falls back to the table.
 LAUNCH_OVERRIDE = None
 
 

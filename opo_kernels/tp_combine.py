@@ -31,6 +31,7 @@ from .inputs import compute_dtype
 from .row_kernels import INV_TEMPERATURE
 from .row_launch import Rows, acc_type, backward_rows, forward_rows, row_outputs
 from .triton_math import LOG2E, log1p
+from .utils import cdiv
 
 # torch >= 2.13 names it all_gather_single (the old name warns); the GPU image's 2.11 has only
 # all_gather_into_tensor. Both take (output [world·R, ...], input [R, ...]).
@@ -126,7 +127,7 @@ def combine_gathered(gathered: torch.Tensor, world: int, params: torch.Tensor,
     if not rows:
         return
     logprobs, stats, entropy = out
-    _combine_kernel[(triton.cdiv(rows, _BLOCK_ROWS),)](
+    _combine_kernel[(cdiv(rows, _BLOCK_ROWS),)](
         gathered, logprobs, stats, entropy if entropy is not None else logprobs, params, rows,
         row_start, WORLD=world, WITH_ENTROPY=with_entropy, ACC=acc_type(gathered.dtype),
         BLOCK_ROWS=_BLOCK_ROWS)
