@@ -54,8 +54,23 @@ def _call_step(inp, on_policy: bool):
     return step
 
 
+def triton_epilogue(batch, cfg, logprobs):
+    """A step that runs the package's epilogue (memset of its ticket + one launch) on a
+    prepared batch and log-probs [B, T] (general mode); returns its EpilogueOut."""
+    import torch
+
+    from opo_kernels.epilogue import Mode, params_tensor, run_epilogue
+
+    mode = Mode.of(cfg, False)
+    params = params_tensor(cfg, logprobs.device, torch.float32)
+
+    def step():
+        counter = torch.zeros(1, dtype=torch.int32, device=logprobs.device)
+        return run_epilogue(batch, mode, params, counter, logprobs=logprobs)
+    return step
+
+
 def _epilogue_step(inp):
-    from benchmarks.epilogue_bench import triton_epilogue
     from opo_kernels import OPOLossConfig
     from opo_kernels.inputs import prepare
 

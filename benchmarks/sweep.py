@@ -279,8 +279,8 @@ def programs_per_sm(regs: int, num_warps: int, smem: int) -> int:
 def occupancy(configs=None):
     """Per (variant, config): registers, spills, shared memory, programs per SM and the bytes
     of logits one SM can have requested per iteration (programs × BLOCK_V × itemsize)."""
-    from benchmarks import aot_check
     from opo_kernels import row_launch
+    from tools.gpu import aot_check
 
     rows = []
     for (kind, dtype_name), variant in VARIANT.items():

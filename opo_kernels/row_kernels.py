@@ -146,7 +146,7 @@ def _row_gradient(base, sv, grad_base, grad_sv, V, label, x_max, log_sum, lp_lab
 # Integers that follow the batch's shape (B, T, and the strides over sequences of the [B, T]
 # labels / mask / ref_logprobs, which are T or T + 1) are not specialized: an RL loop's B and T
 # change every step, and Triton would compile a new variant whenever T % 16 or B % 16 changes
-# (benchmarks/jit_keys.py counts it). Only scalars per row are read through them, so
+# (tools/gpu/jit_keys.py counts it). Only scalars per row are read through them, so
 # specializing them buys nothing. The logits' strides (multiples of V) stay specialized: they
 # decide the 16-byte accesses of the vocabulary loop.
 _SHAPE_ARGS = ["T", "row_start", "l_T", "vocab_start", "lab_sb", "sel_sb", "num_seqs"]

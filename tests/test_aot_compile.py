@@ -1,6 +1,6 @@
 """Every kernel variant the package launches compiles for sm_90 (H100/H200) with the real Triton
 compiler — no GPU needed, Triton ships ptxas — from the arguments of a real launch
-(``benchmarks/aot_check.py`` records them), and the compiled code has the properties the
+(``tools/gpu/aot_check.py`` records them), and the compiled code has the properties the
 roofline needs (the GPU review in shared/gpu/README.md):
 
 - no register spills (local memory 0), in every variant;
@@ -29,7 +29,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def compiled():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = "1"  # silence triton 3.9's notice; fusion is the default
-    out = subprocess.run([sys.executable, "-m", "benchmarks.aot_check", "--json"], cwd=REPO,
+    out = subprocess.run([sys.executable, "-m", "tools.gpu.aot_check", "--json"], cwd=REPO,
                          env=env, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])["variants"]

@@ -1,11 +1,11 @@
-"""The before/after epilogue benchmark (benchmarks/epilogue_bench.py) in its tiny CPU mode: it
+"""The before/after epilogue benchmark (tools/gpu/epilogue_bench.py) in its tiny CPU mode: it
 runs, and the legacy torch epilogue of commit 630c99a agrees with the Triton epilogue (loss and
 every c_t) before anything is timed — an independent second implementation of the closed
 forms."""
 
 import pytest
 
-from benchmarks import epilogue_bench
+from tools.gpu import epilogue_bench
 
 pytestmark = pytest.mark.cpu_only  # CPU-side code / the interpreter (conftest.py)
 

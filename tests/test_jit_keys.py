@@ -1,5 +1,5 @@
 """A training loop whose batch shape changes every step (B and T do, in RL) compiles each kernel
-once: no kernel argument that follows B or T is specialized by Triton (``benchmarks/jit_keys.py``
+once: no kernel argument that follows B or T is specialized by Triton (``tools/gpu/jit_keys.py``
 computes the JIT keys with Triton's own binder at six (B, T) that change T % 16 and B % 16).
 
 Before this was checked, the epilogue (~3-5 s to compile for sm_90 on this machine), the row
@@ -24,7 +24,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def scenarios():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = "1"
-    out = subprocess.run([sys.executable, "-m", "benchmarks.jit_keys", "--json"], cwd=REPO,
+    out = subprocess.run([sys.executable, "-m", "tools.gpu.jit_keys", "--json"], cwd=REPO,
                          env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])["scenarios"]
@@ -54,14 +54,14 @@ def test_on_policy_epilogue_has_its_two_launch_variants(scenarios):
 
 
 def test_suite_variants_records_and_compiles_a_suite_slice(tmp_path):
-    """``benchmarks/suite_variants.py`` (run by hand: ~15 min for the whole suite) on a slice of
+    """``tools/gpu/suite_variants.py`` (run by hand: ~15 min for the whole suite) on a slice of
     the suite: the float64 gradcheck launches of both layouts are recorded, rebuilt with the same
     keys and compiled for sm_90."""
     env = {k: v for k, v in os.environ.items()
            if k not in ("TRITON_INTERPRET", "PYTEST_XDIST_WORKER", "PYTEST_XDIST_WORKER_COUNT")}
     env["TRITON_DEFAULT_FP_FUSION"] = "1"
     out = subprocess.run(
-        [sys.executable, "-m", "benchmarks.suite_variants", "--workers", "1", "--dir",
+        [sys.executable, "-m", "tools.gpu.suite_variants", "--workers", "1", "--dir",
          str(tmp_path), "--pytest-args",
          "tests/test_gradcheck.py -k 'sequence-ratio-tensor and triton'"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600)

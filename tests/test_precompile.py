@@ -1,4 +1,4 @@
-"""benchmarks/precompile.py: a Triton cache compiled here (sm_90, no GPU) is found by a Triton
+"""tools/gpu/precompile.py: a Triton cache compiled here (sm_90, no GPU) is found by a Triton
 that computes the image's key, after it travelled as an archive to another folder; the image's
 key differs from this Triton's in libtriton's hash alone; a wheel that is not this Triton is
 refused; the sweep's launches have the same specialization keys at the recorded and at other
@@ -17,7 +17,7 @@ import pytest
 import triton
 from triton.runtime import cache
 
-from benchmarks import precompile
+from tools.gpu import precompile
 
 pytestmark = pytest.mark.cpu_only  # CPU-side code (conftest.py)
 
@@ -59,7 +59,7 @@ import json, os, shutil, sys
 from pathlib import Path
 from triton import knobs
 from triton.runtime import cache
-from benchmarks import aot_check, precompile
+from tools.gpu import aot_check, precompile
 
 work = Path(sys.argv[1])
 own_key = cache.triton_key
@@ -164,3 +164,16 @@ def test_sweep_keys_do_not_depend_on_the_recorded_shape(carried):
     # kinds x dtypes x configs, plus the default-config forward the backward's statistics use
     assert carried["sweep_keys"] >= 3 * 2 * 14
     assert carried["sweep_keys_same_at_other_rows"]
+
+
+def test_suite_variants_does_not_import_precompile():
+    """precompile.py uses suite_variants.py (its records and compile pool); the key both need
+    lives in triton_key.py, so suite_variants.py imports neither precompile.py nor anything that
+    imports it (no import circle)."""
+    import ast
+
+    tree = ast.parse((REPO / "tools" / "gpu" / "suite_variants.py").read_text())
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    assert "tools.gpu.triton_key" in imported
+    assert not {m for m in imported if m and "precompile" in m}, imported

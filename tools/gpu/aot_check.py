@@ -2,9 +2,9 @@
 exactly as the JIT would specialize it, and report registers, spills, 16-byte accesses and the
 exponential instructions, from the PTX and the cubin (Triton ships ptxas and cuobjdump).
 
-    python -m benchmarks.aot_check            # table
-    python -m benchmarks.aot_check --json     # the same as JSON (tests/test_aot_compile.py)
-    python -m benchmarks.aot_check --arch 100 # another target
+    python -m tools.gpu.aot_check            # table
+    python -m tools.gpu.aot_check --json     # the same as JSON (tests/test_aot_compile.py)
+    python -m tools.gpu.aot_check --arch 100 # another target
 
 The arguments are those of a real launch: each variant calls the package's own launcher with
 small CPU tensors shaped like production inputs (a bf16 ``[4, 65, 151936][:, :-1]`` view, ...)
@@ -93,7 +93,7 @@ def specialization_key(kernel, args, kwargs, arch: int = 90) -> str:
 
 def launch_source(kernel, args, kwargs, arch: int = 90):
     """(backend, ASTSource, options) that ``kernel[grid](*args, **kwargs)`` compiles on
-    sm_<arch>: what Triton's cache key is made of (benchmarks/precompile.py compares it)."""
+    sm_<arch>: what Triton's cache key is made of (tools/gpu/precompile.py compares it)."""
     backend, kw, bound, specialization, options = _bind(kernel, args, kwargs, arch)
     options, signature, constexprs, attrs = kernel._pack_args(backend, kw, bound, specialization,
                                                               options)

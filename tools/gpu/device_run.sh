@@ -1,56 +1,52 @@
 #!/usr/bin/env bash
-# The GPU session's commands, for the lent GPU machine (the device tool's `run`) or any CUDA
-# machine. Stages (one device call each):
-#   lease  for the lent machine's 15 minutes of device time (start included): the essentials
-#          in ONE call that ends by OPO_DEADLINE_S (default 540 s) -- the whole suite on CUDA
-#          (<= 240 s), the self-check, host vs device time of a call (host_overhead.py: eager
-#          vs CUDA-graph replay, the epilogue alone too), the benchmark rows at the
-#          issue's target shapes (logits V = 151936 bf16 N = 16384, then fused-linear), and
-#          the focused sweep (sweep.py --focus: one-pass rows in flight vs L2, zero rows) in
-#          the time left. Each step's limit is cut to what is left. (The full launch-config
-#          sweep ran in the first lease: benchmarks/results/nvidia-h200.sweep.jsonl.)
-#   rest   straight after `lease`, while the machine is warm (30 s): the demo on CUDA
-#          (--quick), then the benchmark rows not measured yet (--resume FILE), by
-#          OPO_DEADLINE_S (200)
-#   again  a second, shorter lease in the same session (~5 min left): the suite on CUDA, the
-#          focused sweep, host vs device time, then the rows not measured yet (--resume FILE),
-#          by OPO_DEADLINE_S (280)
+# Everything to run on a CUDA machine, in stages; written for a GPU machine that is offline
+# (the wheels it lacks are carried in .whl/, see fetch_wheels.sh) and lent for a limited time
+# (each stage ends by a deadline). Stages:
+#   lease  the essentials in ONE call for a time-limited run, ending by OPO_DEADLINE_S (default
+#          540 s): the whole test suite on CUDA (<= 240 s), the self-check, host vs device time
+#          of a call (benchmarks/host_overhead.py: eager vs CUDA-graph replay, the epilogue
+#          alone too), the benchmark rows at the headline shapes (logits V = 151936 bf16
+#          N = 16384, then fused-linear), and the focused launch-config sweep
+#          (benchmarks/sweep.py --focus) in the time left. Each step's limit is cut to what is
+#          left.
+#   rest   straight after `lease`, on the same machine: the demo on CUDA (--quick), then the
+#          benchmark rows not measured yet (--resume FILE), by OPO_DEADLINE_S (200)
+#   again  a second, shorter run (~5 min): the suite on CUDA, the focused sweep, host vs device
+#          time, then the rows not measured yet (--resume FILE), by OPO_DEADLINE_S (280)
 #   check  the WHOLE test suite on CUDA (the kernel-vs-reference grid with compiled kernels +
 #          the GPU-only tests; CPU-only tests skip), the self-check, the epilogue's per-call
-#          time before/after issue 10, host vs device time of a call, then the sweep
+#          time against the former torch epilogue (tools/gpu/epilogue_bench.py), host vs device
+#          time of a call, then the sweep
 #   bench  the benchmark suite (python -m benchmarks.run; arguments after the stage go to it,
 #          e.g. --resume FILE, -k EXPR, --impls ...)
 #   tp     vocabulary-parallel on-policy logits, general vs one-pass mode (benchmarks/tp_bench.py:
 #          NCCL over the GPUs present; on one GPU, a group of one rank at the slice sizes of
 #          tp = 2 and 8), ~1-2 minutes
-#   all    check, then bench, then tp (a CUDA machine without the device tool's limits)
+#   all    check, then bench, then tp (a CUDA machine with no time limit)
 #
-# The 15-minute lease, from the development machine (plan: start ~1-2 min + lease 9 min +
-# rest ~3 min; `lease` alone already returns every result the issue asks for first):
-#   bash benchmarks/fetch_wheels.sh          # once: liger-kernel wheel into .whl/ (ignored)
-#   /tmp/v36/bin/python -m benchmarks.precompile build   # optional, ~15 min here, no device
-#       # time: the kernels compiled for the image's Triton, after the last edit of opo_kernels/
-#       # (benchmarks/NOTES.md, "The kernels compiled here, carried to the GPU")
-#   run(command="OPO_BENCH_COMMIT=$(git rev-parse HEAD) bash benchmarks/device_run.sh lease",
-#       carry=[".whl"], timeout_s=590)
-#   # AT ONCE (the machine goes back after 30 s idle), if status says >= 4 min are left:
-#   cp <files_at>/<device>.json .whl/resume.json
-#   run(command="OPO_BENCH_COMMIT=<sha> bash benchmarks/device_run.sh rest --resume "
-#       ".whl/resume.json", carry=[".whl"], timeout_s=<left - 30>)   # OPO_DEADLINE_S to match
-#   give_back()
-#   # back here: copy <device>.json from files_at to benchmarks/results/, then
+# A 15-minute run on an offline machine, prepared on a machine with internet access:
+#   bash tools/gpu/fetch_wheels.sh        # once: the wheels the GPU machine lacks, into .whl/
+#   python -m tools.gpu.precompile build  # optional, ~15 min, no GPU needed: the kernels
+#       # compiled for the GPU machine's Triton (run it in a Python that has that Triton
+#       # version; see tools/gpu/precompile.py), after the last edit of opo_kernels/
+#   # copy the repository with .whl/ to the GPU machine, then there:
+#   OPO_BENCH_COMMIT=<commit> bash tools/gpu/device_run.sh lease
+#   # if time is left, at once on the same machine (its Triton cache is still warm):
+#   cp <OUT>/<device>.json .whl/resume.json
+#   OPO_BENCH_COMMIT=<commit> OPO_DEADLINE_S=<seconds left> bash tools/gpu/device_run.sh \
+#       rest --resume .whl/resume.json
+#   # back on the first machine: copy <device>.json to benchmarks/results/, then
 #   python -m benchmarks.run --report-only benchmarks/results/<device>.json
 #
-# Everything goes under $OUT when set (the device tool returns at most 8 files from there;
-# `lease` writes exactly 8: log.txt, suite.xml, host_overhead.json, sweep_focus.jsonl and the
-# bench's <device>.json, .pytest-benchmark.json, .png, .md; `rest` 6: log.txt,
-# demo_curves.json and the bench's four). Without $OUT:
+# Everything goes under $OUT when set (`lease` writes 8 files: log.txt, suite.xml,
+# host_overhead.json, sweep_focus.jsonl and the bench's <device>.json, .pytest-benchmark.json,
+# .png, .md; `rest` 6: log.txt, demo_curves.json and the bench's four). Without $OUT:
 # benchmarks/results/ and the README's table.
 # Time limits (seconds): OPO_SUITE_TIMEOUT_S (default 300), OPO_SWEEP_BUDGET_S (120: no new
 # sweep shape starts after it), OPO_BENCH_BUDGET_S (360 for bench alone: no new row after it),
 # OPO_DEADLINE_S (lease / rest: the whole call's end; every step is cut to fit it).
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 stage=${1:-check}
 [ $# -gt 0 ] && shift
 case "$stage" in lease|rest|again|all|check|bench|tp) ;;
@@ -94,15 +90,15 @@ triton.__version__, 'numpy', numpy.__version__, 'cuda', torch.cuda.is_available(
   echo "[device_run] commit ${OPO_BENCH_COMMIT:-unknown} stage $stage"
 } 2>&1 | tee -a "$log"
 
-# A Triton cache compiled on the development machine for this image (benchmarks/precompile.py
+# A Triton cache compiled on another machine for this one's Triton (tools/gpu/precompile.py
 # build, carried in .whl/): the variants found there are not compiled here. unpack prints
 # whether each part of Triton's cache key is the same here as where it was built.
 carried=
 if [ -f .whl/triton_cache.tar.xz ]; then
   export TRITON_CACHE_DIR=/tmp/opo_triton_cache
-  timeout 60 python3 -m benchmarks.precompile unpack .whl/triton_cache.tar.xz \
+  timeout 60 python3 -m tools.gpu.precompile unpack .whl/triton_cache.tar.xz \
     "$TRITON_CACHE_DIR" 2>&1 | tee -a "$log"
-  carried=$(timeout 10 python3 -m benchmarks.precompile count "$TRITON_CACHE_DIR")
+  carried=$(timeout 10 python3 -m tools.gpu.precompile count "$TRITON_CACHE_DIR")
   touch /tmp/opo_unpacked  # what is compiled after this was not carried (listed at the end)
 fi
 
@@ -114,7 +110,7 @@ run_suite() {  # $1: time limit (s)
   # Parallel workers (pytest-xdist is in the GPU image): the suite's time on a fresh machine is
   # mostly Triton compiling the 361 kernel variants it launches for sm_90 (0.1-0.5 s each for
   # the row kernels, 3-5 s for the epilogue on one process of the 2-core development machine;
-  # benchmarks/suite_variants.py counts them).
+  # tools/gpu/suite_variants.py counts them).
   # Several processes share the one GPU; the largest GPU tests hold ~20 GB each.
   local xdist=()
   # 2026-12-04, H200: 12 workers ran it in 118 s with a warm cache; 8 did not finish in 172 s
@@ -136,7 +132,7 @@ run_selfcheck() {
 }
 
 run_epilogue() {
-  timeout "$1" python3 -m benchmarks.epilogue_bench --out "$out_dir" 2>&1 | tee -a "$log"
+  timeout "$1" python3 -m tools.gpu.epilogue_bench --out "$out_dir" 2>&1 | tee -a "$log"
   echo "[device_run] epilogue bench exit code ${PIPESTATUS[0]}" | tee -a "$log"
 }
 
@@ -194,15 +190,14 @@ case "$stage" in
     run_suite "$(cap 240 290)"
     run_selfcheck "$(cap 45 250)"
     run_host_overhead "$(cap 60 210)"
-    # the issue's target rows come first in the grid (logits V = 151936 bf16 N = 16384, then
+    # the headline rows come first in the grid (logits V = 151936 bf16 N = 16384, then
     # fused-linear B16 T1024 H4096 V128256); rows not started by the budget wait for `rest`
     run_bench "$(cap 120 150)" "$(cap 240 60)" "$@"
     left=$(cap 100000 15)
     run_sweep "$(( left > 30 ? left - 30 : 5 ))" "$left" --focus
     ;;
   rest)
-    # the demo on CUDA, then more rows (the tensor-parallel bench ran in the first lease's
-    # rest, 2026-12-04; `tp` runs it again)
+    # the demo on CUDA, then more rows (`tp` runs the tensor-parallel bench)
     run_demo "$(cap 150 40)"
     run_bench "$(cap 100000 60)" "$(cap 100000 20)" "$@"
     ;;
@@ -230,11 +225,11 @@ case "$stage" in
   tp) run_tp 240 ;;
 esac
 if [ -n "$carried" ]; then
-  now=$(timeout 10 python3 -m benchmarks.precompile count "$TRITON_CACHE_DIR")
+  now=$(timeout 10 python3 -m tools.gpu.precompile count "$TRITON_CACHE_DIR")
   echo "[device_run] triton cache: $carried variants carried, $(( ${now:-$carried} - carried ))" \
     "compiled here" | tee -a "$log"
   # which, with their specialization: compared with the build's records, why they missed
-  timeout 30 python3 -m benchmarks.precompile new "$TRITON_CACHE_DIR" /tmp/opo_unpacked \
+  timeout 30 python3 -m tools.gpu.precompile new "$TRITON_CACHE_DIR" /tmp/opo_unpacked \
     >> "$log" 2>&1
 fi
 echo "[device_run] stage $stage: exit code $rc, $(( $(date +%s) - start_all )) s" | tee -a "$log"

@@ -1,9 +1,9 @@
-"""Per-call time of the epilogue before and after issue 10 (one GPU, one run).
+"""Per-call time of the epilogue before and after it became one Triton launch (one GPU, one run).
 
-    python -m benchmarks.epilogue_bench [--out DIR]     # CUDA: JSON + printed table
-    python -m benchmarks.epilogue_bench --tiny          # CPU (interpreter): runs and cross-checks
+    python -m tools.gpu.epilogue_bench [--out DIR]     # CUDA: JSON + printed table
+    python -m tools.gpu.epilogue_bench --tiny          # CPU (interpreter): runs and cross-checks
 
-"before": ``benchmarks/legacy_epilogue.py`` (the torch epilogue of commit 630c99a, bucket
+"before": ``tools/gpu/legacy_epilogue.py`` (the torch epilogue of commit 630c99a, bucket
 scatters, with the Batch's derived seq/group tensors that its old ``prepare`` built), on the
 log-probs of a forward pass; "after": ``opo_kernels.epilogue.run_epilogue`` (one launch plus
 the memset of its ticket). Both at N = 16,384 counted tokens (B = 24, T = 976, padded, ~70 %
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from benchmarks.host_overhead import triton_epilogue
 from benchmarks.side_bench import environment, save, tiny_cli
 from benchmarks.timers import time_cuda, time_host
 
@@ -40,27 +41,11 @@ def _time(fn, cuda: bool) -> float:
     return (time_cuda(fn) if cuda else time_host(fn, reps=1)).ms
 
 
-def triton_epilogue(batch, cfg, logprobs):
-    """A step that runs the package's epilogue (memset of its ticket + one launch) on a
-    prepared batch and log-probs [B, T] (general mode); returns its EpilogueOut."""
-    import torch
-
-    from opo_kernels.epilogue import Mode, params_tensor, run_epilogue
-
-    mode = Mode.of(cfg, False)
-    params = params_tensor(cfg, logprobs.device, torch.float32)
-
-    def step():
-        counter = torch.zeros(1, dtype=torch.int32, device=logprobs.device)
-        return run_epilogue(batch, mode, params, counter, logprobs=logprobs)
-    return step
-
-
 def _measure(name, B, T, device, cuda):
     """One shape: cross-check, then time both epilogues."""
     import torch
 
-    import benchmarks.legacy_epilogue as legacy
+    import tools.gpu.legacy_epilogue as legacy
     from opo_kernels import OPOLossConfig
     from opo_kernels.inputs import prepare
 

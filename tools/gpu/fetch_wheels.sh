@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
-# Fetch, on the development machine, the wheels the lent GPU machine lacks, into .whl/
-# (ignored by git). The GPU machine has torch, triton, pytest, pytest-benchmark and matplotlib
-# (/work/.library/device/KINDS.md) but not liger-kernel, and it cannot reach any registry.
-# Then pass carry=[".whl"] to the device call; benchmarks/device_run.sh installs them.
+# Fetch, on a machine with internet access, the wheels an offline GPU machine lacks, into .whl/
+# (ignored by git), for its Python (3.12 here). An offline machine that has torch, triton,
+# pytest, pytest-benchmark and matplotlib still lacks liger-kernel (a benchmark peer). Copy
+# .whl/ with the repository; tools/gpu/device_run.sh installs them there.
 #
-#   bash benchmarks/fetch_wheels.sh                 # liger-kernel==0.8.5
-#   LIGER_VERSION=0.8.5 EXTRA="pkg==1.0" bash benchmarks/fetch_wheels.sh
+#   bash tools/gpu/fetch_wheels.sh                 # liger-kernel==0.8.5
+#   LIGER_VERSION=0.8.5 EXTRA="pkg==1.0" bash tools/gpu/fetch_wheels.sh
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 grep -qxF '/.whl/' .gitignore 2>/dev/null || grep -qxF '/.whl/' .git/info/exclude 2>/dev/null \
   || echo '/.whl/' >> .git/info/exclude
 mkdir -p .whl

@@ -1,8 +1,8 @@
 """How many compiled variants of each kernel a training loop makes when its batch shape changes
 from step to step (B sequences, T positions: RL batches change both), WITHOUT a GPU.
 
-    python -m benchmarks.jit_keys            # table: distinct JIT keys per scenario and kernel
-    python -m benchmarks.jit_keys --json     # the same as JSON (tests/test_jit_keys.py)
+    python -m tools.gpu.jit_keys            # table: distinct JIT keys per scenario and kernel
+    python -m tools.gpu.jit_keys --json     # the same as JSON (tests/test_jit_keys.py)
 
 Triton compiles one variant per *specialization key*: the constexprs, the dtypes, and for every
 integer argument not in ``do_not_specialize`` whether it is 1 or divisible by 16 (pointers:
@@ -29,8 +29,8 @@ from unittest import mock
 
 import torch
 
-from benchmarks.aot_check import recording, specialization_key
 from opo_kernels import fused_linear_opo_loss, opo_loss, opo_loss_from_logprobs, utils
+from tools.gpu.aot_check import recording, specialization_key
 
 SHAPES = [(4, 16), (4, 17), (6, 31), (8, 32), (2, 33), (16, 48)]  # (B, T): T % 16 and B vary
 V, H = 32000, 64

@@ -1,8 +1,8 @@
-"""The epilogue as it was before issue 10 (commit 630c99a, opo_kernels/epilogue.py): O(N + B)
-torch ops with bucket scatters (a loss call made ~190 device operations then, most of them
-here). Kept ONLY so that ``benchmarks/epilogue_bench.py`` can time the epilogue before and after
-the one-launch Triton epilogue on the same GPU in the same run (issue 10 item 7), and
-cross-check the two on CPU.
+"""The epilogue as it was before it became one Triton launch (commit 630c99a,
+opo_kernels/epilogue.py): O(N + B) torch ops with bucket scatters (a loss call made ~190 device
+operations then, most of them here). Kept ONLY so that ``tools/gpu/epilogue_bench.py`` can time
+the epilogue before and after the one-launch Triton epilogue on the same GPU in the same run,
+and cross-check the two on CPU.
 Not used by the package. Unchanged but for the imports, this docstring and batch.flat_ref
 (the Batch now keeps the caller's [B, T] ref_logprobs).
 

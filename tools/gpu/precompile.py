@@ -1,16 +1,16 @@
-"""The Triton kernel cache of a GPU session, compiled on the development machine (no GPU) and
-carried to the lent GPU machine, so that its minutes go to measuring rather than compiling.
+"""The Triton kernel cache of a GPU run, compiled on a machine without a GPU and carried to
+an offline GPU machine, so that a time-limited run there goes to measuring, not compiling.
 
     # here, in a Python with the GPU image's Triton (3.6.0; benchmarks/NOTES.md says how):
-    python -m benchmarks.precompile build [--wheel W] [--skip-suite] [--workers 2]
-    # there (benchmarks/device_run.sh does it when .whl/triton_cache.tar.xz exists):
-    python -m benchmarks.precompile unpack .whl/triton_cache.tar.xz DIR   # + key comparison
-    python -m benchmarks.precompile count DIR                            # compiled variants
-    python -m benchmarks.precompile new DIR MARKER      # the variants compiled there anyway
+    python -m tools.gpu.precompile build [--wheel W] [--skip-suite] [--workers 2]
+    # there (tools/gpu/device_run.sh does it when .whl/triton_cache.tar.xz exists):
+    python -m tools.gpu.precompile unpack .whl/triton_cache.tar.xz DIR   # + key comparison
+    python -m tools.gpu.precompile count DIR                            # compiled variants
+    python -m tools.gpu.precompile new DIR MARKER      # the variants compiled there anyway
 
-Why: the CUDA suite launches 361 kernel variants (benchmarks/suite_variants.py), 914 s of
-compile summed on this machine, and the launch-config sweep ~80 more; on the lent machine that
-is minutes of a 15-minute lease.
+Why: the CUDA suite launches 361 kernel variants (tools/gpu/suite_variants.py), 914 s of
+compile summed on a 2-core CPU machine, and the launch-config sweep ~80 more; on the GPU
+machine that is minutes of a 15-minute run.
 
 How a carried entry can be found there. Triton looks a compiled kernel up on disk under
 sha256 of ``get_cache_key`` (triton/runtime/cache.py): ``triton_key()`` (its version and the
@@ -42,76 +42,22 @@ import sys
 import tarfile
 import tempfile
 import time
-import zipfile
 from pathlib import Path
 from typing import Dict, List
 
-REPO = Path(__file__).resolve().parent.parent
+from tools.gpu import suite_variants
+from tools.gpu.triton_key import KEY_FILE_ENV, apply_key, image_triton_key
+
+REPO = Path(__file__).resolve().parents[2]  # tools/gpu/ -> the repository
 ARCHIVE = "triton_cache.tar.xz"
 MANIFEST = "triton_cache.json"
-KEY_FILE_ENV = "OPO_TRITON_KEY_FILE"  # compile processes read the image's key from this file
 BUILD_ENV = {"TRITON_DEFAULT_FP_FUSION": "1"}  # what device_run.sh exports there
 SWEEP_ROWS = 256  # a multiple of 16 as 16384 is, with 32 sequences of 8 rows: the same keys
 
 
 # --------------------------------------------------------------------------------------------
-# The image's cache key
+# The cache key's parts (here and there)
 # --------------------------------------------------------------------------------------------
-
-
-def _sha256(f) -> str:
-    h = hashlib.sha256()
-    for chunk in iter(lambda: f.read(1 << 20), b""):
-        h.update(chunk)
-    return h.hexdigest()
-
-
-def image_triton_key(wheel: Path) -> str:
-    """``triton_key()`` as the Python of ``wheel`` (a Triton wheel for another Python version)
-    computes it. Raises SystemExit naming what differs when the wheel is not this Triton."""
-    import triton
-    from triton.runtime import cache
-
-    version = wheel.name.split("-")[1] if wheel.name.startswith("triton-") else "?"
-    if version != triton.__version__:
-        raise SystemExit(f"--wheel: {wheel.name} is Triton {version}, this Python has "
-                         f"{triton.__version__}: build with the GPU image's version")
-    site = Path(triton.__file__).resolve().parent.parent
-    differ = []
-    with zipfile.ZipFile(wheel) as z:
-        for info in z.infolist():
-            name = info.filename
-            if name.startswith("triton/") and name.endswith(".py"):
-                local = site / name
-                if not local.is_file() or local.read_bytes() != z.read(info):
-                    differ.append(name)
-        with z.open("triton/_C/libtriton.so") as f:
-            image_lib = _sha256(f)
-    if differ:
-        raise SystemExit(f"--wheel: {len(differ)} Python source(s) differ from this Triton's "
-                         f"(e.g. {differ[:3]}): its cache key cannot be computed here")
-    with open(site / "triton" / "_C" / "libtriton.so", "rb") as f:
-        local_lib = _sha256(f)
-    key = cache.triton_key()
-    if key.count(local_lib) != 1:
-        raise SystemExit("triton_key() does not hold libtriton's hash once: this Triton's key "
-                         "is not made as benchmarks/precompile.py assumes")
-    return key.replace(local_lib, image_lib)
-
-
-def apply_key(key: str) -> None:
-    """This process's Triton compiles and looks kernels up under ``key`` as its triton_key()
-    (``get_cache_key`` reads the module global at each call)."""
-    from triton.runtime import cache
-
-    cache.triton_key = lambda: key
-
-
-def apply_key_from_env() -> None:
-    """Pool initializer: apply the key named by $OPO_TRITON_KEY_FILE, if set."""
-    path = os.environ.get(KEY_FILE_ENV)
-    if path:
-        apply_key(Path(path).read_text())
 
 
 def key_parts(arch: int = 90) -> Dict[str, object]:
@@ -121,7 +67,7 @@ def key_parts(arch: int = 90) -> Dict[str, object]:
     from triton._C.libtriton import get_cache_invalidating_env_vars
     from triton.runtime import cache
 
-    from benchmarks import aot_check
+    from tools.gpu import aot_check
 
     with aot_check.recording() as log:
         aot_check.VARIANTS["fwd-bf16"]()
@@ -156,8 +102,9 @@ def sweep_launches(rows: int = SWEEP_ROWS) -> List[tuple]:
     kind, dtype and config, and the --focus list), recorded at `rows` rows."""
     import torch
 
-    from benchmarks import aot_check, sweep
+    from benchmarks import sweep
     from opo_kernels import row_launch
+    from tools.gpu import aot_check
 
     def record(kind, config, problem, origin):
         row_launch.LAUNCH_OVERRIDE = lambda k, v, d: config if k == kind else None
@@ -187,8 +134,7 @@ def production_records() -> List[tuple]:
     """suite_variants records (module, name, key, args, kwargs, origin), one per distinct key,
     of the launches the GPU session makes outside the test suite: aot_check's
     production-shaped variants and the sweep's (at SWEEP_ROWS rows: the keys of 16384)."""
-    from benchmarks import aot_check
-    from benchmarks.suite_variants import make_record
+    from tools.gpu import aot_check
 
     launches = []
     for name, run in aot_check.VARIANTS.items():
@@ -200,7 +146,7 @@ def production_records() -> List[tuple]:
         key = aot_check.specialization_key(kernel, args, kwargs)
         if key not in seen:
             seen.add(key)
-            records.append(make_record(kernel.fn, key, args, kwargs, origin))
+            records.append(suite_variants.make_record(kernel.fn, key, args, kwargs, origin))
     return records
 
 
@@ -229,8 +175,6 @@ def _commit() -> Dict[str, object]:
 
 def build(wheel: Path | None, out: Path, suite: bool, workers: int) -> int:
     import triton
-
-    from benchmarks import suite_variants
 
     wheel = wheel or download_image_wheel(triton.__version__, Path(tempfile.gettempdir()) /
                                           "opo_image_wheel")

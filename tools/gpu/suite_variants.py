@@ -1,16 +1,17 @@
 """Every kernel variant the CUDA test suite will launch, compiled for sm_90 WITHOUT a GPU.
 
-    python -m benchmarks.suite_variants [--workers 2] [--pytest-args "..."]    # ~15 min here
+    python -m tools.gpu.suite_variants [--workers 2] [--pytest-args "..."]    # ~15 min here
 
 The suite on a GPU compiles one Triton variant per distinct specialization key it launches
 (dtypes, constexprs, integer and alignment specialization), and a variant that fails to compile,
-or spills registers, would first show up there, in the minutes of a lent GPU. This runs the
-same tests (``-m "not cpu_only"``) under the interpreter with a pytest plugin (this module) that
-records, for each new key, the launch's arguments (a tensor as its dtype and 16-byte alignment,
-everything else as passed); then it rebuilds each launch from CPU tensors in a process without
-the interpreter, checks that the rebuilt key is the recorded one, and compiles it with
-``aot_check.compile_launch`` (Triton's own binder, ptxas and cuobjdump). Prints the count and
-compile time per kernel and every variant that failed or spilled; exit code 1 if any did.
+or spills registers, would first show up there, in the minutes of a time-limited GPU run. This
+runs the same tests (``-m "not cpu_only"``) under the interpreter with a pytest plugin (this
+module) that records, for each new key, the launch's arguments (a tensor as its dtype and
+16-byte alignment, everything else as passed); then it rebuilds each launch from CPU tensors in
+a process without the interpreter, checks that the rebuilt key is the recorded one, and compiles
+it with ``aot_check.compile_launch`` (Triton's own binder, ptxas and cuobjdump). Prints the
+count and compile time per kernel and every variant that failed or spilled; exit code 1 if any
+did.
 
 The compile times say how long the CUDA suite's warm-up is on one process (benchmarks/NOTES.md,
 "Compile cost"); ``device_run.sh check`` runs the suite on several processes because of it.
@@ -33,7 +34,7 @@ from multiprocessing import Pool
 
 import torch
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 _RECORD_DIR = "OPO_SUITE_VARIANTS_DIR"  # the plugin is on when this is set
 
 
@@ -68,7 +69,7 @@ def pytest_configure(config):
     from triton.runtime import interpreter
     from triton.runtime.jit import JITFunction
 
-    from benchmarks.aot_check import specialization_key
+    from tools.gpu.aot_check import specialization_key
 
     run = interpreter.InterpretedFunction.run
     jit, seen = {}, set()
@@ -109,8 +110,8 @@ def load(out_dir: str) -> list:
 
 def compile_one(rec) -> tuple:
     """(seconds, kernel name, "ok" / "spills N B" / "key mismatch" / "failed: ...", test)."""
-    from benchmarks.aot_check import compile_launch, inspect_compiled, specialization_key
-    from benchmarks.suite_variants import TensorArg  # the class pickled (not __main__'s copy)
+    from tools.gpu.aot_check import compile_launch, inspect_compiled, specialization_key
+    from tools.gpu.suite_variants import TensorArg  # the class pickled (not __main__'s copy)
 
     module, name, key, args, kwargs, test = rec
     kernel = getattr(importlib.import_module(module), name)
@@ -138,7 +139,7 @@ def main(argv=None) -> int:
                PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
     start = time.perf_counter()
     suite = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                            "-p", "benchmarks.suite_variants", "-m", "not cpu_only",
+                            "-p", "tools.gpu.suite_variants", "-m", "not cpu_only",
                             "-n", str(args.workers), *shlex.split(args.pytest_args)], cwd=REPO,
                            env=env)
     print(f"[suite_variants] interpreter suite: exit code {suite.returncode}, "
@@ -153,9 +154,9 @@ def main(argv=None) -> int:
 def compile_records(records: list, workers: int, label: str) -> int:
     """Compiles the records for sm_90 on `workers` processes and prints the count and compile
     time per kernel and every variant that failed, spilled or did not rebuild; returns the
-    number of those. (benchmarks/precompile.py compiles under the GPU image's cache key: each
+    number of those. (tools/gpu/precompile.py compiles under the GPU image's cache key: each
     process applies it first.)"""
-    from benchmarks.precompile import apply_key_from_env
+    from tools.gpu.triton_key import apply_key_from_env
 
     start = time.perf_counter()
     with Pool(workers, initializer=apply_key_from_env) as pool:

@@ -1,0 +1,1 @@
+"""Tools for preparing and running on an offline GPU machine (see tools/gpu/README.md)."""
