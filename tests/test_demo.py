@@ -2,12 +2,13 @@
 can be checked exactly (the variable-length task's reward and mask, the paired bootstrap).
 
 Tiny on purpose (2 steps, a 1-layer d=16 model, 2 prompts x 6 samples): it checks the plumbing
-(rollouts of both tasks, the three losses, the outputs), not learning; the real runs are the
+(rollouts of both tasks, the four losses, the outputs), not learning; the real runs are the
 figures in docs/.
 """
 
 import json
 import math
+import sys
 
 import pytest
 import torch
@@ -21,7 +22,7 @@ from opo_kernels.demo.tasks import Rollout, SortStopTask, SortTask  # noqa: E402
 
 TINY = ["--steps", "2", "--seeds", "0", "1", "--prompts", "2", "--digits", "4", "--length", "3",
         "--d-model", "16", "--n-layer", "1", "--n-head", "2", "--no-progress"]
-METHODS = ("opo_paper", "opo_author", "gspo")
+METHODS = ("opo_paper", "opo_paper_centered", "opo_author", "gspo")
 
 
 def _check_outputs(out, steps, tasks=("sort", "sort_stop")):
@@ -78,3 +79,29 @@ def test_bootstrap_interval():
     assert 0.08 <= lo < hi <= 0.12  # the mean of resampled seeds stays within their range
     lo, hi = bootstrap_interval([-1.0, 1.0, -1.0, 1.0], 2000)
     assert lo < 0 < hi
+
+
+ONE_RUN = ["--steps", "1", "--seeds", "0", "--prompts", "2", "--digits", "4", "--length", "3",
+           "--d-model", "16", "--n-layer", "1", "--n-head", "2", "--tasks", "sort",
+           "--methods", "gspo", "--backend", "torch"]
+
+
+@pytest.mark.parametrize("terminal", [False, True], ids=["log-file", "terminal"])
+def test_progress_bars_only_on_a_terminal(tmp_path, capsys, monkeypatch, terminal):
+    """In a log file (CI) every redraw of a bar is a new line: the bars are off there."""
+    pytest.importorskip("tqdm")
+    monkeypatch.setattr(type(sys.stderr), "isatty", lambda self: terminal, raising=False)
+    demo.main(ONE_RUN + ["--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert ("sort gspo seed 0" in err) == terminal, err[-500:]
+
+
+def test_triton_backend_on_cpu_is_a_usage_error(tmp_path, capsys, monkeypatch):
+    """Without a GPU or the interpreter, --backend triton ends in argparse's usage error (exit
+    code 2) naming the way out, not in a traceback from inside the loss."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(SystemExit) as exc:
+        demo.main(ONE_RUN[:-2] + ["--backend", "triton", "--out", str(tmp_path)])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "--backend triton" in err and "--device cuda" in err and "TRITON_INTERPRET=1" in err

@@ -1,15 +1,17 @@
-"""End-to-end demo: RL-train a tiny transformer with OPO as the paper writes it, OPO as its
-author trained it, and GSPO, on two verifiable tasks, and compare them.
+"""End-to-end demo: RL-train a tiny transformer with OPO as the paper writes it (uncentred and
+centred weights), OPO as its author trained it, and GSPO, on two verifiable tasks, and compare
+them.
 
-    python -m opo_kernels.demo                  # 4 seeds x 250 steps x 2 tasks x 3 methods
+    python -m opo_kernels.demo                  # 4 seeds x 250 steps x 2 tasks x 4 methods
     python -m opo_kernels.demo --quick          # 2 seeds x 60 steps (about a minute)
     python -m opo_kernels.demo --device cuda    # fused Triton kernels (backend="auto")
 
 Tasks (``tasks.py``): "sort the digits" with answers of fixed length, and "sort the digits,
 then stop" where the policy chooses its answer's length with an EOS token. Methods
-(``methods.py``): ``opo_paper`` (eq. 6: the package defaults), ``opo_author``
-(``preset="author_verl"``), ``gspo``. Policy (``policy.py``): a 2-layer GPT, random init, trained
-from the reward alone; the loop (``training.py``) is the same for every method and seed.
+(``methods.py``): ``opo_paper`` (eq. 6: the package defaults), ``opo_paper_centered`` (the same
+with ``center_weights=True``, as the paper's later versions state the update), ``opo_author``
+(``preset="author_verl"``), ``gspo``. Policy (``policy.py``): a 2-layer GPT, random init,
+trained from the reward alone; the loop (``training.py``) is the same for every method and seed.
 
 It tests the paper's two claims on toy tasks: (1) OPO's slight reward edge over GSPO, (2) OPO's
 higher gradient norms; and whether the paper's uncentred positive weights favour short answers
@@ -33,6 +35,7 @@ from typing import Dict, Optional, Sequence
 
 import torch
 
+from ..utils import interpreter_on
 from .methods import METHODS
 from .report import format_summary, mean, plot_task, summarize
 from .training import QUICK, TASKS, DemoConfig, make_task, train
@@ -85,8 +88,9 @@ def _resolved_backend(cfg: DemoConfig) -> str:
 def parse_args(argv: Optional[Sequence[str]] = None) -> tuple:
     d = DemoConfig()
     p = argparse.ArgumentParser(prog="python -m opo_kernels.demo",
-                                description="RL on two verifiable tasks: OPO (paper), OPO "
-                                            "(author's recipe) and GSPO.")
+                                description="RL on two verifiable tasks: OPO (paper, "
+                                            "uncentred and centred), OPO (author's recipe) "
+                                            "and GSPO.")
     p.add_argument("--quick", action="store_true",
                    help=f"short run: {QUICK['steps']} steps, seeds {QUICK['seeds']}")
     p.add_argument("--steps", type=int, help=f"training steps per run (default {d.steps})")
@@ -112,7 +116,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> tuple:
                    metavar=("LOW", "HIGH"), help="GSPO clip range (default 3e-4 4e-4)")
     p.add_argument("--threads", type=int, default=d.threads,
                    help="torch CPU threads (default 1: the ops are tiny)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bars (they are off anyway when stderr is not a terminal)")
     args = p.parse_args(argv)
     base = dict(QUICK) if args.quick else {}
     if args.steps is not None:
@@ -131,6 +136,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> tuple:
         p.error("--length must be >= 2")
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         p.error("--device cuda but torch.cuda.is_available() is False")
+    if cfg.backend == "triton" and not cfg.device.startswith("cuda") and not interpreter_on():
+        p.error("--backend triton runs the fused kernels on a GPU: add --device cuda, or set "
+                "TRITON_INTERPRET=1 to run them in Triton's interpreter on the CPU (very slow: "
+                "use --quick); on CPU the default backend (auto) uses the PyTorch reference")
     return cfg, args
 
 
@@ -142,7 +151,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     threads = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)
     try:
-        result = run_demo(cfg, args.out, progress=not args.no_progress)
+        # bars only on a terminal: in a log file each redraw is a new line (hundreds of KB)
+        result = run_demo(cfg, args.out, progress=not args.no_progress and sys.stderr.isatty())
     finally:
         torch.set_num_threads(threads)
     last = min(cfg.last, cfg.steps)

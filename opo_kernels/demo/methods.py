@@ -1,8 +1,11 @@
-"""The three losses the demo compares, on the same rollouts.
+"""The four losses the demo compares, on the same rollouts.
 
-- ``opo_paper``: ``opo_loss`` with the paper's eq. 6 (the package defaults: seed weights, ratio
-  coordinates, sequence-mean level, adaptive τ, reward temperature 0.15), α and μ from the
-  config; ``ref_logprobs`` = the sampling policy's log-probs.
+- ``opo_paper``: ``opo_loss`` with the paper's eq. 6 as first published (arXiv 2601.12415 v1:
+  the package defaults: seed weights, ratio coordinates, sequence-mean level, adaptive τ, reward
+  temperature 0.15), α and μ from the config; ``ref_logprobs`` = the sampling policy's
+  log-probs.
+- ``opo_paper_centered``: the same with ``center_weights=True``: ω − mean over the group, the
+  update the later versions of the paper state (v5: v* = (ω_α − E[ω_α]) / μ).
 - ``opo_author``: ``opo_loss(..., preset="author_verl")``, the author's verl recipe (centred
   escort weights, log-ratio coordinates, clamps, direction scale 1/α, Z-loss), same α and μ.
 - ``gspo`` (Zheng et al. 2025, arXiv 2507.18071): s_i = exp(mean_t(log π − log π_old)) over the
@@ -18,9 +21,9 @@ import torch
 
 from ..fused_opo import opo_loss
 
-METHODS = ("opo_paper", "opo_author", "gspo")
-LABELS = {"opo_paper": "OPO (paper, eq. 6)", "opo_author": "OPO (author's recipe)",
-          "gspo": "GSPO"}
+METHODS = ("opo_paper", "opo_paper_centered", "opo_author", "gspo")
+LABELS = {"opo_paper": "OPO (paper, eq. 6)", "opo_paper_centered": "OPO (paper, centred)",
+          "opo_author": "OPO (author's recipe)", "gspo": "GSPO"}
 
 
 def _opo(logits, completions, old, rewards, mask, cfg, **preset):
@@ -32,6 +35,10 @@ def _opo(logits, completions, old, rewards, mask, cfg, **preset):
 
 def opo_paper(logits, completions, old, rewards, mask, cfg):
     return _opo(logits, completions, old, rewards, mask, cfg)
+
+
+def opo_paper_centered(logits, completions, old, rewards, mask, cfg):
+    return _opo(logits, completions, old, rewards, mask, cfg, center_weights=True)
 
 
 def opo_author(logits, completions, old, rewards, mask, cfg):
@@ -58,4 +65,5 @@ def gspo(logits, completions, old, rewards, mask, cfg):
     return loss, {"clip_frac": inactive.float().mean()}
 
 
-OBJECTIVES = {"opo_paper": opo_paper, "opo_author": opo_author, "gspo": gspo}
+OBJECTIVES = {"opo_paper": opo_paper, "opo_paper_centered": opo_paper_centered,
+              "opo_author": opo_author, "gspo": gspo}

@@ -9,7 +9,8 @@ from typing import Dict, List, Sequence
 
 from .methods import LABELS
 
-COLORS = {"opo_paper": "tab:blue", "opo_author": "tab:green", "gspo": "tab:orange"}
+COLORS = {"opo_paper": "tab:blue", "opo_paper_centered": "tab:purple", "opo_author": "tab:green",
+          "gspo": "tab:orange"}
 
 
 def moving_average(values: Sequence[float], window: int) -> List[float]:
