@@ -22,6 +22,12 @@ Runs on CPU in seconds (backend "auto" uses the PyTorch reference there, or the 
 under TRITON_INTERPRET=1; on CUDA it uses the fused kernels):
 
     python examples/minimal_loop.py --steps 60
+
+What it prints: the loss it reports is the value of the last update of each batch. With one
+update per batch (the default) that update is on-policy: π_θ = π_ref, so every v = 0 and the
+loss is exactly 0 (up to rounding: ±0.0000), while its gradient is not 0 (∂L/∂v = −ω/M). The
+gradient norm and the reward are the numbers to watch. With ``--updates-per-batch 2`` the second
+update is off-policy and its loss is no longer 0.
 """
 
 from __future__ import annotations
@@ -95,6 +101,9 @@ def main(argv=None):
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     history = []
     start = time.perf_counter()
+    if args.updates_per_batch == 1:
+        print("one update per batch: on-policy, so the loss value is 0 (v = 0 at π = π_ref) "
+              "while its gradient is not; watch the reward and the gradient norm")
     for step in range(args.steps):
         # rollouts: each prompt `group` times in a row, so group_size=group below
         prompts = torch.randint(1, args.vocab, (args.prompts,), device=device)
@@ -112,13 +121,16 @@ def main(argv=None):
             )
             optimizer.zero_grad()
             loss.backward()
+            # the norm only (max_norm=inf clips nothing): on-policy the loss is 0, this is not
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))
             optimizer.step()
 
         history.append(rewards.mean().item())
         if step % 10 == 0 or step == args.steps - 1:
             print(f"step {step:3d}  reward {history[-1]:.3f}  loss {loss.item():+.4f}  "
-                  f"tau {metrics['tau'].item():.3f}  omega_mean {metrics['omega_mean'].item():.3f}"
-                  f"  kl_k3 {metrics['kl_k3'].item():.2e}")
+                  f"grad norm {grad_norm.item():.3f}  tau {metrics['tau'].item():.3f}  "
+                  f"omega_mean {metrics['omega_mean'].item():.3f}  "
+                  f"kl_k3 {metrics['kl_k3'].item():.2e}")
     print(f"{args.steps} steps in {time.perf_counter() - start:.1f} s on {device}; mean reward "
           f"first 10: {sum(history[:10]) / len(history[:10]):.3f}, "
           f"last 10: {sum(history[-10:]) / len(history[-10:]):.3f}")

@@ -19,11 +19,17 @@ def load_example(name: str):
 
 
 @pytest.mark.parametrize("updates", [1, 2], ids=["on-policy", "two-updates-per-batch"])
-def test_minimal_loop(updates):
+def test_minimal_loop(updates, capsys):
     example = load_example("minimal_loop")
     history = example.main(["--steps", "2", "--prompts", "2", "--group", "3", "--length", "4",
                             "--updates-per-batch", str(updates), "--device", "cpu"])
     assert len(history) == 2 and all(math.isfinite(r) for r in history)
+    out = capsys.readouterr().out
+    # on-policy the printed loss is 0: the script says why, and prints the gradient norm
+    assert ("the loss value is 0" in out) == (updates == 1), out
+    norms = [float(line.split("grad norm ")[1].split()[0]) for line in out.splitlines()
+             if "grad norm" in line and line.startswith("step")]
+    assert norms and all(n > 0 for n in norms), out
 
 
 def test_trl_example(tmp_path):
