@@ -1,0 +1,213 @@
+"""Adapters for the peers the benchmarks compare with, each called through its own public
+entry point at its strongest documented setting (the kernel-level suite, ``runners.py``, and
+the RL-step benchmark, ``benchmarks/step``, share them). The strong-torch OPO is in
+``peers_torch.py``.
+
+  cce          Apple's cut-cross-entropy (``cut_cross_entropy.linear_cross_entropy``):
+               per-token NLL from hidden states and the LM head, reduction="none",
+               filter_eps=None: its EXACT mode (the default "high" skips gradient blocks whose
+               softmax is below bf16 eps/32; exact keeps every one, as our losses do).
+               log-prob = −NLL, then ``opo_loss_from_logprobs``. On a GPU its Triton kernels
+               (impl="cce"); without one its documented torch implementation
+               (impl="torch_compile": the same math; the Triton kernels cannot run in
+               Triton's interpreter).
+  trl_head     TRL's chunked log-prob LM head (``trl.kernels.ChunkedLogProbFunction``, what
+               ``trl.trainer.utils.add_fused_lm_head`` patches into GRPOTrainer's model):
+               only the counted rows of hidden are projected (its "compact" mode on CUDA),
+               vocabulary tiles of TRL's own chunk size, log-probs only (no entropy: the
+               OPO loss here does not use it), then ``opo_loss_from_logprobs``.
+  liger_gspo   Liger-Kernel ``triton_grpo_loss`` on the logits [B, T+1, V] (in place, its
+               default), sequence-level importance sampling (GSPO). Liger has no OPO: these
+               rows run GRPO/GSPO, whose memory traffic is the same kind of work.
+  liger_fused_linear   Liger-Kernel ``LigerFusedLinearGRPOLoss`` (chunked, ``compiled=True``,
+               its defaults) with the same GSPO setting. Its ∂hidden/∂weight matmuls run in
+               fp32: at fp32 matmul precision "highest" (PyTorch's default, TF32 off) or
+               "high" (TF32 on, as most training runs set it): ``matmul_precision``.
+
+Every function raises ImportError when its package is missing; ``unavailable`` says why a
+peer cannot run here (the suites record that as a skipped row).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Dict, Iterator, Optional
+
+import torch
+
+PACKAGES = {"cce": "cut-cross-entropy", "trl_head": "trl", "liger": "liger-kernel"}
+
+# Liger's GSPO setting as TRL documents it for GSPO: sequence-level ratio, no KL term, tight
+# clipping. Values only matter for which branch is taken; the kernels' traffic is the same.
+LIGER_GSPO_KWARGS = dict(temperature=1.0, beta=0.0, eps_low=3e-4, eps_high=4e-4,
+                         loss_type="grpo", importance_sampling_level="sequence", reduce=True)
+# The same setting for Liger's chunked fused-linear GRPO loss (liger-kernel 0.8.5,
+# liger_kernel/chunked_loss/grpo_loss.py). beta=0 -> no reference model (use_ref_model=False);
+# chunk_size (sequences per chunk, default 1) and compiled (torch.compile of the loss math,
+# default True) are left at Liger's defaults.
+LIGER_FUSED_LINEAR_GSPO_KWARGS = dict(beta=0.0, use_ref_model=False, epsilon_low=3e-4,
+                                      epsilon_high=4e-4, loss_type="grpo",
+                                      importance_sampling_level="sequence", temperature=1.0)
+# cut-cross-entropy's gradient filter: None = exact (no block skipped)
+CCE_FILTER_EPS = None
+IGNORE_INDEX = -100
+
+
+def version(package: str) -> Optional[str]:
+    try:
+        from importlib.metadata import version as _version
+        return _version(package)
+    except Exception:  # noqa: BLE001 - not installed, or metadata missing
+        return None
+
+
+def versions() -> Dict[str, Optional[str]]:
+    """The installed version of each peer package (None: not installed)."""
+    return {name: version(name) for name in ("cut-cross-entropy", "trl", "liger-kernel",
+                                             "transformers")}
+
+
+def unavailable(peer: str) -> Optional[str]:
+    """Why ``peer`` (cce, trl_head, liger) cannot run here, or None."""
+    try:
+        if peer == "cce":
+            import cut_cross_entropy  # noqa: F401
+        elif peer == "trl_head":
+            from trl.kernels import ChunkedLogProbFunction  # noqa: F401
+        elif peer == "liger":
+            import liger_kernel.chunked_loss  # noqa: F401
+            import liger_kernel.transformers.grpo_loss  # noqa: F401
+        else:
+            raise ValueError(f"unknown peer {peer!r}; known: {sorted(PACKAGES)}")
+    except ImportError as exc:
+        return f"{PACKAGES[peer]} not importable: {type(exc).__name__}: {exc}"
+    return None
+
+
+@contextlib.contextmanager
+def matmul_precision(tf32: bool) -> Iterator[None]:
+    """fp32 matmuls in TF32 ("high") or full fp32 ("highest", PyTorch's default) inside the
+    block; the previous setting is restored after it."""
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high" if tf32 else "highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
+@contextlib.contextmanager
+def eager_without_gpu(device: torch.device) -> Iterator[None]:
+    """Without CUDA, the peers' internal ``torch.compile`` calls run eagerly (compiling C++ for
+    the host would take minutes in CI and checks nothing of the GPU path); on CUDA nothing
+    changes."""
+    if device.type == "cuda":
+        yield
+        return
+    with torch.compiler.set_stance("force_eager"):
+        yield
+
+
+# --------------------------------------------------------------------------------------------
+# log-prob providers: hidden states + LM head -> per-token log-probs (then our O(N) loss)
+# --------------------------------------------------------------------------------------------
+
+
+def cce_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
+                 shift: bool = False) -> torch.Tensor:
+    """log p(target) from cut-cross-entropy's per-token linear cross-entropy (exact mode).
+
+    hidden: [..., H]; weight: [V, H]; targets: hidden's leading shape, IGNORE_INDEX (−100) where
+    not counted. shift=True: position t predicts targets[..., t+1] (CCE's own shift, no copy),
+    the result then has one position less. Returns float32 log-probs, 0 where ignored.
+    """
+    from cut_cross_entropy import linear_cross_entropy
+
+    impl = "cce" if hidden.device.type == "cuda" else "torch_compile"
+    kw = {"filter_eps": CCE_FILTER_EPS} if impl == "cce" else {}
+    with eager_without_gpu(hidden.device):
+        nll = linear_cross_entropy(hidden, weight, targets, ignore_index=IGNORE_INDEX,
+                                   reduction="none", shift=shift, impl=impl, **kw)
+    return -nll
+
+
+def cce_extra(device: torch.device) -> Dict[str, object]:
+    return {"cce_impl": "cce" if device.type == "cuda" else "torch_compile",
+            "cce_filter_eps": "exact (None)", "cut_cross_entropy": version("cut-cross-entropy")}
+
+
+def trl_chunk_size() -> int:
+    """The vocabulary tile GRPOTrainer's fused head uses (TRL's own constant)."""
+    from trl.trainer import utils
+    return int(utils._CHUNKED_LOGPROB_CHUNK_SIZE)
+
+
+def trl_head_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                      counted: torch.Tensor) -> torch.Tensor:
+    """log p(label) from TRL's chunked log-prob head, counted rows only.
+
+    hidden: [..., H] aligned with labels [...] (position t's label is labels[t]); counted: bool,
+    labels' shape. Returns float32 log-probs of labels' shape, 0 where not counted (TRL fills
+    them the same way).
+    """
+    from trl.kernels import ChunkedLogProbFunction
+
+    logprobs, *_ = ChunkedLogProbFunction.apply(hidden[counted], weight, None, labels[counted],
+                                                1.0, trl_chunk_size(), None, 1.0,
+                                                ("log_probs",))
+    return logprobs.new_zeros(counted.shape).masked_scatter(counted, logprobs)
+
+
+def trl_extra() -> Dict[str, object]:
+    return {"trl": version("trl"), "trl_chunk_size": trl_chunk_size(),
+            "trl_outputs": "log_probs"}
+
+
+# --------------------------------------------------------------------------------------------
+# Liger-Kernel (GRPO/GSPO: Liger has no OPO)
+# --------------------------------------------------------------------------------------------
+
+
+def liger_gspo_logits(logits: torch.Tensor, old_logprobs: torch.Tensor, labels: torch.Tensor,
+                      advantages: torch.Tensor, mask: torch.Tensor,
+                      inplace: bool = True) -> torch.Tensor:
+    """Liger's ``triton_grpo_loss`` (GSPO). logits: the model's whole [B, T+1, V] output (Liger
+    drops the last position itself); old_logprobs, labels, mask: [B, T]; advantages: [B]."""
+    from liger_kernel.transformers.grpo_loss import triton_grpo_loss
+
+    loss, _metrics = triton_grpo_loss(logits, old_logprobs, None, labels, advantages, mask,
+                                      inplace=inplace, **LIGER_GSPO_KWARGS)
+    return loss
+
+
+def liger_fused_linear_module():
+    """Liger's ``LigerFusedLinearGRPOLoss`` with the GSPO setting, its defaults otherwise."""
+    from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
+    return LigerFusedLinearGRPOLoss(**LIGER_FUSED_LINEAR_GSPO_KWARGS)
+
+
+def liger_fused_linear_gspo(module, hidden: torch.Tensor, weight: torch.Tensor,
+                            labels: torch.Tensor, mask: torch.Tensor, advantages: torch.Tensor,
+                            old_logprobs: torch.Tensor, tf32: bool) -> torch.Tensor:
+    """The loss of ``module`` (``liger_fused_linear_module()``): hidden [B, T, H] aligned with
+    labels/mask/old_logprobs [B, T]; its forward computes the gradients too (chunk by chunk),
+    backward only returns them. tf32: the fp32 matmul precision of the call."""
+    with matmul_precision(tf32), eager_without_gpu(hidden.device):
+        loss, _metrics = module(hidden, weight, labels, mask, advantages, bias=None,
+                                old_per_token_logps=old_logprobs)
+    return loss
+
+
+def liger_extra(module=None) -> Dict[str, object]:
+    extra: Dict[str, object] = {"liger_kernel": version("liger-kernel")}
+    if module is not None:
+        extra.update(liger_chunk_size=module.chunk_size, liger_compiled=module.compiled)
+    return extra
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """GRPO advantages (Liger's input): rewards normalized in consecutive groups,
+    (r − mean) / (std + 1e-4), std unbiased. rewards: [B] with B a multiple of group_size."""
+    grouped = rewards.float().view(-1, group_size)
+    adv = (grouped - grouped.mean(1, keepdim=True)) / (grouped.std(1, keepdim=True) + 1e-4)
+    return adv.reshape(-1)

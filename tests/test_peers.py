@@ -1,0 +1,185 @@
+"""The benchmarks' peer adapters (benchmarks/peers.py, benchmarks/peers_torch.py) at tiny sizes
+on the CPU: where a peer computes the same math as ours, its loss and gradients equal the
+reference's (``opo_kernels.reference``); Liger's GSPO rows (no OPO in Liger) agree with each
+other and with GSPO's formula. The peers' Triton kernels run under the interpreter where they
+can (Liger's triton_grpo_loss); cut-cross-entropy's cannot (a None kernel argument), so its
+documented torch implementation stands in for them on the CPU: the same math, not the same code.
+"""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import opo_kernels
+from opo_kernels import reference
+
+pytestmark = pytest.mark.cpu_only
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # benchmarks/ is not part of the installed package
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks import peers  # noqa: E402
+from benchmarks.peers_torch import TorchOPO  # noqa: E402
+
+# bf16 inputs, fp32 losses: the peers round the logits / gradients like ours do
+LOSS_TOL = dict(rtol=1e-4, atol=1e-5)
+LOGPROB_TOL = dict(rtol=0, atol=2e-2)    # one bf16 logit rounding of a log-prob near −4
+GRAD_TOL = dict(rtol=2e-2, atol=2e-3)    # bf16 gradients
+
+
+def _problem(seed=0, b=6, t=9, h=16, v=50, dtype=torch.bfloat16):
+    gen = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(b, t, h, generator=gen).to(dtype)
+    weight = (torch.randn(v, h, generator=gen) * h ** -0.5).to(dtype)
+    labels = torch.randint(0, v, (b, t), generator=gen)
+    mask = (torch.rand(b, t, generator=gen) < 0.7).long()
+    mask[:, 0] = 1  # no empty sequence
+    logits = (hidden.float() @ weight.float().t()).to(dtype)
+    ref = reference.chunked_logprobs(logits, labels) + 0.05 * torch.randn(b, t, generator=gen)
+    rewards = torch.randn(b, generator=gen)
+    return hidden, weight, labels, mask, ref, rewards
+
+
+def _grads(loss, *leaves):
+    return torch.autograd.grad(loss, leaves)
+
+
+# ---- strong torch ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("on_policy", [False, True], ids=["general", "on_policy"])
+@pytest.mark.parametrize("layout", ["padded_shift", "packed"])
+def test_strong_torch_equals_reference(layout, on_policy):
+    hidden, weight, labels, mask, ref, rewards = _problem()
+    ref = None if on_policy else ref
+    opo = TorchOPO(backend="eager")  # Dynamo traces the whole loss (no graph break allowed)
+    if layout == "packed":
+        n = int(mask.sum())
+        logits = torch.randn(n, 50).to(torch.bfloat16).requires_grad_()
+        seq = torch.arange(6).repeat_interleave(mask.sum(1))
+        lab = labels[mask != 0]
+        r = None if ref is None else ref[mask != 0]
+        prepared = opo.prepare(lab, r, rewards, vocab_size=50, seq_ids=seq, group_size=3)
+        loss = opo(logits, prepared)
+        want = reference.opo_loss(logits, lab, r, rewards, seq_ids=seq, group_size=3)
+    else:  # the model's [B, T+1, V] output, the loss reading its [:, :-1]
+        logits = torch.randn(6, 10, 50).to(torch.bfloat16).requires_grad_()
+        prepared = opo.prepare(labels, ref, rewards, vocab_size=50, mask=mask, group_size=3)
+        loss = opo(logits, prepared, shift=True)
+        want = reference.opo_loss(logits[:, :-1], labels, ref, rewards, mask=mask,
+                                  group_size=3)
+    torch.testing.assert_close(loss, want, **LOSS_TOL)
+    (got,), (exp,) = _grads(loss, logits), _grads(want, logits)
+    torch.testing.assert_close(got.float(), exp.float(), **GRAD_TOL)
+    if layout == "padded_shift":
+        assert (got[:, -1] == 0).all()  # the last position is not read
+
+
+# ---- log-prob providers: cut-cross-entropy, TRL's head -----------------------------------
+
+
+def _opo_from(lp, mask, ref, rewards):
+    return opo_kernels.opo_loss_from_logprobs(lp, ref, rewards, mask=mask, group_size=3,
+                                              vocab_size=50, backend="triton", validate=False)
+
+
+@pytest.mark.parametrize("peer", ["cce", "trl_head"])
+def test_peer_logprobs_give_the_reference_loss(peer):
+    if peers.unavailable(peer):
+        pytest.fail(peers.unavailable(peer))  # the bench extra installs both
+    hidden, weight, labels, mask, ref, rewards = _problem(seed=1)
+    h = hidden.clone().requires_grad_()
+    w = weight.clone().requires_grad_()
+    counted = mask != 0
+    if peer == "cce":
+        lp = peers.cce_logprobs(h, w, torch.where(counted, labels, peers.IGNORE_INDEX))
+    else:
+        lp = peers.trl_head_logprobs(h, w, labels, counted)
+    assert lp.dtype == torch.float32 and lp.shape == labels.shape
+    assert (lp[~counted] == 0).all()
+    want_lp = reference.chunked_logprobs((hidden.float() @ weight.float().t()), labels)
+    torch.testing.assert_close(lp[counted].detach(), want_lp[counted], **LOGPROB_TOL)
+
+    loss = _opo_from(lp, mask, ref, rewards)
+    h2, w2 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    want = reference.opo_loss(h2 @ w2.t(), labels, ref, rewards, mask=mask, group_size=3)
+    torch.testing.assert_close(loss, want, rtol=2e-3, atol=1e-4)
+    for got, exp in zip(_grads(loss, h, w), _grads(want, h2, w2)):
+        torch.testing.assert_close(got.float(), exp.float(), **GRAD_TOL)
+
+
+def test_cce_shift_reads_the_next_token():
+    """shift=True (the step benchmark's call on the backbone's [B, L, H]): position t is scored
+    against targets[t + 1], without a copy of hidden."""
+    hidden, weight, labels, mask, _ref, _rewards = _problem(seed=2)
+    full = torch.cat([torch.full((6, 1), peers.IGNORE_INDEX),
+                      torch.where(mask != 0, labels, peers.IGNORE_INDEX)], 1)  # [B, T+1]
+    h = torch.cat([hidden, hidden[:, :1]], 1)  # [B, T+1, H]; the last position is not read
+    shifted = peers.cce_logprobs(h, weight, full, shift=True)
+    plain = peers.cce_logprobs(hidden, weight, full[:, 1:])
+    assert shifted.shape == labels.shape
+    torch.testing.assert_close(shifted, plain)
+
+
+# ---- Liger (GSPO) ----------------------------------------------------------------------------
+
+
+def _gspo(lp, old, adv, mask):
+    """GSPO with Liger's GRPO normalization (per-sequence token mean, then mean over B),
+    beta = 0, the clip of peers.LIGER_GSPO_KWARGS."""
+    m = mask.float()
+    w = ((lp - old) * m).sum(1) / m.sum(1).clamp(min=1)
+    coef = w.exp()[:, None]
+    clipped = coef.clamp(1 - peers.LIGER_GSPO_KWARGS["eps_low"],
+                         1 + peers.LIGER_GSPO_KWARGS["eps_high"])
+    per_token = -torch.minimum(coef * adv[:, None], clipped * adv[:, None])
+    return ((per_token * m).sum(1) / m.sum(1).clamp(min=1)).mean()
+
+
+def test_liger_gspo_rows_agree_with_gspo():
+    if peers.unavailable("liger"):
+        pytest.fail(peers.unavailable("liger"))
+    hidden, weight, labels, mask, old, rewards = _problem(seed=3)
+    adv = rewards  # any per-sequence advantages: raw rewards keep the loss O(1)
+    logits = torch.cat([hidden, hidden[:, :1]], 1).float() @ weight.float().t()
+    lp = reference.chunked_logprobs(logits[:, :-1], labels)
+    want = _gspo(lp, old, adv, mask)
+
+    full = logits.to(torch.bfloat16).requires_grad_()  # [B, T+1, V], as Liger takes them
+    got_logits = peers.liger_gspo_logits(full, old, labels, adv, mask, inplace=False)
+    torch.testing.assert_close(got_logits, want, rtol=2e-2, atol=1e-4)
+
+    before = torch.get_float32_matmul_precision()
+    module = peers.liger_fused_linear_module()
+    for tf32 in (False, True):
+        h = hidden.clone().requires_grad_()
+        w = weight.clone().requires_grad_()
+        got = peers.liger_fused_linear_gspo(module, h, w, labels, mask, adv, old, tf32=tf32)
+        assert torch.get_float32_matmul_precision() == before  # restored after the call
+        torch.testing.assert_close(got, want, rtol=2e-2, atol=1e-4)
+        gh, gw = _grads(got, h, w)
+        assert torch.isfinite(gh).all() and torch.isfinite(gw).all()
+
+
+def test_group_advantages():
+    adv = peers.group_advantages(torch.tensor([1.0, 2.0, 3.0, 5.0, 5.0, 5.0]), 3)
+    torch.testing.assert_close(adv, torch.tensor([-1.0, 0.0, 1.0, 0.0, 0.0, 0.0]),
+                               rtol=0, atol=1e-3)
+
+
+def test_matmul_precision_is_restored_after_an_error():
+    before = torch.get_float32_matmul_precision()
+    with pytest.raises(RuntimeError, match="boom"):
+        with peers.matmul_precision(tf32=before == "highest"):
+            assert torch.get_float32_matmul_precision() != before
+            raise RuntimeError("boom")
+    assert torch.get_float32_matmul_precision() == before
+
+
+def test_unavailable_names_the_package_and_rejects_unknown_peers():
+    with pytest.raises(ValueError, match="unknown peer"):
+        peers.unavailable("quack")
+    assert set(peers.versions()) >= {"cut-cross-entropy", "trl", "liger-kernel"}
