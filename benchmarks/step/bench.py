@@ -1,0 +1,306 @@
+"""The timed steps and the results file of the step benchmark.
+
+One step = ``loss = path.loss()`` (forward, head, loss), ``loss.backward()``,
+``optimizer.step()``, ``optimizer.zero_grad(set_to_none=True)``: what a trainer does per
+micro-batch with one update per micro-batch. Every path is timed by the same clock:
+
+  step_ms       CUDA events around the whole step, the device synchronized before each step
+                (host time included, for every path alike); the median of ``steps`` steps after
+                ``warmup`` untimed ones. Without CUDA: the host clock (no timing claim).
+  loss_ms       the head + loss part of the same steps: from the end of the backbone's forward
+                (an event recorded by a forward hook) to the moment the gradient of the
+                backbone's output exists (a tensor hook): the LM head matmuls, the loss, their
+                backward. The same boundary for every path (the hidden states), so the logits
+                paths' LM head is inside it as the fused paths' is.
+  peak_mem_bytes  max_memory_allocated during one more step, minus what was allocated before
+                it: the model's parameters and the optimizer state (``base_mem_bytes``) are
+                not counted; the gradients, activations, logits and the loss's buffers are.
+  tokens_per_s  B·L (every position of the micro-batch) over the step time;
+                counted_tokens_per_s the same for the counted positions.
+"""
+
+from __future__ import annotations
+
+import datetime
+import gc
+import json
+import platform
+import statistics
+import time
+import traceback
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+
+from benchmarks import peers
+from benchmarks.step import grid
+from benchmarks.step.batch import StepBatch, build_model, build_optimizer, make_batch
+from benchmarks.step.paths import Unavailable, build_path
+
+SCHEMA = 1
+
+
+class Clock:
+    """Timestamps on the device stream (CUDA events) or the host clock."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def mark(self):
+        if self.cuda:
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            return ev
+        return time.perf_counter()
+
+    def ms(self, a, b) -> float:
+        if self.cuda:
+            return float(a.elapsed_time(b))
+        return (b - a) * 1e3
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    @property
+    def name(self) -> str:
+        return "cuda-events (synchronized before each step)" if self.cuda else "host-clock"
+
+
+class HeadTimer:
+    """Marks the end of the backbone's forward and the arrival of its output's gradient (the
+    head + loss part of a step), through hooks on ``model.base_model``."""
+
+    def __init__(self, model, clock: Clock):
+        self.clock = clock
+        self.active = False
+        self.marks: Dict[str, object] = {}
+        self.handle = model.base_model.register_forward_hook(self._forward_hook)
+
+    def _forward_hook(self, _module, _args, output):
+        hidden = getattr(output, "last_hidden_state", None)
+        if not self.active or hidden is None or not hidden.requires_grad:
+            return
+        self.marks["head_start"] = self.clock.mark()
+        hidden.register_hook(self._grad_hook)
+
+    def _grad_hook(self, _grad):
+        self.marks["head_end"] = self.clock.mark()
+
+    def remove(self) -> None:
+        self.handle.remove()
+
+
+def _quantile(xs: List[float], q: float) -> float:
+    xs = sorted(xs)
+    pos = q * (len(xs) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def _slug(name: str) -> str:
+    import re
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "device"
+
+
+class StepBench:
+    """One run: builds each model once, each micro-batch once, and measures the paths in
+    order, rewriting the results file after every row."""
+
+    def __init__(self, settings: grid.Settings, out_dir: Path):
+        from benchmarks.results import device_name, git_commit
+
+        self.settings = settings.check()
+        self.device = torch.device("cuda") if _cuda_ok() else torch.device("cpu")
+        if self.device.type != "cuda" and not settings.tiny:
+            raise RuntimeError("the step benchmark's full grid needs a CUDA GPU (TRITON_INTERPRET "
+                               "unset); --tiny runs the CPU check")
+        self.clock = Clock(self.device)
+        self.started = time.monotonic()
+        import transformers
+        import triton
+        dev = device_name(self.device, settings.tiny)
+        self.path = Path(out_dir) / f"{_slug(dev)}.step.json"
+        self.data: Dict[str, object] = {
+            "device": dev, "schema": SCHEMA, "kind": "rl_step",
+            "torch": torch.__version__, "triton": triton.__version__,
+            "transformers": transformers.__version__, "peers": peers.versions(),
+            "commit": settings.commit or git_commit(), "python": platform.python_version(),
+            "tiny": settings.tiny,
+            "created_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(
+                timespec="seconds"),
+            "settings": {"seq_len": settings.seq_len, "prompt_len": settings.prompt_len,
+                         "group_size": grid.GROUP_SIZE,
+                         "counted_fraction": grid.COUNTED_FRACTION, "steps": settings.steps,
+                         "warmup": settings.warmup, "grad_ckpt": settings.grad_ckpt,
+                         "dtype": "bfloat16", "optimizer": "AdamW (fused on CUDA), lr 0",
+                         "compile_backend": settings.compile_backend,
+                         "float32_matmul_precision": torch.get_float32_matmul_precision()},
+            "timer": self.clock.name, "method": __doc__.split("\n\n", 1)[1].strip(),
+            "models": {}, "rows": [], "skipped": [], "errors": [],
+        }
+        if self.device.type == "cuda":
+            props = torch.cuda.get_device_properties(self.device)
+            self.data["gpu_memory_bytes"] = int(props.total_memory)
+        self.write()
+
+    def write(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.data, indent=1) + "\n", encoding="utf-8")
+        tmp.replace(self.path)
+
+    def out_of_time(self) -> bool:
+        budget = self.settings.budget_s
+        return budget is not None and time.monotonic() - self.started > budget
+
+    # ---- the grid ----
+
+    def run(self) -> Dict[str, object]:
+        s = self.settings
+        for model_name in s.models:
+            if self.out_of_time():
+                for t in s.tokens:
+                    for p in s.paths:
+                        self._skip(model_name, t, p, "time budget spent")
+                continue
+            model = build_model(model_name, self.device, s.grad_ckpt, seed=s.seed)
+            opt = build_optimizer(model)
+            self._sync_gc()
+            base = torch.cuda.memory_allocated() if self.device.type == "cuda" else -1
+            n_params = sum(p.numel() for p in model.parameters())
+            self.data["models"][model_name] = {
+                "config": grid.MODELS[model_name][0], "params": n_params,
+                "vocab": model.config.vocab_size, "hidden": model.config.hidden_size,
+                "layers": model.config.num_hidden_layers, "base_mem_bytes": int(base)}
+            timer = HeadTimer(model, self.clock)
+            try:
+                for tokens in s.tokens:
+                    if self.out_of_time():
+                        for p in s.paths:
+                            self._skip(model_name, tokens, p, "time budget spent")
+                        continue
+                    batch = make_batch(model, tokens, s.seq_len, s.prompt_len, seed=s.seed)
+                    for path in s.paths:
+                        self.measure(model, opt, batch, path, model_name, timer)
+                    del batch
+            finally:
+                timer.remove()
+                del model, opt
+                self._sync_gc()
+        return self.data
+
+    def _sync_gc(self) -> None:
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+
+    def _fields(self, model_name: str, tokens: int, path: str) -> Dict[str, object]:
+        return {"model": model_name, "tokens": tokens, "path": path}
+
+    def _skip(self, model_name: str, tokens: int, path: str, reason: str) -> None:
+        self.data["skipped"].append(dict(self._fields(model_name, tokens, path), reason=reason))
+        self.write()
+
+    # ---- one row ----
+
+    def measure(self, model, opt, batch: StepBatch, path: str, model_name: str,
+                timer: HeadTimer) -> Optional[Dict[str, object]]:
+        tokens = batch.B * batch.L
+        if self.out_of_time():
+            self._skip(model_name, tokens, path, "time budget spent")
+            return None
+        try:
+            lp = build_path(path, model, batch, self.settings.compile_backend)
+            row = self._measure(model, opt, batch, lp, model_name, timer)
+        except Unavailable as exc:
+            self._skip(model_name, tokens, path, str(exc))
+            return None
+        except Exception as exc:  # noqa: BLE001 - OOM: skipped; anything else: recorded
+            msg = f"{type(exc).__name__}: {exc}"
+            opt.zero_grad(set_to_none=True)
+            timer.active = False
+            if isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in msg.lower():
+                self._skip(model_name, tokens, path,
+                           "out of memory: " + msg.strip().splitlines()[0][:300])
+            else:
+                self.data["errors"].append(dict(self._fields(model_name, tokens, path),
+                                                error=msg[:2000],
+                                                traceback=traceback.format_exc()[-4000:]))
+                self.write()
+            return None
+        finally:
+            self._sync_gc()
+        self.data["rows"].append(row)
+        self.write()
+        return row
+
+    def _step(self, lp, opt) -> torch.Tensor:
+        loss = lp.loss()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    def _measure(self, model, opt, batch: StepBatch, lp, model_name: str,
+                 timer: HeadTimer) -> Dict[str, object]:
+        clock, s = self.clock, self.settings
+        t0 = time.perf_counter()
+        first_loss = float(self._step(lp, opt))  # JIT / torch.compile / autotuning
+        clock.sync()
+        first_step_s = time.perf_counter() - t0
+        if first_loss != first_loss:
+            raise FloatingPointError(f"{lp.name}: the loss is NaN")
+        for _ in range(s.warmup - 1):
+            self._step(lp, opt)
+        step_ms: List[float] = []
+        head_ms: List[float] = []
+        timer.active = True
+        try:
+            for _ in range(s.steps):
+                clock.sync()
+                timer.marks.clear()
+                start = clock.mark()
+                self._step(lp, opt)
+                end = clock.mark()
+                clock.sync()
+                step_ms.append(clock.ms(start, end))
+                if "head_start" in timer.marks and "head_end" in timer.marks:
+                    head_ms.append(clock.ms(timer.marks["head_start"], timer.marks["head_end"]))
+        finally:
+            timer.active = False
+        peak = self._peak(lp, opt)
+        med = statistics.median(step_ms)
+        head = statistics.median(head_ms) if len(head_ms) == len(step_ms) else None
+        tokens = batch.B * batch.L
+        row: Dict[str, object] = dict(
+            self._fields(model_name, tokens, lp.name), B=batch.B, L=batch.L,
+            counted=batch.counted, step_ms=med, step_ms_p20=_quantile(step_ms, 0.2),
+            step_ms_p80=_quantile(step_ms, 0.8), steps=len(step_ms),
+            loss_ms=head, loss_share=None if head is None else head / med,
+            peak_mem_bytes=int(peak),
+            base_mem_bytes=self.data["models"][model_name]["base_mem_bytes"],
+            tokens_per_s=tokens / (med * 1e-3), counted_tokens_per_s=batch.counted / (med * 1e-3),
+            loss=first_loss, first_step_s=round(first_step_s, 3), timer=clock.name)
+        row.update(lp.extra)
+        return row
+
+    def _peak(self, lp, opt) -> int:
+        """Peak bytes of one step above the memory held before it (model + optimizer state);
+        -1 without CUDA."""
+        if self.device.type != "cuda":
+            return -1
+        self._sync_gc()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        self._step(lp, opt)
+        torch.cuda.synchronize()
+        return int(torch.cuda.max_memory_allocated() - before)
+
+
+def _cuda_ok() -> bool:
+    from benchmarks.cases import cuda_ok
+    return cuda_ok()

@@ -1,0 +1,167 @@
+"""The loss paths of the step benchmark (``grid.PATHS``): each is the model's forward, its head
+and the loss of one micro-batch, returning the 0-dim loss that the step back-propagates.
+
+Each path calls the model the way its users do: the logits paths ``model(...).logits``
+([B, L, V]); the hidden-state paths the backbone (``model.base_model``) and the LM head's
+weight; TRL its own patched forward (``add_fused_lm_head``, ``fused_lm_head=True``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Dict
+
+import torch
+
+from benchmarks import peers
+from benchmarks.step.batch import StepBatch
+
+
+class Unavailable(Exception):
+    """The path cannot run here (its package is missing, or it needs a GPU): a skipped row."""
+
+
+@dataclass
+class LossPath:
+    name: str
+    loss: Callable[[], torch.Tensor]     # forward + head + loss of the batch
+    extra: Dict[str, object] = field(default_factory=dict)
+
+
+def _logits(model, b: StepBatch) -> torch.Tensor:
+    return model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits
+
+
+def _hidden(model, b: StepBatch) -> torch.Tensor:
+    """The backbone's last hidden states [B, L, H] (after the final norm)."""
+    return model.base_model(input_ids=b.input_ids, attention_mask=b.attention_mask
+                            ).last_hidden_state
+
+
+def _head_weight(model) -> torch.Tensor:
+    return model.get_output_embeddings().weight
+
+
+def _from_logprobs(lp: torch.Tensor, b: StepBatch) -> torch.Tensor:
+    from opo_kernels import opo_loss_from_logprobs
+    return opo_loss_from_logprobs(lp, b.old_logprobs, b.rewards, mask=b.mask,
+                                  group_size=b.group_size, vocab_size=b.vocab,
+                                  backend="triton", validate=False)
+
+
+def _need(peer: str) -> None:
+    reason = peers.unavailable(peer)
+    if reason:
+        raise Unavailable(reason)
+
+
+def _patch_trl_head(model) -> None:
+    """TRL's fused LM head on the model, once (its forward is unchanged unless called with
+    fused_lm_head=True, so the other paths are not affected)."""
+    if getattr(model, "_opo_bench_trl_head", False):
+        return
+    from trl.trainer.utils import add_fused_lm_head
+    add_fused_lm_head(model, outputs=("log_probs",))
+    model._opo_bench_trl_head = True
+
+
+def build_path(name: str, model, b: StepBatch, compile_backend: str) -> LossPath:
+    """The path ``name`` on this model and batch; raises Unavailable when it cannot run."""
+    import opo_kernels
+
+    device = b.input_ids.device
+    common = dict(mask=b.mask, group_size=b.group_size, backend="triton", validate=False)
+
+    if name == "plain":
+        def loss():
+            logits = _logits(model, b)
+            lp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+            return _from_logprobs(lp.gather(-1, b.labels.unsqueeze(-1)).squeeze(-1), b)
+        return LossPath(name, loss)
+
+    if name == "trl_head":
+        _need("trl_head")
+        _patch_trl_head(model)
+
+        def loss():
+            out = model(input_ids=b.input_ids, attention_mask=b.attention_mask,
+                        labels=b.labels_full, fused_lm_head=True)
+            return _from_logprobs(out.log_probs, b)
+        return LossPath(name, loss, peers.trl_extra())
+
+    if name == "cce":
+        _need("cce")
+
+        def loss():
+            lp = peers.cce_logprobs(_hidden(model, b), _head_weight(model), b.labels_full,
+                                    shift=True)
+            return _from_logprobs(lp, b)
+        return LossPath(name, loss, peers.cce_extra(device))
+
+    if name == "liger_logits":
+        _need("liger")
+        if device.type != "cuda" and not _interpreter_on():
+            raise Unavailable("Liger's Triton kernels need CUDA or TRITON_INTERPRET=1")
+
+        def loss():
+            return peers.liger_gspo_logits(_logits(model, b), b.old_logprobs, b.labels,
+                                           b.advantages, b.mask, inplace=True)
+        return LossPath(name, loss, dict(peers.liger_extra(), liger_inplace=True,
+                                         loss_math="GSPO (Liger has no OPO)"))
+
+    if name in ("liger_fused_linear", "liger_fused_linear_tf32"):
+        _need("liger")
+        module = peers.liger_fused_linear_module()
+        tf32 = name.endswith("_tf32")
+
+        def loss():
+            return peers.liger_fused_linear_gspo(
+                module, _hidden(model, b)[:, :-1], _head_weight(model), b.labels, b.mask,
+                b.advantages, b.old_logprobs, tf32=tf32)
+        return LossPath(name, loss, dict(peers.liger_extra(module), tf32=tf32,
+                                         loss_math="GSPO (Liger has no OPO)"))
+
+    if name == "torch_compiled":
+        from benchmarks.peers_torch import TorchOPO
+        opo = TorchOPO(backend=compile_backend)
+        prepared = opo.prepare(b.labels, b.old_logprobs, b.rewards, vocab_size=b.vocab,
+                               mask=b.mask, group_size=b.group_size)
+
+        def loss():
+            return opo(_logits(model, b), prepared, shift=True)
+        return LossPath(name, loss, opo.extra())
+
+    if name in ("opo_logits", "opo_logits_inplace"):
+        inplace = name.endswith("_inplace")
+
+        def loss():
+            return opo_kernels.opo_loss(_logits(model, b)[:, :-1], b.labels, b.old_logprobs,
+                                        b.rewards, grad_to_base=True, inplace_backward=inplace,
+                                        **common)
+        return LossPath(name, loss, {"grad_to_base": True, "inplace_backward": inplace})
+
+    if name in ("opo_fused_linear", "opo_fused_linear_on_policy", "opo_fused_linear_budget"):
+        from benchmarks.runners import logits_budget_supported
+        ref = None if name.endswith("_on_policy") else b.old_logprobs
+        kw: Dict[str, object] = {}
+        extra: Dict[str, object] = {"on_policy": ref is None}
+        if name.endswith("_budget"):
+            if not logits_budget_supported():
+                raise Unavailable("fused_linear_opo_loss has no logits_budget= yet")
+            # enough for every counted row's logits in the weight's dtype: all held
+            w = _head_weight(model)
+            kw["logits_budget"] = b.B * (b.L - 1) * b.vocab * w.element_size()
+            extra["logits_budget"] = kw["logits_budget"]
+
+        def loss():
+            return opo_kernels.fused_linear_opo_loss(
+                _hidden(model, b)[:, :-1], _head_weight(model), b.labels, ref, b.rewards,
+                **common, **kw)
+        return LossPath(name, loss, extra)
+
+    raise ValueError(f"unknown path {name!r}")
+
+
+def _interpreter_on() -> bool:
+    from benchmarks.cases import interpreter_on
+    return interpreter_on()

@@ -1,0 +1,218 @@
+"""The RL-step benchmark (benchmarks/step) on the CPU with a tiny 2-layer Qwen2: every loss
+path computing the OPO loss gives the reference's loss and LM-head gradient on the same model
+and batch; Liger's two GSPO paths agree with each other; the timed step runs end to end into a
+results file of the documented schema; the headline table and its targets come from that file.
+Our Triton kernels and Liger's run under TRITON_INTERPRET=1 (tests/conftest.py).
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from opo_kernels import reference
+
+pytestmark = pytest.mark.cpu_only
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # benchmarks/ is not part of the installed package
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks import peers  # noqa: E402
+from benchmarks.cases import RESULTS_DIR  # noqa: E402
+from benchmarks.step import grid, report  # noqa: E402
+from benchmarks.step.batch import build_model, make_batch  # noqa: E402
+from benchmarks.step.paths import Unavailable, build_path  # noqa: E402
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    s = grid.Settings.tiny_defaults()
+    model = build_model("tiny", CPU, grad_ckpt=True)
+    batch = make_batch(model, s.tokens[0], s.seq_len, s.prompt_len)
+    return model, batch
+
+
+def test_batch_geometry(tiny):
+    model, b = tiny
+    assert (b.B, b.L) == (8, grid.TINY_SEQ_LEN) and b.B % grid.GROUP_SIZE == 0
+    assert b.counted == round(grid.COUNTED_FRACTION * b.B * b.L)
+    # the counted labels are the completion tokens, shifted by one; prompts never count
+    assert (b.mask[:, : grid.TINY_PROMPT_LEN - 1] == 0).all()
+    assert torch.equal(b.labels_full[:, 1:] != -100, b.mask != 0)
+    assert torch.equal(b.labels, b.input_ids[:, 1:])
+    assert ((b.attention_mask[:, 1:] == 0) <= (b.mask == 0)).all()  # padding never counts
+    assert b.old_logprobs.dtype == torch.float32 and torch.isfinite(b.old_logprobs).all()
+    assert (b.old_logprobs < 0.5).all()  # log-probs + N(0, 0.05²) noise
+    with pytest.raises(ValueError, match="multiple"):
+        make_batch(model, 3 * grid.TINY_SEQ_LEN, grid.TINY_SEQ_LEN, grid.TINY_PROMPT_LEN)
+
+
+def _loss_and_head_grad(model, path):
+    model.zero_grad(set_to_none=True)
+    loss = path.loss()
+    loss.backward()
+    grad = model.get_output_embeddings().weight.grad.float().clone()
+    model.zero_grad(set_to_none=True)
+    return loss.detach(), grad
+
+
+def _reference(model, b, on_policy):
+    model.zero_grad(set_to_none=True)
+    logits = model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits
+    loss = reference.opo_loss(logits[:, :-1], b.labels, None if on_policy else b.old_logprobs,
+                              b.rewards, mask=b.mask, group_size=b.group_size)
+    loss.backward()
+    grad = model.get_output_embeddings().weight.grad.float().clone()
+    model.zero_grad(set_to_none=True)
+    return loss.detach(), grad
+
+
+@pytest.mark.parametrize("name", [p for p in grid.OPO_MATH])
+def test_opo_paths_equal_the_reference(tiny, name):
+    """Same model, same batch: each path's loss and the gradient of the (tied) LM head equal
+    the reference's on the model's bf16 logits."""
+    model, b = tiny
+    try:
+        path = build_path(name, model, b, compile_backend="eager")
+    except Unavailable as exc:
+        if name == "opo_fused_linear_budget":
+            pytest.skip(str(exc))  # opo_kernels without logits_budget=
+        raise
+    loss, grad = _loss_and_head_grad(model, path)
+    want, want_grad = _reference(model, b, on_policy=name.endswith("_on_policy"))
+    torch.testing.assert_close(loss, want, rtol=5e-3, atol=2e-5)
+    # the tied head's gradient also holds the embedding's, back-propagated through the bf16
+    # backbone: compared as a whole (relative Frobenius error), not element by element
+    assert grad.abs().max() > 0
+    assert (grad - want_grad).norm() / want_grad.norm() < 2e-2
+
+
+def test_liger_paths_agree(tiny):
+    """Liger has no OPO: its two paths run GSPO on the same batch and must agree with each
+    other (logits + triton_grpo_loss vs the fused-linear module, TF32 off and on)."""
+    model, b = tiny
+    got = {}
+    for name in ("liger_logits", "liger_fused_linear", "liger_fused_linear_tf32"):
+        path = build_path(name, model, b, compile_backend="eager")
+        assert path.extra["loss_math"].startswith("GSPO")
+        got[name] = _loss_and_head_grad(model, path)
+    base_loss, base_grad = got["liger_logits"]
+    for name, (loss, grad) in got.items():
+        torch.testing.assert_close(loss, base_loss, rtol=2e-2, atol=1e-4, msg=name)
+        assert (grad - base_grad).norm() / base_grad.norm() < 5e-2, name
+
+
+def test_unknown_path_and_settings_are_refused(tiny):
+    model, b = tiny
+    with pytest.raises(ValueError, match="unknown path"):
+        build_path("quack", model, b, compile_backend="eager")
+    with pytest.raises(ValueError, match="paths"):
+        grid.Settings(paths=("plain", "nope")).check()
+    with pytest.raises(ValueError, match="groups of 8"):
+        grid.Settings(tokens=(1000,)).check()
+
+
+# ---- the timed step, the results file, the table ---------------------------------------------
+
+
+def test_step_runs_end_to_end(tmp_path):
+    from benchmarks.step.__main__ import main
+    paths = "plain,opo_fused_linear,liger_fused_linear"
+    rc = main(["--tiny", "--out", str(tmp_path), "--paths", paths, "--steps", "2",
+               "--readme", str(tmp_path / "README.md")])
+    assert rc == 0
+    out = tmp_path / "cpu-tiny.step.json"
+    data = report.load(out)  # validates the schema
+    assert data["device"] == "cpu-tiny" and data["tiny"] is True
+    assert [r["path"] for r in data["rows"]] == paths.split(",")
+    for r in data["rows"]:
+        assert (r["model"], r["tokens"], r["B"], r["L"]) == ("tiny", 128, 8, 16)
+        assert r["steps"] == 2 and r["step_ms"] > 0 and r["peak_mem_bytes"] == -1  # no CUDA
+        assert 0 < r["loss_ms"] < r["step_ms"] * 1.01  # the head + loss part of the step
+        assert r["tokens_per_s"] == pytest.approx(128 / (r["step_ms"] * 1e-3))
+    assert data["models"]["tiny"]["params"] > 0 and not data["errors"]
+    md = (tmp_path / "cpu-tiny.step.md").read_text()
+    assert "NOT GPU measurements" in md and "| tiny | 128 | plain |" in md
+    assert (tmp_path / "cpu-tiny.step.png").read_bytes()[:4] == b"\x89PNG"
+    assert not (tmp_path / "README.md").exists()  # no README there: nothing written
+
+
+def test_cli_refuses_tiny_results_in_the_results_folder():
+    from benchmarks.step.__main__ import main
+    with pytest.raises(SystemExit):
+        main(["--tiny", "--out", str(RESULTS_DIR)])
+    with pytest.raises(SystemExit):
+        main(["--tiny", "--readme", str(ROOT / "README.md")])
+
+
+def _row(path, ms, peak, model="qwen2.5-0.5b", tokens=8192):
+    return {"model": model, "tokens": tokens, "path": path, "step_ms": ms,
+            "peak_mem_bytes": peak, "loss_ms": ms / 4, "loss_share": 0.25,
+            "tokens_per_s": tokens / (ms * 1e-3), "B": 16, "L": 512, "counted": 5734}
+
+
+def _data(rows):
+    return {"device": "Test GPU", "torch": "2.x", "triton": "3.x", "transformers": "5.x",
+            "commit": "abc", "timer": "cuda-events", "peers": {"trl": "1.16.0"},
+            "settings": {"seq_len": 512, "group_size": 8, "counted_fraction": 0.7,
+                         "steps": 10, "warmup": 3, "grad_ckpt": True},
+            "models": {"qwen2.5-0.5b": {"params": 1}}, "rows": rows,
+            "skipped": [{"model": "qwen2.5-0.5b", "tokens": 8192, "path": "cce",
+                         "reason": "cut-cross-entropy not importable"}], "errors": []}
+
+
+def test_headline_table_and_targets(tmp_path):
+    gib = 2**30
+    rows = [_row("plain", 100.0, 20 * gib), _row("trl_head", 90.0, 6 * gib),
+            _row("liger_fused_linear", 95.0, 5 * gib), _row("opo_logits", 85.0, 12 * gib),
+            _row("opo_fused_linear", 78.0, 4 * gib)]
+    data = _data(rows)
+    report.validate(data)
+    t = report.targets(data)
+    assert t["best"] == "opo_fused_linear" and t["best_vs_plain"] == pytest.approx(0.78)
+    assert t["best_peer"] == "trl_head" and t["best_vs_best_peer"] == pytest.approx(78 / 90)
+    assert t["leanest_peer"] == "liger_fused_linear"
+    assert t["fused_peak_vs_leanest_peer"] == pytest.approx(0.8)
+    table = report.render_table(data)
+    assert "| qwen2.5-0.5b | 8192 | opo_fused_linear | 78.0 | 0.78× | 19.5 | 25% | 4,096 |" in table
+    assert "(≤ 0.8: met)" in table and "(trl_head; < 1: met)" in table
+    assert "(liger_fused_linear; ≤ 1: met)" in table
+    assert "cut-cross-entropy not importable" in table
+    # a slower ours: the verdict says so
+    rows[-1]["step_ms"] = 99.0
+    rows[-2]["step_ms"] = 99.0
+    assert "(≤ 0.8: NOT met)" in report.render_table(_data(rows))
+
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n{report.START}\nold\n{report.END}\ntail\n")
+    assert report.update_readme(readme, table)
+    assert "old" not in readme.read_text() and "opo_fused_linear" in readme.read_text()
+    readme.write_text("no markers\n")
+    assert not report.update_readme(readme, table) and readme.read_text() == "no markers\n"
+    assert report.plot(data, tmp_path / "f.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("breakage", ["no_rows_key", "bad_path", "bad_type", "unknown_model"])
+def test_schema_rejects(breakage):
+    data = _data([_row("plain", 100.0, 1)])
+    if breakage == "no_rows_key":
+        del data["rows"]
+    elif breakage == "bad_path":
+        data["rows"][0]["path"] = "other"
+    elif breakage == "bad_type":
+        data["rows"][0]["step_ms"] = "100"
+    else:
+        data["rows"][0]["model"] = "gpt-5"
+    with pytest.raises(ValueError, match="step results"):
+        report.validate(data)
+    json.dumps(data)  # the file is plain JSON
+
+
+def test_peer_versions_are_recorded():
+    v = peers.versions()
+    assert v["trl"] and v["transformers"]
