@@ -12,6 +12,9 @@
   autograd through ``opo_kernels.reference``. verl 0.9.1 has no ``dp_actor.DataParallelPPOActor``
   any more (the engine workers replaced it) and no CPU platform, so that script registers a
   minimal one with verl's ``set_platform``; nothing of verl's training code is replaced.
+
+More than one data-parallel rank (the trainers' partition, the update at two ranks):
+test_verl_dp.py.
 """
 
 from __future__ import annotations
@@ -317,7 +320,7 @@ def test_readme_config_builds_the_actor_config_verl_uses():
     with initialize_config_dir(config_dir=config_dir, version_base=None):
         cfg = compose(config_name="ppo_trainer", overrides=overrides)
     assert cfg.actor_rollout_ref.rollout.n == 6
-    assert cfg.trainer.balance_batch is False and cfg.algorithm.use_kl_in_reward is False
+    assert cfg.algorithm.use_kl_in_reward is False
     # verl needs it when use_dynamic_bsz=false (it computes old_log_prob in micro-batches)
     assert cfg.actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu == 12
     actor = omega_conf_to_dataclass(cfg.actor_rollout_ref.actor)
@@ -325,7 +328,8 @@ def test_readme_config_builds_the_actor_config_verl_uses():
     assert actor.policy_loss.loss_mode == "opo_kernels"
     options = dict(actor.policy_loss.opo)
     assert (options["alpha"], options["mu"], options["adaptive_tau"]) == (0.6, 1.0, True)
-    ov._check_actor_config(actor, actor.loss_agg_mode)  # no refusal
+    ov.check_actor_config(actor, actor.loss_agg_mode)  # no refusal, in the workers ...
+    ov.check_actor_config(cfg.actor_rollout_ref.actor, actor.loss_agg_mode)  # ... or the trainer
     assert actor.rollout_n == 6 and actor.ppo_micro_batch_size_per_gpu % 6 == 0
 
 

@@ -1,6 +1,8 @@
 """One real verl actor update on CPU, checked against opo_kernels.reference (run by
 tests/test_verl_integration.py in its own process: `python verl_engine_step.py WORKDIR OUT.json`,
-with MASTER_ADDR/MASTER_PORT/RANK/WORLD_SIZE set for a 1-process gloo group).
+with MASTER_ADDR/MASTER_PORT/RANK/WORLD_SIZE set for a 1-process gloo group). Its pieces (the
+CPU platform, the actor, the rollout, the reference) also serve verl_dp_step.py, the same update
+at two data-parallel ranks.
 
 The update is verl 0.9.1's own: ``TrainingWorker.train_mini_batch`` (what
 ``ActorRolloutRefWorker.update_actor`` runs for the trainer) -> FSDP2 engine ``train_batch`` ->
@@ -125,9 +127,20 @@ LR = 1000.0      # SGD: the step is -LR * gradient; a large LR keeps fp32 roundi
                  # parameter difference ~1e-7 of the gradient
 
 
-def build_actor(model_dir: str):
+def save_model(model_dir: str):
+    """A tiny random Qwen2 (fp32), the same for every caller (seeded)."""
+    torch.manual_seed(0)
+    transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        pad_token_id=0, eos_token_id=1, bos_token_id=1, tie_word_embeddings=False,
+    )).save_pretrained(model_dir)
+
+
+def build_actor(model_dir: str, micro: int = MICRO, mini_prompts: int = PROMPTS):
     """The actor as ActorRolloutRefWorker.init_model builds it: fp32 end to end, SGD (so the step
-    is -lr * gradient), no gradient clipping."""
+    is -lr * gradient), no gradient clipping; micro: rows per micro-batch on one rank;
+    mini_prompts: actor.ppo_mini_batch_size (prompts per optimizer step, all ranks)."""
     model_config = HFModelConfig(path=model_dir, load_tokenizer=False,
                                  override_config={"attn_implementation": "eager"},
                                  enable_gradient_checkpointing=False)
@@ -135,7 +148,7 @@ def build_actor(model_dir: str):
                                      mixed_precision={"param_dtype": "fp32",
                                                       "reduce_dtype": "fp32",
                                                       "buffer_dtype": "fp32"})
-    engine_config.micro_batch_size_per_gpu = MICRO
+    engine_config.micro_batch_size_per_gpu = micro
     engine_config.use_dynamic_bsz = False
     actor = TrainingWorker(config=TrainingWorkerConfig(
         model_type="language_model", model_config=model_config, engine_config=engine_config,
@@ -143,20 +156,21 @@ def build_actor(model_dir: str):
                                              weight_decay=0.0),
         checkpoint_config=CheckpointConfig()))
     actor.reset()
-    actor_config = FSDPActorConfig(strategy="fsdp2", rollout_n=K, ppo_mini_batch_size=PROMPTS,
-                                   ppo_micro_batch_size_per_gpu=MICRO,
+    actor_config = FSDPActorConfig(strategy="fsdp2", rollout_n=K, ppo_mini_batch_size=mini_prompts,
+                                   ppo_micro_batch_size_per_gpu=micro,
                                    policy_loss=ov.OPOPolicyLossConfig())
     actor_config.model_config = model_config  # the adaptive tau's V comes from hf_config
     actor.set_loss_fn(partial(ppo_loss, config=actor_config))
     return actor
 
 
-def make_rollout(seed: int = 1):
-    """A rollout batch as the trainer holds it: left-padded prompts, right-padded responses,
-    outcome rewards on the last token, old log-probs from some earlier policy."""
-    num = PROMPTS * K
+def make_rollout_data(seed: int = 1, prompts: int = PROMPTS) -> DataProto:
+    """A rollout batch as the trainer holds it before its advantages: left-padded prompts,
+    right-padded responses, prompt groups of K adjacent rows, outcome rewards on the last token,
+    old log-probs from some earlier policy."""
+    num = prompts * K
     g = torch.Generator().manual_seed(seed)
-    plen = torch.randint(1, PROMPT_LEN + 1, (PROMPTS,), generator=g).repeat_interleave(K)
+    plen = torch.randint(1, PROMPT_LEN + 1, (prompts,), generator=g).repeat_interleave(K)
     rlen = torch.randint(1, RESP_LEN + 1, (num,), generator=g)
     prompt_ids = torch.zeros(num, PROMPT_LEN, dtype=torch.long)
     responses = torch.zeros(num, RESP_LEN, dtype=torch.long)
@@ -171,22 +185,41 @@ def make_rollout(seed: int = 1):
     old = (-2 * torch.rand(num, RESP_LEN, generator=g)) * response_mask
     token_rewards = torch.zeros(num, RESP_LEN)
     token_rewards[torch.arange(num), rlen - 1] = torch.rand(num, generator=g)
-    data = DataProto.from_dict(
+    return DataProto.from_dict(
         tensors={"input_ids": torch.cat([prompt_ids, responses], 1), "attention_mask": attention,
                  "position_ids": (attention.cumsum(1) - 1).clamp(min=0), "prompts": prompt_ids,
                  "responses": responses, "response_mask": response_mask, "old_log_probs": old,
                  "token_level_rewards": token_rewards},
-        non_tensors={"uid": np.repeat([f"p{i}" for i in range(PROMPTS)], K).astype(object)})
-    return compute_advantage(data, adv_estimator=ov.ESTIMATOR), plen, rlen
+        non_tensors={"uid": np.repeat([f"p{i}" for i in range(prompts)], K).astype(object)})
 
 
-def reference_loss(model_dir: str, data: DataProto, plen, rlen):
+def run_update(actor, data: DataProto, global_rows: int):
+    """The legacy trainer's _update_actor on this rank's rows: to no-padding form, the update's
+    metadata (one mini-batch of global_rows responses over all ranks), train_mini_batch."""
+    batch = left_right_2_no_padding(data.to_tensordict())
+    tu.assign_non_tensor(batch, calculate_entropy=False, global_batch_size=global_rows,
+                         mini_batch_size=global_rows, epochs=1, seed=42,
+                         dataloader_kwargs={"shuffle": False}, compute_loss=True,
+                         temperature=1.0)
+    return actor.train_mini_batch(batch)["metrics"]
+
+
+def full_params(actor):
+    """Every parameter, whole (an all-gather of the FSDP shards: every rank must call it)."""
+    return {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
+            for n, p in actor.engine.module.named_parameters()}
+
+
+def reference_loss(model_dir: str, data: DataProto, micro_batches):
     """Σ_mb rows/global_batch_size · OPO(mb) by autograd through opo_kernels.reference, on a
-    plain HF forward of each sequence alone (no padding, no packing)."""
+    plain HF forward of each sequence alone (no padding, no packing); micro_batches: the row
+    indices of each micro-batch (over all ranks), groups by uid."""
     model = transformers.Qwen2ForCausalLM.from_pretrained(model_dir, attn_implementation="eager",
                                                           dtype=torch.float32)
     b = data.batch
     num = b["input_ids"].shape[0]
+    plen = b["attention_mask"][:, :PROMPT_LEN].sum(1)
+    rlen = b["attention_mask"][:, PROMPT_LEN:].sum(1)
     logits = torch.zeros(num, RESP_LEN, VOCAB)
     for i in range(num):
         keep = b["attention_mask"][i].bool()
@@ -195,50 +228,44 @@ def reference_loss(model_dir: str, data: DataProto, plen, rlen):
         p, r = int(plen[i]), int(rlen[i])
         logits[i, :r] = seq_logits[p - 1:p + r - 1]  # logits that predict response tokens
     rewards = b["token_level_rewards"].sum(-1)
+    uid = list(data.non_tensor_batch["uid"])
+    group_of = {u: g for g, u in enumerate(sorted(set(uid)))}
     loss = 0.0
-    for start in range(0, num, MICRO):
-        rows = slice(start, start + MICRO)
-        loss = loss + (MICRO / num) * reference.opo_loss(
+    for rows in micro_batches:
+        rows = torch.as_tensor(list(rows))
+        group_ids = torch.tensor([group_of[uid[i]] for i in rows.tolist()])
+        loss = loss + (len(rows) / num) * reference.opo_loss(
             logits[rows], b["responses"][rows], b["old_log_probs"][rows], rewards[rows],
-            mask=b["response_mask"][rows].bool(), group_size=K)
+            mask=b["response_mask"][rows].bool(), group_ids=group_ids)
     loss.backward()
     return model, loss
 
 
-def main(workdir: str, out_path: str):
-    torch.distributed.init_process_group("gloo", rank=0, world_size=1)
-    model_dir = os.path.join(workdir, "model")
-    torch.manual_seed(0)
-    transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-        pad_token_id=0, eos_token_id=1, bos_token_id=1, tie_word_embeddings=False,
-    )).save_pretrained(model_dir)
-    actor = build_actor(model_dir)
-    data, plen, rlen = make_rollout()
-
-    # the legacy trainer's _update_actor: to no-padding form, then the update's metadata
-    num = len(data)
-    batch = left_right_2_no_padding(data.to_tensordict())
-    tu.assign_non_tensor(batch, calculate_entropy=False, global_batch_size=num,
-                         mini_batch_size=num, epochs=1, seed=42,
-                         dataloader_kwargs={"shuffle": False}, compute_loss=True,
-                         temperature=1.0)
-
-    def params():
-        return {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
-                for n, p in actor.engine.module.named_parameters()}
-
-    before = params()
-    metrics = actor.train_mini_batch(batch)["metrics"]
-    after = params()
-
-    model, loss = reference_loss(model_dir, data, plen, rlen)
+def step_errors(model, before, after):
+    """Per parameter: max|(θ_before − θ_after)/lr − reference grad| / max|reference grad|."""
     errors = {}
     for name, param in model.named_parameters():
         grad = param.grad if param.grad is not None else torch.zeros_like(param)
         step = (before[name] - after[name]) / LR
         errors[name] = (step - grad).abs().max().item() / max(grad.abs().max().item(), 1e-12)
+    return errors
+
+
+def main(workdir: str, out_path: str):
+    torch.distributed.init_process_group("gloo", rank=0, world_size=1)
+    model_dir = os.path.join(workdir, "model")
+    save_model(model_dir)
+    actor = build_actor(model_dir)
+    data = compute_advantage(make_rollout_data(), adv_estimator=ov.ESTIMATOR)
+
+    num = len(data)
+    before = full_params(actor)
+    metrics = run_update(actor, data, num)
+    after = full_params(actor)
+
+    model, loss = reference_loss(model_dir, data,
+                                 [range(s, s + MICRO) for s in range(0, num, MICRO)])
+    errors = step_errors(model, before, after)
     Path(out_path).write_text(json.dumps({
         "loss_engine": float(sum(metrics["loss"])), "loss_reference": loss.item(),
         "grad_norm": float(metrics["grad_norm"][0]), "errors": errors,
