@@ -98,8 +98,8 @@ def test_fused_linear_on_policy_matches_reference(tmp_path):
     assert sum(g.abs().sum() for g in ref_grads.values()) > 0
 
 
-def _loss_and_grads(trainer, batch, fused: bool):
-    trainer.args.opo_fused_linear = fused
+def _loss_and_grads(trainer, batch, path: str):
+    trainer.opo_loss_path = path
     model = trainer.model
     model.zero_grad(set_to_none=True)
     before = {k: len(v) for k, v in trainer._metrics["train"].items()}
@@ -143,15 +143,18 @@ def test_fused_linear_gradient_equals_logits_path(tmp_path):
     batch = next(b for step, b in trainer.recorded if step == 1)
     assert "old_per_token_logps" in batch  # really off-policy
     model.train()
-    fused_loss, fused_metrics, fused_grads = _loss_and_grads(trainer, batch, fused=True)
-    logits_loss, logits_metrics, logits_grads = _loss_and_grads(trainer, batch, fused=False)
-    assert fused_loss != 0
-    torch.testing.assert_close(fused_loss, logits_loss, rtol=1e-5, atol=1e-7)
-    assert set(fused_metrics) == set(logits_metrics) and "opo/entropy_mean" in fused_metrics
-    for name, value in logits_metrics.items():
-        assert fused_metrics[name] == pytest.approx(value, rel=1e-5, abs=1e-7), name
-    for name, grad in logits_grads.items():
-        torch.testing.assert_close(fused_grads[name], grad, rtol=1e-4, atol=1e-7, msg=name)
+    logits_loss, logits_metrics, logits_grads = _loss_and_grads(trainer, batch, "logits")
+    # TRL's fused head (patched in by GRPOTrainer) + opo_loss_from_logprobs: the same loss
+    for path in ("fused_linear", "trl_fused_head"):
+        loss, metrics, grads = _loss_and_grads(trainer, batch, path)
+        assert loss != 0
+        torch.testing.assert_close(loss, logits_loss, rtol=1e-5, atol=1e-7, msg=path)
+        assert set(metrics) == set(logits_metrics) and "opo/entropy_mean" in metrics, path
+        for name, value in logits_metrics.items():
+            assert metrics[name] == pytest.approx(value, rel=1e-5, abs=1e-7), (path, name)
+        for name, grad in logits_grads.items():
+            torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-7,
+                                       msg=f"{path}: {name}")
     assert logits_grads["lm_head.bias"].abs().sum() > 0
     assert logits_grads["model.embed_tokens.weight"].abs().sum() > 0
 
@@ -224,8 +227,13 @@ def test_fused_linear_refuses_a_head_it_does_not_reproduce(tmp_path):
 @pytest.mark.parametrize("options, match", [
     ({"opo_chunk_size": 0}, "opo_chunk_size must be a positive int"),
     ({"opo_chunk_size": 2.5}, "opo_chunk_size must be a positive int"),
-    ({"opo_chunk_size": 8, "opo_fused_linear": False}, "only applies with opo_fused_linear"),
-], ids=["zero", "float", "without-fused"])
+    ({"opo_chunk_size": 8, "opo_fused_linear": False}, "only applies to the 'fused_linear'"),
+    ({"opo_chunk_size": 8, "opo_fused_linear": None, "opo_loss_path": "trl_fused_head"},
+     "only applies to the 'fused_linear'"),
+    ({"opo_loss_path": "logits"}, "opo_fused_linear=True asks for opo_loss_path='fused_linear'"),
+    ({"opo_fused_linear": None, "opo_loss_path": "hidden"}, "opo_loss_path must be one of"),
+    ({"opo_fused_linear": 1}, "opo_fused_linear must be True, False or None"),
+], ids=["zero", "float", "without-fused", "trl-head", "conflict", "unknown-path", "flag-int"])
 def test_fused_linear_config_refuses(tmp_path, options, match):
     with pytest.raises(ValueError, match=match):
         fused_args(tmp_path, **options)

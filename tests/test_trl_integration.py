@@ -152,18 +152,23 @@ def reference_grads(trainer, tokenizer, capture, loss_options):
     return dict(zip(names, grads)), batches
 
 
-# on_policy: TRL's default schedule, π_ref = detached current policy, defaults of the loss.
+# on_policy: TRL's default schedule, π_ref = detached current policy, defaults of the loss and
+#   of the trainer (opo_loss_path "auto": the fused-linear loss for this model).
 # off_policy: num_iterations=2 reuses each generation for a second optimizer step, so TRL keeps
 #   old_per_token_logps and step 1 has log-ratios ≠ 0; with the other loss options.
-# grpo_advantages: ω = TRL's (group-normalized) advantages, OPO optimization geometry.
+# grpo_advantages: ω = TRL's (group-normalized) advantages, OPO optimization geometry; through
+#   the materialized completion logits (opo_loss).
+# author_verl: the author's recipe, off-policy so that its clamps and Z-loss see log-ratios ≠ 0;
+#   through TRL's fused LM head + opo_loss_from_logprobs.
 CASES = {
     "on_policy": (0, {}, {}),
     "off_policy": (1, {"num_iterations": 2}, {
         "alpha": 0.5, "weights": "escort", "level": "token", "coordinates": "log",
         "entropy_coef": 0.01, "mu": 0.5, "adaptive_tau": False, "tau": 0.8}),
-    "grpo_advantages": (0, {}, {"weights": "grpo_advantages", "level": "sequence"}),
-    # the author's recipe, off-policy so that its clamps and Z-loss see log-ratios ≠ 0
-    "author_verl": (1, {"num_iterations": 2}, {"preset": "author_verl"}),
+    "grpo_advantages": (0, {"opo_loss_path": "logits"},
+                        {"weights": "grpo_advantages", "level": "sequence"}),
+    "author_verl": (1, {"num_iterations": 2, "opo_loss_path": "trl_fused_head"},
+                    {"preset": "author_verl"}),
 }
 
 
@@ -174,6 +179,7 @@ def test_opo_trainer_end_to_end(tmp_path, case):
         tmp_path, check_step, **trl_options,
         **{f"opo_{k}": v for k, v in loss_options.items()},
     )
+    assert trainer.opo_loss_path == trl_options.get("opo_loss_path", "fused_linear")
     # training ran and moved the parameters
     assert trainer.state.global_step == 3
     changed = [not torch.equal(p, q) for p, q in zip(trainer.model.parameters(),

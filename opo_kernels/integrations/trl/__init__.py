@@ -4,12 +4,12 @@ methods, hence the pinned range in setup.py (extra "trl"); tests/test_trl_integr
 with trl 1.16.0 + transformers 5.23.0 and 4.57.6, and trl 1.8.0, 1.0.0, 0.29.1 + transformers
 5.23.0 (CPU only; no GPU run).
 
-What reaches the loss (SPEC "Inputs"), per micro-batch of B completions:
-- logits: the policy's completion logits [B, C, V] (a view of the model output, not a copy),
-  divided by TRL's sampling ``temperature`` inside the loss (as TRL does for its log-probs).
+What reaches the loss (docs/spec.md "Inputs"), per micro-batch of B completions:
+- the policy's completion logits [B, C, V] or what they are computed from (see the loss paths
+  below), at TRL's sampling ``temperature`` (as TRL does for its log-probs).
 - rewards: the RAW rewards Σ_i reward_weights[i]·r_i, captured at generation time (TRL only
   keeps its group-normalized advantages). A completion that every reward function scored None
-  gets an empty mask, so it is excluded from its group (SPEC: n_s = 0).
+  gets an empty mask, so it is excluded from its group (docs/spec.md "Per sequence": n_s = 0).
 - groups: TRL samples ``num_generations`` consecutive completions per prompt. The integration
   packs each group into one row of the generation batch, so TRL's shuffle and its split into
   micro-batches move whole groups: Q, p̃ and τ are always computed over complete groups. This
@@ -24,26 +24,41 @@ Each micro-batch is one ``opo_loss`` call (its own τ), divided by the gradient-
 steps, like TRL's "grpo" loss. Metrics are logged as ``opo/<name>`` (mean over processes;
 ``opo/omega_max`` is the max).
 
-``opo_fused_linear=True``: the loss is ``fused_linear_opo_loss`` on the final hidden states
-and the LM head's weight (and bias), so the [B, C, V] completion logits are never materialized
-(at most ``opo_chunk_size`` × V logits at a time; None = that function's default). The model
-runs with ``logits_to_keep=1`` (its own head sees one position) and ``output_hidden_states``
-(only the last one where transformers can select it); ``hidden_states[-1]`` is the normed
-output that feeds ``lm_head`` in transformers' causal LMs, and it is sliced at the positions
-that predict the completion exactly as the logits are in the default path. The head is
-``get_output_embeddings()`` of the unwrapped model (DDP, accelerate) and is computed in the
-dtype the model's own head uses: the autocast dtype under mixed precision, else the weight's
-(TRL's cast_lm_head_to_fp32 included). Rewards, groups, π_ref, mask, temperature, accumulation
-scaling and the MoE aux loss are those of the default path. Refused, since the fused loss
-computes exactly ``hidden @ weight.T + bias`` and nothing else: a model whose forward takes no
-``logits_to_keep``; a head that is not a plain ``torch.nn.Linear`` (a LoRA adapter on lm_head,
-a quantized head, a patched forward other than cast_lm_head_to_fp32's); a config that
-transforms the logits after the head (``final_logit_softcapping``; ``logit_scale``,
-``output_multiplier``, ``lm_head_multiplier``, ``logits_scaling`` other than 1); FSDP and
-DeepSpeed ZeRO-3 (sharded head weight). The first loss call also checks that the head applied
-to ``hidden_states[-1]`` reproduces the model's own logits at the last position, and raises
-otherwise. ``opo/entropy_mean`` comes from the loss kernels in both paths (same pass over the
-logits, ``compute_entropy``).
+Loss paths (``opo_loss_path``; ``paths.py`` counts what each holds and computes). All give the
+same loss, metrics and gradients up to rounding (tested against each other and the reference):
+
+- "fused_linear": ``fused_linear_opo_loss`` on the final hidden states and the LM head's weight
+  (and bias), so the [B, C, V] completion logits are never materialized (at most
+  ``opo_chunk_size`` × V logits at a time; None = that function's default). The model runs
+  with ``logits_to_keep=1`` (its own head sees one position) and ``output_hidden_states``
+  (only the last one where transformers can select it); ``hidden_states[-1]`` is the normed
+  output that feeds ``lm_head`` in transformers' causal LMs, sliced at the positions that
+  predict the completion. The head is ``get_output_embeddings()`` of the unwrapped model
+  (DDP, accelerate, FSDP2) and is computed in the dtype the model's own head uses: the
+  autocast dtype under mixed precision, else the weight's (TRL's cast_lm_head_to_fp32
+  included). Under FSDP2 the head's unit is unsharded for the loss (an all-gather of the
+  weight when it was resharded after the forward) and FSDP reduce-scatters its gradient.
+  Not available, since the fused loss computes exactly ``hidden @ weight.T + bias`` and
+  nothing else: a model whose forward takes no ``logits_to_keep``; a head that is not a plain
+  ``torch.nn.Linear`` (a LoRA adapter on lm_head, a quantized head, a patched forward other
+  than cast_lm_head_to_fp32's); a config that transforms the logits after the head
+  (``final_logit_softcapping``; ``logit_scale``, ``output_multiplier``,
+  ``lm_head_multiplier``, ``logits_scaling`` other than 1); FSDP version 1 and DeepSpeed
+  ZeRO-3. The first loss call also checks (agreed over ranks) that the head applied to
+  ``hidden_states[-1]`` reproduces the model's own logits at the last position, and raises
+  otherwise.
+- "trl_fused_head": the fused LM head GRPOTrainer patches into the model (TRL >= 1.16,
+  ``model(..., labels=..., fused_lm_head=True)``) computes the log-probs and entropy of the
+  counted completion tokens only, at TRL's temperature, with the logit transforms it knows;
+  then ``opo_loss_from_logprobs``. Needs a plain ``torch.nn.Linear`` head (TRL's head reads
+  its weight directly). Under DeepSpeed ZeRO-3 TRL gathers the head itself.
+- "logits": the completion logits [B, C, V] (a view of the model output), divided by the
+  temperature inside ``opo_loss``. Any head, any transform; under accelerate's mixed
+  precision the logits are fp32.
+- "auto" (default): the first of these three that is available for the model and setup; a
+  fall-back to "logits" warns.
+
+``opo/entropy_mean`` comes from the loss kernels (or TRL's head) in every path.
 
 GRPO options that do not apply: loss_type, epsilon, epsilon_high, delta,
 importance_sampling_level, the SAPO/VESPO options, and scale_rewards /

@@ -10,8 +10,9 @@ from typing import List, Optional
 from trl import GRPOConfig
 
 from ...config import PRESET_OPTIONS, OPOLossConfig
+from .paths import LOSS_PATHS
 
-# "grpo_advantages": ω_s = TRL's advantage of the completion (SPEC "weights = a tensor [B]").
+# "grpo_advantages": ω_s = TRL's advantage of the completion (docs/spec.md "Weights").
 OPO_WEIGHTS = ("seed", "escort", "grpo_advantages")
 
 
@@ -21,26 +22,30 @@ def _option(default, help_text: str):
 
 @dataclass
 class OPOConfig(GRPOConfig):
-    """``trl.GRPOConfig`` plus the OPO loss options (SPEC "Public API"), all prefixed ``opo_``:
-    GRPOConfig already owns ``temperature``, ``beta``, ``epsilon``, ``delta`` and
+    """``trl.GRPOConfig`` plus the OPO loss options (docs/spec.md "Options"), all prefixed
+    ``opo_``: GRPOConfig already owns ``temperature``, ``beta``, ``epsilon``, ``delta`` and
     ``entropy_coef``, and the prefix keeps future TRL fields from clashing.
 
     TRL's ``temperature`` (sampling) is the loss's temperature. ``opo_weights``: "seed"
     (default), "escort", or "grpo_advantages" (ω = TRL's advantages, shaped by scale_rewards).
     The options of ``opo_preset`` default to None: the preset's value ("paper" = eq. 6 = the
     values in the help texts; "author_verl" = the author's verl code).
+
+    ``opo_loss_path`` chooses how the loss meets the model (``paths.py``): "auto" (default),
+    "fused_linear", "trl_fused_head" or "logits"; ``opo_fused_linear`` is a shorthand for the
+    first two explicit ones (True: "fused_linear", False: "logits").
     """
 
     opo_preset: str = _option(
         "paper", "Defaults of the opo_* options below left at None: 'paper' (eq. 6) or "
-                 "'author_verl' (the author's verl code); SPEC 'The author's recipe'.")
+                 "'author_verl' (the author's verl code); docs/spec.md 'Presets'.")
     opo_alpha: Optional[float] = _option(None, "OPO α in [0, 1]: the sampling geometry "
                                                "(None: the preset's, 0.6).")
     opo_mu: Optional[float] = _option(None, "OPO μ >= 0: weight of the χ² term μ/2·E[v²] "
                                             "(None: the preset's, 1.0).")
     opo_tau: Optional[float] = _option(None, "Base temperature τ (> 0) of p̃ (preset: 0.5).")
-    opo_adaptive_tau: Optional[bool] = _option(None, "Adapt τ per loss call (SPEC 'τ'; "
-                                                     "preset: True).")
+    opo_adaptive_tau: Optional[bool] = _option(
+        None, "Adapt τ per loss call (docs/spec.md 'Options'; preset: True).")
     opo_tau_range: Optional[List[float]] = _option(
         None, "(τ_min, τ_max) that clamp the adaptive τ (preset: [0.2, 1.5]).")
     opo_reward_temperature: Optional[float] = _option(
@@ -71,13 +76,21 @@ class OPOConfig(GRPOConfig):
         True, "Log opo/entropy_mean also when opo_entropy_coef = 0 (the loss kernels compute "
               "it in their pass over the logits: no extra pass)."
     )
-    opo_fused_linear: bool = _option(
-        False, "Compute the loss from the final hidden states and the LM head with "
-               "fused_linear_opo_loss: the completion logits are never materialized."
+    opo_loss_path: str = _option(
+        "auto", "How the loss meets the model: 'fused_linear' (fused_linear_opo_loss on the "
+                "final hidden states and the LM head: no completion logits), 'trl_fused_head' "
+                "(TRL's fused LM head gives the log-probs, then opo_loss_from_logprobs), "
+                "'logits' (the model's completion logits, then opo_loss), or 'auto': the first "
+                "of these that applies to the model and the parallelism setup."
+    )
+    opo_fused_linear: Optional[bool] = _option(
+        None, "Shorthand for opo_loss_path: True = 'fused_linear', False = 'logits' (None: "
+              "opo_loss_path decides)."
     )
     opo_chunk_size: Optional[int] = _option(
         None, "Token rows per chunk of the fused-linear loss (None: its default, the largest "
-              "power of two of rows whose logits take <= 256 MiB). Needs opo_fused_linear."
+              "power of two of rows whose logits take <= 256 MiB). Applies to the "
+              "'fused_linear' loss path."
     )
 
     def __post_init__(self):
@@ -89,29 +102,57 @@ class OPOConfig(GRPOConfig):
         except (TypeError, ValueError) as err:
             raise type(err)(f"OPOConfig: {err} (set it through the field opo_<name>)") from None
         self._check_supported()
+        self._check_loss_path()
+
+    @property
+    def opo_requested_path(self) -> str:
+        """The loss path asked for: opo_fused_linear's when set, else opo_loss_path."""
+        if self.opo_fused_linear is None:
+            return self.opo_loss_path
+        return "fused_linear" if self.opo_fused_linear else "logits"
+
+    def _check_loss_path(self) -> None:
+        if self.opo_loss_path not in LOSS_PATHS:
+            raise ValueError(f"OPOConfig: opo_loss_path must be one of {LOSS_PATHS}, got "
+                             f"{self.opo_loss_path!r}")
+        flag = self.opo_fused_linear
+        if flag is not None:
+            if not isinstance(flag, bool):
+                raise ValueError(f"OPOConfig: opo_fused_linear must be True, False or None, "
+                                 f"got {flag!r}")
+            if self.opo_loss_path not in ("auto", self.opo_requested_path):
+                raise ValueError(
+                    f"OPOConfig: opo_fused_linear={flag} asks for opo_loss_path="
+                    f"'{self.opo_requested_path}' but opo_loss_path={self.opo_loss_path!r}; "
+                    "set only one of them")
         chunk = self.opo_chunk_size
         if chunk is not None:
             if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
                 raise ValueError(f"OPOConfig: opo_chunk_size must be a positive int or None, "
                                  f"got {chunk!r}")
-            if not self.opo_fused_linear:
-                raise ValueError("OPOConfig: opo_chunk_size only applies with "
-                                 "opo_fused_linear=True")
+            if self.opo_requested_path not in ("auto", "fused_linear"):
+                raise ValueError(
+                    "OPOConfig: opo_chunk_size only applies to the 'fused_linear' loss path, "
+                    f"not to {self.opo_requested_path!r}")
 
-    def opo_loss_config(self) -> OPOLossConfig:
-        """The validated loss options (weights "grpo_advantages" is given per call); options
-        left at None take the preset's value."""
+    def opo_loss_options(self) -> dict:
+        """The loss options as keyword arguments of ``opo_loss`` and its siblings: the opo_*
+        fields that are set, the preset, TRL's temperature, metrics on. weights
+        "grpo_advantages" becomes the placeholder "seed": the advantages tensor comes per
+        call."""
         options = {name: getattr(self, f"opo_{name}") for name in PRESET_OPTIONS
                    if getattr(self, f"opo_{name}") is not None}
         if options.get("weights") == "grpo_advantages":
-            options["weights"] = "seed"  # placeholder: the advantages tensor comes per call
+            options["weights"] = "seed"
         if "tau_range" in options:
             options["tau_range"] = tuple(options["tau_range"])
-        return OPOLossConfig(
-            preset=self.opo_preset, temperature=self.temperature,
-            entropy_coef=self.opo_entropy_coef, backend=self.opo_backend, return_metrics=True,
-            compute_entropy=self.opo_log_entropy, **options,
-        )
+        return dict(options, preset=self.opo_preset, temperature=self.temperature,
+                    entropy_coef=self.opo_entropy_coef, backend=self.opo_backend,
+                    return_metrics=True, compute_entropy=self.opo_log_entropy)
+
+    def opo_loss_config(self) -> OPOLossConfig:
+        """The validated loss options (``opo_loss_options``) as one config."""
+        return OPOLossConfig(**self.opo_loss_options())
 
     def _check_supported(self) -> None:
         k = self.num_generations

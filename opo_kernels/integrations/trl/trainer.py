@@ -1,15 +1,20 @@
-"""``OPOTrainer``: TRL's GRPOTrainer whose loss is ``opo_loss`` (or, with
-``opo_fused_linear=True``, ``fused_linear_opo_loss``); the package docstring says what reaches
-the loss and which GRPO options apply."""
+"""``OPOTrainer``: TRL's GRPOTrainer whose loss is OPO, through one of three loss paths
+(``paths.py``): ``fused_linear_opo_loss`` on the final hidden states and the LM head (the
+default where the model allows it), TRL's fused LM head + ``opo_loss_from_logprobs``, or the
+completion logits + ``opo_loss``. The package docstring says what reaches the loss and which
+GRPO options apply."""
 
 from __future__ import annotations
 
 import textwrap
+import warnings
 from typing import Dict
 
 import torch
+from transformers.utils import logging
 from trl import GRPOTrainer
 
+from ...from_logprobs import opo_loss_from_logprobs
 from ...fused_linear_opo import fused_linear_opo_loss_with_config
 from ...fused_opo import opo_loss_with_config
 from .batches import check_whole_groups, completion_positions, pack_groups, unpack_groups
@@ -20,9 +25,13 @@ from .lm_head import (
     casts_head_to_fp32,
     check_logit_transforms,
     find_lm_head,
+    unshard_head,
     verify_head,
     zero3_enabled,
 )
+from .paths import choose_path, problem_of, trl_fused_head_available
+
+logger = logging.get_logger(__name__)
 
 # Keys TRL adds for vision-language models; their per-image layouts are not supported here.
 _MULTIMODAL_KEYS = ("pixel_values", "image_grid_thw", "num_images", "pixel_attention_mask",
@@ -35,6 +44,7 @@ class OPOTrainer(GRPOTrainer):
 
     Overrides: ``_calculate_rewards`` (keeps the raw rewards), ``_generate_and_score_completions``
     (adds them and packs groups, see the module docstring) and ``_compute_loss`` (the loss).
+    ``opo_loss_path`` (the path this trainer runs) is decided at construction.
     """
 
     _tag_names = ["trl", "opo"]
@@ -62,12 +72,13 @@ class OPOTrainer(GRPOTrainer):
                 f"{type(args).__name__}"
             )
         self._opo_config = args.opo_loss_config()
+        # the TRL fused head applies the temperature itself: the log-probs are taken as given
+        self._opo_logprob_options = dict(args.opo_loss_options(), temperature=1.0)
         self._opo_rewards_per_func = None
         super().__init__(model, reward_funcs, args, *more, **kwargs)
         self._opo_logits_to_keep = accepts_logits_to_keep(self.model)
         self._opo_head_verified = False
-        if args.opo_fused_linear:
-            self._check_fused_linear()
+        self.opo_loss_path = self._choose_loss_path()
 
     # ---- generation time: raw rewards and whole groups --------------------------------------
 
@@ -130,12 +141,21 @@ class OPOTrainer(GRPOTrainer):
         data = (completion_ids, batch.get("old_per_token_logps"), batch["opo_rewards"])
         layout = {"mask": mask, "group_size": group_size}
 
-        if self.args.opo_fused_linear:
+        if self.opo_loss_path == "fused_linear":
             hidden, weight, bias, outputs = self._opo_completion_hidden(
                 model, input_ids, attention_mask, completion_ids.size(1))
             loss, metrics = fused_linear_opo_loss_with_config(
                 hidden, weight, *data, cfg, bias=bias, chunk_size=self.args.opo_chunk_size,
                 **layout)
+        elif self.opo_loss_path == "trl_fused_head":
+            logprobs, entropy, vocab_size, outputs = self._opo_completion_logprobs(
+                model, input_ids, attention_mask, completion_ids, mask)
+            options = self._opo_logprob_options
+            if self.args.opo_weights == "grpo_advantages":
+                options = dict(options, weights=batch["advantages"].float())
+            loss, metrics = opo_loss_from_logprobs(
+                logprobs, *data[1:], entropy=entropy, vocab_size=vocab_size, **layout,
+                **options)
         else:
             logits, outputs = self._opo_completion_logits(model, input_ids, attention_mask,
                                                           completion_ids.size(1))
@@ -174,15 +194,19 @@ class OPOTrainer(GRPOTrainer):
     def _opo_completion_hidden(self, model, input_ids, attention_mask, num_completion: int):
         """(hidden [B, C, H], weight [V, H], bias [V] or None, model outputs) such that
         ``hidden @ weight.T + bias`` are the logits that predict the completion tokens, in the
-        dtype the model's own head computes them in. The model's head runs on one position."""
-        head = find_lm_head(self.accelerator.unwrap_model(model), casts_head_to_fp32(self.args))
+        dtype the model's own head computes them in. The model's head runs on one position.
+        Under FSDP2 the head's unit is unsharded first (``unshard_head``): the weight is whole
+        and its gradient goes back through FSDP's reduce-scatter."""
+        unwrapped = self.accelerator.unwrap_model(model)
+        head = find_lm_head(unwrapped, casts_head_to_fp32(self.args))
         outputs = self._opo_forward(model, input_ids, attention_mask,
                                     output_hidden_states=LAST_HIDDEN_STATE, logits_to_keep=1)
         if not outputs.hidden_states or outputs.hidden_states[-1] is None:
             raise RuntimeError(
-                "OPOTrainer: opo_fused_linear=True needs the final hidden states, but "
-                f"{type(self.accelerator.unwrap_model(model)).__name__} returned none for "
-                "output_hidden_states; set opo_fused_linear=False")
+                "OPOTrainer: opo_loss_path='fused_linear' needs the final hidden states, but "
+                f"{type(unwrapped).__name__} returned none for output_hidden_states; set "
+                "opo_loss_path='logits'")
+        unshard_head(unwrapped, head)
         final = outputs.hidden_states[-1]  # [B, P + C, H], after the final norm
         dtype = self._opo_head_dtype(head.weight)
         weight, bias = head.weight.to(dtype), None if head.bias is None else head.bias.to(dtype)
@@ -191,6 +215,36 @@ class OPOTrainer(GRPOTrainer):
             self._opo_head_verified = True
         hidden = completion_positions(final, num_completion).to(dtype)
         return hidden, weight, bias, outputs
+
+    def _opo_completion_logprobs(self, model, input_ids, attention_mask, completion_ids,
+                                 mask):
+        """(log-probs [B, C], entropy [B, C] or None, V, model outputs) of the completion tokens
+        from TRL's fused LM head (which GRPOTrainer patched into the model): it projects and
+        scores only the positions whose label is set, here the counted ones (``mask``); the
+        others come back as 0 and the loss does not read them. The entropy is passed with its
+        gradient only when the bonus needs it (opo_entropy_coef > 0), else detached, for the
+        metric (opo_log_entropy)."""
+        labels = torch.full_like(input_ids, -100)
+        labels[:, -completion_ids.size(1):] = completion_ids.masked_fill(~mask, -100)
+        outputs = self._opo_forward(model, input_ids, attention_mask, labels=labels,
+                                    fused_lm_head=True)
+        if getattr(outputs, "log_probs", None) is None:
+            raise RuntimeError(
+                "OPOTrainer: opo_loss_path='trl_fused_head': the model returned no log_probs "
+                "with fused_lm_head=True (TRL's fused LM head is not patched into it); set "
+                "opo_loss_path='logits'")
+        num_completion = completion_ids.size(1)
+        logprobs = outputs.log_probs[:, -num_completion:]
+        entropy = getattr(outputs, "entropy", None)
+        if entropy is not None and self._opo_config.with_entropy:
+            entropy = entropy[:, -num_completion:]
+            if self._opo_config.entropy_coef == 0:
+                entropy = entropy.detach()
+        else:
+            entropy = None
+        # V for the adaptive τ rule: the head's width (a DTensor or ZeRO-3 shard keeps it)
+        vocab_size = self.accelerator.unwrap_model(model).get_output_embeddings().out_features
+        return logprobs, entropy, vocab_size, outputs
 
     def _opo_head_dtype(self, weight: torch.Tensor) -> torch.dtype:
         """The dtype of ``lm_head(hidden)`` in the model's forward: the autocast dtype under
@@ -203,22 +257,64 @@ class OPOTrainer(GRPOTrainer):
                 return torch.get_autocast_dtype(device)
         return weight.dtype
 
-    def _check_fused_linear(self) -> None:
-        """Refuses, at construction, what opo_fused_linear=True cannot reproduce exactly."""
-        why = None
-        if self.is_fsdp_enabled:
-            why = "FSDP shards the LM head weight, which the fused loss reads directly"
-        elif self.is_deepspeed_enabled and zero3_enabled():
-            why = "DeepSpeed ZeRO-3 shards the LM head weight, which the fused loss reads directly"
-        elif not self._opo_logits_to_keep:
-            why = (f"{type(self.model).__name__}.forward takes no logits_to_keep, so the model's "
-                   "own head would still compute the logits of every position")
-        if why:
-            raise NotImplementedError(f"OPOTrainer: opo_fused_linear=True is not supported here: "
-                                      f"{why}; set opo_fused_linear=False")
+    # ---- which loss path -----------------------------------------------------------------
+
+    def _choose_loss_path(self) -> str:
+        """The loss path this trainer runs (``paths.choose_path``): the one asked for, refused
+        with its reason when it cannot run here; for "auto" the first that can."""
         unwrapped = self.accelerator.unwrap_model(self.model)
-        find_lm_head(unwrapped, casts_head_to_fp32(self.args))
+        cast = casts_head_to_fp32(self.args)
+        problems = {
+            "fused_linear": problem_of(lambda: self._check_fused_linear(unwrapped, cast)),
+            "trl_fused_head": problem_of(lambda: self._check_trl_fused_head(unwrapped, cast)),
+        }
+        path, passed_over = choose_path(self.args.opo_requested_path, problems)
+        if passed_over:
+            message = (f"OPOTrainer: opo_loss_path='auto' runs {path!r}; passed over: "
+                       + "; ".join(passed_over))
+            if path == "logits":  # the costly path: the user should know
+                warnings.warn(message, stacklevel=3)
+            else:
+                logger.info(message)
+        if self.args.opo_chunk_size is not None and path != "fused_linear":
+            raise ValueError(f"OPOTrainer: opo_chunk_size applies to the 'fused_linear' loss "
+                             f"path, but this trainer runs {path!r}: "
+                             + "; ".join(passed_over))
+        return path
+
+    def _fsdp_version(self) -> int:
+        plugin = getattr(self.accelerator.state, "fsdp_plugin", None)
+        return int(getattr(plugin, "fsdp_version", 1) or 1)
+
+    def _check_fused_linear(self, unwrapped, cast: bool) -> None:
+        """Raises what opo_loss_path='fused_linear' cannot reproduce exactly."""
+        why = None
+        if self.is_fsdp_enabled and self._fsdp_version() != 2:
+            why = ("FSDP version 1 flattens the LM head weight into its own buffers; use "
+                   "FSDP2 (fsdp_version: 2), whose head unit the loss unshards")
+        elif self.is_deepspeed_enabled and zero3_enabled():
+            why = ("DeepSpeed ZeRO-3 gathers the LM head weight only inside the head's own "
+                   "forward; opo_loss_path='trl_fused_head' runs TRL's fused LM head, which "
+                   "gathers it")
+        elif not self._opo_logits_to_keep:
+            why = (f"{type(unwrapped).__name__}.forward takes no logits_to_keep, so the "
+                   "model's own head would still compute the logits of every position")
+        if why:
+            raise NotImplementedError(f"OPOTrainer: opo_loss_path='fused_linear' is not "
+                                      f"supported here: {why}; set opo_loss_path='logits'")
+        find_lm_head(unwrapped, cast)
         check_logit_transforms(unwrapped.config)
+
+    @staticmethod
+    def _check_trl_fused_head(unwrapped, cast: bool) -> None:
+        """Raises what opo_loss_path='trl_fused_head' cannot run: a TRL without the fused LM
+        head, or a head that it would bypass (it reads the head's weight directly)."""
+        if not trl_fused_head_available():
+            raise NotImplementedError(
+                "OPOTrainer: opo_loss_path='trl_fused_head' needs TRL's fused LM head "
+                "(trl.trainer.utils.add_fused_lm_head, TRL >= 1.16); set "
+                "opo_loss_path='logits'")
+        find_lm_head(unwrapped, cast, "trl_fused_head")
 
     def _opo_log_metrics(self, mode: str, metrics: Dict[str, torch.Tensor]) -> None:
         names = list(metrics)

@@ -1,0 +1,121 @@
+"""Which loss path OPOTrainer runs (``opo_loss_path``): "auto" takes the fused-linear loss where
+the model and the parallelism setup allow it, else TRL's fused LM head, else the completion
+logits (with a warning); a path named explicitly that cannot run is refused with its reason.
+
+The parallelism setups (accelerate's FSDP version 1 or 2, DeepSpeed ZeRO-3) need accelerators,
+so they are simulated on a trainer built on CPU by setting the flags the Trainer reads and
+choosing again. What runs on each path is tested in test_trl_integration.py,
+test_trl_fused_linear.py and test_trl_dp.py.
+"""
+
+import warnings
+
+import pytest
+
+pytestmark = pytest.mark.cpu_only  # CPU-side code (conftest.py)
+
+pytest.importorskip("trl")
+pytest.importorskip("datasets")
+pytest.importorskip("tokenizers")
+pytest.importorskip("transformers")
+
+from test_trl_fused_linear import _patched_head, _softcapped, fused_args, make_trainer  # noqa: E402
+from test_trl_integration import make_model, make_tokenizer  # noqa: E402
+
+from opo_kernels.integrations.trl import paths  # noqa: E402
+from opo_kernels.integrations.trl import trainer as trainer_module  # noqa: E402
+
+
+def _trainer(tmp_path, model=None, **options):
+    model = model or make_model(len(make_tokenizer()))
+    return make_trainer(model, fused_args(tmp_path, **{"opo_fused_linear": None, **options}))
+
+
+def _choose_again(trainer, path, monkeypatch, fsdp_version=None, zero3=False,
+                  trl_head=True):
+    """The trainer's choice for ``path`` under a simulated setup."""
+    monkeypatch.setattr(trainer.args, "opo_loss_path", path)
+    monkeypatch.setattr(trainer, "is_fsdp_enabled", fsdp_version is not None)
+    monkeypatch.setattr(trainer, "_fsdp_version", lambda: fsdp_version)
+    monkeypatch.setattr(trainer, "is_deepspeed_enabled", zero3)
+    monkeypatch.setattr(trainer_module, "zero3_enabled", lambda: zero3)
+    monkeypatch.setattr(trainer_module, "trl_fused_head_available", lambda: trl_head)
+    return trainer._choose_loss_path()
+
+
+def test_default_is_fused_linear(tmp_path):
+    assert _trainer(tmp_path).opo_loss_path == "fused_linear"
+
+
+@pytest.mark.parametrize("setup, auto", [
+    ({}, "fused_linear"),
+    ({"fsdp_version": 2}, "fused_linear"),  # the loss unshards the head's FSDP2 unit
+    ({"fsdp_version": 1}, "trl_fused_head"),
+    ({"zero3": True}, "trl_fused_head"),
+    ({"zero3": True, "trl_head": False}, "logits"),
+], ids=["single", "fsdp2", "fsdp1", "zero3", "zero3-old-trl"])
+def test_auto_by_parallelism(tmp_path, monkeypatch, setup, auto):
+    trainer = _trainer(tmp_path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert _choose_again(trainer, "auto", monkeypatch, **setup) == auto
+    # only the costly fallback (the materialized logits) warns
+    assert any("runs 'logits'" in str(w.message) for w in caught) == (auto == "logits")
+
+
+@pytest.mark.parametrize("setup, match", [
+    ({"fsdp_version": 1}, "FSDP version 1 .* use FSDP2"),
+    ({"zero3": True}, "ZeRO-3 .* opo_loss_path='trl_fused_head'"),
+], ids=["fsdp1", "zero3"])
+def test_fused_linear_refused_by_parallelism(tmp_path, monkeypatch, setup, match):
+    trainer = _trainer(tmp_path)
+    with pytest.raises(NotImplementedError, match=match):
+        _choose_again(trainer, "fused_linear", monkeypatch, **setup)
+
+
+def test_trl_head_refused_without_it(tmp_path, monkeypatch):
+    trainer = _trainer(tmp_path)
+    with pytest.raises(NotImplementedError, match="TRL's fused LM head .* TRL >= 1.16"):
+        _choose_again(trainer, "trl_fused_head", monkeypatch, trl_head=False)
+
+
+def test_auto_by_model(tmp_path):
+    """A logit transform TRL's head applies (softcapping): TRL's head. A head no fused path
+    reproduces (a patched forward): the logits, with a warning that says why."""
+    tokenizer = make_tokenizer()
+    assert _trainer(tmp_path, _softcapped(make_model(len(tokenizer)))).opo_loss_path == \
+        "trl_fused_head"
+    with pytest.warns(UserWarning, match="runs 'logits'; passed over: fused_linear: .*patched"):
+        trainer = _trainer(tmp_path, _patched_head(make_model(len(tokenizer))))
+    assert trainer.opo_loss_path == "logits"
+    with pytest.raises(ValueError, match="opo_chunk_size applies to the 'fused_linear' loss "
+                                         "path, but this trainer runs 'logits'"), \
+            pytest.warns(UserWarning, match="runs 'logits'"):
+        _trainer(tmp_path, _patched_head(make_model(len(tokenizer))), opo_chunk_size=8)
+
+
+def test_explicit_paths(tmp_path):
+    """Each path named explicitly runs where it can; opo_fused_linear is its shorthand."""
+    for path in ("fused_linear", "trl_fused_head", "logits"):
+        assert _trainer(tmp_path, opo_loss_path=path).opo_loss_path == path
+    assert _trainer(tmp_path, opo_fused_linear=False).opo_loss_path == "logits"
+    assert _trainer(tmp_path, opo_fused_linear=True).opo_loss_path == "fused_linear"
+    with pytest.raises(ValueError, match="final_logit_softcapping"):  # named, so not replaced
+        _trainer(tmp_path, _softcapped(make_model(len(make_tokenizer()))),
+                 opo_loss_path="fused_linear")
+
+
+def test_choose_path_rules():
+    problem = (ValueError, "no")
+    assert paths.choose_path("auto", {"fused_linear": None}) == ("fused_linear", [])
+    assert paths.choose_path("auto", {"fused_linear": problem, "trl_fused_head": None}) == \
+        ("trl_fused_head", ["fused_linear: no"])
+    assert paths.choose_path("auto", {"fused_linear": problem, "trl_fused_head": problem}) == \
+        ("logits", ["fused_linear: no", "trl_fused_head: no"])
+    long = (ValueError, "OPOTrainer: it cannot; set opo_loss_path='logits'")
+    assert paths.choose_path("auto", {"fused_linear": long, "trl_fused_head": None}) == \
+        ("trl_fused_head", ["fused_linear: it cannot"])
+    with pytest.raises(ValueError, match="^no$"):
+        paths.choose_path("trl_fused_head", {"trl_fused_head": problem})
+    with pytest.raises(ValueError, match="opo_loss_path must be one of"):
+        paths.choose_path("hidden", {})
