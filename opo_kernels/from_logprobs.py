@@ -140,7 +140,7 @@ class LogprobOPOFunction(torch.autograd.Function):
 def opo_loss_from_logprobs(logprobs, ref_logprobs, rewards, *, mask=None, seq_ids=None,
                            group_size=None, group_ids=None, entropy=None, vocab_size=None,
                            **options):
-    """The OPO loss (shared/SPEC.md) from per-token log-probs.
+    """The OPO loss (docs/spec.md) from per-token log-probs.
 
     Padded layout: logprobs / ref_logprobs / mask / entropy [B, T]. Packed layout: logprobs /
     ref_logprobs / seq_ids / entropy [N] (seq_ids −1 = not counted). rewards [B]; exactly one of

@@ -136,6 +136,26 @@ def _same_shape(name: str, t: torch.Tensor, rows, src) -> None:
         raise ValueError(f"{name} has shape {_shape(t)} but {_what(src)} implies {list(rows)}")
 
 
+def _group_size(value) -> int:
+    """group_size as a Python int: an int, a NumPy integer or a 0-dim integer tensor (read once
+    on the host: a CUDA tensor costs a sync, pass an int in a tuned loop). bool is refused."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        n = value
+    elif (isinstance(value, torch.Tensor) and value.dim() == 0
+          and not value.dtype.is_floating_point and not value.dtype.is_complex
+          and value.dtype != torch.bool):
+        n = int(value)
+    elif type(value).__module__ == "numpy" and hasattr(value, "dtype") \
+            and value.dtype.kind in "iu" and getattr(value, "ndim", 0) == 0:
+        n = int(value)
+    else:
+        raise ValueError("group_size must be a positive integer (int, NumPy integer or 0-dim "
+                         f"integer tensor), got {value!r}")
+    if n < 1:
+        raise ValueError(f"group_size must be a positive integer, got {value!r}")
+    return n
+
+
 def _group_buckets(group_ids: torch.Tensor) -> torch.Tensor:
     """Maps arbitrary group ids [B] to bucket indices in [0, B) without a host sync."""
     sorted_ids, order = torch.sort(group_ids, stable=True)
@@ -236,8 +256,7 @@ def _prepare_rows(rows, what, device, cdtype, vocab: int, ref_logprobs, rewards,
     if (group_size is None) == (group_ids is None):
         raise ValueError("pass exactly one of group_size (int) or group_ids ([B] tensor)")
     if group_size is not None:
-        if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
-            raise ValueError(f"group_size must be a positive int, got {group_size!r}")
+        group_size = _group_size(group_size)
         if num_seqs % group_size != 0:
             raise ValueError(f"group_size={group_size} does not divide the number of "
                              f"sequences B={num_seqs}")
@@ -305,7 +324,9 @@ def check_values(batch: Batch, lse: Optional[torch.Tensor], logprobs: torch.Tens
     if not found:
         return
     messages = {
-        "labels": f"counted label(s) outside [0, {vocab}) (the vocabulary size V)",
+        # the same words as the fused path's (epilogue/kernel.py), so that an error reads the
+        # same whichever backend ran
+        "labels": f"counted label(s) outside [0, V) (the vocabulary size V = {vocab})",
         "seq_ids": f"seq_ids value(s) outside [-1, B={batch.num_seqs})",
         "rewards": "non-finite rewards",
         "ref_logprobs": "non-finite ref_logprobs on counted tokens",

@@ -1,4 +1,4 @@
-"""The OPO loss in plain PyTorch: the spec (``shared/SPEC.md``) in code, and the oracle of every
+"""The OPO loss in plain PyTorch: the spec (``docs/spec.md``) in code, and the oracle of every
 test and benchmark. Autograd does its backward.
 
 It is written to be read, not to be fast: it materializes float32 log-softmax over the counted
@@ -15,6 +15,7 @@ Example::
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -123,6 +124,11 @@ def objective(cfg: OPOLossConfig, logprobs: torch.Tensor, ref_logprobs: torch.Te
     logprobs, ref_logprobs, entropy, seq: [n] (seq in [0, B)); rewards, group, weights: [B].
     Returns (loss 0-dim, metrics dict of detached 0-dim tensors).
     """
+    if rewards.shape[0] == 0:
+        # B = 0: one empty sequence stands in. Empty sequences are excluded from everything,
+        # so nothing changes (loss 0, gradient 0), and every reduction below has an operand.
+        rewards, group = rewards.new_zeros(1), group.new_zeros(1)
+        weights = None if weights is None else weights.new_zeros(1)
     num_seqs = rewards.shape[0]
     dtype = logprobs.dtype
     member = torch.nn.functional.one_hot(seq, num_seqs).to(dtype)  # [n, B] token -> sequence
@@ -207,12 +213,22 @@ def _rewards_weights(batch: Batch):
 
 
 def loss_from_batch(batch: Batch, cfg: OPOLossConfig):
-    """The reference on prepared inputs (see ``inputs.prepare``)."""
+    """The reference on prepared inputs (see ``inputs.prepare``); the torch backend."""
+    if cfg.inplace_backward:
+        # autograd's backward cannot write into the logits. Say so rather than let a memory
+        # plan built on it pass silently (the logits stay unchanged)
+        warnings.warn("inplace_backward=True has no effect on the torch backend (the PyTorch "
+                      "reference, which backend='auto' picks for CPU tensors without "
+                      "TRITON_INTERPRET=1): the logits are left unchanged and the gradient "
+                      "gets its own buffer", UserWarning, stacklevel=3)
     vocab = batch.vocab
     rows = batch.counted.nonzero()[:, 0]  # only counted rows are read
     logits2d = batch.logits.reshape(-1, vocab)[rows]
     labels = batch.flat_labels[rows]
     logprobs, lse, entropy = token_stats(logits2d, labels, cfg.temperature, cfg.with_entropy)
+    # a counted label outside [0, V) has no log-prob: NaN, as on the fused path. validate=True
+    # reports it; with validate=False the loss is NaN on both backends, never a finite guess
+    logprobs = torch.where((labels >= 0) & (labels < vocab), logprobs, math.nan)
     if cfg.validate:
         lse_all = torch.zeros(batch.num_rows, dtype=lse.dtype, device=lse.device)
         lp_all = lse_all.clone()

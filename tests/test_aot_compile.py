@@ -1,7 +1,7 @@
 """Every kernel variant the package launches compiles for sm_90 (H100/H200) with the real Triton
 compiler — no GPU needed, Triton ships ptxas — from the arguments of a real launch
 (``tools/gpu/aot_check.py`` records them), and the compiled code has the properties the
-roofline needs (the GPU review in shared/gpu/README.md):
+roofline needs (docs/kernels.md):
 
 - no register spills (local memory 0), in every variant;
 - 16-bit logits are read with 16-byte vector loads (``ld.global.v4`` / ``LDG.E.128``) in the
