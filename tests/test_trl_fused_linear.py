@@ -1,12 +1,15 @@
-"""OPOTrainer with ``opo_fused_linear=True``: the loss is ``fused_linear_opo_loss`` on the final
-hidden states and the LM head (the completion logits are never materialized).
+"""OPOTrainer's fused loss paths: ``opo_loss_path="fused_linear"`` (the default for a plain
+model; ``opo_fused_linear=True`` is its shorthand) is ``fused_linear_opo_loss`` on the final
+hidden states and the LM head (the completion logits are never materialized);
+"trl_fused_head" is TRL's fused LM head + ``opo_loss_from_logprobs``.
 
 Same tiny Qwen2 / character tokenizer / vowel reward as tests/test_trl_integration.py (whose
 helpers this file uses). Checks: training runs and the accumulated gradient of an on-policy
 step equals the reference computed from full logits; on one recorded off-policy batch the
-fused-linear loss, metrics and gradient equal those of the default (logits) path on the same
-model, with an LM head that has a bias, TRL's temperature and a chunk size that cuts through
-sequences; the model's own head runs on one position only; DDP over 2 processes; refusals.
+loss, metrics and gradient of both fused paths equal those of the logits path on the same
+model, with an LM head that has a bias, TRL's temperature, an entropy bonus and a chunk size
+that cuts through sequences; the model's own head runs on one position only; DDP over 2
+processes; refusals.
 """
 
 import math
@@ -114,9 +117,10 @@ def _loss_and_grads(trainer, batch, path: str):
 def test_fused_linear_gradient_equals_logits_path(tmp_path):
     """Off-policy (num_iterations=2: TRL's old log-probs are π_ref), non-default loss options,
     entropy bonus, an LM head with a bias, temperature 0.7, 5-row chunks: the fused-linear
-    path trains, and on a recorded off-policy batch its loss, metrics and gradient equal the
-    logits path's on the same model. A wrong position slice, a missing temperature or bias,
-    or a different accumulation scaling would fail here."""
+    path trains, and on a recorded off-policy batch its loss, metrics and gradient, and those
+    of TRL's fused head + opo_loss_from_logprobs, equal the logits path's on the same model.
+    A wrong position slice, a missing temperature or bias, or a different accumulation
+    scaling would fail here."""
     _, _, loss_options = CASES["off_policy"]
     args = fused_args(tmp_path, num_iterations=2, opo_chunk_size=5,
                       **{f"opo_{k}": v for k, v in loss_options.items()})
@@ -172,7 +176,7 @@ def _ddp_worker(out_dir: str):
     assert trainer.accelerator.num_processes == 2
     assert isinstance(trainer.model_wrapped, torch.nn.parallel.DistributedDataParallel)
     reference, _ = reference_grads(trainer, tokenizer, capture, {})
-    torch.save({"captured": capture.grads, "reference": reference},
+    torch.save({"fused_linear": {"captured": capture.grads, "reference": reference}},
                Path(out_dir) / f"rank{trainer.accelerator.process_index}.pt")
 
 

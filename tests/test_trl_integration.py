@@ -1,4 +1,4 @@
-"""OPOTrainer (TRL GRPOTrainer + opo_loss) end to end on CPU: a tiny random Qwen2, a local
+"""OPOTrainer (TRL GRPOTrainer + the OPO loss) end to end on CPU: a tiny random Qwen2, a local
 character tokenizer, prompts built in code and a rule-based reward. No hub download.
 
 Each run trains 3 optimizer steps of 2 micro-batches (6 completions = 2 groups of 3 each) and
@@ -6,7 +6,10 @@ checks the gradient of one optimizer step against autograd through ``opo_kernels
 computed from the recorded batch: rewards recomputed from the decoded completions, groups read
 from the prompt ids, logits from a full forward of a snapshot of the model. Under
 TRITON_INTERPRET=1 (conftest) the trainer's loss runs the Triton kernels, so this also checks
-the kernels through a real model. Shapes are tiny because the interpreter is slow.
+the kernels through a real model. Shapes are tiny because the interpreter is slow. The cases
+run the three loss paths (``opo_loss_path``: the default fused-linear loss, TRL's fused head,
+the logits); 2 processes (DDP) run the logits and TRL's head and show that TRL never splits a
+group across processes.
 """
 
 import copy
@@ -33,6 +36,7 @@ from trl import GRPOConfig  # noqa: E402
 
 from opo_kernels import reference  # noqa: E402
 from opo_kernels.integrations.trl import OPOConfig, OPOTrainer  # noqa: E402
+from opo_kernels.integrations.trl.batches import check_whole_groups  # noqa: E402
 
 CHARS = "abcdefghijklmnopqrstuvwxyz "
 GROUP = 3           # num_generations
@@ -92,7 +96,7 @@ class StepCapture(TrainerCallback):
             self.grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
 
 
-def train(tmp_path, check_step: int, max_steps: int = 3, **options):
+def train(tmp_path, check_step: int, max_steps: int = 3, prompts=None, **options):
     tokenizer = make_tokenizer()
     model = make_model(len(tokenizer))
     initial = copy.deepcopy(model)
@@ -105,7 +109,7 @@ def train(tmp_path, check_step: int, max_steps: int = 3, **options):
     capture = StepCapture(check_step)
     trainer = RecordingOPOTrainer(
         model=model, reward_funcs=vowel_reward, args=args, processing_class=tokenizer,
-        train_dataset=Dataset.from_dict({"prompt": PROMPTS * 4}), callbacks=[capture],
+        train_dataset=Dataset.from_dict({"prompt": prompts or PROMPTS * 4}), callbacks=[capture],
     )
     trainer.recorded = []
     trainer.train()
@@ -209,37 +213,88 @@ def test_opo_trainer_end_to_end(tmp_path, case):
     assert sum(g.abs().sum() for g in ref_grads.values()) > 0
 
 
+# One optimizer step at 2 processes draws 2 × ACCUM × MICRO / GROUP = 8 prompts: all distinct,
+# so that a prompt names its group.
+DISTINCT_PROMPTS = PROMPTS + ["pq", "rstu"]
+
+
 def test_two_processes(tmp_path):
-    """DDP over 2 CPU processes (gloo, torchrun --standalone): each process's raw rewards are its
-    own slice of the gathered batch, its groups are whole, and the all-reduced gradient is the
-    mean of the per-process reference gradients."""
-    check_two_processes(__file__, tmp_path)
+    """DDP over 2 CPU processes (gloo, torchrun --standalone), through the logits and TRL's
+    fused head: each process's raw rewards are its own slice of the gathered batch, its groups
+    are whole, and the all-reduced gradient is the mean of the per-process references. TRL
+    splits the generation batch across the processes, never a group: every group's
+    completions are consecutive rows of one micro-batch of one process."""
+    results = check_two_processes(__file__, tmp_path)
+    for label, (rank0, rank1) in results.items():
+        prompts = [[tuple(batch) for batch in rank["groups"]] for rank in (rank0, rank1)]
+        # each process: ACCUM micro-batches of MICRO / GROUP whole groups
+        for rank_prompts in prompts:
+            assert len(rank_prompts) == ACCUM
+            assert all(len(batch) == MICRO // GROUP for batch in rank_prompts)
+        per_rank = [{p for batch in rank_prompts for p in batch} for rank_prompts in prompts]
+        # the processes got different groups: each prompt's GROUP completions on one of them
+        assert not per_rank[0] & per_rank[1], label
+        assert per_rank[0] | per_rank[1] == set(DISTINCT_PROMPTS), label
 
 
-def check_two_processes(script: str, tmp_path) -> None:
+def check_two_processes(script: str, tmp_path) -> dict:
     """Runs `script` (whose __main__ calls its _ddp_worker) on 2 CPU processes with torchrun;
-    each rank saves its captured and reference gradients: DDP must have synced the captured
-    ones, and they must equal the mean of the two ranks' references."""
+    each rank saves, per run label, its captured and reference gradients: DDP must have synced
+    the captured ones, and they must equal the mean of the two ranks' references. Returns
+    {label: (rank 0's results, rank 1's)}."""
     repo = Path(__file__).resolve().parent.parent
     path = os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")])
     env = {**os.environ, "PYTHONPATH": path}
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                     "--nproc_per_node", "2", script, str(tmp_path)], check=True, env=env,
                    timeout=300)
-    results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
-    for name, grad in results[0]["captured"].items():
-        torch.testing.assert_close(results[1]["captured"][name], grad)  # DDP synced them
-        expected = (results[0]["reference"][name] + results[1]["reference"][name]) / 2
-        torch.testing.assert_close(grad, expected, rtol=2e-4, atol=2e-6, msg=name)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    assert ranks[0].keys() == ranks[1].keys() and ranks[0]
+    for label in ranks[0]:
+        results = [rank[label] for rank in ranks]
+        for name, grad in results[0]["captured"].items():
+            torch.testing.assert_close(results[1]["captured"][name], grad)  # DDP synced them
+            expected = (results[0]["reference"][name] + results[1]["reference"][name]) / 2
+            torch.testing.assert_close(grad, expected, rtol=2e-4, atol=2e-6,
+                                       msg=f"{label}: {name}")
+    return {label: (ranks[0][label], ranks[1][label]) for label in ranks[0]}
+
+
+def group_prompts(trainer, tokenizer) -> list:
+    """Per recorded micro-batch, the prompt of each group (its GROUP rows must share it)."""
+    batches = []
+    for _, batch in trainer.recorded:
+        ids, mask = batch["prompt_ids"], batch["prompt_mask"]  # packed [groups, GROUP, P]
+        texts = [[tokenizer.decode(i[m.bool()]) for i, m in zip(ids[g], mask[g])]
+                 for g in range(ids.shape[0])]
+        assert all(len(set(group)) == 1 for group in texts), texts
+        batches.append([group[0] for group in texts])
+    return batches
 
 
 def _ddp_worker(out_dir: str):
     """Runs in each torchrun process (see test_two_processes)."""
-    trainer, tokenizer, _, capture = train(Path(out_dir), check_step=0, max_steps=1)
-    assert trainer.accelerator.num_processes == 2
-    reference, _ = reference_grads(trainer, tokenizer, capture, {})  # checks rewards and groups
-    torch.save({"captured": capture.grads, "reference": reference},
-               Path(out_dir) / f"rank{trainer.accelerator.process_index}.pt")
+    results = {}
+    for path in ("logits", "trl_fused_head"):
+        trainer, tokenizer, _, capture = train(Path(out_dir), check_step=0, max_steps=1,
+                                               prompts=DISTINCT_PROMPTS, opo_loss_path=path)
+        assert trainer.accelerator.num_processes == 2 and trainer.opo_loss_path == path
+        reference, _ = reference_grads(trainer, tokenizer, capture, {})  # rewards and groups
+        results[path] = {"captured": capture.grads, "reference": reference,
+                         "groups": group_prompts(trainer, tokenizer)}
+    torch.save(results, Path(out_dir) / f"rank{trainer.accelerator.process_index}.pt")
+
+
+def test_split_group_refused():
+    """What a group split across processes would look like to the process that holds part of
+    it: refused before generation (TRL's sampler order with per_device_train_batch_size a
+    multiple of num_generations never produces it)."""
+    rows = lambda *prompts: [{"prompt": p} for p in prompts]  # noqa: E731
+    check_whole_groups(rows("a", "a", "a", "b", "b", "b"), GROUP)
+    with pytest.raises(ValueError, match="not a whole number of groups of 3"):
+        check_whole_groups(rows("a", "a", "a", "b"), GROUP)
+    with pytest.raises(ValueError, match="rows 0..2 of the generation batch are not one prompt"):
+        check_whole_groups(rows("a", "a", "b", "b", "b", "b"), GROUP)
 
 
 def test_unscorable_completions_and_eval(tmp_path):
