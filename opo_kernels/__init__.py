@@ -3,7 +3,7 @@
     from opo_kernels import opo_loss
     loss = opo_loss(logits, labels, ref_logprobs, rewards, mask=mask, group_size=6)
 
-The math contract is the project's SPEC (see README "The objective"); ``opo_kernels.reference``
+The math contract is docs/spec.md; ``opo_kernels.reference``
 is its plain-PyTorch form.
 """
 

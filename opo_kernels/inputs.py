@@ -1,4 +1,4 @@
-"""Turns either input layout into one flat token view, and checks the inputs (SPEC "Inputs",
+"""Turns either input layout into one flat token view, and checks the inputs (docs/spec.md "Inputs",
 "Bad input").
 
 Both backends call ``prepare`` (shape, dtype and device checks: free, no host sync) and then
@@ -100,7 +100,7 @@ class Batch:
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Statistics are kept in float32 (SPEC), or float64 for float64 logits (gradcheck)."""
+    """Statistics are kept in float32 (docs/spec.md), or float64 for float64 logits (gradcheck)."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
@@ -291,7 +291,7 @@ def _prepare_rows(rows, what, device, cdtype, vocab: int, ref_logprobs, rewards,
 
 
 def check_values(batch: Batch, lse: Optional[torch.Tensor], logprobs: torch.Tensor) -> None:
-    """The data-dependent checks of SPEC "Bad input", with ONE host sync.
+    """The data-dependent checks of docs/spec.md "Bad input and edge cases", with ONE host sync.
 
     lse, logprobs: [N] from the forward pass (any value on rows that are not counted); for the
     log-prob API lse is None and logprobs are the caller's (flattened).

@@ -28,7 +28,7 @@ NEG_INF = float("-inf")
 
 def token_stats(logits2d: torch.Tensor, labels: torch.Tensor, temperature: float,
                 with_entropy: bool) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-    """SPEC "Per token". logits2d: [n, V] counted rows; labels: [n] in [0, V).
+    """docs/spec.md "Per token". logits2d: [n, V] counted rows; labels: [n] in [0, V).
 
     Returns (logprobs [n], logsumexp [n], entropy [n] or None) in float32 (float64 for float64
     logits); differentiable w.r.t. logits2d.
@@ -81,7 +81,7 @@ def _group_log_softmax(x: torch.Tensor, same: torch.Tensor) -> torch.Tensor:
 def adaptive_tau(cfg: OPOLossConfig, ell: torch.Tensor, ell_ref: torch.Tensor,
                  rewards: torch.Tensor, same: torch.Tensor, valid: torch.Tensor,
                  vocab: int) -> torch.Tensor:
-    """SPEC "τ": the adaptive temperature of p̃ (detached inputs, a 0-dim tensor).
+    """docs/spec.md "Weights" (τ): the adaptive temperature of p̃ (detached inputs, a 0-dim tensor).
 
     log V is floored at 1e-6 so that V = 1 (every log-prob 0) gives h_static = 0, conf = 1.
     """
@@ -119,7 +119,7 @@ def objective(cfg: OPOLossConfig, logprobs: torch.Tensor, ref_logprobs: torch.Te
               entropy: Optional[torch.Tensor], seq: torch.Tensor, rewards: torch.Tensor,
               group: torch.Tensor, weights: Optional[torch.Tensor], vocab: int
               ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
-    """SPEC "Per sequence" to "the loss", over the n counted tokens.
+    """docs/spec.md "Per sequence" to "The loss", over the n counted tokens.
 
     logprobs, ref_logprobs, entropy, seq: [n] (seq in [0, B)); rewards, group, weights: [B].
     Returns (loss 0-dim, metrics dict of detached 0-dim tensors).
@@ -150,7 +150,7 @@ def objective(cfg: OPOLossConfig, logprobs: torch.Tensor, ref_logprobs: torch.Te
         tau = adaptive_tau(cfg, ell.detach(), ell_ref, rewards, same, valid, vocab)
     else:
         tau = torch.tensor(cfg.tau, dtype=dtype, device=rewards.device)
-    # SPEC "The author's recipe": δ̂ = clamp(δ) in p̃, the penalty and the Z-loss (not in the
+    # docs/spec.md "Presets": δ̂ = clamp(δ) in p̃, the penalty and the Z-loss (not in the
     # direction term); the scores u = clamp(δ̂/τ) are p̃'s logits and the Z-loss's
     delta_hat = _clamp(delta, cfg.delta_clip)
     scores = _clamp(delta_hat / tau, cfg.score_clip)  # differentiable (the Z-loss)

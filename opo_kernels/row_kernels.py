@@ -122,7 +122,7 @@ def _row_gradient(base, sv, grad_base, grad_sv, V, label, x_max, log_sum, lp_lab
                   entropy, d_entropy, inv_t, WITH_ENTROPY: tl.constexpr, ACC: tl.constexpr,
                   BLOCK_V: tl.constexpr, WIDE: tl.constexpr, STAGES: tl.constexpr,
                   REVERSE: tl.constexpr):
-    """Writes (1/temperature)·[c·(onehot − p) − ∂L/∂H·p·(log p + H)] for one row (SPEC
+    """Writes (1/temperature)·[c·(onehot − p) − ∂L/∂H·p·(log p + H)] for one row (docs/spec.md
     "Gradient"), log p = (x − x_max)/temperature − log s from the saved row statistics.
     grad_base may alias base (in place): each block is read before it is written, by this
     program only. REVERSE walks the blocks from the row's end: in the one-pass mode the blocks

@@ -48,8 +48,8 @@ def triton_available() -> bool:
 
 
 def use_triton(backend: str, device: torch.device) -> bool:
-    """SPEC backend rule: "triton" / "torch" as asked; "auto" = triton for CUDA tensors, and
-    for CPU tensors when TRITON_INTERPRET=1; torch otherwise."""
+    """The backend rule of docs/spec.md: "triton" / "torch" as asked; "auto" = triton for CUDA
+    tensors, and for CPU tensors when TRITON_INTERPRET=1; torch otherwise."""
     if backend == "torch":
         return False
     if backend == "triton":

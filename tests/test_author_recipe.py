@@ -1,4 +1,4 @@
-"""SPEC "The author's recipe": delta_clip, score_clip, scale_rewards, direction_scale,
+"""docs/spec.md "Presets": delta_clip, score_clip, scale_rewards, direction_scale,
 logit_reg_coef and the presets ("paper" = eq. 6, "author_verl" = the author's verl code).
 
 - the fused kernels against the reference (loss, metrics, gradient with a random upstream

@@ -1,5 +1,5 @@
-"""SPEC "Bad input": each class raises a ValueError/TypeError naming the argument, from both
-backends, and leaves every input exactly as it was."""
+"""docs/spec.md, "Bad input and edge cases": each class raises a ValueError/TypeError naming the
+argument, from both backends, and leaves every input exactly as it was."""
 
 import pytest
 import torch

@@ -31,7 +31,7 @@ def _call(d, **options):
 
 
 # --------------------------------------------------------------------------------------------
-# B = 0: the loss is 0 and every gradient 0 (SPEC: no counted token at all), on both backends
+# B = 0: the loss is 0 and every gradient 0 (no counted token at all), on both backends
 # --------------------------------------------------------------------------------------------
 
 

@@ -1,4 +1,4 @@
-"""opo_loss_from_logprobs (SPEC "Loss from per-token log-probs"): the same loss, metrics and
+"""opo_loss_from_logprobs (docs/spec.md "The entry points"): the same loss, metrics and
 options as opo_loss from per-token log-probs (and entropy) the caller computed.
 
 - the identity: opo_loss(logits, ...) == opo_loss_from_logprobs(log_softmax(logits)[label], ...)

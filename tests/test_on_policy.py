@@ -1,7 +1,7 @@
 """On-policy one-pass mode (ref_logprobs=None): the forward kernel writes the gradient.
 
 It must give the same loss, metrics and gradient as the reference with
-ref_logprobs = the current log-probs, detached (SPEC: π_ref = π_old = the sampling policy),
+ref_logprobs = the current log-probs, detached (docs/spec.md: π_ref = π_old = the sampling policy),
 for every level/coordinates/weights option, entropy and temperature, both layouts, 16-bit
 logits, upstream gradients of exactly 1 (the scale kernel returns at once) and not 1, and in
 place.

@@ -243,7 +243,8 @@ def test_refuses_actor_settings(case):
 
 
 def test_entropy_coeff_with_token_mean_is_accepted():
-    """verl adds −entropy_coeff·agg_loss(entropy, token-mean): exactly the SPEC's bonus."""
+    """verl adds −entropy_coeff·agg_loss(entropy, token-mean): exactly the entropy bonus of
+    docs/spec.md."""
     batch = make_batch(3)
     call_like_verl(actor_config(entropy_coeff=0.01), batch, batch["logprobs"])
 

@@ -147,7 +147,7 @@ def _finish(
     n_groups_safe = tl.maximum(n_groups, 1.0)
     tl.debug_barrier()
 
-    # ---- τ (SPEC adaptive rule) over the non-empty sequences ----
+    # ---- τ (docs/spec.md's adaptive rule) over the non-empty sequences ----
     a_min = tl.full([], float("inf"), ACC)
     a_max = tl.full([], float("-inf"), ACC)
     for i0 in range(0, B, BLOCK):

@@ -26,7 +26,7 @@ W_LSE_U = tl.constexpr(15)        # logsumexp of u over the group (the Z-loss)
 W_OMEGA = tl.constexpr(16)        # ω
 NUM_WS = 17
 
-# value-check counters (SPEC "Bad input"), in this order
+# value-check counters (docs/spec.md "Bad input and edge cases"), in this order
 ERRORS = ("labels", "seq_ids", "rewards", "ref_logprobs", "logits", "weights", "mask",
           "logprobs", "entropy")
 NUM_ERR = 16  # padded to a power of two

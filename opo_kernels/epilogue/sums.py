@@ -1,5 +1,6 @@
 """Phase 1 of the epilogue: every program sums its block of sequences over their counted
-tokens into the workspace, and counts the bad values it meets (SPEC "Bad input")."""
+tokens into the workspace, and counts the bad values it meets (docs/spec.md, "Bad input and
+edge cases")."""
 
 import triton
 import triton.language as tl

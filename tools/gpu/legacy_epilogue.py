@@ -8,7 +8,7 @@ Not used by the package. Unchanged but for the imports, this docstring and batch
 
 Its original docstring follows.
 The small part of the fused OPO loss: from per-token log-probs [N] to the loss, the metrics and
-the per-token gradient coefficients c_t = ∂L/∂lp_t (SPEC "Per sequence" to "Gradient").
+the per-token gradient coefficients c_t = ∂L/∂lp_t (docs/spec.md "Per sequence" to "The gradient").
 
 Everything here is O(N + B) torch work with no host sync (no ``.item()``, no data-dependent
 Python branch), so it can run inside CUDA graphs / ``torch.compile``. Groups are handled as B
@@ -16,7 +16,7 @@ Python branch), so it can run inside CUDA graphs / ``torch.compile``. Groups are
 reference's dense [B, B] masks.
 
 The gradient is written in closed form (the reference gets it from autograd, and the tests
-compare the two). With ω, τ, p̃, Q constant (SPEC):
+compare the two). With ω, τ, p̃, Q constant (docs/spec.md):
   sequence levels: ∂L/∂v_s = −ω_s/M + μ·v_s/B',   c_t = ∂L/∂v_s · dv/dδ_s · dδ_s/dΔ_t
   token level:     ∂L/∂v_t = −ω_s/(M·n_s) + μ·v_t/N',   c_t = ∂L/∂v_t · dv_t/dΔ_t
 with dv/dδ = e^δ (ratio) or 1 (log), dδ_s/dΔ_t = 1 ("sequence") or 1/n_s ("sequence_mean"),
@@ -84,7 +84,7 @@ def _group_mean(x: torch.Tensor, group: torch.Tensor, valid: torch.Tensor) -> to
 
 
 def _tau(cfg: OPOLossConfig, ell, ell_ref, rewards, group, valid, n_valid, vocab: int):
-    """SPEC τ (adaptive rule); log V floored at 1e-6 as in the reference."""
+    """docs/spec.md's τ (adaptive rule); log V floored at 1e-6 as in the reference."""
     if not cfg.adaptive_tau:
         return rewards.new_full((), cfg.tau)
     log_v = max(math.log(vocab), 1e-6)
