@@ -7,7 +7,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["opo_kernels", "opo_kernels.*"]),
-    python_requires=">=3.9",
+    python_requires=">=3.10",  # what torch 2.13 supports (its wheels: cp310 and newer)
     # torch is deliberately unpinned here: CI pre-installs the build the machine allows
     # (see .ci/run); an unpinned fresh install would pull the CUDA wheels.
     install_requires=["torch>=2.4", "triton>=3.4", "numpy"],

@@ -1,15 +1,16 @@
 """One command for the whole benchmark: the pytest-benchmark suite, the results JSON, the plot
-and the README performance table.
+and the performance table of docs/benchmarks.md.
 
     python -m benchmarks.run                      # GPU: benchmarks/results/<device>.{json,png,md}
-                                                  #      + README.md table between the markers
+                                                  #      + docs/benchmarks.md table (markers)
     python -m benchmarks.run --tiny               # CPU check: N=64, V=128, into a temp dir
-    python -m benchmarks.run --out DIR --no-readme --budget-s 420     # the lent GPU machine
+    python -m benchmarks.run --out DIR --no-readme --budget-s 420     # a time-limited run
     python -m benchmarks.run --resume DIR/<device>.json ...           # measure the rest only
     python -m benchmarks.run --report-only benchmarks/results/<device>.json   # plot + table
 
 Options are passed to the suite as OPO_BENCH_* environment variables (benchmarks/harness.py).
-Tiny runs never write under benchmarks/results/ nor into the repository's README.md.
+Tiny runs never write under benchmarks/results/ nor into the repository's docs/benchmarks.md.
+(The --readme/--no-readme options name the markdown file that holds the table.)
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from benchmarks.cases import RESULTS_DIR, ROOT, cuda_ok
 from benchmarks.plot import plot
 from benchmarks.report import load, render_table, update_readme
 
-README = ROOT / "README.md"
+README = ROOT / "docs" / "benchmarks.md"  # the file whose perf-table markers hold the table
 
 
 def _newest_results(out_dir: Path) -> Optional[Path]:
@@ -67,7 +68,7 @@ def report(results: Path, readme: Optional[Path]) -> None:
     print(f"[bench] results {results}\n[bench] plot    {png}\n[bench] table   {md}")
     if readme is not None:
         if update_readme(readme, table):
-            print(f"[bench] README  {readme} (table between the perf-table markers)")
+            print(f"[bench] table   {readme} (table between the perf-table markers)")
 
 
 def main(argv=None) -> int:
@@ -80,17 +81,18 @@ def main(argv=None) -> int:
     ap.add_argument("--budget-s", type=float, help="start no new row after this many seconds")
     ap.add_argument("--resume", type=Path, help="earlier results JSON of the same device: "
                     "keep its rows, measure the others")
-    ap.add_argument("--readme", type=Path, help="README to update (default: the repository's "
-                    "README.md on full runs; none on tiny runs)")
-    ap.add_argument("--no-readme", action="store_true", help="do not touch any README")
+    ap.add_argument("--readme", type=Path, help="markdown file to update between the "
+                    "perf-table markers (default: docs/benchmarks.md on full runs; none on tiny "
+                    "runs)")
+    ap.add_argument("--no-readme", action="store_true", help="do not touch any markdown file")
     ap.add_argument("--report-only", type=Path, metavar="RESULTS_JSON",
-                    help="skip the measurements: plot + table (+ README) from this file")
+                    help="skip the measurements: plot + table (+ docs/benchmarks.md) from it")
     args = ap.parse_args(argv)
 
     readme: Optional[Path] = None if args.no_readme else (args.readme or
                                                           (None if args.tiny else README))
     if args.tiny and readme is not None and readme.resolve() == README.resolve():
-        ap.error("a tiny (CPU) run must not write the repository README.md")
+        ap.error("a tiny (CPU) run must not write the repository's docs/benchmarks.md")
 
     if args.report_only:
         report(args.report_only, readme)
