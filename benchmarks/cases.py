@@ -3,6 +3,7 @@ the environment; see ``benchmarks/harness.py`` for the variables)."""
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,10 +23,24 @@ REF_NOISE = 0.05          # ref_logprobs = current log-probs + N(0, 0.05²): sma
 # taken w.r.t. that output: autograd's slice backward runs, unless grad_to_base=True. At the
 # first (target) shape only.
 SLICE_IMPLS = ("opo_kernels_model_slice", "opo_kernels_grad_to_base")
-IMPLS = ("opo_kernels", "opo_kernels_inplace", "eager", "compile", "liger_gspo", "liger_ce",
-         *SLICE_IMPLS)
-# from hidden states: loss and gradients for hidden and weight (run at the fused-linear shapes)
-LINEAR_IMPLS = ("opo_kernels_fused_linear", "opo_kernels_materialized", "liger_fused_linear_gspo")
+# torch_compiled: the strong-torch OPO (benchmarks/peers_torch.py), the torch denominator of the
+# headline; eager / compile: the package's reference, "reference (readable, slow)" in the tables
+IMPLS = ("opo_kernels", "opo_kernels_inplace", "torch_compiled", "eager", "compile",
+         "liger_gspo", "liger_ce", *SLICE_IMPLS)
+# from hidden states: loss and gradients for hidden and weight (run at the fused-linear shapes).
+# budget: fused_linear_opo_loss holding every chunk's logits (logits_budget=, when it exists);
+# cce / trl_head: the peer's per-token log-probs + opo_loss_from_logprobs (benchmarks/peers.py)
+LINEAR_IMPLS = ("opo_kernels_fused_linear", "opo_kernels_fused_linear_on_policy",
+                "opo_kernels_fused_linear_budget", "opo_kernels_materialized", "cce", "trl_head",
+                "liger_fused_linear_gspo", "liger_fused_linear_gspo_tf32")
+# the matmuls of each fused-linear implementation's floor (2·N·H·V FLOPs each, N counted):
+# logits, logits again in backward, ∂hidden, ∂weight; 3 when the backward need not recompute
+# the logits (on-policy: the gradient is formed while a chunk's logits are in hand; logits
+# held by the budget or materialized)
+LINEAR_FLOOR_MATMULS = {"opo_kernels_fused_linear": 4, "opo_kernels_fused_linear_on_policy": 3,
+                        "opo_kernels_fused_linear_budget": 3, "opo_kernels_materialized": 3,
+                        "cce": 4, "trl_head": 4, "liger_fused_linear_gspo": 4,
+                        "liger_fused_linear_gspo_tf32": 4}
 OPTIONAL_IMPLS = ("liger_gspo_noinplace",)
 DEFAULT_IMPLS = IMPLS + LINEAR_IMPLS
 ALL_IMPLS = IMPLS + LINEAR_IMPLS + OPTIONAL_IMPLS
@@ -70,6 +85,8 @@ class Shape:
     @property
     def label(self) -> str:
         short = {"bfloat16": "bf16", "float32": "fp32", "float16": "fp16"}[self.dtype]
+        if self.linear and self.layout == "packed":
+            return f"N{self.N}-H{self.H}-V{self.V}-{short}-{self.layout}"
         if self.linear:
             return f"B{self.B}-T{self.T}-H{self.H}-V{self.V}-{short}-{self.layout}"
         return f"N{self.N}-V{self.V}-{short}-{self.layout}"
@@ -78,6 +95,13 @@ class Shape:
 def linear_shape(b: int, t: int, h: int, v: int, dtype: str = "bfloat16") -> Shape:
     """A fused-linear shape: padded [B, T], ~COUNTED_FRACTION of the positions counted."""
     return Shape(max(1, round(COUNTED_FRACTION * b * t)), v, dtype, "padded", H=h, B=b, T=t)
+
+
+def linear_packed_shape(n: int, h: int, v: int, dtype: str = "bfloat16") -> Shape:
+    """A packed fused-linear shape: hidden [N, H], every row counted, in GROUP_SIZE sequences
+    (B) of lengths drawn as for the padded layout (T: the longest possible)."""
+    b = GROUP_SIZE
+    return Shape(n, v, dtype, "packed", H=h, B=b, T=math.ceil(n / (COUNTED_FRACTION * b)))
 
 
 def is_linear_impl(impl: str) -> bool:
@@ -100,10 +124,14 @@ TARGET = Shape(16384, 151936, "bfloat16", "padded")
 # Issue 4 (fused linear): Llama-3-8B-like LM head, B=16 sequences of T=1024, ~70 % counted
 # (N = 11469), measured right after TARGET.
 LINEAR_TARGET = linear_shape(16, 1024, 4096, 128256)
+# Quack's linear cross-entropy shape: M = 4096 rows, all counted (packed)
+LINEAR_PACKED = linear_packed_shape(4096, 4096, 128256)
 
 
 def linear_shapes(tiny: bool) -> List[Shape]:
-    return [linear_shape(2, 8, 16, 64)] if tiny else [LINEAR_TARGET]
+    if tiny:
+        return [linear_shape(2, 8, 16, 64), linear_packed_shape(12, 16, 64)]
+    return [LINEAR_TARGET, LINEAR_PACKED]
 
 
 def shapes(tiny: bool) -> List[Shape]:

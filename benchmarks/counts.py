@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Dict, Optional, Tuple
 
-from benchmarks.cases import DTYPES, INPLACE_IMPLS, Case, Shape
+from benchmarks.cases import DTYPES, INPLACE_IMPLS, LINEAR_FLOOR_MATMULS, Case, Shape
 from benchmarks.inputs import batch_geometry
 
 # Peak extra memory of the eager reference per counted logit element, measured on CPU
@@ -15,7 +15,8 @@ from benchmarks.inputs import batch_geometry
 EAGER_BYTES_PER_COUNTED_ELEMENT = 20
 MEMORY_MARGIN = 1.1       # estimates are multiplied by this
 MEMORY_FRACTION = 0.92    # of the device memory that a row may plan to use
-FLOOR_MATMULS = 4         # fused-linear floor: logits, logits again in backward, dhidden, dweight
+FLOOR_MATMULS = 4         # the general fused-linear floor: logits, logits again in backward,
+                          # dhidden, dweight (per implementation: cases.LINEAR_FLOOR_MATMULS)
 
 
 
@@ -45,15 +46,19 @@ def linear_byte_counts(shape: Shape) -> Dict[str, int]:
     The op is compute-bound (x_floor is its figure of merit); "dense" = "effective"."""
     s = DTYPES[shape.dtype].itemsize
     b, t, h, v, n = shape.B, shape.T, shape.H, shape.V, shape.N
-    total = 2 * (b * t + v) * h * s + n * (8 + 4 + 8) + b * (4 + 8)
+    rows = n if shape.layout == "packed" else b * t
+    total = 2 * (rows + v) * h * s + n * (8 + 4 + 8) + b * (4 + 8)
     return {"effective": total, "dense": total}
 
 
-def linear_flops(shape: Shape, rows: Optional[int] = None) -> float:
-    """FLOPs of the FLOOR_MATMULS matmuls of 2·rows·H·V each (rows: N counted tokens unless
-    given, e.g. B·T for all rows of the padded layout)."""
+def linear_flops(shape: Shape, rows: Optional[int] = None,
+                 impl: Optional[str] = None) -> float:
+    """FLOPs of the floor's matmuls of 2·rows·H·V each (rows: N counted tokens unless given,
+    e.g. B·T for all rows of the padded layout): FLOOR_MATMULS, or the implementation's own
+    mode's count (``cases.LINEAR_FLOOR_MATMULS``: 3 on-policy / logits held)."""
     rows = shape.N if rows is None else rows
-    return float(FLOOR_MATMULS * 2 * rows * shape.H * shape.V)
+    matmuls = FLOOR_MATMULS if impl is None else LINEAR_FLOOR_MATMULS[impl]
+    return float(matmuls * 2 * rows * shape.H * shape.V)
 
 
 def memory_estimate(case: Case) -> Tuple[int, int]:
@@ -66,15 +71,25 @@ def memory_estimate(case: Case) -> Tuple[int, int]:
     if shape.linear:
         h = shape.H
         inputs = (rows + v) * h * s
+        fused = rows * h * s + v * h * (4 + 2 * s) + (256 << 20)
+        liger = v * h * (4 + 2 * s) + 2 * rows * h * s + (256 << 20)
         extra = {
             # dhidden, fp32 dweight accumulator, one [V, H] product per chunk, the cast to
             # the dtype, one chunk of logits (<= 256 MiB)
-            "opo_kernels_fused_linear": rows * h * s + v * h * (4 + 2 * s) + (256 << 20),
+            "opo_kernels_fused_linear": fused,
+            # + the [N, H] / [V, H] gradients held from forward to backward
+            "opo_kernels_fused_linear_on_policy": fused + rows * h * 4,
+            # + every row's logits held
+            "opo_kernels_fused_linear_budget": fused + rows * v * s,
             # logits and their gradient [B, T, V], dhidden, dweight
             "opo_kernels_materialized": 2 * rows * v * s + rows * h * s + 2 * v * h * s,
+            # fp32 dhidden and dweight accumulators, their casts, vocabulary tiles
+            "cce": (rows + v) * h * (4 + s) + (1 << 30),
+            "trl_head": (rows + v) * h * (4 + s) + 2 * (4096 * 32768 * s),
             # per chunk fp32 dweight + its cast, the dtype accumulator, dhidden twice (list +
             # cat), fp32 [2048, 4096] vocab-chunk temporaries
-            "liger_fused_linear_gspo": v * h * (4 + 2 * s) + 2 * rows * h * s + (256 << 20),
+            "liger_fused_linear_gspo": liger,
+            "liger_fused_linear_gspo_tf32": liger,
         }[case.impl]
         return inputs, extra
     if case.impl == "liger_ce":
@@ -94,5 +109,7 @@ def memory_estimate(case: Case) -> Tuple[int, int]:
         "opo_kernels_grad_to_base": b * (t + 1) * v * s,
         "eager": EAGER_BYTES_PER_COUNTED_ELEMENT * n * v,
         "compile": EAGER_BYTES_PER_COUNTED_ELEMENT * n * v,  # assumed like eager
+        # the gradient [B, T, V] and Inductor's fp32 row statistics
+        "torch_compiled": grad,
     }[case.impl]
     return inputs, extra

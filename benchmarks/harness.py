@@ -11,10 +11,13 @@ at one shape, for one implementation:
 
   opo_kernels          opo_kernels.opo_loss(backend="triton", validate=False)
   opo_kernels_inplace  the same with inplace_backward=True (gradient written into the logits)
-  eager                opo_kernels.reference.opo_loss (plain PyTorch, autograd backward)
+  torch_compiled       the strong-torch OPO under torch.compile (benchmarks/peers_torch.py): the
+                       headline's torch denominator
+  eager                opo_kernels.reference.opo_loss, "reference (readable, slow)": plain
+                       PyTorch written to be read (fp32 log-softmax of the counted rows)
   compile              torch.compile(reference.opo_loss) (graph breaks at nonzero are recorded)
   liger_gspo           Liger-Kernel triton_grpo_loss(importance_sampling_level="sequence"),
-                       its default inplace=True; padded layout only
+                       its default inplace=True; padded layout only (GSPO: Liger has no OPO)
   liger_ce             Liger-Kernel liger_cross_entropy (fused CE fwd+bwd): bandwidth anchor
   liger_gspo_noinplace (opt-in) liger_gspo with inplace=False
   opo_kernels_model_slice   opo_kernels at the target shape with the gradient taken w.r.t. the
@@ -22,30 +25,42 @@ at one shape, for one implementation:
                        training loop does (autograd's slice backward runs)
   opo_kernels_grad_to_base  the same with grad_to_base=True (no slice backward)
 
-Fused-linear rows (issue 4): forward + backward from hidden states, gradients for hidden [B, T, H]
-AND weight [V, H] (``torch.autograd.grad(loss, (hidden, weight))``), at their own shapes (Shape
-with H, B, T set; padded only):
+Fused-linear rows: forward + backward from hidden states, gradients for hidden AND weight
+(``torch.autograd.grad(loss, (hidden, weight))``), at their own shapes (Shape with H set):
+padded B=16, T=1024, H=4096, V=128256 (11,469 of 16,384 positions counted) and packed
+N=4096, H=4096, V=128256 (every row counted):
 
-  opo_kernels_fused_linear  opo_kernels.fused_linear_opo_loss(backend="triton", validate=False)
-  opo_kernels_materialized  logits = hidden @ weight.T ([B, T, V] materialized), then
-                            opo_kernels.opo_loss(backend="triton", validate=False)
-  liger_fused_linear_gspo   Liger-Kernel LigerFusedLinearGRPOLoss(importance_sampling_level=
-                            "sequence"), its defaults otherwise (chunk_size=1, compiled=True)
+  opo_kernels_fused_linear            fused_linear_opo_loss(backend="triton", validate=False)
+  opo_kernels_fused_linear_on_policy  the same with ref_logprobs=None (one-phase mode)
+  opo_kernels_fused_linear_budget     the same with logits_budget= every row's logits (held
+                                      from forward to backward; skipped without the keyword)
+  opo_kernels_materialized  logits = hidden @ weight.T materialized, then opo_loss
+  cce                       cut-cross-entropy's per-token NLL (exact mode) -> log-probs ->
+                            opo_loss_from_logprobs (benchmarks/peers.py)
+  trl_head                  TRL's chunked log-prob head (counted rows only) ->
+                            opo_loss_from_logprobs
+  liger_fused_linear_gspo   Liger-Kernel LigerFusedLinearGRPOLoss (GSPO), its defaults
+                            (chunk_size=1, compiled=True), fp32 matmuls at PyTorch's default
+                            precision (TF32 off); packed rows go in as one sequence
+  liger_fused_linear_gspo_tf32  the same with TF32 on (float32 matmul precision "high")
 
-These rows also get ``floor_ms`` = 4 matmuls of 2·N·H·V FLOPs at the bf16 matmul rate measured
-once per run (``matmul_tflops``, top level), and ``x_floor`` = ms / floor_ms (NOTES.md).
+These rows also get ``floor_ms``: the matmuls of the implementation's own mode
+(``cases.LINEAR_FLOOR_MATMULS``: 4 = logits, logits again in backward, ∂hidden, ∂weight; 3
+on-policy or with the logits held / materialized) of 2·N·H·V FLOPs each, N the COUNTED tokens,
+at the bf16 matmul rate measured once per run (``matmul_tflops``, top level, quoted as used);
+``x_floor`` = ms / floor_ms.
 
-Timing (benchmarks/NOTES.md): on CUDA, ``triton.testing.do_bench`` (CUDA events, L2 flushed
-before each run, median and 20/80 % quantiles). Implementations that overwrite their input
-(in-place gradient) get the same event loop with the input restored from a pristine copy
-before each run, outside the timed region, so every run sees the same random logits. Without
-CUDA (the tiny CPU mode for tests) a host clock is used.
+Timing (benchmarks/NOTES.md): on CUDA ONE loop for every implementation (``timers.time_cuda``):
+CUDA events around one call, L2 flushed and the device synchronized before it, so the host
+time of the call counts for every implementation alike; implementations that overwrite their
+input (in-place gradient) get it restored from a pristine copy before the flush, outside the
+events. Without CUDA (the tiny CPU mode for tests) a host clock is used.
 
 Bytes: every row is credited with the same minimum byte count, 2 reads + 1 write of the
 counted logits, 3·N·V·itemsize (+ the small per-token vectors), so "GB/s" is an *effective*
 bandwidth, comparable across implementations (it is proportional to 1/time). Fused-linear rows
 (compute-bound: read them by x_floor, not GB/s): one read of hidden and weight and one write of
-their gradients, 2·(B·T + V)·H·itemsize (+ the small vectors).
+their gradients, 2·(rows + V)·H·itemsize (+ the small vectors).
 
 Settings come from the environment (``python -m benchmarks.run`` sets them):
   OPO_BENCH_TINY=1         tiny shapes (N=64, V=128; fused-linear B=2, T=8, H=16, V=64), host
@@ -71,11 +86,14 @@ from typing import Dict, List, Optional
 
 import torch
 
+from benchmarks import peers
+
 # re-exported (see the docstring); the explicit imports are what Session itself uses
 from benchmarks.cases import *  # noqa: F401,F403
 from benchmarks.cases import (
     COUNTED_FRACTION,
     GROUP_SIZE,
+    LINEAR_FLOOR_MATMULS,
     Case,
     Settings,
     Shape,
@@ -157,25 +175,9 @@ class Session:
         budget = self.settings.budget_s
         if budget is not None and time.monotonic() - self.started > budget:
             return f"time budget of {budget:.0f} s spent"
-        if case.impl == "liger_fused_linear_gspo":
-            if self.device.type != "cuda":
-                return "Liger-Kernel fused-linear rows need CUDA"
-            try:
-                from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss  # noqa: F401
-            except Exception as exc:  # noqa: BLE001 - any import failure means: not available
-                return f"liger-kernel not importable: {type(exc).__name__}: {exc}"
-        elif case.impl.startswith("liger"):
-            if self.device.type != "cuda" and not (self.settings.tiny and interpreter_on()):
-                return "Liger-Kernel rows need CUDA (or tiny mode under TRITON_INTERPRET=1)"
-            if case.impl.startswith("liger_gspo") and case.shape.layout != "padded":
-                return "Liger triton_grpo_loss takes the padded layout [B, T+1, V] only"
-            try:
-                if case.impl == "liger_ce":
-                    import liger_kernel.transformers.functional  # noqa: F401
-                else:
-                    import liger_kernel.transformers.grpo_loss  # noqa: F401
-            except Exception as exc:  # noqa: BLE001 - any import failure means: not available
-                return f"liger-kernel not importable: {type(exc).__name__}: {exc}"
+        reason = self._peer_reason(case)
+        if reason:
+            return reason
         if self.device.type == "cuda":
             inputs, extra = memory_estimate(case)
             total = torch.cuda.get_device_properties(self.device).total_memory
@@ -184,6 +186,31 @@ class Session:
                 return (f"estimated {need / 2**30:.1f} GiB (inputs {inputs / 2**30:.1f} + "
                         f"extra {extra / 2**30:.1f}, x{MEMORY_MARGIN}) > {MEMORY_FRACTION:.0%} "
                         f"of {total / 2**30:.1f} GiB")
+        return None
+
+    def _peer_reason(self, case: Case) -> Optional[str]:
+        """Why an implementation cannot run here (package missing, needs CUDA), or None."""
+        impl, cuda = case.impl, self.device.type == "cuda"
+        if impl == "opo_kernels_fused_linear_budget":
+            from benchmarks.runners import logits_budget_supported
+            if not logits_budget_supported():
+                return "fused_linear_opo_loss has no logits_budget= in this opo_kernels"
+        if impl in ("cce", "trl_head"):
+            return peers.unavailable(impl)
+        if impl.startswith("liger_fused_linear"):
+            return peers.unavailable("liger")
+        if impl.startswith("liger"):
+            if not cuda and not (self.settings.tiny and interpreter_on()):
+                return "Liger-Kernel rows need CUDA (or tiny mode under TRITON_INTERPRET=1)"
+            if impl.startswith("liger_gspo") and case.shape.layout != "padded":
+                return "Liger triton_grpo_loss takes the padded layout [B, T+1, V] only"
+            try:
+                if impl == "liger_ce":
+                    import liger_kernel.transformers.functional  # noqa: F401
+                else:
+                    import liger_kernel.transformers.grpo_loss  # noqa: F401
+            except Exception as exc:  # noqa: BLE001 - any import failure means: not available
+                return f"liger-kernel not importable: {type(exc).__name__}: {exc}"
         return None
 
     @staticmethod
@@ -265,7 +292,7 @@ class Session:
             "input_bytes": inp.storage_bytes, "first_call_s": round(first_call_s, 3),
         }
         if shape.linear:
-            row.update(self._linear_fields(shape, timing.ms, inp.rows))
+            row.update(self._linear_fields(shape, timing.ms, inp.rows, case.impl))
         row.update(runner.extra)
         if case.impl == "compile":
             row["graph_breaks"] = _graph_break_count() - graph_breaks
@@ -274,16 +301,21 @@ class Session:
         self.write()
         return Outcome(row=row)
 
-    def _linear_fields(self, shape: Shape, ms: float, rows: int) -> Dict[str, object]:
-        """H, the matmul floor (NOTES.md) and the achieved matmul rate of a fused-linear row."""
+    def _linear_fields(self, shape: Shape, ms: float, rows: int, impl: str
+                       ) -> Dict[str, object]:
+        """H, the matmul floor of the implementation's own mode on the counted tokens
+        (NOTES.md), the same over every row the layout holds, and the achieved rates."""
         rate = float(self.data["matmul_tflops"]) * 1e12  # FLOP/s, this run
-        floor_ms = linear_flops(shape) / rate * 1e3
-        floor_rows_ms = linear_flops(shape, rows) / rate * 1e3
+        flops = linear_flops(shape, impl=impl)
+        flops_rows = linear_flops(shape, rows, impl=impl)
+        floor_ms = flops / rate * 1e3
+        floor_rows_ms = flops_rows / rate * 1e3
         return {"H": shape.H, "matmul_tflops": float(self.data["matmul_tflops"]),
+                "floor_matmuls": LINEAR_FLOOR_MATMULS[impl],
                 "floor_ms": float(floor_ms), "x_floor": float(ms / floor_ms),
                 "floor_ms_rows": float(floor_rows_ms), "x_floor_rows": float(ms / floor_rows_ms),
-                "tflops": float(linear_flops(shape) / (ms * 1e-3) / 1e12),
-                "tflops_rows": float(linear_flops(shape, rows) / (ms * 1e-3) / 1e12)}
+                "tflops": float(flops / (ms * 1e-3) / 1e12),
+                "tflops_rows": float(flops_rows / (ms * 1e-3) / 1e12)}
 
 
 def _graph_break_count() -> int:

@@ -144,24 +144,35 @@ def group_advantages(rewards: torch.Tensor, group_ids: torch.Tensor) -> torch.Te
 
 @dataclass
 class LinearInputs:
-    """One fused-linear row's inputs (padded): hidden [B, T, H], weight [V, H]."""
+    """One fused-linear row's inputs: padded hidden [B, T, H] (labels, ref_logprobs, mask
+    [B, T]) or packed hidden [N, H] (labels, ref_logprobs, seq_ids [N], every row counted);
+    weight [V, H]."""
 
     shape: Shape
     B: int
     T: int
-    rows: int                     # token rows the matmuls see: B·T
-    hidden: torch.Tensor          # [B, T, H] contiguous, the shape's dtype
+    rows: int                     # token rows the matmuls see: B·T (padded) or N (packed)
+    hidden: torch.Tensor          # [B, T, H] | [N, H] contiguous, the shape's dtype
     weight: torch.Tensor          # [V, H]
-    labels: torch.Tensor          # [B, T] int64
-    ref_logprobs: torch.Tensor    # [B, T] float32
+    labels: torch.Tensor          # [B, T] | [N] int64
+    ref_logprobs: torch.Tensor    # [B, T] | [N] float32
     rewards: torch.Tensor         # [B] float32
     advantages: torch.Tensor      # [B] float32, normalized within the groups (Liger)
-    mask: torch.Tensor            # [B, T] int64 0/1
+    mask: Optional[torch.Tensor]  # [B, T] int64 0/1 (padded)
     group_ids: torch.Tensor       # [B] int64
+    seq_ids: Optional[torch.Tensor] = None   # [N] int64 (packed)
 
     @property
     def storage_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.hidden, self.weight))
+
+    @property
+    def counted(self) -> torch.Tensor:
+        """bool, labels' shape: the rows the loss counts."""
+        return self.mask != 0 if self.mask is not None else self.seq_ids >= 0
+
+    def layout_kwargs(self):
+        return {"mask": self.mask} if self.mask is not None else {"seq_ids": self.seq_ids}
 
 
 @torch.no_grad()
@@ -178,12 +189,23 @@ def make_linear_inputs(shape: Shape, device: torch.device, seed: int) -> LinearI
     rewards = torch.randn(b, generator=cpu_gen)
     group_ids = group_ids_for(b)
     advantages = group_advantages(rewards, group_ids)
-    hidden = torch.randn(b, t, h, dtype=dtype, device=device, generator=dev_gen)
+    packed = shape.layout == "packed"
+    rows = shape.N if packed else b * t
+    hidden = torch.randn(*((rows,) if packed else (b, t)), h, dtype=dtype, device=device,
+                         generator=dev_gen)
     weight = torch.randn(v, h, dtype=dtype, device=device, generator=dev_gen).mul_(h ** -0.5)
+    labels = torch.randint(0, v, (rows,) if packed else (b, t), generator=cpu_gen).to(device)
+    if packed:
+        ref = torch.cat([chunked_logprobs(hidden[i:i + 2048] @ weight.t(), labels[i:i + 2048])
+                         for i in range(0, rows, 2048)])
+        ref = ref.cpu() + REF_NOISE * torch.randn(rows, generator=cpu_gen)
+        seq_ids = torch.repeat_interleave(torch.arange(b), lengths).to(device)
+        return LinearInputs(shape, b, t, rows, hidden, weight, labels, ref.to(device),
+                            rewards.to(device), advantages.to(device), None,
+                            group_ids.to(device), seq_ids=seq_ids)
     mask = (torch.arange(t)[None, :] < lengths[:, None]).long()
-    labels = torch.randint(0, v, (b, t), generator=cpu_gen).to(device)
     ref = torch.stack([chunked_logprobs(hidden[i] @ weight.t(), labels[i]) for i in range(b)])
     ref = ref.cpu() + REF_NOISE * torch.randn(b, t, generator=cpu_gen)
-    return LinearInputs(shape, b, t, b * t, hidden, weight, labels, ref.to(device),
+    return LinearInputs(shape, b, t, rows, hidden, weight, labels, ref.to(device),
                         rewards.to(device), advantages.to(device), mask.to(device),
                         group_ids.to(device))

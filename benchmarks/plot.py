@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Dict, List, Tuple
 
-from benchmarks.report import IMPL_ORDER, SHORT_DTYPE, is_linear_row, load
+from benchmarks.report import IMPL_ORDER, LABELS, SHORT_DTYPE, is_linear_row, load
 
 
 def plot(data: Dict[str, object], out_png) -> Path:
@@ -46,7 +46,7 @@ def plot(data: Dict[str, object], out_png) -> Path:
             if not pts:
                 continue
             ax.bar([xpos[(r["V"], r["N"])] + (k - (len(impls) - 1) / 2) * width for r in pts],
-                   [r["gbps"] for r in pts], width, label=impl, color=color[impl])
+                   [r["gbps"] for r in pts], width, label=LABELS.get(impl, impl), color=color[impl])
         ax.axhline(data["copy_gbps"], color="k", ls="--", lw=1,
                    label=f"device copy {data['copy_gbps']:,.0f} GB/s")
         ax.set_xticks(range(len(shapes)))

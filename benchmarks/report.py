@@ -5,9 +5,11 @@
 
 The table goes between the markers ``<!-- perf-table:start -->`` and
 ``<!-- perf-table:end -->``; a README without both markers (in that order) is left untouched.
-Fused-linear rows (hidden states -> loss, grads of hidden and weight; rows with "H") get a
-second table: time over the 4-matmul floor and against Liger's fused-linear GSPO loss, with
-the issue-4 targets.
+The torch denominator of the headline is the strong-torch OPO (``torch_compiled``,
+benchmarks/peers_torch.py); the package's reference rows stay, labelled "reference (readable,
+slow)". Fused-linear rows (hidden states -> loss, grads of hidden and weight; rows with "H")
+get a second table: time over the floor of each implementation's own mode on the counted
+tokens, against the peers, with the fused-linear targets (stated here once: ``LINEAR_TARGETS``).
 """
 
 from __future__ import annotations
@@ -19,7 +21,6 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 from benchmarks.cases import ALL_IMPLS, LINEAR_IMPLS
-from benchmarks.counts import FLOOR_MATMULS
 from benchmarks.results import validate_results
 
 START = "<!-- perf-table:start -->"
@@ -27,12 +28,28 @@ END = "<!-- perf-table:end -->"
 IMPL_ORDER = {name: i for i, name in enumerate(ALL_IMPLS)}
 SHORT_DTYPE = {"bfloat16": "bf16", "float32": "fp32", "float16": "fp16"}
 
-# Issue 4 targets for opo_kernels_fused_linear (reported, not asserted): ratios <= these
+# display names: what each impl is, for a reader of the table
+LABELS = {
+    "torch_compiled": "torch_compiled (strong torch, compiled)",
+    "eager": "eager: reference (readable, slow)",
+    "compile": "compile: reference (readable, slow), torch.compile",
+}
+TORCH_BASELINE = "torch_compiled"
+
+# The fused-linear targets (bf16, GPU), the one place they are stated; each verdict in the
+# table is computed from the measured rows of the same run:
 LINEAR_OURS = "opo_kernels_fused_linear"
-LINEAR_LIGER = "liger_fused_linear_gspo"
-TARGET_TIME_VS_LIGER = 0.8
-TARGET_PEAK_VS_LIGER = 1.0
-TARGET_X_FLOOR = 1.3
+LINEAR_TARGETS = {
+    "x_floor_general": 1.15,     # opo_kernels_fused_linear ≤ 1.15× its 4-matmul floor
+    "x_floor_on_policy": 1.15,   # opo_kernels_fused_linear_on_policy ≤ 1.15× its 3-matmul floor
+    "budget_vs_materialized": 1.05,  # logits held: ≤ 1.05× opo_kernels_materialized's time
+    "vs_peer": 1.0,              # ≤ cut-cross-entropy's and ≤ TRL head + our log-prob loss
+}
+# Quack's linear cross-entropy, forward + backward at M = 4096, H = 4096, V = 128256 on an H200
+# (3 matmuls, gradient in place): 17.3 ms. A published figure, not measured here; compared only
+# on an H200 at the packed shape, with the on-policy mode (the same 3 matmuls).
+QUACK_H200_MS = 17.3
+QUACK_FACTOR = 1.15
 
 
 def load(path) -> Dict[str, object]:
@@ -70,9 +87,13 @@ def render_table(data: Dict[str, object]) -> str:
     rows.sort(key=lambda r: (shape_order[_shape_key(r)], IMPL_ORDER.get(r["impl"], 99)))
     ours = {_shape_key(r): r["ms"] for r in rows if r["impl"] == "opo_kernels"}
     ours_inplace = {_shape_key(r): r["ms"] for r in rows if r["impl"] == "opo_kernels_inplace"}
+    strong = {_shape_key(r): r["ms"] for r in rows if r["impl"] == TORCH_BASELINE}
     timers = sorted({str(r.get("timer", "?")) for r in data["rows"]})
-    how = ("median of CUDA-event timings" if all(t.startswith(("do_bench", "cuda")) for t in timers)
-           else "median of " + "/".join(timers) + " timings")
+    if timers == ["cuda-events"]:
+        how = ("median of CUDA-event timings, one loop for every implementation (L2 flushed, "
+               "device synchronized before each call: host time included alike)")
+    else:
+        how = "median of " + "/".join(timers) + " timings"
 
     commit = str(data["commit"])[:12]
     extras = ""
@@ -89,9 +110,11 @@ def render_table(data: Dict[str, object]) -> str:
         f"commit `{commit}`{extras}). Device copy bandwidth {_fmt_gbps(data['copy_gbps'])} GB/s "
         f"(read + write, same run). Forward + backward of one loss call, {how}; GB/s is "
         "effective: 3·N·V·itemsize (2 reads + 1 write of the counted logits) over the time, the "
-        "same byte count for every implementation (benchmarks/NOTES.md). The last two columns "
-        "are the row's time over opo_kernels' (resp. opo_kernels_inplace's) at the same shape: "
-        "how many times faster ours is.")
+        "same byte count for every implementation (benchmarks/NOTES.md). The last three columns "
+        "are the row's time over opo_kernels' (resp. opo_kernels_inplace's, the strong-torch "
+        "baseline torch_compiled's) at the same shape. The headline's torch denominator is "
+        "torch_compiled (a well-written PyTorch OPO under torch.compile); the eager/compile "
+        "rows are the package's reference, written to be read, not to be fast.")
     resumed = data.get("resumed_from")
     if resumed and any(r.get("run") == "resumed" for r in data["rows"]):
         lines[-1] += (
@@ -103,20 +126,28 @@ def render_table(data: Dict[str, object]) -> str:
     if rows or not linear:  # no empty logits table above the fused-linear one
         lines.append("")
         lines.append("| N | V | dtype | layout | impl | ms | GB/s | % of copy | extra peak MiB "
-                     "| ÷ opo_kernels | ÷ opo_kernels_inplace |")
-        lines.append("|---:|---:|---|---|---|---:|---:|---:|---:|---:|---:|")
+                     "| ÷ opo_kernels | ÷ opo_kernels_inplace | ÷ torch_compiled |")
+        lines.append("|---:|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         ratios = []
-        for ref in (ours, ours_inplace):
+        for ref in (ours, ours_inplace, strong):
             base = ref.get(_shape_key(r))
             ratios.append(f"{r['ms'] / base:.2f}×" if base else "–")
         pct = r.get("pct_copy", 100 * r["gbps"] / data["copy_gbps"])
         lines.append(
             f"| {r['N']} | {r['V']} | {SHORT_DTYPE.get(r['dtype'], r['dtype'])} | {r['layout']} "
-            f"| {r['impl']} | {r['ms']:.3f} | {_fmt_gbps(r['gbps'])} | {pct:.1f} "
-            f"| {_fmt_mem(r['peak_mem_bytes'])} | {ratios[0]} | {ratios[1]} |")
+            f"| {LABELS.get(r['impl'], r['impl'])} | {r['ms']:.3f} | {_fmt_gbps(r['gbps'])} "
+            f"| {pct:.1f} "
+            f"| {_fmt_mem(r['peak_mem_bytes'])} | {ratios[0]} | {ratios[1]} | {ratios[2]} |")
     if not rows and not linear:
-        lines.append("| – | – | – | – | (no rows) | – | – | – | – | – | – |")
+        lines.append("| – | – | – | – | (no rows) | – | – | – | – | – | – | – |")
+    for h in headline(data):
+        lines.append("")
+        lines.append(
+            f"At N={h['N']} V={h['V']} {SHORT_DTYPE.get(h['dtype'], h['dtype'])} {h['layout']}: "
+            f"opo_kernels is {h['vs_torch']:.2f}× faster than the strong-torch baseline "
+            f"(torch_compiled), {h['vs_compile_ref']}× the compiled reference's time and "
+            f"{h['vs_eager_ref']}× the eager reference's (readable, slow).")
     if linear:
         lines.append("")
         lines.append(linear.rstrip("\n"))
@@ -151,22 +182,66 @@ def _verdict(x: Optional[float], target: float) -> str:
     return "met" if x <= target else "NOT met"
 
 
+def headline(data: Dict[str, object]) -> List[Dict[str, object]]:
+    """Per logits shape with both rows: opo_kernels' speed-up over the strong-torch baseline
+    (and, for reference, over the package's reference rows)."""
+    rows = [r for r in data["rows"] if not is_linear_row(r)]
+    out = []
+    for key in dict.fromkeys(_shape_key(r) for r in rows):
+        at = {r["impl"]: r for r in rows if _shape_key(r) == key}
+        ours, strong = at.get("opo_kernels"), at.get(TORCH_BASELINE)
+        if not ours or not strong:
+            continue
+
+        ref = {impl: f"{at[impl]['ms'] / ours['ms']:.2f}" if impl in at else "–"
+               for impl in ("compile", "eager")}
+        out.append({"N": key[0], "V": key[1], "dtype": key[2], "layout": key[3],
+                    "vs_torch": strong["ms"] / ours["ms"], "vs_compile_ref": ref["compile"],
+                    "vs_eager_ref": ref["eager"]})
+    return out
+
+
+def _chunk_bytes(row: Optional[dict]) -> int:
+    """One chunk of logits of our fused-linear row (its chunk_size·V·2 bytes, bf16)."""
+    if not row or not row.get("chunk_size"):
+        return 0
+    return int(row["chunk_size"]) * int(row["V"]) * {"float32": 4}.get(row["dtype"], 2)
+
+
 def linear_targets(data: Dict[str, object]) -> List[Dict[str, object]]:
-    """Per fused-linear shape: ours' time and peak over Liger's, and ours' x_floor, each with
-    its target (None where a row is missing or its peak was not measured)."""
+    """Per fused-linear shape, each target of ``LINEAR_TARGETS`` from the rows of the run:
+    (name, measured ratio or None, limit) tuples under "checks"."""
     rows = [r for r in data["rows"] if is_linear_row(r)]
     out = []
     for key in dict.fromkeys(_shape_key(r) for r in rows):
         at = {r["impl"]: r for r in rows if _shape_key(r) == key}
-        ours, liger = at.get(LINEAR_OURS), at.get(LINEAR_LIGER)
-        out.append({
-            "shape": key, "ours": ours, "liger": liger,
-            "time_vs_liger": _ratio(ours and ours["ms"], liger and liger["ms"]),
-            "peak_vs_liger": _ratio(ours and ours["peak_mem_bytes"],
-                                    liger and liger["peak_mem_bytes"]),
-            "x_floor": ours.get("x_floor") if ours else None,
-            "x_floor_rows": ours.get("x_floor_rows") if ours else None,
-        })
+        ours = at.get(LINEAR_OURS)
+        on_policy = at.get("opo_kernels_fused_linear_on_policy")
+        budget, mat = at.get("opo_kernels_fused_linear_budget"), at.get("opo_kernels_materialized")
+        checks = [
+            ("opo_kernels_fused_linear × its 4-matmul floor", ours and ours.get("x_floor"),
+             LINEAR_TARGETS["x_floor_general"]),
+            ("opo_kernels_fused_linear_on_policy × its 3-matmul floor",
+             on_policy and on_policy.get("x_floor"), LINEAR_TARGETS["x_floor_on_policy"]),
+            ("opo_kernels_fused_linear_budget ÷ opo_kernels_materialized (time)",
+             _ratio(budget and budget["ms"], mat and mat["ms"]),
+             LINEAR_TARGETS["budget_vs_materialized"]),
+        ]
+        for peer in ("cce", "trl_head"):
+            theirs = at.get(peer)
+            checks.append((f"opo_kernels_fused_linear ÷ {peer} (time)",
+                           _ratio(ours and ours["ms"], theirs and theirs["ms"]),
+                           LINEAR_TARGETS["vs_peer"]))
+            peak = _ratio(ours and ours["peak_mem_bytes"],
+                          theirs and theirs["peak_mem_bytes"] >= 0
+                          and theirs["peak_mem_bytes"] + _chunk_bytes(ours))
+            checks.append((f"opo_kernels_fused_linear peak ÷ ({peer}'s + one chunk)", peak,
+                           1.0))
+        if "H200" in str(data.get("device")) and key[3] == "packed" and on_policy:
+            checks.append((f"opo_kernels_fused_linear_on_policy ÷ Quack's published "
+                           f"{QUACK_H200_MS} ms (H200)", on_policy["ms"] / QUACK_H200_MS,
+                           QUACK_FACTOR))
+        out.append({"shape": key, "checks": checks})
     return out
 
 
@@ -179,45 +254,44 @@ def render_linear_table(data: Dict[str, object]) -> str:
     for row in rows:
         shape_order.setdefault(_shape_key(row), len(shape_order))
     rows.sort(key=lambda r: (shape_order[_shape_key(r)], IMPL_ORDER.get(r["impl"], 99)))
-    liger = {_shape_key(r): r for r in rows if r["impl"] == LINEAR_LIGER}
+    ours = {_shape_key(r): r for r in rows if r["impl"] == LINEAR_OURS}
     rate = data.get("matmul_tflops")
     rate_txt = _fmt_gbps(rate) if isinstance(rate, (int, float)) else "?"
     mm = "×".join(str(x) for x in data.get("matmul_shape") or []) or "?"
     lines = [
-        "Fused linear: loss from hidden states `[B, T, H]` and the LM head `[V, H]`, forward + "
-        "backward including the gradients of hidden and weight (padded, ~70 % of the B·T "
-        f"positions counted: N tokens). Floor: {FLOOR_MATMULS} matmuls of 2·N·H·V FLOPs "
-        f"(logits, logits recomputed in backward, ∂hidden, ∂weight) at the bf16 matmul rate "
-        f"measured in the same run, {rate_txt} TFLOP/s (torch.matmul {mm}, median); "
-        "\"× floor (B·T)\" counts all B·T rows, padding included. Targets for "
-        f"{LINEAR_OURS}: time ≤ {TARGET_TIME_VS_LIGER}× {LINEAR_LIGER}'s, extra peak memory "
-        f"≤ its, time ≤ {TARGET_X_FLOOR}× the floor.",
+        "Fused linear: loss from hidden states and the LM head `[V, H]`, forward + backward "
+        "including the gradients of hidden and weight; padded `[B, T, H]` (~70 % of the B·T "
+        "positions counted: N tokens) and packed `[N, H]` (every row counted). Floor: the "
+        "matmuls of each implementation's own mode, 2·N·H·V FLOPs each on the N counted "
+        f"tokens (4 in general: logits, logits again in backward, ∂hidden, ∂weight; 3 "
+        f"on-policy or with the logits held or materialized), at the bf16 matmul rate "
+        f"measured in the same run and used as quoted: {rate_txt} TFLOP/s (torch.matmul {mm}, "
+        "median). \"× floor (rows)\" counts every row the layout holds, padding included. "
+        "cce is cut-cross-entropy in its exact mode and trl_head TRL's chunked log-prob head, "
+        "each followed by opo_loss_from_logprobs; Liger runs GSPO (no OPO in Liger), at its "
+        "default fp32 matmul precision (TF32 off) and with TF32 on (_tf32).",
         "",
-        "| B | T | H | V | N | impl | ms | TFLOP/s | × floor | × floor (B·T) | extra peak MiB "
-        "| ms ÷ Liger | peak ÷ Liger |",
-        "|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| layout | B | T | H | V | N | impl | floor matmuls | ms | TFLOP/s | × floor "
+        "| × floor (rows) | extra peak MiB | ms ÷ fused_linear |",
+        "|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
-        lig = liger.get(_shape_key(r))
+        base = ours.get(_shape_key(r))
         lines.append(
-            f"| {r.get('B', '?')} | {r.get('T', '?')} | {r['H']} | {r['V']} | {r['N']} "
-            f"| {r['impl']} | {r['ms']:.3f} | {_fmt_gbps(r.get('tflops', float('nan')))} "
+            f"| {r['layout']} | {r.get('B', '?')} | {r.get('T', '?')} | {r['H']} | {r['V']} "
+            f"| {r['N']} | {r['impl']} | {r.get('floor_matmuls', '?')} | {r['ms']:.3f} "
+            f"| {_fmt_gbps(r.get('tflops', float('nan')))} "
             f"| {_fmt_ratio(r.get('x_floor'))} | {_fmt_ratio(r.get('x_floor_rows'))} "
             f"| {_fmt_mem(r['peak_mem_bytes'])} "
-            f"| {_fmt_ratio(_ratio(r['ms'], lig and lig['ms']))} "
-            f"| {_fmt_ratio(_ratio(r['peak_mem_bytes'], lig and lig['peak_mem_bytes']))} |")
+            f"| {_fmt_ratio(_ratio(r['ms'], base and base['ms']))} |")
     for t in linear_targets(data):
-        n, v, dtype, _layout, h, b = t["shape"]
+        n, v, dtype, layout, h, b = t["shape"]
+        where = f"B={b} " if layout == "padded" else ""
         lines.append("")
-        lines.append(
-            f"Targets at B={b} H={h} V={v} N={n} {SHORT_DTYPE.get(dtype, dtype)}: "
-            f"time ÷ Liger {_fmt_ratio(t['time_vs_liger'])} (≤ {TARGET_TIME_VS_LIGER}: "
-            f"{_verdict(t['time_vs_liger'], TARGET_TIME_VS_LIGER)}); "
-            f"peak ÷ Liger {_fmt_ratio(t['peak_vs_liger'])} (≤ {TARGET_PEAK_VS_LIGER}: "
-            f"{_verdict(t['peak_vs_liger'], TARGET_PEAK_VS_LIGER)}); "
-            f"× floor {_fmt_ratio(t['x_floor'])} (≤ {TARGET_X_FLOOR}: "
-            f"{_verdict(t['x_floor'], TARGET_X_FLOOR)}; over all B·T rows "
-            f"{_fmt_ratio(t['x_floor_rows'])}).")
+        lines.append(f"Targets at {layout} {where}H={h} V={v} N={n} "
+                     f"{SHORT_DTYPE.get(dtype, dtype)}: " + "; ".join(
+                         f"{name} {_fmt_ratio(x)} (≤ {limit}: {_verdict(x, limit)})"
+                         for name, x, limit in t["checks"]) + ".")
     return "\n".join(lines) + "\n"
 
 

@@ -12,6 +12,7 @@ from typing import Dict, Tuple
 
 import torch
 
+from benchmarks import peers
 from benchmarks.cases import ALL_IMPLS, DTYPES, LINEAR_IMPLS, ROOT, Case, Settings, interpreter_on
 from benchmarks.runners import liger_version
 
@@ -50,6 +51,7 @@ def environment(device: torch.device, settings: Settings) -> Dict[str, object]:
         "python": platform.python_version(),
         "cuda": torch.version.cuda,
         "liger_kernel": liger_version(),
+        "peers": peers.versions(),
         "tiny": settings.tiny,
         "triton_interpret": interpreter_on(),
         "compile_backend": settings.compile_backend,
@@ -64,15 +66,18 @@ def environment(device: torch.device, settings: Settings) -> Dict[str, object]:
 
 METHOD_NOTE = (
     "ms: median of CUDA-event timings of forward+backward of one loss call "
-    "(torch.autograd.grad(loss, logits)); L2 flushed before each run; in-place impls restored "
-    "from a pristine copy outside the timed region. gbps: effective, bytes = 3*N*V*itemsize "
+    "(torch.autograd.grad(loss, logits)), the same loop for every impl: L2 flushed and the "
+    "device synchronized before each call (its host time counts, for every impl alike); "
+    "in-place impls restored from a pristine copy before the flush, outside the events. "
+    "gbps: effective, bytes = 3*N*V*itemsize "
     "(2 reads + 1 write of the counted logits) + small vectors, the same count for every impl. "
     "pct_copy: gbps / copy_gbps (device-to-device copy, read+write bytes, same run). "
     "peak_mem_bytes: max_memory_allocated during one call minus memory allocated before it "
     "(inputs). Fused-linear rows (H set): forward+backward incl. grads of hidden and weight; "
-    "bytes = 2*(B*T+V)*H*itemsize + small vectors; floor_ms = 4 matmuls of 2*N*H*V FLOPs "
-    "(N counted tokens) at matmul_tflops (bf16 torch.matmul measured in the same run), "
-    "x_floor = ms/floor_ms; floor_ms_rows/x_floor_rows the same with B*T rows. "
+    "bytes = 2*(rows+V)*H*itemsize + small vectors; floor_ms = floor_matmuls matmuls (4 "
+    "general; 3 on-policy or with the logits held / materialized) of 2*N*H*V FLOPs (N counted "
+    "tokens) at matmul_tflops (bf16 torch.matmul measured in the same run), "
+    "x_floor = ms/floor_ms; floor_ms_rows/x_floor_rows the same with every row of the layout. "
     "See benchmarks/NOTES.md."
 )
 

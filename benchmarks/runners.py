@@ -8,22 +8,13 @@ from typing import Callable, Dict, Optional
 
 import torch
 
+from benchmarks import peers
 from benchmarks.cases import DTYPES, GROUP_SIZE, SLICE_IMPLS, Case, Settings, is_linear_impl
 from benchmarks.inputs import Inputs, LinearInputs
 
-# Liger's GSPO setting as TRL documents it for GSPO: sequence-level ratio, no KL term, tight
-# clipping. Values only matter for which branch is taken; the kernels' memory traffic is
-# the same for any.
-LIGER_GSPO_KWARGS = dict(temperature=1.0, beta=0.0, eps_low=3e-4, eps_high=4e-4,
-                         loss_type="grpo", importance_sampling_level="sequence", reduce=True)
-# The same setting for Liger's chunked fused-linear GRPO loss (liger-kernel 0.8.5,
-# liger_kernel/chunked_loss/grpo_loss.py). beta=0 -> no reference model (use_ref_model=False);
-# chunk_size (sequences per chunk, default 1) and compiled (torch.compile of the loss math,
-# default True) are left at Liger's defaults.
-LIGER_FUSED_LINEAR_GSPO_KWARGS = dict(beta=0.0, use_ref_model=False, epsilon_low=3e-4,
-                                      epsilon_high=4e-4, loss_type="grpo",
-                                      importance_sampling_level="sequence", temperature=1.0)
-
+# the peers' settings live with their adapters (benchmarks/peers.py)
+LIGER_GSPO_KWARGS = peers.LIGER_GSPO_KWARGS
+LIGER_FUSED_LINEAR_GSPO_KWARGS = peers.LIGER_FUSED_LINEAR_GSPO_KWARGS
 
 
 @dataclass
@@ -58,11 +49,18 @@ def _layout_kwargs(inp: Inputs) -> Dict[str, torch.Tensor]:
 
 
 def liger_version() -> Optional[str]:
-    try:
-        from importlib.metadata import version
-        return version("liger-kernel")
-    except Exception:  # noqa: BLE001 - not installed, or metadata missing
-        return None
+    return peers.version("liger-kernel")
+
+
+def logits_budget_supported() -> bool:
+    """Whether the installed fused_linear_opo_loss takes ``logits_budget=`` (bytes of logits
+    held from forward to backward): a keyword of the function or a field of its config."""
+    import dataclasses
+    import inspect
+
+    from opo_kernels import OPOLossConfig, fused_linear_opo_loss
+    return ("logits_budget" in inspect.signature(fused_linear_opo_loss).parameters
+            or "logits_budget" in {f.name for f in dataclasses.fields(OPOLossConfig)})
 
 
 def build_linear_runner(case: Case, inp: LinearInputs) -> Runner:
@@ -71,42 +69,69 @@ def build_linear_runner(case: Case, inp: LinearInputs) -> Runner:
     hidden = inp.hidden.detach().requires_grad_()
     weight = inp.weight.detach().requires_grad_()
     leaves = (hidden, weight)
-    if impl == "opo_kernels_fused_linear":
+    layout = inp.layout_kwargs()
+    extra: Dict[str, object] = {}
+    if impl.startswith("opo_kernels_fused_linear"):
         from opo_kernels import fused_linear_opo_loss
         from opo_kernels.fused_linear_opo import default_chunk_size
 
-        def loss_fn():
-            return fused_linear_opo_loss(hidden, weight, inp.labels, inp.ref_logprobs,
-                                         inp.rewards, mask=inp.mask, group_ids=inp.group_ids,
-                                         backend="triton", validate=False)
-        from opo_kernels.linear_chunks import blocks_over_vocab, vocab_block_size
+        ref = None if impl.endswith("_on_policy") else inp.ref_logprobs
+        kw: Dict[str, object] = {}
+        if impl.endswith("_budget"):
+            # enough for every row's logits in the input dtype: all held, none recomputed
+            kw["logits_budget"] = inp.rows * inp.shape.V * DTYPES[inp.shape.dtype].itemsize
+            extra["logits_budget"] = kw["logits_budget"]
 
-        chunk = default_chunk_size(inp.rows, inp.shape.V, inp.shape.H, DTYPES[inp.shape.dtype])
-        # which dimension the backward cuts, and the columns per block when it is the vocabulary
-        extra: Dict[str, object] = {"chunk_size": chunk, "backward_cuts": "rows"}
-        if blocks_over_vocab(inp.rows, inp.shape.V):
-            extra.update(backward_cuts="vocabulary",
-                         vocab_block=vocab_block_size(inp.rows, inp.shape.V, chunk))
+        def loss_fn():
+            return fused_linear_opo_loss(hidden, weight, inp.labels, ref, inp.rewards,
+                                         group_ids=inp.group_ids, backend="triton",
+                                         validate=False, **layout, **kw)
+        extra["chunk_size"] = default_chunk_size(inp.rows, inp.shape.V, inp.shape.H,
+                                                 DTYPES[inp.shape.dtype])
+        extra["on_policy"] = ref is None
     elif impl == "opo_kernels_materialized":
         from opo_kernels import opo_loss
 
         def loss_fn():
-            logits = torch.matmul(hidden, weight.t())  # [B, T, V], materialized
-            return opo_loss(logits, inp.labels, inp.ref_logprobs, inp.rewards, mask=inp.mask,
-                            group_ids=inp.group_ids, backend="triton", validate=False)
-        extra = {}
-    elif impl == "liger_fused_linear_gspo":
-        from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
-        module = LigerFusedLinearGRPOLoss(**LIGER_FUSED_LINEAR_GSPO_KWARGS)
+            logits = torch.matmul(hidden, weight.t())  # [B, T, V] / [N, V], materialized
+            return opo_loss(logits, inp.labels, inp.ref_logprobs, inp.rewards,
+                            group_ids=inp.group_ids, backend="triton", validate=False,
+                            **layout)
+    elif impl in ("cce", "trl_head"):
+        from opo_kernels import opo_loss_from_logprobs
+
+        counted = inp.counted
+        if impl == "cce":
+            targets = torch.where(counted, inp.labels, peers.IGNORE_INDEX)
+
+            def logprobs():
+                return peers.cce_logprobs(hidden, weight, targets)
+            extra = peers.cce_extra(hidden.device)
+        else:
+            def logprobs():
+                return peers.trl_head_logprobs(hidden, weight, inp.labels, counted)
+            extra = peers.trl_extra()
 
         def loss_fn():
-            # its forward computes the loss AND the gradients, chunk by chunk (backward only
-            # returns them); returns (loss, metrics)
-            loss, _metrics = module(hidden, weight, inp.labels, inp.mask, inp.advantages,
-                                    bias=None, old_per_token_logps=inp.ref_logprobs)
-            return loss
-        extra = {"liger_kernel": liger_version(), "liger_chunk_size": module.chunk_size,
-                 "liger_compiled": module.compiled}
+            return opo_loss_from_logprobs(logprobs(), inp.ref_logprobs, inp.rewards,
+                                          group_ids=inp.group_ids, vocab_size=inp.shape.V,
+                                          backend="triton", validate=False, **layout)
+    elif impl in ("liger_fused_linear_gspo", "liger_fused_linear_gspo_tf32"):
+        module = peers.liger_fused_linear_module()
+        tf32 = impl.endswith("_tf32")
+        if inp.mask is not None:
+            args = (inp.labels, inp.mask, inp.advantages, inp.ref_logprobs)
+            view = lambda x: x  # noqa: E731
+        else:  # Liger takes [B, T, H] only: the packed rows as one sequence (same matmuls)
+            args = (inp.labels[None], torch.ones_like(inp.labels)[None], inp.advantages[:1],
+                    inp.ref_logprobs[None])
+            view = lambda x: x[None]  # noqa: E731
+            extra["liger_layout"] = "packed rows as one [1, N, H] sequence"
+
+        def loss_fn():
+            return peers.liger_fused_linear_gspo(module, view(hidden), weight, *args[:3],
+                                                 args[3], tf32=tf32)
+        extra.update(peers.liger_extra(module), tf32=tf32)
     else:
         raise ValueError(f"unknown fused-linear implementation {impl!r}")
 
@@ -152,15 +177,25 @@ def build_runner(case: Case, inp: Inputs, settings: Settings) -> Runner:
             torch.autograd.grad(loss_fn(), leaf)
         return Runner(step, inplace, extra)
 
+    if impl == "torch_compiled":
+        from benchmarks.peers_torch import TorchOPO
+        opo = TorchOPO(backend=settings.compile_backend)
+        leaf = inp.logits.detach().requires_grad_()  # the [:, :-1] view, read in place
+        group_ids = torch.arange(inp.B, device=leaf.device) // GROUP_SIZE
+        prepared = opo.prepare(inp.labels, inp.ref_logprobs, inp.rewards, vocab_size=inp.shape.V,
+                               group_ids=group_ids, **kw)
+
+        def step():
+            torch.autograd.grad(opo(leaf, prepared), leaf)
+        return Runner(step, False, opo.extra())
+
     if impl in ("liger_gspo", "liger_gspo_noinplace"):
-        from liger_kernel.transformers.grpo_loss import triton_grpo_loss
         leaf = inp.storage.detach().requires_grad_()  # Liger takes the full [B, T+1, V]
         inplace = impl == "liger_gspo"
 
         def step():
-            loss, _metrics = triton_grpo_loss(leaf, inp.ref_logprobs, None, inp.labels,
-                                              inp.advantages, inp.mask, inplace=inplace,
-                                              **LIGER_GSPO_KWARGS)
+            loss = peers.liger_gspo_logits(leaf, inp.ref_logprobs, inp.labels, inp.advantages,
+                                           inp.mask, inplace=inplace)
             torch.autograd.grad(loss, leaf)
         return Runner(step, inplace, {"liger_kernel": liger_version()})
 

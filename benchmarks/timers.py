@@ -1,5 +1,5 @@
-"""Timers (CUDA events / do_bench, host clock without CUDA), the copy bandwidth and matmul
-rate measured in the same run, and the peak memory of one call."""
+"""Timers (CUDA events, one loop for every implementation; the host clock without CUDA), the
+copy bandwidth and matmul rate measured in the same run, and the peak memory of one call."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import torch
 
 from benchmarks.runners import Runner
 
-# The bf16 matmul rate, measured once per run: [M, K] @ [K, N] (do_bench median on CUDA; a
+# The bf16 matmul rate, measured once per run: [M, K] @ [K, N] (time_cuda median on CUDA; a
 # small one on the host clock in tiny CPU mode, only so that the fields exist).
 MATMUL_SHAPE = (8192, 8192, 8192)
 MATMUL_SHAPE_TINY = (256, 256, 256)
@@ -54,11 +54,18 @@ def time_host(fn, setup=None, warmup: int = 1, reps: int = 3) -> Timing:
                   reps, "host-clock")
 
 
+TIMER = "cuda-events"   # the one device timer (time_cuda)
+
+
 def _events_once(fn, setup, flush: torch.Tensor) -> float:
+    """One timed call: setup (restore an in-place input), L2 flush, then the device is
+    synchronized, so the events measure the call from an idle device: its host time (Python,
+    launches) counts for every implementation alike, none hides it behind queued work."""
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     if setup:
         setup()
     flush.zero_()
+    torch.cuda.synchronize()
     start.record()
     fn()
     end.record()
@@ -68,9 +75,9 @@ def _events_once(fn, setup, flush: torch.Tensor) -> float:
 
 def time_cuda(fn, setup=None, warmup_ms: float = 25, rep_ms: float = 200,
               max_rep_ms: float = 4000, min_reps: int = 10) -> Timing:
-    """CUDA-event median. Without setup: triton.testing.do_bench. With setup (restore the
-    input of an in-place implementation): the same loop (L2 flushed, events around fn only)
-    with setup() run before each timed call, outside the events.
+    """CUDA-event median of fn(), the same loop for every implementation (``_events_once``:
+    L2 flushed, device idle at the start, setup() — the restore of an in-place input — before
+    each call, outside the events).
 
     The repeat time is scaled to the call's duration: at least `min_reps` runs or `rep_ms`.
     """
@@ -78,18 +85,14 @@ def time_cuda(fn, setup=None, warmup_ms: float = 25, rep_ms: float = 200,
     est = statistics.median(_events_once(fn, setup, flush) for _ in range(3))
     warmup = max(warmup_ms, 3 * est)
     rep = min(max(rep_ms, min_reps * est), max(max_rep_ms, 3 * est))
-    if setup is None:
-        from triton.testing import do_bench
-        del flush
-        med, p20, p80 = do_bench(fn, warmup=warmup, rep=rep, quantiles=[0.5, 0.2, 0.8],
-                                 return_mode="median")
-        return Timing(float(med), float(p20), float(p80), max(1, int(rep / est)), "do_bench")
-    for _ in range(max(1, int(warmup / est))):
-        setup()
+    for _ in range(max(1, int(warmup / max(est, 1e-3)))):
+        if setup:
+            setup()
         fn()
-    times = [_events_once(fn, setup, flush) for _ in range(max(3, int(rep / est)))]
+    times = [_events_once(fn, setup, flush)
+             for _ in range(max(min_reps, int(rep / max(est, 1e-3))))]
     return Timing(statistics.median(times), _quantile(times, 0.2), _quantile(times, 0.8),
-                  len(times), "cuda-events+restore")
+                  len(times), TIMER)
 
 
 def copy_bandwidth(device: torch.device) -> Dict[str, float]:
@@ -113,7 +116,7 @@ def copy_bandwidth(device: torch.device) -> Dict[str, float]:
 
 def matmul_rate(device: torch.device) -> Dict[str, object]:
     """The bf16 matmul rate of this device: 2·M·N·K FLOPs over the median time of one
-    torch.matmul([M, K], [K, N]) (do_bench on CUDA; host clock, small shape, without CUDA)."""
+    torch.matmul([M, K], [K, N]) (time_cuda on CUDA; host clock, small shape, without CUDA)."""
     m, n, k = MATMUL_SHAPE if device.type == "cuda" else MATMUL_SHAPE_TINY
     gen = torch.Generator(device=device).manual_seed(0)
     a = torch.randn(m, k, dtype=torch.bfloat16, device=device, generator=gen)
