@@ -1,40 +1,37 @@
 """The OPO loss fused with the LM head (logits = hidden @ weight.T + bias), chunked over token
-rows so that the [N, V] logits are never materialized: launchers -> autograd.Function -> API.
+rows so that the logits of all rows are never materialized: autograd.Function -> API.
 
-The Triton kernels are the ones of ``fused_opo.py``; ``linear_chunks.py`` feeds them chunks of
-rows, this file holds the autograd function and the API.
-With C = chunk_size and rows flattened to [N, H] (padded [B, T, H] row-major, or packed):
+The Triton kernels are the ones of ``fused_opo.py``. ``linear_rows.py`` finds the M counted
+rows (padded rows with mask == 0 and packed rows with seq_ids == −1 are never read, never
+multiplied); ``linear_plan.py`` cuts them into chunks; ``linear_chunks.py`` runs the loops.
+With C = rows per chunk and K = rows whose logits fit ``logits_budget``:
 
-  phase 1 (forward), per chunk:  logits_c = hidden_c @ weight.T + bias        [C, V], input dtype
-                                 forward_rows(logits_c) -> lp, stats, H_t     [C], [C, 2]
-          then ONCE over all N rows: epilogue -> loss, metrics, c_t           (epilogue.py)
-  phase 2 (backward), the logits recomputed block by block, each block's gradient written IN
-          PLACE by backward_rows(c_t·grad_loss), then multiplied into the three gradients.
-          ∂hidden sums over V and ∂W over the rows, so the loop cuts the smaller dimension
-          (its accumulator is the smaller one; ``linear_chunks.backward_chunks``):
-          N < V, per block of Vb columns (N·Vb <= C·V logits):
-                                 logits_b = hidden @ weight[b].T + bias[b]    [N, Vb]
-                                 grad_weight[b] = grad_logits_b.T @ hidden    (written once)
-                                 grad_hidden   += grad_logits_b @ weight[b]   (fp32)
-                                 grad_bias[b]   = grad_logits_b.sum(0)
-          N >= V, per chunk of C rows:
-                                 grad_hidden_c = grad_logits_c @ weight       (input dtype)
-                                 grad_weight  += grad_logits_c.T @ hidden_c   (fp32)
-                                 grad_bias    += grad_logits_c.sum(0)         (fp32)
+  phase 1 (forward):  logits of rows [0, K) in one matmul, KEPT for the backward; then per
+                      chunk of the other rows: logits_c = hidden_c @ weight.T + bias [C, V]
+                      (input dtype), forward_rows(logits_c) -> lp, stats, H_t [C], [C, 2];
+                      then ONCE over all M rows: epilogue -> loss, metrics, c_t (epilogue/)
+  phase 2 (backward): the kept logits' gradient written IN PLACE by backward_rows, then
+                      multiplied (∂hidden of rows [0, K), ∂W, ∂b); the other rows' logits
+                      recomputed block by block, each block's gradient written in place and
+                      multiplied (``linear_chunks.backward_chunks``: blocks of columns when
+                      those rows are fewer than V, ∂W written once per block; else chunks
+                      of rows with an fp32 [V, H] accumulator)
 
-The epilogue sees all N rows at once, so chunks may cut through sequences and groups: the loss
-and gradients are those of ``opo_loss(hidden @ weight.T + bias, ...)`` for any chunk size.
+Matmuls (in units of one [M, H] x [H, V] product): 4 − K/M; 3 when the budget holds all.
+The epilogue sees all M rows at once, so chunks may cut through sequences and groups: the
+loss and gradients are those of ``opo_loss(hidden @ weight.T + bias, ...)`` for any chunk
+size and budget.
 
 On-policy (ref_logprobs=None) needs one phase only: π_ref is the detached current policy, so
 Δ_t ≡ 0 exactly, v ≡ 0, p̃ is uniform within each group whatever τ is, and c_t (and ∂L/∂H_t)
 depend only on rewards, groups, weights and lengths, not on the logits. The coefficients are
-computed first (epilogue on zero log-probs, which gives the same c_t bit for bit); then each
+computed first (epilogue on counts only, which gives the same c_t bit for bit); then each
 chunk's logits go through ONE kernel (``forward_rows`` in its one-pass mode: statistics, then
-the gradient for a unit upstream gradient written over the logits) and the chunk's matmuls;
-the backward only scales the gradients. The epilogue then runs again on the real log-probs
-for the loss and the metrics (τ, entropy and k3 do depend on them). With a vocabulary-parallel
-weight the same one phase runs with the row statistics combined chunk by chunk
-(``on_policy_chunks``).
+the gradient for a unit upstream gradient written over the logits) and the chunk's two
+gradient matmuls: 3 matmuls in all. The backward only scales the gradients. The epilogue then
+runs again on the real log-probs for the loss and the metrics (τ, entropy and k3 do depend on
+them). With a vocabulary-parallel weight the same one phase runs with the row statistics
+combined chunk by chunk (``linear_chunks.on_policy_chunks``). The math: docs/spec.md.
 
 Example::
 
@@ -51,17 +48,19 @@ from typing import Optional
 import torch
 
 from .config import OPOLossConfig, config_from_options
-from .epilogue import Mode, params_tensor, raise_bad_values, run_epilogue, unpack_metrics
+from .epilogue import ERRORS, Mode, params_tensor, raise_bad_values, run_epilogue, unpack_metrics
 from .inputs import Batch, check_tensor, compute_dtype, prepare
-from .linear_chunks import (
-    backward_chunks,
-    default_chunk_size,
-    forward_chunks,
-    on_policy_chunks,
+from .linear_chunks import backward_chunks, forward_chunks, kept_logits, on_policy_chunks
+from .linear_plan import (
+    LinearPlan,
+    check_logits_budget,
+    default_chunk_size,  # noqa: F401  (part of this module's interface: the default chunk)
+    plan_chunks,
 )
+from .linear_rows import CountedRows, counted_rows, explain_nonfinite
 from .row_launch import Rows
 from .tensor_parallel import config_or_fail_together, prepare_together
-from .utils import use_triton
+from .utils import cdiv, use_triton
 from .vocab_parallel import require_fused_kernels
 
 # --------------------------------------------------------------------------------------------
@@ -82,48 +81,73 @@ def _scale(grad: torch.Tensor, grad_loss: torch.Tensor, dtype: torch.dtype) -> t
     return (grad.to(acc) * grad_loss.to(acc)).to(dtype)
 
 
+def _raise_bad_values(errs: torch.Tensor, rows: CountedRows, hidden_c, weight, bias,
+                      group) -> None:
+    """The epilogue's value checks (one host sync), plus the mask values the counted-rows
+    batch cannot see; non-finite logits are reported as what the caller passed: hidden,
+    weight or bias (``explain_nonfinite``)."""
+    if rows.mask_errors is not None:
+        errs[ERRORS.index("mask")] += rows.mask_errors.to(errs.dtype)
+
+    def explain(name, count):
+        if name == "logits":
+            return explain_nonfinite(hidden_c, weight, bias, count, group)
+        return None
+
+    raise_bad_values(errs, rows.batch, explain=explain)
+
+
 class FusedLinearOPOFunction(torch.autograd.Function):
-    """loss, metrics_vector = FusedLinearOPOFunction.apply(hidden, weight, bias, batch, cfg,
-    chunk_size, one_phase, tp).
+    """loss, metrics_vector = FusedLinearOPOFunction.apply(hidden, weight, bias, hidden_c,
+    rows, cfg, plan, tp).
 
     hidden, weight and bias receive gradients (ω, τ, p̃, Q are constants; ref_logprobs and
-    rewards are data). one_phase: on-policy batch whose gradients are wanted (see module doc).
+    rewards are data). hidden_c [M, H]: the counted rows of hidden (``rows.gather``, detached),
+    the only ones read; rows: ``linear_rows.CountedRows``; plan: ``linear_plan.LinearPlan``.
     tp = (group, vocab_start, reduce_hidden_grad) for a vocabulary-parallel LM head (weight and
     bias: this rank's slice), else None: the gradient of hidden is then this slice's part,
     summed over the group here when reduce_hidden_grad (the caller's layer does it otherwise).
+    The logits kept for the backward (plan.held_rows) are held on ctx, not saved: the backward
+    writes their gradient over them and drops them (their memory goes before the other rows'
+    blocks are recomputed); a retained graph's second backward recomputes them in the same
+    matmul, so that it gives the first one's gradients bit for bit.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, batch: Batch, cfg: OPOLossConfig, chunk_size: int,
-                one_phase: bool, tp):
-        hidden2d = hidden.reshape(-1, hidden.shape[-1])  # a copy only for a non-viewable layout
+    def forward(ctx, hidden, weight, bias, hidden_c, rows: CountedRows, cfg: OPOLossConfig,
+                plan: LinearPlan, tp):
+        batch = rows.batch
         needs = tuple(ctx.needs_input_grad[:3])
         params = params_tensor(cfg, hidden.device, batch.compute_dtype)
         counters = torch.zeros(2, dtype=torch.int32, device=hidden.device)  # epilogue tickets
-        if one_phase:
+        local_tp = None if tp is None else tp[:2]
+        held = None
+        if plan.one_phase:
             (logprobs, stats, entropy), grads = on_policy_chunks(
-                hidden2d, weight, bias, batch, cfg, params, counters[0:1], chunk_size, needs,
-                None if tp is None else tp[:2])
+                hidden_c, weight, bias, batch, cfg, params, counters[0:1], plan.chunk_rows,
+                needs, local_tp)
         else:
-            logprobs, stats, entropy = forward_chunks(hidden2d, weight, bias, batch, cfg, params,
-                                                      chunk_size, None if tp is None else tp[:2])
+            (logprobs, stats, entropy), held = forward_chunks(
+                hidden_c, weight, bias, batch, cfg, params, plan.chunk_rows, plan.held_rows,
+                local_tp)
         shape = batch.labels.shape
         out = run_epilogue(batch, Mode.of(cfg, batch.weights is not None), params,
                            counters[1:2], logprobs=logprobs.view(shape),
                            entropy=None if entropy is None else entropy.view(shape), stats=stats,
                            validate=cfg.validate)
         if cfg.validate:
-            raise_bad_values(out.errs, batch)
+            _raise_bad_values(out.errs, rows, hidden_c, weight, bias,
+                              None if tp is None else tp[0])
         ctx.mark_non_differentiable(out.metrics)
         ctx.set_materialize_grads(False)  # no zeros for the metrics' (unused) gradient
-        ctx.one_phase, ctx.cfg, ctx.chunk_size, ctx.needs = one_phase, cfg, chunk_size, needs
+        ctx.cfg, ctx.plan, ctx.needs, ctx.rows, ctx.tp = cfg, plan, needs, rows, tp
         ctx.hidden_shape, ctx.dtypes = hidden.shape, (hidden.dtype, weight.dtype,
                                                       None if bias is None else bias.dtype)
-        ctx.rows, ctx.tp = Rows.of(batch), tp
-        if one_phase:
+        ctx.held = held
+        if plan.one_phase:
             ctx.save_for_backward(*grads)
         else:
-            ctx.save_for_backward(hidden, weight, bias, logprobs, stats,
+            ctx.save_for_backward(hidden_c, weight, bias, logprobs, stats,
                                   entropy if cfg.entropy_in_gradient else None, out.coef,
                                   out.scal, params)
         return out.loss, out.metrics
@@ -132,27 +156,31 @@ class FusedLinearOPOFunction(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss, grad_metrics):
         if grad_loss is None:  # the loss was not used (its metrics carry no gradient)
-            return None, None, None, None, None, None, None, None
+            return (None,) * 8
         cfg, tp = ctx.cfg, ctx.tp
-        if ctx.one_phase:  # gradients were formed in forward for a unit upstream gradient
+        if ctx.plan.one_phase:  # gradients were formed in forward for a unit upstream gradient
             grad_hidden, grad_weight, grad_bias = (
                 None if g is None else _scale(g, grad_loss, dtype)
                 for g, dtype in zip(ctx.saved_tensors, ctx.dtypes))
         else:
-            (hidden, weight, bias, logprobs, stats, entropy, coef, scal,
+            (hidden_c, weight, bias, logprobs, stats, entropy, coef, scal,
              params) = ctx.saved_tensors
+            held, ctx.held = ctx.held, None  # consumed: its gradient is written over it
+            if held is None and ctx.plan.held_rows:  # a retained graph's second backward
+                held = kept_logits(hidden_c, weight, bias, ctx.plan.held_rows)
             grad_hidden, grad_weight, grad_bias = backward_chunks(
-                hidden.reshape(-1, hidden.shape[-1]), weight, bias, ctx.rows,
+                hidden_c, weight, bias, Rows.of(ctx.rows.batch),
                 (logprobs, stats, entropy, coef, scal), grad_loss, params, cfg,
-                ctx.chunk_size, ctx.needs, vocab_start=0 if tp is None else tp[1],
-            )
+                ctx.plan.chunk_rows, ctx.needs, vocab_start=0 if tp is None else tp[1],
+                held=held)
         hidden_dtype, weight_dtype, bias_dtype = ctx.dtypes
         if grad_hidden is not None:
-            # cast before the all-reduce: it moves hidden's dtype whichever loop ran
+            # cast before the all-reduce: it moves hidden's dtype whichever loop ran; the
+            # counted rows only, scattered after it
             grad_hidden = grad_hidden.to(hidden_dtype)
             if tp is not None and tp[2]:
                 torch.distributed.all_reduce(grad_hidden, group=tp[0])  # Σ over the slices
-            grad_hidden = grad_hidden.view(ctx.hidden_shape)
+            grad_hidden = ctx.rows.scatter(grad_hidden, ctx.hidden_shape)
         if grad_weight is not None:
             grad_weight = grad_weight.to(weight_dtype)
         if grad_bias is not None:
@@ -166,7 +194,7 @@ class FusedLinearOPOFunction(torch.autograd.Function):
 
 
 def _check_linear(hidden, weight, bias) -> None:
-    """The LM-head arguments (SPEC "Bad input" style: name the argument and the shapes)."""
+    """The LM-head arguments (docs/spec.md "Bad input": name the argument and the shapes)."""
     check_tensor("hidden", hidden, kind="stream")
     check_tensor("weight", weight, kind="stream")
     if bias is not None:
@@ -223,11 +251,11 @@ def prepare_linear(hidden, weight, bias, labels, ref_logprobs, rewards, cfg: OPO
 
 
 def fused_linear_opo_loss(hidden, weight, labels, ref_logprobs, rewards, *, bias=None,
-                          chunk_size=None, mask=None, seq_ids=None, group_size=None,
-                          group_ids=None, process_group=None, vocab_start=None,
-                          reduce_hidden_grad=True, **options):
-    """The OPO loss (shared/SPEC.md) of the logits ``hidden @ weight.T + bias``, computed chunk
-    by chunk so that at most ``chunk_size × V`` logits exist at any time.
+                          chunk_size=None, logits_budget=None, mask=None, seq_ids=None,
+                          group_size=None, group_ids=None, process_group=None,
+                          vocab_start=None, reduce_hidden_grad=True, **options):
+    """The OPO loss (docs/spec.md) of the logits ``hidden @ weight.T + bias``, computed chunk
+    by chunk on the counted rows only, without materializing the logits of all rows.
 
     Padded layout: hidden [B, T, H], labels / ref_logprobs / mask [B, T]. Packed layout:
     hidden [N, H], labels / ref_logprobs / seq_ids [N] (−1 = not counted). weight: [V, H],
@@ -236,131 +264,190 @@ def fused_linear_opo_loss(hidden, weight, labels, ref_logprobs, rewards, *, bias
     options: those of ``opo_kernels.opo_loss`` (the fields of ``OPOLossConfig``).
 
     Gradients flow to hidden, weight and bias. The result equals
-    ``opo_loss(hidden @ weight.T + bias, ...)`` for any chunk size, up to rounding.
+    ``opo_loss(hidden @ weight.T + bias, ...)`` for any chunk size and budget, up to rounding.
 
-    chunk_size: token rows per chunk (N = token rows). Default: the largest power of two whose
-    logits take at most 256 MiB (rows·V·itemsize), clamped to [128, N]
-    (``default_chunk_size``). At most chunk_size·V logits exist at any time, never [N, V]. The
-    backward recomputes the logits in blocks of as many logits and cuts the smaller of N and V
-    (module docstring). Memory beyond the inputs and the returned gradients: the logits buffer
-    in the input dtype (the gradient is written into it), O(N) fp32 statistics, and while the
-    gradients are formed one fp32 accumulator, for 16-bit inputs plus one 16-bit product per
-    block before it is added:
-      N < V (the usual case):  [N, H] for ∂hidden (none when one block holds all of V);
-                               ∂W is written once per block in the weight's dtype;
-      N >= V:                  [V, H] for ∂W ([V] for ∂b).
-    On-policy (below) runs over chunks of rows, with the [V, H] accumulator. A padded hidden
-    that is a non-contiguous view (e.g. ``hidden[:, :-1]``) is copied to [N, H] by reshape.
+    Counted rows only: the M rows with mask != 0 (padded) or seq_ids != −1 (packed) are
+    gathered once ([M, H], in hidden's dtype) and every matmul runs on them: the time follows
+    the counted tokens, not B·T, and an uncounted row of hidden is never read (a NaN there
+    leaves the loss and every gradient finite); hidden's gradient is zero on those rows.
+    Finding them costs ONE device-to-host sync per call (``torch.nonzero``: the count M sizes
+    the buffers), none for a padded call without mask; with validate=True the value checks
+    add their own one. A non-finite value in hidden (at a counted row), weight or bias is
+    reported naming that argument.
+
+    chunk_size: counted rows per chunk. Default: the largest power of two whose logits take
+    at most 256 MiB (rows·V·itemsize), clamped to [128, M] (``default_chunk_size``). The
+    backward recomputes logits in blocks of as many logits and cuts the smaller of the rows
+    and V (module docstring).
+
+    logits_budget: bytes (int >= 0) of logits, in the input dtype, that the general mode keeps
+    from forward to backward instead of recomputing them; None = the default, 1 GiB (reasoned
+    in ``linear_plan``, not yet measured). The first K = min(M, ⌊budget / (V·itemsize)⌋)
+    counted rows are kept; their gradient is written over their logits in backward and
+    multiplied: matmuls, in units of one [M, H] × [H, V] product, 4 − K/M (4 with budget 0,
+    today's recompute; 3 with a budget that holds all M rows, like materializing the logits).
+    On-policy the budget sets the chunk instead: chunks of max(chunk_size, ⌊budget /
+    (V·itemsize)⌋) rows.
+
+    Memory beyond the inputs, the returned gradients and O(M) fp32 per-row statistics: the
+    counted rows of hidden when some rows are dropped ([M, H], held to the backward); logits
+    of at most ``logits_budget`` bytes kept from forward to backward PLUS one chunk's
+    workspace (chunk_size·V logits; the backward's blocks hold as many): the logits never take
+    more than budget + chunk_size·V·itemsize bytes (on-policy: one chunk of at most
+    max(budget, chunk_size·V·itemsize) bytes); while the gradients are formed, one fp32
+    accumulator and, for 16-bit inputs, one 16-bit product per block before it is added:
+      rows not kept < V (the usual case): [M − K, H] for ∂hidden (none when one block holds
+                            all of V); ∂W is written in the weight's dtype;
+      rows not kept >= V, and on-policy:   [V, H] for ∂W ([V] for ∂b).
 
     On-policy with gradients wanted, the loop runs ONCE (forward and gradients together, exact:
-    see the module docstring); the [N, H] / [V, H] gradients are then held from forward to
-    backward. Otherwise the backward recomputes each chunk's logits (one extra matmul).
+    see the module docstring), 3 matmuls, and the [M, H] / [V, H] gradients are held from
+    forward to backward. Its ∂W sums over the chunks in the fp32 [V, H] accumulator, read and
+    written once per chunk: 8·V·H bytes, 12 for 16-bit inputs (6.3 GB at V = 128,256,
+    H = 4096 in bf16), the reason its chunks take the whole budget.
 
-    backend="torch" materializes the full logits and runs the reference (for testing).
+    backend="torch" runs the reference on the logits of the counted rows (for testing).
 
     Vocabulary-parallel LM head: with ``process_group``, weight [V_local, H] (and bias
     [V_local]) are this rank's slice of the vocabulary, starting at ``vocab_start`` (default
     rank·V_local); labels are global ids. The loss and metrics are those of the whole
     vocabulary on every rank; weight/bias get their slice's gradient. hidden's gradient is
-    Σ over the slices: with reduce_hidden_grad=True (default) this op all-reduces it, so every
-    rank gets the full gradient; pass False when hidden comes through a layer whose backward
-    does that all-reduce itself (Megatron's ``copy_to_tensor_model_parallel_region`` before a
-    column-parallel head), and each rank gets its slice's part.
+    Σ over the slices: with reduce_hidden_grad=True (default) this op all-reduces it (the
+    counted rows only), so every rank gets the full gradient; pass False when hidden comes
+    through a layer whose backward does that all-reduce itself (Megatron's
+    ``copy_to_tensor_model_parallel_region`` before a column-parallel head), and each rank
+    gets its slice's part. Every rank must pass the same mask / seq_ids (hence the same
+    counted rows), chunk_size and logits_budget: with validate=True they are compared.
 
     Example::
 
         loss = fused_linear_opo_loss(hidden, lm_head.weight, labels, old_logprobs, rewards,
-                                     mask=mask, group_size=6, chunk_size=1024)
+                                     mask=mask, group_size=6, logits_budget=2**30)
     """
     def checked_config():
         _check_chunk_size(chunk_size)
+        check_logits_budget(logits_budget)
         return _linear_config(options)
 
     cfg = config_or_fail_together(process_group, checked_config)
     return fused_linear_opo_loss_with_config(
         hidden, weight, labels, ref_logprobs, rewards, cfg, bias=bias, chunk_size=chunk_size,
-        mask=mask, seq_ids=seq_ids, group_size=group_size, group_ids=group_ids,
-        process_group=process_group, vocab_start=vocab_start,
+        logits_budget=logits_budget, mask=mask, seq_ids=seq_ids, group_size=group_size,
+        group_ids=group_ids, process_group=process_group, vocab_start=vocab_start,
         reduce_hidden_grad=reduce_hidden_grad,
     )
 
 
 def fused_linear_opo_loss_with_config(hidden, weight, labels, ref_logprobs, rewards,
                                       cfg: OPOLossConfig, *, bias=None, chunk_size=None,
-                                      mask=None, seq_ids=None, group_size=None,
-                                      group_ids=None, process_group=None, vocab_start=None,
-                                      reduce_hidden_grad=True):
+                                      logits_budget=None, mask=None, seq_ids=None,
+                                      group_size=None, group_ids=None, process_group=None,
+                                      vocab_start=None, reduce_hidden_grad=True):
     """``fused_linear_opo_loss`` with an already validated config (used by the module)."""
-    from . import reference  # local import: the reference is only needed for backend="torch"
-
     layout = dict(mask=mask, seq_ids=seq_ids, group_size=group_size, group_ids=group_ids)
     tp = None
     if process_group is not None:
-        batch, tp = _prepare_parallel(hidden, weight, bias, labels, ref_logprobs, rewards, cfg,
-                                      process_group, vocab_start, reduce_hidden_grad,
-                                      chunk_size, layout)
+        rows, hidden_c, tp = _prepare_parallel(
+            hidden, weight, bias, labels, ref_logprobs, rewards, cfg, process_group,
+            vocab_start, reduce_hidden_grad, chunk_size, logits_budget, layout)
+        # from the global V, the same on every rank (the on-policy chunks each run
+        # collectives; slices of uneven sizes could round to different chunk sizes)
+        vocab = cdiv(rows.batch.vocab, torch.distributed.get_world_size(process_group))
     else:
         if vocab_start is not None:
             raise ValueError("vocab_start applies to a vocabulary-parallel weight: pass "
                              "process_group too")
         batch = prepare_linear(hidden, weight, bias, labels, ref_logprobs, rewards, cfg,
                                **layout)
+        rows = counted_rows(batch, cfg.validate)
         if not use_triton(cfg.backend, hidden.device):
-            logits = torch.nn.functional.linear(hidden, weight, bias)
-            return reference.loss_from_batch(dataclasses.replace(batch, logits=logits), cfg)
-    if chunk_size is None:
-        # vocabulary-parallel: from the global V, the same on every rank (the on-policy chunks
-        # each run collectives; slices of uneven sizes could round to different chunk sizes)
-        vocab = weight.shape[0] if tp is None else \
-            -(-batch.vocab // torch.distributed.get_world_size(process_group))
-        chunk_size = default_chunk_size(batch.num_rows, vocab, hidden.shape[-1], hidden.dtype)
+            return _torch_reference(hidden, weight, bias, rows, cfg)
+        hidden_c = rows.gather(hidden.detach())
+        vocab = weight.shape[0]
     wants_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (hidden, weight, bias))
     # on-policy: one phase, also vocabulary-parallel (see on_policy_chunks)
-    one_phase = batch.ref_logprobs is None and wants_grad and cfg.one_pass_exact
-    loss, metrics = FusedLinearOPOFunction.apply(hidden, weight, bias, batch, cfg, chunk_size,
-                                                 one_phase, tp)
+    one_phase = rows.batch.ref_logprobs is None and wants_grad and cfg.one_pass_exact
+    plan = plan_chunks(rows.num_rows, vocab, hidden.dtype, chunk_size, logits_budget,
+                       one_phase, wants_grad)
+    loss, metrics = FusedLinearOPOFunction.apply(hidden, weight, bias, hidden_c, rows, cfg,
+                                                 plan, tp)
     if not cfg.return_metrics:
         return loss
     return loss, unpack_metrics(metrics, cfg.with_entropy)
 
 
+def _torch_reference(hidden, weight, bias, rows: CountedRows, cfg: OPOLossConfig):
+    """backend="torch": the in-package reference on the logits of the counted rows (autograd
+    does the backward, through the gather: zeros on the other rows of hidden)."""
+    from . import reference  # local import: the reference is only needed here
+
+    if rows.mask_errors is not None and rows.mask_errors.item():
+        raise ValueError(f"mask: {rows.mask_errors.item()} mask value(s) other than 0/1")
+    hidden_c = rows.gather(hidden)
+    logits = torch.nn.functional.linear(hidden_c, weight, bias)
+    try:
+        return reference.loss_from_batch(dataclasses.replace(rows.batch, logits=logits), cfg)
+    except ValueError as err:  # the reference names the logits: name what was passed
+        if not str(err).startswith("logits:"):
+            raise
+        bad = int(str(err).split()[1])
+        message = explain_nonfinite(hidden_c.detach(), weight.detach(),
+                                    None if bias is None else bias.detach(), bad)
+    raise ValueError(message)
+
+
 def _prepare_parallel(hidden, weight, bias, labels, ref_logprobs, rewards, cfg, group,
-                      vocab_start, reduce_hidden_grad, chunk_size, layout):
-    """Checks of a vocabulary-parallel call, agreed by every rank (see tensor_parallel)."""
+                      vocab_start, reduce_hidden_grad, chunk_size, logits_budget, layout):
+    """Checks of a vocabulary-parallel call, agreed by every rank (see tensor_parallel).
+    Returns (rows, hidden_c, tp): the counted rows are found on each rank before the
+    agreement, which compares the rows' count, mask / seq_ids and the counted rows of hidden
+    (with validate=True), so that every rank multiplies the same rows."""
+    found = {}
+
     def checked():
         if not isinstance(reduce_hidden_grad, bool):
             raise TypeError(f"reduce_hidden_grad must be a bool, got {reduce_hidden_grad!r}")
         batch = prepare_linear(hidden, weight, bias, labels, ref_logprobs, rewards, cfg,
                                **layout)
         require_fused_kernels(cfg, batch)
-        return batch
+        found["rows"] = rows = counted_rows(batch, cfg.validate)
+        found["hidden_c"] = rows.gather(hidden.detach())
+        # the caller's mask / seq_ids decide the rows: compared as passed
+        found["agree"] = {"hidden": found["hidden_c"], "mask": batch.mask,
+                          "seq_ids": batch.seq_ids}
+        return rows.batch
 
     vocab_local = weight.shape[0] if isinstance(weight, torch.Tensor) and weight.dim() else 0
     batch, start = prepare_together(group, checked, vocab_local, vocab_start, cfg,
                                     agree={"chunk_size": chunk_size,
+                                           "logits_budget": logits_budget,
                                            "reduce_hidden_grad": reduce_hidden_grad},
                                     # every rank's slice of the logits is hidden @ its weight
-                                    agree_tensors={"hidden": hidden})
-    return batch, (group, start, reduce_hidden_grad)
+                                    agree_tensors=lambda: found["agree"])
+    rows = dataclasses.replace(found["rows"], batch=batch)  # (the global vocabulary)
+    return rows, found["hidden_c"], (group, start, reduce_hidden_grad)
 
 
 class FusedLinearOPOLoss(torch.nn.Module):
-    """``nn.Module`` form of ``fused_linear_opo_loss``; options (and chunk_size) are fixed at
-    construction, the LM head's weight / bias are passed to forward (as in Liger's
-    ``LigerFusedLinearGRPOLoss``), so the module holds no parameters.
+    """``nn.Module`` form of ``fused_linear_opo_loss``; options (chunk_size, logits_budget)
+    are fixed at construction, the LM head's weight / bias are passed to forward (as in
+    Liger's ``LigerFusedLinearGRPOLoss``), so the module holds no parameters.
 
     Example::
 
-        loss_fn = FusedLinearOPOLoss(alpha=0.6, chunk_size=1024)
+        loss_fn = FusedLinearOPOLoss(alpha=0.6, chunk_size=1024, logits_budget=2**30)
         loss = loss_fn(hidden, lm_head.weight, labels, old_logprobs, rewards,
                        mask=mask, group_size=6)
     """
 
-    def __init__(self, chunk_size: Optional[int] = None, **options):
+    def __init__(self, chunk_size: Optional[int] = None, logits_budget: Optional[int] = None,
+                 **options):
         super().__init__()
         _check_chunk_size(chunk_size)
+        check_logits_budget(logits_budget)
         self.chunk_size = chunk_size
+        self.logits_budget = logits_budget
         self.config = _linear_config(options)
 
     def forward(self, hidden, weight, labels, ref_logprobs, rewards, bias=None, *, mask=None,
@@ -368,12 +455,14 @@ class FusedLinearOPOLoss(torch.nn.Module):
                 vocab_start=None, reduce_hidden_grad=True):
         return fused_linear_opo_loss_with_config(
             hidden, weight, labels, ref_logprobs, rewards, self.config, bias=bias,
-            chunk_size=self.chunk_size, mask=mask, seq_ids=seq_ids, group_size=group_size,
-            group_ids=group_ids, process_group=process_group, vocab_start=vocab_start,
+            chunk_size=self.chunk_size, logits_budget=self.logits_budget, mask=mask,
+            seq_ids=seq_ids, group_size=group_size, group_ids=group_ids,
+            process_group=process_group, vocab_start=vocab_start,
             reduce_hidden_grad=reduce_hidden_grad,
         )
 
     def extra_repr(self) -> str:
-        return ", ".join([f"chunk_size={self.chunk_size!r}"] + [
+        return ", ".join([f"chunk_size={self.chunk_size!r}",
+                          f"logits_budget={self.logits_budget!r}"] + [
             f"{k}={getattr(self.config, k)!r}" for k in
             ("alpha", "mu", "level", "coordinates", "weights", "backend")])

@@ -1,13 +1,19 @@
 """The chunk loops of the fused-linear OPO loss (``fused_linear_opo.py`` has the autograd
-function and the API): per chunk of C token rows (or, in the backward, per block of columns
-over all rows), the logits in the input dtype, the row kernels (``row_launch.py``) on them,
-and the chunk's share of the three gradients.
+function and the API): over the M counted rows of hidden (``linear_rows.py``), per chunk of C
+rows (or, in the backward, per block of columns over the rows), the logits in the input dtype,
+the row kernels (``row_launch.py``) on them, and the chunk's share of the three gradients.
+How the rows are cut (chunk rows, rows whose logits are kept): ``linear_plan.py``.
 
     forward_chunks    phase 1: row statistics of every row (or, vocabulary-parallel, the
-                      slice partials, combined once)
-    backward_chunks   phase 2: logits recomputed, gradient written over them, matmuls; over
-                      blocks of the vocabulary when N < V, else over chunks of rows
+                      slice partials, combined once); the first K rows' logits kept
+    backward_chunks   phase 2: the kept logits' gradient written over them, the other rows'
+                      logits recomputed; over blocks of the vocabulary when the recomputed
+                      rows are fewer than V, else over chunks of rows
     on_policy_chunks  the one phase of the on-policy mode (also vocabulary-parallel)
+
+Matmuls, counted in units of one [M, H] x [H, V] product (2·M·H·V flops): the forward 1 (the
+logits), the backward 2 (∂hidden, ∂W) + 1 for the recomputed logits of the rows not kept:
+4 − K/M in all; the one phase 3.
 """
 
 from __future__ import annotations
@@ -19,31 +25,10 @@ import torch
 from .config import OPOLossConfig
 from .epilogue import Mode, run_epilogue
 from .inputs import Batch, compute_dtype
+from .linear_plan import default_chunk_size  # noqa: F401  (re-exported: the API's default)
 from .row_launch import Rows, backward_rows, forward_rows, row_outputs
 from .tp_combine import combine_partials, one_pass_chunk
-from .utils import new_output, next_power_of_2
-
-# Default chunk: the largest power of two of rows whose logits fit in _CHUNK_BYTES, at least
-# _MIN_CHUNK rows (so each chunk's matmuls still amortize one read of the weight; only binds for
-# V·itemsize > 2 MiB) and at most N. Not measured on a GPU here (no GPU in this session): a
-# starting point, e.g. V = 151,936 in bf16 -> 512 rows (148 MiB of logits), V = 32,000 -> 4096.
-_CHUNK_BYTES = 256 * 2**20
-_MIN_CHUNK = 128
-
-
-def default_chunk_size(num_rows: int, vocab: int, hidden_size: int, dtype: torch.dtype) -> int:
-    """Rows per chunk: largest power of two with rows·V·itemsize <= 256 MiB, clamped to
-    [128, N] (N = number of token rows; at least 1).
-
-    The hidden size H does not enter: a chunk's transient memory is its [C, V] logits buffer
-    (the gradient is written into it in place; the backward's blocks of columns hold as many
-    logits); the [C, H] slices are views of the inputs and outputs, and the fp32 accumulator
-    ([N, H] or [V, H], see ``backward_chunks``) does not depend on C.
-    """
-    del hidden_size  # see the docstring: H does not change the chunk's transient memory
-    rows = max(_CHUNK_BYTES // max(vocab * dtype.itemsize, 1), 1)
-    rows = max(next_power_of_2(rows + 1) // 2, _MIN_CHUNK)  # power of two <= rows
-    return max(min(rows, num_rows), 1)
+from .utils import new_output
 
 
 def _chunk_logits(hidden_c: torch.Tensor, weight: torch.Tensor,
@@ -52,60 +37,103 @@ def _chunk_logits(hidden_c: torch.Tensor, weight: torch.Tensor,
     return torch.nn.functional.linear(hidden_c, weight, bias)
 
 
-def _add_product(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """acc += a @ b, acc in fp32 / fp64 (the accumulator of a sum split over chunks)."""
+def _add_product(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, first: bool) -> None:
+    """acc = a @ b (first) or acc += a @ b: one part of a sum split over chunks. acc in a's
+    dtype (a matmul into it, accumulating in place) or, for 16-bit a and b, fp32: the product
+    (fp32 inside the matmul, rounded on store) is then written or added in fp32. The first
+    part writes instead of adding to zeros: one write of acc, not a zero fill, a read and a
+    write."""
     if acc.dtype == a.dtype:
-        acc.addmm_(a, b)
-    else:  # 16-bit: the product (fp32 inside the matmul, rounded on store) is summed in fp32
+        if first:
+            torch.mm(a, b, out=acc)
+        else:
+            acc.addmm_(a, b)
+    elif first:
+        acc.copy_(a @ b)
+    else:
         acc.add_(a @ b)
+
+
+def _add_sum(acc: torch.Tensor, grad_logits: torch.Tensor, first: bool) -> None:
+    """acc = (first) or += Σ over the rows of grad_logits, in acc's dtype (∂bias)."""
+    if first:
+        torch.sum(grad_logits, 0, dtype=acc.dtype, out=acc)
+    else:
+        acc.add_(grad_logits.sum(0, dtype=acc.dtype))
 
 
 def _accumulate(grad_logits: torch.Tensor, hidden_c: torch.Tensor, weight: torch.Tensor,
                 grad_hidden_c: Optional[torch.Tensor], grad_weight: Optional[torch.Tensor],
-                grad_bias: Optional[torch.Tensor]) -> None:
-    """One chunk's contribution to the three gradients (accumulators in fp32 / fp64)."""
+                grad_bias: Optional[torch.Tensor], first: bool) -> None:
+    """One chunk of rows' gradients: its rows of ∂hidden (written), its part of ∂W and ∂b
+    (``_add_product``, ``_add_sum``)."""
     if grad_hidden_c is not None:
         torch.mm(grad_logits, weight, out=grad_hidden_c)
     if grad_weight is not None:
-        _add_product(grad_weight, grad_logits.t(), hidden_c)
+        _add_product(grad_weight, grad_logits.t(), hidden_c, first)
     if grad_bias is not None:
-        grad_bias.add_(grad_logits.sum(0, dtype=grad_bias.dtype))
+        _add_sum(grad_bias, grad_logits, first)
 
 
-def _chunks(num_rows: int, chunk_size: int):
-    for start in range(0, num_rows, chunk_size):
+def _chunks(num_rows: int, chunk_size: int, first_row: int = 0):
+    for start in range(first_row, num_rows, chunk_size):
         yield start, min(start + chunk_size, num_rows)
 
 
-def forward_chunks(hidden2d, weight, bias, batch: Batch, cfg: OPOLossConfig, params,
-                   chunk_size: int, tp=None):
-    """Phase 1: per-row (logprobs [N], stats [N, 2], entropy [N] or None) over all rows, chunk
-    by chunk (stats: the row statistics of ``forward_rows``). tp = (group, vocab_start): the
-    weight is this rank's vocabulary slice; the chunks write partials, combined once."""
+def kept_logits(hidden_c, weight, bias, held_rows: int) -> torch.Tensor:
+    """[K, V]: the logits of rows [0, K) that the general mode keeps, in one matmul (the
+    forward's; and a retained graph's second backward, whose first wrote over them: the same
+    values bit for bit)."""
+    return _chunk_logits(hidden_c[:held_rows], weight, bias)
+
+
+def forward_chunks(hidden_c, weight, bias, batch: Batch, cfg: OPOLossConfig, params,
+                   chunk_size: int, held_rows: int = 0, tp=None):
+    """Phase 1 over the M counted rows hidden_c [M, H] (``batch``: their packed batch).
+    Returns ((logprobs [M], stats [M, 2], entropy [M] or None), held): stats are the row
+    statistics of ``forward_rows``; held = the logits [K, V] of rows [0, K), K = held_rows,
+    computed in one matmul and kept for the backward (None when K = 0); the other rows in
+    chunks of ``chunk_size``, each chunk's logits dropped after its kernel. tp = (group,
+    vocab_start): the weight is this rank's vocabulary slice; the chunks write partials,
+    combined once."""
     rows = Rows.of(batch)
+    num_rows = hidden_c.shape[0]
     if tp is None:
-        out = row_outputs(batch.num_rows, batch.compute_dtype, batch.device, cfg.with_entropy)
-        for start, end in _chunks(hidden2d.shape[0], chunk_size):
-            logits = _chunk_logits(hidden2d[start:end], weight, bias)
-            forward_rows(logits, rows, params, cfg.with_entropy, row_start=start, out=out)
-        return out
-    group, vocab_start = tp
-    partials = new_output((batch.num_rows, 4), batch.compute_dtype, batch.device)
-    for start, end in _chunks(hidden2d.shape[0], chunk_size):
-        logits = _chunk_logits(hidden2d[start:end], weight, bias)
-        forward_rows(logits, rows, params, cfg.with_entropy, row_start=start,
-                     partials=partials, vocab_start=vocab_start)
-    return combine_partials(partials, params, cfg.with_entropy, group)
+        out = row_outputs(num_rows, batch.compute_dtype, batch.device, cfg.with_entropy)
+        target = dict(out=out)
+    else:
+        partials = new_output((num_rows, 4), batch.compute_dtype, batch.device)
+        target = dict(partials=partials, vocab_start=tp[1])
+    held = None
+    if held_rows:
+        held = kept_logits(hidden_c, weight, bias, held_rows)
+        forward_rows(held, rows, params, cfg.with_entropy, row_start=0, **target)
+    for start, end in _chunks(num_rows, chunk_size, held_rows):
+        logits = _chunk_logits(hidden_c[start:end], weight, bias)
+        forward_rows(logits, rows, params, cfg.with_entropy, row_start=start, **target)
+    if tp is not None:
+        out = combine_partials(partials, params, cfg.with_entropy, tp[0])
+    return out, held
 
 
-def _grad_buffers(hidden2d, weight, bias, needs: Tuple[bool, bool, bool]):
-    acc = compute_dtype(hidden2d.dtype)
-    grad_hidden = (new_output(hidden2d.shape, hidden2d.dtype, hidden2d.device)
+def _grad_buffers(hidden_c, weight, bias, needs: Tuple[bool, bool, bool]):
+    """(∂hidden [M, H] in hidden's dtype, ∂W [V, H] and ∂b [V] accumulators in fp32 / fp64),
+    None where not needed; unwritten (the first chunk writes, ``_add_product``)."""
+    acc = compute_dtype(hidden_c.dtype)
+    grad_hidden = (new_output(hidden_c.shape, hidden_c.dtype, hidden_c.device)
                    if needs[0] else None)
-    grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if needs[1] else None
-    grad_bias = (torch.zeros(bias.shape, dtype=acc, device=bias.device)
+    grad_weight = new_output(weight.shape, acc, weight.device) if needs[1] else None
+    grad_bias = (new_output(bias.shape, acc, bias.device)
                  if needs[2] and bias is not None else None)
     return grad_hidden, grad_weight, grad_bias
+
+
+def _zero_if_unwritten(written: bool, *grads) -> None:
+    """No counted row: no chunk wrote the sums, which are then zero."""
+    if not written:
+        for g in grads:
+            if g is not None:
+                g.zero_()
 
 
 def vocab_block_size(num_rows: int, vocab: int, chunk_size: int) -> int:
@@ -127,113 +155,137 @@ def blocks_over_vocab(num_rows: int, vocab: int) -> bool:
     return num_rows < vocab
 
 
-def backward_chunks(hidden2d, weight, bias, rows: Rows, saved, grad_loss, params,
+def backward_chunks(hidden_c, weight, bias, rows: Rows, saved, grad_loss, params,
                     cfg: OPOLossConfig, chunk_size: int, needs: Tuple[bool, bool, bool],
-                    vocab_start: int = 0):
-    """Phase 2: (grad_hidden [N, H], grad_weight [V, H], grad_bias [V]), each None when not
-    needed; grad_weight and grad_bias in fp32 (fp64 for fp64 inputs) or already in the
-    weight's dtype, grad_hidden in hidden's dtype or fp32 — the caller casts. saved =
-    (logprobs, stats, entropy or None, coef, scal) of phase 1 and the epilogue; grad_loss:
-    0-dim (on device).
+                    vocab_start: int = 0, held: Optional[torch.Tensor] = None):
+    """Phase 2 over the M counted rows hidden_c [M, H]: (grad_hidden [M, H] in hidden's dtype,
+    grad_weight [V, H] in the weight's dtype or fp32, grad_bias [V] in fp32), each None when
+    not needed (fp64 for fp64 inputs; the caller casts). saved = (logprobs, stats, entropy or
+    None, coef, scal) of phase 1 and the epilogue; grad_loss: 0-dim (on device); held: the
+    logits [K, V] of rows [0, K) kept by phase 1, or None. vocab_start: the slice's first id
+    (vocabulary-parallel).
 
+    The kept logits' gradient is written over them (one kernel) and multiplied: ∂hidden of
+    rows [0, K) and the first part of ∂W, ∂b. The other M − K rows' logits are recomputed.
     Each gradient sums over one dimension of the logits: ∂hidden over V, ∂W over the rows. A
     loop over blocks of one dimension splits the other's sum, which then needs an fp32
-    accumulator that every block reads and writes. So the loop cuts the smaller of N and V
-    (``blocks_over_vocab``): blocks of columns when N < V (the usual case: 4k–64k tokens per
-    call, 32k–152k vocabulary), with an [N, H] accumulator instead of a [V, H] one."""
-    if blocks_over_vocab(hidden2d.shape[0], weight.shape[0]):
-        return _vocab_blocks(hidden2d, weight, bias, rows, saved, grad_loss, params, cfg,
-                             chunk_size, needs, vocab_start)
+    accumulator that every block reads and writes. So the loop cuts the smaller of M − K and
+    V (``blocks_over_vocab``): blocks of columns when M − K < V (the usual case: 4k–64k tokens
+    per call, 32k–152k vocabulary), with an [M − K, H] accumulator and ∂W in the weight's
+    dtype (the kept rows' product written first, each block's added in place: one more
+    rounding for 16-bit weights when K > 0); chunks of rows otherwise, with the [V, H] one
+    (none when ∂W is one product: all rows kept, or one chunk)."""
     logprobs, stats, entropy, coef, scal = saved
-    grad_hidden, grad_weight, grad_bias = _grad_buffers(hidden2d, weight, bias, needs)
-    for start, end in _chunks(hidden2d.shape[0], chunk_size):
-        hidden_c = hidden2d[start:end]
-        logits = _chunk_logits(hidden_c, weight, bias)
-        grad_logits = backward_rows(logits, rows, logprobs, stats, entropy, coef, scal,
-                                    grad_loss, params, cfg.level, cfg.coordinates, inplace=True,
-                                    row_start=start, vocab_start=vocab_start)
-        _accumulate(grad_logits, hidden_c, weight,
-                    None if grad_hidden is None else grad_hidden[start:end],
-                    grad_weight, grad_bias)
+    num_rows, vocab = hidden_c.shape[0], weight.shape[0]
+    kept = 0 if held is None else held.shape[0]
+    by_vocab = num_rows > kept and blocks_over_vocab(num_rows - kept, vocab)
+    grad_hidden, grad_weight, grad_bias = _grad_buffers(hidden_c, weight, bias, needs)
+    row_parts = int(kept > 0) + (0 if by_vocab else len(range(kept, num_rows, chunk_size)))
+    if grad_weight is not None and (by_vocab or row_parts == 1):
+        # written once (per block), in the weight's dtype: no fp32 accumulator
+        grad_weight = new_output(weight.shape, weight.dtype, weight.device)
+
+    def gradient(logits, row_start, v0=0):  # written over the logits
+        return backward_rows(logits, rows, logprobs, stats, entropy, coef, scal, grad_loss,
+                             params, cfg.level, cfg.coordinates, inplace=True,
+                             row_start=row_start, vocab_start=vocab_start + v0)
+
+    if kept:
+        _accumulate(gradient(held, 0), hidden_c[:kept], weight,
+                    None if grad_hidden is None else grad_hidden[:kept], grad_weight,
+                    grad_bias, first=True)
+        del held  # (the caller dropped its reference: the buffer goes now)
+    if by_vocab:
+        _vocab_blocks(hidden_c[kept:], weight, bias, gradient, kept, chunk_size,
+                      None if grad_hidden is None else grad_hidden[kept:], grad_weight,
+                      grad_bias, first=not kept)
+    else:
+        for start, end in _chunks(num_rows, chunk_size, kept):
+            hidden_r = hidden_c[start:end]
+            logits = _chunk_logits(hidden_r, weight, bias)
+            _accumulate(gradient(logits, start), hidden_r, weight,
+                        None if grad_hidden is None else grad_hidden[start:end], grad_weight,
+                        grad_bias, first=start == 0)
+    _zero_if_unwritten(num_rows > 0, grad_weight, grad_bias)
     return grad_hidden, grad_weight, grad_bias
 
 
-def _vocab_blocks(hidden2d, weight, bias, rows: Rows, saved, grad_loss, params,
-                  cfg: OPOLossConfig, chunk_size: int, needs: Tuple[bool, bool, bool],
-                  vocab_start: int):
-    """``backward_chunks`` over blocks of columns [v0, v1) of the vocabulary, all N rows each:
-    a row's gradient needs only its saved statistics, so a block of columns is computed alone
-    (the vocabulary-parallel backward kernel, vocab_start = the block's first id). Per block:
-        logits_b          = hidden @ weight[v0:v1].T + bias[v0:v1]   [N, Vb], input dtype
-        grad_weight[v0:v1] = grad_b.T @ hidden      one matmul over all N rows: written once,
-                                                    in the weight's dtype (fp32 inside it)
-        grad_hidden      += grad_b @ weight[v0:v1]  [N, H] accumulator (fp32 for 16-bit)
-        grad_bias[v0:v1]  = grad_b.sum(0)
-    Memory beyond the outputs: the [N, Vb] block, the [N, H] accumulator and, for 16-bit
-    inputs, one [N, H] product per block (one block: ∂hidden is written directly, no
-    accumulator). No [V, H] accumulator, which the row loop reads and writes once per chunk
-    (at N = 16,384, H = 4096, V = 128,256 bf16: 16 chunks × 6.3 GB)."""
-    logprobs, stats, entropy, coef, scal = saved
-    num_rows, vocab = hidden2d.shape[0], weight.shape[0]
+def _vocab_blocks(hidden_r, weight, bias, gradient, row_start: int, chunk_size: int,
+                  grad_hidden_r, grad_weight, grad_bias, first: bool) -> None:
+    """``backward_chunks`` over blocks of columns [v0, v1) of the vocabulary, for the rows
+    hidden_r [R, H] (counted rows [row_start, row_start + R)): a row's gradient needs only
+    its saved statistics, so a block of columns is computed alone (the vocabulary-parallel
+    backward kernel, vocab_start = the block's first id). Per block:
+        logits_b           = hidden_r @ weight[v0:v1].T + bias[v0:v1]   [R, Vb], input dtype
+        grad_weight[v0:v1] (+)= grad_b.T @ hidden_r   one matmul over the R rows, in the
+                                                      weight's dtype (fp32 inside it)
+        grad_hidden_r     += grad_b @ weight[v0:v1]   [R, H] accumulator (fp32 for 16-bit)
+        grad_bias[v0:v1]  (+)= grad_b.sum(0)
+    (+)=: written when ``first`` (no kept rows wrote their part before), else added.
+    Memory beyond the outputs: the [R, Vb] block, the [R, H] accumulator for 16-bit inputs
+    and one [R, H] product per block (one block: ∂hidden is written directly). No [V, H]
+    accumulator, which the row loop reads and writes once per chunk (at 16,384 rows, H = 4096,
+    V = 128,256 bf16: 16 chunks × 6.3 GB)."""
+    num_rows, vocab = hidden_r.shape[0], weight.shape[0]
     block = vocab_block_size(num_rows, vocab, chunk_size)
-    acc = compute_dtype(hidden2d.dtype)
-    one_block = block == vocab  # then ∂hidden is one matmul too, written in hidden's dtype
-    grad_hidden = None
-    if needs[0]:
-        grad_hidden = (new_output(hidden2d.shape, hidden2d.dtype, hidden2d.device) if one_block
-                       else torch.zeros(hidden2d.shape, dtype=acc, device=hidden2d.device))
-    grad_weight = new_output(weight.shape, weight.dtype, weight.device) if needs[1] else None
-    grad_bias = (new_output(bias.shape, acc, bias.device)
-                 if needs[2] and bias is not None else None)
+    acc_hidden = grad_hidden_r
+    if grad_hidden_r is not None and block < vocab:
+        acc = compute_dtype(hidden_r.dtype)
+        if acc != grad_hidden_r.dtype:
+            acc_hidden = new_output(hidden_r.shape, acc, hidden_r.device)
     for v0, v1 in _chunks(vocab, block):
         weight_b = weight[v0:v1]
-        logits = _chunk_logits(hidden2d, weight_b, None if bias is None else bias[v0:v1])
-        grad_b = backward_rows(logits, rows, logprobs, stats, entropy, coef, scal, grad_loss,
-                               params, cfg.level, cfg.coordinates, inplace=True,
-                               vocab_start=vocab_start + v0)
+        logits = _chunk_logits(hidden_r, weight_b, None if bias is None else bias[v0:v1])
+        grad_b = gradient(logits, row_start, v0)
         if grad_weight is not None:
-            torch.mm(grad_b.t(), hidden2d, out=grad_weight[v0:v1])
-        if grad_hidden is not None:
-            if one_block:
-                torch.mm(grad_b, weight_b, out=grad_hidden)
-            else:
-                _add_product(grad_hidden, grad_b, weight_b)
+            _add_product(grad_weight[v0:v1], grad_b.t(), hidden_r, first)
+        if acc_hidden is not None:
+            _add_product(acc_hidden, grad_b, weight_b, v0 == 0)
         if grad_bias is not None:
-            torch.sum(grad_b, 0, dtype=acc, out=grad_bias[v0:v1])
-    return grad_hidden, grad_weight, grad_bias
+            _add_sum(grad_bias[v0:v1], grad_b, first)
+    if acc_hidden is not grad_hidden_r:
+        grad_hidden_r.copy_(acc_hidden)
 
 
-def on_policy_chunks(hidden2d, weight, bias, batch: Batch, cfg: OPOLossConfig, params, counter,
+def on_policy_chunks(hidden_c, weight, bias, batch: Batch, cfg: OPOLossConfig, params, counter,
                      chunk_size: int, needs: Tuple[bool, bool, bool], tp=None):
-    """One phase (ref_logprobs=None): forward statistics AND the gradients for a unit upstream
-    gradient, in one pass over the chunks. Returns ((logprobs, stats, entropy), grads).
+    """One phase (ref_logprobs=None) over the M counted rows hidden_c [M, H]: forward
+    statistics AND the gradients for a unit upstream gradient, in one pass over chunks of
+    ``chunk_size`` rows. Returns ((logprobs, stats, entropy), (grad_hidden [M, H] in hidden's
+    dtype, grad_weight [V, H] and grad_bias [V] in fp32), each None when not needed).
+
+    The coefficients c_t need no logits (Δ ≡ 0): the counts-only epilogue runs first, then
+    per chunk ONE kernel writes the statistics and the gradient over the chunk's logits, and
+    three matmuls in all: the logits, ∂hidden of the chunk's rows (written once) and its part
+    of ∂W (the [V, H] fp32 accumulator: written by the first chunk, then read and written once
+    per chunk, 8·V·H bytes, 12 for 16-bit inputs whose product is added separately: fewer,
+    larger chunks, ``linear_plan.plan_chunks``, keep that traffic down).
 
     tp = (group, vocab_start): the weight is this rank's vocabulary slice. A row's gradient
     needs the row's global normalization, so each chunk's slice partials are combined (one
     all-gather of the chunk's rows, O(C) values, and one kernel) before the backward kernel
-    writes the chunk's gradient over its logits — still one matmul per chunk instead of the general
-    path's two (the logits are not recomputed in backward)."""
+    writes the chunk's gradient over its logits."""
     mode = Mode.of(cfg, batch.weights is not None)
     unit = run_epilogue(batch, mode, params, counter, logprobs=None)  # c_t without log-probs
     rows = Rows.of(batch)
-    out = row_outputs(batch.num_rows, batch.compute_dtype, batch.device, cfg.with_entropy)
-    grad_hidden, grad_weight, grad_bias = _grad_buffers(hidden2d, weight, bias, needs)
+    num_rows = hidden_c.shape[0]
+    out = row_outputs(num_rows, batch.compute_dtype, batch.device, cfg.with_entropy)
+    grad_hidden, grad_weight, grad_bias = _grad_buffers(hidden_c, weight, bias, needs)
     if tp is not None:
         group, vocab_start = tp
-        partials = new_output((batch.num_rows, 4), batch.compute_dtype, batch.device)
+        partials = new_output((num_rows, 4), batch.compute_dtype, batch.device)
         unit_grad = torch.ones((), dtype=batch.compute_dtype, device=batch.device)
-    for start, end in _chunks(hidden2d.shape[0], chunk_size):
-        hidden_c = hidden2d[start:end]
-        logits = _chunk_logits(hidden_c, weight, bias)
+    for start, end in _chunks(num_rows, chunk_size):
+        hidden_r = hidden_c[start:end]
+        logits = _chunk_logits(hidden_r, weight, bias)
         if tp is None:  # one kernel: statistics, then the row's gradient over its logits
             forward_rows(logits, rows, params, cfg.with_entropy, row_start=start, out=out,
                          grad=logits, coef=unit.coef, scal=unit.scal)
         else:
             one_pass_chunk(logits, logits, rows, params, cfg, partials, out, unit, unit_grad,
                            group, vocab_start, start)
-        _accumulate(logits, hidden_c, weight,
+        _accumulate(logits, hidden_r, weight,
                     None if grad_hidden is None else grad_hidden[start:end],
-                    grad_weight, grad_bias)
+                    grad_weight, grad_bias, first=start == 0)
+    _zero_if_unwritten(num_rows > 0, grad_weight, grad_bias)
     return out, (grad_hidden, grad_weight, grad_bias)
-
-

@@ -1,4 +1,4 @@
-"""Vocabulary-parallel logits (tensor parallelism, SPEC "Vocabulary-parallel logits").
+"""Vocabulary-parallel logits (tensor parallelism: docs/integrations.md; the loss: docs/spec.md).
 
 Each rank of a torch.distributed process group holds a contiguous slice [vocab_start,
 vocab_start + V_local) of the vocabulary: logits [..., V_local] (Megatron's column-parallel LM
@@ -206,7 +206,8 @@ def prepare_together(group, prepare: Callable, vocab_local: int, vocab_start, cf
     agreement, so that an error on ONE rank raises on EVERY rank (with cfg.validate, also a
     replicated argument, option or ``agree`` value that differs between ranks); the batch gets
     the global vocabulary size. ``agree_tensors``: {name: tensor} replicated beyond the
-    batch's, fingerprinted with it."""
+    batch's, fingerprinted with it (under a name of the batch's, in its place), or a function
+    returning it, called after ``prepare()`` (tensors that prepare() derives)."""
     validate = cfg.validate
     try:
         if vocab_start is not None and (isinstance(vocab_start, bool) or
@@ -216,6 +217,8 @@ def prepare_together(group, prepare: Callable, vocab_local: int, vocab_start, cf
     except (TypeError, ValueError) as err:  # (`err` is deleted when this block is left)
         check_layout(group, vocab_local, vocab_start, -1, err, validate)
         raise  # check_layout re-raised err; not reached
+    if callable(agree_tensors):
+        agree_tensors = agree_tensors()
     replicated = replicated_summary(batch, cfg, agree, agree_tensors) if validate else None
     start, vocab = check_layout(group, vocab_local, vocab_start, batch.num_rows, None, validate,
                                 replicated)

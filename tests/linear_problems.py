@@ -107,7 +107,7 @@ class Problem:
 
 
 def run(problem, backend, dtype, g, *, oracle_of=None, on_policy=False, chunk_size=None,
-        **options):
+        logits_budget=None, **options):
     """loss, metrics, gradients of g·loss w.r.t. (hidden, weight, bias) for one backend."""
     buf, weight, bias = problem.params(dtype, oracle_of)
     hidden = problem.view(buf)
@@ -120,6 +120,7 @@ def run(problem, backend, dtype, g, *, oracle_of=None, on_policy=False, chunk_si
     else:
         loss, metrics = fused_linear_opo_loss(hidden, weight, *args, bias=bias,
                                               chunk_size=chunk_size, backend=backend,
+                                              logits_budget=logits_budget,
                                               return_metrics=True, **problem.layout, **options)
     leaves = [t for t in (buf, weight, bias) if t is not None]
     grads = torch.autograd.grad(loss * g, leaves)

@@ -4,10 +4,12 @@ upstream gradient (the problems and the float64 oracle: linear_problems.py).
 
 What this file must cover is the chunking: chunk 1 (one row per chunk), 3 (chunks cut through
 sequences: T=5, and packed sequences are interleaved anyway), 64 (> N, one chunk) and the
-default; both loops of the backward (blocks of columns or chunks of rows); both layouts (padded
-hidden is a [:, :-1] view, packed hidden rows have a row stride H + 3); an empty sequence; with
-and without bias; fp32, bf16 and fp64; every option; gradcheck; bad input. The on-policy
-one-phase path and the loops' launch counts: test_fused_linear_loops.py.
+default; both loops of the backward (blocks of columns or chunks of rows), with no logits kept
+and with the first rows' kept (``logits_budget``); both layouts (padded hidden is a [:, :-1]
+view, packed hidden rows have a row stride H + 3); an empty sequence; with and without bias;
+fp32, bf16 and fp64; every option; gradcheck; bad input. The on-policy one-phase path and the
+loops' launch counts: test_fused_linear_loops.py; the budget, the counted rows and the matmul
+counts: test_fused_linear_budget.py.
 """
 
 from __future__ import annotations
@@ -49,13 +51,21 @@ GRID = list(itertools.product(["padded", "packed"], CHUNKS, [True, False],
 
 def _grid_id(case):
     layout, chunk, bias, dtype, loop = case
+    kept = "-kept5" if _budget(GRID.index(case) // 2, dtype) else ""
     return (f"B{B}-T{T}-H{H}-V{V}-{layout}-chunk{chunk if chunk else 'default'}"
-            f"{'-bias' if bias else ''}-{DTYPE_NAME[dtype]}-{loop}")
+            f"{'-bias' if bias else ''}-{DTYPE_NAME[dtype]}-{loop}{kept}")
 
 
 def force_loop(monkeypatch, loop):
     """Make the backward cut the vocabulary ("vocab") or the rows ("rows") whatever N and V."""
     monkeypatch.setattr(chunks, "blocks_over_vocab", lambda rows, vocab: loop == "vocab")
+
+
+def _budget(seed, dtype):
+    """logits_budget of a grid case: 0 (every row recomputed) or the logits of 5 rows kept
+    (the backward's loop then runs on the other rows, from row 5): by the parity of the
+    seed's bits, so that each dtype, bias and chunk size gets both."""
+    return 0 if bin(seed).count("1") % 2 else 5 * V * dtype.itemsize
 
 
 @pytest.mark.parametrize("case", GRID, ids=[_grid_id(c) for c in GRID])
@@ -66,7 +76,8 @@ def test_matches_reference(monkeypatch, case):
     problem = Problem(layout, seed, bias=bias)
     # only the fused path depends on the chunk size: run the torch reference once per problem
     backends = ("triton", "torch") if chunk == 1 and loop == "vocab" else ("triton",)
-    compare(problem, dtype, seed, backends=backends, chunk_size=chunk, entropy_coef=0.03)
+    compare(problem, dtype, seed, backends=backends, chunk_size=chunk,
+            logits_budget=_budget(seed, dtype), entropy_coef=0.03)
 
 
 # ---- every option reaches the epilogue (the epilogue itself is tested in test_opo_loss) -----
@@ -181,6 +192,8 @@ def _bad_inputs():
     ok = dict(bias=b, **p.layout)
     nan_hidden = hidden.clone()
     nan_hidden[0, 0, 0] = float("nan")  # row (0, 0) is counted
+    inf_weight = w.clone()
+    inf_weight[3, 1] = float("inf")
     bad_labels = p.labels.clone()
     bad_labels[0, 0] = V
     return {
@@ -193,7 +206,12 @@ def _bad_inputs():
         "labels-shape": ((hidden, w, p.labels[:, :-1], p.ref, p.rewards), ok, ValueError,
                          r"labels has shape .* hidden @ weight.T"),
         "label-range": ((hidden, w, bad_labels, p.ref, p.rewards), ok, ValueError, "labels"),
-        "nan-hidden": ((nan_hidden, w, *args), ok, ValueError, "logits"),
+        "nan-hidden": ((nan_hidden, w, *args), ok, ValueError,
+                       r"^hidden: 1 counted row\(s\) with a non-finite value"),
+        "inf-weight": ((hidden, inf_weight, *args), ok, ValueError,
+                       r"^weight: 1 row\(s\) \(vocabulary entries\) with a non-finite"),
+        "budget": ((hidden, w, *args), {**ok, "logits_budget": -1}, ValueError,
+                   "logits_budget"),
         "no-group": ((hidden, w, *args), {"bias": b, "mask": p.layout["mask"]}, ValueError,
                      "group_size"),
     }
@@ -202,11 +220,12 @@ def _bad_inputs():
 BAD = _bad_inputs()
 
 
+@pytest.mark.parametrize("backend", ["triton", "torch"])
 @pytest.mark.parametrize("name", list(BAD))
-def test_bad_input(name):
+def test_bad_input(name, backend):
     args, kwargs, exc, pattern = BAD[name]
     with pytest.raises(exc, match=pattern):
-        fused_linear_opo_loss(*args, backend="triton", **kwargs)
+        fused_linear_opo_loss(*args, backend=backend, **kwargs)
 
 
 def test_poisoned_outputs_are_on():

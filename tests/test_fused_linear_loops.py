@@ -27,8 +27,10 @@ ON_POLICY = list(itertools.product(["padded", "packed"], [1, 3, 64], [0.0, 0.05]
                               for lay, c, b in ON_POLICY])
 def test_on_policy_matches_reference(layout, chunk, beta):
     seed = ON_POLICY.index((layout, chunk, beta)) + 80
+    # logits_budget=0: chunks of exactly chunk_size rows (a budget would enlarge them)
     compare(Problem(layout, seed), torch.float32, seed, on_policy=True, chunk_size=chunk,
-            entropy_coef=beta, level="token" if chunk == 3 else "sequence_mean")
+            logits_budget=0, entropy_coef=beta,
+            level="token" if chunk == 3 else "sequence_mean")
 
 
 @pytest.mark.parametrize("layout", ["padded", "packed"])
@@ -77,7 +79,7 @@ def test_on_policy_one_phase_equals_two_phase(layout):
     problem.ref = torch.where(problem.counted, lp.view(problem.counted.shape), float("nan"))
     g = upstream(7).float()
     one = run(problem, "triton", torch.float32, g, on_policy=True, chunk_size=3,
-              entropy_coef=0.05)
+              logits_budget=0, entropy_coef=0.05)
     two = run(problem, "triton", torch.float32, g, chunk_size=3, entropy_coef=0.05)
     assert_close(one[0], two[0], 1e-5, 1e-6, "loss")
     for k in one[1]:
@@ -109,13 +111,14 @@ def test_on_policy_without_grad_and_partial_grad():
 # ---- the chunking contract: how many logits exist, how many passes --------------------------
 @pytest.mark.parametrize("on_policy", [False, True], ids=["two-phase", "on-policy-one-phase"])
 @pytest.mark.parametrize("chunk", [1, 3, 8])
-@pytest.mark.parametrize("vocab", [V, 11], ids=["N<V", "N>V"])
+@pytest.mark.parametrize("vocab", [V, 11], ids=["M<V", "M>=V"])
 def test_chunks_bound_logits_and_count_passes(monkeypatch, chunk, on_policy, vocab):
-    """Every kernel launch sees at most chunk × V logits. Forward: the chunks tile the N rows
-    exactly, one launch each. On-policy: those (one-pass) launches only. Two-phase backward:
-    with N = 20 rows < V = 23 the launches are blocks of columns over all N rows that tile the
-    vocabulary (``vocab_block_size`` columns each); with V = 11 < N, one launch per chunk of
-    rows, as in forward."""
+    """With logits_budget=0 (nothing kept, on-policy chunks of chunk_size rows), every kernel
+    launch sees at most chunk × V logits, of counted rows only. Forward: the chunks tile the
+    M counted rows exactly (M = 12 of the N = 20 padded rows), one launch each. On-policy:
+    those (one-pass) launches only. Two-phase backward: with M = 12 < V = 23 the launches are
+    blocks of columns over all M rows that tile the vocabulary (``vocab_block_size`` columns
+    each); with V = 11 <= M = 11, one launch per chunk of rows, as in forward."""
     calls = {"forward": [], "backward": []}
 
     def spy(kind, fn):
@@ -127,24 +130,27 @@ def test_chunks_bound_logits_and_count_passes(monkeypatch, chunk, on_policy, voc
     monkeypatch.setattr(chunks, "forward_rows", spy("forward", chunks.forward_rows))
     monkeypatch.setattr(chunks, "backward_rows", spy("backward", chunks.backward_rows))
     problem = Problem("padded", 9, V=vocab)
+    counted = int(problem.counted.sum())
+    assert counted == {V: 12, 11: 11}[vocab] < B * T
     buf, weight, bias = problem.params(torch.float32)
     ref = None if on_policy else problem.ref
     loss = fused_linear_opo_loss(problem.view(buf), weight, problem.labels, ref,
-                                 problem.rewards, bias=bias, chunk_size=chunk, **problem.layout)
-    n_chunks = -(-B * T // chunk)
+                                 problem.rewards, bias=bias, chunk_size=chunk, logits_budget=0,
+                                 **problem.layout)
+    n_chunks = -(-counted // chunk)
     assert len(calls["forward"]) == n_chunks and not calls["backward"]
     loss.backward()
     assert len(calls["forward"]) == n_chunks, "backward must not rerun the forward kernel"
     for shape in calls["forward"]:
         assert shape[0] <= chunk and shape[1] == vocab
-    assert sum(s[0] for s in calls["forward"]) == B * T
+    assert sum(s[0] for s in calls["forward"]) == counted
     if on_policy:
         assert not calls["backward"]
-    elif vocab > B * T:
-        width = {1: 1, 3: 3, 8: 9}[chunk]  # chunk · V // N
-        assert calls["backward"] == [(B * T, min(width, vocab - start))
+    elif vocab > counted:
+        width = {1: 1, 3: 5, 8: 15}[chunk]  # chunk · V // M
+        assert calls["backward"] == [(counted, min(width, vocab - start))
                                      for start in range(0, vocab, width)]
-        assert chunks.vocab_block_size(B * T, vocab, chunk) == width
+        assert chunks.vocab_block_size(counted, vocab, chunk) == width
     else:
         assert calls["backward"] == calls["forward"]
 

@@ -10,13 +10,14 @@ included; validate=True may add its one host read. Counted, so nobody silently a
 The counts are exact today (general: memset of the epilogue's ticket + forward, epilogue,
 backward kernels + the autograd seed = 5; on-policy: memset + counts-only epilogue, one-pass
 forward, epilogue, scale + seed = 6), and asserted as such as well as against the bounds.
+The fused-linear op's operations and matmuls: test_fused_linear_counts.py.
 """
 
 import contextlib
 
 import pytest
 import torch
-from problems import make_problem, on_device
+from problems import make_problem
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import opo_kernels
@@ -174,78 +175,3 @@ def test_logprob_api(layout):
         step()
     assert counter.launches == ["epilogue_kernel", "_logprob_grad_kernel"]
     assert counter.ops == ["aten.zeros.default", "aten.ones_like.default"], counter.ops
-
-
-# fused-linear, one chunk, validate=False: the same epilogue (1 memset + 1 launch general,
-# 2 launches on-policy) around the matmuls. The exact lists, so that an added op shows here.
-# N = B·T = 30 rows; V = 50 > N: the backward cuts the vocabulary (one block here), V = 20 < N:
-# the rows (linear_chunks.backward_chunks).
-# general, V = 50: ticket memset, logits (addmm / mm), autograd seed, logits recomputed, ∂W and
-# ∂hidden each ONE matmul written into its output (mm.out), ∂b = Σ rows into its fp32 buffer
-# (sum.out; cast to bf16 for bf16); no accumulator.
-# general, V = 20: ... the fp32 ∂W (and ∂b) accumulators, logits recomputed, ∂hidden into its
-# buffer (mm.out), ∂W += (addmm_; bf16: mm + add_), ∂b += Σ rows, the casts to bf16.
-# on-policy (one phase, rows): the same in one loop, then ∂hidden, ∂W, ∂b scaled by the
-# upstream gradient (one mul each).
-FP32, BF16 = torch.float32, torch.bfloat16
-# keyed (on_policy, bias, dtype, V). bf16 on-policy with bias: the accumulation is mm + add_
-# (fp32 accumulator, bf16 product); ∂hidden (bf16) is scaled through fp32 (_to_copy, mul,
-# _to_copy), while ∂W and ∂b go from their fp32 accumulators to bf16 scaled in ONE op each
-# (mul.out), not a mul then a cast
-FUSED_LINEAR_OPS = {
-    (False, True, FP32, 50): ["zeros", "addmm", "ones_like", "addmm", "mm.out", "mm.out",
-                              "sum.IntList_out"],
-    (False, False, FP32, 50): ["zeros", "mm", "ones_like", "mm", "mm.out", "mm.out"],
-    (False, True, BF16, 50): ["zeros", "addmm", "ones_like", "addmm", "mm.out", "mm.out",
-                              "sum.IntList_out", "_to_copy"],
-    (False, True, FP32, 20): ["zeros", "addmm", "ones_like", "zeros", "zeros", "addmm",
-                              "mm.out", "addmm_", "sum.dim_IntList", "add_.Tensor"],
-    (False, False, FP32, 20): ["zeros", "mm", "ones_like", "zeros", "mm", "mm.out", "addmm_"],
-    (False, True, BF16, 20): ["zeros", "addmm", "ones_like", "zeros", "zeros", "addmm",
-                              "mm.out", "mm", "add_.Tensor", "sum.dim_IntList", "add_.Tensor",
-                              "_to_copy", "_to_copy"],
-    (True, True, FP32, 50): ["zeros", "zeros", "zeros", "addmm", "mm.out", "addmm_",
-                             "sum.dim_IntList", "add_.Tensor", "ones_like", "mul.Tensor",
-                             "mul.Tensor", "mul.Tensor"],
-    (True, False, FP32, 50): ["zeros", "zeros", "mm", "mm.out", "addmm_", "ones_like",
-                              "mul.Tensor", "mul.Tensor"],
-    (True, True, BF16, 50): ["zeros", "zeros", "zeros", "addmm", "mm.out", "mm", "add_.Tensor",
-                             "sum.dim_IntList", "add_.Tensor", "ones_like", "_to_copy",
-                             "mul.Tensor", "_to_copy", "mul.out", "mul.out"],
-}
-
-
-def _fused_linear_id(key):
-    on_policy, bias, dtype, vocab = key
-    return (f"{'on_policy' if on_policy else 'general'}-{'bias' if bias else 'no-bias'}"
-            f"{'-bf16' if dtype == BF16 else ''}-V{vocab}")
-
-
-@pytest.mark.parametrize("on_policy,bias,dtype,V", list(FUSED_LINEAR_OPS),
-                         ids=[_fused_linear_id(k) for k in FUSED_LINEAR_OPS])
-def test_fused_linear_one_chunk(on_policy, bias, dtype, V):
-    g = torch.Generator().manual_seed(0)
-    B, T, H = 6, 5, 8
-    tensors = [torch.randn(B, T, H, generator=g), torch.randn(V, H, generator=g),
-               torch.randn(V, generator=g), torch.randint(0, V, (B, T), generator=g),
-               torch.rand(B, T, generator=g) < 0.8, torch.rand(B, generator=g),
-               -3 * torch.rand(B, T, generator=g)]
-    tensors[:3] = [t.to(dtype) for t in tensors[:3]]
-    hidden, weight, b, labels, mask, rewards, ref = on_device(tensors)
-    leaves = [t.clone().requires_grad_() for t in (hidden, weight, b)][:3 if bias else 2]
-
-    def step():
-        loss = opo_kernels.fused_linear_opo_loss(
-            leaves[0], leaves[1], labels, None if on_policy else ref, rewards,
-            bias=leaves[2] if bias else None, mask=mask, group_size=3, backend="triton",
-            validate=False)
-        torch.autograd.grad(loss, leaves)
-
-    step()
-    with count_operations() as counter:
-        step()
-    expected_launches = (["epilogue_kernel", "_opo_fwd_kernel", "epilogue_kernel"] if on_policy
-                         else ["_opo_fwd_kernel", "epilogue_kernel", "_opo_bwd_kernel"])
-    assert counter.launches == expected_launches
-    ops = [op.removeprefix("aten.").removesuffix(".default") for op in counter.ops]
-    assert ops == FUSED_LINEAR_OPS[(on_policy, bias, dtype, V)], ops

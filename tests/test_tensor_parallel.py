@@ -69,31 +69,50 @@ def test_four_ranks():
     run_ranks(tp_workers.logits_cases, 4, CASES_4)
 
 
+# (layout, options): the general mode with no logits kept (its backward cuts the rows: the
+# 19-id vocabulary's slices are below the 24 counted rows), with 5 rows' logits kept (7·19/2
+# ids -> 10 per slice, 4 bytes: 200 bytes), with all kept (the default budget); on-policy with
+# chunks of 7 rows and with the budget's 5-row chunks (balanced: 5 chunks of 5, 5, 5, 5, 4)
+FUSED_LINEAR_CASES = {
+    "padded": [("padded", {"logits_budget": 0}), ("padded", {"logits_budget": 200}),
+               ("padded", {"on_policy": True, "logits_budget": 200, "chunk_size": 1})],
+    "packed": [("packed", {}), ("packed", {"logits_budget": 200, "entropy_coef": 0.0}),
+               ("packed", {"on_policy": True, "logits_budget": 0})],
+}
+
+
 @pytest.mark.parametrize("layout", ["padded", "packed"])
 def test_fused_linear_two_ranks(layout):
-    run_ranks(tp_workers.fused_linear_case, 2, layout)
+    run_ranks(tp_workers.fused_linear_cases, 2, FUSED_LINEAR_CASES[layout])
 
 
 def test_fused_linear_two_ranks_vocabulary_blocks():
-    """Slices of 34 and 33 ids > the 30 rows: each rank's backward cuts its slice into blocks
-    of columns (chunk 7 -> 7 columns), the blocks' first ids offset by the slice's start."""
+    """Slices of 34 and 33 ids > the 24 counted rows: each rank's backward cuts its slice into
+    blocks of columns (chunk 7 -> 9 columns), the blocks' first ids offset by the slice's
+    start; with no logits kept, and with 5 rows' kept (the blocks then cover the other 19)."""
     assert tp_workers.bounds(2, 67, uneven=True) == [0, 34, 67]
-    assert linear_chunks.blocks_over_vocab(30, 33)
-    assert linear_chunks.vocab_block_size(30, 33, 7) == 7
-    run_ranks(tp_workers.fused_linear_case, 2, "padded", {"vocab": 67})
+    assert linear_chunks.blocks_over_vocab(24, 33)
+    assert linear_chunks.vocab_block_size(24, 33, 7) == 9
+    run_ranks(tp_workers.fused_linear_cases, 2,
+              [("padded", {"vocab": 67, "logits_budget": 0}),
+               ("packed", {"vocab": 67, "logits_budget": 5 * 34 * 4})])
 
 
 def test_fused_linear_four_ranks_on_policy():
     run_ranks(tp_workers.fused_linear_case, 4, "packed",
-              {"on_policy": True, "temperature": 0.8, "level": "sequence"})
+              {"on_policy": True, "temperature": 0.8, "level": "sequence",
+               "logits_budget": 0})
 
 
 def test_fused_linear_default_chunks_agree_on_uneven_slices():
-    """The default chunk size comes from the global V: slices of 10 and 9 rows of the weight
-    would otherwise round to chunks of 2 and 4 rows here, and the on-policy chunks' all-reduces
-    would not pair up across the ranks."""
-    run_ranks(tp_workers.fused_linear_case, 2, "padded",
-              {"on_policy": True, "chunk_bytes": 150}, deadline=240.0)
+    """The default chunk size, and the rows of a budget, come from the global V: slices of 10
+    and 9 rows of the weight would otherwise round to chunks of 2 and 4 rows here (150 bytes
+    of 4-byte logits), and the on-policy chunks' all-gathers would not pair up across the
+    ranks."""
+    run_ranks(tp_workers.fused_linear_cases, 2,
+              [("padded", {"on_policy": True, "chunk_bytes": 150, "logits_budget": 0}),
+               ("padded", {"on_policy": True, "chunk_size": 1, "logits_budget": 150})],
+              deadline=240.0)
 
 
 BAD_INPUT_CASES = ["label_outside_vocab", "inconsistent_vocab_start", "mismatched_rows",

@@ -124,73 +124,108 @@ def _compare_one_pass(rank, world, problem, uneven, chunk_bytes, **options):
 
 
 def fused_linear_case(rank, world, port, layout, options=None):
+    """One ``_fused_linear_compare`` case in its own process group."""
+    fused_linear_cases(rank, world, port, [(layout, options)])
+
+
+def fused_linear_cases(rank, world, port, cases):
+    """``_fused_linear_compare`` for each (layout, options) of cases, on one process group
+    (a rank's start-up is most of a case's time)."""
+    dist.init_process_group("gloo", rank=rank, world_size=world,
+                            init_method=f"tcp://127.0.0.1:{port}")
+    try:
+        for layout, options in cases:
+            _fused_linear_compare(rank, world, layout, options)
+    finally:
+        dist.destroy_process_group()
+
+
+def _fused_linear_compare(rank, world, layout, options=None):
     """fused_linear_opo_loss with a [V_local, H] weight slice (uneven slices, bias), the hidden
     gradient all-reduced by the op (default) or left to the caller (reduce_hidden_grad=False:
-    the ranks' parts sum to the single-process gradient). options: extra loss options, and
-    on_policy=True for ref_logprobs=None, chunk_bytes=K for the default chunk size with
-    linear_chunks' budget set to K bytes (and no minimum), so that the tiny uneven slices
-    round to different row counts when a rank sizes its chunks from its own slice, vocab=V
-    for another vocabulary than 19 (< the 30 rows: the backward cuts the rows; a V whose
-    slices exceed 30 makes it cut each slice's vocabulary into blocks)."""
+    the ranks' parts sum to the single-process gradient). The hidden states of the rows not
+    counted are NaN (never read: every result stays finite, their gradient is 0). options:
+    extra loss options (logits_budget among them), and on_policy=True for
+    ref_logprobs=None, chunk_bytes=K for the default chunk size with linear_plan's budget
+    set to K bytes (and no minimum), so that the tiny uneven slices round to different row
+    counts when a rank sizes its chunks from its own slice, vocab=V for another vocabulary
+    than 19 (< the 24 counted rows: the backward cuts the rows; a V whose slices exceed them
+    makes it cut each slice's vocabulary into blocks). The matmul work of the rank's call is
+    counted: 4 − K/M (3 on-policy) products of the M counted rows by its slice."""
     options = dict(options or {})
     on_policy = options.pop("on_policy", False)
     chunk_bytes = options.pop("chunk_bytes", None)
     V = options.pop("vocab", 19)
     import opo_kernels
-    from opo_kernels import linear_chunks
+    from opo_kernels import linear_plan
 
-    if chunk_bytes is not None:  # (a spawned process: the patch dies with it)
-        linear_chunks._CHUNK_BYTES, linear_chunks._MIN_CHUNK = chunk_bytes, 1
+    saved = linear_plan._CHUNK_BYTES, linear_plan._MIN_CHUNK
+    if chunk_bytes is not None:
+        linear_plan._CHUNK_BYTES, linear_plan._MIN_CHUNK = chunk_bytes, 1
         options["chunk_size"] = None
-
-    dist.init_process_group("gloo", rank=rank, world_size=world,
-                            init_method=f"tcp://127.0.0.1:{port}")
     try:
-        g = torch.Generator().manual_seed(7)
-        B, T, H = 6, 5, 8
-        hidden = torch.randn(B, T, H, generator=g, dtype=torch.float64).float()
-        weight = (torch.randn(V, H, generator=g, dtype=torch.float64) / H ** 0.5).float()
-        bias = torch.randn(V, generator=g, dtype=torch.float64).float() * 0.1
-        labels = torch.randint(0, V, (B, T), generator=g)
-        mask = torch.rand(B, T, generator=g) < 0.8
-        rewards = torch.rand(B, generator=g)
-        with torch.no_grad():
-            lp = torch.log_softmax(hidden @ weight.T + bias, -1).gather(-1, labels[..., None])
-        ref = lp[..., 0] + 0.05 * torch.randn(B, T, generator=g)
-        kwargs = dict(mask=mask, group_size=3, chunk_size=7, entropy_coef=0.02,
-                      return_metrics=True, backend="triton")
-        kwargs.update(options)
-        if layout == "packed":
-            kwargs.pop("mask")
-            hidden, labels, ref = hidden.view(-1, H), labels.view(-1), ref.view(-1)
-            kwargs["seq_ids"] = torch.where(mask.view(-1), torch.arange(B * T) // T, -1)
-        if on_policy:
-            ref = None
-        params = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
-        loss, metrics = opo_kernels.fused_linear_opo_loss(params[0], params[1], labels, ref,
-                                                          rewards, bias=params[2], **kwargs)
-        grads = torch.autograd.grad(loss, params)
-        edges = bounds(world, V, uneven=True)
-        lo, hi = edges[rank], edges[rank + 1]
-        for reduce in (True, False):
-            h = hidden.clone().requires_grad_()
-            w = weight[lo:hi].clone().requires_grad_()
-            b = bias[lo:hi].clone().requires_grad_()
+        _fused_linear_compare_body(rank, world, layout, on_policy, V, options, opo_kernels)
+    finally:
+        linear_plan._CHUNK_BYTES, linear_plan._MIN_CHUNK = saved
+
+
+def _fused_linear_compare_body(rank, world, layout, on_policy, V, options, opo_kernels):
+    from test_fused_linear_counts import MatmulCounter
+
+    from opo_kernels.linear_plan import plan_chunks
+
+    g = torch.Generator().manual_seed(7)
+    B, T, H = 6, 5, 8
+    hidden = torch.randn(B, T, H, generator=g, dtype=torch.float64).float()
+    weight = (torch.randn(V, H, generator=g, dtype=torch.float64) / H ** 0.5).float()
+    bias = torch.randn(V, generator=g, dtype=torch.float64).float() * 0.1
+    labels = torch.randint(0, V, (B, T), generator=g)
+    mask = torch.rand(B, T, generator=g) < 0.8
+    rewards = torch.rand(B, generator=g)
+    with torch.no_grad():
+        lp = torch.log_softmax(hidden @ weight.T + bias, -1).gather(-1, labels[..., None])
+    ref = lp[..., 0] + 0.05 * torch.randn(B, T, generator=g)
+    hidden[~mask] = float("nan")  # rows not counted: never read
+    kwargs = dict(mask=mask, group_size=3, chunk_size=7, entropy_coef=0.02,
+                  return_metrics=True, backend="triton")
+    kwargs.update(options)
+    if layout == "packed":
+        kwargs.pop("mask")
+        hidden, labels, ref = hidden.view(-1, H), labels.view(-1), ref.view(-1)
+        kwargs["seq_ids"] = torch.where(mask.view(-1), torch.arange(B * T) // T, -1)
+    if on_policy:
+        ref = None
+    params = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
+    loss, metrics = opo_kernels.fused_linear_opo_loss(params[0], params[1], labels, ref,
+                                                      rewards, bias=params[2], **kwargs)
+    grads = torch.autograd.grad(loss, params)
+    edges = bounds(world, V, uneven=True)
+    lo, hi = edges[rank], edges[rank + 1]
+    counted = int(mask.sum())
+    for reduce in (True, False):
+        h = hidden.clone().requires_grad_()
+        w = weight[lo:hi].clone().requires_grad_()
+        b = bias[lo:hi].clone().requires_grad_()
+        with MatmulCounter() as counter:
             loss2, metrics2 = opo_kernels.fused_linear_opo_loss(
                 h, w, labels, ref, rewards, bias=b, process_group=dist.group.WORLD,
                 vocab_start=lo, reduce_hidden_grad=reduce, **kwargs)
             gh, gw, gb = torch.autograd.grad(loss2, (h, w, b))
-            _close(loss2, loss, 2e-6, 2e-7, "fused-linear loss")
-            for k in metrics:
-                _close(metrics2[k], metrics[k], 2e-6, 2e-7, f"fused-linear metric {k}")
-            scale = grads[0].abs().max().item()
-            if not reduce:
-                dist.all_reduce(gh)  # what the caller's column-parallel layer does
-            _close(gh, grads[0], 1e-5, 1e-7 * scale, f"hidden grad (reduce={reduce})")
-            _close(gw, grads[1][lo:hi], 1e-5, 1e-7 * grads[1].abs().max().item(), "weight grad")
-            _close(gb, grads[2][lo:hi], 1e-5, 1e-7 * grads[2].abs().max().item(), "bias grad")
-    finally:
-        dist.destroy_process_group()
+        plan = plan_chunks(counted, -(-V // world), torch.float32, kwargs.get("chunk_size"),
+                           kwargs.get("logits_budget"), on_policy, True)
+        expected = 3.0 if on_policy else 4.0 - plan.held_rows / counted
+        units = counter.units(counted, H, hi - lo)
+        assert abs(units - expected) < 1e-12, (rank, units, expected, counter.products)
+        _close(loss2, loss, 2e-6, 2e-7, "fused-linear loss")
+        for k in metrics:
+            _close(metrics2[k], metrics[k], 2e-6, 2e-7, f"fused-linear metric {k}")
+        scale = grads[0].abs().max().item()
+        if not reduce:
+            dist.all_reduce(gh)  # what the caller's column-parallel layer does
+        _close(gh, grads[0], 1e-5, 1e-7 * scale, f"hidden grad (reduce={reduce})")
+        assert (gh[~mask.view(gh.shape[:-1])] == 0).all(), "rows not counted: zero gradient"
+        _close(gw, grads[1][lo:hi], 1e-5, 1e-7 * grads[1].abs().max().item(), "weight grad")
+        _close(gb, grads[2][lo:hi], 1e-5, 1e-7 * grads[2].abs().max().item(), "bias grad")
 
 
 def bad_input_cases(rank, world, port, cases):
@@ -291,7 +326,8 @@ def _bad_input_case(rank, world, case):
             chunk_size = {"bad_chunk_size_on_one_rank": 0,
                           "chunk_size_differs_on_one_rank": 4}.get(case, 5)
             if case == "hidden_differs_on_one_rank" and rank == 1:
-                hidden[5, 3, 2] = torch.nextafter(hidden[5, 3, 2], torch.tensor(9.0))
+                assert layout["mask"][2, 1]  # a counted row (a row not counted is not read)
+                hidden[2, 1, 2] = torch.nextafter(hidden[2, 1, 2], torch.tensor(9.0))
             opo_kernels.fused_linear_opo_loss(
                 hidden, weight, labels, None, rewards,
                 chunk_size=chunk_size if rank == 0 else 5,
