@@ -15,8 +15,8 @@ What makes it strong (and what the reference does instead):
   - the counted rows' indices (data, from the mask) are computed once per batch, outside the
     timed call, as a training loop's data preparation would; the compiled graph then has no
     data-dependent shape and no graph break (the reference's ``nonzero`` breaks it);
-  - the O(N) objective is ``opo_kernels.reference.objective`` (the spec in code), traced into
-    the same graph.
+  - the O(N) objective is ``opo_kernels.reference.objective`` (the spec in code), compiled
+    as a second graph (it is specialized to the batch's shape; the log-prob graph need not be).
 
 Example::
 
@@ -29,7 +29,7 @@ Example::
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional
+from typing import Dict, Optional
 
 import torch
 
@@ -60,28 +60,38 @@ def _logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 class TorchOPO:
-    """The compiled strong-torch OPO loss. ``backend``: torch.compile backend ("inductor" on
-    a GPU; "eager" traces with Dynamo without generating code, for CPU tests); None runs the
-    same function eagerly."""
+    """The compiled strong-torch OPO loss: two compiled graphs, the log-probs of the counted
+    rows (the [N, V] part) and the O(N) objective (the spec's reference code). ``backend``:
+    torch.compile backend ("inductor" on a GPU; "eager" traces with Dynamo without generating
+    code, for CPU tests); None runs the same functions eagerly. dynamic: torch.compile's for
+    the log-prob graph (True: one graph for every batch shape and vocabulary of a run; None:
+    PyTorch's default). The objective's graph is specialized to the number of sequences and
+    V (the reference's one-hot and log V): it is small and recompiles per batch shape."""
 
-    def __init__(self, backend: Optional[str] = "inductor", **options):
+    def __init__(self, backend: Optional[str] = "inductor", dynamic: Optional[bool] = None,
+                 **options):
         self.cfg = OPOLossConfig(**options)
         cfg = self.cfg
 
-        def loss_fn(logits: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor,
-                    seq: torch.Tensor, ref: Optional[torch.Tensor], rewards: torch.Tensor,
-                    group: torch.Tensor, vocab: int, shift: bool) -> torch.Tensor:
+        def logprobs_fn(logits: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor,
+                        shift: bool) -> torch.Tensor:
             if shift:
                 logits = logits[:, :-1]
-            lp = _logprobs(logits, labels).reshape(-1)[rows]
+            return _logprobs(logits, labels).reshape(-1)[rows]
+
+        def objective_fn(lp: torch.Tensor, seq: torch.Tensor, ref: Optional[torch.Tensor],
+                         rewards: torch.Tensor, group: torch.Tensor, vocab: int) -> torch.Tensor:
             ref_rows = lp.detach() if ref is None else ref
             loss, _metrics = objective(cfg, lp, ref_rows, None, seq, rewards, group, None,
                                        vocab)
             return loss
 
-        self.backend = backend
-        self._fn: Callable = loss_fn if backend is None else torch.compile(loss_fn,
-                                                                           backend=backend)
+        self.backend, self.dynamic = backend, dynamic
+        if backend is None:
+            self._logprobs, self._objective = logprobs_fn, objective_fn
+        else:
+            self._logprobs = torch.compile(logprobs_fn, backend=backend, dynamic=dynamic)
+            self._objective = torch.compile(objective_fn, backend=backend, dynamic=False)
 
     def prepare(self, labels, ref_logprobs, rewards, *, vocab_size: int, mask=None,
                 seq_ids=None, group_size=None, group_ids=None) -> PreparedBatch:
@@ -103,8 +113,8 @@ class TorchOPO:
         """The 0-dim float32 loss. logits: what ``prepare`` saw, or with shift=True the
         model's whole [B, T+1, V] output (the last position is not read)."""
         p = prepared
-        return self._fn(logits, p.labels, p.rows, p.seq, p.ref, p.rewards, p.group, p.vocab,
-                        shift)
+        lp = self._logprobs(logits, p.labels, p.rows, shift)
+        return self._objective(lp, p.seq, p.ref, p.rewards, p.group, p.vocab)
 
     def extra(self) -> Dict[str, object]:
-        return {"compile_backend": self.backend}
+        return {"compile_backend": self.backend, "compile_dynamic": self.dynamic}

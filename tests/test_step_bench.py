@@ -141,6 +141,15 @@ def test_step_runs_end_to_end(tmp_path):
     assert (tmp_path / "cpu-tiny.step.png").read_bytes()[:4] == b"\x89PNG"
     assert not (tmp_path / "README.md").exists()  # no README there: nothing written
 
+    # resuming keeps the measured rows and measures only the missing paths
+    again = tmp_path / "again"
+    assert main(["--tiny", "--out", str(again), "--paths", "plain,trl_head", "--steps", "1",
+                 "--resume", str(out)]) == 0
+    resumed = report.load(again / "cpu-tiny.step.json")
+    assert [r["path"] for r in resumed["rows"]] == paths.split(",") + ["trl_head"]
+    assert [r.get("run") for r in resumed["rows"]] == ["resumed"] * 3 + [None]
+    assert resumed["rows"][0]["steps"] == 2 and resumed["rows"][3]["steps"] == 1
+
 
 def test_cli_refuses_tiny_results_in_the_results_folder():
     from benchmarks.step.__main__ import main

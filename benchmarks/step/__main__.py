@@ -6,10 +6,10 @@ import os
 
 import torch
 
-# Without a usable GPU our Triton kernels (and Liger's) run in Triton's interpreter, which
-# must be chosen before anything imports triton.
+# Without a GPU our Triton kernels (and Liger's) can only run in Triton's interpreter, which
+# must be chosen before anything imports triton (whatever the environment said).
 if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+    os.environ["TRITON_INTERPRET"] = "1"
 
 import argparse  # noqa: E402
 import sys  # noqa: E402
@@ -52,6 +52,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seq-len", type=int)
     ap.add_argument("--no-grad-ckpt", action="store_true", help="gradient checkpointing off")
     ap.add_argument("--budget-s", type=float, help="start no new row after this many seconds")
+    ap.add_argument("--resume", type=Path, help="earlier results file of the same device: keep "
+                    "its rows, measure the others")
     ap.add_argument("--readme", type=Path, help="README to update between the step-table "
                     "markers (never on tiny runs)")
     ap.add_argument("--report-only", type=Path, metavar="RESULTS_JSON",
@@ -64,7 +66,8 @@ def main(argv=None) -> int:
     kw = {k: v for k, v in dict(
         models=_csv(args.models), tokens=_csv(args.tokens, int), paths=_csv(args.paths),
         steps=args.steps, warmup=args.warmup, seq_len=args.seq_len,
-        budget_s=args.budget_s, commit=os.environ.get("OPO_BENCH_COMMIT")).items()
+        budget_s=args.budget_s, commit=os.environ.get("OPO_BENCH_COMMIT"),
+        resume=None if args.resume is None else str(args.resume)).items()
         if v is not None}
     if args.no_grad_ckpt:
         kw["grad_ckpt"] = False

@@ -144,7 +144,25 @@ class StepBench:
         if self.device.type == "cuda":
             props = torch.cuda.get_device_properties(self.device)
             self.data["gpu_memory_bytes"] = int(props.total_memory)
+        self.done = set()
+        if settings.resume is not None:
+            self._resume(Path(settings.resume))
         self.write()
+
+    def _resume(self, path: Path) -> None:
+        """Keeps the measured rows of an earlier results file of the same device (its models'
+        records too); only the rows it lacks are measured."""
+        old = json.loads(path.read_text(encoding="utf-8"))
+        if old.get("device") != self.data["device"]:
+            raise ValueError(f"cannot resume {path}: it was measured on {old.get('device')!r}, "
+                             f"this is {self.data['device']!r}")
+        for row in old.get("rows", []):
+            row.setdefault("run", "resumed")
+            self.data["rows"].append(row)
+            self.done.add((row["model"], row["tokens"], row["path"]))
+        self.data["models"].update(old.get("models", {}))
+        self.data["resumed_from"] = {"commit": old.get("commit"),
+                                     "created_utc": old.get("created_utc")}
 
     def write(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -161,6 +179,8 @@ class StepBench:
     def run(self) -> Dict[str, object]:
         s = self.settings
         for model_name in s.models:
+            if all((model_name, t, p) in self.done for t in s.tokens for p in s.paths):
+                continue
             if self.out_of_time():
                 for t in s.tokens:
                     for p in s.paths:
@@ -178,6 +198,8 @@ class StepBench:
             timer = HeadTimer(model, self.clock)
             try:
                 for tokens in s.tokens:
+                    if all((model_name, tokens, p) in self.done for p in s.paths):
+                        continue
                     if self.out_of_time():
                         for p in s.paths:
                             self._skip(model_name, tokens, p, "time budget spent")
@@ -210,6 +232,8 @@ class StepBench:
     def measure(self, model, opt, batch: StepBatch, path: str, model_name: str,
                 timer: HeadTimer) -> Optional[Dict[str, object]]:
         tokens = batch.B * batch.L
+        if (model_name, tokens, path) in self.done:
+            return None
         if self.out_of_time():
             self._skip(model_name, tokens, path, "time budget spent")
             return None

@@ -87,6 +87,7 @@ class Settings:
     warmup: int = 3            # untimed steps first (JIT, torch.compile, autotuning, allocator)
     grad_ckpt: bool = True
     budget_s: Optional[float] = None   # no new row starts after this many seconds
+    resume: Optional[str] = None       # an earlier results file: its rows are kept
     compile_backend: str = "inductor"
     commit: Optional[str] = None
     seed: int = 0

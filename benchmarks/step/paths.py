@@ -122,8 +122,8 @@ def build_path(name: str, model, b: StepBatch, compile_backend: str) -> LossPath
                                          loss_math="GSPO (Liger has no OPO)"))
 
     if name == "torch_compiled":
-        from benchmarks.peers_torch import TorchOPO
-        opo = TorchOPO(backend=compile_backend)
+        # dynamic shapes: one compiled graph for every micro-batch size and vocabulary of a run
+        opo = _torch_opo(compile_backend)
         prepared = opo.prepare(b.labels, b.old_logprobs, b.rewards, vocab_size=b.vocab,
                                mask=b.mask, group_size=b.group_size)
 
@@ -160,6 +160,17 @@ def build_path(name: str, model, b: StepBatch, compile_backend: str) -> LossPath
         return LossPath(name, loss, extra)
 
     raise ValueError(f"unknown path {name!r}")
+
+
+_TORCH_OPO = {}
+
+
+def _torch_opo(backend: str):
+    """One strong-torch OPO per backend and process (its compiled graph is reused)."""
+    from benchmarks.peers_torch import TorchOPO
+    if backend not in _TORCH_OPO:
+        _TORCH_OPO[backend] = TorchOPO(backend=backend, dynamic=True)
+    return _TORCH_OPO[backend]
 
 
 def _interpreter_on() -> bool:
