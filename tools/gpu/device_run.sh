@@ -23,6 +23,16 @@
 #          NCCL over the GPUs present; on one GPU, a group of one rank at the slice sizes of
 #          tp = 2 and 8), ~1-2 minutes
 #   all    check, then bench, then tp (a CUDA machine with no time limit)
+#   step   ONE call of ~9.5 min (OPO_DEADLINE_S, default 560 s): the RL-step benchmark
+#          (benchmarks/step: Qwen2.5-0.5B- and Llama-3.2-1B-shaped models, 8k/4k/16k-token
+#          micro-batches, every loss path, ours and the peers'), then the fused-linear rows
+#          with their peers at both shapes (padded B16 T1024 H4096 V128256, packed N4096), then
+#          the kernel-level fair rows at the target logits shape (strong torch, ours, Liger,
+#          the reference). Needs the peers' wheels (fetch_wheels.sh). Returns 5 files:
+#          log.txt, <device>.step.json/.step.md, <device>.fair.json/.fair.md (the figures are
+#          made back home: python -m benchmarks.step --report-only ..., python -m
+#          benchmarks.run --report-only ...). Arguments after the stage go to benchmarks.step
+#          (e.g. --resume FILE to measure only the rows an earlier call lacks).
 #
 # A 15-minute run on an offline machine, prepared on a machine with internet access:
 #   bash tools/gpu/fetch_wheels.sh        # once: the wheels the GPU machine lacks, into .whl/
@@ -49,11 +59,12 @@ set -uo pipefail
 cd "$(dirname "$0")/../.."
 stage=${1:-check}
 [ $# -gt 0 ] && shift
-case "$stage" in lease|rest|again|all|check|bench|tp) ;;
-  *) echo "usage: $0 [lease|rest|again|check|bench|tp|all] [run.py args]"; exit 2;; esac
+case "$stage" in lease|rest|again|all|check|bench|tp|step) ;;
+  *) echo "usage: $0 [lease|rest|again|check|bench|tp|all|step] [run.py / step args]"; exit 2;;
+esac
 start_all=$(date +%s)
 case "$stage" in lease) deadline_s=${OPO_DEADLINE_S:-540};; rest) deadline_s=${OPO_DEADLINE_S:-200};;
-  again) deadline_s=${OPO_DEADLINE_S:-280};;
+  again) deadline_s=${OPO_DEADLINE_S:-280};; step) deadline_s=${OPO_DEADLINE_S:-560};;
   *) deadline_s=${OPO_DEADLINE_S:-1000000};; esac
 # cap WANT RESERVE: WANT seconds, cut so that RESERVE seconds are still left before the deadline
 cap() {
@@ -86,7 +97,9 @@ log="$out_dir/log.txt"
     --format=csv 2>&1
   python3 -c "import torch, triton, numpy; print('torch', torch.__version__, 'triton', \
 triton.__version__, 'numpy', numpy.__version__, 'cuda', torch.cuda.is_available())"
-  python3 -c "import liger_kernel; print('liger-kernel importable')" 2>&1 | tail -1
+  # the benchmark peers (carried wheels): version, and why one cannot run here
+  python3 -c "from benchmarks import peers; print('peers', peers.versions(), \
+{p: peers.unavailable(p) or 'ok' for p in ('cce', 'trl_head', 'liger')})" 2>&1 | tail -3
   echo "[device_run] commit ${OPO_BENCH_COMMIT:-unknown} stage $stage"
 } 2>&1 | tee -a "$log"
 
@@ -175,6 +188,57 @@ run_bench() {  # $1: budget (no new row after it), $2: time limit, then run.py's
   keep "$brc"
 }
 
+run_step_bench() {  # $1: budget (no new row after it), $2: time limit, then step's arguments
+  local budget=$1 limit=$2 work=/tmp/opo_step
+  shift 2
+  mkdir -p "$work"
+  # SIGINT at the limit: the results file is rewritten after every row
+  timeout -s INT -k 20 "$limit" python3 -m benchmarks.step --out "$work" --budget-s "$budget" \
+    --warmup 2 "$@" 2>&1 | tee -a "$log"
+  local src=${PIPESTATUS[0]}
+  echo "[device_run] step benchmark exit code $src" | tee -a "$log"
+  local results
+  results=$(ls -t "$work"/*.step.json 2>/dev/null | head -1)
+  if [ -n "$results" ]; then
+    [ "$results" -nt "${results%.json}.md" ] && \
+      timeout 60 python3 -m benchmarks.step --report-only "$results" >> "$log" 2>&1
+    cp "$results" "${results%.json}.md" "$out_dir"/ 2>/dev/null
+  fi
+  keep "$src"
+}
+
+# the kernel-level rows of the step stage, into /tmp/opo_kbench, copied out as <device>.fair.*
+KBENCH=/tmp/opo_kbench
+run_kernel_rows() {  # $1: linear | fair, $2: budget, $3: time limit
+  local what=$1 budget=$2 limit=$3 impls k resume=()
+  if [ "$what" = linear ]; then
+    impls=opo_kernels_fused_linear,opo_kernels_fused_linear_on_policy,opo_kernels_fused_linear_budget,opo_kernels_materialized,cce,trl_head,liger_fused_linear_gspo_tf32,liger_fused_linear_gspo
+    k=H4096
+  else
+    impls=torch_compiled,opo_kernels,opo_kernels_inplace,opo_kernels_grad_to_base,opo_kernels_model_slice,liger_gspo,compile,eager
+    k=N16384-V151936-bf16-padded
+  fi
+  local prev
+  prev=$(ls -t "$KBENCH"/*.json 2>/dev/null | grep -v pytest-benchmark | head -1)
+  [ -n "$prev" ] && resume=(--resume "$prev")
+  timeout -s INT -k 20 "$limit" python3 -m benchmarks.run --out "$KBENCH" --no-readme \
+    --budget-s "$budget" --impls "$impls" -k "$k" ${resume[@]+"${resume[@]}"} 2>&1 \
+    | tee -a "$log"
+  local brc=${PIPESTATUS[0]}
+  echo "[device_run] kernel rows ($what) exit code $brc" | tee -a "$log"
+  local results
+  results=$(ls -t "$KBENCH"/*.json 2>/dev/null | grep -v pytest-benchmark | head -1)
+  if [ -n "$results" ]; then
+    [ "$results" -nt "${results%.json}.md" ] && timeout 60 python3 -m benchmarks.run \
+      --report-only "$results" --no-readme >> "$log" 2>&1
+    local name
+    name=$(basename "${results%.json}")
+    cp "$results" "$out_dir/$name.fair.json"
+    cp "${results%.json}.md" "$out_dir/$name.fair.md" 2>/dev/null
+  fi
+  keep "$brc"
+}
+
 run_tp() {
   timeout "$1" python3 -m benchmarks.tp_bench --out "$out_dir" 2>&1 | tee -a "$log"
   local trc=${PIPESTATUS[0]}
@@ -222,6 +286,14 @@ case "$stage" in
     fi
     ;;
   bench) run_bench "${OPO_BENCH_BUDGET_S:-360}" 100000 "$@" ;;
+  step)
+    # worst case at the default 560 s: the step benchmark starts no row after ~270 s and is
+    # stopped by ~320 s (its rows so far kept), the fused-linear rows get <= 130 s, the fair
+    # logits rows what is left (no row starts in the last 40 s)
+    run_step_bench "$(cap 270 250)" "$(cap 320 220)" "$@"
+    run_kernel_rows linear "$(cap 90 130)" "$(cap 130 90)"
+    run_kernel_rows fair "$(cap 100000 40)" "$(cap 100000 15)"
+    ;;
   tp) run_tp 240 ;;
 esac
 if [ -n "$carried" ]; then
