@@ -18,6 +18,9 @@ setup(
                  "tqdm"],
         "dev": ["pytest", "pytest-benchmark", "hypothesis", "ruff"],
         "demo": ["matplotlib", "tqdm"],
+        # the benchmarks' peers (benchmarks/peers.py; their tests run in CI): the versions measured
+        "bench": ["cut-cross-entropy==25.1.1", "liger-kernel==0.8.5", "trl>=1.16,<1.17",
+                  "matplotlib", "pytest-benchmark"],
         # opo_kernels.integrations.trl overrides private GRPOTrainer methods: the range is the
         # one its tests passed on (trl 0.29.1, 1.0.0, 1.8.0, 1.16.0)
         "trl": ["trl>=0.29.1,<1.17"],
