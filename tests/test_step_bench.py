@@ -225,3 +225,26 @@ def test_schema_rejects(breakage):
 def test_peer_versions_are_recorded():
     v = peers.versions()
     assert v["trl"] and v["transformers"]
+
+
+@pytest.mark.gpu
+def test_step_on_gpu_tiny(tmp_path):
+    """A pre-flight of the GPU run: every path of the tiny model on CUDA (the peers' Triton
+    kernels compiled, the strong torch through Inductor), CUDA-event timings, peak memory."""
+    from benchmarks.step.bench import StepBench
+    settings = grid.Settings.tiny_defaults(steps=2, compile_backend="inductor")
+    bench = StepBench(settings, tmp_path)
+    data = bench.run()
+    report.validate(data)
+    assert not data["errors"], data["errors"]
+    measured = {r["path"] for r in data["rows"]}
+    assert {"plain", "torch_compiled", "opo_logits", "opo_fused_linear"} <= measured
+    for r in data["rows"]:
+        assert r["timer"].startswith("cuda-events") and r["peak_mem_bytes"] > 0
+        assert 0 < r["loss_ms"] < r["step_ms"]
+    for s in data["skipped"]:  # only a missing peer package (or logits_budget=) may skip
+        assert "not importable" in s["reason"] or "logits_budget" in s["reason"], s
+    # the OPO paths compute the same loss on the same model and batch
+    losses = [r["loss"] for r in data["rows"] if r["path"] in grid.OPO_MATH
+              and not r["path"].endswith("_on_policy")]
+    assert max(losses) - min(losses) <= 1e-2 * max(1.0, abs(losses[0]))
