@@ -31,8 +31,9 @@
 #          the reference). Needs the peers' wheels (fetch_wheels.sh). Returns 5 files:
 #          log.txt, <device>.step.json/.step.md, <device>.fair.json/.fair.md (the figures are
 #          made back home: python -m benchmarks.step --report-only ..., python -m
-#          benchmarks.run --report-only ...). Arguments after the stage go to benchmarks.step
-#          (e.g. --resume FILE to measure only the rows an earlier call lacks).
+#          benchmarks.run --report-only ...). Arguments after the stage go to benchmarks.step.
+#          Run again at once on the same warm machine, it resumes: only the rows the first
+#          call did not reach are measured (/tmp/opo_step, /tmp/opo_kbench are kept there).
 #
 # A 15-minute run on an offline machine, prepared on a machine with internet access:
 #   bash tools/gpu/fetch_wheels.sh        # once: the wheels the GPU machine lacks, into .whl/
@@ -189,12 +190,16 @@ run_bench() {  # $1: budget (no new row after it), $2: time limit, then run.py's
 }
 
 run_step_bench() {  # $1: budget (no new row after it), $2: time limit, then step's arguments
-  local budget=$1 limit=$2 work=/tmp/opo_step
+  local budget=$1 limit=$2 work=/tmp/opo_step prev resume=()
   shift 2
   mkdir -p "$work"
+  # a second `step` call on the same (still warm) machine measures only the rows the first
+  # one did not reach
+  prev=$(ls -t "$work"/*.step.json 2>/dev/null | head -1)
+  [ -n "$prev" ] && resume=(--resume "$prev")
   # SIGINT at the limit: the results file is rewritten after every row
   timeout -s INT -k 20 "$limit" python3 -m benchmarks.step --out "$work" --budget-s "$budget" \
-    --warmup 2 "$@" 2>&1 | tee -a "$log"
+    --warmup 2 ${resume[@]+"${resume[@]}"} "$@" 2>&1 | tee -a "$log"
   local src=${PIPESTATUS[0]}
   echo "[device_run] step benchmark exit code $src" | tee -a "$log"
   local results
