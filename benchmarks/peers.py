@@ -69,17 +69,19 @@ def versions() -> Dict[str, Optional[str]]:
 
 def unavailable(peer: str) -> Optional[str]:
     """Why ``peer`` (cce, trl_head, liger) cannot run here, or None."""
+    if peer not in PACKAGES:
+        raise ValueError(f"unknown peer {peer!r}; known: {sorted(PACKAGES)}")
     try:
         if peer == "cce":
             import cut_cross_entropy  # noqa: F401
-        elif peer == "trl_head":
+        elif peer == "trl_head":  # its head and the trainer helpers (they import datasets)
             from trl.kernels import ChunkedLogProbFunction  # noqa: F401
+            from trl.trainer.utils import add_fused_lm_head  # noqa: F401
         elif peer == "liger":
             import liger_kernel.chunked_loss  # noqa: F401
             import liger_kernel.transformers.grpo_loss  # noqa: F401
-        else:
-            raise ValueError(f"unknown peer {peer!r}; known: {sorted(PACKAGES)}")
-    except ImportError as exc:
+    except Exception as exc:  # noqa: BLE001 - any import failure (a dependency's version check
+        # raising ValueError too) means: not available here
         return f"{PACKAGES[peer]} not importable: {type(exc).__name__}: {exc}"
     return None
 
