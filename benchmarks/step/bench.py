@@ -13,8 +13,9 @@ micro-batch with one update per micro-batch. Every path is timed by the same clo
                 backward. The same boundary for every path (the hidden states), so the logits
                 paths' LM head is inside it as the fused paths' is.
   peak_mem_bytes  max_memory_allocated during one more step, minus what was allocated before
-                it: the model's parameters and the optimizer state (``base_mem_bytes``) are
-                not counted; the gradients, activations, logits and the loss's buffers are.
+                it: the models' parameters and optimizer states (each model's
+                ``base_mem_bytes``; every model of the run stays resident) are not counted;
+                the gradients, activations, logits and the loss's buffers are.
   tokens_per_s  B·L (every position of the micro-batch) over the step time;
                 counted_tokens_per_s the same for the counted positions.
 """
@@ -177,42 +178,52 @@ class StepBench:
     # ---- the grid ----
 
     def run(self) -> Dict[str, object]:
+        """Every model is built once and kept: the micro-batch sizes are the outer loop, so
+        that a time-limited run measures the first size (the headline) on every model before
+        the next size."""
         s = self.settings
-        for model_name in s.models:
-            if all((model_name, t, p) in self.done for t in s.tokens for p in s.paths):
-                continue
-            if self.out_of_time():
-                for t in s.tokens:
-                    for p in s.paths:
-                        self._skip(model_name, t, p, "time budget spent")
-                continue
-            model = build_model(model_name, self.device, s.grad_ckpt, seed=s.seed)
-            opt = build_optimizer(model)
-            self._sync_gc()
-            base = torch.cuda.memory_allocated() if self.device.type == "cuda" else -1
-            n_params = sum(p.numel() for p in model.parameters())
-            self.data["models"][model_name] = {
-                "config": grid.MODELS[model_name][0], "params": n_params,
-                "vocab": model.config.vocab_size, "hidden": model.config.hidden_size,
-                "layers": model.config.num_hidden_layers, "base_mem_bytes": int(base)}
-            timer = HeadTimer(model, self.clock)
-            try:
-                for tokens in s.tokens:
-                    if all((model_name, tokens, p) in self.done for p in s.paths):
+        models: Dict[str, tuple] = {}
+        try:
+            for name in s.models:
+                if not all((name, t, p) in self.done for t in s.tokens for p in s.paths):
+                    models[name] = self._build(name)
+            for tokens in s.tokens:
+                for name, (model, opt, timer) in models.items():
+                    todo = [p for p in s.paths if (name, tokens, p) not in self.done]
+                    if not todo:
                         continue
                     if self.out_of_time():
-                        for p in s.paths:
-                            self._skip(model_name, tokens, p, "time budget spent")
+                        for p in todo:
+                            self._skip(name, tokens, p, "time budget spent")
                         continue
                     batch = make_batch(model, tokens, s.seq_len, s.prompt_len, seed=s.seed)
-                    for path in s.paths:
-                        self.measure(model, opt, batch, path, model_name, timer)
+                    for path in todo:
+                        self.measure(model, opt, batch, path, name, timer)
                     del batch
-            finally:
+                    self._sync_gc()
+        finally:
+            for _model, _opt, timer in models.values():
                 timer.remove()
-                del model, opt
-                self._sync_gc()
+            models.clear()
+            self._sync_gc()
         return self.data
+
+    def _build(self, name: str):
+        """The model, its optimizer (state created) and head timer; its memory recorded."""
+        s = self.settings
+        cuda = self.device.type == "cuda"
+        self._sync_gc()
+        before = torch.cuda.memory_allocated() if cuda else 0
+        model = build_model(name, self.device, s.grad_ckpt, seed=s.seed)
+        opt = build_optimizer(model)
+        self._sync_gc()
+        base = torch.cuda.memory_allocated() - before if cuda else -1
+        self.data["models"][name] = {
+            "config": grid.MODELS[name][0], "params": sum(p.numel() for p in model.parameters()),
+            "vocab": model.config.vocab_size, "hidden": model.config.hidden_size,
+            "layers": model.config.num_hidden_layers, "base_mem_bytes": int(base)}
+        self.write()
+        return model, opt, HeadTimer(model, self.clock)
 
     def _sync_gc(self) -> None:
         gc.collect()

@@ -45,7 +45,7 @@ PROMPT_LEN = 64
 GROUP_SIZE = 8
 COUNTED_FRACTION = 0.7
 REF_NOISE = 0.05           # old log-probs = the model's own + N(0, 0.05²): small log-ratios
-TOKENS = (8192, 4096, 16384)   # the headline micro-batch first
+TOKENS = (8192, 4096, 16384)   # the headline micro-batch first (the outer loop of a run)
 
 # transformers config class name and its arguments (the published models' shapes)
 MODELS: Dict[str, Tuple[str, Dict[str, object]]] = {
