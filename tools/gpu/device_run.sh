@@ -34,6 +34,16 @@
 #          benchmarks.run --report-only ...). Arguments after the stage go to benchmarks.step.
 #          Run again at once on the same warm machine, it resumes: only the rows the first
 #          call did not reach are measured (/tmp/opo_step, /tmp/opo_kbench are kept there).
+#          A 15-minute session: `bash tools/gpu/fetch_wheels.sh` first (no GPU), then ONE
+#          call with the wheels carried and a 600 s limit:
+#            OPO_BENCH_COMMIT=<commit> bash tools/gpu/device_run.sh step
+#          if >= ~3 min are left and the machine is still warm, at once (limit 30 s above it):
+#            OPO_BENCH_COMMIT=<commit> OPO_DEADLINE_S=<seconds left - 60> bash \
+#              tools/gpu/device_run.sh step
+#          back home: copy <device>.step.json and <device>.fair.json to benchmarks/results/, then
+#            python -m benchmarks.step --report-only benchmarks/results/<device>.step.json
+#            python -m benchmarks.run --report-only benchmarks/results/<device>.fair.json \
+#              --no-readme
 #
 # A 15-minute run on an offline machine, prepared on a machine with internet access:
 #   bash tools/gpu/fetch_wheels.sh        # once: the wheels the GPU machine lacks, into .whl/
