@@ -197,6 +197,10 @@ def plot(data: Dict[str, object], out_png) -> Path:
                     vals.append(r[key] * scale if r is not None and r[key] >= 0 else 0.0)
                 ax.bar([i + j * width for i in range(len(sizes))], vals, width, label=p,
                        color=cmap(j % 20), hatch="//" if p.startswith("opo_") else None)
+            if key == "peak_mem_bytes" and not any(
+                    r[key] >= 0 for r in rows if r["model"] == model):
+                ax.text(0.5, 0.5, "not measured (no CUDA)", ha="center", va="center",
+                        transform=ax.transAxes)
             ax.set_xticks([i + 0.4 - width / 2 for i in range(len(sizes))])
             ax.set_xticklabels([f"{t} tokens" for t in sizes])
             ax.set_ylabel(label)
