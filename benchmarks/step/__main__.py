@@ -71,7 +71,15 @@ def main(argv=None) -> int:
         if v is not None}
     if args.no_grad_ckpt:
         kw["grad_ckpt"] = False
-    settings = (grid.Settings.tiny_defaults(**kw) if args.tiny else grid.Settings(**kw)).check()
+    from benchmarks.cases import cuda_ok
+    if not args.tiny and not cuda_ok():
+        ap.error("the full grid needs a CUDA GPU (and TRITON_INTERPRET unset); --tiny runs the "
+                 "CPU check")
+    try:
+        settings = (grid.Settings.tiny_defaults(**kw) if args.tiny
+                    else grid.Settings(**kw)).check()
+    except ValueError as exc:
+        ap.error(str(exc))
     if args.out is not None:
         out = args.out.resolve()
     else:
