@@ -7,13 +7,17 @@ same model, micro-batch and optimizer, step time and peak memory.
 Rows (``RUNS``), each with TRL's defaults otherwise (bf16 mixed precision, gradient
 checkpointing, the Trainer's default optimizer, loss_type "dapo" for GRPO, temperature 1):
 
-  grpo                 GRPOTrainer: TRL's fused LM head patched into the model (log-probs of
-                       the counted positions, no [B, C, V] logits), the GRPO loss
-  opo                  OPOTrainer's default (opo_loss_path "auto"; the row says which path it
-                       ran: "fused_linear" for these models)
-  opo_trl_fused_head   OPOTrainer with TRL's fused LM head + opo_loss_from_logprobs
-  opo_logits           OPOTrainer on the completion logits (fp32 under mixed precision) +
-                       opo_loss: the path that was the default before
+  grpo                   GRPOTrainer: TRL's fused LM head patched into the model (log-probs of
+                         the counted positions, no [B, C, V] logits), the GRPO loss
+  opo                    OPOTrainer's default (opo_loss_path "auto"; the row says which path
+                         it ran: TRL's fused head on-policy, the fused-linear loss off-policy)
+  opo_fused_linear       OPOTrainer with the fused-linear loss, its default logits budget (no
+                         more logits than TRL's head holds: 256 MiB in bf16)
+  opo_fused_linear_1gib  the same with opo_logits_budget = 1 GiB (on-policy: larger chunks,
+                         fewer passes over the fp32 [V, H] accumulator, more memory)
+  opo_trl_fused_head     OPOTrainer with TRL's fused LM head + opo_loss_from_logprobs
+  opo_logits             OPOTrainer on the completion logits (fp32 under mixed precision) +
+                         opo_loss: the path that was the default before
 
 each under TRL's default schedule (on-policy: one optimizer step per generation, no old
 log-probs) and off-policy (num_iterations=2: the batch carries old log-probs).
@@ -57,9 +61,17 @@ from typing import Dict, List, Optional
 
 import torch
 
-RUNS = ("grpo", "opo", "opo_trl_fused_head", "opo_logits")
+RUNS = ("grpo", "opo", "opo_fused_linear", "opo_fused_linear_1gib", "opo_trl_fused_head",
+        "opo_logits")
 SCHEDULES = ("on_policy", "off_policy")
-_OPO_PATH = {"opo": "auto", "opo_trl_fused_head": "trl_fused_head", "opo_logits": "logits"}
+# run -> OPOConfig options
+_OPO_OPTIONS = {
+    "opo": {},
+    "opo_fused_linear": {"opo_loss_path": "fused_linear"},
+    "opo_fused_linear_1gib": {"opo_loss_path": "fused_linear", "opo_logits_budget": 2**30},
+    "opo_trl_fused_head": {"opo_loss_path": "trl_fused_head"},
+    "opo_logits": {"opo_loss_path": "logits"},
+}
 
 
 @dataclass
@@ -149,7 +161,7 @@ def build_trainer(run: str, schedule: str, s: Settings, out_dir: Path, device: t
         trainer = GRPOTrainer(model=model, reward_funcs=_reward, args=GRPOConfig(**common),
                               train_dataset=dataset, processing_class=_tokenizer())
     else:
-        args = OPOConfig(**common, opo_loss_path=_OPO_PATH[run])
+        args = OPOConfig(**common, **_OPO_OPTIONS[run])
         trainer = OPOTrainer(model=model, reward_funcs=_reward, args=args,
                              train_dataset=dataset, processing_class=_tokenizer())
     prepared = trainer.accelerator.prepare_model(trainer.model)

@@ -1,7 +1,7 @@
 """benchmarks/trainer_bench.py (OPOTrainer's default against GRPOTrainer's) runs on CPU at tiny
 size: every row is measured, the results file has the fields the GPU run reports, OPOTrainer's
-default runs the fused-linear loss, and its three loss paths compute the same loss and gradient
-on the same batch (off-policy, so that the loss is not 0). No timing claim on CPU."""
+default runs the fused-linear loss off-policy, and its loss paths compute the same loss and
+gradient on the same batch (off-policy, so that the loss is not 0). No timing claim on CPU."""
 
 import json
 
@@ -26,8 +26,9 @@ def test_tiny_run(tmp_path):
     assert set(rows) == set(trainer_bench.RUNS)
     assert rows["grpo"]["trainer"] == "GRPOTrainer"
     assert {name: rows[name]["loss_path"] for name in trainer_bench.RUNS} == {
-        "grpo": "trl_fused_head", "opo": "fused_linear",
-        "opo_trl_fused_head": "trl_fused_head", "opo_logits": "logits"}
+        "grpo": "trl_fused_head", "opo": "fused_linear", "opo_fused_linear": "fused_linear",
+        "opo_fused_linear_1gib": "fused_linear", "opo_trl_fused_head": "trl_fused_head",
+        "opo_logits": "logits"}
     for row in rows.values():
         assert row["schedule"] == "off_policy" and row["steps"] == 1
         assert row["step_ms"] > 0 and row["peak_mem_bytes"] is None  # no memory figure on CPU
@@ -36,7 +37,8 @@ def test_tiny_run(tmp_path):
         assert 0 < row["counted"] < row["tokens"]
     opo = rows["opo"]
     assert opo["first_loss"] != 0 and opo["first_grad_norm"] > 0
-    for name in ("opo_trl_fused_head", "opo_logits"):
+    for name in ("opo_fused_linear", "opo_fused_linear_1gib", "opo_trl_fused_head",
+                 "opo_logits"):
         assert rows[name]["first_loss"] == pytest.approx(opo["first_loss"], rel=1e-5)
         assert rows[name]["first_grad_norm"] == pytest.approx(opo["first_grad_norm"], rel=1e-5)
 

@@ -3,8 +3,8 @@ and ∂weight equal the single process.
 
 accelerate runs FSDP only on accelerators, so the ranks shard the model themselves, with
 accelerate's own ``fsdp2_prepare_model`` (what an FSDP2 run of the Trainer does) or by hand,
-then run ``OPOTrainer._compute_loss`` (its ``opo_loss_path`` "auto": the fused-linear loss)
-and the backward on a batch of their own. Layouts:
+then run ``OPOTrainer._compute_loss`` (``opo_loss_path="fused_linear"``) and the backward on
+a batch of their own. Layouts:
 
 - accelerate: decoder layers, embeddings and a tail unit [final norm, lm_head] that stays
   unsharded after the forward; the head weight is whole when the loss reads it;
@@ -76,12 +76,11 @@ def make_trainer(model, out_dir):
     args = OPOConfig(
         output_dir=str(out_dir), per_device_train_batch_size=MICRO, num_generations=GROUP,
         max_completion_length=COMPLETION_LEN, temperature=TEMPERATURE, report_to="none",
-        use_cpu=True, bf16=False, save_strategy="no", seed=0,
+        use_cpu=True, bf16=False, save_strategy="no", seed=0, opo_loss_path="fused_linear",
     )
     trainer = OPOTrainer(model=model, reward_funcs=vowel_reward, args=args,
                          processing_class=make_tokenizer(),
                          train_dataset=Dataset.from_dict({"prompt": PROMPTS}))
-    assert trainer.opo_loss_path == "fused_linear"  # "auto" on a plain Qwen2
     trainer.current_gradient_accumulation_steps = 1
     return trainer
 

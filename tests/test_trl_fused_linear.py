@@ -116,13 +116,15 @@ def _loss_and_grads(trainer, batch, path: str):
 
 def test_fused_linear_gradient_equals_logits_path(tmp_path):
     """Off-policy (num_iterations=2: TRL's old log-probs are π_ref), non-default loss options,
-    entropy bonus, an LM head with a bias, temperature 0.7, 5-row chunks: the fused-linear
-    path trains, and on a recorded off-policy batch its loss, metrics and gradient, and those
-    of TRL's fused head + opo_loss_from_logprobs, equal the logits path's on the same model.
-    A wrong position slice, a missing temperature or bias, or a different accumulation
-    scaling would fail here."""
+    entropy bonus, an LM head with a bias, temperature 0.7, 5-row chunks, 3 rows' logits kept
+    to the backward: the fused-linear path trains, and on a recorded off-policy batch its
+    loss, metrics and gradient, and those of TRL's fused head + opo_loss_from_logprobs, equal
+    the logits path's on the same model. A wrong position slice, a missing temperature or
+    bias, or a different accumulation scaling would fail here."""
     _, _, loss_options = CASES["off_policy"]
+    # the logits of 3 counted rows kept from forward to backward, the others recomputed
     args = fused_args(tmp_path, num_iterations=2, opo_chunk_size=5,
+                      opo_logits_budget=3 * len(make_tokenizer()) * 4,
                       **{f"opo_{k}": v for k, v in loss_options.items()})
     model = biased_model(len(make_tokenizer()))
     initial = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -229,15 +231,18 @@ def test_fused_linear_refuses_a_head_it_does_not_reproduce(tmp_path):
 
 
 @pytest.mark.parametrize("options, match", [
-    ({"opo_chunk_size": 0}, "opo_chunk_size must be a positive int"),
-    ({"opo_chunk_size": 2.5}, "opo_chunk_size must be a positive int"),
+    ({"opo_chunk_size": 0}, "opo_chunk_size must be an int >= 1"),
+    ({"opo_chunk_size": 2.5}, "opo_chunk_size must be an int >= 1"),
+    ({"opo_logits_budget": -1}, "opo_logits_budget must be an int >= 0"),
+    ({"opo_logits_budget": 8, "opo_fused_linear": False}, "opo_logits_budget only applies"),
     ({"opo_chunk_size": 8, "opo_fused_linear": False}, "only applies to the 'fused_linear'"),
     ({"opo_chunk_size": 8, "opo_fused_linear": None, "opo_loss_path": "trl_fused_head"},
      "only applies to the 'fused_linear'"),
     ({"opo_loss_path": "logits"}, "opo_fused_linear=True asks for opo_loss_path='fused_linear'"),
     ({"opo_fused_linear": None, "opo_loss_path": "hidden"}, "opo_loss_path must be one of"),
     ({"opo_fused_linear": 1}, "opo_fused_linear must be True, False or None"),
-], ids=["zero", "float", "without-fused", "trl-head", "conflict", "unknown-path", "flag-int"])
+], ids=["zero", "float", "budget", "budget-logits", "without-fused", "trl-head", "conflict",
+        "unknown-path", "flag-int"])
 def test_fused_linear_config_refuses(tmp_path, options, match):
     with pytest.raises(ValueError, match=match):
         fused_args(tmp_path, **options)

@@ -7,9 +7,9 @@ computed from the recorded batch: rewards recomputed from the decoded completion
 from the prompt ids, logits from a full forward of a snapshot of the model. Under
 TRITON_INTERPRET=1 (conftest) the trainer's loss runs the Triton kernels, so this also checks
 the kernels through a real model. Shapes are tiny because the interpreter is slow. The cases
-run the three loss paths (``opo_loss_path``: the default fused-linear loss, TRL's fused head,
-the logits); 2 processes (DDP) run the logits and TRL's head and show that TRL never splits a
-group across processes.
+run the three loss paths (``opo_loss_path``: by default TRL's fused head on-policy and the
+fused-linear loss off-policy, and the logits); 2 processes (DDP) run the logits and TRL's head
+and show that TRL never splits a group across processes.
 """
 
 import copy
@@ -157,9 +157,10 @@ def reference_grads(trainer, tokenizer, capture, loss_options):
 
 
 # on_policy: TRL's default schedule, π_ref = detached current policy, defaults of the loss and
-#   of the trainer (opo_loss_path "auto": the fused-linear loss for this model).
+#   of the trainer (opo_loss_path "auto": TRL's fused LM head on an on-policy schedule).
 # off_policy: num_iterations=2 reuses each generation for a second optimizer step, so TRL keeps
-#   old_per_token_logps and step 1 has log-ratios ≠ 0; with the other loss options.
+#   old_per_token_logps and step 1 has log-ratios ≠ 0; with the other loss options ("auto":
+#   the fused-linear loss on an off-policy schedule).
 # grpo_advantages: ω = TRL's (group-normalized) advantages, OPO optimization geometry; through
 #   the materialized completion logits (opo_loss).
 # author_verl: the author's recipe, off-policy so that its clamps and Z-loss see log-ratios ≠ 0;
@@ -183,7 +184,8 @@ def test_opo_trainer_end_to_end(tmp_path, case):
         tmp_path, check_step, **trl_options,
         **{f"opo_{k}": v for k, v in loss_options.items()},
     )
-    assert trainer.opo_loss_path == trl_options.get("opo_loss_path", "fused_linear")
+    auto = "fused_linear" if trl_options.get("num_iterations", 1) > 1 else "trl_fused_head"
+    assert trainer.opo_loss_path == trl_options.get("opo_loss_path", auto)
     # training ran and moved the parameters
     assert trainer.state.global_step == 3
     changed = [not torch.equal(p, q) for p, q in zip(trainer.model.parameters(),

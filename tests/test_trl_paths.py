@@ -1,6 +1,8 @@
-"""Which loss path OPOTrainer runs (``opo_loss_path``): "auto" takes the fused-linear loss where
-the model and the parallelism setup allow it, else TRL's fused LM head, else the completion
-logits (with a warning); a path named explicitly that cannot run is refused with its reason.
+"""Which loss path OPOTrainer runs (``opo_loss_path``): "auto" takes, where the model and the
+parallelism setup allow them, TRL's fused LM head then the fused-linear loss on an on-policy
+schedule, the other way round on an off-policy one, else the completion logits (with a
+warning); a path named explicitly that cannot run is refused with its reason. The fused-linear
+loss gets the default logits budget (paths.default_logits_budget) unless one is set.
 
 The parallelism setups (accelerate's FSDP version 1 or 2, DeepSpeed ZeRO-3) need accelerators,
 so they are simulated on a trainer built on CPU by setting the flags the Trainer reads and
@@ -43,24 +45,34 @@ def _choose_again(trainer, path, monkeypatch, fsdp_version=None, zero3=False,
     return trainer._choose_loss_path()
 
 
-def test_default_is_fused_linear(tmp_path):
-    assert _trainer(tmp_path).opo_loss_path == "fused_linear"
+def test_defaults(tmp_path):
+    """TRL's default schedule (on-policy): TRL's fused head, as GRPOTrainer; a generation
+    reused (num_iterations=2) or outliving the accumulation window: the fused-linear loss."""
+    assert _trainer(tmp_path).opo_loss_path == "trl_fused_head"
+    assert _trainer(tmp_path, num_iterations=2).opo_loss_path == "fused_linear"
+    assert _trainer(tmp_path, steps_per_generation=4, gradient_accumulation_steps=2
+                    ).opo_loss_path == "fused_linear"
+    assert _trainer(tmp_path, steps_per_generation=2, gradient_accumulation_steps=4
+                    ).opo_loss_path == "trl_fused_head"
 
 
+@pytest.mark.parametrize("off_policy", [False, True], ids=["on-policy", "off-policy"])
 @pytest.mark.parametrize("setup, auto", [
-    ({}, "fused_linear"),
-    ({"fsdp_version": 2}, "fused_linear"),  # the loss unshards the head's FSDP2 unit
-    ({"fsdp_version": 1}, "trl_fused_head"),
-    ({"zero3": True}, "trl_fused_head"),
-    ({"zero3": True, "trl_head": False}, "logits"),
-], ids=["single", "fsdp2", "fsdp1", "zero3", "zero3-old-trl"])
-def test_auto_by_parallelism(tmp_path, monkeypatch, setup, auto):
-    trainer = _trainer(tmp_path)
+    ({}, ("trl_fused_head", "fused_linear")),
+    ({"fsdp_version": 2}, ("trl_fused_head", "fused_linear")),  # fused-linear unshards the head
+    ({"fsdp_version": 1}, ("trl_fused_head", "trl_fused_head")),
+    ({"zero3": True}, ("trl_fused_head", "trl_fused_head")),
+    ({"trl_head": False}, ("fused_linear", "fused_linear")),
+    ({"zero3": True, "trl_head": False}, ("logits", "logits")),
+], ids=["single", "fsdp2", "fsdp1", "zero3", "old-trl", "zero3-old-trl"])
+def test_auto_by_parallelism(tmp_path, monkeypatch, setup, auto, off_policy):
+    trainer = _trainer(tmp_path, num_iterations=2 if off_policy else 1)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        assert _choose_again(trainer, "auto", monkeypatch, **setup) == auto
+        path = _choose_again(trainer, "auto", monkeypatch, **setup)
+    assert path == auto[off_policy]
     # only the costly fallback (the materialized logits) warns
-    assert any("runs 'logits'" in str(w.message) for w in caught) == (auto == "logits")
+    assert any("runs 'logits'" in str(w.message) for w in caught) == (path == "logits")
 
 
 @pytest.mark.parametrize("setup, match", [
@@ -80,12 +92,12 @@ def test_trl_head_refused_without_it(tmp_path, monkeypatch):
 
 
 def test_auto_by_model(tmp_path):
-    """A logit transform TRL's head applies (softcapping): TRL's head. A head no fused path
-    reproduces (a patched forward): the logits, with a warning that says why."""
+    """A logit transform TRL's head applies (softcapping): TRL's head, also off-policy. A head
+    no fused path reproduces (a patched forward): the logits, with a warning that says why."""
     tokenizer = make_tokenizer()
-    assert _trainer(tmp_path, _softcapped(make_model(len(tokenizer)))).opo_loss_path == \
-        "trl_fused_head"
-    with pytest.warns(UserWarning, match="runs 'logits'; passed over: fused_linear: .*patched"):
+    assert _trainer(tmp_path, _softcapped(make_model(len(tokenizer))),
+                    num_iterations=2).opo_loss_path == "trl_fused_head"
+    with pytest.warns(UserWarning, match="runs 'logits'; passed over: trl_fused_head: .*patched"):
         trainer = _trainer(tmp_path, _patched_head(make_model(len(tokenizer))))
     assert trainer.opo_loss_path == "logits"
     with pytest.raises(ValueError, match="opo_chunk_size applies to the 'fused_linear' loss "
@@ -107,15 +119,44 @@ def test_explicit_paths(tmp_path):
 
 def test_choose_path_rules():
     problem = (ValueError, "no")
-    assert paths.choose_path("auto", {"fused_linear": None}) == ("fused_linear", [])
-    assert paths.choose_path("auto", {"fused_linear": problem, "trl_fused_head": None}) == \
-        ("trl_fused_head", ["fused_linear: no"])
+    assert paths.choose_path("auto", {}) == ("trl_fused_head", [])
+    assert paths.choose_path("auto", {}, off_policy=True) == ("fused_linear", [])
+    assert paths.choose_path("auto", {"trl_fused_head": problem}) == \
+        ("fused_linear", ["trl_fused_head: no"])
+    assert paths.choose_path("auto", {"fused_linear": problem, "trl_fused_head": None},
+                             off_policy=True) == ("trl_fused_head", ["fused_linear: no"])
     assert paths.choose_path("auto", {"fused_linear": problem, "trl_fused_head": problem}) == \
-        ("logits", ["fused_linear: no", "trl_fused_head: no"])
+        ("logits", ["trl_fused_head: no", "fused_linear: no"])
     long = (ValueError, "OPOTrainer: it cannot; set opo_loss_path='logits'")
-    assert paths.choose_path("auto", {"fused_linear": long, "trl_fused_head": None}) == \
-        ("trl_fused_head", ["fused_linear: it cannot"])
+    assert paths.choose_path("auto", {"fused_linear": long, "trl_fused_head": None},
+                             off_policy=True) == ("trl_fused_head", ["fused_linear: it cannot"])
+
     with pytest.raises(ValueError, match="^no$"):
         paths.choose_path("trl_fused_head", {"trl_fused_head": problem})
     with pytest.raises(ValueError, match="opo_loss_path must be one of"):
         paths.choose_path("hidden", {})
+
+
+def test_logits_budget(tmp_path, monkeypatch):
+    """The fused-linear loss gets min(TRL's tile in the compute dtype, 4·V·H) bytes by default
+    (here 4·V·H: a tiny head), or opo_logits_budget; the option is refused where the trainer
+    does not run that path."""
+    assert paths.default_logits_budget(151936, 896, 2) == 4096 * 32768 * 2
+    assert paths.default_logits_budget(100, 8, 2) == 4 * 100 * 8
+    seen = []
+    fused = trainer_module.fused_linear_opo_loss_with_config
+
+    def recording(*args, **kwargs):
+        seen.append(kwargs["logits_budget"])
+        return fused(*args, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "fused_linear_opo_loss_with_config", recording)
+    for budget, expected in ((None, 4 * len(make_tokenizer()) * 32), (0, 0)):
+        trainer = _trainer(tmp_path, max_steps=1, opo_loss_path="fused_linear",
+                           opo_logits_budget=budget)
+        trainer.train()
+        assert seen and set(seen) == {expected}
+        seen.clear()
+    with pytest.raises(ValueError, match="opo_logits_budget applies to the 'fused_linear' .* "
+                                         "runs 'trl_fused_head'.* on-policy schedule"):
+        _trainer(tmp_path, opo_logits_budget=2**20)

@@ -28,23 +28,24 @@ Loss paths (``opo_loss_path``; ``paths.py`` counts what each holds and computes)
 same loss, metrics and gradients up to rounding (tested against each other and the reference):
 
 - "fused_linear": ``fused_linear_opo_loss`` on the final hidden states and the LM head's weight
-  (and bias), so the [B, C, V] completion logits are never materialized (at most
-  ``opo_chunk_size`` × V logits at a time; None = that function's default). The model runs
-  with ``logits_to_keep=1`` (its own head sees one position) and ``output_hidden_states``
-  (only the last one where transformers can select it); ``hidden_states[-1]`` is the normed
-  output that feeds ``lm_head`` in transformers' causal LMs, sliced at the positions that
-  predict the completion. The head is ``get_output_embeddings()`` of the unwrapped model
-  (DDP, accelerate, FSDP2) and is computed in the dtype the model's own head uses: the
-  autocast dtype under mixed precision, else the weight's (TRL's cast_lm_head_to_fp32
-  included). Under FSDP2 the head's unit is unsharded for the loss (an all-gather of the
-  weight when it was resharded after the forward) and FSDP reduce-scatters its gradient.
-  Not available, since the fused loss computes exactly ``hidden @ weight.T + bias`` and
-  nothing else: a model whose forward takes no ``logits_to_keep``; a head that is not a plain
-  ``torch.nn.Linear`` (a LoRA adapter on lm_head, a quantized head, a patched forward other
-  than cast_lm_head_to_fp32's); a config that transforms the logits after the head
-  (``final_logit_softcapping``; ``logit_scale``, ``output_multiplier``,
-  ``lm_head_multiplier``, ``logits_scaling`` other than 1); FSDP version 1 and DeepSpeed
-  ZeRO-3. The first loss call also checks (agreed over ranks) that the head applied to
+  (and bias), so the [B, C, V] completion logits are never materialized: one chunk of
+  ``opo_chunk_size`` × V logits at a time (None: that function's default), plus, off-policy, the
+  logits kept for the backward (``opo_logits_budget`` bytes; None: no more than TRL's fused head
+  holds, ``paths.default_logits_budget``). The model runs with ``logits_to_keep=1`` (its own
+  head sees one position) and ``output_hidden_states`` (only the last one where transformers can
+  select it); ``hidden_states[-1]`` is the normed output that feeds ``lm_head`` in transformers'
+  causal LMs, sliced at the positions that predict the completion. The head is
+  ``get_output_embeddings()`` of the unwrapped model (DDP, accelerate, FSDP2) and is computed in
+  the dtype the model's own head uses: the autocast dtype under mixed precision, else the
+  weight's (TRL's cast_lm_head_to_fp32 included). Under FSDP2 the head's unit is unsharded for
+  the loss (an all-gather of the weight when it was resharded after the forward) and FSDP
+  reduce-scatters its gradient. Not available, since the fused loss computes exactly ``hidden @
+  weight.T + bias`` and nothing else: a model whose forward takes no ``logits_to_keep``; a head
+  that is not a plain ``torch.nn.Linear`` (a LoRA adapter on lm_head, a quantized head, a
+  patched forward other than cast_lm_head_to_fp32's); a config that transforms the logits after
+  the head (``final_logit_softcapping``; ``logit_scale``, ``output_multiplier``,
+  ``lm_head_multiplier``, ``logits_scaling`` other than 1); FSDP version 1 and DeepSpeed ZeRO-3.
+  The first loss call also checks (agreed over ranks) that the head applied to
   ``hidden_states[-1]`` reproduces the model's own logits at the last position, and raises
   otherwise.
 - "trl_fused_head": the fused LM head GRPOTrainer patches into the model (TRL >= 1.16,
@@ -55,8 +56,11 @@ same loss, metrics and gradients up to rounding (tested against each other and t
 - "logits": the completion logits [B, C, V] (a view of the model output), divided by the
   temperature inside ``opo_loss``. Any head, any transform; under accelerate's mixed
   precision the logits are fp32.
-- "auto" (default): the first of these three that is available for the model and setup; a
-  fall-back to "logits" warns.
+- "auto" (default): TRL's fused head on an on-policy schedule (TRL's default: what
+  GRPOTrainer runs, so the same memory and matmuls), the fused-linear loss on an off-policy
+  one (TRL keeps old log-probs: with the default ``opo_logits_budget`` it holds no more than
+  TRL's head and runs fewer matmuls), each only where it is available for the model and the
+  setup, else the other, else "logits" (with a warning).
 
 ``opo/entropy_mean`` comes from the loss kernels (or TRL's head) in every path.
 

@@ -80,8 +80,10 @@ class OPOConfig(GRPOConfig):
         "auto", "How the loss meets the model: 'fused_linear' (fused_linear_opo_loss on the "
                 "final hidden states and the LM head: no completion logits), 'trl_fused_head' "
                 "(TRL's fused LM head gives the log-probs, then opo_loss_from_logprobs), "
-                "'logits' (the model's completion logits, then opo_loss), or 'auto': the first "
-                "of these that applies to the model and the parallelism setup."
+                "'logits' (the model's completion logits, then opo_loss), or 'auto': "
+                "'fused_linear' when TRL keeps old log-probs (num_iterations > 1, "
+                "steps_per_generation > gradient_accumulation_steps), else 'trl_fused_head', "
+                "each where the model and the parallelism setup allow it, else 'logits'."
     )
     opo_fused_linear: Optional[bool] = _option(
         None, "Shorthand for opo_loss_path: True = 'fused_linear', False = 'logits' (None: "
@@ -91,6 +93,12 @@ class OPOConfig(GRPOConfig):
         None, "Token rows per chunk of the fused-linear loss (None: its default, the largest "
               "power of two of rows whose logits take <= 256 MiB). Applies to the "
               "'fused_linear' loss path."
+    )
+    opo_logits_budget: Optional[int] = _option(
+        None, "Bytes of logits the fused-linear loss keeps from forward to backward instead "
+              "of recomputing them (off-policy), or puts in one chunk (on-policy). None: as "
+              "much as TRL's fused LM head holds, min(256 MiB in 16 bits, 4·V·H bytes). "
+              "Applies to the 'fused_linear' loss path."
     )
 
     def __post_init__(self):
@@ -125,15 +133,17 @@ class OPOConfig(GRPOConfig):
                     f"OPOConfig: opo_fused_linear={flag} asks for opo_loss_path="
                     f"'{self.opo_requested_path}' but opo_loss_path={self.opo_loss_path!r}; "
                     "set only one of them")
-        chunk = self.opo_chunk_size
-        if chunk is not None:
-            if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
-                raise ValueError(f"OPOConfig: opo_chunk_size must be a positive int or None, "
-                                 f"got {chunk!r}")
+        for name, least in (("opo_chunk_size", 1), ("opo_logits_budget", 0)):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ValueError(f"OPOConfig: {name} must be an int >= {least} or None, got "
+                                 f"{value!r}")
             if self.opo_requested_path not in ("auto", "fused_linear"):
                 raise ValueError(
-                    "OPOConfig: opo_chunk_size only applies to the 'fused_linear' loss path, "
-                    f"not to {self.opo_requested_path!r}")
+                    f"OPOConfig: {name} only applies to the 'fused_linear' loss path, not to "
+                    f"{self.opo_requested_path!r}")
 
     def opo_loss_options(self) -> dict:
         """The loss options as keyword arguments of ``opo_loss`` and its siblings: the opo_*

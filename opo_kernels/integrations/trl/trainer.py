@@ -29,7 +29,13 @@ from .lm_head import (
     verify_head,
     zero3_enabled,
 )
-from .paths import choose_path, problem_of, trl_fused_head_available
+from .paths import (
+    choose_path,
+    default_logits_budget,
+    off_policy_schedule,
+    problem_of,
+    trl_fused_head_available,
+)
 
 logger = logging.get_logger(__name__)
 
@@ -144,9 +150,12 @@ class OPOTrainer(GRPOTrainer):
         if self.opo_loss_path == "fused_linear":
             hidden, weight, bias, outputs = self._opo_completion_hidden(
                 model, input_ids, attention_mask, completion_ids.size(1))
+            budget = self.args.opo_logits_budget
+            if budget is None:  # what TRL's fused head holds (paths.py)
+                budget = default_logits_budget(*weight.shape, weight.element_size())
             loss, metrics = fused_linear_opo_loss_with_config(
                 hidden, weight, *data, cfg, bias=bias, chunk_size=self.args.opo_chunk_size,
-                **layout)
+                logits_budget=budget, **layout)
         elif self.opo_loss_path == "trl_fused_head":
             logprobs, entropy, vocab_size, outputs = self._opo_completion_logprobs(
                 model, input_ids, attention_mask, completion_ids, mask)
@@ -261,14 +270,16 @@ class OPOTrainer(GRPOTrainer):
 
     def _choose_loss_path(self) -> str:
         """The loss path this trainer runs (``paths.choose_path``): the one asked for, refused
-        with its reason when it cannot run here; for "auto" the first that can."""
+        with its reason when it cannot run here; for "auto" the first that can, in the order
+        of the schedule (off-policy when TRL keeps old log-probs)."""
         unwrapped = self.accelerator.unwrap_model(self.model)
         cast = casts_head_to_fp32(self.args)
         problems = {
             "fused_linear": problem_of(lambda: self._check_fused_linear(unwrapped, cast)),
             "trl_fused_head": problem_of(lambda: self._check_trl_fused_head(unwrapped, cast)),
         }
-        path, passed_over = choose_path(self.args.opo_requested_path, problems)
+        off_policy = off_policy_schedule(self.args, bool(getattr(self, "use_vllm", False)))
+        path, passed_over = choose_path(self.args.opo_requested_path, problems, off_policy)
         if passed_over:
             message = (f"OPOTrainer: opo_loss_path='auto' runs {path!r}; passed over: "
                        + "; ".join(passed_over))
@@ -276,10 +287,13 @@ class OPOTrainer(GRPOTrainer):
                 warnings.warn(message, stacklevel=3)
             else:
                 logger.info(message)
-        if self.args.opo_chunk_size is not None and path != "fused_linear":
-            raise ValueError(f"OPOTrainer: opo_chunk_size applies to the 'fused_linear' loss "
-                             f"path, but this trainer runs {path!r}: "
-                             + "; ".join(passed_over))
+        for name in ("opo_chunk_size", "opo_logits_budget"):
+            if getattr(self.args, name) is not None and path != "fused_linear":
+                why = "; ".join(passed_over) or (
+                    "opo_loss_path='auto' runs TRL's fused head on an on-policy schedule; set "
+                    "opo_loss_path='fused_linear'")
+                raise ValueError(f"OPOTrainer: {name} applies to the 'fused_linear' loss "
+                                 f"path, but this trainer runs {path!r}: {why}")
         return path
 
     def _fsdp_version(self) -> int:
