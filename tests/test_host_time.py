@@ -20,7 +20,7 @@ def test_host_time_measures_every_mode_and_restores_launches():
     assert set(result) == set(host_time.MODES)
     assert all(us > 0 for us, _ in result.values())
     # general: forward row kernel, epilogue, backward row kernel; on-policy: counts-only
-    # epilogue, one-pass kernel, epilogue, scale (README "How the kernels work")
+    # epilogue, one-pass kernel, epilogue, scale (docs/kernels.md, "Passes and launches")
     launches = {mode: n for mode, (_, n) in result.items()}
     assert launches == {"general": 3, "grad_to_base": 3, "on_policy": 4, "packed": 3}
     # the real kernels still run afterwards

@@ -5,7 +5,8 @@
   (verl/workers/utils/losses.py, verl 0.9.1) calls a registered loss, against
   ``opo_loss_from_logprobs``: loss, metrics and gradient w.r.t. log_prob.
 * Every refusal, the config path verl takes (hydra compose of verl's own ppo_trainer.yaml with
-  the README's overrides, then ``omega_conf_to_dataclass``) and the ``verl.plugins`` entry point.
+  the overrides of docs/integrations.md, then ``omega_conf_to_dataclass``) and the
+  ``verl.plugins`` entry point.
 * One real actor update on CPU in a subprocess (``verl_engine_step.py``): verl's
   ``TrainingWorker.train_mini_batch`` (what ``ActorRolloutRefWorker.update_actor`` runs) with its
   FSDP2 engine on a tiny random Qwen2, two micro-batches, its SGD step's gradient against
@@ -47,7 +48,7 @@ from opo_kernels import opo_loss_from_logprobs  # noqa: E402
 K = 3     # rollout.n: responses per prompt
 T = 7     # response length (padded)
 V = 50    # vocabulary size for the adaptive tau rule
-README = Path(__file__).resolve().parents[1] / "README.md"
+INTEGRATIONS = Path(__file__).resolve().parents[1] / "docs" / "integrations.md"
 ENGINE_STEP = Path(__file__).with_name("verl_engine_step.py")  # the real update, own process
 
 
@@ -298,8 +299,8 @@ def test_adaptive_tau_needs_a_vocabulary_size():
 
 
 def _readme_overrides() -> list:
-    """The verl overrides of the README's "Training with verl" command."""
-    section = README.read_text(encoding="utf-8").split("## Training with verl", 1)[1]
+    """The verl overrides of the command in docs/integrations.md, section "verl"."""
+    section = INTEGRATIONS.read_text(encoding="utf-8").split("\n## verl\n", 1)[1]
     section = section.split("\n## ", 1)[0]
     block = next(b for b in re.findall(r"```bash\n(.*?)```", section, re.S)
                  if "verl.trainer.main_ppo" in b)
@@ -308,7 +309,7 @@ def _readme_overrides() -> list:
 
 
 def test_readme_config_builds_the_actor_config_verl_uses():
-    """Compose verl's own ppo_trainer.yaml with the README's overrides and build the actor
+    """Compose verl's own ppo_trainer.yaml with the documented overrides and build the actor
     config as verl's worker does: our policy-loss config, the paper's options, and none of the
     refused settings."""
     import verl
