@@ -6,13 +6,16 @@ loss gets the default logits budget (paths.default_logits_budget) unless one is 
 
 The parallelism setups (accelerate's FSDP version 1 or 2, DeepSpeed ZeRO-3) need accelerators,
 so they are simulated on a trainer built on CPU by setting the flags the Trainer reads and
-choosing again. What runs on each path is tested in test_trl_integration.py,
+choosing again. The rows of LM-head matmuls each path runs, against GRPOTrainer's, are
+counted (the construction paths.py describes). What runs on each path is tested in test_trl_integration.py,
 test_trl_fused_linear.py and test_trl_dp.py.
 """
 
 import warnings
 
 import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 pytestmark = pytest.mark.cpu_only  # CPU-side code (conftest.py)
 
@@ -160,3 +163,90 @@ def test_logits_budget(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="opo_logits_budget applies to the 'fused_linear' .* "
                                          "runs 'trl_fused_head'.* on-policy schedule"):
         _trainer(tmp_path, opo_logits_budget=2**20)
+
+
+# ---- what each path computes, counted ---------------------------------------------------------
+
+
+class HeadMatmuls(TorchDispatchMode):
+    """Rows of LM-head matmuls: every mm / addmm whose three dimensions include V and H (one
+    [R, H] x [H, V] product or a gradient of one) adds R = m·k·n / (V·H)."""
+
+    OPS = {torch.ops.aten.mm.default, torch.ops.aten.mm.out, torch.ops.aten.addmm.default,
+           torch.ops.aten.addmm.out, torch.ops.aten.addmm_.default}
+
+    def __init__(self, vocab: int, hidden: int):
+        super().__init__()
+        self.vocab, self.hidden, self.rows = vocab, hidden, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in self.OPS:
+            a, b = (args[0], args[1]) if "mm." in str(func) and "addmm" not in str(func) \
+                else (args[1], args[2])
+            dims = [a.shape[0], a.shape[1], b.shape[1]]
+            if self.vocab in dims and self.hidden in dims:
+                dims.remove(self.vocab)
+                dims.remove(self.hidden)
+                self.rows += dims[0]
+        return func(*args, **(kwargs or {}))
+
+
+def _counted_rows(trainer, model, inputs, vocab, hidden) -> int:
+    counter = HeadMatmuls(vocab, hidden)
+    model.zero_grad(set_to_none=True)
+    with counter:
+        trainer._compute_loss(model, inputs).backward()
+    return counter.rows
+
+
+def test_head_matmuls(tmp_path, monkeypatch):
+    """Per micro-batch of M counted completion tokens, in rows of LM-head matmuls: GRPOTrainer
+    4·M (TRL's fused head: forward, recomputed logits, two gradients; scored only at the
+    counted positions, as on a GPU); OPOTrainer's default on-policy the same 4·M (the same
+    head); the fused-linear loss 3·M on-policy and 4·M − K off-policy (K rows' logits kept),
+    plus B for the model's own head at one position per sequence; the logits 3·B·(C + 1)."""
+    from datasets import Dataset
+    from test_trl_dp import COMPLETION_LEN, make_batch
+    from test_trl_integration import vowel_reward
+    from trl import GRPOConfig, GRPOTrainer
+    from trl.trainer import utils as trl_utils
+
+    from opo_kernels.integrations.trl.batches import unpack_groups
+
+    # TRL scores only the counted positions on Triton devices, every position elsewhere:
+    # counted ones here too, as on the GPU
+    monkeypatch.setattr(trl_utils, "_use_triton", lambda device: True)
+    tokenizer = make_tokenizer()
+    vocab, hidden, kept = len(tokenizer), 32, 5
+    results = {}
+    for off_policy in (False, True):
+        batch = make_batch(0, vocab, off_policy)
+        batch["opo_scorable"] = torch.ones_like(batch["opo_scorable"])
+        flat, _ = unpack_groups(batch)
+        mask = flat["completion_mask"].bool()
+        m, b = int(mask.sum()), mask.shape[0]
+        grpo_inputs = {k: v for k, v in flat.items() if not k.startswith("opo_")}
+        grpo_inputs["num_items_in_batch"] = mask.sum().float()
+        args = GRPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=6,
+                          num_generations=3, use_cpu=True, bf16=False, report_to="none")
+        grpo = GRPOTrainer(model=make_model(vocab), reward_funcs=vowel_reward, args=args,
+                           processing_class=tokenizer,
+                           train_dataset=Dataset.from_dict({"prompt": ["ab"]}))
+        grpo.current_gradient_accumulation_steps = 1
+        results["grpo", off_policy] = _counted_rows(grpo, grpo.model, grpo_inputs, vocab, hidden)
+        assert results["grpo", off_policy] == 4 * m
+        budget = {"opo_logits_budget": kept * vocab * 4}  # K = 5 rows of fp32 logits
+        for path, options in (("auto", {}), ("fused_linear", budget), ("logits", {})):
+            trainer = _trainer(tmp_path, opo_loss_path=path, **options)
+            trainer.current_gradient_accumulation_steps = 1
+            trainer.model.train()
+            _counted_rows(trainer, trainer.model, batch, vocab, hidden)  # checks the head once
+            results[path, off_policy] = _counted_rows(trainer, trainer.model, batch, vocab,
+                                                      hidden)
+        expected_fused = (4 * m - kept if off_policy else 3 * m) + b
+        assert results["fused_linear", off_policy] == expected_fused
+        assert results["logits", off_policy] == 3 * b * (COMPLETION_LEN + 1)
+        assert results["auto", off_policy] == 4 * m  # the default schedule: TRL's head
+        # besides the model's own head on B positions, the fused-linear loss runs fewer rows
+        # than TRL's head (B is one position per sequence: small against M at real sizes)
+        assert results["fused_linear", off_policy] - b < results["grpo", off_policy]
