@@ -97,6 +97,16 @@ def _raise_bad_values(errs: torch.Tensor, rows: CountedRows, hidden_c, weight, b
     raise_bad_values(errs, rows.batch, explain=explain)
 
 
+def _take_held(ctx, hidden_c, weight, bias) -> Optional[torch.Tensor]:
+    """The kept logits, taken from ctx (consumed: the backward writes their gradient over
+    them, and backward_chunks then holds their only reference, dropped before it recomputes
+    the other rows); a retained graph's second backward finds none and recomputes them."""
+    held, ctx.held = ctx.held, None
+    if held is None and ctx.plan.held_rows:
+        held = kept_logits(hidden_c, weight, bias, ctx.plan.held_rows)
+    return held
+
+
 class FusedLinearOPOFunction(torch.autograd.Function):
     """loss, metrics_vector = FusedLinearOPOFunction.apply(hidden, weight, bias, hidden_c,
     rows, cfg, plan, tp).
@@ -165,14 +175,11 @@ class FusedLinearOPOFunction(torch.autograd.Function):
         else:
             (hidden_c, weight, bias, logprobs, stats, entropy, coef, scal,
              params) = ctx.saved_tensors
-            held, ctx.held = ctx.held, None  # consumed: its gradient is written over it
-            if held is None and ctx.plan.held_rows:  # a retained graph's second backward
-                held = kept_logits(hidden_c, weight, bias, ctx.plan.held_rows)
             grad_hidden, grad_weight, grad_bias = backward_chunks(
                 hidden_c, weight, bias, Rows.of(ctx.rows.batch),
                 (logprobs, stats, entropy, coef, scal), grad_loss, params, cfg,
                 ctx.plan.chunk_rows, ctx.needs, vocab_start=0 if tp is None else tp[1],
-                held=held)
+                held=_take_held(ctx, hidden_c, weight, bias))
         hidden_dtype, weight_dtype, bias_dtype = ctx.dtypes
         if grad_hidden is not None:
             # cast before the all-reduce: it moves hidden's dtype whichever loop ran; the

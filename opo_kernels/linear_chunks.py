@@ -111,18 +111,22 @@ def forward_chunks(hidden_c, weight, bias, batch: Batch, cfg: OPOLossConfig, par
     for start, end in _chunks(num_rows, chunk_size, held_rows):
         logits = _chunk_logits(hidden_c[start:end], weight, bias)
         forward_rows(logits, rows, params, cfg.with_entropy, row_start=start, **target)
+        del logits  # freed before the next chunk's is allocated: one chunk at a time
     if tp is not None:
         out = combine_partials(partials, params, cfg.with_entropy, tp[0])
     return out, held
 
 
-def _grad_buffers(hidden_c, weight, bias, needs: Tuple[bool, bool, bool]):
-    """(∂hidden [M, H] in hidden's dtype, ∂W [V, H] and ∂b [V] accumulators in fp32 / fp64),
-    None where not needed; unwritten (the first chunk writes, ``_add_product``)."""
+def _grad_buffers(hidden_c, weight, bias, needs: Tuple[bool, bool, bool],
+                  weight_sums: bool = True):
+    """(∂hidden [M, H] in hidden's dtype, ∂W [V, H] and ∂b [V] accumulators in fp32 / fp64 —
+    ∂W in the weight's dtype when not ``weight_sums``, written once), None where not needed;
+    unwritten (the first chunk writes, ``_add_product``)."""
     acc = compute_dtype(hidden_c.dtype)
     grad_hidden = (new_output(hidden_c.shape, hidden_c.dtype, hidden_c.device)
                    if needs[0] else None)
-    grad_weight = new_output(weight.shape, acc, weight.device) if needs[1] else None
+    grad_weight = (new_output(weight.shape, acc if weight_sums else weight.dtype,
+                              weight.device) if needs[1] else None)
     grad_bias = (new_output(bias.shape, acc, bias.device)
                  if needs[2] and bias is not None else None)
     return grad_hidden, grad_weight, grad_bias
@@ -179,11 +183,10 @@ def backward_chunks(hidden_c, weight, bias, rows: Rows, saved, grad_loss, params
     num_rows, vocab = hidden_c.shape[0], weight.shape[0]
     kept = 0 if held is None else held.shape[0]
     by_vocab = num_rows > kept and blocks_over_vocab(num_rows - kept, vocab)
-    grad_hidden, grad_weight, grad_bias = _grad_buffers(hidden_c, weight, bias, needs)
     row_parts = int(kept > 0) + (0 if by_vocab else len(range(kept, num_rows, chunk_size)))
-    if grad_weight is not None and (by_vocab or row_parts == 1):
-        # written once (per block), in the weight's dtype: no fp32 accumulator
-        grad_weight = new_output(weight.shape, weight.dtype, weight.device)
+    # ∂W written once (per block), in the weight's dtype, unless the row loop sums parts
+    grad_hidden, grad_weight, grad_bias = _grad_buffers(
+        hidden_c, weight, bias, needs, weight_sums=not by_vocab and row_parts > 1)
 
     def gradient(logits, row_start, v0=0):  # written over the logits
         return backward_rows(logits, rows, logprobs, stats, entropy, coef, scal, grad_loss,
@@ -206,6 +209,7 @@ def backward_chunks(hidden_c, weight, bias, rows: Rows, saved, grad_loss, params
             _accumulate(gradient(logits, start), hidden_r, weight,
                         None if grad_hidden is None else grad_hidden[start:end], grad_weight,
                         grad_bias, first=start == 0)
+            del logits  # (one chunk at a time)
     _zero_if_unwritten(num_rows > 0, grad_weight, grad_bias)
     return grad_hidden, grad_weight, grad_bias
 
@@ -243,6 +247,7 @@ def _vocab_blocks(hidden_r, weight, bias, gradient, row_start: int, chunk_size: 
             _add_product(acc_hidden, grad_b, weight_b, v0 == 0)
         if grad_bias is not None:
             _add_sum(grad_bias[v0:v1], grad_b, first)
+        del logits, grad_b  # (one block at a time)
     if acc_hidden is not grad_hidden_r:
         grad_hidden_r.copy_(acc_hidden)
 
@@ -287,5 +292,6 @@ def on_policy_chunks(hidden_c, weight, bias, batch: Batch, cfg: OPOLossConfig, p
         _accumulate(logits, hidden_r, weight,
                     None if grad_hidden is None else grad_hidden[start:end],
                     grad_weight, grad_bias, first=start == 0)
+        del logits  # (one chunk at a time)
     _zero_if_unwritten(num_rows > 0, grad_weight, grad_bias)
     return out, (grad_hidden, grad_weight, grad_bias)
