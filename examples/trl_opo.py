@@ -12,7 +12,9 @@ The OPO options are the ``opo_*`` fields of OPOConfig (GRPOConfig owns ``tempera
 per_device_train_batch_size must be a multiple of num_generations. Metrics are logged as
 ``opo/omega_mean``, ``opo/tau``, ``opo/v_mean``, ``opo/kl_k3``, ``opo/entropy_mean``, ...
 With TRL's default schedule the run is on-policy (π_ref = the sampling policy = the current
-one), so v = 0 and the logged loss is 0 while its gradient is not.
+one), so v = 0 and the logged loss is 0 while its gradient is not. The loss path
+(``opo_loss_path``, printed first) is chosen for you: TRL's fused LM head on this on-policy
+schedule, the fused-linear loss when TRL keeps old log-probs (``num_iterations > 1``).
 """
 
 from __future__ import annotations
@@ -78,6 +80,7 @@ def main(argv=None):
     )
     trainer = OPOTrainer(model=model, reward_funcs=vowel_reward, args=config,
                          train_dataset=dataset, processing_class=tokenizer)
+    print(f"loss path: {trainer.opo_loss_path}")
     trainer.train()
     for log in trainer.state.log_history:
         if "loss" in log:
