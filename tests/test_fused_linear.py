@@ -237,11 +237,17 @@ def test_poisoned_outputs_are_on():
 
 
 # ---- GPU (compiled kernels; skipped without CUDA): the memory bound at a real vocabulary ----
+GPU_CASES = [("general", 0), ("general", 2**27), ("on_policy", 0), ("on_policy", 2**27)]
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("on_policy", [False, True], ids=["two-phase", "on-policy"])
-def test_gpu_memory_bound_and_values(on_policy):
-    """Peak memory of forward + backward stays well below ONE [N, V] bf16 logits tensor, and the
+@pytest.mark.parametrize("mode,budget", GPU_CASES,
+                         ids=[f"{m}-budget{b >> 20}MiB" for m, b in GPU_CASES])
+def test_gpu_memory_bound_and_values(mode, budget):
+    """Peak memory of forward + backward stays within logits_budget + one chunk of logits +
+    the gradients and their accumulators, well below ONE [N, V] bf16 logits tensor, and the
     result matches the torch backend on the fp32 values of the same bf16 inputs."""
+    on_policy = mode == "on_policy"
     dev, n_seq, T_, H_, V_, chunk = "cuda", 16, 1024, 1024, 32003, 512
     N = n_seq * T_
     g = torch.Generator(device=dev).manual_seed(0)
@@ -250,6 +256,7 @@ def test_gpu_memory_bound_and_values(on_policy):
     labels = torch.randint(0, V_, (N,), device=dev, generator=g)
     seq = torch.arange(N, device=dev) // T_
     seq = torch.where(torch.rand(N, device=dev, generator=g) < 0.8, seq, -1)
+    M = int((seq >= 0).sum())  # counted rows: the only ones multiplied
     rewards = torch.rand(n_seq, device=dev, generator=g)
     ref = None
     if not on_policy:
@@ -265,22 +272,26 @@ def test_gpu_memory_bound_and_values(on_policy):
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
-    loss = fused_linear_opo_loss(hidden, weight, labels, ref, rewards, chunk_size=chunk, **kw)
+    loss = fused_linear_opo_loss(hidden, weight, labels, ref, rewards, chunk_size=chunk,
+                                 logits_budget=budget, **kw)
     grads = torch.autograd.grad(loss, (hidden, weight))
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated() - base
     logits_bytes = N * V_ * 2
-    if on_policy:  # rows: chunk logits (x2 for the matmul/allocator), fp32 + bf16 [V, H] weight
-        # gradient and its per-chunk bf16 product, the [N, H] hidden gradient
-        budget = 2 * chunk * V_ * 2 + V_ * H_ * (4 + 2 + 2) + N * H_ * 2
-    else:  # N < V, the backward cuts the vocabulary: a block of N·Vb <= chunk·V logits (x2),
-        # the bf16 [V, H] weight gradient (no accumulator), the fp32 [N, H] hidden accumulator,
-        # its per-block bf16 product and the final bf16 [N, H]
-        assert chunks.blocks_over_vocab(N, V_)
-        budget = 2 * chunk * V_ * 2 + V_ * H_ * 2 + N * H_ * (4 + 2 + 2)
-    budget += 64 * N * 8 + 2**26  # O(N) statistics, 64 MiB of slack
-    assert budget < logits_bytes
-    assert peak <= budget, f"peak {peak / 2**20:.0f} MiB > budget {budget / 2**20:.0f} MiB"
+    chunk_bytes = chunk * V_ * 2
+    # beyond the logits: the counted rows of hidden (bf16, kept), hidden's gradient (the
+    # counted rows, and scattered to [N, H]), O(N) statistics and 64 MiB of slack for the
+    # matmuls' workspace and the allocator
+    bound = M * H_ * 2 + M * H_ * 2 + N * H_ * 2 + 64 * N * 8 + 2**26
+    if on_policy:  # one chunk of max(chunk, budget) logits; the fp32 [V, H] sum of ∂W, its
+        # per-chunk bf16 product and the bf16 result; ∂hidden scaled through fp32
+        bound += max(budget, chunk_bytes) + V_ * H_ * (4 + 2 + 2) + M * H_ * (4 + 4)
+    else:  # M < V: the kept logits (<= budget), one block of <= chunk·V recomputed logits,
+        # ∂W in bf16 (no accumulator), the fp32 [M, H] sum of ∂hidden and a block's product
+        assert chunks.blocks_over_vocab(M, V_)
+        bound += budget + chunk_bytes + V_ * H_ * 2 + M * H_ * (4 + 2)
+    assert bound < logits_bytes
+    assert peak <= bound, f"peak {peak / 2**20:.0f} MiB > bound {bound / 2**20:.0f} MiB"
 
     h32 = hidden.detach().float().requires_grad_()
     w32 = weight.detach().float().requires_grad_()

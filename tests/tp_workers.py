@@ -283,6 +283,10 @@ def _bad_input_case(rank, world, case):
         expect = "alpha"
     elif case in ("bad_chunk_size_on_one_rank", "chunk_size_differs_on_one_rank"):
         expect = "chunk_size"
+    elif case == "bad_logits_budget_on_one_rank":
+        expect = "logits_budget must be"
+    elif case == "logits_budget_differs_on_one_rank":  # on-policy chunks would not pair up
+        expect = "logits_budget is not the same on every rank"
     elif case == "hidden_differs_on_one_rank":  # fused-linear, by one ulp on rank 1
         expect = "hidden is not the same on every rank"
     # valid on every rank, but a replicated argument or option is not the same everywhere
@@ -319,7 +323,8 @@ def _bad_input_case(rank, world, case):
         options["mu"] = 1.0 if rank == 0 else 0.5
         expect = "option mu is not the same on every rank"
     try:
-        if "chunk_size" in case or "hidden" in case:  # the fused-linear op's own inputs
+        if any(name in case for name in ("chunk_size", "hidden", "logits_budget")):
+            # the fused-linear op's own inputs
             g = torch.Generator().manual_seed(5)
             hidden = torch.randn(6, 4, 3, generator=g)
             weight = torch.randn(V, 3, generator=g)[lo:hi]
@@ -328,9 +333,12 @@ def _bad_input_case(rank, world, case):
             if case == "hidden_differs_on_one_rank" and rank == 1:
                 assert layout["mask"][2, 1]  # a counted row (a row not counted is not read)
                 hidden[2, 1, 2] = torch.nextafter(hidden[2, 1, 2], torch.tensor(9.0))
+            budget = {"bad_logits_budget_on_one_rank": -1,
+                      "logits_budget_differs_on_one_rank": 2**20}.get(case, 0)
             opo_kernels.fused_linear_opo_loss(
                 hidden, weight, labels, None, rewards,
                 chunk_size=chunk_size if rank == 0 else 5,
+                logits_budget=budget if rank == 0 else 0,
                 backend="triton", process_group=dist.group.WORLD, **layout)
         else:
             opo_kernels.opo_loss(logits, labels, ref, rewards, backend="triton",
