@@ -122,6 +122,7 @@ BAD_INPUT_CASES = ["label_outside_vocab", "inconsistent_vocab_start", "mismatche
                    "option_differs_on_one_rank", "ref_logprobs_only_on_one_rank",
                    "chunk_size_differs_on_one_rank", "hidden_differs_on_one_rank",
                    "bad_logits_budget_on_one_rank", "logits_budget_differs_on_one_rank",
+                   "inf_weight_on_one_rank",
                    "logits_dtype_differs_on_one_rank", "one_pass_differs_on_one_rank"]
 
 

@@ -287,6 +287,8 @@ def _bad_input_case(rank, world, case):
         expect = "logits_budget must be"
     elif case == "logits_budget_differs_on_one_rank":  # on-policy chunks would not pair up
         expect = "logits_budget is not the same on every rank"
+    elif case == "inf_weight_on_one_rank":  # rank 1's slice: every rank names weight
+        expect = "weight: 1 row(s) (vocabulary entries) with a non-finite value"
     elif case == "hidden_differs_on_one_rank":  # fused-linear, by one ulp on rank 1
         expect = "hidden is not the same on every rank"
     # valid on every rank, but a replicated argument or option is not the same everywhere
@@ -323,13 +325,15 @@ def _bad_input_case(rank, world, case):
         options["mu"] = 1.0 if rank == 0 else 0.5
         expect = "option mu is not the same on every rank"
     try:
-        if any(name in case for name in ("chunk_size", "hidden", "logits_budget")):
+        if any(name in case for name in ("chunk_size", "hidden", "logits_budget", "weight")):
             # the fused-linear op's own inputs
             g = torch.Generator().manual_seed(5)
             hidden = torch.randn(6, 4, 3, generator=g)
             weight = torch.randn(V, 3, generator=g)[lo:hi]
             chunk_size = {"bad_chunk_size_on_one_rank": 0,
                           "chunk_size_differs_on_one_rank": 4}.get(case, 5)
+            if case == "inf_weight_on_one_rank" and rank == 1:
+                weight[1, 0] = float("inf")
             if case == "hidden_differs_on_one_rank" and rank == 1:
                 assert layout["mask"][2, 1]  # a counted row (a row not counted is not read)
                 hidden[2, 1, 2] = torch.nextafter(hidden[2, 1, 2], torch.tensor(9.0))
