@@ -62,7 +62,7 @@
 # Everything goes under $OUT when set (`lease` writes 8 files: log.txt, suite.xml,
 # host_overhead.json, sweep_focus.jsonl and the bench's <device>.json, .pytest-benchmark.json,
 # .png, .md; `rest` 6: log.txt, demo_curves.json and the bench's four). Without $OUT:
-# benchmarks/results/ and the README's table.
+# benchmarks/results/ and the table of docs/benchmarks.md.
 # Time limits (seconds): OPO_SUITE_TIMEOUT_S (default 300), OPO_SWEEP_BUDGET_S (120: no new
 # sweep shape starts after it), OPO_BENCH_BUDGET_S (360 for bench alone: no new row after it),
 # OPO_DEADLINE_S (lease / rest: the whole call's end; every step is cut to fit it).
