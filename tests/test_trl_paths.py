@@ -7,8 +7,8 @@ loss gets the default logits budget (paths.default_logits_budget) unless one is 
 The parallelism setups (accelerate's FSDP version 1 or 2, DeepSpeed ZeRO-3) need accelerators,
 so they are simulated on a trainer built on CPU by setting the flags the Trainer reads and
 choosing again. The rows of LM-head matmuls each path runs, against GRPOTrainer's, are
-counted (the construction paths.py describes). What runs on each path is tested in test_trl_integration.py,
-test_trl_fused_linear.py and test_trl_dp.py.
+counted (the construction paths.py describes). What runs on each path is tested in
+test_trl_integration.py, test_trl_fused_linear.py and test_trl_dp.py.
 """
 
 import warnings
