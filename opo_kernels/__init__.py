@@ -14,6 +14,7 @@ from .epilogue import kernel as _epilogue
 from .from_logprobs import opo_loss_from_logprobs
 from .fused_linear_opo import FusedLinearOPOLoss, fused_linear_opo_loss
 from .fused_opo import OPOLoss, opo_loss
+from .validation import check_deferred
 
 # every kernel's Triton cache key, independent of the order of first launches (cache_keys.py)
 prehash(row_kernels._opo_fwd_kernel, row_kernels._opo_bwd_kernel, row_kernels._scale_kernel,
@@ -21,6 +22,6 @@ prehash(row_kernels._opo_fwd_kernel, row_kernels._opo_bwd_kernel, row_kernels._s
         _epilogue.epilogue_kernel)
 del prehash
 
-__all__ = ["FusedLinearOPOLoss", "OPOLoss", "OPOLossConfig", "fused_linear_opo_loss", "opo_loss",
-           "opo_loss_from_logprobs", "reference"]
+__all__ = ["FusedLinearOPOLoss", "OPOLoss", "OPOLossConfig", "check_deferred",
+           "fused_linear_opo_loss", "opo_loss", "opo_loss_from_logprobs", "reference"]
 __version__ = "0.1.0"

@@ -109,7 +109,9 @@ class OPOLossConfig:
     compute_entropy: bool = False
     backend: str = "auto"
     return_metrics: bool = False
-    validate: bool = True
+    # True: the value checks are read at the end of the call (one host sync); "deferred": read
+    # later without a stall (at the call's backward or the next call; validation.py); False: none
+    validate: Union[bool, str] = True
     inplace_backward: bool = False
     # logits a slice of whole positions of a tensor that requires grad (``logits[:, :-1]``):
     # the gradient goes to that tensor directly, zeros at the positions outside the slice, and
@@ -177,9 +179,10 @@ class OPOLossConfig:
                 f"{type(self.weights).__name__}"
             )
         self._check_recipe()
+        if not isinstance(self.validate, bool) and self.validate != "deferred":
+            raise TypeError(f"validate must be True, False or 'deferred', got {self.validate!r}")
         for name in ("adaptive_tau", "center_weights", "compute_entropy", "return_metrics",
-                     "validate", "inplace_backward", "grad_to_base",
-                     "vocab_parallel_one_pass"):
+                     "inplace_backward", "grad_to_base", "vocab_parallel_one_pass"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
         set_("alpha", alpha)
@@ -254,7 +257,9 @@ def config_from_options(options: Dict[str, object]) -> OPOLossConfig:
     if torch.compiler.is_compiling():
         return OPOLossConfig(**options)
     try:
-        key = tuple(sorted((name, type(value), value) for name, value in options.items()))
+        # names in the caller's order (another order is another entry), values with their types
+        values = tuple(options.values())
+        key = (tuple(options), values, tuple(map(type, values)))
         config = _FROM_OPTIONS.get(key)
     except TypeError:  # an unhashable value
         return OPOLossConfig(**options)

@@ -27,11 +27,12 @@ import triton
 import triton.language as tl
 
 from .config import OPOLossConfig, config_from_options
-from .epilogue import Mode, params_tensor, raise_bad_values, run_epilogue, unpack_metrics
+from .epilogue import Mode, params_tensor, run_epilogue, unpack_metrics
 from .inputs import Batch, prepare_logprobs
 from .row_kernels import row_seq, token_coef
 from .row_launch import Rows, acc_type, small_geometry
 from .utils import cdiv, new_output, use_triton
+from .validation import check_at_backward, check_values_of
 
 # --------------------------------------------------------------------------------------------
 # Kernel and launcher
@@ -110,8 +111,8 @@ class LogprobOPOFunction(torch.autograd.Function):
                            logprobs=logprobs.detach(),
                            entropy=None if entropy is None else entropy.detach(),
                            from_logits=False, validate=cfg.validate)
-        if cfg.validate and not torch.compiler.is_compiling():  # the one host sync
-            raise_bad_values(out.errs, batch)
+        # validate=True: the one host sync; "deferred": read at backward or the next call
+        ctx.deferred = check_values_of(cfg, out.errs, batch)
         ctx.mark_non_differentiable(out.metrics)
         ctx.set_materialize_grads(False)  # no zeros for the metrics' (unused) gradient
         ctx.rows, ctx.cfg = Rows.of(batch), cfg
@@ -122,6 +123,7 @@ class LogprobOPOFunction(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss, grad_metrics):
+        check_at_backward(ctx.deferred)
         if grad_loss is None:  # the loss was not used (its metrics carry no gradient)
             return None, None, None, None
         logprobs, coef, scal = ctx.saved_tensors

@@ -13,7 +13,9 @@ epilogue/), with N = B·T (padded) or N (packed) token rows:
                   (see FusedOPOFunction.forward).
 Plus one memset (the epilogue's ticket counters) and nothing else: the caller's labels, mask,
 seq_ids, ref_logprobs, rewards and group ids are read by the kernels as passed. No host sync
-unless validate=True (one read of the value-check counts).
+unless validate=True (one read of the value-check counts; validate="deferred" reads them
+later, without a stall: validation.py). Eager calls reuse per call signature what the call
+derives from its inputs' metadata (checks, launches, workspace layout: call_plan.py).
 
 Example::
 
@@ -27,93 +29,78 @@ from typing import List, NamedTuple, Optional
 
 import torch
 
+from .call_plan import CallPlan, Flags, PlanCache, batch_of, call_key
 from .config import OPOLossConfig, config_from_options
-from .epilogue import (
-    METRICS,
-    NUM_ERR,
-    Mode,
-    params_tensor,
-    raise_bad_values,
-    run_epilogue,
-    unpack_metrics,
-)
+from .epilogue import METRICS, NUM_ERR, params_tensor, run_epilogue, unpack_metrics
 from .inputs import Batch, compute_dtype, prepare
-from .row_launch import Rows, backward_rows, forward_rows, scale_rows_
+from .row_launch import Rows, backward_rows, forward_rows
 from .tensor_parallel import config_or_fail_together
 from .utils import new_output, use_triton
+from .validation import check_at_backward, check_values_of
 from .vocab_parallel import vocab_parallel_loss
 
 # --------------------------------------------------------------------------------------------
 # The passes of one call
 # --------------------------------------------------------------------------------------------
 
-
-class Flags(NamedTuple("FlagFields", [(name, int) for name in (
-        *Mode._fields, "with_entropy", "validate", "group_size", "num_seqs")])):
-    """Everything the passes branch on, as ints (the ops take them as an int list): the
-    epilogue's Mode fields (taken from Mode, so that a field added there cannot shift these),
-    then with_entropy, validate, group_size (0 = group_ids) and B."""
-
-    __slots__ = ()
-
-    @classmethod
-    def of(cls, cfg: OPOLossConfig, batch: Batch) -> List[int]:
-        return list(cls(*Mode.of(cfg, batch.weights is not None), int(cfg.with_entropy),
-                        int(cfg.validate), batch.group_size or 0,
-                        batch.num_seqs))
-
-    @property
-    def mode(self) -> Mode:
-        return Mode(*self[:len(Mode._fields)])
-
-    def rows(self, labels, mask, seq_ids, ref) -> Rows:
-        return Rows(labels, mask, seq_ids, ref, labels.numel(),
-                    labels.shape[1] if labels.dim() == 2 else None, self.num_seqs)
+_CALL_PLANS = PlanCache()  # eager calls, by call_key
 
 
-def _batch_of(logits, labels, ref, mask, seq_ids, rewards, group_ids, weights,
-              group_size: int) -> Batch:
-    """The Batch of already checked tensors (inside the ops)."""
-    return Batch(logits=logits, labels=labels, ref_logprobs=ref, mask=mask, seq_ids=seq_ids,
-                 rewards=rewards, group_size=group_size or None, group_ids=group_ids,
-                 weights=weights, vocab=logits.shape[-1],
-                 seq_len=labels.shape[1] if labels.dim() == 2 else None,
-                 num_rows=labels.numel(), compute_dtype=compute_dtype(logits.dtype))
-
-
-def _forward(logits, labels, ref, mask, seq_ids, rewards, group_ids, weights, params, flags,
-             grad: Optional[torch.Tensor]):
+def _forward_batch(batch: Batch, plan: CallPlan, params, grad: Optional[torch.Tensor]):
     """Forward passes; ``grad`` is where the one-pass mode writes the gradient (None: general
-    mode). Returns (logprobs [N], stats [N, 2], entropy [N] or [0], loss, metrics [8],
-    coef [B, 2], scal [2], errs [NUM_ERR])."""
-    flags = Flags(*flags)
-    batch = _batch_of(logits, labels, ref, mask, seq_ids, rewards, group_ids, weights,
-                      flags.group_size)
-    mode, with_entropy, validate = flags.mode, bool(flags.with_entropy), bool(flags.validate)
+    mode). Returns (rows, logprobs [N], stats [N, 2], entropy [N] or None, EpilogueOut)."""
+    s = plan.scratch()
     rows = Rows.of(batch)
-    counters = torch.zeros(2, dtype=torch.int32, device=logits.device)  # epilogue tickets
     if grad is not None:
-        pre = run_epilogue(batch, mode, params, counters[0:1], logprobs=None)
-        lp, stats, ent = forward_rows(logits, rows, params, with_entropy, grad=grad,
-                                      coef=pre.coef, scal=pre.scal)
+        ws, sums, part_errs, counter = s.pre
+        plan.pre(batch, params, counter, s.pre_out, ws, sums, part_errs)
+        plan.onepass_launch(grad)(batch.logits, rows, params, s.lp, s.stats, s.entropy,
+                                  grad=grad, coef=s.pre_out.coef, scal=s.pre_out.scal)
     else:
-        lp, stats, ent = forward_rows(logits, rows, params, with_entropy)
-    out = run_epilogue(batch, mode, params, counters[1:2], logprobs=lp.view(labels.shape),
+        plan.forward(batch.logits, rows, params, s.lp, s.stats, s.entropy)
+    ws, sums, part_errs, counter = s.main
+    plan.epilogue(batch, params, counter, s.out, ws, sums, part_errs, logprobs=s.lp,
+                  entropy=s.entropy, stats=s.stats)
+    return rows, s.lp, s.stats, s.entropy, s.out
+
+
+def _backward_rows(plan: CallPlan, logits, rows: Rows, lp, stats, ent, coef, scal, grad_loss,
+                   params, grad: torch.Tensor) -> torch.Tensor:
+    """∂L/∂logits written into ``grad`` (logits itself for the in-place backward)."""
+    plan.backward_launch(grad)(logits, grad, rows, lp, stats,
+                               ent if plan.entropy_in_gradient else None, coef, scal, grad_loss,
+                               params)
+    return grad
+
+
+def _forward(logits, labels, ref, mask, seq_ids, rewards, group_ids, weights, params, flags):
+    """The general mode's forward from tensors and flags: the custom op's implementation, with
+    outputs of their own (a custom op's outputs may not alias each other, so no workspace).
+    Returns (logprobs [N], stats [N, 2], entropy [N] or [0], loss, metrics [8], coef [B, 2],
+    scal [2], errs [NUM_ERR])."""
+    f = Flags(*flags)
+    batch = batch_of(logits, labels, ref, mask, seq_ids, rewards, group_ids, weights,
+                     f.group_size)
+    lp, stats, ent = forward_rows(logits, Rows.of(batch), params, bool(f.with_entropy))
+    counter = torch.zeros(1, dtype=torch.int32, device=logits.device)  # the epilogue's ticket
+    out = run_epilogue(batch, f.mode, params, counter, logprobs=lp.view(labels.shape),
                        entropy=None if ent is None else ent.view(labels.shape), stats=stats,
-                       validate=validate)
+                       validate=bool(f.validate))
     ent = ent if ent is not None else lp.new_empty(0)
     return lp, stats, ent, out.loss, out.metrics, out.coef, out.scal, out.errs
 
 
 def _backward(logits, labels, ref, mask, seq_ids, lp, stats, ent, coef, scal, grad_loss, params,
-              flags, inplace: bool, out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """∂L/∂logits (written into logits when inplace, else into ``out`` or a new tensor)."""
-    flags = Flags(*flags)
-    rows, mode = flags.rows(labels, mask, seq_ids, ref), flags.mode
-    level = ("sequence", "sequence_mean", "token")[mode.level]
-    entropy = ent if ent.numel() and mode.bonus else None  # metric-only entropy: no term
-    return backward_rows(logits, rows, lp, stats, entropy, coef, scal, grad_loss, params, level,
-                         "ratio" if mode.ratio else "log", inplace=inplace, out=out)
+              flags, inplace: bool) -> torch.Tensor:
+    """∂L/∂logits (written into logits when inplace, else into a new tensor): the custom
+    ops' implementation."""
+    f = Flags(*flags)
+    rows = Rows(labels, mask, seq_ids, ref, labels.numel(),
+                labels.shape[1] if labels.dim() == 2 else None, f.num_seqs)
+    entropy = ent if ent.numel() and f.mode.bonus else None  # metric-only entropy: no term
+    return backward_rows(logits, rows, lp, stats, entropy, coef, scal, grad_loss, params,
+                         ("sequence", "sequence_mean", "token")[f.mode.level],
+                         "ratio" if f.mode.ratio else "log", inplace=inplace)
 
 
 class RowSlice(NamedTuple):
@@ -183,7 +170,7 @@ def _forward_op(logits: torch.Tensor, labels: torch.Tensor, ref: Optional[torch.
                 ) -> List[torch.Tensor]:
     """The general mode's forward (the one-pass mode is eager only: FusedOPOFunction)."""
     return list(_forward(logits, labels, ref, mask, seq_ids, rewards, group_ids, weights,
-                         params, flags, None))
+                         params, flags))
 
 
 @_forward_op.register_fake
@@ -227,82 +214,97 @@ def _call(op, impl, *args):
 
 
 class FusedOPOFunction(torch.autograd.Function):
-    """loss, metrics_vector = FusedOPOFunction.apply(x, batch, cfg, sliced).
+    """loss, metrics_vector = FusedOPOFunction.apply(x, batch, cfg, sliced, plan).
 
     x is batch.logits, or with ``sliced`` (a ``RowSlice`` of batch.logits, eager only) its
     base, which then receives the base-shaped gradient. Only x receives a gradient (ω, τ, p̃, Q
     are constants; ref_logprobs and rewards are data). metrics_vector [8] holds
-    ``epilogue.METRICS`` (not differentiable).
+    ``epilogue.METRICS`` (not differentiable). plan: the call signature's ``CallPlan``
+    (eager calls); None under torch.compile, where each phase is one custom op.
     """
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, batch: Batch, cfg: OPOLossConfig,
-                sliced: Optional[RowSlice]):
+                sliced: Optional[RowSlice], plan: Optional[CallPlan]):
         logits = batch.logits
-        # The one-pass mode runs eagerly only. Under torch.compile, AOTAutograd functionalizes
-        # the backward's in-place scale of the saved gradient (a forward output, not a graph
-        # input) into a clone plus the scale: a full extra pass over [N, V] on every call
-        # (>= 2R + 2W), where the general passes cost 2R + 1W; and their in-place backward,
-        # which writes into the logits (a graph input), Inductor keeps in place. Both checked
-        # on the generated code in tests/test_compile.py.
-        one_pass = (batch.ref_logprobs is None and cfg.one_pass_exact
-                    and not torch.compiler.is_compiling())
-        params = params_tensor(cfg, logits.device, batch.compute_dtype)
-        flags = Flags.of(cfg, batch)
-        inputs = (logits, batch.labels, batch.ref_logprobs, batch.mask, batch.seq_ids,
-                  batch.rewards, batch.group_ids, batch.weights, params, flags)
-        if one_pass:
-            full = x if cfg.inplace_backward else new_output(x.shape, x.dtype, x.device)
-            out = _forward(*inputs, full if sliced is None else sliced.rows(full))
+        full = rows = None
+        if plan is None:
+            # Traced: the general mode, whatever the options. The one-pass mode runs eagerly
+            # only. Under torch.compile, AOTAutograd functionalizes the backward's in-place
+            # scale of the saved gradient (a forward output, not a graph input) into a clone
+            # plus the scale: a full extra pass over [N, V] on every call (>= 2R + 2W), where
+            # the general passes cost 2R + 1W; and their in-place backward, which writes into
+            # the logits (a graph input), Inductor keeps in place. Both checked on the
+            # generated code in tests/test_compile.py.
+            params = params_tensor(cfg, logits.device, batch.compute_dtype)
+            flags = Flags.of(cfg, batch)
+            lp, stats, ent, loss, metrics, coef, scal, errs = _call(
+                _forward_op, _forward, logits, batch.labels, batch.ref_logprobs, batch.mask,
+                batch.seq_ids, batch.rewards, batch.group_ids, batch.weights, params, flags)
         else:
-            out = _call(_forward_op, lambda *a: _forward(*a, None), *inputs)
-        lp, stats, ent, loss, metrics, coef, scal, errs = out
-        if cfg.validate and not torch.compiler.is_compiling():  # the one host sync
-            raise_bad_values(errs, batch)
+            params, flags = plan.params, plan.flags
+            if plan.one_pass:
+                full = x if cfg.inplace_backward else new_output(x.shape, x.dtype, x.device)
+            rows, lp, stats, ent, out = _forward_batch(
+                batch, plan, params, None if full is None else
+                full if sliced is None else sliced.rows(full))
+            loss, metrics, coef, scal, errs = out.loss, out.metrics, out.coef, out.scal, out.errs
+        # validate=True: the one host sync; "deferred": read at backward or the next call
+        ctx.deferred = check_values_of(cfg, errs, batch)
         ctx.mark_non_differentiable(metrics)
         ctx.set_materialize_grads(False)  # no zeros for the metrics' (unused) gradient
-        ctx.cfg, ctx.one_pass, ctx.flags = cfg, one_pass, flags
+        ctx.cfg, ctx.plan, ctx.flags, ctx.rows = cfg, plan, flags, rows
         # the geometry only: ctx holding the base itself would be a reference cycle
         ctx.sliced = None if sliced is None else sliced._replace(base=None)
-        ctx.batch_tensors = (batch.labels, batch.ref_logprobs, batch.mask, batch.seq_ids)
-        if one_pass:
+        if full is not None:
             ctx.save_for_backward(full)
             ctx.backward_done = False
+        elif plan is not None:
+            # the forward's own intermediates ride on ctx (saving them costs a pack and an
+            # unpack each; only the input needs autograd's in-place check)
+            ctx.save_for_backward(x)
+            ctx.intermediates = (lp, stats, ent, coef, scal, params)
         else:
+            ctx.batch_tensors = (batch.labels, batch.ref_logprobs, batch.mask, batch.seq_ids)
             ctx.save_for_backward(x, lp, stats, ent, coef, scal, params)
         return loss, metrics
 
     @staticmethod
     def backward(ctx, grad_loss, grad_metrics):
+        check_at_backward(ctx.deferred)
         if grad_loss is None:  # the loss was not used (its metrics carry no gradient)
-            return None, None, None, None
-        labels, ref, mask, seq_ids = ctx.batch_tensors
-        sliced, inplace = ctx.sliced, ctx.cfg.inplace_backward
-        if ctx.one_pass:
+            return None, None, None, None, None
+        sliced, inplace, plan = ctx.sliced, ctx.cfg.inplace_backward, ctx.plan
+        if plan is not None and plan.one_pass:
             if ctx.backward_done:
                 raise RuntimeError("opo_loss with ref_logprobs=None (one-pass on-policy mode) "
                                    "writes its gradient during forward: run backward once")
             ctx.backward_done = True
             (full,) = ctx.saved_tensors
-            scale_rows_(full if sliced is None else sliced.rows(full),
-                        Flags(*ctx.flags).rows(labels, mask, seq_ids, None), grad_loss)
+            grad = full if sliced is None else sliced.rows(full)
+            plan.scale_launch(grad)(grad, ctx.rows, grad_loss)
             if sliced is not None:
                 sliced.zero_outside(full)
-            return full, None, None, None
+            return full, None, None, None, None
+        if plan is not None:  # eager
+            (x,), (lp, stats, ent, coef, scal, params) = ctx.saved_tensors, ctx.intermediates
+            logits = x if sliced is None else sliced.rows(x)
+            full = x if inplace else new_output(x.shape, x.dtype, x.device)
+            _backward_rows(plan, logits, ctx.rows, lp, stats, ent, coef, scal, grad_loss,
+                           params, full if sliced is None else sliced.rows(full))
+            if sliced is not None:  # the base-shaped gradient, zeros outside
+                sliced.zero_outside(full)
+            return full, None, None, None, None
         x, lp, stats, ent, coef, scal, params = ctx.saved_tensors
         logits = x if sliced is None else sliced.rows(x)
+        labels, ref, mask, seq_ids = ctx.batch_tensors
         args = (logits, labels, ref, mask, seq_ids, lp, stats, ent, coef, scal, grad_loss,
                 params, ctx.flags)
-        if sliced is not None:  # eager only: the base-shaped gradient, zeros outside
-            full = x if inplace else new_output(x.shape, x.dtype, x.device)
-            _backward(*args, inplace=inplace, out=None if inplace else sliced.rows(full))
-            sliced.zero_outside(full)
-            return full, None, None, None
         if inplace:
             _call(_backward_inplace_op, lambda *a: _backward(*a, inplace=True), *args)
-            return logits, None, None, None
+            return logits, None, None, None, None
         return (_call(_backward_op, lambda *a: _backward(*a, inplace=False), *args), None, None,
-                None)
+                None, None)
 
 
 # --------------------------------------------------------------------------------------------
@@ -330,13 +332,14 @@ def _check_inplace_under_compile(logits: torch.Tensor, cfg: OPOLossConfig) -> No
             f"or inplace_backward=False, or run this call eagerly")
 
 
-def loss_from_batch(batch: Batch, cfg: OPOLossConfig):
-    """The fused path on prepared inputs (see ``inputs.prepare``)."""
+def loss_from_batch(batch: Batch, cfg: OPOLossConfig, plan: Optional[CallPlan] = None):
+    """The fused path on prepared inputs (see ``inputs.prepare``); plan: the call signature's
+    ``CallPlan`` (eager), or None (traced by torch.compile)."""
     _check_inplace_under_compile(batch.logits, cfg)
     sliced = (RowSlice.of(batch.logits) if cfg.grad_to_base and not torch.compiler.is_compiling()
               else None)
     loss, metrics = FusedOPOFunction.apply(batch.logits if sliced is None else sliced.base,
-                                           batch, cfg, sliced)
+                                           batch, cfg, sliced, plan)
     if not cfg.return_metrics:
         return loss
     return loss, unpack_metrics(metrics, cfg.with_entropy)
@@ -373,7 +376,10 @@ def opo_loss(logits, labels, ref_logprobs, rewards, *, mask=None, seq_ids=None,
     entropy_coef=0.0, backend="auto", return_metrics=False, validate=True,
     inplace_backward=False, grad_to_base=False, compute_entropy=False,
     vocab_parallel_one_pass=False, ...); an
-    unknown name is a TypeError. vocab_parallel_one_pass=True: with process_group and
+    unknown name is a TypeError. validate="deferred": the same checks, read without a host
+    stall, at the call's backward when they are ready, else at the next validating call or
+    ``opo_kernels.check_deferred()``; the error names the failing call (opo_kernels/validation.py
+    says what is caught and when). vocab_parallel_one_pass=True: with process_group and
     ref_logprobs=None, the one-pass mode over the slice in L2-sized chunks (vocab_parallel.py).
 
     Returns the 0-dim loss (float32; float64 for float64 logits), or (loss, metrics) with
@@ -395,20 +401,42 @@ def opo_loss(logits, labels, ref_logprobs, rewards, *, mask=None, seq_ids=None,
 def opo_loss_with_config(logits, labels, ref_logprobs, rewards, cfg: OPOLossConfig, *,
                          mask=None, seq_ids=None, group_size=None, group_ids=None,
                          process_group=None, vocab_start=None):
-    """``opo_loss`` with an already validated ``OPOLossConfig`` (used by ``OPOLoss``)."""
-    from . import reference  # local import: the reference is only needed for backend="torch"
+    """``opo_loss`` with an already validated ``OPOLossConfig`` (used by ``OPOLoss``).
 
-    layout = dict(mask=mask, seq_ids=seq_ids, group_size=group_size, group_ids=group_ids)
+    Eager calls look their signature up first (``call_plan``): a call whose tensors have the
+    shapes, strides, dtypes and devices of an earlier call with the same config skips the
+    checks that call passed and reuses its launches."""
     if process_group is not None:
         return vocab_parallel_loss(logits, labels, ref_logprobs, rewards, cfg, process_group,
-                                   vocab_start, **layout)
+                                   vocab_start, mask=mask, seq_ids=seq_ids,
+                                   group_size=group_size, group_ids=group_ids)
     if vocab_start is not None:
         raise ValueError("vocab_start applies to vocabulary-parallel logits: pass "
                          "process_group too")
-    batch = prepare(logits, labels, ref_logprobs, rewards, config=cfg, **layout)
-    if use_triton(cfg.backend, logits.device):
-        return loss_from_batch(batch, cfg)
-    return reference.loss_from_batch(batch, cfg)
+    key = None
+    if not torch.compiler.is_compiling():
+        try:
+            key = call_key(logits, labels, ref_logprobs, rewards, mask, seq_ids, group_size,
+                           group_ids, cfg)
+        except AttributeError:  # not a tensor: prepare names it
+            pass
+        plan = _CALL_PLANS.get(key)
+        if plan is not None and plan.cfg is cfg:
+            batch = plan.batch(logits, labels, ref_logprobs, rewards, mask, seq_ids, group_size,
+                               group_ids, cfg)
+            return loss_from_batch(batch, cfg, plan)
+    batch = prepare(logits, labels, ref_logprobs, rewards, config=cfg, mask=mask,
+                    seq_ids=seq_ids, group_size=group_size, group_ids=group_ids)
+    if not use_triton(cfg.backend, logits.device):
+        from . import reference  # only needed for backend="torch"
+
+        return reference.loss_from_batch(batch, cfg)
+    plan = None
+    if key is not None:
+        plan = _CALL_PLANS.put(key, CallPlan(
+            batch, Flags.of(cfg, batch), batch.ref_logprobs is None and cfg.one_pass_exact,
+            cfg, params_tensor(cfg, logits.device, batch.compute_dtype)))
+    return loss_from_batch(batch, cfg, plan)
 
 
 class OPOLoss(torch.nn.Module):

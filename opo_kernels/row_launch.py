@@ -16,6 +16,7 @@ import torch
 import triton.language as tl
 
 from .inputs import compute_dtype
+from .launches import Launch
 from .row_kernels import _opo_bwd_kernel, _opo_fwd_kernel, _scale_kernel
 from .utils import new_output, next_power_of_2
 
@@ -178,6 +179,56 @@ def row_outputs(num_rows: int, dtype: torch.dtype, device, with_entropy: bool):
             new_output((num_rows,), dtype, device) if with_entropy else None)
 
 
+def _label_geometry(rows: Rows) -> Tuple[int, int]:
+    return small_geometry(rows.labels)
+
+
+def _selector_geometry(rows: Rows) -> Tuple[int, int, int]:
+    return (*small_geometry(rows.sel), rows.num_seqs)
+
+
+class ForwardLaunch:
+    """The forward kernel's launch for one geometry: everything but the tensors, so that a
+    caller that knows its signature (``call_plan``) builds it once.
+
+    logits: [B, T, V] or [R, V] (only its shape, strides and dtype are used); rows: ``Rows``
+    (the same); ggeo: (stride over sequences, over rows, over V) of the gradient tensor that
+    the one-pass mode writes (``one_pass``), else None; device: where the launch runs, when
+    logits is a metadata-only stand-in (``call_plan``). See ``forward_rows`` for the modes.
+    """
+
+    def __init__(self, logits: torch.Tensor, rows: Rows, with_entropy: bool, *,
+                 one_pass: bool = False, ggeo: Optional[Tuple[int, int, int]] = None,
+                 partial: bool = False, row_start: int = 0, vocab_start: int = 0,
+                 device: Optional[torch.device] = None):
+        self.num_local = logits.numel() // max(logits.shape[-1], 1)
+        vocab = logits.shape[-1]
+        block, num_warps, stages, per_sm, reverse = launch_config(
+            vocab, logits.dtype, "onepass" if one_pass else "fwd")
+        self.geo = _logits_geometry(logits)
+        self.ggeo = ggeo if one_pass else self.geo[1:]
+        self.lab_geo, self.sel_geo = _label_geometry(rows), _selector_geometry(rows)
+        self.tail = (rows.T, row_start, vocab, vocab_start, self.num_local, rows.packed,
+                     rows.mask is not None, with_entropy, one_pass, partial,
+                     acc_type(logits.dtype), block, _wide(block, self.geo[3], self.ggeo[2]),
+                     stages, per_sm > 0, one_pass and reverse)
+        grid = _grid(self.num_local, per_sm, logits.device if device is None else device)
+        self.launch = Launch(_opo_fwd_kernel, (grid,), num_warps) if self.num_local else None
+
+    def __call__(self, logits, rows: Rows, params, lp, stats, entropy=None, grad=None, coef=None,
+                 scal=None, partials=None) -> None:
+        if self.launch is None:
+            return
+        sel = rows.sel if rows.sel is not None else logits
+        fill = lp if lp is not None else partials  # stands in for the absent tensors
+        self.launch(logits, *self.geo, rows.labels, *self.lab_geo, sel, *self.sel_geo,
+                    fill, stats if stats is not None else fill,
+                    entropy if entropy is not None else fill,
+                    grad if grad is not None else logits, *self.ggeo,
+                    coef if coef is not None else fill, scal if scal is not None else fill,
+                    partials if partials is not None else fill, params, *self.tail)
+
+
 def forward_rows(logits: torch.Tensor, rows: Rows, params: torch.Tensor, with_entropy: bool, *,
                  row_start: int = 0, out=None, grad: Optional[torch.Tensor] = None,
                  coef: Optional[torch.Tensor] = None, scal: Optional[torch.Tensor] = None,
@@ -197,36 +248,53 @@ def forward_rows(logits: torch.Tensor, rows: Rows, params: torch.Tensor, with_en
     [vocab_start, vocab_start + V) of the vocabulary and the kernel writes the slice's
     partials there (``tp_combine.combine_partials``) instead of ``out``.
     """
-    num_local = logits.numel() // max(logits.shape[-1], 1)
-    vocab = logits.shape[-1]
     partial = partials is not None
     if out is None and not partial:
         out = row_outputs(rows.num_rows, compute_dtype(logits.dtype), logits.device,
                           with_entropy)
-    logprobs, stats, entropy = out if out is not None else (partials, partials, None)
-    write_grad = grad is not None
-    if num_local:
-        block, num_warps, stages, per_sm, reverse = launch_config(
-            vocab, logits.dtype, "onepass" if write_grad else "fwd")
-        geo = _logits_geometry(logits)
-        g = grad if write_grad else logits
-        ggeo = _logits_geometry(g)
-        _opo_fwd_kernel[(_grid(num_local, per_sm, logits.device),)](
-            logits, *geo, *rows.args(logits), logprobs, stats,
-            entropy if entropy is not None else logprobs, g, *ggeo[1:],
-            coef if write_grad else logprobs, scal if write_grad else logprobs,
-            partials if partial else logprobs, params, rows.T, row_start, vocab, vocab_start,
-            num_local, WITH_ENTROPY=with_entropy, WRITE_GRAD=write_grad, PARTIAL=partial,
-            ACC=acc_type(logits.dtype), BLOCK_V=block, WIDE=_wide(block, geo[3], ggeo[3]),
-            STAGES=stages, PERSISTENT=per_sm > 0, REVERSE=write_grad and reverse,
-            num_warps=num_warps, **rows.flags(),
-        )
+    logprobs, stats, entropy = out if out is not None else (None, None, None)
+    one_pass = grad is not None
+    launch = ForwardLaunch(logits, rows, with_entropy, one_pass=one_pass,
+                           ggeo=_logits_geometry(grad)[1:] if one_pass else None,
+                           partial=partial, row_start=row_start, vocab_start=vocab_start)
+    launch(logits, rows, params, logprobs, stats, entropy, grad, coef, scal, partials)
     return out
 
 
 def logsumexp(stats: torch.Tensor, temperature: float) -> torch.Tensor:
     """The per-row logsumexp of z = x/temperature [N] from ``forward_rows``' statistics."""
     return stats[:, 0] / temperature + stats[:, 1]
+
+
+class BackwardLaunch:
+    """The backward kernel's launch for one geometry (see ``ForwardLaunch``): logits and
+    rows as there, ggeo: (stride over sequences, over rows, over V) of the gradient tensor,
+    level and coordinates: the config's, with_entropy: the entropy term is in the gradient."""
+
+    def __init__(self, logits: torch.Tensor, rows: Rows, ggeo: Tuple[int, int, int],
+                 with_entropy: bool, level: str, coordinates: str, row_start: int = 0,
+                 vocab_start: int = 0):
+        self.num_local, vocab = logits.numel() // max(logits.shape[-1], 1), logits.shape[-1]
+        block, num_warps, stages = launch_config(vocab, logits.dtype, "bwd")[:3]
+        self.geo, self.ggeo = _logits_geometry(logits), ggeo
+        self.lab_geo, self.sel_geo = _label_geometry(rows), _selector_geometry(rows)
+        self.token_ref = level == "token" and rows.ref is not None  # else lp stands in
+        self.ref_geo = small_geometry(rows.ref) if self.token_ref else (0, 1)
+        self.tail = (rows.T, row_start, vocab, vocab_start, rows.packed, rows.mask is not None,
+                     with_entropy, level == "token", coordinates == "ratio",
+                     acc_type(logits.dtype), block, _wide(block, self.geo[3], ggeo[2]), stages)
+        self.launch = Launch(_opo_bwd_kernel, (self.num_local,), num_warps) \
+            if self.num_local else None
+
+    def __call__(self, logits, grad, rows: Rows, lp, stats, entropy, coef, scal, grad_loss,
+                 params) -> None:
+        if self.launch is None:
+            return
+        self.launch(logits, *self.geo, grad, *self.ggeo, rows.labels, *self.lab_geo,
+                    rows.sel if rows.sel is not None else logits, *self.sel_geo,
+                    rows.ref if self.token_ref else lp, *self.ref_geo, lp, stats,
+                    entropy if entropy is not None else lp, coef, scal, grad_loss, params,
+                    *self.tail)
 
 
 def backward_rows(logits: torch.Tensor, rows: Rows, logprobs: torch.Tensor, stats: torch.Tensor,
@@ -243,33 +311,33 @@ def backward_rows(logits: torch.Tensor, rows: Rows, logprobs: torch.Tensor, stat
     into ``out`` (logits-shaped, any strides) or a fresh tensor. vocab_start: the
     first token id of the logits' vocabulary slice (vocabulary-parallel), else 0.
     """
-    num_local, vocab = logits.numel() // max(logits.shape[-1], 1), logits.shape[-1]
     grad = logits if inplace else out if out is not None else new_output(
         logits.shape, logits.dtype, logits.device)
-    if num_local:
-        block, num_warps, stages = launch_config(vocab, logits.dtype, "bwd")[:3]
-        geo, ggeo = _logits_geometry(logits), _logits_geometry(grad)
-        token = level == "token"
-        ref = rows.ref if token and rows.ref is not None else logprobs
-        _opo_bwd_kernel[(num_local,)](
-            logits, *geo, grad, *ggeo[1:], *rows.args(logits), ref, *small_geometry(ref),
-            logprobs, stats, entropy if entropy is not None else logprobs, coef, scal,
-            grad_loss, params, rows.T, row_start, vocab, vocab_start,
-            WITH_ENTROPY=entropy is not None, TOKEN=token, RATIO=coordinates == "ratio",
-            ACC=acc_type(logits.dtype), BLOCK_V=block, WIDE=_wide(block, geo[3], ggeo[3]),
-            STAGES=stages, num_warps=num_warps, **rows.flags(),
-        )
+    launch = BackwardLaunch(logits, rows, _logits_geometry(grad)[1:], entropy is not None,
+                            level, coordinates, row_start, vocab_start)
+    launch(logits, grad, rows, logprobs, stats, entropy, coef, scal, grad_loss, params)
     return grad
+
+
+class ScaleLaunch:
+    """The on-policy backward's rescale of a gradient tensor of one geometry (``scale_rows_``)."""
+
+    def __init__(self, grad: torch.Tensor, rows: Rows):
+        self.num_local, vocab = grad.numel() // max(grad.shape[-1], 1), grad.shape[-1]
+        block, num_warps = launch_config(vocab, grad.dtype, "scale")[:2]
+        self.geo, self.sel_geo = _logits_geometry(grad), _selector_geometry(rows)
+        self.tail = (rows.T, vocab, rows.packed, rows.mask is not None, acc_type(grad.dtype),
+                     block, _wide(block, self.geo[3]))
+        self.launch = Launch(_scale_kernel, (self.num_local,), num_warps) \
+            if self.num_local else None
+
+    def __call__(self, grad, rows: Rows, scale) -> None:
+        if self.launch is not None:
+            self.launch(grad, *self.geo, rows.sel if rows.sel is not None else grad,
+                        *self.sel_geo, scale, *self.tail)
 
 
 def scale_rows_(grad: torch.Tensor, rows: Rows, scale: torch.Tensor) -> torch.Tensor:
     """grad *= scale (0-dim tensor) on counted rows, in place; free when scale == 1."""
-    num_local, vocab = grad.numel() // max(grad.shape[-1], 1), grad.shape[-1]
-    if num_local:
-        block, num_warps = launch_config(vocab, grad.dtype, "scale")[:2]
-        geo = _logits_geometry(grad)
-        _scale_kernel[(num_local,)](grad, *geo, *rows.selector(grad), scale, rows.T,
-                                    vocab, ACC=acc_type(grad.dtype), BLOCK_V=block,
-                                    WIDE=_wide(block, geo[3]), num_warps=num_warps,
-                                    **rows.flags())
+    ScaleLaunch(grad, rows)(grad, rows, scale)
     return grad

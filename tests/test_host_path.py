@@ -1,22 +1,31 @@
 """What a loss call computes on the host once per option set or shape instead of on every call
-(benchmarks/host_time.py measures the saving): the validated config, the launch config and the
-integer helpers that replace Triton's constexpr functions on the host. Each must give exactly
-what computing it afresh gives."""
+(benchmarks/host_time.py measures the saving): the validated config, the launch config, the
+integer helpers that replace Triton's constexpr functions on the host, the call plan (checks,
+launches and workspace per call signature) and the remembered Triton variant of a launch.
+Each must give exactly what computing it afresh gives, and a different signature must miss."""
+
+import gc
+import inspect
+import weakref
+from types import SimpleNamespace
 
 import pytest
 import torch
 import triton
 
-from opo_kernels import config, row_launch, utils
+import opo_kernels
+from opo_kernels import config, fused_opo, launches, row_launch, utils
 from opo_kernels.config import OPOLossConfig, config_from_options
 
 
 def test_equal_options_share_one_config():
     options = dict(alpha=0.5, level="token", entropy_coef=0.01)
     first = config_from_options(dict(options))
-    assert config_from_options(dict(reversed(list(options.items())))) is first
+    assert config_from_options(dict(options)) is first
     assert first == OPOLossConfig(**options)
-    assert config_from_options(dict(options, alpha=0.4)) is not first
+    # another order of the same options: another entry, an equal config
+    assert config_from_options(dict(reversed(list(options.items())))) == first
+    assert config_from_options(dict(options, alpha=0.4)) != first
 
 
 def test_bad_options_raise_every_time_even_next_to_a_remembered_good_one():
@@ -31,7 +40,7 @@ def test_bad_options_raise_every_time_even_next_to_a_remembered_good_one():
 def test_unhashable_option_values_are_validated_afresh():
     cfg = config_from_options(dict(tau_range=[0.3, 1.2]))
     assert cfg.tau_range == (0.3, 1.2)
-    assert not any(isinstance(v, list) for key in config._FROM_OPTIONS for _, _, v in key)
+    assert not any(isinstance(v, list) for key in config._FROM_OPTIONS for v in key[1])
 
 
 def test_remembered_launch_config_is_the_table_and_override_still_wins(monkeypatch):
@@ -51,3 +60,230 @@ def test_host_integer_helpers_match_triton():
             assert utils.cdiv(a, b) == triton.cdiv(a, b)
     for n in list(range(1, 600)) + [32000, 32003, 128256, 151936, 2**20]:
         assert utils.next_power_of_2(n) == triton.next_power_of_2(n)
+
+
+# --------------------------------------------------------------------------------------------
+# The call plan (call_plan.py): one per call signature; a different signature misses
+# --------------------------------------------------------------------------------------------
+
+def _call(logits, labels, ref, rewards, **kw):
+    layout = kw.pop("layout")
+    return opo_kernels.opo_loss(logits, labels, ref, rewards, backend="triton", **layout, **kw)
+
+
+def _padded(B=2, T=3, V=8, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(B, T, V, generator=g).to(dtype)
+    labels = torch.randint(0, V, (B, T), generator=g)
+    return logits, labels, torch.randn(B, T, generator=g), torch.randn(B, generator=g), dict(
+        mask=torch.ones(B, T, dtype=torch.bool), group_size=2)
+
+
+def _plans():
+    return dict(fused_opo._CALL_PLANS.plans)
+
+
+def _new_plans(before):
+    return [p for k, p in fused_opo._CALL_PLANS.plans.items() if k not in before]
+
+
+def test_same_signature_reuses_its_plan_and_computes_the_same():
+    logits, labels, ref, rewards, layout = _padded()
+    before = _plans()
+    first = _call(logits, labels, ref, rewards, layout=layout)
+    made = _new_plans(before)
+    assert len(made) == 1
+    before = _plans()
+    # new tensors, same metadata: the plan is reused, the values follow the new tensors
+    logits2, labels2, ref2, rewards2, layout2 = _padded(seed=1)
+    second = _call(logits2, labels2, ref2, rewards2, layout=layout2)
+    assert not _new_plans(before)
+    fused_opo._CALL_PLANS.plans.clear()  # computed afresh (checks, plan) gives the same
+    assert torch.equal(second, _call(logits2, labels2, ref2, rewards2, layout=layout2))
+    assert not torch.equal(first, second)
+
+
+@pytest.mark.parametrize("change", [
+    "dtype", "vocab", "rows", "stride", "labels_dtype", "mask_absent", "group_size",
+    "options", "ref_absent", "rewards_dtype"])
+def test_a_different_signature_misses(change):
+    logits, labels, ref, rewards, layout = _padded()
+    _call(logits, labels, ref, rewards, layout=layout)
+    kw = {}
+    if change == "dtype":
+        logits = logits.to(torch.bfloat16)
+    elif change == "vocab":
+        logits = torch.randn(2, 3, 9)
+    elif change == "rows":
+        logits, labels, ref, rewards, layout = _padded(T=4)
+    elif change == "stride":  # the same shape, read through another stride
+        logits = torch.randn(2, 4, 8)[:, :3]
+    elif change == "labels_dtype":
+        labels = labels.to(torch.int32)
+    elif change == "mask_absent":
+        layout = dict(group_size=2)
+    elif change == "group_size":
+        rewards = torch.randn(2)
+        layout = dict(layout, group_size=1)
+    elif change == "options":
+        kw = dict(alpha=0.5)
+    elif change == "ref_absent":
+        ref = None
+    elif change == "rewards_dtype":
+        rewards = rewards.double()
+    before = _plans()
+    loss = _call(logits, labels, ref, rewards, layout=layout, **kw)
+    assert len(_new_plans(before)) == 1
+    fused_opo._CALL_PLANS.plans.clear()
+    assert torch.equal(loss, _call(logits, labels, ref, rewards, layout=layout, **kw))
+
+
+def test_a_plan_keeps_no_tensor_of_its_call():
+    logits, labels, ref, rewards, layout = _padded()
+    before = _plans()
+    _call(logits, labels, ref, rewards, layout=layout)
+    (plan,) = _new_plans(before)
+    alive = [weakref.ref(t) for t in (logits, labels, ref, rewards, *layout.values())
+             if isinstance(t, torch.Tensor)]
+    del logits, labels, ref, rewards, layout
+    gc.collect()
+    assert all(r() is None for r in alive)
+    assert plan.params is not None  # (its own parameter tensor is kept)
+
+
+def test_checks_still_run_on_a_reused_plan():
+    logits, labels, ref, rewards, layout = _padded()
+    _call(logits, labels, ref, rewards, layout=layout)
+    bad = labels.clone()
+    bad[0, 0] = 99  # value check (device counts): read on every call
+    with pytest.raises(ValueError, match="labels: 1 counted label"):
+        _call(logits, bad, ref, rewards, layout=layout)
+    with pytest.raises(TypeError, match="labels must be a torch.Tensor"):
+        _call(logits, labels.tolist(), ref, rewards, layout=layout)
+    with pytest.raises(ValueError, match="group_size must be a positive int"):
+        _call(logits, labels, ref, rewards, layout=dict(layout, group_size=True))
+
+
+def test_workspace_pieces_are_aligned_and_disjoint():
+    logits, labels, ref, rewards, layout = _padded(B=4, T=5, V=8)
+    for ref_ in (ref, None):
+        before = _plans()
+        _call(logits, torch.randint(0, 8, (4, 5)), ref_, torch.randn(4), compute_entropy=True,
+              layout=layout)
+        (plan,) = _new_plans(before)
+        s = plan.scratch()
+        floats = [s.lp, s.stats, s.entropy, *s.main[:2], s.out.metrics, s.out.coef, s.out.scal]
+        ints = [s.main[2], s.main[3], s.out.errs]
+        if s.pre is not None:
+            floats += [*s.pre[:2], s.pre_out.metrics, s.pre_out.coef, s.pre_out.scal]
+            ints += [s.pre[2], s.pre[3], s.pre_out.errs]
+        for group in (floats, ints):
+            spans = sorted((t.data_ptr(), t.data_ptr() + t.numel() * t.element_size())
+                           for t in group if t is not None and t.numel())
+            assert all(start % 16 == 0 for start, _ in spans)
+            assert all(a_end <= b_start for (_, a_end), (b_start, _) in zip(spans, spans[1:]))
+        assert s.out.loss.data_ptr() not in [t.data_ptr() for t in floats if t is not None]
+        assert int(s.main[3][0]) == 0  # the ticket starts at zero
+
+
+# --------------------------------------------------------------------------------------------
+# Launch (launches.py): Triton's binder skipped for a launch made before, only when safe
+# --------------------------------------------------------------------------------------------
+
+class _Compiled:
+    def __init__(self, n_args, log):
+        self.src = SimpleNamespace(signature={f"a{i}": "i32" for i in range(n_args)})
+        self.log = log
+
+    def __getitem__(self, grid):
+        return lambda *args: self.log.append(("direct", grid, args))
+
+
+class _Kernel:
+    def __init__(self, n_params):
+        self.n_params, self.log = n_params, []
+
+    def run(self, *args, **kwargs):  # stands for JITFunction.run (what _direct_ok compares)
+        raise AssertionError("not called: __getitem__ is")
+
+    def __getitem__(self, grid):
+        def launch(*args, **options):
+            self.log.append(("triton", grid, args, options))
+            return _Compiled(self.n_params, self.log)
+        return launch
+
+
+@pytest.fixture
+def direct_launches(monkeypatch):
+    """launches.py as on a GPU with a checked Triton: enabled, device 0, no hooks."""
+    monkeypatch.setattr(launches, "ENABLED", True)
+    monkeypatch.setattr(launches, "_TRITON_RUN", _Kernel.run, raising=False)
+    monkeypatch.setattr(launches, "driver", SimpleNamespace(active=SimpleNamespace(
+        get_current_device=lambda: 0)), raising=False)
+    knobs = SimpleNamespace(runtime=SimpleNamespace(launch_enter_hook=None,
+                                                    launch_exit_hook=None))
+    monkeypatch.setattr(launches, "knobs", knobs, raising=False)
+    return knobs
+
+
+def test_a_repeated_launch_skips_the_binder(direct_launches):
+    kernel = _Kernel(4)
+    launch = launches.Launch(kernel, (5,), 4)
+    a, b = torch.zeros(8), torch.zeros(8)
+    launch(a, 3, b, True)
+    launch(a, 3, b, True)
+    assert [e[0] for e in kernel.log] == ["triton", "direct"]
+    assert kernel.log[0][3] == {"num_warps": 4} and kernel.log[1][1] == (5, 1, 1)
+    assert kernel.log[1][2] == (a, 3, b, True)  # the same arguments, in the same order
+
+
+def test_another_alignment_is_another_variant(direct_launches):
+    kernel = _Kernel(2)
+    launch = launches.Launch(kernel, (1,), 4)
+    buf = torch.zeros(16)
+    launch(buf[0:4], 1)
+    launch(buf[1:5], 1)  # 4-byte offset: Triton specializes on 16-byte alignment
+    launch(buf[4:8], 1)  # aligned again: the first variant
+    assert [e[0] for e in kernel.log] == ["triton", "triton", "direct"]
+
+
+def test_hooks_and_wrapped_run_take_triton_s_path(direct_launches, monkeypatch):
+    kernel = _Kernel(1)
+    launch = launches.Launch(kernel, (1,), 4)
+    x = torch.zeros(4)
+    launch(x)
+    direct_launches.runtime.launch_enter_hook = lambda *a: None
+    launch(x)
+    direct_launches.runtime.launch_enter_hook = None
+    monkeypatch.setattr(_Kernel, "run", lambda self, *a, **k: None)  # a profiler's wrapper
+    launch(x)
+    assert [e[0] for e in kernel.log] == ["triton"] * 3
+
+
+def test_a_kernel_taking_other_arguments_is_never_remembered(direct_launches):
+    kernel = _Kernel(3)  # its compiled signature has 3 parameters, the launch passes 2
+    launch = launches.Launch(kernel, (1,), 4)
+    for _ in range(2):
+        launch(torch.zeros(4), 1)
+    assert [e[0] for e in kernel.log] == ["triton", "triton"]
+
+
+def test_every_launch_passes_every_parameter_positionally(monkeypatch):
+    """What the remembered variant relies on: the launchers pass each kernel all of its
+    parameters, in order, constexprs included (so Triton's bound arguments are the ones
+    passed); checked on the real launches of each mode."""
+    seen = []
+    original = launches.Launch.__call__
+
+    def spy(self, *args):
+        seen.append((self.kernel, len(args)))
+        return original(self, *args)
+    monkeypatch.setattr(launches.Launch, "__call__", spy)
+    logits, labels, ref, rewards, layout = _padded()
+    for ref_ in (ref, None):
+        x = logits.clone().requires_grad_()
+        _call(x, labels, ref_, rewards, layout=layout, compute_entropy=True).backward()
+    names = {k.fn.__name__ for k, _ in seen}
+    assert names == {"_opo_fwd_kernel", "epilogue_kernel", "_opo_bwd_kernel", "_scale_kernel"}
+    for kernel, n in seen:
+        assert n == len(inspect.signature(kernel.fn).parameters), kernel.fn.__name__

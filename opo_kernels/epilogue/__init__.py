@@ -40,10 +40,11 @@ from .kernel import (
     metric_keys,
     params_tensor,
     raise_bad_values,
-    run_epilogue,
     unpack_metrics,
 )
+from .launch import EpilogueLaunch, new_epilogue_out, run_epilogue
 from .layout import ERRORS, METRICS, NUM_ERR, PARAMS
 
-__all__ = ["ERRORS", "METRICS", "NUM_ERR", "PARAMS", "EpilogueOut", "Mode", "epilogue_kernel",
-           "metric_keys", "params_tensor", "raise_bad_values", "run_epilogue", "unpack_metrics"]
+__all__ = ["ERRORS", "METRICS", "NUM_ERR", "PARAMS", "EpilogueLaunch", "EpilogueOut", "Mode",
+           "epilogue_kernel", "metric_keys", "new_epilogue_out", "params_tensor",
+           "raise_bad_values", "run_epilogue", "unpack_metrics"]

@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Dict, List, NamedTuple, Optional
+from typing import Dict, List, NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
-from ..row_launch import small_geometry
 from ..utils import cdiv
 from .finish import _finish
-from .layout import ERRORS, LEVEL, METRICS, NUM_ERR, NUM_WS, WEIGHTS
+from .layout import ERRORS, LEVEL, METRICS, WEIGHTS
 from .sums import _phase1_packed, _phase1_padded
 
 
@@ -145,11 +143,11 @@ def _or_inf(cfg, name: str) -> float:
     return math.inf if value is None else value
 
 
-@dataclass
-class EpilogueOut:
+class EpilogueOut(NamedTuple):
     """loss: 0-dim; metrics: [8] (``METRICS`` order; entropy_mean only when known);
     coef: [B, 2] per-sequence (a_s, z_s); scal: [2] = (b, ∂L/∂H_t), all per unit upstream
     gradient; errs: [NUM_ERR] int32 value-check counts (``ERRORS`` order; only when validating).
+    (A NamedTuple: made on every call, and cheaper to make than a dataclass.)
     """
 
     loss: torch.Tensor
@@ -178,72 +176,6 @@ class Mode(NamedTuple):
                    WEIGHTS["tensor" if has_weights else cfg.weights], int(cfg.center_weights),
                    int(cfg.adaptive_tau), int(getattr(cfg, "scale_rewards", "none") == "group"),
                    int(cfg.entropy_coef > 0))
-
-
-def run_epilogue(batch, mode: Mode, params: torch.Tensor, counter: torch.Tensor, *,
-                 logprobs: Optional[torch.Tensor], entropy: Optional[torch.Tensor] = None,
-                 stats: Optional[torch.Tensor] = None, from_logits: bool = True,
-                 validate: bool = False) -> EpilogueOut:
-    """One launch of ``epilogue_kernel``.
-
-    batch: ``inputs.Batch`` (the caller's per-token tensors, read through their strides);
-    mode: ``Mode.of(cfg, ...)``; params: ``params_tensor(cfg, ...)``.
-    logprobs, entropy: [B, T] or [N] per-token values (the forward kernel's outputs viewed in
-    the batch's layout, or the caller's tensors for the log-prob API); logprobs=None: counts
-    only (the on-policy pre-pass, whose coefficients do not depend on the log-probs).
-    stats: [N, 2] row statistics (from_logits: checked for finiteness when validating).
-    counter: a zeroed int32 slot (the last-program ticket), used once.
-    """
-    cdtype = batch.compute_dtype
-    device = batch.device
-    B, N = batch.num_seqs, batch.num_rows
-    packed = batch.seq_ids is not None
-    T = N if packed else batch.seq_len
-    has_ref = batch.ref_logprobs is not None and logprobs is not None
-    has_ent = entropy is not None
-    block_s, block_t = (32, 128) if packed else (16, 64)
-    chunk_len, num_chunks = _chunks(T, block_t)
-    num_programs = max(cdiv(B, block_s), 1) * num_chunks
-    ws = torch.empty((NUM_WS, max(B, 1)), dtype=cdtype, device=device)
-    sums = ws if num_chunks == 1 else torch.empty((num_chunks, 8, max(B, 1)), dtype=cdtype,
-                                                  device=device)
-    part_errs = torch.empty((num_programs if validate else 1, NUM_ERR), dtype=torch.int32,
-                            device=device)
-    out = EpilogueOut(loss=torch.empty((), dtype=cdtype, device=device),
-                      metrics=torch.empty(len(METRICS), dtype=cdtype, device=device),
-                      coef=torch.empty((max(B, 1), 2), dtype=cdtype, device=device),
-                      scal=torch.empty(2, dtype=cdtype, device=device),
-                      errs=torch.empty(NUM_ERR, dtype=torch.int32, device=device))
-    sel = batch.seq_ids if packed else batch.mask
-    lp = logprobs if logprobs is not None else ws
-    dummy = ws
-    epilogue_kernel[(num_programs,)](
-        lp, *(small_geometry(logprobs) if logprobs is not None else (0, 0)),
-        batch.ref_logprobs if has_ref else dummy, *small_geometry(batch.ref_logprobs),
-        entropy if has_ent else dummy, *small_geometry(entropy),
-        sel if sel is not None else dummy, *small_geometry(sel),
-        batch.labels if from_logits and validate else dummy,
-        *(small_geometry(batch.labels) if from_logits and validate else (0, 0)),
-        stats if stats is not None else dummy,
-        batch.rewards, batch.rewards.stride(0),
-        batch.group_ids if batch.group_ids is not None else dummy,
-        batch.group_ids.stride(0) if batch.group_ids is not None else 0,
-        batch.weights if batch.weights is not None else dummy,
-        batch.weights.stride(0) if batch.weights is not None else 0,
-        params, ws, sums, part_errs, counter,
-        out.loss, out.metrics, out.coef, out.scal, out.errs,
-        B, T, N, batch.vocab, batch.group_size or 1, num_chunks, chunk_len,
-        PACKED=packed, HAS_MASK=batch.mask is not None, HAS_LP=logprobs is not None,
-        HAS_REF=has_ref, HAS_ENT=has_ent, ENT_IN_LOSS=int(has_ent and mode.bonus), BONUS=mode.bonus,
-        FROM_LOGITS=from_logits, ON_POLICY=int(batch.ref_logprobs is None),
-        LEVEL=mode.level, RATIO=mode.ratio, WEIGHTS=mode.weights, CENTER=mode.center,
-        ADAPTIVE=mode.adaptive, SCALE_REWARDS=mode.scale_rewards,
-        HAS_IDS=batch.group_ids is not None, VALIDATE=int(validate and logprobs is not None),
-        ACC=tl.float64 if cdtype == torch.float64 else tl.float32,
-        BLOCK_S=block_s, BLOCK_T=block_t, BLOCK=32, NUM_ERR=NUM_ERR,
-        NUM_PROG_BLOCK=64, num_warps=4,
-    )
-    return out
 
 
 # Tokens per program in phase 1: ITERS iterations of BLOCK_T, so that the longest serial chain

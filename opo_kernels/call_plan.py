@@ -1,0 +1,245 @@
+"""What a call of the fused loss derives from its inputs' metadata, computed once per call
+signature: the flags, the launches (geometry, launch config, grid) and the layout of the one
+workspace that holds the small outputs and the scratch.
+
+A training loop calls the loss with the same shapes, strides, dtypes, devices and options
+step after step (or with a handful of them); each such signature gets one ``CallPlan``. The
+plan is keyed by everything that changes what the call computes or launches (``call_key``,
+``op_key``), so a call with a different dtype, shape, stride, device or option misses and
+builds (and validates) its own. Nothing about the tensors' values is kept: the tensors
+themselves come with each call.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, NamedTuple, Optional, Tuple
+
+import torch
+
+from .config import OPOLossConfig
+from .epilogue import METRICS, NUM_ERR, EpilogueLaunch, EpilogueOut, Mode
+from .inputs import Batch, compute_dtype
+from .row_launch import (
+    BackwardLaunch,
+    ForwardLaunch,
+    Rows,
+    ScaleLaunch,
+    _logits_geometry,
+    small_geometry,
+)
+from .utils import new_output
+
+_ALIGN = 4  # workspace pieces start at multiples of 4 elements (16 bytes or more)
+_MAX_PLANS = 64  # signatures remembered (a loop has a few; a bound keeps memory flat)
+
+
+class Flags(NamedTuple("FlagFields", [(name, int) for name in (
+        *Mode._fields, "with_entropy", "validate", "group_size", "num_seqs")])):
+    """Everything the passes branch on, as ints (the custom ops take them as an int list): the
+    epilogue's Mode fields (taken from Mode, so that a field added there cannot shift these),
+    then with_entropy, validate (1 when the value checks run, deferred or not), group_size
+    (0 = group_ids) and B."""
+
+    __slots__ = ()
+
+    @classmethod
+    def of(cls, cfg: OPOLossConfig, batch: Batch) -> List[int]:
+        return list(cls(*Mode.of(cfg, batch.weights is not None), int(cfg.with_entropy),
+                        int(bool(cfg.validate)), batch.group_size or 0, batch.num_seqs))
+
+    @property
+    def mode(self) -> Mode:
+        return Mode(*self[:len(Mode._fields)])
+
+
+def batch_of(logits, labels, ref, mask, seq_ids, rewards, group_ids, weights,
+             group_size: int) -> Batch:
+    """The Batch of already checked tensors (inside the ops)."""
+    return Batch(logits=logits, labels=labels, ref_logprobs=ref, mask=mask, seq_ids=seq_ids,
+                 rewards=rewards, group_size=group_size or None, group_ids=group_ids,
+                 weights=weights, vocab=logits.shape[-1],
+                 seq_len=labels.shape[1] if labels.dim() == 2 else None,
+                 num_rows=labels.numel(), compute_dtype=compute_dtype(logits.dtype))
+
+
+def _like(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """A tensor on the meta device with t's shape, strides and dtype (no data, no memory)."""
+    if t is None:
+        return None
+    return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta")
+
+
+def _meta(t: Optional[torch.Tensor]):
+    return None if t is None else (t.shape, t.stride(), t.dtype, t.device)
+
+
+def call_key(logits, labels, ref, rewards, mask, seq_ids, group_size, group_ids,
+             cfg: OPOLossConfig) -> Optional[tuple]:
+    """The signature of an ``opo_loss`` call: the config (by identity: the plan keeps it, and
+    a config is immutable), the group size (a plain int or None; any other type, e.g. a
+    0-dim tensor, gets no plan: None), and the shape, strides, dtype and device of every
+    tensor. Raises AttributeError when an argument is not a tensor (the caller then runs the
+    full checks, which name it)."""
+    if group_size is not None and type(group_size) is not int:
+        return None
+    weights = cfg.weights if type(cfg.weights) is not str else None
+    return (id(cfg), group_size, _meta(logits), _meta(labels), _meta(ref), _meta(rewards),
+            _meta(mask), _meta(seq_ids), _meta(group_ids), _meta(weights))
+
+
+class Scratch(NamedTuple):
+    """One forward call's small tensors, flat views of two allocations (``CallPlan.scratch``):
+    lp [N], stats [2N] (the [N, 2] statistics), entropy [N] or None; the main epilogue's
+    outputs (``out``: its coef is the flat [2B], its loss a tensor of its own, which the
+    caller may modify in place) and scratch (``main`` = ws, sums or None, part_errs, ticket);
+    with the one-pass mode the counts-only pre-pass's (``pre_out``, ``pre``), else None."""
+
+    lp: torch.Tensor
+    stats: torch.Tensor
+    entropy: Optional[torch.Tensor]
+    out: EpilogueOut
+    main: Tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor, torch.Tensor]
+    pre_out: Optional[EpilogueOut]
+    pre: Optional[Tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor, torch.Tensor]]
+
+
+class _Layout:
+    """Pieces of one flat allocation: ``split`` sizes for ``split_with_sizes`` (each piece,
+    then padding up to a multiple of _ALIGN elements where needed; empty pieces left out) and
+    the index of each named piece in its result (None: the piece is empty)."""
+
+    def __init__(self, sizes: List[int]):
+        self.split, self.index = [], []
+        for size in sizes:
+            self.index.append(len(self.split) if size else None)
+            if size:
+                self.split.append(size)
+                if size % _ALIGN:
+                    self.split.append(_ALIGN - size % _ALIGN)
+        self.total = sum(self.split)
+
+    def pieces(self, flat: torch.Tensor):
+        parts = flat.split_with_sizes(self.split)
+        return [None if i is None else parts[i] for i in self.index]
+
+
+class CallPlan:
+    """The launches and the workspace layout of one call signature (see the module docstring).
+
+    batch: the call's checked ``Batch`` (only its layout is kept, not its tensors); flags:
+    ``Flags.of(cfg, batch)``; one_pass: the on-policy one-pass mode (a counts-only epilogue,
+    then the forward kernel writes the gradient); cfg, params: kept for the eager path
+    (``params_tensor``; None for a plan built inside a custom op, which gets params passed).
+    """
+
+    def __init__(self, batch: Batch, flags: List[int], one_pass: bool,
+                 cfg: Optional[OPOLossConfig] = None, params: Optional[torch.Tensor] = None):
+        self.cfg, self.params, self.flags, self.one_pass = cfg, params, flags, one_pass
+        f = Flags(*flags)
+        self.mode, self.with_entropy, self.validate = f.mode, bool(f.with_entropy), bool(
+            f.validate)
+        self.layout = (batch.vocab, batch.seq_len, batch.num_rows, batch.compute_dtype)
+        self.cdtype, self.device = batch.compute_dtype, batch.device
+        self.num_rows, self.labels_shape = batch.num_rows, tuple(batch.labels.shape)
+        # metadata-only stand-ins (a plan keeps no tensor of the call it was built from)
+        rows = Rows(*[_like(t) for t in (batch.labels, batch.mask, batch.seq_ids,
+                                         batch.ref_logprobs)],
+                    batch.num_rows, batch.seq_len, batch.num_seqs)
+        self.level = ("sequence", "sequence_mean", "token")[self.mode.level]
+        self.coordinates = "ratio" if self.mode.ratio else "log"
+        self.entropy_in_gradient = self.with_entropy and bool(self.mode.bonus)
+        # prototypes of the launches whose gradient tensor's geometry varies (by that geometry)
+        self._logits = _like(batch.logits)
+        self._rows = rows
+        self._onepass: Dict[tuple, ForwardLaunch] = {}
+        self._backward: Dict[tuple, BackwardLaunch] = {}
+        self._scale: Dict[tuple, ScaleLaunch] = {}
+        self.forward = None if one_pass else ForwardLaunch(self._logits, rows, self.with_entropy,
+                                                           device=self.device)
+        lp_geo = small_geometry(torch.empty(self.labels_shape, device="meta"))
+        self.epilogue = EpilogueLaunch(batch, self.mode, has_lp=True, lp_geo=lp_geo,
+                                       has_ent=self.with_entropy, ent_geo=lp_geo,
+                                       validate=self.validate)
+        self.pre = EpilogueLaunch(batch, self.mode, has_lp=False) if one_pass else None
+        self._floats, self._ints = self._workspace_layout()
+
+    def batch(self, logits, labels, ref, rewards, mask, seq_ids, group_size, group_ids,
+              cfg: OPOLossConfig) -> Batch:
+        """The Batch of a call with this signature, as ``inputs.prepare`` makes it (the checks
+        passed when the plan was built; detached where autograd tracks a tensor)."""
+        vocab, seq_len, num_rows, cdtype = self.layout
+        if ref is not None and ref.requires_grad:
+            ref = ref.detach()
+        weights = cfg.weights.detach() if type(cfg.weights) is not str else None
+        return Batch(logits, labels, ref, mask, seq_ids,
+                     rewards.detach() if rewards.requires_grad else rewards, group_size,
+                     group_ids, weights, vocab, seq_len, num_rows, cdtype)
+
+    # ---- launches whose gradient geometry comes with the call ----
+
+    def onepass_launch(self, grad: torch.Tensor) -> ForwardLaunch:
+        ggeo = _logits_geometry(grad)[1:]
+        launch = self._onepass.get(ggeo)
+        if launch is None:
+            launch = self._onepass[ggeo] = ForwardLaunch(
+                self._logits, self._rows, self.with_entropy, one_pass=True, ggeo=ggeo,
+                device=self.device)
+        return launch
+
+    def backward_launch(self, grad: torch.Tensor) -> BackwardLaunch:
+        ggeo = _logits_geometry(grad)[1:]
+        launch = self._backward.get(ggeo)
+        if launch is None:
+            launch = self._backward[ggeo] = BackwardLaunch(
+                self._logits, self._rows, ggeo, self.entropy_in_gradient, self.level,
+                self.coordinates)
+        return launch
+
+    def scale_launch(self, grad: torch.Tensor) -> ScaleLaunch:
+        geo = _logits_geometry(grad)
+        launch = self._scale.get(geo)
+        if launch is None:
+            launch = self._scale[geo] = ScaleLaunch(grad, self._rows)
+        return launch
+
+    # ---- the workspace ----
+
+    def _workspace_layout(self):
+        """The layouts of the float workspace and of the zeroed int32 one."""
+        n, b = self.num_rows, self.epilogue.num_seqs
+        floats = [n, 2 * n, n if self.with_entropy else 0,
+                  self.epilogue.ws_size, self.epilogue.sums_size, len(METRICS), 2 * b, 2]
+        ints = [1, NUM_ERR, self.epilogue.part_errs_size]
+        if self.pre is not None:  # its loss gets a slot: only the coefficients are used
+            floats += [self.pre.ws_size, self.pre.sums_size, 1, len(METRICS), 2 * b, 2]
+            ints += [1, NUM_ERR, self.pre.part_errs_size]
+        return _Layout(floats), _Layout(ints)
+
+    def scratch(self) -> Scratch:
+        """The call's small tensors: three allocations (the float workspace, the zeroed int32
+        one, which holds the epilogues' tickets, and the loss)."""
+        f = self._floats.pieces(new_output((self._floats.total,), self.cdtype, self.device))
+        i = self._ints.pieces(torch.zeros(self._ints.total, dtype=torch.int32,
+                                          device=self.device))
+        out = EpilogueOut(new_output((), self.cdtype, self.device), f[5], f[6], f[7], i[1])
+        pre_out = pre = None
+        if self.pre is not None:
+            pre_out = EpilogueOut(f[10], f[11], f[12], f[13], i[4])
+            pre = (f[8], f[9], i[5], i[3])
+        return Scratch(f[0], f[1], f[2], out, (f[3], f[4], i[2], i[0]), pre_out, pre)
+
+
+class PlanCache:
+    """A bounded dict of plans (cleared when full: a loop uses a few signatures)."""
+
+    def __init__(self):
+        self.plans: Dict[tuple, CallPlan] = {}
+
+    def get(self, key) -> Optional[CallPlan]:
+        return self.plans.get(key)
+
+    def put(self, key, plan: CallPlan) -> CallPlan:
+        if len(self.plans) >= _MAX_PLANS:
+            self.plans.clear()
+        self.plans[key] = plan
+        return plan
