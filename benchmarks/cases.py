@@ -45,6 +45,7 @@ OPTIONAL_IMPLS = ("liger_gspo_noinplace",)
 DEFAULT_IMPLS = IMPLS + LINEAR_IMPLS
 ALL_IMPLS = IMPLS + LINEAR_IMPLS + OPTIONAL_IMPLS
 INPLACE_IMPLS = ("opo_kernels_inplace", "liger_gspo", "liger_ce")
+HOST_TIME_MAX_N = 4096   # rows that also get the host-time column (harness.py)
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 
 
@@ -146,6 +147,12 @@ def shapes(tiny: bool) -> List[Shape]:
                 s = Shape(n, v, "bfloat16", layout)
                 if s not in grid:
                     grid.append(s)
+    # trainer micro-batch sizes (1k-4k tokens), where a call can be host-bound: with the
+    # host-time column (eager − CUDA-graph replay, harness.py) for N <= HOST_TIME_MAX_N
+    for v in (151936, 32000):
+        for layout in ("padded", "packed"):
+            for n in (1024, 2048):
+                grid.append(Shape(n, v, "bfloat16", layout))
     return grid
 
 

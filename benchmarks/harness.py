@@ -93,6 +93,7 @@ from benchmarks.cases import *  # noqa: F401,F403
 from benchmarks.cases import (
     COUNTED_FRACTION,
     GROUP_SIZE,
+    HOST_TIME_MAX_N,
     LINEAR_FLOOR_MATMULS,
     Case,
     Settings,
@@ -109,6 +110,7 @@ from benchmarks.counts import (
     linear_flops,
     memory_estimate,
 )
+from benchmarks.host_overhead import CAPTURABLE, replay_ms
 from benchmarks.inputs import *  # noqa: F401,F403
 from benchmarks.inputs import make_inputs, make_linear_inputs
 from benchmarks.results import *  # noqa: F401,F403
@@ -272,8 +274,14 @@ class Session:
         if dev.type == "cuda":
             torch.cuda.synchronize()
         first_call_s = time.perf_counter() - t0
+        host: Dict[str, float] = {}
         if dev.type == "cuda":
             timing = time_cuda(runner.step, setup)
+            # host-time column: eager − CUDA-graph replay (the time the GPU waits for the host)
+            if case.impl in CAPTURABLE and shape.N <= HOST_TIME_MAX_N and not shape.linear:
+                replay = replay_ms(runner.step, setup)
+                if replay is not None:
+                    host = {"replay_ms": float(replay), "host_ms": float(timing.ms - replay)}
         else:
             timing = time_host(runner.step, setup, warmup=0, reps=2)
         peak = measure_peak(runner, setup, dev)
@@ -294,6 +302,7 @@ class Session:
         if shape.linear:
             row.update(self._linear_fields(shape, timing.ms, inp.rows, case.impl))
         row.update(runner.extra)
+        row.update(host)
         if case.impl == "compile":
             row["graph_breaks"] = _graph_break_count() - graph_breaks
             self.data["compile_graph_breaks"] = _graph_break_reasons()

@@ -39,6 +39,31 @@ def _capture(step):
     return graph
 
 
+# implementations whose step a CUDA graph can capture (Triton launches and torch ops, no host
+# sync): the eager reference and torch.compile'd one read values back (nonzero), and are left out
+CAPTURABLE = ("opo_kernels", "opo_kernels_inplace", "opo_kernels_model_slice",
+              "opo_kernels_grad_to_base", "liger_ce", "liger_gspo")
+
+
+def replay_ms(step, setup=None):
+    """The benchmark timer's median ms of step() replayed from a CUDA graph (the same device
+    work with no Python and no launch cost); None when the capture fails."""
+    import torch
+
+    from benchmarks.timers import time_cuda
+
+    try:
+        graph = _capture(step)
+    except Exception:  # noqa: BLE001 - a step that syncs or breaks the capture: no column
+        torch.cuda.synchronize()
+        return None
+    try:
+        return time_cuda(graph.replay, setup).ms
+    finally:
+        del graph
+        torch.cuda.empty_cache()
+
+
 def _call_step(inp, on_policy: bool):
     import torch
 

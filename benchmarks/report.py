@@ -148,6 +148,18 @@ def render_table(data: Dict[str, object]) -> str:
             f"opo_kernels is {h['vs_torch']:.2f}× faster than the strong-torch baseline "
             f"(torch_compiled), {h['vs_compile_ref']}× the compiled reference's time and "
             f"{h['vs_eager_ref']}× the eager reference's (readable, slow).")
+    host = [r for r in rows if r.get("host_ms") is not None]
+    if host:  # harness.py: eager − CUDA-graph replay at the small shapes
+        lines.append("")
+        lines.append("Host time per call (the time the GPU waits for the host: eager ms − the "
+                     "same step replayed from a CUDA graph, same timer):")
+        lines.append("")
+        lines.append("| N | V | layout | impl | eager ms | replay ms | host ms |")
+        lines.append("|---:|---:|---|---|---:|---:|---:|")
+        for r in host:
+            lines.append(f"| {r['N']} | {r['V']} | {r['layout']} | "
+                         f"{LABELS.get(r['impl'], r['impl'])} | {r['ms']:.3f} | "
+                         f"{r['replay_ms']:.3f} | {r['host_ms']:.3f} |")
     if linear:
         lines.append("")
         lines.append(linear.rstrip("\n"))
