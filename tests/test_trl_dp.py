@@ -1,17 +1,19 @@
-"""OPOTrainer's fused-linear loss under FSDP2 at 2 ranks on CPU (gloo, torchrun): loss, ∂hidden
+"""OPOTrainer's fused loss paths under FSDP2 at 2 ranks on CPU (gloo, torchrun): loss, ∂hidden
 and ∂weight equal the single process.
 
 accelerate runs FSDP only on accelerators, so the ranks shard the model themselves, with
 accelerate's own ``fsdp2_prepare_model`` (what an FSDP2 run of the Trainer does) or by hand,
-then run ``OPOTrainer._compute_loss`` (``opo_loss_path="fused_linear"``) and the backward on
-a batch of their own. Layouts:
+then run ``OPOTrainer._compute_loss`` (``opo_loss_path="fused_linear"``, and once
+"trl_fused_head") and the backward on a batch of their own. Layouts:
 
 - accelerate: decoder layers, embeddings and a tail unit [final norm, lm_head] that stays
   unsharded after the forward; the head weight is whole when the loss reads it;
 - accelerate, tied embeddings (the LM head weight is the embedding's, as in Qwen2.5-0.5B): the
   tail unit holds both;
 - head resharded: lm_head in its own unit with reshard_after_forward=True, so the weight is a
-  sharded DTensor after the forward and the loss must all-gather it (``unshard_head``).
+  sharded DTensor after the forward and the loss must all-gather it (``unshard_head``); with
+  TRL's fused head too, which would otherwise read it through DTensor's full_tensor(), whose
+  gradient FSDP does not average over the ranks.
 
 Off-policy batches (two phases) and on-policy ones (one phase: the gradients are formed in the
 forward) both run. The reference is the same trainer code in this (single) process on each
@@ -57,9 +59,11 @@ from opo_kernels.integrations.trl import OPOConfig, OPOTrainer  # noqa: E402
 from opo_kernels.integrations.trl.batches import pack_groups  # noqa: E402
 
 PROMPT_LEN, COMPLETION_LEN = 4, 5
-# layout -> (tied embeddings, off-policy batch)
-LAYOUTS = {"accelerate": (False, True), "accelerate-tied": (True, False),
-           "head-resharded": (False, True)}
+# run -> (FSDP layout, tied embeddings, off-policy batch, loss path)
+LAYOUTS = {"accelerate": ("accelerate", False, True, "fused_linear"),
+           "accelerate-tied": ("accelerate", True, False, "fused_linear"),
+           "head-resharded": ("head-resharded", False, True, "fused_linear"),
+           "head-resharded-trl-head": ("head-resharded", False, False, "trl_fused_head")}
 
 
 def make_model(vocab_size: int, tied: bool):
@@ -72,11 +76,11 @@ def make_model(vocab_size: int, tied: bool):
     return transformers.Qwen2ForCausalLM(config)
 
 
-def make_trainer(model, out_dir):
+def make_trainer(model, out_dir, path: str):
     args = OPOConfig(
         output_dir=str(out_dir), per_device_train_batch_size=MICRO, num_generations=GROUP,
         max_completion_length=COMPLETION_LEN, temperature=TEMPERATURE, report_to="none",
-        use_cpu=True, bf16=False, save_strategy="no", seed=0, opo_loss_path="fused_linear",
+        use_cpu=True, bf16=False, save_strategy="no", seed=0, opo_loss_path=path,
     )
     trainer = OPOTrainer(model=model, reward_funcs=vowel_reward, args=args,
                          processing_class=make_tokenizer(),
@@ -111,7 +115,8 @@ def make_batch(rank: int, vocab_size: int, off_policy: bool) -> dict:
 
 
 def loss_and_grads(trainer, model, batch):
-    """(loss, ∂hidden [B, C, H], {name: ∂param}) of one ``_compute_loss`` and backward;
+    """(loss, ∂hidden [B, C, H] (fused-linear path; else None), {name: ∂param}) of one
+    ``_compute_loss`` and backward;
     sharded gradients come back whole (``full_tensor``, a collective); "head": the LM head
     weight's gradient (tied: the embedding's) and, sharded, "head_local": (this rank's
     shard, its placements)."""
@@ -130,6 +135,7 @@ def loss_and_grads(trainer, model, batch):
     loss = trainer._compute_loss(model, batch)
     loss.backward()
     del trainer._opo_completion_hidden
+    hidden = captured.get("hidden")
     grads = {}
     head = model.get_output_embeddings().weight
     for name, param in model.named_parameters():
@@ -141,7 +147,7 @@ def loss_and_grads(trainer, model, batch):
         grads[name] = grad.detach().clone()
         if param is head:
             grads["head"] = grads[name]
-    return loss.detach(), captured["hidden"].grad.detach().clone(), grads
+    return loss.detach(), None if hidden is None else hidden.grad.detach().clone(), grads
 
 
 def test_fused_linear_fsdp2_two_ranks(tmp_path):
@@ -153,31 +159,32 @@ def test_fused_linear_fsdp2_two_ranks(tmp_path):
                    timeout=600)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     vocab_size = len(make_tokenizer())
-    for layout, (tied, off_policy) in LAYOUTS.items():
+    for run, (layout, tied, off_policy, path) in LAYOUTS.items():
         model = make_model(vocab_size, tied)
-        trainer = make_trainer(model, tmp_path)
+        trainer = make_trainer(model, tmp_path, path)
         refs = [loss_and_grads(trainer, model, make_batch(r, vocab_size, off_policy))
                 for r in range(2)]
-        assert not torch.equal(refs[0][1], refs[1][1])  # two different batches
+        assert not torch.equal(refs[0][2]["head"], refs[1][2]["head"])  # different batches
         for r, result in enumerate(ranks):
-            loss, grad_hidden, grads, gathered = result[layout]
+            loss, grad_hidden, grads, gathered = result[run]
             # the head-resharded layout really gathered a sharded weight; accelerate's tail
             # unit kept it whole after the forward
-            assert gathered == (layout == "head-resharded"), layout
+            assert gathered == (layout == "head-resharded"), run
             torch.testing.assert_close(loss, refs[r][0], rtol=1e-6, atol=1e-7,
-                                       msg=f"{layout} rank {r}: loss")
-            torch.testing.assert_close(grad_hidden, refs[r][1], rtol=1e-5, atol=1e-7,
-                                       msg=f"{layout} rank {r}: grad hidden")
+                                       msg=f"{run} rank {r}: loss")
+            if path == "fused_linear":
+                torch.testing.assert_close(grad_hidden, refs[r][1], rtol=1e-5, atol=1e-7,
+                                           msg=f"{run} rank {r}: grad hidden")
             assert set(grads) == set(refs[0][2]) | {"head_local"}
             for name, ref in refs[0][2].items():
                 expected = (ref + refs[1][2][name]) / 2
                 torch.testing.assert_close(grads[name], expected, rtol=1e-5, atol=1e-7,
-                                           msg=f"{layout} rank {r}: {name}")
+                                           msg=f"{run} rank {r}: {name}")
             local, placements = grads["head_local"]
             assert placements == "(Shard(dim=0),)", placements
             expected = torch.chunk((refs[0][2]["head"] + refs[1][2]["head"]) / 2, 2)[r]
             torch.testing.assert_close(local, expected, rtol=1e-5, atol=1e-7,
-                                       msg=f"{layout} rank {r}: this rank's shard of ∂weight")
+                                       msg=f"{run} rank {r}: this rank's shard of ∂weight")
         assert refs[0][2]["head"].abs().sum() > 0
 
 
@@ -228,16 +235,16 @@ def _fsdp_worker(out_dir: str) -> None:
 
     trainer_module.unshard_head = recording_unshard
     results = {}
-    for layout, (tied, off_policy) in LAYOUTS.items():
+    for run, (layout, tied, off_policy, path) in LAYOUTS.items():
         gathered.clear()
         model = make_model(vocab_size, tied)
-        trainer = make_trainer(model, out_dir)
+        trainer = make_trainer(model, out_dir, path)
         _shard(model, layout)
         loss, grad_hidden, grads = loss_and_grads(trainer, model,
                                                   make_batch(rank, vocab_size, off_policy))
         # resharded after the backward
         assert hasattr(model.get_output_embeddings().weight, "full_tensor")
-        results[layout] = (loss, grad_hidden, grads, gathered == [True])
+        results[run] = (loss, grad_hidden, grads, gathered == [True])
     trainer_module.unshard_head = unshard_head
     torch.save(results, Path(out_dir) / f"rank{rank}.pt")
     dist.destroy_process_group()

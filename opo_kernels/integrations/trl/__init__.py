@@ -52,7 +52,10 @@ same loss, metrics and gradients up to rounding (tested against each other and t
   ``model(..., labels=..., fused_lm_head=True)``) computes the log-probs and entropy of the
   counted completion tokens only, at TRL's temperature, with the logit transforms it knows;
   then ``opo_loss_from_logprobs``. Needs a plain ``torch.nn.Linear`` head (TRL's head reads
-  its weight directly). Under DeepSpeed ZeRO-3 TRL gathers the head itself.
+  its weight directly). Under FSDP2 the head's unit is unsharded after the backbone's forward,
+  before TRL's head reads it (TRL alone would read a resharded head through DTensor's
+  full_tensor(), whose gradient FSDP does not average over the ranks). Under DeepSpeed ZeRO-3
+  TRL gathers the head itself.
 - "logits": the completion logits [B, C, V] (a view of the model output), divided by the
   temperature inside ``opo_loss``. Any head, any transform; under accelerate's mixed
   precision the logits are fp32.

@@ -235,8 +235,26 @@ class OPOTrainer(GRPOTrainer):
         metric (opo_log_entropy)."""
         labels = torch.full_like(input_ids, -100)
         labels[:, -completion_ids.size(1):] = completion_ids.masked_fill(~mask, -100)
-        outputs = self._opo_forward(model, input_ids, attention_mask, labels=labels,
-                                    fused_lm_head=True)
+        # FSDP2: TRL's head reads the head weight inside the model's forward, after the
+        # backbone, and turns a still-sharded weight into a whole one with DTensor's
+        # full_tensor(), whose gradient FSDP does not average over the ranks. Unsharding the
+        # head's unit at that point (a no-op when it is already whole, as in accelerate's
+        # layout) gives TRL the unsharded parameter, whose gradient FSDP reduce-scatters.
+        unwrapped = self.accelerator.unwrap_model(model)
+        patched = unwrapped.get_base_model() if hasattr(unwrapped, "get_base_model") else \
+            unwrapped
+        backbone = getattr(patched, "base_model", None)
+        hook = None
+        if isinstance(backbone, torch.nn.Module) and backbone is not patched:
+            head = patched.get_output_embeddings()
+            hook = backbone.register_forward_hook(
+                lambda module, args, output: unshard_head(patched, head))
+        try:
+            outputs = self._opo_forward(model, input_ids, attention_mask, labels=labels,
+                                        fused_lm_head=True)
+        finally:
+            if hook is not None:
+                hook.remove()
         if getattr(outputs, "log_probs", None) is None:
             raise RuntimeError(
                 "OPOTrainer: opo_loss_path='trl_fused_head': the model returned no log_probs "
@@ -252,7 +270,7 @@ class OPOTrainer(GRPOTrainer):
         else:
             entropy = None
         # V for the adaptive τ rule: the head's width (a DTensor or ZeRO-3 shard keeps it)
-        vocab_size = self.accelerator.unwrap_model(model).get_output_embeddings().out_features
+        vocab_size = unwrapped.get_output_embeddings().out_features
         return logprobs, entropy, vocab_size, outputs
 
     def _opo_head_dtype(self, weight: torch.Tensor) -> torch.dtype:
