@@ -278,8 +278,10 @@ class BackwardLaunch:
         block, num_warps, stages = launch_config(vocab, logits.dtype, "bwd")[:3]
         self.geo, self.ggeo = _logits_geometry(logits), ggeo
         self.lab_geo, self.sel_geo = _label_geometry(rows), _selector_geometry(rows)
-        self.token_ref = level == "token" and rows.ref is not None  # else lp stands in
-        self.ref_geo = small_geometry(rows.ref) if self.token_ref else (0, 1)
+        # level "token" reads ref at the row's (b, t); without ref_logprobs (on-policy) the
+        # log-probs [N] stand in, read at b·T + t = the row
+        self.token_ref = level == "token" and rows.ref is not None
+        self.ref_geo = small_geometry(rows.ref) if self.token_ref else (rows.T, 1)
         self.tail = (rows.T, row_start, vocab, vocab_start, rows.packed, rows.mask is not None,
                      with_entropy, level == "token", coordinates == "ratio",
                      acc_type(logits.dtype), block, _wide(block, self.geo[3], ggeo[2]), stages)
