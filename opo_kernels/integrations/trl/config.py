@@ -158,7 +158,8 @@ class OPOConfig(GRPOConfig):
             options["tau_range"] = tuple(options["tau_range"])
         return dict(options, preset=self.opo_preset, temperature=self.temperature,
                     entropy_coef=self.opo_entropy_coef, backend=self.opo_backend,
-                    return_metrics=True, compute_entropy=self.opo_log_entropy)
+                    return_metrics=True, compute_entropy=self.opo_log_entropy,
+                    validate="deferred")  # value checks without a per-call host stall
 
     def opo_loss_config(self) -> OPOLossConfig:
         """The validated loss options (``opo_loss_options``) as one config."""

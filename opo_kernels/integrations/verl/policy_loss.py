@@ -199,7 +199,7 @@ def compute_policy_loss_opo_kernels(old_log_prob: torch.Tensor, log_prob: torch.
                   f"{LOSS_MODE})")
     loss, metrics = opo_loss_from_logprobs(
         log_prob, old_log_prob, rewards.to(log_prob.device), mask=mask, group_ids=group,
-        vocab_size=vocab_size, return_metrics=True, **options)
+        vocab_size=vocab_size, return_metrics=True, **{"validate": "deferred", **options})
 
     # verl's global-batch normalisation (agg_loss): the sum over micro-batches and the mean
     # over data-parallel ranks of rows·dp/global_batch_size·L is a weighted mean of the L's.
