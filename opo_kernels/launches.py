@@ -17,9 +17,10 @@ The remembered variant is only used when it is the one Triton would pick:
   launch (the alignment is the key of the remembered variant);
 - anything that would make Triton behave differently falls back to ``kernel[grid]``: the
   interpreter (``TRITON_INTERPRET=1``, no compiled kernels), a Triton older than 3.4 or newer
-  than the versions checked (3.6, 3.8, 3.9: the launcher's calling convention), a wrapped
-  ``run`` (profilers, the launch-counting tests), launch hooks set in ``triton.knobs``, and
-  ``OPO_KERNELS_LAUNCH_CACHE=0`` in the environment.
+  than the versions checked (3.6, 3.8, 3.9: the launcher's calling convention), no CUDA
+  (tensors elsewhere, or a machine without a driver), a wrapped ``run`` or a stand-in kernel
+  (profilers, the launch-counting tests, recorders), launch hooks set in ``triton.knobs``,
+  and ``OPO_KERNELS_LAUNCH_CACHE=0`` in the environment.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from __future__ import annotations
 import os
 from typing import Dict, Optional, Tuple
 
+import torch
 import triton
 
 from .utils import interpreter_on
@@ -41,6 +43,8 @@ def _enabled() -> bool:
     if os.environ.get("OPO_KERNELS_LAUNCH_CACHE", "1") in ("0", ""):
         return False
     if interpreter_on() or not (_CHECKED[0] <= _VERSION < _CHECKED[1]):
+        return False
+    if not torch.cuda.is_available():  # no driver to launch with (compile-only tools)
         return False
     try:
         from triton import knobs  # noqa: F401  (3.4+)
@@ -59,9 +63,15 @@ if ENABLED:
     _TRITON_RUN = JITFunction.run
 
 
+def _on_cuda(t) -> bool:
+    return t.is_cuda
+
+
 def _direct_ok(kernel) -> bool:
-    """Nothing between us and Triton's own launch: ``run`` not wrapped, no launch hooks."""
-    return (type(kernel).run is _TRITON_RUN and knobs.runtime.launch_enter_hook is None
+    """Nothing between us and Triton's own launch: a JITFunction whose ``run`` is not
+    wrapped (a stand-in kernel, e.g. a recorder, has none), no launch hooks."""
+    return (getattr(type(kernel), "run", None) is _TRITON_RUN
+            and knobs.runtime.launch_enter_hook is None
             and knobs.runtime.launch_exit_hook is None)
 
 
@@ -84,7 +94,7 @@ class Launch:
         self.compiled: Dict[tuple, object] = {}
 
     def __call__(self, *args) -> None:
-        if not ENABLED:
+        if not ENABLED or not _on_cuda(args[0]):  # every kernel's first argument is a tensor
             self.kernel[self.grid](*args, **self.options)
             return
         if self.tensor_slots is None:

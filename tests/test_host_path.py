@@ -217,6 +217,7 @@ class _Kernel:
 def direct_launches(monkeypatch):
     """launches.py as on a GPU with a checked Triton: enabled, device 0, no hooks."""
     monkeypatch.setattr(launches, "ENABLED", True)
+    monkeypatch.setattr(launches, "_on_cuda", lambda t: True)  # CPU tensors stand in
     monkeypatch.setattr(launches, "_TRITON_RUN", _Kernel.run, raising=False)
     monkeypatch.setattr(launches, "driver", SimpleNamespace(active=SimpleNamespace(
         get_current_device=lambda: 0)), raising=False)
@@ -258,6 +259,27 @@ def test_hooks_and_wrapped_run_take_triton_s_path(direct_launches, monkeypatch):
     monkeypatch.setattr(_Kernel, "run", lambda self, *a, **k: None)  # a profiler's wrapper
     launch(x)
     assert [e[0] for e in kernel.log] == ["triton"] * 3
+
+
+def test_tensors_off_cuda_and_stand_in_kernels_take_the_plain_path(direct_launches,
+                                                                  monkeypatch):
+    class Recorder:  # a tool's stand-in for the kernel (no JITFunction.run)
+        def __init__(self):
+            self.log = []
+
+        def __getitem__(self, grid):
+            return lambda *args, **options: self.log.append(args) or _Compiled(1, self.log)
+    recorder = Recorder()
+    launch = launches.Launch(recorder, (1,), 4)
+    launch(torch.zeros(4))
+    launch(torch.zeros(4))
+    assert len(recorder.log) == 2 and not launch.compiled
+    monkeypatch.setattr(launches, "_on_cuda", lambda t: t.is_cuda)
+    kernel = _Kernel(1)
+    launch = launches.Launch(kernel, (1,), 4)
+    launch(torch.zeros(4))
+    launch(torch.zeros(4))
+    assert [e[0] for e in kernel.log] == ["triton", "triton"]
 
 
 def test_a_kernel_taking_other_arguments_is_never_remembered(direct_launches):
