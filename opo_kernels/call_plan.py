@@ -3,11 +3,12 @@ signature: the flags, the launches (geometry, launch config, grid) and the layou
 workspace that holds the small outputs and the scratch.
 
 A training loop calls the loss with the same shapes, strides, dtypes, devices and options
-step after step (or with a handful of them); each such signature gets one ``CallPlan``. The
-plan is keyed by everything that changes what the call computes or launches (``call_key``,
-``op_key``), so a call with a different dtype, shape, stride, device or option misses and
-builds (and validates) its own. Nothing about the tensors' values is kept: the tensors
-themselves come with each call.
+step after step (or with a handful of them); each such signature gets one ``CallPlan``
+(eager calls: fused_opo.py keeps them by ``call_key``). The key holds everything that changes
+what the call computes or launches, so a call with a different dtype, shape, stride, device
+or option misses and builds (and validates) its own. Nothing about the tensors' values is
+kept: the tensors themselves come with each call. Under torch.compile the custom ops launch
+through the per-call launchers instead (``forward_rows``, ``run_epilogue``).
 """
 
 from __future__ import annotations
@@ -128,8 +129,8 @@ class CallPlan:
 
     batch: the call's checked ``Batch`` (only its layout is kept, not its tensors); flags:
     ``Flags.of(cfg, batch)``; one_pass: the on-policy one-pass mode (a counts-only epilogue,
-    then the forward kernel writes the gradient); cfg, params: kept for the eager path
-    (``params_tensor``; None for a plan built inside a custom op, which gets params passed).
+    then the forward kernel writes the gradient); cfg: the call's config (the plan is kept
+    for that config object only); params: its ``params_tensor``.
     """
 
     def __init__(self, batch: Batch, flags: List[int], one_pass: bool,

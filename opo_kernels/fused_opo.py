@@ -29,6 +29,7 @@ from typing import List, NamedTuple, Optional
 
 import torch
 
+from . import row_launch
 from .call_plan import CallPlan, Flags, PlanCache, batch_of, call_key
 from .config import OPOLossConfig, config_from_options
 from .epilogue import METRICS, NUM_ERR, params_tensor, run_epilogue, unpack_metrics
@@ -414,7 +415,9 @@ def opo_loss_with_config(logits, labels, ref_logprobs, rewards, cfg: OPOLossConf
         raise ValueError("vocab_start applies to vocabulary-parallel logits: pass "
                          "process_group too")
     key = None
-    if not torch.compiler.is_compiling():
+    compiling = torch.compiler.is_compiling()
+    # a launch-config override (tests, the sweep) may change between calls: no plan kept
+    if not compiling and row_launch.LAUNCH_OVERRIDE is None:
         try:
             key = call_key(logits, labels, ref_logprobs, rewards, mask, seq_ids, group_size,
                            group_ids, cfg)
@@ -432,10 +435,12 @@ def opo_loss_with_config(logits, labels, ref_logprobs, rewards, cfg: OPOLossConf
 
         return reference.loss_from_batch(batch, cfg)
     plan = None
-    if key is not None:
-        plan = _CALL_PLANS.put(key, CallPlan(
-            batch, Flags.of(cfg, batch), batch.ref_logprobs is None and cfg.one_pass_exact,
-            cfg, params_tensor(cfg, logits.device, batch.compute_dtype)))
+    if not compiling:  # eager: a plan, kept for the next call of this signature if it has one
+        plan = CallPlan(batch, Flags.of(cfg, batch),
+                        batch.ref_logprobs is None and cfg.one_pass_exact, cfg,
+                        params_tensor(cfg, logits.device, batch.compute_dtype))
+        if key is not None:
+            _CALL_PLANS.put(key, plan)
     return loss_from_batch(batch, cfg, plan)
 
 

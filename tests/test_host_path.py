@@ -309,3 +309,24 @@ def test_every_launch_passes_every_parameter_positionally(monkeypatch):
     assert names == {"_opo_fwd_kernel", "epilogue_kernel", "_opo_bwd_kernel", "_scale_kernel"}
     for kernel, n in seen:
         assert n == len(inspect.signature(kernel.fn).parameters), kernel.fn.__name__
+
+
+def test_a_launch_config_override_is_read_at_every_call(monkeypatch):
+    """Tests and the sweep set row_launch.LAUNCH_OVERRIDE between calls of one signature:
+    no plan is kept while it is set, so each call launches with the override in force."""
+    warps = []
+    original = launches.Launch.__call__
+
+    def spy(self, *args):
+        if self.kernel.fn.__name__ == "_opo_fwd_kernel":
+            warps.append(self.options["num_warps"])
+        return original(self, *args)
+    monkeypatch.setattr(launches.Launch, "__call__", spy)
+    logits, labels, ref, rewards, layout = _padded()
+    before = _plans()
+    for num_warps in (1, 2):
+        monkeypatch.setattr(row_launch, "LAUNCH_OVERRIDE",
+                            lambda kind, vocab, dtype, w=num_warps: (8, w))
+        _call(logits, labels, ref, rewards, layout=layout)
+    assert warps == [1, 2]
+    assert not _new_plans(before)
