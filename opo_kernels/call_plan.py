@@ -206,14 +206,17 @@ class CallPlan:
     # ---- the workspace ----
 
     def _workspace_layout(self):
-        """The layouts of the float workspace and of the zeroed int32 one."""
+        """The layouts of the float workspace and of the zeroed int32 one: the main
+        epilogue's ticket, its check counts when validating, the pre-pass's ticket. An
+        epilogue that does not validate never writes its counts: its ticket stands in."""
         n, b = self.num_rows, self.epilogue.num_seqs
         floats = [n, 2 * n, n if self.with_entropy else 0,
                   self.epilogue.ws_size, self.epilogue.sums_size, len(METRICS), 2 * b, 2]
-        ints = [1, NUM_ERR, self.epilogue.part_errs_size]
+        ints = [1, NUM_ERR if self.validate else 0,
+                self.epilogue.part_errs_size if self.validate else 0]
         if self.pre is not None:  # its loss gets a slot: only the coefficients are used
             floats += [self.pre.ws_size, self.pre.sums_size, 1, len(METRICS), 2 * b, 2]
-            ints += [1, NUM_ERR, self.pre.part_errs_size]
+            ints += [1]
         return _Layout(floats), _Layout(ints)
 
     def scratch(self) -> Scratch:
@@ -222,12 +225,14 @@ class CallPlan:
         f = self._floats.pieces(new_output((self._floats.total,), self.cdtype, self.device))
         i = self._ints.pieces(torch.zeros(self._ints.total, dtype=torch.int32,
                                           device=self.device))
-        out = EpilogueOut(new_output((), self.cdtype, self.device), f[5], f[6], f[7], i[1])
+        ticket = i[0]
+        errs, part_errs = (i[1], i[2]) if self.validate else (ticket, ticket)
+        out = EpilogueOut(new_output((), self.cdtype, self.device), f[5], f[6], f[7], errs)
         pre_out = pre = None
         if self.pre is not None:
-            pre_out = EpilogueOut(f[10], f[11], f[12], f[13], i[4])
-            pre = (f[8], f[9], i[5], i[3])
-        return Scratch(f[0], f[1], f[2], out, (f[3], f[4], i[2], i[0]), pre_out, pre)
+            pre_out = EpilogueOut(f[10], f[11], f[12], f[13], i[3])
+            pre = (f[8], f[9], i[3], i[3])
+        return Scratch(f[0], f[1], f[2], out, (f[3], f[4], part_errs, ticket), pre_out, pre)
 
 
 class PlanCache:

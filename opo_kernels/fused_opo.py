@@ -393,7 +393,8 @@ def opo_loss(logits, labels, ref_logprobs, rewards, *, mask=None, seq_ids=None,
         loss = opo_loss(logits[:, :-1], input_ids[:, 1:], old_logprobs, rewards,
                         mask=completion_mask, group_size=6, grad_to_base=True)
     """
-    cfg = config_or_fail_together(process_group, lambda: config_from_options(options))
+    cfg = (config_from_options(options) if process_group is None else
+           config_or_fail_together(process_group, lambda: config_from_options(options)))
     return opo_loss_with_config(logits, labels, ref_logprobs, rewards, cfg, mask=mask,
                                 seq_ids=seq_ids, group_size=group_size, group_ids=group_ids,
                                 process_group=process_group, vocab_start=vocab_start)

@@ -164,12 +164,13 @@ def test_checks_still_run_on_a_reused_plan():
         _call(logits, labels, ref, rewards, layout=dict(layout, group_size=True))
 
 
-def test_workspace_pieces_are_aligned_and_disjoint():
+@pytest.mark.parametrize("validate", [True, False])
+def test_workspace_pieces_are_aligned_and_disjoint(validate):
     logits, labels, ref, rewards, layout = _padded(B=4, T=5, V=8)
     for ref_ in (ref, None):
         before = _plans()
         _call(logits, torch.randint(0, 8, (4, 5)), ref_, torch.randn(4), compute_entropy=True,
-              layout=layout)
+              validate=validate, layout=layout)
         (plan,) = _new_plans(before)
         s = plan.scratch()
         floats = [s.lp, s.stats, s.entropy, *s.main[:2], s.out.metrics, s.out.coef, s.out.scal]
@@ -177,9 +178,12 @@ def test_workspace_pieces_are_aligned_and_disjoint():
         if s.pre is not None:
             floats += [*s.pre[:2], s.pre_out.metrics, s.pre_out.coef, s.pre_out.scal]
             ints += [s.pre[2], s.pre[3], s.pre_out.errs]
+        # without validation the counts are never written: the ticket stands in for them
+        assert (s.out.errs.data_ptr() != s.main[3].data_ptr()) == validate
+        assert (s.main[2].data_ptr() != s.main[3].data_ptr()) == validate
         for group in (floats, ints):
-            spans = sorted((t.data_ptr(), t.data_ptr() + t.numel() * t.element_size())
-                           for t in group if t is not None and t.numel())
+            spans = sorted({(t.data_ptr(), t.data_ptr() + t.numel() * t.element_size())
+                            for t in group if t is not None and t.numel()})
             assert all(start % 16 == 0 for start, _ in spans)
             assert all(a_end <= b_start for (_, a_end), (b_start, _) in zip(spans, spans[1:]))
         assert s.out.loss.data_ptr() not in [t.data_ptr() for t in floats if t is not None]
