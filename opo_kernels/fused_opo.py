@@ -1,6 +1,6 @@
 """The fused OPO loss over logits: launchers -> torch.library ops -> autograd.Function -> API.
 
-A call is a handful of launches (shared/SPEC.md; kernels in row_kernels.py and
+A call is a handful of launches (docs/spec.md; kernels in row_kernels.py and
 epilogue/), with N = B·T (padded) or N (packed) token rows:
   general mode:   forward row kernel (1 read of [N, V]) -> epilogue (1 launch over [N] and
                   [B]: loss, metrics, per-sequence coefficients) -> backward row kernel
@@ -349,7 +349,7 @@ def loss_from_batch(batch: Batch, cfg: OPOLossConfig, plan: Optional[CallPlan] =
 def opo_loss(logits, labels, ref_logprobs, rewards, *, mask=None, seq_ids=None,
              group_size=None, group_ids=None, process_group=None, vocab_start=None,
              **options):
-    """The OPO loss (shared/SPEC.md) from LLM logits, with a fused Triton backward.
+    """The OPO loss (docs/spec.md) from LLM logits, with a fused Triton backward.
 
     Padded layout: logits [B, T, V] (fp32/bf16/fp16; a view like ``logits[:, :-1]`` is read
     in place), labels [B, T] int, ref_logprobs [B, T] float, mask [B, T] (bool or 0/1).
@@ -364,8 +364,14 @@ def opo_loss(logits, labels, ref_logprobs, rewards, *, mask=None, seq_ids=None,
 
     validate=True (default) checks labels, seq_ids, mask values and finiteness with one host
     sync per call (and, with a process group, every rank's arguments and slice); validate=False
-    skips it (no host sync at all). inplace_backward=True writes the gradient into the logits
-    buffer (saves one logits-sized allocation; logits are overwritten by backward).
+    skips it (no host sync at all); a counted label outside [0, V) then makes the loss NaN, on
+    both backends. inplace_backward=True writes the gradient into the logits buffer (saves one
+    logits-sized allocation): backward overwrites the logits you passed, a leaf tensor included
+    (``loss.backward()`` then still copies a leaf's gradient into ``.grad``: no memory saved;
+    use it on the model's own logits). The torch backend cannot do it and warns.
+    ref_logprobs: keep them in float32; bf16 holds ~3 significant digits (a log-prob of −2.3 is
+    off by up to 0.008), which enters Δ = lp − ref directly. group_size: an int, a NumPy integer
+    or a 0-dim integer tensor (read on the host).
     grad_to_base=True: when logits are a slice of whole positions of a tensor that requires
     grad (``logits[:, :-1]``), that tensor gets the gradient directly (zeros outside the slice)
     and autograd's slice backward, a zero-filled copy of the whole tensor, never runs; the slice
