@@ -73,21 +73,28 @@ def build_linear_runner(case: Case, inp: LinearInputs) -> Runner:
     extra: Dict[str, object] = {}
     if impl.startswith("opo_kernels_fused_linear"):
         from opo_kernels import fused_linear_opo_loss
-        from opo_kernels.fused_linear_opo import default_chunk_size
+        from opo_kernels.linear_plan import plan_chunks
 
         ref = None if impl.endswith("_on_policy") else inp.ref_logprobs
+        dtype = DTYPES[inp.shape.dtype]
         kw: Dict[str, object] = {}
         if impl.endswith("_budget"):
             # enough for every row's logits in the input dtype: all held, none recomputed
-            kw["logits_budget"] = inp.rows * inp.shape.V * DTYPES[inp.shape.dtype].itemsize
-            extra["logits_budget"] = kw["logits_budget"]
+            kw["logits_budget"] = inp.rows * inp.shape.V * dtype.itemsize
+        elif ref is not None:
+            # the general mode as its 4-matmul floor counts it: no logits held (the default
+            # budget would keep some rows' logits and make it a 4 - K/M matmul run)
+            kw["logits_budget"] = 0
+        counted = int(inp.counted.sum())
+        plan = plan_chunks(counted, inp.shape.V, dtype, None, kw.get("logits_budget"),
+                           ref is None, True)
+        extra.update(chunk_size=plan.chunk_rows, held_rows=plan.held_rows,
+                     logits_budget=kw.get("logits_budget", "default"))
 
         def loss_fn():
             return fused_linear_opo_loss(hidden, weight, inp.labels, ref, inp.rewards,
                                          group_ids=inp.group_ids, backend="triton",
                                          validate=False, **layout, **kw)
-        extra["chunk_size"] = default_chunk_size(inp.rows, inp.shape.V, inp.shape.H,
-                                                 DTYPES[inp.shape.dtype])
         extra["on_policy"] = ref is None
     elif impl == "opo_kernels_materialized":
         from opo_kernels import opo_loss
