@@ -361,7 +361,9 @@ def test_session_measures_tiny_fused_linear_rows(tmp_path):
         assert row["x_floor_rows"] == pytest.approx(row["ms"] / (floor * rows / case.shape.N))
     assert ("cce", "packed") in measured and ("liger_fused_linear_gspo_tf32", "padded") in measured
     first = session.data["rows"][0]
-    assert first["impl"] == "opo_kernels_fused_linear" and first["chunk_size"] == 16
+    # the plan of the call: chunks of the N = 11 counted rows, no logits held (budget 0)
+    assert first["impl"] == "opo_kernels_fused_linear" and first["chunk_size"] == 11
+    assert first["held_rows"] == 0 and first["logits_budget"] == 0
     liger_packed = [r for r in session.data["rows"]
                     if r["impl"] == "liger_fused_linear_gspo" and r["layout"] == "packed"]
     assert liger_packed[0]["liger_layout"].startswith("packed rows as one")
