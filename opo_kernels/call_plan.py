@@ -106,14 +106,15 @@ class Scratch(NamedTuple):
 
 class _Layout:
     """Pieces of one flat allocation: ``split`` sizes for ``split_with_sizes`` (each piece,
-    then padding up to a multiple of _ALIGN elements where needed; empty pieces left out) and
-    the index of each named piece in its result (None: the piece is empty)."""
+    then padding up to a multiple of _ALIGN elements where needed) and the index of each named
+    piece in its result. A size None is a piece the call does not have (``pieces`` gives
+    None); a size 0 is one it has, empty (B = 0: an empty view, still a tensor argument)."""
 
-    def __init__(self, sizes: List[int]):
+    def __init__(self, sizes: List[Optional[int]]):
         self.split, self.index = [], []
         for size in sizes:
-            self.index.append(len(self.split) if size else None)
-            if size:
+            self.index.append(None if size is None else len(self.split))
+            if size is not None:
                 self.split.append(size)
                 if size % _ALIGN:
                     self.split.append(_ALIGN - size % _ALIGN)
@@ -210,12 +211,12 @@ class CallPlan:
         epilogue's ticket, its check counts when validating, the pre-pass's ticket. An
         epilogue that does not validate never writes its counts: its ticket stands in."""
         n, b = self.num_rows, self.epilogue.num_seqs
-        floats = [n, 2 * n, n if self.with_entropy else 0,
-                  self.epilogue.ws_size, self.epilogue.sums_size, len(METRICS), 2 * b, 2]
-        ints = [1, NUM_ERR if self.validate else 0,
-                self.epilogue.part_errs_size if self.validate else 0]
+        floats = [n, 2 * n, n if self.with_entropy else None,
+                  self.epilogue.ws_size, self.epilogue.sums_size or None, len(METRICS), 2 * b, 2]
+        ints = [1, NUM_ERR if self.validate else None,
+                self.epilogue.part_errs_size if self.validate else None]
         if self.pre is not None:  # its loss gets a slot: only the coefficients are used
-            floats += [self.pre.ws_size, self.pre.sums_size, 1, len(METRICS), 2 * b, 2]
+            floats += [self.pre.ws_size, self.pre.sums_size or None, 1, len(METRICS), 2 * b, 2]
             ints += [1]
         return _Layout(floats), _Layout(ints)
 
