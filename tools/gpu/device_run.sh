@@ -23,6 +23,15 @@
 #          NCCL over the GPUs present; on one GPU, a group of one rank at the slice sizes of
 #          tp = 2 and 8), ~1-2 minutes
 #   all    check, then bench, then tp (a CUDA machine with no time limit)
+#   verify ONE call of ~5 min (OPO_DEADLINE_S, default 300 s), before any measurement on a
+#          machine that has not run the current code: the whole test suite on CUDA (compiled
+#          kernels; the remembered-launch path of opo_kernels/launches.py is checked against
+#          Triton's own, bit for bit, by tests/test_launch_cache_gpu.py), the self-check, the
+#          host-time profile (benchmarks/host_profile.py), then OPOTrainer on CUDA
+#          (tools/gpu/trl_check.py, bf16, every loss path; needs the trl/datasets wheels).
+#          Returns log.txt, suite.xml, host_profile.json (+ traces), <device>.trl_check.json.
+#          In a 15-minute session: `verify` (limit 330 s), then `step` with
+#          OPO_DEADLINE_S=<seconds left - 90>.
 #   step   ONE call of ~9.5 min (OPO_DEADLINE_S, default 560 s): the RL-step benchmark
 #          (benchmarks/step: Qwen2.5-0.5B- and Llama-3.2-1B-shaped models, 8k/4k/16k-token
 #          micro-batches, every loss path, ours and the peers'), then the fused-linear rows
@@ -70,12 +79,14 @@ set -uo pipefail
 cd "$(dirname "$0")/../.."
 stage=${1:-check}
 [ $# -gt 0 ] && shift
-case "$stage" in lease|rest|again|all|check|bench|tp|step) ;;
-  *) echo "usage: $0 [lease|rest|again|check|bench|tp|all|step] [run.py / step args]"; exit 2;;
+case "$stage" in lease|rest|again|all|check|bench|tp|step|verify) ;;
+  *) echo "usage: $0 [lease|rest|again|check|bench|tp|all|step|verify] [run.py / step args]"
+     exit 2;;
 esac
 start_all=$(date +%s)
 case "$stage" in lease) deadline_s=${OPO_DEADLINE_S:-540};; rest) deadline_s=${OPO_DEADLINE_S:-200};;
   again) deadline_s=${OPO_DEADLINE_S:-280};; step) deadline_s=${OPO_DEADLINE_S:-560};;
+  verify) deadline_s=${OPO_DEADLINE_S:-300};;
   *) deadline_s=${OPO_DEADLINE_S:-1000000};; esac
 # cap WANT RESERVE: WANT seconds, cut so that RESERVE seconds are still left before the deadline
 cap() {
@@ -254,6 +265,19 @@ run_kernel_rows() {  # $1: linear | fair, $2: budget, $3: time limit
   keep "$brc"
 }
 
+run_host_profile() {
+  timeout "$1" python3 -m benchmarks.host_profile --out "$out_dir" 2>&1 | tee -a "$log"
+  echo "[device_run] host profile exit code ${PIPESTATUS[0]}" | tee -a "$log"
+}
+
+run_trl_check() {  # OPOTrainer on CUDA, every loss path, bf16 (the trainer's default precision)
+  timeout -s INT -k 10 "$1" python3 -m tools.gpu.trl_check --out "$out_dir" --precisions bf16 \
+    2>&1 | tee -a "$log"
+  local trc=${PIPESTATUS[0]}
+  echo "[device_run] trl check exit code $trc" | tee -a "$log"
+  keep "$trc"
+}
+
 run_tp() {
   timeout "$1" python3 -m benchmarks.tp_bench --out "$out_dir" 2>&1 | tee -a "$log"
   local trc=${PIPESTATUS[0]}
@@ -308,6 +332,14 @@ case "$stage" in
     run_step_bench "$(cap 270 250)" "$(cap 320 220)" "$@"
     run_kernel_rows linear "$(cap 90 130)" "$(cap 130 90)"
     run_kernel_rows fair "$(cap 100000 40)" "$(cap 100000 15)"
+    ;;
+  verify)
+    # worst case at the default 300 s: suite 180 (+30 s to stop), self-check 20, the host
+    # profile 60, OPOTrainer on CUDA in what is left
+    run_suite "$(cap 180 110)"
+    run_selfcheck "$(cap 20 90)"
+    run_host_profile "$(cap 60 30)"
+    run_trl_check "$(cap 100000 5)"
     ;;
   tp) run_tp 240 ;;
 esac
