@@ -28,7 +28,10 @@ setup(
         # 0.9.1). verl itself leaves torch unpinned, so the installed CPU/CUDA build is kept.
         # cachetools/fastapi/uvicorn: verl.trainer.ppo.ray_trainer (compute_advantage, used by
         # the tests) imports them, but they are only in verl's heavy "verl-core" extra.
-        "verl": ["verl>=0.9.1,<0.10", "cachetools", "fastapi", "uvicorn"],
+        # transferqueue: verl's default (v1) trainer imports it; the tests of OPO's
+        # group-preserving balancing in that trainer need it.
+        "verl": ["verl>=0.9.1,<0.10", "cachetools", "fastapi", "uvicorn",
+                 "transferqueue>=0.1.11"],
     },
     # verl imports every "verl.plugins" entry point on `import verl`, in the driver and in each
     # Ray worker: this registers the opo_kernels estimator and policy loss there.
