@@ -10,9 +10,10 @@ software-pipelining depth of the vocabulary loop (``stages``).
 
 Each kernel runs through the package's own launchers (``row_launch.forward_rows`` /
 ``backward_rows``) with the launch config forced by ``row_launch.LAUNCH_OVERRIDE``, so what is
-timed is what ``opo_loss`` launches. Per measurement: median time (``triton.testing.do_bench``,
-L2 flushed), GB/s of the bytes the kernel must move (forward: N·V·itemsize read; backward and
-one-pass: read + write) and % of the device-to-device copy bandwidth measured in the same run.
+timed is what ``opo_loss`` launches. Per measurement: median time (``timers.time_cuda``, the
+benchmark suite's one CUDA-event timer: L2 flushed, device synchronized before each call),
+GB/s of the bytes the kernel must move (forward: N·V·itemsize read; backward and one-pass:
+read + write) and % of the device-to-device copy bandwidth measured in the same run.
 Before timing a config, its output is checked at the timed shape: log-probs of a sample of rows
 against torch's float32 log-softmax, gradient rows against the closed form c·(onehot − p).
 Candidates and the reasoning behind them: benchmarks/NOTES.md ("Launch configs").
@@ -66,8 +67,9 @@ TINY_FOCUS = [("onepass", (64, 4, 1), 0.0), ("onepass", (64, 4, 1, 0, True), 0.0
 
 
 def _bench(fn, cuda: bool) -> float:
-    """Median ms: the benchmark suite's CUDA timer (do_bench, L2 flushed); tiny mode: one
-    host-timed call after a warm-up (not a measurement)."""
+    """Median ms: the benchmark suite's CUDA timer (``timers.time_cuda``: CUDA events, L2
+    flushed, device synchronized before each call); tiny mode: one host-timed call after a
+    warm-up (not a measurement)."""
     return (time_cuda(fn, rep_ms=100) if cuda else time_host(fn, reps=1)).ms
 
 

@@ -8,8 +8,9 @@ scatters, with the Batch's derived seq/group tensors that its old ``prepare`` bu
 log-probs of a forward pass; "after": ``opo_kernels.epilogue.run_epilogue`` (one launch plus
 the memset of its ticket). Both at N = 16,384 counted tokens (B = 24, T = 976, padded, ~70 %
 counted, the benchmark's target shape) and at a small batch (N ≈ 1,024: B = 12, T = 122), in
-the general mode with the package's default options. Timed with triton.testing.do_bench
-(median, CUDA events). Before timing, the two are checked to agree (loss and every c_t).
+the general mode with the package's default options. Timed with the benchmark suite's CUDA
+timer (``benchmarks.timers.time_cuda``: median of CUDA events, L2 flushed, device synchronized
+before each call). Before timing, the two are checked to agree (loss and every c_t).
 """
 
 from __future__ import annotations
