@@ -19,9 +19,9 @@ Checks (``check_layout``, with validate=True): every rank's arguments, slice and
 gathered with one ``all_gather_object``, so that a bad input on ONE rank raises the same error
 on EVERY rank instead of leaving the others waiting in a collective. The same gather carries a
 fingerprint of the replicated arguments (labels, mask / seq_ids, ref_logprobs, rewards,
-group_ids, weights; fused-linear's hidden states too) and the options (``replicated_summary``):
-each rank computes the loss from its own copy, so a copy that differs on one rank would give the
-ranks different losses and coefficients without any error.
+group_ids, weights; the counted rows of fused-linear's hidden states too) and the options
+(``replicated_summary``): each rank computes the loss from its own copy, so a copy that differs
+on one rank would give the ranks different losses and coefficients without any error.
 """
 
 from __future__ import annotations
@@ -127,7 +127,8 @@ def _check_replicated(summaries) -> None:
 # A prime below 2**24: a fingerprint is exact in fp32, and a product of two residues fits int64.
 _PRIME = 16_777_213
 # Elements hashed per step: the int64 temporaries stay ~32 MB each whatever the tensor (the
-# fused-linear hidden states are N x H, e.g. 67M elements at N = 16384, H = 4096).
+# fused-linear hidden states' counted rows are M x H, e.g. 67M elements at M = 16384,
+# H = 4096).
 _HASH_CHUNK = 1 << 22
 # Fields of OPOLossConfig that only affect this rank's own work (not the replicated loss).
 _LOCAL_OPTIONS = ("backend", "return_metrics", "inplace_backward", "explicit", "weights")
@@ -182,10 +183,10 @@ def replicated_summary(batch, cfg, agree: Optional[dict] = None,
                        agree_tensors: Optional[dict] = None) -> dict:
     """What must be identical on every rank, in a form ``all_gather_object`` can carry: the
     options that shape the loss, ``agree`` (the op's own host-side arguments, e.g. the
-    fused-linear chunk size, whose chunks each run collectives), the group layout, and
-    ``fingerprints`` of the replicated tensors of ``batch`` (an ``inputs.Batch``) and of
-    ``agree_tensors`` (the op's own replicated tensors, e.g. the fused-linear hidden states).
-    One host sync (validate=True only)."""
+    fused-linear chunk size and logits budget, whose chunks each run collectives), the group
+    layout, and ``fingerprints`` of the replicated tensors of ``batch`` (an ``inputs.Batch``)
+    and of ``agree_tensors`` (the op's own replicated tensors, e.g. the counted rows of the
+    fused-linear hidden states). One host sync (validate=True only)."""
     summary = {f"option {f.name}": repr(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)
                if f.name not in _LOCAL_OPTIONS}
     if isinstance(cfg.weights, str):

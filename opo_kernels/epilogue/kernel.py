@@ -217,7 +217,8 @@ def raise_bad_values(errs: torch.Tensor, batch, explain=None) -> None:
     """Reads the value-check counts (the one host sync of validate=True) and raises a
     ValueError naming the first bad argument (seq_ids first: a bad one makes every other index
     wrong). explain(name, count): an op's own message for that argument, or None for the
-    default (the fused-linear op names hidden or weight where the logits are non-finite)."""
+    default (the fused-linear op names hidden, weight or bias where the logits are
+    non-finite)."""
     counts = dict(zip(ERRORS, errs[:len(ERRORS)].tolist()))
     found = [name for name in ("seq_ids",) + ERRORS if counts[name]]
     if found:
