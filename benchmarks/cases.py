@@ -119,10 +119,10 @@ class Case:
         return f"{self.impl}-{self.shape.label}"
 
 
-# The issue's target shape comes first so that a time-limited run measures it before anything
-# else; then the other shapes at the largest vocabulary, and so on.
+# The headline shape comes first so that a time-limited run measures it before anything else;
+# then the other shapes at the largest vocabulary, and so on.
 TARGET = Shape(16384, 151936, "bfloat16", "padded")
-# Issue 4 (fused linear): Llama-3-8B-like LM head, B=16 sequences of T=1024, ~70 % counted
+# Fused linear: a Llama-3-8B-like LM head, B=16 sequences of T=1024, ~70 % counted
 # (N = 11469), measured right after TARGET.
 LINEAR_TARGET = linear_shape(16, 1024, 4096, 128256)
 # Quack's linear cross-entropy shape: M = 4096 rows, all counted (packed)

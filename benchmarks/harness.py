@@ -30,8 +30,11 @@ Fused-linear rows: forward + backward from hidden states, gradients for hidden A
 padded B=16, T=1024, H=4096, V=128256 (11,469 of 16,384 positions counted) and packed
 N=4096, H=4096, V=128256 (every row counted):
 
-  opo_kernels_fused_linear            fused_linear_opo_loss(backend="triton", validate=False)
-  opo_kernels_fused_linear_on_policy  the same with ref_logprobs=None (one-phase mode)
+  opo_kernels_fused_linear            fused_linear_opo_loss(backend="triton", validate=False,
+                                      logits_budget=0): the general mode with every logit
+                                      recomputed, as its 4-matmul floor counts it
+  opo_kernels_fused_linear_on_policy  the same with ref_logprobs=None (one-phase mode, the
+                                      default budget)
   opo_kernels_fused_linear_budget     the same with logits_budget= every row's logits (held
                                       from forward to backward; skipped without the keyword)
   opo_kernels_materialized  logits = hidden @ weight.T materialized, then opo_loss
