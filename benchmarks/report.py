@@ -1,10 +1,11 @@
-"""Markdown performance table from a results JSON, and its insertion into README.md.
+"""Markdown performance table from a results JSON, and its insertion into a markdown file
+(docs/benchmarks.md, which ``python -m benchmarks.run`` updates).
 
     python -m benchmarks.report benchmarks/results/<device>.json            # print the table
-    python -m benchmarks.report benchmarks/results/<device>.json --readme README.md
+    python -m benchmarks.report benchmarks/results/<device>.json --readme docs/benchmarks.md
 
 The table goes between the markers ``<!-- perf-table:start -->`` and
-``<!-- perf-table:end -->``; a README without both markers (in that order) is left untouched.
+``<!-- perf-table:end -->``; a file without both markers (in that order) is left untouched.
 The torch denominator of the headline is the strong-torch OPO (``torch_compiled``,
 benchmarks/peers_torch.py); the package's reference rows stay, labelled "reference (readable,
 slow)". Fused-linear rows (hidden states -> loss, grads of hidden and weight; rows with "H")
