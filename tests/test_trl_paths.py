@@ -100,13 +100,33 @@ def test_auto_by_model(tmp_path):
     tokenizer = make_tokenizer()
     assert _trainer(tmp_path, _softcapped(make_model(len(tokenizer))),
                     num_iterations=2).opo_loss_path == "trl_fused_head"
-    with pytest.warns(UserWarning, match="runs 'logits'; passed over: trl_fused_head: .*patched"):
+    with pytest.warns(UserWarning, match="runs 'logits'; passed over: trl_fused_head, "
+                                         "fused_linear: needs .*patched") as caught:
         trainer = _trainer(tmp_path, _patched_head(make_model(len(tokenizer))))
     assert trainer.opo_loss_path == "logits"
+    # both refused for one reason: said once, without the paths' own names or advice
+    message = str(caught[0].message)
+    assert message.count("needs a plain torch.nn.Linear LM head") == 1, message
+    assert message.count("opo_loss_path=") == 1, message  # opo_loss_path='auto' only
     with pytest.raises(ValueError, match="opo_chunk_size applies to the 'fused_linear' loss "
                                          "path, but this trainer runs 'logits'"), \
             pytest.warns(UserWarning, match="runs 'logits'"):
         _trainer(tmp_path, _patched_head(make_model(len(tokenizer))), opo_chunk_size=8)
+
+
+def test_fallback_warning_gives_each_reason_once(tmp_path, monkeypatch):
+    """Refused for different reasons (ZeRO-3, a TRL without the fused head): each path with
+    its own reason, once."""
+    trainer = _trainer(tmp_path, num_iterations=2)  # off-policy: fused-linear first
+    with pytest.warns(UserWarning) as caught:
+        _choose_again(trainer, "auto", monkeypatch, zero3=True, trl_head=False)
+    message = str(caught[0].message)
+    expected = ("OPOTrainer: opo_loss_path='auto' runs 'logits'; passed over: fused_linear: "
+                "DeepSpeed ZeRO-3 gathers the LM head weight only inside the head's own "
+                "forward; opo_loss_path='trl_fused_head' runs TRL's fused LM head, which "
+                "gathers it; trl_fused_head: needs TRL's fused LM head "
+                "(trl.trainer.utils.add_fused_lm_head, TRL >= 1.16)")
+    assert message == expected
 
 
 def test_explicit_paths(tmp_path):
@@ -128,11 +148,26 @@ def test_choose_path_rules():
         ("fused_linear", ["trl_fused_head: no"])
     assert paths.choose_path("auto", {"fused_linear": problem, "trl_fused_head": None},
                              off_policy=True) == ("trl_fused_head", ["fused_linear: no"])
+    # one reason for both: said once, naming both paths; different reasons: each its own
     assert paths.choose_path("auto", {"fused_linear": problem, "trl_fused_head": problem}) == \
-        ("logits", ["trl_fused_head: no", "fused_linear: no"])
+        ("logits", ["trl_fused_head, fused_linear: no"])
+    assert paths.choose_path("auto", {"fused_linear": (ValueError, "a"),
+                                      "trl_fused_head": (ValueError, "b")}) == \
+        ("logits", ["trl_fused_head: b", "fused_linear: a"])
     long = (ValueError, "OPOTrainer: it cannot; set opo_loss_path='logits'")
     assert paths.choose_path("auto", {"fused_linear": long, "trl_fused_head": None},
                              off_policy=True) == ("trl_fused_head", ["fused_linear: it cannot"])
+    # the path's own name in its message (as find_lm_head words it) is not repeated
+    named = {path: (ValueError, f"OPOTrainer: opo_loss_path={path!r} needs a plain head; set "
+                                "opo_loss_path='logits'") for path in ("fused_linear",
+                                                                       "trl_fused_head")}
+    assert paths.choose_path("auto", named, off_policy=True) == \
+        ("logits", ["fused_linear, trl_fused_head: needs a plain head"])
+    unsupported = (NotImplementedError, "OPOTrainer: opo_loss_path='fused_linear' is not "
+                   "supported here: FSDP version 1; set opo_loss_path='logits'")
+    assert paths.choose_path("auto", {"fused_linear": unsupported, "trl_fused_head": None},
+                             off_policy=True) == ("trl_fused_head",
+                                                  ["fused_linear: FSDP version 1"])
 
     with pytest.raises(ValueError, match="^no$"):
         paths.choose_path("trl_fused_head", {"trl_fused_head": problem})

@@ -88,10 +88,11 @@ def problem_of(check: Callable[[], None]) -> Problem:
 
 def choose_path(requested: str, problems: dict, off_policy: bool = False
                 ) -> Tuple[str, List[str]]:
-    """(path, reasons): the path to run and, for "auto", why each path before it in the
-    order of its schedule (module docstring) was passed over. problems: {path: Problem} for
-    "fused_linear" and "trl_fused_head". A path named explicitly that cannot run raises its
-    problem."""
+    """(path, reasons): the path to run and, for "auto", why the paths before it in the order
+    of its schedule (module docstring) were passed over: one "path: reason" per distinct
+    reason, paths refused for the same reason named together ("trl_fused_head, fused_linear:
+    ..."). problems: {path: Problem} for "fused_linear" and "trl_fused_head". A path named
+    explicitly that cannot run raises its problem."""
     if requested not in LOSS_PATHS:
         raise ValueError(f"opo_loss_path must be one of {LOSS_PATHS}, got {requested!r}")
     if requested != "auto":
@@ -102,18 +103,23 @@ def choose_path(requested: str, problems: dict, off_policy: bool = False
         return requested, []
     order = (("fused_linear", "trl_fused_head") if off_policy else
              ("trl_fused_head", "fused_linear"))
-    reasons = []
+    passed_over = {}  # reason -> the paths refused for it, in order
     for path in order:
         problem = problems.get(path)
         if problem is None:
-            return path, reasons
-        reasons.append(f"{path}: {_reason(problem[1])}")
-    return "logits", reasons
+            break
+        passed_over.setdefault(_reason(problem[1], path), []).append(path)
+    else:
+        path = "logits"
+    return path, [f"{', '.join(paths)}: {reason}" for reason, paths in passed_over.items()]
 
 
-def _reason(message: str) -> str:
-    """A refusal's message as a reason in a list: without the "OPOTrainer: " prefix and the
-    closing advice ("; set opo_loss_path=...")."""
+def _reason(message: str, path: str) -> str:
+    """A refusal's message as the reason of one path in a list: without the "OPOTrainer: "
+    prefix, the path's own name ("opo_loss_path='<path>' is not supported here: ", which the
+    list says) and the closing advice ("; set opo_loss_path=...")."""
     message = message.removeprefix("OPOTrainer: ")
+    message = message.removeprefix(f"opo_loss_path={path!r} is not supported here: ")
+    message = message.removeprefix(f"opo_loss_path={path!r} ")
     cut = message.rfind("; set opo_loss_path=")
     return message[:cut] if cut > 0 else message
