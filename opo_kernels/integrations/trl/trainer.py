@@ -19,6 +19,7 @@ from ...fused_linear_opo import fused_linear_opo_loss_with_config
 from ...fused_opo import opo_loss_with_config
 from .batches import check_whole_groups, completion_positions, pack_groups, unpack_groups
 from .config import OPOConfig
+from .deferred_checks import check_deferred_agreed
 from .lm_head import (
     LAST_HIDDEN_STATE,
     accepts_logits_to_keep,
@@ -49,7 +50,9 @@ class OPOTrainer(GRPOTrainer):
     """``trl.GRPOTrainer`` with the OPO loss; same constructor, ``args`` must be an OPOConfig.
 
     Overrides: ``_calculate_rewards`` (keeps the raw rewards), ``_generate_and_score_completions``
-    (adds them and packs groups, see the module docstring) and ``_compute_loss`` (the loss).
+    (adds them and packs groups, see the module docstring) and ``_compute_loss`` (the loss);
+    ``train``, ``evaluate`` and ``_save_checkpoint`` read the loss's deferred value checks
+    (``deferred_checks.py``).
     ``opo_loss_path`` (the path this trainer runs) is decided at construction.
     """
 
@@ -85,6 +88,23 @@ class OPOTrainer(GRPOTrainer):
         self._opo_logits_to_keep = accepts_logits_to_keep(self.model)
         self._opo_head_verified = False
         self.opo_loss_path = self._choose_loss_path()
+
+    # ---- the loss's deferred value checks (deferred_checks.py) --------------------------------
+
+    def train(self, *args, **kwargs):
+        output = super().train(*args, **kwargs)
+        check_deferred_agreed("at the end of training")  # the last loss calls have no next one
+        return output
+
+    def evaluate(self, *args, **kwargs):
+        check_deferred_agreed("before evaluation")
+        metrics = super().evaluate(*args, **kwargs)
+        check_deferred_agreed("at the end of evaluation")  # its loss calls have no backward
+        return metrics
+
+    def _save_checkpoint(self, *args, **kwargs):
+        check_deferred_agreed("before saving a checkpoint")
+        return super()._save_checkpoint(*args, **kwargs)
 
     # ---- generation time: raw rewards and whole groups --------------------------------------
 

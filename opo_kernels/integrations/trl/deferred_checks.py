@@ -1,0 +1,48 @@
+"""OPOTrainer's reading of the loss's deferred value checks at the ends of training and
+evaluation and before a save.
+
+OPOTrainer's loss calls validate with ``validate="deferred"`` (``opo_kernels/validation.py``):
+a call's checks are read at its backward if its counts are on the host by then, else at the
+next loss call. The last calls of a training run, and the calls of an evaluation (no
+backward), have no next call: without a read at these points their bad input would go
+unraised. ``check_deferred_agreed`` reads them (it waits for their counts: once per
+training run, evaluation or save) and raises on every process when any process found bad
+input, so that no process is left waiting in the next collective (a save under FSDP or
+DeepSpeed gathers the weights).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from ...validation import check_deferred
+from .lm_head import _collective_device
+
+
+def check_deferred_agreed(when: str) -> None:
+    """Reads the deferred value checks of this process's loss calls (``check_deferred``) and,
+    under torch.distributed, agrees with the other processes (one all-reduce of one int per
+    process): raises ValueError on every process if any found bad input. The failing
+    process's error is check_deferred's (the call's number, its input's shape and dtype, the
+    bad argument), prefixed by ``when`` ("at the end of training", ...); the others name the
+    failing processes. Collective: every process calls it at the same point."""
+    error = None
+    try:
+        check_deferred()
+    except ValueError as err:
+        error = err
+    failed = [0] if error is not None else []
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        flags = torch.zeros(dist.get_world_size(), dtype=torch.int32,
+                            device=_collective_device())
+        flags[dist.get_rank()] = int(error is not None)
+        dist.all_reduce(flags)
+        failed = flags.nonzero().flatten().tolist()
+    if error is not None:
+        raise ValueError(f"OPOTrainer, {when}: {error}") from None
+    if failed:
+        raise ValueError(
+            f"OPOTrainer, {when}: the deferred value checks of the loss found bad input on "
+            f"process(es) {failed} (their error names the loss call and the bad argument); "
+            "stopping here too")
