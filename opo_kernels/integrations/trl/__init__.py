@@ -1,8 +1,9 @@
 """OPO in Hugging Face TRL: ``OPOConfig`` (a ``trl.GRPOConfig``) and ``OPOTrainer`` (a
 ``trl.GRPOTrainer`` whose loss is ``opo_kernels.opo_loss``). It overrides private GRPOTrainer
 methods, hence the pinned range in setup.py (extra "trl"); tests/test_trl_integration.py passed
-with trl 1.16.0 + transformers 5.23.0 and 4.57.6, and trl 1.8.0, 1.0.0, 0.29.1 + transformers
-5.23.0 (CPU only; no GPU run).
+with trl 1.16.0, 1.8.0, 1.0.0 and 0.29.1, each with transformers 5.10.4 and torch 2.13 on CPU
+(no GPU run; before trl 1.16 its cases of the "trl_fused_head" path are skipped: that TRL
+has no fused LM head); the other tests/test_trl_*.py with trl 1.16.0.
 
 What reaches the loss (docs/spec.md "Inputs"), per micro-batch of B completions:
 - the policy's completion logits [B, C, V] or what they are computed from (see the loss paths
@@ -23,6 +24,15 @@ What reaches the loss (docs/spec.md "Inputs"), per micro-batch of B completions:
 Each micro-batch is one ``opo_loss`` call (its own τ), divided by the gradient-accumulation
 steps, like TRL's "grpo" loss. Metrics are logged as ``opo/<name>`` (mean over processes;
 ``opo/omega_max`` is the max).
+
+The loss's value checks (docs/spec.md "Bad input and edge cases": non-finite rewards or ref
+log-probs at counted tokens, ...) run with ``validate="deferred"``, without a host stall per
+call: a bad value raises a ValueError naming the failing call at that call's backward when
+its counts are on the host by then, else at the next loss call. OPOTrainer also reads them
+at the end of ``train()``, before and at the end of ``evaluate()`` and before each
+checkpoint save, on every process (one all-reduce: all raise when one found bad input), so
+the last calls' errors are raised too (``deferred_checks.py``). An error raised after its
+call's backward may come after an optimizer step that used that call's gradient.
 
 Loss paths (``opo_loss_path``; ``paths.py`` counts what each holds and computes). All give the
 same loss, metrics and gradients up to rounding (tested against each other and the reference):
