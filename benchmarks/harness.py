@@ -80,7 +80,6 @@ Settings come from the environment (``python -m benchmarks.run`` sets them):
 from __future__ import annotations
 
 import gc
-import json
 import time
 import traceback
 from dataclasses import dataclass
@@ -117,7 +116,15 @@ from benchmarks.host_overhead import CAPTURABLE, replay_ms
 from benchmarks.inputs import *  # noqa: F401,F403
 from benchmarks.inputs import make_inputs, make_linear_inputs
 from benchmarks.results import *  # noqa: F401,F403
-from benchmarks.results import METHOD_NOTE, case_key, environment, row_key, slug, write_json
+from benchmarks.results import (
+    METHOD_NOTE,
+    case_key,
+    environment,
+    load_resumable,
+    row_key,
+    slug,
+    write_json,
+)
 from benchmarks.runners import *  # noqa: F401,F403
 from benchmarks.runners import build_runner
 from benchmarks.timers import *  # noqa: F401,F403
@@ -156,12 +163,8 @@ class Session:
         self.write()
 
     def _resume(self, path: Path) -> None:
-        old = json.loads(Path(path).read_text(encoding="utf-8"))
-        if old.get("device") != self.data["device"]:
-            raise ValueError(f"cannot resume {path}: it was measured on {old.get('device')!r}, "
-                             f"this is {self.data['device']!r}")
+        old = load_resumable(path, self.data["device"])
         for row in old.get("rows", []):
-            row.setdefault("run", "resumed")
             self.data["rows"].append(row)
             self.done.add(row_key(row))
         self.data["resumed_from"] = {"commit": old.get("commit"),

@@ -129,3 +129,16 @@ def validate_results(data: Dict[str, object]) -> None:
             raise ValueError(f"results: rows[{i}] has unknown impl {row['impl']!r}")
         if row["dtype"] not in DTYPES or row["layout"] not in ("padded", "packed"):
             raise ValueError(f"results: rows[{i}] has bad dtype/layout")
+
+
+def load_resumable(path, device: str) -> Dict[str, object]:
+    """An earlier results file to resume from: its JSON, every row marked ``run: resumed``
+    unless it already says which run it came from. Refused when it was measured on another
+    device (rows of two machines never share a table)."""
+    old = json.loads(Path(path).read_text(encoding="utf-8"))
+    if old.get("device") != device:
+        raise ValueError(f"cannot resume {path}: it was measured on {old.get('device')!r}, "
+                         f"this is {device!r}")
+    for row in old.get("rows", []):
+        row.setdefault("run", "resumed")
+    return old

@@ -35,6 +35,7 @@ from typing import Dict, List, Optional
 import torch
 
 from benchmarks import peers
+from benchmarks.results import load_resumable
 from benchmarks.step import grid
 from benchmarks.step.batch import StepBatch, build_model, build_optimizer, make_batch
 from benchmarks.step.paths import Unavailable, build_path
@@ -153,12 +154,8 @@ class StepBench:
     def _resume(self, path: Path) -> None:
         """Keeps the measured rows of an earlier results file of the same device (its models'
         records too); only the rows it lacks are measured."""
-        old = json.loads(path.read_text(encoding="utf-8"))
-        if old.get("device") != self.data["device"]:
-            raise ValueError(f"cannot resume {path}: it was measured on {old.get('device')!r}, "
-                             f"this is {self.data['device']!r}")
+        old = load_resumable(path, self.data["device"])
         for row in old.get("rows", []):
-            row.setdefault("run", "resumed")
             self.data["rows"].append(row)
             self.done.add((row["model"], row["tokens"], row["path"]))
         self.data["models"].update(old.get("models", {}))
