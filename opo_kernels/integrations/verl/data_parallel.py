@@ -64,7 +64,7 @@ from collections.abc import Sequence
 from typing import Optional
 
 from .advantages import ESTIMATOR, config_get
-from .policy_loss import check_actor_config
+from .policy_loss import check_actor_config, check_rank_share
 
 logger = logging.getLogger(__name__)
 
@@ -134,12 +134,7 @@ def plan_rank_layout(uids: Sequence, workloads: Sequence[int], *, dp_size: int,
             f"opo_kernels: a batch of {num} responses is not a whole number of mini-batches of "
             f"{mini_batch_rows} (actor.ppo_mini_batch_size x rollout.n): make "
             f"data.train_batch_size a multiple of actor.ppo_mini_batch_size")
-    if mini_batch_rows % dp_size or (mini_batch_rows // dp_size) % size:
-        raise ValueError(
-            f"opo_kernels: a mini-batch of {mini_batch_rows} responses (actor.ppo_mini_batch_size"
-            f" x rollout.n) gives each of the {dp_size} data-parallel ranks "
-            f"{mini_batch_rows / dp_size:g} responses, not whole prompt groups of {size}: set "
-            f"actor.ppo_mini_batch_size to a multiple of {dp_size} (the data-parallel size)")
+    check_rank_share(mini_batch_rows, dp_size, size)
     if micro_batch_rows is not None and micro_batch_rows % size:
         raise ValueError(
             f"opo_kernels: actor.ppo_micro_batch_size_per_gpu={micro_batch_rows} is not a "
