@@ -39,7 +39,6 @@ import torch
 
 from .epilogue import raise_bad_values
 
-DEFERRED = "deferred"
 _CALLS = itertools.count(1)
 
 
@@ -54,11 +53,11 @@ class Deferred:
     """One call's value checks waiting to be read: counts (a host tensor, or the device one
     on the CPU), event (CUDA: the copy's), the call's number and the input it describes."""
 
-    __slots__ = ("counts", "event", "call", "layout", "source", "explain")
+    __slots__ = ("counts", "event", "call", "layout", "source")
 
-    def __init__(self, counts, event, layout: _Layout, source, explain):
+    def __init__(self, counts, event, layout: _Layout, source):
         self.counts, self.event, self.layout = counts, event, layout
-        self.call, self.source, self.explain = next(_CALLS), source, explain
+        self.call, self.source = next(_CALLS), source
 
     def ready(self) -> bool:
         return self.event is None or self.event.query()
@@ -67,7 +66,7 @@ class Deferred:
         if self.event is not None:
             self.event.synchronize()
         try:
-            _raise(self.counts, self.layout, self.explain)
+            raise_bad_values(self.counts, self.layout)
         except ValueError as err:
             name, shape, dtype = self.source
             raise ValueError(f"validate='deferred': the value checks of call {self.call} "
@@ -78,13 +77,6 @@ class Deferred:
 _PENDING: List[Deferred] = []
 
 
-def _raise(errs, batch, explain) -> None:
-    if explain is None:
-        raise_bad_values(errs, batch)
-    else:
-        raise_bad_values(errs, batch, explain)
-
-
 def _source(batch):
     for name in ("logits", "logprobs"):
         t = getattr(batch, name, None)
@@ -93,21 +85,17 @@ def _source(batch):
     return "rewards", tuple(batch.rewards.shape), batch.rewards.dtype
 
 
-def check_values_of(cfg, errs: torch.Tensor, batch, explain=None,
-                    source=None) -> Optional[Deferred]:
+def check_values_of(cfg, errs: torch.Tensor, batch) -> Optional[Deferred]:
     """Reads (validate=True) or defers (validate="deferred") the value-check counts ``errs``
     of a call on ``batch``; first raises for any earlier deferred call's bad input. Returns
-    the call's ``Deferred`` (to read at its backward: ``check_at_backward``) or None.
-    explain: the op's own message for an argument (``raise_bad_values``); source: (name,
-    shape, dtype) of the input the message names (default: the batch's logits or
-    log-probs)."""
+    the call's ``Deferred`` (to read at its backward: ``check_at_backward``) or None."""
     validate = cfg.validate
     if not validate or torch.compiler.is_compiling():
         return None
     if _PENDING:
         check_deferred()
     if validate is True:
-        _raise(errs, batch, explain)
+        raise_bad_values(errs, batch)
         return None
     event = None
     if errs.device.type == "cuda":
@@ -119,8 +107,7 @@ def check_values_of(cfg, errs: torch.Tensor, batch, explain=None,
         event.record()
     else:
         counts = errs
-    entry = Deferred(counts, event, _Layout(batch.vocab, batch.num_seqs),
-                     source if source is not None else _source(batch), explain)
+    entry = Deferred(counts, event, _Layout(batch.vocab, batch.num_seqs), _source(batch))
     _PENDING.append(entry)
     return entry
 
