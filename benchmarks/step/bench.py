@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import datetime
 import gc
-import json
 import platform
 import statistics
 import time
@@ -35,10 +34,12 @@ from typing import Dict, List, Optional
 import torch
 
 from benchmarks import peers
-from benchmarks.results import load_resumable
+from benchmarks.cases import cuda_ok
+from benchmarks.results import device_name, git_commit, load_resumable, slug, write_json
 from benchmarks.step import grid
 from benchmarks.step.batch import StepBatch, build_model, build_optimizer, make_batch
 from benchmarks.step.paths import Unavailable, build_path
+from benchmarks.timers import _quantile
 
 SCHEMA = 1
 
@@ -94,28 +95,13 @@ class HeadTimer:
         self.handle.remove()
 
 
-def _quantile(xs: List[float], q: float) -> float:
-    xs = sorted(xs)
-    pos = q * (len(xs) - 1)
-    lo = int(pos)
-    hi = min(lo + 1, len(xs) - 1)
-    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
-
-
-def _slug(name: str) -> str:
-    import re
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "device"
-
-
 class StepBench:
     """One run: builds each model once, each micro-batch once, and measures the paths in
     order, rewriting the results file after every row."""
 
     def __init__(self, settings: grid.Settings, out_dir: Path):
-        from benchmarks.results import device_name, git_commit
-
         self.settings = settings.check()
-        self.device = torch.device("cuda") if _cuda_ok() else torch.device("cpu")
+        self.device = torch.device("cuda") if cuda_ok() else torch.device("cpu")
         if self.device.type != "cuda" and not settings.tiny:
             raise RuntimeError("the step benchmark's full grid needs a CUDA GPU (TRITON_INTERPRET "
                                "unset); --tiny runs the CPU check")
@@ -124,7 +110,7 @@ class StepBench:
         import transformers
         import triton
         dev = device_name(self.device, settings.tiny)
-        self.path = Path(out_dir) / f"{_slug(dev)}.step.json"
+        self.path = Path(out_dir) / f"{slug(dev)}.step.json"
         self.data: Dict[str, object] = {
             "device": dev, "schema": SCHEMA, "kind": "rl_step",
             "torch": torch.__version__, "triton": triton.__version__,
@@ -163,10 +149,7 @@ class StepBench:
                                      "created_utc": old.get("created_utc")}
 
     def write(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.data, indent=1) + "\n", encoding="utf-8")
-        tmp.replace(self.path)
+        write_json(self.path, self.data)
 
     def out_of_time(self) -> bool:
         budget = self.settings.budget_s
@@ -331,8 +314,3 @@ class StepBench:
         self._step(lp, opt)
         torch.cuda.synchronize()
         return int(torch.cuda.max_memory_allocated() - before)
-
-
-def _cuda_ok() -> bool:
-    from benchmarks.cases import cuda_ok
-    return cuda_ok()
