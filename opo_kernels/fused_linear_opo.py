@@ -51,12 +51,7 @@ from .config import OPOLossConfig, config_from_options
 from .epilogue import ERRORS, Mode, params_tensor, raise_bad_values, run_epilogue, unpack_metrics
 from .inputs import Batch, check_tensor, compute_dtype, prepare
 from .linear_chunks import backward_chunks, forward_chunks, kept_logits, on_policy_chunks
-from .linear_plan import (
-    LinearPlan,
-    check_logits_budget,
-    default_chunk_size,  # noqa: F401  (part of this module's interface: the default chunk)
-    plan_chunks,
-)
+from .linear_plan import LinearPlan, check_logits_budget, plan_chunks
 from .linear_rows import CountedRows, counted_rows, explain_nonfinite
 from .row_launch import Rows
 from .tensor_parallel import config_or_fail_together, prepare_together
@@ -283,9 +278,9 @@ def fused_linear_opo_loss(hidden, weight, labels, ref_logprobs, rewards, *, bias
     reported naming that argument.
 
     chunk_size: counted rows per chunk. Default: the largest power of two whose logits take
-    at most 256 MiB (rows·V·itemsize), clamped to [128, M] (``default_chunk_size``). The
-    backward recomputes logits in blocks of as many logits and cuts the smaller of the rows
-    and V (module docstring).
+    at most 256 MiB (rows·V·itemsize), clamped to [128, M] (``linear_plan.default_chunk_size``).
+    The backward recomputes logits in blocks of as many logits and cuts the smaller of the
+    rows and V (module docstring).
 
     logits_budget: bytes (int >= 0) of logits, in the input dtype, that the general mode keeps
     from forward to backward instead of recomputing them; None = the default, 1 GiB (reasoned

@@ -25,7 +25,6 @@ import torch
 from .config import OPOLossConfig
 from .epilogue import Mode, run_epilogue
 from .inputs import Batch, compute_dtype
-from .linear_plan import default_chunk_size  # noqa: F401  (re-exported: the API's default)
 from .row_launch import Rows, backward_rows, forward_rows, row_outputs
 from .tp_combine import combine_partials, one_pass_chunk
 from .utils import new_output

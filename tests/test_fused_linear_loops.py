@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from linear_problems import B, Problem, T, V, assert_close, compare, grad_atol, run, upstream
 
 import opo_kernels
-import opo_kernels.fused_linear_opo as flo
 import opo_kernels.linear_chunks as chunks
+import opo_kernels.linear_plan as linear_plan
 from opo_kernels import fused_linear_opo_loss, reference
 
 # ---- on-policy (ref_logprobs=None): the one-phase path --------------------------------------
@@ -184,4 +184,4 @@ def test_backward_cuts_the_smaller_dimension():
     (0, 50, torch.float32, 1),
 ])
 def test_default_chunk_size(rows, vocab, dtype, expected):
-    assert flo.default_chunk_size(rows, vocab, 4096, dtype) == expected
+    assert linear_plan.default_chunk_size(rows, vocab, 4096, dtype) == expected
