@@ -39,7 +39,7 @@ pytestmark = pytest.mark.cpu_only  # gloo and the interpreter (conftest.py)
 pytest.importorskip("trl")
 pytest.importorskip("datasets")
 pytest.importorskip("tokenizers")
-transformers = pytest.importorskip("transformers")
+pytest.importorskip("transformers")
 fsdp = pytest.importorskip("torch.distributed.fsdp")
 if not hasattr(fsdp, "fully_shard"):
     pytest.skip("FSDP2 (torch.distributed.fsdp.fully_shard) needs torch >= 2.6",
@@ -51,6 +51,7 @@ from test_trl_integration import (  # noqa: E402
     MICRO,
     PROMPTS,
     TEMPERATURE,
+    make_model,
     make_tokenizer,
     vowel_reward,
 )
@@ -64,16 +65,6 @@ LAYOUTS = {"accelerate": ("accelerate", False, True, "fused_linear"),
            "accelerate-tied": ("accelerate", True, False, "fused_linear"),
            "head-resharded": ("head-resharded", False, True, "fused_linear"),
            "head-resharded-trl-head": ("head-resharded", False, False, "trl_fused_head")}
-
-
-def make_model(vocab_size: int, tied: bool):
-    torch.manual_seed(0)
-    config = transformers.Qwen2Config(
-        vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-        pad_token_id=0, eos_token_id=1, bos_token_id=1, tie_word_embeddings=tied,
-    )
-    return transformers.Qwen2ForCausalLM(config)
 
 
 def make_trainer(model, out_dir, path: str):
@@ -160,7 +151,7 @@ def test_fused_linear_fsdp2_two_ranks(tmp_path):
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     vocab_size = len(make_tokenizer())
     for run, (layout, tied, off_policy, path) in LAYOUTS.items():
-        model = make_model(vocab_size, tied)
+        model = make_model(vocab_size, tied=tied)
         trainer = make_trainer(model, tmp_path, path)
         refs = [loss_and_grads(trainer, model, make_batch(r, vocab_size, off_policy))
                 for r in range(2)]
@@ -237,7 +228,7 @@ def _fsdp_worker(out_dir: str) -> None:
     results = {}
     for run, (layout, tied, off_policy, path) in LAYOUTS.items():
         gathered.clear()
-        model = make_model(vocab_size, tied)
+        model = make_model(vocab_size, tied=tied)
         trainer = make_trainer(model, out_dir, path)
         _shard(model, layout)
         loss, grad_hidden, grads = loss_and_grads(trainer, model,

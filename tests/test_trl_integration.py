@@ -61,12 +61,12 @@ def make_tokenizer():
                                                 eos_token="<eos>")
 
 
-def make_model(vocab_size: int, seed: int = 0):
+def make_model(vocab_size: int, seed: int = 0, tied: bool = False):
     torch.manual_seed(seed)
     config = transformers.Qwen2Config(
         vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-        pad_token_id=0, eos_token_id=1, bos_token_id=1, tie_word_embeddings=False,
+        pad_token_id=0, eos_token_id=1, bos_token_id=1, tie_word_embeddings=tied,
     )
     return transformers.Qwen2ForCausalLM(config)
 
