@@ -9,6 +9,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
+from benchmarks import peers
 from benchmarks.cases import (
     COUNTED_FRACTION,
     DTYPES,
@@ -86,9 +87,7 @@ def make_inputs(shape: Shape, device: torch.device, seed: int, for_ce: bool = Fa
     b, t = batch_geometry(shape)
     lengths = torch.tensor(sequence_lengths(n, b, t, cpu_gen))
     rewards = torch.randn(b, generator=cpu_gen)
-    grouped = rewards.view(-1, GROUP_SIZE)
-    advantages = ((grouped - grouped.mean(1, keepdim=True))
-                  / (grouped.std(1, keepdim=True) + 1e-4)).reshape(-1)
+    advantages = peers.group_advantages(rewards, GROUP_SIZE)
 
     def randn(*size):
         return torch.randn(*size, dtype=dtype, device=device, generator=dev_gen)

@@ -8,6 +8,7 @@ from typing import Dict, Optional
 import torch
 
 from benchmarks.inputs import sequence_lengths
+from benchmarks.peers import group_advantages
 from benchmarks.step.grid import COUNTED_FRACTION, GROUP_SIZE, MODELS, REF_NOISE
 
 
@@ -106,9 +107,7 @@ def make_batch(model, tokens: int, seq_len: int, prompt_len: int, seed: int = 0,
     labels_full = torch.where(is_completion, ids, -100)
     mask = is_completion[:, 1:].long()
     rewards = torch.randn(b, generator=gen)
-    grouped = rewards.view(-1, GROUP_SIZE)
-    advantages = ((grouped - grouped.mean(1, keepdim=True))
-                  / (grouped.std(1, keepdim=True) + 1e-4)).reshape(-1)
+    advantages = group_advantages(rewards, GROUP_SIZE)
     batch = StepBatch(ids.to(device), attention.to(device), labels_full.to(device),
                       ids[:, 1:].contiguous().to(device), mask.to(device), None,
                       rewards.to(device), advantages.to(device), vocab)
