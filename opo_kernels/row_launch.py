@@ -159,14 +159,9 @@ class Rows:
         return cls(batch.labels, batch.mask, batch.seq_ids, batch.ref_logprobs, batch.num_rows,
                    batch.seq_len, batch.num_seqs)
 
-    def args(self, fallback: torch.Tensor):
-        """(labels, its strides, selector, its strides, B) for a launch."""
-        return (self.labels, *small_geometry(self.labels), *self.selector(fallback))
-
     def selector(self, fallback: torch.Tensor):
         """(mask or seq_ids, its strides, B); fallback stands in for an absent mask."""
-        sel = self.sel if self.sel is not None else fallback
-        return (sel, *small_geometry(self.sel), self.num_seqs)
+        return (self.sel if self.sel is not None else fallback, *_selector_geometry(self))
 
     def flags(self):
         return dict(PACKED=self.packed, HAS_MASK=self.mask is not None)
@@ -179,11 +174,8 @@ def row_outputs(num_rows: int, dtype: torch.dtype, device, with_entropy: bool):
             new_output((num_rows,), dtype, device) if with_entropy else None)
 
 
-def _label_geometry(rows: Rows) -> Tuple[int, int]:
-    return small_geometry(rows.labels)
-
-
 def _selector_geometry(rows: Rows) -> Tuple[int, int, int]:
+    """(stride over sequences, over tokens) of mask or seq_ids, then B."""
     return (*small_geometry(rows.sel), rows.num_seqs)
 
 
@@ -207,7 +199,7 @@ class ForwardLaunch:
             vocab, logits.dtype, "onepass" if one_pass else "fwd")
         self.geo = _logits_geometry(logits)
         self.ggeo = ggeo if one_pass else self.geo[1:]
-        self.lab_geo, self.sel_geo = _label_geometry(rows), _selector_geometry(rows)
+        self.lab_geo, self.sel_geo = small_geometry(rows.labels), _selector_geometry(rows)
         self.tail = (rows.T, row_start, vocab, vocab_start, self.num_local, rows.packed,
                      rows.mask is not None, with_entropy, one_pass, partial,
                      acc_type(logits.dtype), block, _wide(block, self.geo[3], self.ggeo[2]),
@@ -277,7 +269,7 @@ class BackwardLaunch:
         self.num_local, vocab = logits.numel() // max(logits.shape[-1], 1), logits.shape[-1]
         block, num_warps, stages = launch_config(vocab, logits.dtype, "bwd")[:3]
         self.geo, self.ggeo = _logits_geometry(logits), ggeo
-        self.lab_geo, self.sel_geo = _label_geometry(rows), _selector_geometry(rows)
+        self.lab_geo, self.sel_geo = small_geometry(rows.labels), _selector_geometry(rows)
         # level "token" reads ref at the row's (b, t); without ref_logprobs (on-policy) the
         # log-probs [N] stand in, read at b·T + t = the row
         self.token_ref = level == "token" and rows.ref is not None
