@@ -12,10 +12,6 @@ from benchmarks import peers
 from benchmarks.cases import DTYPES, GROUP_SIZE, SLICE_IMPLS, Case, Settings, is_linear_impl
 from benchmarks.inputs import Inputs, LinearInputs
 
-# the peers' settings live with their adapters (benchmarks/peers.py)
-LIGER_GSPO_KWARGS = peers.LIGER_GSPO_KWARGS
-LIGER_FUSED_LINEAR_GSPO_KWARGS = peers.LIGER_FUSED_LINEAR_GSPO_KWARGS
-
 
 @dataclass
 class Runner:

@@ -72,7 +72,6 @@ OURS = tuple(p for p in PATHS if p.startswith("opo_"))
 PEERS = tuple(p for p in PATHS if not p.startswith("opo_"))
 # paths whose loss is the OPO loss (checked against the reference); the Liger ones run GSPO
 OPO_MATH = tuple(p for p in PATHS if not p.startswith("liger"))
-FUSED_LINEAR = ("opo_fused_linear", "opo_fused_linear_on_policy", "opo_fused_linear_budget")
 
 
 @dataclass
