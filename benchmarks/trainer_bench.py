@@ -53,13 +53,14 @@ import os
 import platform
 import statistics
 import sys
-import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional
 
 import torch
+
+from benchmarks.step.bench import Clock  # the step benchmark's timer
 
 RUNS = ("grpo", "opo", "opo_fused_linear", "opo_fused_linear_1gib", "opo_trl_fused_head",
         "opo_logits")
@@ -238,29 +239,6 @@ def trainer_inputs(run: str, batch: Dict[str, torch.Tensor], group: int,
 
 
 # ---- the timed steps ---------------------------------------------------------------------------
-
-
-class Clock:
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-
-    def sync(self) -> None:
-        if self.cuda:
-            torch.cuda.synchronize()
-
-    def mark(self):
-        if self.cuda:
-            event = torch.cuda.Event(enable_timing=True)
-            event.record()
-            return event
-        return time.perf_counter()
-
-    def ms(self, a, b) -> float:
-        return float(a.elapsed_time(b)) if self.cuda else (b - a) * 1e3
-
-    @property
-    def name(self) -> str:
-        return "cuda-events (synchronized before each step)" if self.cuda else "host-clock"
 
 
 def _step(trainer, model, opt, inputs, grad_norm: bool = False):
