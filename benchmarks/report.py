@@ -308,28 +308,30 @@ def render_linear_table(data: Dict[str, object]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def replace_between_markers(text: str, table: str) -> Optional[str]:
+def replace_between_markers(text: str, table: str, start: str = START,
+                            end: str = END) -> Optional[str]:
     """`text` with the part between the markers replaced, or None if the markers are missing,
     repeated or out of order."""
-    if text.count(START) != 1 or text.count(END) != 1:
+    if text.count(start) != 1 or text.count(end) != 1:
         return None
-    i, j = text.index(START), text.index(END)
+    i, j = text.index(start), text.index(end)
     if j < i:
         return None
-    return text[: i + len(START)] + "\n" + table.rstrip("\n") + "\n" + text[j:]
+    return text[: i + len(start)] + "\n" + table.rstrip("\n") + "\n" + text[j:]
 
 
-def update_readme(readme, table: str) -> bool:
-    """Writes `table` between the markers of `readme`. Returns True if the file now holds it;
-    False (file untouched) when the file or its markers are missing."""
+def update_readme(readme, table: str, start: str = START, end: str = END) -> bool:
+    """Writes `table` between the markers (by default the perf-table ones) of `readme`.
+    Returns True if the file now holds it; False (file untouched) when the file or its
+    markers are missing."""
     path = Path(readme)
     if not path.is_file():
         print(f"[report] {path} not found: README not updated", file=sys.stderr)
         return False
     text = path.read_text(encoding="utf-8")
-    new = replace_between_markers(text, table)
+    new = replace_between_markers(text, table, start, end)
     if new is None:
-        print(f"[report] {path}: markers {START} / {END} missing or misplaced: "
+        print(f"[report] {path}: markers {start} / {end} missing or misplaced: "
               "README not updated", file=sys.stderr)
         return False
     if new != text:

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
+from benchmarks import report as perf_report
 from benchmarks.step import grid
 
 START = "<!-- step-table:start -->"
@@ -157,17 +158,7 @@ def _fmt(x: Optional[float]) -> str:
 def update_readme(readme, table: str) -> bool:
     """The table between the step-table markers of ``readme``; False (untouched) when the file
     or its markers are missing or misplaced."""
-    path = Path(readme)
-    if not path.is_file():
-        return False
-    text = path.read_text(encoding="utf-8")
-    if text.count(START) != 1 or text.count(END) != 1 or text.index(END) < text.index(START):
-        return False
-    i, j = text.index(START), text.index(END)
-    new = text[: i + len(START)] + "\n" + table.rstrip("\n") + "\n" + text[j:]
-    if new != text:
-        path.write_text(new, encoding="utf-8")
-    return True
+    return perf_report.update_readme(readme, table, START, END)
 
 
 def plot(data: Dict[str, object], out_png) -> Path:
