@@ -201,14 +201,15 @@ def replicated_summary(batch, cfg, agree: Optional[dict] = None,
 
 
 def prepare_together(group, prepare: Callable, vocab_local: int, vocab_start, cfg,
-                     agree: Optional[dict] = None, agree_tensors: Optional[dict] = None):
+                     agree: Optional[dict] = None,
+                     agree_tensors: Optional[Callable[[], dict]] = None):
     """(batch, this rank's vocab_start): ``prepare()`` (the call's own input checks, returning
     an ``inputs.Batch``) on this rank, ``vocab_start`` checked, then ``check_layout``'s
     agreement, so that an error on ONE rank raises on EVERY rank (with cfg.validate, also a
     replicated argument, option or ``agree`` value that differs between ranks); the batch gets
-    the global vocabulary size. ``agree_tensors``: {name: tensor} replicated beyond the
-    batch's, fingerprinted with it (under a name of the batch's, in its place), or a function
-    returning it, called after ``prepare()`` (tensors that prepare() derives)."""
+    the global vocabulary size. ``agree_tensors``: a function returning {name: tensor}
+    replicated beyond the batch's, fingerprinted with it (under a name of the batch's, in its
+    place); called after ``prepare()``, so that it can return tensors that prepare() derives."""
     validate = cfg.validate
     try:
         if vocab_start is not None and (isinstance(vocab_start, bool) or
@@ -218,9 +219,10 @@ def prepare_together(group, prepare: Callable, vocab_local: int, vocab_start, cf
     except (TypeError, ValueError) as err:  # (`err` is deleted when this block is left)
         check_layout(group, vocab_local, vocab_start, -1, err, validate)
         raise  # check_layout re-raised err; not reached
-    if callable(agree_tensors):
-        agree_tensors = agree_tensors()
-    replicated = replicated_summary(batch, cfg, agree, agree_tensors) if validate else None
+    replicated = None
+    if validate:
+        replicated = replicated_summary(batch, cfg, agree,
+                                        None if agree_tensors is None else agree_tensors())
     start, vocab = check_layout(group, vocab_local, vocab_start, batch.num_rows, None, validate,
                                 replicated)
     return dataclasses.replace(batch, vocab=vocab), start
