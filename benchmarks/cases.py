@@ -196,14 +196,20 @@ def cases(settings: Optional[Settings] = None) -> List[Case]:
 
 
 def resolve_out_dir(settings: Settings) -> Path:
-    """The results folder. Tiny (CPU) results never go to benchmarks/results/."""
-    if settings.out_dir is None:
-        if settings.tiny:
+    """The results folder of a run's settings (``out_dir_for``)."""
+    return out_dir_for(settings.out_dir, settings.tiny)
+
+
+def out_dir_for(out_dir: Optional[Path], tiny: bool, prefix: str = "opo-bench-tiny-") -> Path:
+    """The results folder: out_dir, else benchmarks/results/ (tiny: a new temp dir named
+    prefix...). Tiny (CPU) results never go to benchmarks/results/: ValueError."""
+    if out_dir is None:
+        if tiny:
             import tempfile
-            return Path(tempfile.mkdtemp(prefix="opo-bench-tiny-"))
+            return Path(tempfile.mkdtemp(prefix=prefix))
         return RESULTS_DIR
-    out = settings.out_dir.resolve()
-    if settings.tiny and (out == RESULTS_DIR or RESULTS_DIR in out.parents):
+    out = Path(out_dir).resolve()
+    if tiny and (out == RESULTS_DIR or RESULTS_DIR in out.parents):
         raise ValueError(f"tiny-mode results must not be written under {RESULTS_DIR}: "
                          "they are not measurements of a GPU")
     return out

@@ -19,11 +19,10 @@ import argparse
 import os
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 from typing import Optional
 
-from benchmarks.cases import RESULTS_DIR, ROOT, cuda_ok
+from benchmarks.cases import ROOT, cuda_ok, out_dir_for
 from benchmarks.plot import plot
 from benchmarks.report import load, render_table, update_readme
 
@@ -101,12 +100,10 @@ def main(argv=None) -> int:
     if not args.tiny and not cuda_ok():
         ap.error("the full benchmark grid needs a CUDA GPU (and TRITON_INTERPRET unset); "
                  "use --tiny for the CPU check")
-    if args.out is not None:
-        out_dir = args.out.resolve()
-    else:
-        out_dir = Path(tempfile.mkdtemp(prefix="opo-bench-tiny-")) if args.tiny else RESULTS_DIR
-    if args.tiny and (out_dir == RESULTS_DIR or RESULTS_DIR in out_dir.parents):
-        ap.error(f"a tiny (CPU) run must not write under {RESULTS_DIR}")
+    try:
+        out_dir = out_dir_for(args.out, args.tiny)
+    except ValueError as exc:
+        ap.error(str(exc))
     out_dir.mkdir(parents=True, exist_ok=True)
 
     rc = run_suite(args, out_dir)

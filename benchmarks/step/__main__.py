@@ -13,11 +13,10 @@ if not torch.cuda.is_available():
 
 import argparse  # noqa: E402
 import sys  # noqa: E402
-import tempfile  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Optional  # noqa: E402
 
-from benchmarks.cases import RESULTS_DIR, ROOT  # noqa: E402
+from benchmarks.cases import ROOT, cuda_ok, out_dir_for  # noqa: E402
 from benchmarks.step import grid  # noqa: E402
 from benchmarks.step.report import load, plot, render_table, update_readme  # noqa: E402
 
@@ -71,7 +70,6 @@ def main(argv=None) -> int:
         if v is not None}
     if args.no_grad_ckpt:
         kw["grad_ckpt"] = False
-    from benchmarks.cases import cuda_ok
     if not args.tiny and not cuda_ok():
         ap.error("the full grid needs a CUDA GPU (and TRITON_INTERPRET unset); --tiny runs the "
                  "CPU check")
@@ -80,12 +78,10 @@ def main(argv=None) -> int:
                     else grid.Settings(**kw)).check()
     except ValueError as exc:
         ap.error(str(exc))
-    if args.out is not None:
-        out = args.out.resolve()
-    else:
-        out = Path(tempfile.mkdtemp(prefix="opo-step-tiny-")) if args.tiny else RESULTS_DIR
-    if args.tiny and (out == RESULTS_DIR or RESULTS_DIR in out.parents):
-        ap.error(f"a tiny (CPU) run must not write under {RESULTS_DIR}")
+    try:
+        out = out_dir_for(args.out, args.tiny, prefix="opo-step-tiny-")
+    except ValueError as exc:
+        ap.error(str(exc))
     if args.tiny and args.readme is not None and args.readme.resolve() == (
             ROOT / "README.md").resolve():
         ap.error("a tiny (CPU) run must not write the repository README.md")
