@@ -14,6 +14,7 @@ from typing import Callable, Dict
 import torch
 
 from benchmarks import peers
+from benchmarks.cases import interpreter_on
 from benchmarks.step.batch import StepBatch
 
 
@@ -100,7 +101,7 @@ def build_path(name: str, model, b: StepBatch, compile_backend: str) -> LossPath
 
     if name == "liger_logits":
         _need("liger")
-        if device.type != "cuda" and not _interpreter_on():
+        if device.type != "cuda" and not interpreter_on():
             raise Unavailable("Liger's Triton kernels need CUDA or TRITON_INTERPRET=1")
 
         def loss():
@@ -171,8 +172,3 @@ def _torch_opo(backend: str):
     if backend not in _TORCH_OPO:
         _TORCH_OPO[backend] = TorchOPO(backend=backend, dynamic=True)
     return _TORCH_OPO[backend]
-
-
-def _interpreter_on() -> bool:
-    from benchmarks.cases import interpreter_on
-    return interpreter_on()
