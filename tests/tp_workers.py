@@ -156,7 +156,6 @@ def _fused_linear_compare(rank, world, layout, options=None):
     on_policy = options.pop("on_policy", False)
     chunk_bytes = options.pop("chunk_bytes", None)
     V = options.pop("vocab", 19)
-    import opo_kernels
     from opo_kernels import linear_plan
 
     saved = linear_plan._CHUNK_BYTES, linear_plan._MIN_CHUNK
@@ -164,14 +163,15 @@ def _fused_linear_compare(rank, world, layout, options=None):
         linear_plan._CHUNK_BYTES, linear_plan._MIN_CHUNK = chunk_bytes, 1
         options["chunk_size"] = None
     try:
-        _fused_linear_compare_body(rank, world, layout, on_policy, V, options, opo_kernels)
+        _fused_linear_compare_body(rank, world, layout, on_policy, V, options)
     finally:
         linear_plan._CHUNK_BYTES, linear_plan._MIN_CHUNK = saved
 
 
-def _fused_linear_compare_body(rank, world, layout, on_policy, V, options, opo_kernels):
+def _fused_linear_compare_body(rank, world, layout, on_policy, V, options):
     from test_fused_linear_counts import MatmulCounter
 
+    import opo_kernels
     from opo_kernels.linear_plan import plan_chunks
 
     g = torch.Generator().manual_seed(7)
