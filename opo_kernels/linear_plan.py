@@ -41,7 +41,7 @@ _MIN_CHUNK = 128
 DEFAULT_LOGITS_BUDGET = 2**30
 
 
-def default_chunk_size(num_rows: int, vocab: int, hidden_size: int, dtype: torch.dtype) -> int:
+def default_chunk_size(num_rows: int, vocab: int, dtype: torch.dtype) -> int:
     """Rows per chunk: largest power of two with rows·V·itemsize <= 256 MiB, clamped to
     [128, N] (N = number of token rows; at least 1).
 
@@ -50,7 +50,6 @@ def default_chunk_size(num_rows: int, vocab: int, hidden_size: int, dtype: torch
     logits); the [C, H] slices are views of the inputs and outputs, and the fp32 accumulator
     ([N, H] or [V, H], see ``linear_chunks.backward_chunks``) does not depend on C.
     """
-    del hidden_size  # see the docstring: H does not change the chunk's transient memory
     rows = max(_CHUNK_BYTES // max(vocab * dtype.itemsize, 1), 1)
     rows = max(next_power_of_2(rows + 1) // 2, _MIN_CHUNK)  # power of two <= rows
     return max(min(rows, num_rows), 1)
@@ -89,8 +88,7 @@ def plan_chunks(num_rows: int, vocab: int, dtype: torch.dtype, chunk_size, logit
     row_bytes = max(vocab * dtype.itemsize, 1)
     budget = DEFAULT_LOGITS_BUDGET if logits_budget is None else logits_budget
     budget_rows = min(budget // row_bytes, num_rows)
-    chunk = chunk_size if chunk_size is not None else default_chunk_size(num_rows, vocab, 0,
-                                                                          dtype)
+    chunk = chunk_size if chunk_size is not None else default_chunk_size(num_rows, vocab, dtype)
     if one_phase:
         rows = max(min(max(chunk, budget_rows), num_rows), 1)
         rows = cdiv(num_rows, cdiv(num_rows, rows)) if num_rows else 1  # balanced chunks

@@ -184,4 +184,4 @@ def test_backward_cuts_the_smaller_dimension():
     (0, 50, torch.float32, 1),
 ])
 def test_default_chunk_size(rows, vocab, dtype, expected):
-    assert linear_plan.default_chunk_size(rows, vocab, 4096, dtype) == expected
+    assert linear_plan.default_chunk_size(rows, vocab, dtype) == expected
