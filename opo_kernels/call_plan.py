@@ -18,7 +18,7 @@ from typing import Dict, List, NamedTuple, Optional, Tuple
 import torch
 
 from .config import OPOLossConfig
-from .epilogue import METRICS, NUM_ERR, EpilogueLaunch, EpilogueOut, Mode
+from .epilogue import METRICS, NUM_ERR, EpilogueLaunch, EpilogueOut, Mode, params_tensor
 from .inputs import Batch, compute_dtype
 from .row_launch import (
     BackwardLaunch,
@@ -128,27 +128,27 @@ class _Layout:
 class CallPlan:
     """The launches and the workspace layout of one call signature (see the module docstring).
 
-    batch: the call's checked ``Batch`` (only its layout is kept, not its tensors); flags:
-    ``Flags.of(cfg, batch)``; one_pass: the on-policy one-pass mode (a counts-only epilogue,
-    then the forward kernel writes the gradient); cfg: the call's config (the plan is kept
-    for that config object only); params: its ``params_tensor``.
+    batch: the call's checked ``Batch`` (only its layout is kept, not its tensors); cfg: the
+    call's config (the plan is kept for that config object only). The plan derives from them
+    ``flags`` (``Flags.of``), ``params`` (``params_tensor``) and ``one_pass``: the on-policy
+    one-pass mode (a counts-only epilogue, then the forward kernel writes the gradient).
     """
 
-    def __init__(self, batch: Batch, flags: List[int], one_pass: bool,
-                 cfg: Optional[OPOLossConfig] = None, params: Optional[torch.Tensor] = None):
-        self.cfg, self.params, self.flags, self.one_pass = cfg, params, flags, one_pass
-        f = Flags(*flags)
+    def __init__(self, batch: Batch, cfg: OPOLossConfig):
+        self.cfg, self.flags = cfg, Flags.of(cfg, batch)
+        self.params = params_tensor(cfg, batch.logits.device, batch.compute_dtype)
+        self.one_pass = one_pass = batch.ref_logprobs is None and cfg.one_pass_exact
+        f = Flags(*self.flags)
         self.mode, self.with_entropy, self.validate = f.mode, bool(f.with_entropy), bool(
             f.validate)
         self.layout = (batch.vocab, batch.seq_len, batch.num_rows, batch.compute_dtype)
         self.cdtype, self.device = batch.compute_dtype, batch.device
-        self.num_rows, self.labels_shape = batch.num_rows, tuple(batch.labels.shape)
+        self.num_rows = batch.num_rows
         # metadata-only stand-ins (a plan keeps no tensor of the call it was built from)
         rows = Rows(*[_like(t) for t in (batch.labels, batch.mask, batch.seq_ids,
                                          batch.ref_logprobs)],
                     batch.num_rows, batch.seq_len, batch.num_seqs)
-        self.level = ("sequence", "sequence_mean", "token")[self.mode.level]
-        self.coordinates = "ratio" if self.mode.ratio else "log"
+        self.level, self.coordinates = cfg.level, cfg.coordinates
         self.entropy_in_gradient = self.with_entropy and bool(self.mode.bonus)
         # prototypes of the launches whose gradient tensor's geometry varies (by that geometry)
         self._logits = _like(batch.logits)
@@ -158,7 +158,7 @@ class CallPlan:
         self._scale: Dict[tuple, ScaleLaunch] = {}
         self.forward = None if one_pass else ForwardLaunch(self._logits, rows, self.with_entropy,
                                                            device=self.device)
-        lp_geo = small_geometry(torch.empty(self.labels_shape, device="meta"))
+        lp_geo = small_geometry(torch.empty(batch.labels.shape, device="meta"))
         self.epilogue = EpilogueLaunch(batch, self.mode, has_lp=True, lp_geo=lp_geo,
                                        has_ent=self.with_entropy, ent_geo=lp_geo,
                                        validate=self.validate)

@@ -443,9 +443,7 @@ def opo_loss_with_config(logits, labels, ref_logprobs, rewards, cfg: OPOLossConf
         return reference.loss_from_batch(batch, cfg)
     plan = None
     if not compiling:  # eager: a plan, kept for the next call of this signature if it has one
-        plan = CallPlan(batch, Flags.of(cfg, batch),
-                        batch.ref_logprobs is None and cfg.one_pass_exact, cfg,
-                        params_tensor(cfg, logits.device, batch.compute_dtype))
+        plan = CallPlan(batch, cfg)
         if key is not None:
             _CALL_PLANS.put(key, plan)
     return loss_from_batch(batch, cfg, plan)
