@@ -123,7 +123,8 @@ def build_path(name: str, model, b: StepBatch, compile_backend: str) -> LossPath
                                          loss_math="GSPO (Liger has no OPO)"))
 
     if name == "torch_compiled":
-        # dynamic shapes: one compiled graph for every micro-batch size and vocabulary of a run
+        # static shapes, as the kernel-level suite compiles it: a graph specialized to each
+        # micro-batch size and vocabulary (its compile falls in the warm-up steps)
         opo = _torch_opo(compile_backend)
         prepared = opo.prepare(b.labels, b.old_logprobs, b.rewards, vocab_size=b.vocab,
                                mask=b.mask, group_size=b.group_size)
@@ -170,5 +171,5 @@ def _torch_opo(backend: str):
     """One strong-torch OPO per backend and process (its compiled graph is reused)."""
     from benchmarks.peers_torch import TorchOPO
     if backend not in _TORCH_OPO:
-        _TORCH_OPO[backend] = TorchOPO(backend=backend, dynamic=True)
+        _TORCH_OPO[backend] = TorchOPO(backend=backend, dynamic=False)
     return _TORCH_OPO[backend]
