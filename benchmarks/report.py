@@ -285,7 +285,7 @@ def render_linear_table(data: Dict[str, object]) -> str:
         "default fp32 matmul precision (TF32 off) and with TF32 on (_tf32).",
         "",
         "| layout | B | T | H | V | N | impl | floor matmuls | ms | TFLOP/s | × floor "
-        "| × floor (rows) | extra peak MiB | ms ÷ fused_linear |",
+        "| × floor (rows) | extra peak MiB | ms ÷ opo_kernels_fused_linear |",
         "|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
