@@ -370,7 +370,7 @@ def fused_linear_opo_loss_with_config(hidden, weight, labels, ref_logprobs, rewa
         t is not None and t.requires_grad for t in (hidden, weight, bias))
     # on-policy: one phase, also vocabulary-parallel (see on_policy_chunks)
     one_phase = rows.batch.ref_logprobs is None and wants_grad and cfg.one_pass_exact
-    plan = plan_chunks(rows.num_rows, vocab, hidden.dtype, chunk_size, logits_budget,
+    plan = plan_chunks(rows.batch.num_rows, vocab, hidden.dtype, chunk_size, logits_budget,
                        one_phase, wants_grad)
     loss, metrics = FusedLinearOPOFunction.apply(hidden, weight, bias, hidden_c, rows, cfg,
                                                  plan, tp)

@@ -35,15 +35,14 @@ class CountedRows:
     where:       the index tensors that select them from hidden ([B, T, H] padded: (b, t),
                  each [M]; [N, H] packed: (row,)), in row-major order; None when every row
                  counts (then ``batch`` is the caller's own batch and nothing is copied);
-    batch:       the ``inputs.Batch`` of the M rows (packed: seq_ids = each row's sequence);
-    num_rows:    M;
+    batch:       the ``inputs.Batch`` of the M rows (packed: seq_ids = each row's sequence;
+                 num_rows = M);
     mask_errors: 0-dim count of padded mask values other than 0/1 (with validate=True, when
                  rows were dropped), else None.
     """
 
     where: Optional[Tuple[torch.Tensor, ...]]
     batch: Batch
-    num_rows: int
     mask_errors: Optional[torch.Tensor] = None
 
     def gather(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -71,7 +70,7 @@ def counted_rows(batch: Batch, validate: bool) -> CountedRows:
     the epilogue reports it as out of range). ONE host sync (``torch.nonzero``) unless a
     padded call has no mask."""
     if batch.mask is None and batch.seq_ids is None:  # padded, every row counts: no sync
-        return CountedRows(None, batch, batch.num_rows)
+        return CountedRows(None, batch)
     if batch.seq_ids is None:
         where = torch.nonzero(batch.mask, as_tuple=True)  # (b, t); the host sync
         seq = where[0]
@@ -80,7 +79,7 @@ def counted_rows(batch: Batch, validate: bool) -> CountedRows:
         seq = batch.seq_ids[where]
     num_rows = where[0].shape[0]
     if num_rows == batch.num_rows:  # nothing to drop: the caller's batch (its own checks)
-        return CountedRows(None, batch, num_rows)
+        return CountedRows(None, batch)
     mask_errors = None
     if validate and batch.mask is not None:
         mask_errors = ((batch.mask != 0) & (batch.mask != 1)).sum()
@@ -88,7 +87,7 @@ def counted_rows(batch: Batch, validate: bool) -> CountedRows:
         batch, logits=None, labels=batch.labels[where], mask=None, seq_ids=seq,
         ref_logprobs=None if batch.ref_logprobs is None else batch.ref_logprobs[where],
         seq_len=None, num_rows=num_rows)
-    return CountedRows(where, compact, num_rows, mask_errors)
+    return CountedRows(where, compact, mask_errors)
 
 
 def explain_nonfinite(hidden_rows: torch.Tensor, weight: torch.Tensor,
