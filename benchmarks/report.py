@@ -143,10 +143,13 @@ def render_table(data: Dict[str, object]) -> str:
     if not rows and not linear:
         lines.append("| – | – | – | – | (no rows) | – | – | – | – | – | – | – |")
     for h in headline(data):
+        x = h["vs_torch"]  # torch_compiled ms ÷ opo_kernels ms: below 1 when ours is slower
         lines.append("")
         lines.append(
             f"At N={h['N']} V={h['V']} {SHORT_DTYPE.get(h['dtype'], h['dtype'])} {h['layout']}: "
-            f"opo_kernels is {h['vs_torch']:.2f}× faster than the strong-torch baseline "
+            + (f"opo_kernels is {x:.2f}× faster than" if x >= 1 else
+               f"opo_kernels is {1 / x:.2f}× slower than")
+            + " the strong-torch baseline "
             f"(torch_compiled), {h['vs_compile_ref']}× the compiled reference's time and "
             f"{h['vs_eager_ref']}× the eager reference's (readable, slow).")
     host = [r for r in rows if r.get("host_ms") is not None]

@@ -193,6 +193,10 @@ def test_report_table_and_readme(tmp_path):
     assert ("opo_kernels is 2.00× faster than the strong-torch baseline (torch_compiled), "
             "4.00× the compiled reference's time and 8.00× the eager reference's") in table
     assert "| liger_gspo | 1.500 |" in table and "| – | – |" in table  # no ours at N=128
+    # and a headline where ours is the slower one says so
+    slower = report.render_table(_results([_row(ms=3.0), _row("torch_compiled", ms=2.0),
+                                           _row("compile", ms=4.0), _row("eager", ms=8.0)]))
+    assert "opo_kernels is 1.50× slower than the strong-torch baseline (torch_compiled)" in slower
     assert "estimated 200 GiB" in table
 
     readme = tmp_path / "README.md"
