@@ -252,13 +252,16 @@ def config_from_options(options: Dict[str, object]) -> OPOLossConfig:
     passes the same options every step: eager calls remember the (immutable) config per option
     set, keyed by each value's type as well (``True`` and ``1`` are different options). Bad
     options raise every time (nothing is stored before the config validates); unhashable
-    values (a list) and traced calls (torch.compile, whose values may be symbolic) build it
-    afresh."""
+    values (a list), tensors (e.g. ``weights``: hashed by identity, a new one every step, so a
+    stored entry would never be found again and would keep the tensor alive) and traced calls
+    (torch.compile, whose values may be symbolic) build it afresh."""
     if torch.compiler.is_compiling():
+        return OPOLossConfig(**options)
+    values = tuple(options.values())
+    if any(isinstance(v, torch.Tensor) for v in values):
         return OPOLossConfig(**options)
     try:
         # names in the caller's order (another order is another entry), values with their types
-        values = tuple(options.values())
         key = (tuple(options), values, tuple(map(type, values)))
         config = _FROM_OPTIONS.get(key)
     except TypeError:  # an unhashable value

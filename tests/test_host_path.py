@@ -43,6 +43,17 @@ def test_unhashable_option_values_are_validated_afresh():
     assert not any(isinstance(v, list) for key in config._FROM_OPTIONS for v in key[1])
 
 
+def test_tensor_option_values_are_not_remembered():
+    """A weights tensor changes every step: remembering it would only keep it alive."""
+    before = len(config._FROM_OPTIONS)
+    for _ in range(3):
+        weights = torch.rand(4)
+        cfg = config_from_options(dict(weights=weights))
+        assert cfg.weights is weights
+    assert len(config._FROM_OPTIONS) == before
+    assert not any(isinstance(v, torch.Tensor) for key in config._FROM_OPTIONS for v in key[1])
+
+
 def test_remembered_launch_config_is_the_table_and_override_still_wins(monkeypatch):
     for vocab in (7, 1000, 32003, 151936):
         for dtype in (torch.bfloat16, torch.float32, torch.float64):
