@@ -61,6 +61,7 @@ from typing import Dict, List, Optional
 import torch
 
 from benchmarks.step.bench import Clock  # the step benchmark's timer
+from benchmarks.timers import _quantile  # the same quantiles as the other benchmarks
 
 RUNS = ("grpo", "opo", "opo_fused_linear", "opo_fused_linear_1gib", "opo_trl_fused_head",
         "opo_logits")
@@ -304,8 +305,8 @@ def measure(run: str, schedule: str, s: Settings, out_dir: Path, device: torch.d
             "loss_path": getattr(trainer, "opo_loss_path", "trl_fused_head"),
             "B": s.micro_batch, "seq_len": s.seq_len, "tokens": s.micro_batch * s.seq_len,
             "counted": counted, "step_ms": statistics.median(times),
-            "step_ms_p20": times[int(0.2 * (len(times) - 1))],
-            "step_ms_p80": times[int(0.8 * (len(times) - 1))], "steps": len(times),
+            "step_ms_p20": _quantile(times, 0.2), "step_ms_p80": _quantile(times, 0.8),
+            "steps": len(times),
             "peak_mem_bytes": peak, "base_mem_bytes": base, "first_loss": float(first_loss),
             "first_grad_norm": first_norm, "timer": clock.name,
         }
