@@ -83,13 +83,17 @@ def _raise_bad_values(errs: torch.Tensor, rows: CountedRows, hidden_c, weight, b
     weight or bias (``explain_nonfinite``)."""
     if rows.mask_errors is not None:
         errs[ERRORS.index("mask")] += rows.mask_errors.to(errs.dtype)
+    raise_bad_values(errs, rows.batch, explain=_explain_logits(hidden_c, weight, bias, group))
 
+
+def _explain_logits(hidden_c, weight, bias, group=None):
+    """The value checks' ``explain``: non-finite logits reported as hidden, weight or bias
+    (``explain_nonfinite``), every other argument with the default message."""
     def explain(name, count):
         if name == "logits":
             return explain_nonfinite(hidden_c, weight, bias, count, group)
         return None
-
-    raise_bad_values(errs, rows.batch, explain=explain)
+    return explain
 
 
 def _take_held(ctx, hidden_c, weight, bias) -> Optional[torch.Tensor]:
@@ -388,15 +392,10 @@ def _torch_reference(hidden, weight, bias, rows: CountedRows, cfg: OPOLossConfig
         raise ValueError(f"mask: {rows.mask_errors.item()} mask value(s) other than 0/1")
     hidden_c = rows.gather(hidden)
     logits = torch.nn.functional.linear(hidden_c, weight, bias)
-    try:
-        return reference.loss_from_batch(dataclasses.replace(rows.batch, logits=logits), cfg)
-    except ValueError as err:  # the reference names the logits: name what was passed
-        if not str(err).startswith("logits:"):
-            raise
-        bad = int(str(err).split()[1])
-        message = explain_nonfinite(hidden_c.detach(), weight.detach(),
-                                    None if bias is None else bias.detach(), bad)
-    raise ValueError(message)
+    explain = _explain_logits(hidden_c.detach(), weight.detach(),
+                              None if bias is None else bias.detach())
+    return reference.loss_from_batch(dataclasses.replace(rows.batch, logits=logits), cfg,
+                                     explain)
 
 
 def _prepare_parallel(hidden, weight, bias, labels, ref_logprobs, rewards, cfg, group,

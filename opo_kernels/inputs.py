@@ -290,7 +290,8 @@ def _prepare_rows(rows, what, device, cdtype, vocab: int, ref_logprobs, rewards,
     )
 
 
-def check_values(batch: Batch, lse: Optional[torch.Tensor], logprobs: torch.Tensor) -> None:
+def check_values(batch: Batch, lse: Optional[torch.Tensor], logprobs: torch.Tensor,
+                 explain=None) -> None:
     """The data-dependent checks of docs/spec.md "Bad input and edge cases", with ONE host sync.
 
     lse, logprobs: [N] from the forward pass (any value on rows that are not counted); for the
@@ -298,6 +299,8 @@ def check_values(batch: Batch, lse: Optional[torch.Tensor], logprobs: torch.Tens
     Non-finite logits are found from the per-row logsumexp (+inf or NaN anywhere in the row
     makes it non-finite) and from the label's log-prob (a −inf label logit), so no extra pass
     over [N, V] is needed. −inf logits elsewhere (a masked vocabulary) are allowed.
+    explain(name, count): an op's own message for that argument, or None for the default (as
+    ``epilogue.raise_bad_values`` takes it: the fused-linear op names hidden, weight or bias).
     """
     counted = batch.counted
     vocab = batch.vocab
@@ -341,4 +344,5 @@ def check_values(batch: Batch, lse: Optional[torch.Tensor], logprobs: torch.Tens
     # seq_ids out of range are reported first: they would make every other index wrong
     if "seq_ids" in found:
         name, n = "seq_ids", found["seq_ids"]
-    raise ValueError(f"{name}: {n} {messages[name]}")
+    message = None if explain is None else explain(name, n)
+    raise ValueError(message if message is not None else f"{name}: {n} {messages[name]}")

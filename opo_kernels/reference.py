@@ -212,8 +212,9 @@ def _rewards_weights(batch: Batch):
     return batch.rewards.to(batch.compute_dtype), batch.group, weights
 
 
-def loss_from_batch(batch: Batch, cfg: OPOLossConfig):
-    """The reference on prepared inputs (see ``inputs.prepare``); the torch backend."""
+def loss_from_batch(batch: Batch, cfg: OPOLossConfig, explain=None):
+    """The reference on prepared inputs (see ``inputs.prepare``); the torch backend.
+    explain: the value checks' own messages (``inputs.check_values``)."""
     if cfg.inplace_backward:
         # autograd's backward cannot write into the logits. Say so rather than let a memory
         # plan built on it pass silently (the logits stay unchanged)
@@ -233,7 +234,7 @@ def loss_from_batch(batch: Batch, cfg: OPOLossConfig):
         lse_all = torch.zeros(batch.num_rows, dtype=lse.dtype, device=lse.device)
         lp_all = lse_all.clone()
         check_values(batch, lse_all.index_copy(0, rows, lse.detach()),
-                     lp_all.index_copy(0, rows, logprobs.detach()))
+                     lp_all.index_copy(0, rows, logprobs.detach()), explain)
     if batch.ref_logprobs is None:  # on-policy: π_ref is the detached current policy
         ref = logprobs.detach()
     else:
