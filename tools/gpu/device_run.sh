@@ -23,21 +23,25 @@
 #          NCCL over the GPUs present; on one GPU, a group of one rank at the slice sizes of
 #          tp = 2 and 8), ~1-2 minutes
 #   all    check, then bench, then tp (a CUDA machine with no time limit)
-#   verify ONE call of ~5 min (OPO_DEADLINE_S, default 300 s), before any measurement on a
+#   verify ONE call of ~5.5 min (OPO_DEADLINE_S, default 330 s), before any measurement on a
 #          machine that has not run the current code: the whole test suite on CUDA (compiled
 #          kernels; the remembered-launch path of opo_kernels/launches.py is checked against
 #          Triton's own, bit for bit, by tests/test_launch_cache_gpu.py), the self-check, the
 #          host-time profile (benchmarks/host_profile.py), then OPOTrainer on CUDA
-#          (tools/gpu/trl_check.py, bf16, every loss path; needs the trl/datasets wheels).
-#          Returns log.txt, suite.xml, host_profile.json (+ traces), <device>.trl_check.json.
-#          In a 15-minute session: `verify` (limit 330 s), then `step` with
+#          (tools/gpu/trl_check.py, bf16, every loss path; needs the trl/datasets wheels),
+#          then OPOTrainer's default against GRPOTrainer's (benchmarks/trainer_bench.py, rows
+#          OPO_TRAINER_RUNS, default grpo,opo, on- and off-policy).
+#          Returns log.txt, suite.xml, host_profile.json (+ traces), <device>.trl_check.json,
+#          <device>.trainer.json. In a 15-minute session: `verify` (limit 360 s), then `step` with
 #          OPO_DEADLINE_S=<seconds left - 90>.
 #   step   ONE call of ~9.5 min (OPO_DEADLINE_S, default 560 s): the RL-step benchmark
 #          (benchmarks/step: Qwen2.5-0.5B- and Llama-3.2-1B-shaped models, 8k/4k/16k-token
 #          micro-batches, every loss path, ours and the peers'), then the fused-linear rows
 #          with their peers at both shapes (padded B16 T1024 H4096 V128256, packed N4096), then
 #          the kernel-level fair rows at the target logits shape (strong torch, ours, Liger,
-#          the reference). Needs the peers' wheels (fetch_wheels.sh). Returns 5 files:
+#          the reference), then the trainer micro-batch rows (N 1024/2048/4096, V 32000 and
+#          151936, bf16, padded and packed: ours, Liger's cross-entropy and GRPO loss, with the
+#          host-time column) in what is left, into the same fair file. Needs the peers' wheels (fetch_wheels.sh). Returns 5 files:
 #          log.txt, <device>.step.json/.step.md, <device>.fair.json/.fair.md (the figures are
 #          made back home: python -m benchmarks.step --report-only ..., python -m
 #          benchmarks.run --report-only ...). Arguments after the stage go to benchmarks.step.
@@ -86,7 +90,7 @@ esac
 start_all=$(date +%s)
 case "$stage" in lease) deadline_s=${OPO_DEADLINE_S:-540};; rest) deadline_s=${OPO_DEADLINE_S:-200};;
   again) deadline_s=${OPO_DEADLINE_S:-280};; step) deadline_s=${OPO_DEADLINE_S:-560};;
-  verify) deadline_s=${OPO_DEADLINE_S:-300};;
+  verify) deadline_s=${OPO_DEADLINE_S:-330};;
   *) deadline_s=${OPO_DEADLINE_S:-1000000};; esac
 # cap WANT RESERVE: WANT seconds, cut so that RESERVE seconds are still left before the deadline
 cap() {
@@ -235,14 +239,17 @@ run_step_bench() {  # $1: budget (no new row after it), $2: time limit, then ste
 
 # the kernel-level rows of the step stage, into /tmp/opo_kbench, copied out as <device>.fair.*
 KBENCH=/tmp/opo_kbench
-run_kernel_rows() {  # $1: linear | fair, $2: budget, $3: time limit
+run_kernel_rows() {  # $1: linear | fair | host, $2: budget, $3: time limit
   local what=$1 budget=$2 limit=$3 impls k resume=()
   if [ "$what" = linear ]; then
     impls=opo_kernels_fused_linear,opo_kernels_fused_linear_on_policy,opo_kernels_fused_linear_budget,opo_kernels_materialized,cce,trl_head,liger_fused_linear_gspo_tf32,liger_fused_linear_gspo
     k=H4096
-  else
+  elif [ "$what" = fair ]; then
     impls=torch_compiled,opo_kernels,opo_kernels_inplace,opo_kernels_grad_to_base,opo_kernels_model_slice,liger_gspo,compile,eager
     k=N16384-V151936-bf16-padded
+  else  # host: the trainer micro-batch rows, with the host-time column (eager - replay)
+    impls=opo_kernels,liger_ce,liger_gspo
+    k="(N1024- or N2048- or N4096-) and bf16 and not V128256"
   fi
   local prev
   prev=$(ls -t "$KBENCH"/*.json 2>/dev/null | grep -v pytest-benchmark | head -1)
@@ -275,6 +282,14 @@ run_trl_check() {  # OPOTrainer on CUDA, every loss path, bf16 (the trainer's de
     2>&1 | tee -a "$log"
   local trc=${PIPESTATUS[0]}
   echo "[device_run] trl check exit code $trc" | tee -a "$log"
+  keep "$trc"
+}
+
+run_trainer_bench() {  # OPOTrainer's default against GRPOTrainer's default, both schedules
+  timeout -s INT -k 10 "$1" python3 -m benchmarks.trainer_bench --out "$out_dir" \
+    --runs "${OPO_TRAINER_RUNS:-grpo,opo}" 2>&1 | tee -a "$log"
+  local trc=${PIPESTATUS[0]}
+  echo "[device_run] trainer bench exit code $trc" | tee -a "$log"
   keep "$trc"
 }
 
@@ -331,15 +346,18 @@ case "$stage" in
     # logits rows what is left (no row starts in the last 40 s)
     run_step_bench "$(cap 270 250)" "$(cap 320 220)" "$@"
     run_kernel_rows linear "$(cap 90 130)" "$(cap 130 90)"
-    run_kernel_rows fair "$(cap 100000 40)" "$(cap 100000 15)"
+    run_kernel_rows fair "$(cap 60 70)" "$(cap 100 50)"
+    run_kernel_rows host "$(cap 100000 25)" "$(cap 100000 10)"
     ;;
   verify)
-    # worst case at the default 300 s: suite 180 (+30 s to stop), self-check 20, the host
-    # profile 60, OPOTrainer on CUDA in what is left
-    run_suite "$(cap 180 110)"
-    run_selfcheck "$(cap 20 90)"
-    run_host_profile "$(cap 60 30)"
-    run_trl_check "$(cap 100000 5)"
+    # worst case at the default 330 s: suite 180 (+30 s to stop), self-check 20, the host
+    # profile 60, OPOTrainer on CUDA <= 60, OPOTrainer's default against GRPOTrainer's
+    # (benchmarks/trainer_bench.py, rows grpo and opo, both schedules) in what is left
+    run_suite "$(cap 180 140)"
+    run_selfcheck "$(cap 20 120)"
+    run_host_profile "$(cap 60 90)"
+    run_trl_check "$(cap 60 40)"
+    run_trainer_bench "$(cap 100000 5)"
     ;;
   tp) run_tp 240 ;;
 esac
