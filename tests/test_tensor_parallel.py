@@ -6,29 +6,23 @@ on-policy, uneven slices given by vocab_start, and the fused-linear head. Bad in
 must raise on every rank, within a deadline (a rank left waiting in a collective would hang).
 """
 
-import socket
 import time
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 import tp_workers
+from ports import free_port
 
 from opo_kernels import linear_chunks
 
 pytestmark = pytest.mark.cpu_only  # CPU-side code / the interpreter (conftest.py)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_ranks(fn, world: int, *args, deadline: float = 300.0):
     """Spawns `world` ranks of fn(rank, world, port, *args); fails on any rank's error or if
     they are not all done by the deadline (a hang)."""
-    context = mp.spawn(fn, args=(world, _free_port(), *args), nprocs=world, join=False)
+    context = mp.spawn(fn, args=(world, free_port(), *args), nprocs=world, join=False)
     stop = time.monotonic() + deadline
     while not context.join(timeout=5):
         if time.monotonic() > stop:

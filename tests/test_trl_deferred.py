@@ -14,12 +14,12 @@ its checks at the call).
 import itertools
 import os
 import re
-import socket
 import time
 
 import pytest
 import torch
 import torch.multiprocessing as mp
+from ports import free_port
 
 pytestmark = pytest.mark.cpu_only  # CPU-side code / the interpreter (conftest.py)
 
@@ -147,12 +147,6 @@ def test_evaluation_calls_raise_at_the_end_of_evaluation(tmp_path):
 # ---- agreed over processes -----------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _rank(rank: int, world: int, port: int, bad_rank: int) -> None:
     """One process: a good deferred loss call and the agreed check (no error), then a
     deferred call with bad input on ``bad_rank`` and the agreed check (an error on each)."""
@@ -195,7 +189,7 @@ def _rank(rank: int, world: int, port: int, bad_rank: int) -> None:
 
 
 def test_every_process_raises_when_one_found_bad_input():
-    context = mp.spawn(_rank, args=(2, _free_port(), 1), nprocs=2, join=False)
+    context = mp.spawn(_rank, args=(2, free_port(), 1), nprocs=2, join=False)
     stop = time.monotonic() + 300
     while not context.join(timeout=5):
         if time.monotonic() > stop:

@@ -19,7 +19,6 @@ import json
 import logging
 import math
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -31,6 +30,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from ports import free_port
 
 pytestmark = pytest.mark.cpu_only  # CPU-side code (conftest.py)
 
@@ -356,16 +356,10 @@ def test_loss_refuses_a_rank_share_of_partial_groups():
 # ------------------------------------------------- one real actor update at two ranks
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_ranks(script: Path, workdir: Path, world: int = 2, timeout: float = 300.0):
     """Start one process per rank; if one fails, stop the others at once (they would wait in a
     collective until gloo's timeout); return (return codes, logs)."""
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
            "WORLD_SIZE": str(world), "LOCAL_WORLD_SIZE": str(world), "OMP_NUM_THREADS": "1"}
     logs = [workdir / f"rank{r}.log" for r in range(world)]
     command = [sys.executable, str(script), str(workdir), str(workdir / "out.json")]

@@ -24,7 +24,6 @@ import json
 import os
 import re
 import shlex
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -32,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from ports import free_port
 
 pytestmark = pytest.mark.cpu_only  # CPU-side code / the interpreter (conftest.py)
 
@@ -343,18 +343,12 @@ def test_core_package_does_not_import_verl():
 # ------------------------------------------------------------ one real actor update on CPU
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_real_update_step_gradient_equals_reference(tmp_path):
     """verl's actor update (TrainingWorker.train_mini_batch -> FSDP2 engine -> ppo_loss -> our
     loss -> backward -> SGD step) on a tiny Qwen2: the step's gradient, (θ_before −
     θ_after)/lr, equals the gradient of Σ_mb rows/global_batch_size · OPO(mb) computed by
     autograd through opo_kernels.reference on a plain HF forward of the same weights."""
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
            "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1"}
     out = tmp_path / "result.json"
     proc = subprocess.run([sys.executable, str(ENGINE_STEP), str(tmp_path), str(out)], env=env,
