@@ -21,11 +21,15 @@ The remembered variant is only used when it is the one Triton would pick:
   (tensors elsewhere, or a machine without a driver), a wrapped ``run`` or a stand-in kernel
   (profilers, the launch-counting tests, recorders), launch hooks set in ``triton.knobs``,
   and ``OPO_KERNELS_LAUNCH_CACHE=0`` in the environment.
+- a direct launch that Triton's runner refuses before launching (a calling convention this
+  module has not seen: TypeError, AttributeError, ...) turns the cache off for the process,
+  with a RuntimeWarning, and the launch goes through ``kernel[grid]`` as usual.
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Dict, Optional, Tuple
 
 import triton
@@ -72,6 +76,20 @@ def _direct_ok(kernel) -> bool:
             and knobs.runtime.launch_exit_hook is None)
 
 
+# what Triton's Python runner or its C launcher raise for arguments they cannot take, before
+# the kernel is launched
+_REFUSED = (TypeError, AttributeError, ValueError, IndexError, KeyError)
+
+
+def _turn_off(err: Exception) -> None:
+    global ENABLED
+    ENABLED = False
+    warnings.warn(f"opo_kernels: launching a remembered Triton kernel directly failed "
+                  f"({type(err).__name__}: {err}); every launch now takes Triton's own path "
+                  f"(Triton {triton.__version__}; OPO_KERNELS_LAUNCH_CACHE=0 does this from the "
+                  "start)", RuntimeWarning, stacklevel=3)
+
+
 class Launch:
     """One kernel launch of a fixed signature: ``Launch(kernel, grid, num_warps)(*args)``.
 
@@ -100,7 +118,12 @@ class Launch:
                *[args[i].data_ptr() % 16 == 0 for i in self.tensor_slots])
         compiled = self.compiled.get(key)
         if compiled is not None and _direct_ok(self.kernel):
-            compiled[self.grid3](*args)
+            try:
+                compiled[self.grid3](*args)
+                return
+            except _REFUSED as err:  # raised before the launch: Triton's own path instead
+                _turn_off(err)
+            self.kernel[self.grid](*args, **self.options)
             return
         compiled = self.kernel[self.grid](*args, **self.options)
         # remembered only when it takes the arguments as passed (one per declared parameter)

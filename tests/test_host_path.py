@@ -305,6 +305,29 @@ def test_a_kernel_taking_other_arguments_is_never_remembered(direct_launches):
     assert [e[0] for e in kernel.log] == ["triton", "triton"]
 
 
+def test_a_direct_launch_the_runner_refuses_falls_back_once_and_for_all(direct_launches):
+    """A Triton whose compiled-kernel runner takes other arguments (a calling convention not
+    checked here) must not break the loss: that launch and every later one take Triton's own
+    path, with a warning."""
+    kernel = _Kernel(2)
+    launch = launches.Launch(kernel, (1,), 4)
+    x = torch.zeros(4)
+    launch(x, 1)
+
+    class Refusing(_Compiled):
+        def __getitem__(self, grid):
+            def runner(*args):
+                raise TypeError("function takes exactly 14 arguments")
+            return runner
+    (key,) = launch.compiled
+    launch.compiled[key] = Refusing(2, kernel.log)
+    with pytest.warns(RuntimeWarning, match="every launch now takes Triton's own path"):
+        launch(x, 1)
+    assert not launches.ENABLED
+    launch(x, 1)
+    assert [e[0] for e in kernel.log] == ["triton", "triton", "triton"]
+
+
 def test_every_launch_passes_every_parameter_positionally(monkeypatch):
     """What the remembered variant relies on: the launchers pass each kernel all of its
     parameters, in order, constexprs included (so Triton's bound arguments are the ones

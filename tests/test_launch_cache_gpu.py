@@ -49,6 +49,7 @@ def test_direct_launches_compute_what_triton_s_path_computes(layout, on_policy, 
     before = direct_count[0]
     second = _step(p, p.logits, on_policy, **options)
     assert direct_count[0] > before  # the second call of the signature skipped the binder
+    assert launches.ENABLED  # and no direct launch was refused (launches._turn_off)
     monkeypatch.setattr(launches, "ENABLED", False)
     plain = _step(p, p.logits, on_policy, **options)
     for a, b, c in zip(first, second, plain):
@@ -71,7 +72,7 @@ def test_another_alignment_gets_its_own_variant(direct_count, monkeypatch):
         return loss, grad
 
     results = [step(offset) for offset in (0, 1, 0, 1)]
-    assert direct_count[0] > 0
+    assert direct_count[0] > 0 and launches.ENABLED
     monkeypatch.setattr(launches, "ENABLED", False)
     for offset in (0, 1):
         plain = step(offset)
