@@ -29,10 +29,12 @@ IMPLS = ("opo_kernels", "opo_kernels_inplace", "torch_compiled", "eager", "compi
          "liger_gspo", "liger_ce", *SLICE_IMPLS)
 # from hidden states: loss and gradients for hidden and weight (run at the fused-linear shapes).
 # budget: fused_linear_opo_loss holding every chunk's logits (logits_budget=, when it exists);
-# cce / trl_head: the peer's per-token log-probs + opo_loss_from_logprobs (benchmarks/peers.py)
+# cce / trl_head: the peer's per-token log-probs + opo_loss_from_logprobs (benchmarks/peers.py);
+# cce_filtered: cut-cross-entropy at its default gradient filter (CUDA only), last: a setting
+# whose gradient skips blocks, shown beside the exact comparison, not in the targets
 LINEAR_IMPLS = ("opo_kernels_fused_linear", "opo_kernels_fused_linear_on_policy",
                 "opo_kernels_fused_linear_budget", "opo_kernels_materialized", "cce", "trl_head",
-                "liger_fused_linear_gspo", "liger_fused_linear_gspo_tf32")
+                "liger_fused_linear_gspo", "liger_fused_linear_gspo_tf32", "cce_filtered")
 # the matmuls of each fused-linear implementation's floor (2·N·H·V FLOPs each, N counted):
 # logits, logits again in backward, ∂hidden, ∂weight; 3 when the backward need not recompute
 # the logits (on-policy: the gradient is formed while a chunk's logits are in hand; logits
@@ -40,7 +42,7 @@ LINEAR_IMPLS = ("opo_kernels_fused_linear", "opo_kernels_fused_linear_on_policy"
 LINEAR_FLOOR_MATMULS = {"opo_kernels_fused_linear": 4, "opo_kernels_fused_linear_on_policy": 3,
                         "opo_kernels_fused_linear_budget": 3, "opo_kernels_materialized": 3,
                         "cce": 4, "trl_head": 4, "liger_fused_linear_gspo": 4,
-                        "liger_fused_linear_gspo_tf32": 4}
+                        "liger_fused_linear_gspo_tf32": 4, "cce_filtered": 4}
 OPTIONAL_IMPLS = ("liger_gspo_noinplace",)
 DEFAULT_IMPLS = IMPLS + LINEAR_IMPLS
 ALL_IMPLS = IMPLS + LINEAR_IMPLS + OPTIONAL_IMPLS

@@ -85,6 +85,7 @@ def memory_estimate(case: Case) -> Tuple[int, int]:
             "opo_kernels_materialized": 2 * rows * v * s + rows * h * s + 2 * v * h * s,
             # fp32 dhidden and dweight accumulators, their casts, vocabulary tiles
             "cce": (rows + v) * h * (4 + s) + (1 << 30),
+            "cce_filtered": (rows + v) * h * (4 + s) + (1 << 30),
             "trl_head": (rows + v) * h * (4 + s) + 2 * (4096 * 32768 * s),
             # per chunk fp32 dweight + its cast, the dtype accumulator, dhidden twice (list +
             # cat), fp32 [2048, 4096] vocab-chunk temporaries

@@ -203,8 +203,10 @@ class Session:
             from benchmarks.runners import logits_budget_supported
             if not logits_budget_supported():
                 return "fused_linear_opo_loss has no logits_budget= in this opo_kernels"
-        if impl in ("cce", "trl_head"):
-            return peers.unavailable(impl)
+        if impl == "cce_filtered" and not cuda:
+            return "cut-cross-entropy filters gradient blocks in its Triton kernels only (CUDA)"
+        if impl in ("cce", "cce_filtered", "trl_head"):
+            return peers.unavailable("cce" if impl == "cce_filtered" else impl)
         if impl.startswith("liger_fused_linear"):
             return peers.unavailable("liger")
         if impl.startswith("liger"):

@@ -7,7 +7,9 @@ the RL-step benchmark, ``benchmarks/step``, share them). The strong-torch OPO is
                per-token NLL from hidden states and the LM head, reduction="none",
                filter_eps=None: its EXACT mode (the default "high" skips gradient blocks whose
                softmax is below bf16 eps/32; exact keeps every one, as our losses do).
-               log-prob = −NLL, then ``opo_loss_from_logprobs``. On a GPU its Triton kernels
+               log-prob = −NLL, then ``opo_loss_from_logprobs``. ``cce_filtered``: the same
+               at its default filter_eps="high" (what its users run: faster, the skipped
+               blocks' gradient left out; CUDA only). On a GPU its Triton kernels
                (impl="cce"); without one its documented torch implementation
                (impl="torch_compile": the same math; the Triton kernels cannot run in
                Triton's interpreter).
@@ -48,8 +50,11 @@ LIGER_GSPO_KWARGS = dict(temperature=1.0, beta=0.0, eps_low=3e-4, eps_high=4e-4,
 LIGER_FUSED_LINEAR_GSPO_KWARGS = dict(beta=0.0, use_ref_model=False, epsilon_low=3e-4,
                                       epsilon_high=4e-4, loss_type="grpo",
                                       importance_sampling_level="sequence", temperature=1.0)
-# cut-cross-entropy's gradient filter: None = exact (no block skipped)
+# cut-cross-entropy's gradient filter: None = exact (no block skipped); CCE_DEFAULT_FILTER_EPS
+# is its default ("high": blocks whose softmax gradient is below bf16 eps/32 are skipped), the
+# setting its users run; only its Triton kernels (CUDA) filter
 CCE_FILTER_EPS = None
+CCE_DEFAULT_FILTER_EPS = "high"
 IGNORE_INDEX = -100
 
 
@@ -115,9 +120,17 @@ def eager_without_gpu(device: torch.device) -> Iterator[None]:
 # --------------------------------------------------------------------------------------------
 
 
+def cce_kwargs(device: torch.device, filter_eps=CCE_FILTER_EPS) -> Dict[str, object]:
+    """cut-cross-entropy's ``impl`` (and ``filter_eps``: its Triton kernels only) on device."""
+    if device.type == "cuda":
+        return {"impl": "cce", "filter_eps": filter_eps}
+    return {"impl": "torch_compile"}
+
+
 def cce_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
-                 shift: bool = False) -> torch.Tensor:
-    """log p(target) from cut-cross-entropy's per-token linear cross-entropy (exact mode).
+                 shift: bool = False, filter_eps=CCE_FILTER_EPS) -> torch.Tensor:
+    """log p(target) from cut-cross-entropy's per-token linear cross-entropy (exact mode, or
+    its gradient filter with ``filter_eps``, e.g. CCE_DEFAULT_FILTER_EPS; CUDA only).
 
     hidden: [..., H]; weight: [V, H]; targets: hidden's leading shape, IGNORE_INDEX (−100) where
     not counted. shift=True: position t predicts targets[..., t+1] (CCE's own shift, no copy),
@@ -125,17 +138,18 @@ def cce_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tens
     """
     from cut_cross_entropy import linear_cross_entropy
 
-    impl = "cce" if hidden.device.type == "cuda" else "torch_compile"
-    kw = {"filter_eps": CCE_FILTER_EPS} if impl == "cce" else {}
+    kw = cce_kwargs(hidden.device, filter_eps)
     with eager_without_gpu(hidden.device):
         nll = linear_cross_entropy(hidden, weight, targets, ignore_index=IGNORE_INDEX,
-                                   reduction="none", shift=shift, impl=impl, **kw)
+                                   reduction="none", shift=shift, **kw)
     return -nll
 
 
-def cce_extra(device: torch.device) -> Dict[str, object]:
-    return {"cce_impl": "cce" if device.type == "cuda" else "torch_compile",
-            "cce_filter_eps": "exact (None)", "cut_cross_entropy": version("cut-cross-entropy")}
+def cce_extra(device: torch.device, filter_eps=CCE_FILTER_EPS) -> Dict[str, object]:
+    return {"cce_impl": cce_kwargs(device)["impl"],
+            "cce_filter_eps": "exact (None)" if filter_eps is None else
+            f"{filter_eps!r} (its default: gradient blocks below the threshold skipped)",
+            "cut_cross_entropy": version("cut-cross-entropy")}
 
 
 def trl_chunk_size() -> int:

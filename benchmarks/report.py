@@ -285,7 +285,9 @@ def render_linear_table(data: Dict[str, object]) -> str:
         "median). \"× floor (rows)\" counts every row the layout holds, padding included. "
         "cce is cut-cross-entropy in its exact mode and trl_head TRL's chunked log-prob head, "
         "each followed by opo_loss_from_logprobs; Liger runs GSPO (no OPO in Liger), at its "
-        "default fp32 matmul precision (TF32 off) and with TF32 on (_tf32).",
+        "default fp32 matmul precision (TF32 off) and with TF32 on (_tf32). cce_filtered is "
+        "cut-cross-entropy at its default filter_eps=\"high\" (backward skips blocks whose "
+        "gradient is below bf16 eps/32: not exact; CUDA only).",
         "",
         "| layout | B | T | H | V | N | impl | floor matmuls | ms | TFLOP/s | × floor "
         "| × floor (rows) | extra peak MiB | ms ÷ opo_kernels_fused_linear |",

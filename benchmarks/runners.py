@@ -100,16 +100,17 @@ def build_linear_runner(case: Case, inp: LinearInputs) -> Runner:
             return opo_loss(logits, inp.labels, inp.ref_logprobs, inp.rewards,
                             group_ids=inp.group_ids, backend="triton", validate=False,
                             **layout)
-    elif impl in ("cce", "trl_head"):
+    elif impl in ("cce", "cce_filtered", "trl_head"):
         from opo_kernels import opo_loss_from_logprobs
 
         counted = inp.counted
-        if impl == "cce":
+        if impl != "trl_head":
             targets = torch.where(counted, inp.labels, peers.IGNORE_INDEX)
+            eps = peers.CCE_DEFAULT_FILTER_EPS if impl == "cce_filtered" else peers.CCE_FILTER_EPS
 
             def logprobs():
-                return peers.cce_logprobs(hidden, weight, targets)
-            extra = peers.cce_extra(hidden.device)
+                return peers.cce_logprobs(hidden, weight, targets, filter_eps=eps)
+            extra = peers.cce_extra(hidden.device, eps)
         else:
             def logprobs():
                 return peers.trl_head_logprobs(hidden, weight, inp.labels, counted)

@@ -111,6 +111,23 @@ def test_peer_logprobs_give_the_reference_loss(peer):
         torch.testing.assert_close(got.float(), exp.float(), **GRAD_TOL)
 
 
+def test_cce_filter_is_passed_on_cuda_only():
+    """cce runs exact (filter_eps=None), cce_filtered at cut-cross-entropy's default "high";
+    its torch implementation (CPU) takes no filter."""
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert peers.cce_kwargs(cuda) == {"impl": "cce", "filter_eps": None}
+    assert peers.cce_kwargs(cuda, peers.CCE_DEFAULT_FILTER_EPS) == {"impl": "cce",
+                                                                     "filter_eps": "high"}
+    assert peers.cce_kwargs(cpu, "high") == {"impl": "torch_compile"}
+    import inspect
+
+    from cut_cross_entropy import linear_cross_entropy
+    default = inspect.signature(linear_cross_entropy).parameters["filter_eps"].default
+    assert default == peers.CCE_DEFAULT_FILTER_EPS  # the row is the package's own default
+    assert peers.cce_extra(cpu)["cce_filter_eps"] == "exact (None)"
+    assert peers.cce_extra(cuda, "high")["cce_filter_eps"].startswith("'high' (its default")
+
+
 def test_cce_shift_reads_the_next_token():
     """shift=True (the step benchmark's call on the backbone's [B, L, H]): position t is scored
     against targets[t + 1], without a copy of hidden."""

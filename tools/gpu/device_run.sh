@@ -242,7 +242,7 @@ KBENCH=/tmp/opo_kbench
 run_kernel_rows() {  # $1: linear | fair | host, $2: budget, $3: time limit
   local what=$1 budget=$2 limit=$3 impls k resume=()
   if [ "$what" = linear ]; then
-    impls=opo_kernels_fused_linear,opo_kernels_fused_linear_on_policy,opo_kernels_fused_linear_budget,opo_kernels_materialized,cce,trl_head,liger_fused_linear_gspo_tf32,liger_fused_linear_gspo
+    impls=opo_kernels_fused_linear,opo_kernels_fused_linear_on_policy,opo_kernels_fused_linear_budget,opo_kernels_materialized,cce,trl_head,liger_fused_linear_gspo_tf32,liger_fused_linear_gspo,cce_filtered
     k=H4096
   elif [ "$what" = fair ]; then
     impls=torch_compiled,opo_kernels,opo_kernels_inplace,opo_kernels_grad_to_base,opo_kernels_model_slice,liger_gspo,compile,eager
