@@ -4,7 +4,8 @@ sizes; one short run (~1-2 min on an H100/H200).
     python -m benchmarks.host_profile [--out DIR]   # CUDA: JSON + printed tables + traces
     python -m benchmarks.host_profile --tiny        # CPU (interpreter): runs, no timing claim
 
-For each shape (padded bf16, N = 1024 and 4096 counted tokens, V = 151936 and 32000) and mode
+For each shape (bf16, N = 1024 and 4096 counted tokens, V = 151936 and 32000, padded; and the
+packed N = 4096, V = 32000, the row where Liger's cross-entropy was faster) and mode
 (general: ref_logprobs given; on_policy: ref_logprobs=None), one forward + backward step:
 
 1. ``eager_ms`` and ``graph_ms`` with the benchmark's timer (benchmarks/timers.py: CUDA events,
@@ -32,8 +33,9 @@ from pathlib import Path
 
 from benchmarks.side_bench import environment, save, tiny_cli
 
-SHAPES = {"N1024-V151936": (1024, 151936), "N4096-V32000": (4096, 32000),
-          "N1024-V32000": (1024, 32000)}
+SHAPES = {"N1024-V151936": (1024, 151936, "padded"), "N4096-V32000": (4096, 32000, "padded"),
+          "N1024-V32000": (1024, 32000, "padded"),
+          "N4096-V32000-packed": (4096, 32000, "packed")}
 
 
 @contextlib.contextmanager
@@ -113,10 +115,11 @@ def _step(inp, on_policy: bool, **options):
 
     x = inp.logits.detach().requires_grad_()
     ref = None if on_policy else inp.ref_logprobs
+    layout = {"mask": inp.mask} if inp.seq_ids is None else {"seq_ids": inp.seq_ids}
 
     def step():
-        loss = opo_kernels.opo_loss(x, inp.labels, ref, inp.rewards, mask=inp.mask,
-                                    group_ids=inp.group_ids, backend="triton", **options)
+        loss = opo_kernels.opo_loss(x, inp.labels, ref, inp.rewards, group_ids=inp.group_ids,
+                                    backend="triton", **layout, **options)
         return torch.autograd.grad(loss, x)[0]
     return step
 
@@ -153,14 +156,18 @@ def run(tiny: bool, out: Path | None):
 
     cuda = torch.cuda.is_available() and not tiny
     device = torch.device("cuda" if cuda else "cpu")
-    shapes = {"tiny": (12, 16)} if tiny else SHAPES
+    shapes = {"tiny": (12, 16, "padded"), "tiny-packed": (12, 16, "packed")} if tiny else SHAPES
     rows, tables = [], {}
-    for name, (n, v) in shapes.items():
-        inp = make_inputs(Shape(n, v, "bfloat16", "padded"), device, seed=0)
+    # written after every row: a run stopped by its time limit keeps what it measured
+    result = environment(cuda, commit=os.environ.get("OPO_BENCH_COMMIT", "unknown"),
+                         rows=rows, profile_tables=tables)
+    for name, (n, v, layout) in shapes.items():
+        inp = make_inputs(Shape(n, v, "bfloat16", layout), device, seed=0)
         inp.group_ids = group_ids_for(inp.B).to(device)
         for mode in ("general", "on_policy"):
             on_policy = mode == "on_policy"
-            row = {"shape": name, "N": n, "V": v, "B": inp.B, "T": inp.T, "mode": mode,
+            row = {"shape": name, "N": n, "V": v, "B": inp.B, "T": inp.T, "layout": layout,
+                   "mode": mode,
                    "launch_cache": launches.ENABLED}
             step = _step(inp, on_policy, validate=False)
             if cuda:
@@ -180,6 +187,7 @@ def run(tiny: bool, out: Path | None):
             if name == next(iter(shapes)):
                 tables[mode] = _profile(step, out, mode, 1 if tiny else 5)
             rows.append(row)
+            save(out, "host_profile.json", result)
             timing = (f"eager {row['eager_ms']:.3f} ms graph {row['graph_ms']:.3f} ms "
                       if cuda else "")
             print(f"{name:14s} {mode:9s} {timing}parts (µs): {row['parts_us']}", flush=True)
@@ -188,9 +196,6 @@ def run(tiny: bool, out: Path | None):
             torch.cuda.empty_cache()
     for mode, table in tables.items():
         print(f"\n--- torch.profiler, {next(iter(shapes))} {mode}: top host ops ---\n{table}")
-    result = environment(cuda, commit=os.environ.get("OPO_BENCH_COMMIT", "unknown"),
-                         rows=rows, profile_tables=tables)
-    save(out, "host_profile.json", result)
     return result
 
 

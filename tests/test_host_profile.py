@@ -18,15 +18,16 @@ def test_tiny_mode_measures_every_part(tmp_path):
     result = host_profile.run(tiny=True, out=tmp_path)
     assert (fused_opo.opo_loss_with_config, call_plan.CallPlan.scratch,
             launches.Launch.__call__, fused_opo.FusedOPOFunction.__dict__["forward"]) == originals
-    rows = {row["mode"]: row["parts_us"] for row in result["rows"]}
-    assert set(rows) == {"general", "on_policy"}
+    rows = {(row["layout"], row["mode"]): row["parts_us"] for row in result["rows"]}
+    modes = ("general", "on_policy")
+    assert set(rows) == {(layout, m) for layout in ("padded", "packed") for m in modes}
     kernels = {"general": {"_opo_fwd_kernel", "epilogue_kernel", "_opo_bwd_kernel"},
                "on_policy": {"_opo_fwd_kernel", "epilogue_kernel", "_scale_kernel"}}
-    for mode, parts in rows.items():
+    for (_, mode), parts in rows.items():
         assert {k.split(":")[1] for k in parts if k.startswith("launch:")} == kernels[mode]
         assert {"step", "api_and_apply", "scratch", "forward_rest", "backward_rest",
                 "autograd"} <= set(parts)
         assert parts["step"] > 0 and parts["scratch"] > 0
     saved = json.loads((tmp_path / "host_profile.json").read_text())
-    assert saved["rows"] == result["rows"] and set(saved["profile_tables"]) == set(rows)
-    assert all((tmp_path / f"host_profile.{m}.trace.json").exists() for m in rows)
+    assert saved["rows"] == result["rows"] and set(saved["profile_tables"]) == set(modes)
+    assert all((tmp_path / f"host_profile.{m}.trace.json").exists() for m in modes)

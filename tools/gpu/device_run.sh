@@ -23,7 +23,7 @@
 #          NCCL over the GPUs present; on one GPU, a group of one rank at the slice sizes of
 #          tp = 2 and 8), ~1-2 minutes
 #   all    check, then bench, then tp (a CUDA machine with no time limit)
-#   verify ONE call of ~5.5 min (OPO_DEADLINE_S, default 330 s), before any measurement on a
+#   verify ONE call of ~6 min (OPO_DEADLINE_S, default 360 s), before any measurement on a
 #          machine that has not run the current code: the whole test suite on CUDA (compiled
 #          kernels; the remembered-launch path of opo_kernels/launches.py is checked against
 #          Triton's own, bit for bit, by tests/test_launch_cache_gpu.py), the self-check, the
@@ -32,7 +32,7 @@
 #          then OPOTrainer's default against GRPOTrainer's (benchmarks/trainer_bench.py, rows
 #          OPO_TRAINER_RUNS, default grpo,opo, on- and off-policy).
 #          Returns log.txt, suite.xml, host_profile.json (+ traces), <device>.trl_check.json,
-#          <device>.trainer.json. In a 15-minute session: `verify` (limit 360 s), then `step` with
+#          <device>.trainer.json. In a 15-minute session: `verify` (limit 380 s), then `step` with
 #          OPO_DEADLINE_S=<seconds left - 90>.
 #   step   ONE call of ~9.5 min (OPO_DEADLINE_S, default 560 s): the RL-step benchmark
 #          (benchmarks/step: Qwen2.5-0.5B- and Llama-3.2-1B-shaped models, 8k/4k/16k-token
@@ -41,24 +41,22 @@
 #          the kernel-level fair rows at the target logits shape (strong torch, ours, Liger,
 #          the reference), then the trainer micro-batch rows (N 1024/2048/4096, V 32000 and
 #          151936, bf16, padded and packed: ours, Liger's cross-entropy and GRPO loss, with the
-#          host-time column) in what is left, into the same fair file. Needs the peers' wheels (fetch_wheels.sh). Returns 5 files:
-#          log.txt, <device>.step.json/.step.md, <device>.fair.json/.fair.md (the figures are
-#          made back home: python -m benchmarks.step --report-only ..., python -m
-#          benchmarks.run --report-only ...). Arguments after the stage go to benchmarks.step.
+#          host-time column) in what is left, into the same fair file. Needs the peers'
+#          wheels (fetch_wheels.sh). Returns 5 files: log.txt, <device>.step.json/.step.md,
+#          <device>.fair.json/.fair.md. Arguments after the stage go to benchmarks.step.
 #          Run again at once on the same warm machine, it resumes: only the rows the first
 #          call did not reach are measured (/tmp/opo_step, /tmp/opo_kbench are kept there).
-#          A 15-minute session: `bash tools/gpu/fetch_wheels.sh` first (no GPU), then ONE
-#          call with the wheels carried and a 600 s limit:
-#            OPO_BENCH_COMMIT=<commit> bash tools/gpu/device_run.sh step
-#          if >= ~3 min are left and the machine is still warm, at once (limit 30 s above it):
-#            OPO_BENCH_COMMIT=<commit> OPO_DEADLINE_S=<seconds left - 60> bash \
-#              tools/gpu/device_run.sh step
-#          back home: copy <device>.step.json and <device>.fair.json to benchmarks/results/, then
-#            python -m benchmarks.step --report-only benchmarks/results/<device>.step.json
-#            python -m benchmarks.run --report-only benchmarks/results/<device>.fair.json \
-#              --no-readme
 #
-# A 15-minute run on an offline machine, prepared on a machine with internet access:
+# A 15-minute session (device time, the machine's start included), .whl/ carried (the wheels
+# of fetch_wheels.sh and, when built, tools/gpu/precompile.py's Triton cache):
+#   OPO_BENCH_COMMIT=<commit> bash tools/gpu/device_run.sh verify            # limit 380 s
+#   OPO_BENCH_COMMIT=<commit> OPO_DEADLINE_S=<seconds left - 90> \
+#       bash tools/gpu/device_run.sh step                                    # limit +30 s
+# then back home: copy the returned files to benchmarks/results/, and
+#   python -m benchmarks.step --report-only benchmarks/results/<device>.step.json --readme README.md
+#   python -m benchmarks.run --report-only benchmarks/results/<device>.fair.json --no-readme
+#
+# The older pair, `lease` then `rest` (suite, host overhead, headline rows, sweep, demo):
 #   bash tools/gpu/fetch_wheels.sh        # once: the wheels the GPU machine lacks, into .whl/
 #   python -m tools.gpu.precompile build  # optional, ~15 min, no GPU needed: the kernels
 #       # compiled for the GPU machine's Triton (run it in a Python that has that Triton
@@ -90,7 +88,7 @@ esac
 start_all=$(date +%s)
 case "$stage" in lease) deadline_s=${OPO_DEADLINE_S:-540};; rest) deadline_s=${OPO_DEADLINE_S:-200};;
   again) deadline_s=${OPO_DEADLINE_S:-280};; step) deadline_s=${OPO_DEADLINE_S:-560};;
-  verify) deadline_s=${OPO_DEADLINE_S:-330};;
+  verify) deadline_s=${OPO_DEADLINE_S:-360};;
   *) deadline_s=${OPO_DEADLINE_S:-1000000};; esac
 # cap WANT RESERVE: WANT seconds, cut so that RESERVE seconds are still left before the deadline
 cap() {
@@ -341,22 +339,27 @@ case "$stage" in
     ;;
   bench) run_bench "${OPO_BENCH_BUDGET_S:-360}" 100000 "$@" ;;
   step)
-    # worst case at the default 560 s: the step benchmark starts no row after ~270 s and is
-    # stopped by ~320 s (its rows so far kept), the fused-linear rows get <= 130 s, the fair
-    # logits rows what is left (no row starts in the last 40 s)
-    run_step_bench "$(cap 270 250)" "$(cap 320 220)" "$@"
-    run_kernel_rows linear "$(cap 90 130)" "$(cap 130 90)"
-    run_kernel_rows fair "$(cap 60 70)" "$(cap 100 50)"
+    # the time kept for what follows scales with the deadline (D): the step benchmark (the
+    # headline) starts no row once < 45 % of D is left and is stopped at 40 % (its rows so far
+    # kept), the fused-linear rows end by 16 % left, the fair logits rows by 9 %, the trainer
+    # micro-batch rows take the rest. At the default 560 s: step <= 270 s, fused-linear
+    # <= 130 s, fair <= 100 s; at 340 s (after `verify` in a 15-minute session): ~190, ~80,
+    # ~25, ~30 s.
+    pct() { echo $(( deadline_s * $1 / 100 )); }
+    run_step_bench "$(cap 270 "$(pct 45)")" "$(cap 320 "$(pct 40)")" "$@"
+    run_kernel_rows linear "$(cap 90 "$(pct 23)")" "$(cap 130 "$(pct 16)")"
+    run_kernel_rows fair "$(cap 60 "$(pct 12)")" "$(cap 100 "$(pct 9)")"
     run_kernel_rows host "$(cap 100000 25)" "$(cap 100000 10)"
     ;;
   verify)
-    # worst case at the default 330 s: suite 180 (+30 s to stop), self-check 20, the host
-    # profile 60, OPOTrainer on CUDA <= 60, OPOTrainer's default against GRPOTrainer's
-    # (benchmarks/trainer_bench.py, rows grpo and opo, both schedules) in what is left
-    run_suite "$(cap 180 140)"
-    run_selfcheck "$(cap 20 120)"
-    run_host_profile "$(cap 60 90)"
-    run_trl_check "$(cap 60 40)"
+    # at the default 360 s: suite <= 180 (+30 s to stop), self-check 20, the host profile
+    # <= 75 (it keeps its rows if stopped), OPOTrainer on CUDA <= 45, OPOTrainer's default
+    # against GRPOTrainer's (benchmarks/trainer_bench.py, rows grpo and opo, both schedules)
+    # in what is left: >= 40 s once the suite takes <= 150 s (a carried Triton cache)
+    run_suite "$(cap 180 170)"
+    run_selfcheck "$(cap 20 150)"
+    run_host_profile "$(cap 75 85)"
+    run_trl_check "$(cap 45 40)"
     run_trainer_bench "$(cap 100000 5)"
     ;;
   tp) run_tp 240 ;;
