@@ -13,11 +13,8 @@ DeepSpeed gathers the weights).
 
 from __future__ import annotations
 
-import torch
-import torch.distributed as dist
-
 from ...validation import check_deferred
-from .lm_head import _collective_device
+from ..agree import raise_together
 
 
 def check_deferred_agreed(when: str) -> None:
@@ -31,18 +28,8 @@ def check_deferred_agreed(when: str) -> None:
     try:
         check_deferred()
     except ValueError as err:
-        error = err
-    failed = [0] if error is not None else []
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        flags = torch.zeros(dist.get_world_size(), dtype=torch.int32,
-                            device=_collective_device())
-        flags[dist.get_rank()] = int(error is not None)
-        dist.all_reduce(flags)
-        failed = flags.nonzero().flatten().tolist()
-    if error is not None:
-        raise ValueError(f"OPOTrainer, {when}: {error}") from None
-    if failed:
-        raise ValueError(
-            f"OPOTrainer, {when}: the deferred value checks of the loss found bad input on "
-            f"process(es) {failed} (their error names the loss call and the bad argument); "
-            "stopping here too")
+        error = ValueError(f"OPOTrainer, {when}: {err}")
+    raise_together(error, lambda failed: ValueError(
+        f"OPOTrainer, {when}: the deferred value checks of the loss found bad input on "
+        f"process(es) {failed} (their error names the loss call and the bad argument); "
+        "stopping here too"))

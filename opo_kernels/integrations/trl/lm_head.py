@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 
 from ...inputs import FLOAT_DTYPES
+from ..agree import collective_device
 
 try:  # FSDP2 (torch >= 2.6 exposes it here)
     from torch.distributed.fsdp import FSDPModule
@@ -140,7 +141,7 @@ def verify_head(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
     # relative error; NaN (a non-finite logit) counts as a mismatch: nan_to_num makes it inf
     ratio = torch.nan_to_num(err / (tol * (1.0 + theirs.abs().max())), nan=float("inf"))
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        ratio = ratio.to(_collective_device())
+        ratio = ratio.to(collective_device())
         dist.all_reduce(ratio, op=dist.ReduceOp.MAX)
     if not ratio.item() <= 1.0:
         raise RuntimeError(
@@ -149,13 +150,6 @@ def verify_head(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
             f"{err.item():.3g} here; worst rank: {ratio.item():.3g}x the tolerance); this model "
             "transforms its logits or its head input in a way the fused loss cannot; set "
             "opo_loss_path='logits'")
-
-
-def _collective_device() -> torch.device:
-    """Where the default process group's backend takes tensors (gloo: CPU, nccl: the GPU)."""
-    if dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
 
 
 def casts_head_to_fp32(args) -> bool:

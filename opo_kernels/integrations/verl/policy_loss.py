@@ -18,6 +18,8 @@ from verl.workers.config import PolicyLossConfig
 
 from ...config import OPOLossConfig
 from ...from_logprobs import opo_loss_from_logprobs
+from ...validation import check_deferred
+from ..agree import distributed, raise_together
 from .advantages import ESTIMATOR, config_get, decode_advantages
 
 LOSS_MODE = "opo_kernels"
@@ -192,15 +194,6 @@ def compute_policy_loss_opo_kernels(old_log_prob: torch.Tensor, log_prob: torch.
                          "size and the actor config has no model_config.hf_config.vocab_size: "
                          "set actor.policy_loss.opo.vocab_size (or opo.adaptive_tau=false)")
 
-    rewards, group, size = decode_advantages(advantages)
-    mask = response_mask.bool()
-    _check_groups(group, size, mask.any(dim=-1),
-                  f"(set algorithm.adv_estimator={ESTIMATOR} with policy_loss.loss_mode="
-                  f"{LOSS_MODE})")
-    loss, metrics = opo_loss_from_logprobs(
-        log_prob, old_log_prob, rewards.to(log_prob.device), mask=mask, group_ids=group,
-        vocab_size=vocab_size, return_metrics=True, **{"validate": "deferred", **options})
-
     # verl's global-batch normalisation (agg_loss): the sum over micro-batches and the mean
     # over data-parallel ranks of rows·dp/global_batch_size·L is a weighted mean of the L's.
     if global_batch_size is None:
@@ -210,6 +203,46 @@ def compute_policy_loss_opo_kernels(old_log_prob: torch.Tensor, log_prob: torch.
         scale = 1.0
     else:
         scale = log_prob.shape[0] * dp_size / global_batch_size
+
+    # What the micro-batch's data can fail (group tags, whole groups, the value checks) is
+    # raised on every rank together under FSDP: otherwise the failing rank stops and the
+    # others wait in FSDP's next collective until its timeout.
+    error = None
+    try:
+        loss, values = _loss_and_metrics(log_prob, old_log_prob, advantages, response_mask,
+                                         vocab_size, options)
+    except ValueError as err:
+        error = err
+    if _agrees(config):
+        raise_together(error, lambda failed: ValueError(
+            f"opo_kernels policy loss: the micro-batch of rank(s) {failed} has bad input (their "
+            "error says what); stopping on this rank too"))
+    elif error is not None:
+        raise error
+    return loss * scale, values
+
+
+def _loss_and_metrics(log_prob, old_log_prob, advantages, response_mask, vocab_size, options):
+    """OPO over the micro-batch's groups and its metrics as floats; raises ValueError for bad
+    input, the value checks included: they are read at the metrics' one host sync (the loss
+    validates with "deferred", so that read does not wait again)."""
+    rewards, group, size = decode_advantages(advantages)
+    mask = response_mask.bool()
+    _check_groups(group, size, mask.any(dim=-1),
+                  f"(set algorithm.adv_estimator={ESTIMATOR} with policy_loss.loss_mode="
+                  f"{LOSS_MODE})")
+    loss, metrics = opo_loss_from_logprobs(
+        log_prob, old_log_prob, rewards.to(log_prob.device), mask=mask, group_ids=group,
+        vocab_size=vocab_size, return_metrics=True, **{"validate": "deferred", **options})
     names = sorted(metrics)
     values = torch.stack([metrics[k].float() for k in names]).tolist()  # one host sync
-    return loss * scale, {f"actor/opo_{k}": v for k, v in zip(names, values)}
+    check_deferred()  # this call's checks: on the host already (the sync above)
+    return loss, {f"actor/opo_{k}": v for k, v in zip(names, values)}
+
+
+def _agrees(config) -> bool:
+    """Whether the data errors are agreed over torch.distributed's default group: with more
+    than one process under verl's FSDP strategies, where every rank computes the loss of the
+    same number of micro-batches (fixed micro-batch sizes, checked above). Not under Megatron,
+    whose pipeline stages do not all compute the loss."""
+    return distributed() and str(config_get(config, "strategy") or "fsdp") in ("fsdp", "fsdp2")
