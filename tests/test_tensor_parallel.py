@@ -6,30 +6,15 @@ on-policy, uneven slices given by vocab_start, and the fused-linear head. Bad in
 must raise on every rank, within a deadline (a rank left waiting in a collective would hang).
 """
 
-import time
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 import tp_workers
-from ports import free_port
+from ranks import run_ranks
 
 from opo_kernels import linear_chunks
 
 pytestmark = pytest.mark.cpu_only  # CPU-side code / the interpreter (conftest.py)
-
-
-def run_ranks(fn, world: int, *args, deadline: float = 300.0):
-    """Spawns `world` ranks of fn(rank, world, port, *args); fails on any rank's error or if
-    they are not all done by the deadline (a hang)."""
-    context = mp.spawn(fn, args=(world, free_port(), *args), nprocs=world, join=False)
-    stop = time.monotonic() + deadline
-    while not context.join(timeout=5):
-        if time.monotonic() > stop:
-            for process in context.processes:
-                process.terminate()
-            pytest.fail(f"ranks still running after {deadline:.0f} s: a rank is waiting in a "
-                        "collective")
 
 
 CASES_2 = [

@@ -30,7 +30,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from ports import free_port
+from ranks import free_port
 
 pytestmark = pytest.mark.cpu_only  # CPU-side code (conftest.py)
 

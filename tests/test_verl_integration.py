@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from ports import free_port
+from ranks import free_port
 
 pytestmark = pytest.mark.cpu_only  # CPU-side code / the interpreter (conftest.py)
 
