@@ -21,10 +21,10 @@ Two ways, and the one taken
    where no exchange can give the statistics (that would take a second forward pass of the whole
    mini-batch). So an exchange needs a group-aware partition anyway.
 2. Keep each group on one rank, inside one micro-batch: partition whole groups, balanced by
-   their token workload. The loss then needs nothing from any other rank: zero bytes and no
-   collective in the loss, and the update is exactly what one process computes for the same
-   micro-batches. The costs: balancing works in units of a group (rollout.n responses) instead
-   of one response, a mini-batch must split into whole groups per rank
+   their token workload. The loss then needs no statistic from any other rank (its one
+   collective only agrees errors: policy_loss.py), and the update is exactly what one process
+   computes for the same micro-batches. The costs: balancing works in units of a group
+   (rollout.n responses) instead of one response, a mini-batch must split into whole groups per rank
    (actor.ppo_mini_batch_size a multiple of the data-parallel size), and a micro-batch must
    hold whole groups (actor.ppo_micro_batch_size_per_gpu a multiple of rollout.n; no
    actor.use_dynamic_bsz).
