@@ -121,13 +121,11 @@ class Launch:
             try:
                 compiled[self.grid3](*args)
                 return
-            except _REFUSED as err:  # raised before the launch: Triton's own path instead
+            except _REFUSED as err:  # raised before the launch: Triton's own path below
                 _turn_off(err)
-            self.kernel[self.grid](*args, **self.options)
-            return
         compiled = self.kernel[self.grid](*args, **self.options)
         # remembered only when it takes the arguments as passed (one per declared parameter)
         signature = getattr(getattr(compiled, "src", None), "signature", ())
-        if (len(signature) == len(args) and _direct_ok(self.kernel)
+        if (ENABLED and len(signature) == len(args) and _direct_ok(self.kernel)
                 and len(self.compiled) < 64):
             self.compiled[key] = compiled

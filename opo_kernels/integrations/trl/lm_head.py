@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 
 from ...inputs import FLOAT_DTYPES
-from ..agree import collective_device
+from ..agree import collective_device, distributed
 
 try:  # FSDP2 (torch >= 2.6 exposes it here)
     from torch.distributed.fsdp import FSDPModule
@@ -140,7 +140,7 @@ def verify_head(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
     err = (ours - theirs).abs().max()
     # relative error; NaN (a non-finite logit) counts as a mismatch: nan_to_num makes it inf
     ratio = torch.nan_to_num(err / (tol * (1.0 + theirs.abs().max())), nan=float("inf"))
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if distributed():
         ratio = ratio.to(collective_device())
         dist.all_reduce(ratio, op=dist.ReduceOp.MAX)
     if not ratio.item() <= 1.0:
