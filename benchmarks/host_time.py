@@ -13,6 +13,13 @@ Modes: general (padded, the [:, :-1] view's gradient through autograd's slice ba
 grad_to_base (the same call as the quickstart makes it), on_policy (ref_logprobs=None, padded)
 and packed. Shapes: padded [4, 64 + 1, 256], packed [256, 256], groups of 2; the kernels do not
 run, so the shape only matters through the host code.
+
+Each mode is also timed as its floor: the same step (the same views, ``autograd.grad``) through
+a do-nothing ``autograd.Function`` that allocates the loss, the metrics and the gradient and
+launches nothing. What torch itself costs per call (autograd, the slice's backward, which in
+the general mode zero-fills and copies a base-sized tensor on the CPU) is in both; ours minus
+the floor is what the package adds. Figures are the best of the repeats (noise on a shared
+machine only ever adds time), with the median beside it.
 """
 
 from __future__ import annotations
@@ -21,10 +28,22 @@ import contextlib
 import os
 import statistics
 import time
+from typing import NamedTuple
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # CPU tensors; the launches are stubbed anyway
 
 MODES = ("general", "grad_to_base", "on_policy", "packed")
+
+
+class Timing(NamedTuple):
+    """One mode's figures, µs per call (forward + backward): best and median of the repeats,
+    ours and the floor's; launches: kernel launches per call (stubbed)."""
+
+    best: float
+    median: float
+    floor_best: float
+    floor_median: float
+    launches: int
 
 
 @contextlib.contextmanager
@@ -45,7 +64,30 @@ def stubbed_launches():
         KernelInterface.__getitem__ = original
 
 
-def _step(mode: str):
+def _floor_function():
+    import torch
+
+    class DoNothing(torch.autograd.Function):
+        """An OPO-shaped Function that computes nothing: a 0-dim loss and 8 metrics out, the
+        gradient allocated (base-shaped) and returned."""
+
+        @staticmethod
+        def forward(ctx, x):
+            metrics = x.new_empty(8)
+            ctx.mark_non_differentiable(metrics)
+            ctx.set_materialize_grads(False)
+            ctx.save_for_backward(x)
+            return x.new_empty(()), metrics
+
+        @staticmethod
+        def backward(ctx, grad_loss, grad_metrics):
+            (x,) = ctx.saved_tensors
+            return torch.empty_like(x)
+
+    return DoNothing
+
+
+def _step(mode: str, floor: bool = False):
     import torch
 
     import opo_kernels
@@ -64,6 +106,16 @@ def _step(mode: str):
     if mode == "on_policy":
         ref = None
 
+    if floor:
+        do_nothing = _floor_function()
+
+        def floor_step():
+            x = logits.detach().requires_grad_()
+            # grad_to_base differentiates the base itself: no slice in its graph
+            loss, _ = do_nothing.apply(x if mode in ("packed", "grad_to_base") else x[:, :-1])
+            return torch.autograd.grad(loss, x)[0]
+        return floor_step
+
     def step():
         x = logits.detach().requires_grad_()
         loss = opo_kernels.opo_loss(x if mode == "packed" else x[:, :-1], labels, ref, rewards,
@@ -73,32 +125,45 @@ def _step(mode: str):
     return step
 
 
-def measure(calls: int = 300, repeats: int = 7, warmup: int = 50):
-    """{mode: (median µs per call over ``repeats`` runs of ``calls`` calls, kernel launches
-    per call)}."""
+def _time(step, calls: int, repeats: int) -> list:
+    runs = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(calls):
+            step()
+        runs.append((time.perf_counter() - start) / calls * 1e6)
+    return runs
+
+
+def measure(calls: int = 300, repeats: int = 9, warmup: int = 50):
+    """{mode: Timing}. Ours and the floor alternate run by run, so that a slow spell of the
+    machine falls on both."""
     result = {}
     with stubbed_launches() as launched:
         for mode in MODES:
-            step = _step(mode)
+            step, floor = _step(mode), _step(mode, floor=True)
             for _ in range(warmup):
                 step()
+                floor()
             launched.clear()
             step()
             per_call = len(launched)
-            runs = []
+            ours, base = [], []
             for _ in range(repeats):
-                start = time.perf_counter()
-                for _ in range(calls):
-                    step()
-                runs.append((time.perf_counter() - start) / calls * 1e6)
-            result[mode] = (statistics.median(runs), per_call)
+                ours += _time(step, calls, 1)
+                base += _time(floor, calls, 1)
+            result[mode] = Timing(min(ours), statistics.median(ours), min(base),
+                                  statistics.median(base), per_call)
     return result
 
 
 def main() -> None:
-    for mode, (us, launches) in measure().items():
-        print(f"{mode:<13} {us:7.1f} µs per call (forward + backward; {launches} kernel "
-              f"launches, stubbed)")
+    print("µs per call, forward + backward, kernel launches stubbed; best (median) of the "
+          "repeats")
+    print(f"{'mode':<13} {'opo_kernels':>16} {'floor':>16} {'ours - floor':>13} launches")
+    for mode, t in measure().items():
+        print(f"{mode:<13} {t.best:7.1f} ({t.median:6.1f}) {t.floor_best:7.1f} "
+              f"({t.floor_median:6.1f}) {t.best - t.floor_best:13.1f} {t.launches:8d}")
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ from .epilogue import METRICS, NUM_ERR, params_tensor, run_epilogue, unpack_metr
 from .inputs import Batch, compute_dtype, prepare
 from .row_launch import Rows, backward_rows, forward_rows
 from .tensor_parallel import config_or_fail_together
-from .utils import new_output, use_triton
+from .utils import new_output_like, use_triton
 from .validation import check_at_backward, check_values_of
 from .vocab_parallel import vocab_parallel_loss
 
@@ -121,32 +121,42 @@ class RowSlice(NamedTuple):
     @classmethod
     def of(cls, logits: torch.Tensor) -> Optional[RowSlice]:
         base = logits._base
-        if (base is None or not base.requires_grad or base.dim() != logits.dim()
-                or logits.dim() not in (2, 3) or not base.is_contiguous()
-                or logits.stride() != base.stride()):
+        if base is None or not base.requires_grad:
             return None
-        dim = logits.dim() - 2
-        if any(logits.shape[d] != base.shape[d] for d in range(logits.dim()) if d != dim):
+        ndim, shape, bshape = logits.dim(), logits.shape, base.shape
+        if (ndim not in (2, 3) or base.dim() != ndim or logits.stride() != base.stride()
+                or not base.is_contiguous()):
+            return None
+        dim = ndim - 2  # every other dimension must be whole
+        if shape[dim + 1:] != bshape[dim + 1:] or shape[:dim] != bshape[:dim]:
             return None
         step, offset = base.stride(dim), logits.storage_offset() - base.storage_offset()
-        if step <= 0 or offset < 0 or offset % step or logits.shape[dim] == base.shape[dim]:
+        if step <= 0 or offset < 0 or offset % step or shape[dim] == bshape[dim]:
             return None
         start = offset // step
-        if start + logits.shape[dim] > base.shape[dim]:
+        if start + shape[dim] > bshape[dim]:
             return None
-        return cls(base, dim, start, logits.shape[dim])
+        return cls(base, dim, start, shape[dim])
 
     def rows(self, full: torch.Tensor) -> torch.Tensor:
         """The slice's rows of a base-shaped tensor (a view)."""
         return full.narrow(self.dim, self.start, self.length)
 
+    def rows_at(self, full: torch.Tensor) -> torch.Tensor:
+        """The slice's rows of a base-shaped tensor for a kernel that reads only its pointer
+        and strides (the row kernels take the rows' count and geometry from the logits): the
+        base itself when the slice starts at row 0, as ``logits[:, :-1]`` does (the same
+        pointer and strides; no view to make), else ``rows``."""
+        return full if self.start == 0 else self.rows(full)
+
     def zero_outside(self, full: torch.Tensor) -> None:
         """Zeros at the rows of a base-shaped tensor outside the slice (at most two fills)."""
-        end = self.start + self.length
-        if self.start:
-            full.narrow(self.dim, 0, self.start).zero_()
-        if end < full.shape[self.dim]:
-            full.narrow(self.dim, end, full.shape[self.dim] - end).zero_()
+        end, size = self.start + self.length, full.shape[self.dim]
+        for start, stop in ((0, self.start), (end, size)):
+            if stop - start == 1:  # the common [:, :-1] case; select is the cheaper view
+                full.select(self.dim, start).zero_()
+            elif stop > start:
+                full.narrow(self.dim, start, stop - start).zero_()
 
 
 # --------------------------------------------------------------------------------------------
@@ -215,7 +225,9 @@ def _call(op, impl, *args):
 
 
 class FusedOPOFunction(torch.autograd.Function):
-    """loss, metrics_vector = FusedOPOFunction.apply(x, batch, cfg, sliced, plan).
+    """loss, metrics_vector = FusedOPOFunction.apply(x, batch, cfg, sliced, plan, None), or
+    loss = FusedOPOFunction.apply(x, batch, cfg, sliced, plan, box) with the metrics vector
+    appended to the list ``box`` (eager calls: a second output costs autograd ~2 µs a call).
 
     x is batch.logits, or with ``sliced`` (a ``RowSlice`` of batch.logits, eager only) its
     base, which then receives the base-shaped gradient. Only x receives a gradient (ω, τ, p̃, Q
@@ -226,7 +238,7 @@ class FusedOPOFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, batch: Batch, cfg: OPOLossConfig,
-                sliced: Optional[RowSlice], plan: Optional[CallPlan]):
+                sliced: Optional[RowSlice], plan: Optional[CallPlan], box: Optional[list]):
         logits = batch.logits
         full = rows = None
         if plan is None:
@@ -245,18 +257,23 @@ class FusedOPOFunction(torch.autograd.Function):
         else:
             params, flags = plan.params, plan.flags
             if plan.one_pass:
-                full = x if cfg.inplace_backward else new_output(x.shape, x.dtype, x.device)
+                full = x if cfg.inplace_backward else new_output_like(x)
             rows, lp, stats, ent, out = _forward_batch(
                 batch, plan, params, None if full is None else
-                full if sliced is None else sliced.rows(full))
+                full if sliced is None else sliced.rows_at(full))
             loss, metrics, coef, scal, errs = out.loss, out.metrics, out.coef, out.scal, out.errs
         # validate=True: the one host sync; "deferred": read at backward or the next call
         ctx.deferred = check_values_of(cfg, errs, batch)
-        ctx.mark_non_differentiable(metrics)
-        ctx.set_materialize_grads(False)  # no zeros for the metrics' (unused) gradient
+        if box is None:
+            ctx.mark_non_differentiable(metrics)
+            ctx.set_materialize_grads(False)  # no zeros for the metrics' (unused) gradient
         ctx.cfg, ctx.plan, ctx.flags, ctx.rows = cfg, plan, flags, rows
         # the geometry only: ctx holding the base itself would be a reference cycle
         ctx.sliced = None if sliced is None else sliced._replace(base=None)
+        # the slice itself (a view of x, whose in-place writes save_for_backward catches):
+        # narrowing x again in backward costs more than the launch. Dropped at backward, as
+        # autograd drops x, so that the logits do not outlive the backward with the loss.
+        ctx.logits = logits if sliced is not None and full is None else None
         if full is not None:
             ctx.save_for_backward(full)
             ctx.backward_done = False
@@ -268,13 +285,16 @@ class FusedOPOFunction(torch.autograd.Function):
         else:
             ctx.batch_tensors = (batch.labels, batch.ref_logprobs, batch.mask, batch.seq_ids)
             ctx.save_for_backward(x, lp, stats, ent, coef, scal, params)
-        return loss, metrics
+        if box is None:
+            return loss, metrics
+        box.append(metrics)
+        return loss
 
     @staticmethod
-    def backward(ctx, grad_loss, grad_metrics):
+    def backward(ctx, grad_loss, grad_metrics=None):
         check_at_backward(ctx.deferred)
         if grad_loss is None:  # the loss was not used (its metrics carry no gradient)
-            return None, None, None, None, None
+            return None, None, None, None, None, None
         sliced, inplace, plan = ctx.sliced, ctx.cfg.inplace_backward, ctx.plan
         if plan is not None and plan.one_pass:
             if ctx.backward_done:
@@ -286,16 +306,19 @@ class FusedOPOFunction(torch.autograd.Function):
             plan.scale_launch(grad)(grad, ctx.rows, grad_loss)
             if sliced is not None:
                 sliced.zero_outside(full)
-            return full, None, None, None, None
+            return full, None, None, None, None, None
         if plan is not None:  # eager
             (x,), (lp, stats, ent, coef, scal, params) = ctx.saved_tensors, ctx.intermediates
-            logits = x if sliced is None else sliced.rows(x)
-            full = x if inplace else new_output(x.shape, x.dtype, x.device)
+            logits = x if sliced is None else ctx.logits
+            if logits is None:  # a second backward (retain_graph=True)
+                logits = sliced.rows(x)
+            ctx.logits = None
+            full = x if inplace else new_output_like(x)
             _backward_rows(plan, logits, ctx.rows, lp, stats, ent, coef, scal, grad_loss,
-                           params, full if sliced is None else sliced.rows(full))
+                           params, full if sliced is None else sliced.rows_at(full))
             if sliced is not None:  # the base-shaped gradient, zeros outside
                 sliced.zero_outside(full)
-            return full, None, None, None, None
+            return full, None, None, None, None, None
         x, lp, stats, ent, coef, scal, params = ctx.saved_tensors
         logits = x if sliced is None else sliced.rows(x)
         labels, ref, mask, seq_ids = ctx.batch_tensors
@@ -303,9 +326,29 @@ class FusedOPOFunction(torch.autograd.Function):
                 params, ctx.flags)
         if inplace:
             _call(_backward_inplace_op, lambda *a: _backward(*a, inplace=True), *args)
-            return logits, None, None, None, None
+            return logits, None, None, None, None, None
         return (_call(_backward_op, lambda *a: _backward(*a, inplace=False), *args), None, None,
-                None, None)
+                None, None, None)
+
+
+def _c_apply():
+    """FusedOPOFunction's C++ ``apply``, which ``autograd.Function.apply`` ends with after a
+    Python prologue (a check for ``setup_context``, which this Function does not define, and
+    functorch's dead-wrapper unwrapping of each argument): ~3 µs of a call's host time. None
+    where this torch has no such method (the public ``apply`` then)."""
+    method = getattr(torch._C, "_FunctionBase", object).__dict__.get("apply")
+    return None if method is None else method.__get__(None, FusedOPOFunction)
+
+
+_APPLY = _c_apply()
+
+
+def _apply_eager(*args):
+    """FusedOPOFunction.apply for eager calls: the C++ apply directly, unless a functorch
+    transform (vmap, grad, ...) is active, which needs the public one's handling."""
+    if _APPLY is None or torch._C._are_functorch_transforms_active():
+        return FusedOPOFunction.apply(*args)
+    return _APPLY(*args)
 
 
 # --------------------------------------------------------------------------------------------
@@ -339,8 +382,13 @@ def loss_from_batch(batch: Batch, cfg: OPOLossConfig, plan: Optional[CallPlan] =
     _check_inplace_under_compile(batch.logits, cfg)
     sliced = (RowSlice.of(batch.logits) if cfg.grad_to_base and not torch.compiler.is_compiling()
               else None)
-    loss, metrics = FusedOPOFunction.apply(batch.logits if sliced is None else sliced.base,
-                                           batch, cfg, sliced, plan)
+    x = batch.logits if sliced is None else sliced.base
+    if plan is None:  # traced
+        loss, metrics = FusedOPOFunction.apply(x, batch, cfg, sliced, plan, None)
+    else:
+        box = []
+        loss = _apply_eager(x, batch, cfg, sliced, plan, box)
+        metrics = box[0]
     if not cfg.return_metrics:
         return loss
     return loss, unpack_metrics(metrics, cfg.with_entropy)

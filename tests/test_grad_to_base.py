@@ -15,6 +15,8 @@ straight to that tensor (fused_opo.RowSlice).
 """
 
 import contextlib
+import gc
+import weakref
 
 import pytest
 import torch
@@ -46,13 +48,16 @@ def _allocations(ops, numel):
 
 
 def _problem(layout, seed=0, dtype=torch.float32):
-    """(base [B, T + 2, V] or [N + 3, V], slice function, labels, ref, rewards, layout)."""
+    """(base [B, T + 2, V] or [N + 3, V], slice function, labels, ref, rewards, layout).
+    padded: rows outside at both ends of each sequence; padded_tail: ``[:, :-2]``, a slice
+    from row 0 (the backward kernel is then handed the base itself); packed: ``[:-3]``."""
     g = torch.Generator().manual_seed(seed)
     B, T, V = 4, 6, 11
     rewards = torch.rand(B, generator=g)
-    if layout == "padded":
+    if layout in ("padded", "padded_tail"):
         base = torch.randn(B, T + 2, V, generator=g).to(dtype)
-        cut = lambda full: full[:, 1:-1]  # noqa: E731 (rows outside at both ends)
+        cut = ((lambda full: full[:, 1:-1]) if layout == "padded"  # noqa: E731
+               else (lambda full: full[:, :-2]))
         labels = torch.randint(0, V, (B, T), generator=g)
         ref = -torch.rand(B, T, generator=g)
         lay = {"mask": torch.rand(B, T, generator=g) < 0.8, "group_size": 2}
@@ -81,7 +86,7 @@ def _grad(base0, cut, labels, ref, rewards, lay, record=False, **options):
 
 @pytest.mark.parametrize("inplace", [False, True], ids=["copy", "inplace"])
 @pytest.mark.parametrize("on_policy", [False, True], ids=["general", "on_policy"])
-@pytest.mark.parametrize("layout", ["padded", "packed"])
+@pytest.mark.parametrize("layout", ["padded", "padded_tail", "packed"])
 def test_same_gradient_without_the_slice_backward(layout, on_policy, inplace):
     base0, labels, ref, rewards, lay, cut = _problem(layout, seed=int(on_policy))
     ref = None if on_policy else ref
@@ -137,6 +142,26 @@ def test_other_views_take_the_ordinary_path(case):
     assert torch.equal(got, want)
     if case == "vocabulary-slice":
         assert "aten.slice_backward.default" in [name for name, _ in ops]
+
+
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+def test_the_logits_do_not_outlive_the_backward(layout):
+    """The eager backward reads the forward's slice from ctx; it lets go of it there, as
+    autograd lets go of the base it saved, so that a loss kept after backward (for logging)
+    does not keep the logits (a model's output) alive. A second backward (retain_graph=True)
+    gives the same gradient."""
+    base0, labels, ref, rewards, lay, cut = _problem(layout, seed=3)
+    leaf = base0.clone().requires_grad_()
+    base = leaf * 1.0  # a model's output: the graph itself does not hold it
+    loss = opo_kernels.opo_loss(cut(base), labels, ref, rewards, backend="triton",
+                                validate=False, grad_to_base=True, **lay)
+    (first,) = torch.autograd.grad(loss, leaf, retain_graph=True)
+    (second,) = torch.autograd.grad(loss, leaf)
+    assert torch.equal(first, second)
+    alive = weakref.ref(base)
+    del base
+    gc.collect()
+    assert alive() is None and loss.grad_fn is not None
 
 
 def test_the_slice_is_not_in_the_graph():

@@ -201,6 +201,62 @@ def test_workspace_pieces_are_aligned_and_disjoint(validate):
         assert int(s.main[3][0]) == 0  # the ticket starts at zero
 
 
+def test_workspace_layout_makes_no_view_for_padding_or_a_whole_allocation():
+    from opo_kernels.call_plan import _Layout
+
+    layout = _Layout([5, None, 3, 0, 8])  # a piece of 0 (B = 0) is still a piece
+    assert layout.split == [5, 3, 3, 1, 0, 8] and layout.total == 20
+    flat = torch.arange(layout.total, dtype=torch.float32)
+    pieces = layout.pieces(flat)
+    assert [None if t is None else (t.storage_offset(), t.numel()) for t in pieces] == [
+        (0, 5), None, (8, 3), (12, 0), (12, 8)]
+    single = _Layout([1, None, None])
+    assert single.split == [1]
+    (ticket, a, b) = single.pieces(flat[:1])
+    assert ticket is not None and ticket.data_ptr() == flat.data_ptr() and a is None is b
+
+
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+def test_the_cpp_apply_computes_what_the_public_apply_does(monkeypatch, layout):
+    """Eager calls enter the autograd Function through its C++ apply (the public one's Python
+    prologue is ~3 µs); the loss, the metrics and the gradient are the public path's, bit for
+    bit, and a torch without that method takes the public one."""
+    assert fused_opo._APPLY is not None  # this torch has it
+    g = torch.Generator().manual_seed(4)
+    if layout == "padded":
+        base = torch.randn(4, 6, 8, generator=g)
+        labels, ref = torch.randint(0, 8, (4, 5), generator=g), torch.randn(4, 5, generator=g)
+        lay = dict(mask=torch.rand(4, 5, generator=g) < 0.7, group_size=2)
+        cut = lambda x: x[:, :-1]  # noqa: E731
+    else:
+        base = torch.randn(12, 8, generator=g)
+        labels, ref = torch.randint(0, 8, (12,), generator=g), torch.randn(12, generator=g)
+        lay = dict(seq_ids=torch.arange(4).repeat_interleave(3), group_size=2)
+        cut = lambda x: x  # noqa: E731
+    rewards = torch.randn(4, generator=g)
+
+    def run():
+        x = base.clone().requires_grad_()
+        loss, metrics = _call(cut(x), labels, ref, rewards, layout=lay, return_metrics=True,
+                              grad_to_base=layout == "padded")
+        (grad,) = torch.autograd.grad(loss, x)
+        return loss, metrics, grad
+
+    calls = []
+    public = fused_opo.FusedOPOFunction.apply
+    monkeypatch.setattr(fused_opo.FusedOPOFunction, "apply",
+                        lambda *a: calls.append(1) or public(*a))
+    fast = run()
+    assert not calls
+    monkeypatch.setattr(fused_opo, "_APPLY", None)
+    slow = run()
+    assert len(calls) == 1
+    assert torch.equal(fast[0], slow[0]) and torch.equal(fast[2], slow[2])
+    assert fast[1].keys() == slow[1].keys()
+    assert all(torch.equal(fast[1][k], slow[1][k]) and not fast[1][k].requires_grad
+               for k in fast[1])
+
+
 # --------------------------------------------------------------------------------------------
 # Launch (launches.py): Triton's binder skipped for a launch made before, only when safe
 # --------------------------------------------------------------------------------------------

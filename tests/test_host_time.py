@@ -18,10 +18,10 @@ def test_host_time_measures_every_mode_and_restores_launches():
     result = host_time.measure(calls=2, repeats=1, warmup=1)
     assert KernelInterface.__getitem__ is original
     assert set(result) == set(host_time.MODES)
-    assert all(us > 0 for us, _ in result.values())
+    assert all(t.best > 0 and t.floor_best > 0 and t.median >= t.best for t in result.values())
     # general: forward row kernel, epilogue, backward row kernel; on-policy: counts-only
     # epilogue, one-pass kernel, epilogue, scale (docs/kernels.md, "Passes and launches")
-    launches = {mode: n for mode, (_, n) in result.items()}
+    launches = {mode: t.launches for mode, t in result.items()}
     assert launches == {"general": 3, "grad_to_base": 3, "on_policy": 4, "packed": 3}
     # the real kernels still run afterwards
     x = torch.randn(4, 8, requires_grad=True)
