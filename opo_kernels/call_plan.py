@@ -79,13 +79,17 @@ def call_key(logits, labels, ref, rewards, mask, seq_ids, group_size, group_ids,
     """The signature of an ``opo_loss`` call: the config (by identity: the plan keeps it, and
     a config is immutable), the group size (a plain int or None; any other type, e.g. a
     0-dim tensor, gets no plan: None), and the shape, strides, dtype and device of every
-    tensor. Raises AttributeError when an argument is not a tensor (the caller then runs the
-    full checks, which name it)."""
+    tensor (the ones every call has read inline: this runs on every call). Raises
+    AttributeError when an argument is not a tensor (the caller then runs the full checks,
+    which name it)."""
     if group_size is not None and type(group_size) is not int:
         return None
     weights = cfg.weights if type(cfg.weights) is not str else None
-    return (id(cfg), group_size, _meta(logits), _meta(labels), _meta(ref), _meta(rewards),
-            _meta(mask), _meta(seq_ids), _meta(group_ids), _meta(weights))
+    return (id(cfg), group_size,
+            logits.shape, logits.stride(), logits.dtype, logits.device,
+            labels.shape, labels.stride(), labels.dtype, labels.device,
+            rewards.shape, rewards.stride(), rewards.dtype, rewards.device,
+            _meta(ref), _meta(mask), _meta(seq_ids), _meta(group_ids), _meta(weights))
 
 
 class Scratch(NamedTuple):

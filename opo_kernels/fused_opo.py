@@ -25,7 +25,7 @@ Example::
 
 from __future__ import annotations
 
-from typing import List, NamedTuple, Optional
+from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 
@@ -66,12 +66,13 @@ def _forward_batch(batch: Batch, plan: CallPlan, params, grad: Optional[torch.Te
 
 
 def _backward_rows(plan: CallPlan, logits, rows: Rows, lp, stats, ent, coef, scal, grad_loss,
-                   params, grad: torch.Tensor) -> torch.Tensor:
-    """∂L/∂logits written into ``grad`` (logits itself for the in-place backward)."""
-    plan.backward_launch(grad)(logits, grad, rows, lp, stats,
-                               ent if plan.entropy_in_gradient else None, coef, scal, grad_loss,
-                               params)
-    return grad
+                   params, grad: torch.Tensor, zero_before: int = 0, zero_after: int = 0) -> bool:
+    """∂L/∂logits written into ``grad`` (logits itself for the in-place backward), and zeros
+    into the zero_before / zero_after rows around each sequence's rows of it. False when
+    there was nothing to launch (no rows)."""
+    return plan.backward_launch(grad)(logits, grad, rows, lp, stats,
+                                      ent if plan.entropy_in_gradient else None, coef, scal,
+                                      grad_loss, params, zero_before, zero_after)
 
 
 def _forward(logits, labels, ref, mask, seq_ids, rewards, group_ids, weights, params, flags):
@@ -108,8 +109,9 @@ class RowSlice(NamedTuple):
     """logits = base.narrow(dim, start, length): whole positions (dim 1 of [B, T, V]) or rows
     (dim 0 of [N, V]) of a contiguous ``base`` that requires grad, as ``logits[:, :-1]`` or
     ``outputs.logits[:, -(C + 1):-1]`` are. With ``grad_to_base`` the loss differentiates
-    ``base`` directly: its gradient is written base-shaped (the slice's rows by the backward
-    kernel, zeros elsewhere), so autograd never runs the slice's backward, which allocates a
+    ``base`` directly: its gradient is written base-shaped (the slice's rows and the zeros
+    outside them by the backward kernel; in the one-pass mode the zeros by a fill), so
+    autograd never runs the slice's backward, which allocates a
     zero-filled base-sized tensor and copies the slice's gradient into it (one more
     logits-sized buffer and ~3 more passes over it per step)."""
 
@@ -148,6 +150,10 @@ class RowSlice(NamedTuple):
         base itself when the slice starts at row 0, as ``logits[:, :-1]`` does (the same
         pointer and strides; no view to make), else ``rows``."""
         return full if self.start == 0 else self.rows(full)
+
+    def outside(self, full: torch.Tensor) -> Tuple[int, int]:
+        """(rows before, rows after) the slice along its dimension of a base-shaped tensor."""
+        return self.start, full.shape[self.dim] - self.start - self.length
 
     def zero_outside(self, full: torch.Tensor) -> None:
         """Zeros at the rows of a base-shaped tensor outside the slice (at most two fills)."""
@@ -269,7 +275,7 @@ class FusedOPOFunction(torch.autograd.Function):
             ctx.set_materialize_grads(False)  # no zeros for the metrics' (unused) gradient
         ctx.cfg, ctx.plan, ctx.flags, ctx.rows = cfg, plan, flags, rows
         # the geometry only: ctx holding the base itself would be a reference cycle
-        ctx.sliced = None if sliced is None else sliced._replace(base=None)
+        ctx.sliced = None if sliced is None else RowSlice(None, *sliced[1:])
         # the slice itself (a view of x, whose in-place writes save_for_backward catches):
         # narrowing x again in backward costs more than the launch. Dropped at backward, as
         # autograd drops x, so that the logits do not outlive the backward with the loss.
@@ -314,10 +320,13 @@ class FusedOPOFunction(torch.autograd.Function):
                 logits = sliced.rows(x)
             ctx.logits = None
             full = x if inplace else new_output_like(x)
-            _backward_rows(plan, logits, ctx.rows, lp, stats, ent, coef, scal, grad_loss,
-                           params, full if sliced is None else sliced.rows_at(full))
-            if sliced is not None:  # the base-shaped gradient, zeros outside
-                sliced.zero_outside(full)
+            if sliced is None:
+                _backward_rows(plan, logits, ctx.rows, lp, stats, ent, coef, scal, grad_loss,
+                               params, full)
+            # the base-shaped gradient: the kernel writes the zeros outside the slice too
+            elif not _backward_rows(plan, logits, ctx.rows, lp, stats, ent, coef, scal,
+                                    grad_loss, params, sliced.rows_at(full), *sliced.outside(full)):
+                sliced.zero_outside(full)  # no rows, no launch
             return full, None, None, None, None, None
         x, lp, stats, ent, coef, scal, params = ctx.saved_tensors
         logits = x if sliced is None else sliced.rows(x)

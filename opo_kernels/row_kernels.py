@@ -290,26 +290,38 @@ def _fwd_row(
                       REVERSE)
 
 
-@triton.jit(do_not_specialize=_SHAPE_ARGS + ["ref_sb"])
+@triton.jit(do_not_specialize=_SHAPE_ARGS + ["ref_sb", "zero_before", "zero_after"])
 def _opo_bwd_kernel(
     logits_ptr, l_T, l_sb, l_st, l_sv,      # grad_ptr may equal logits_ptr (in place)
     grad_ptr, g_sb, g_st, g_sv,
     labels_ptr, lab_sb, lab_st, sel_ptr, sel_sb, sel_st, num_seqs,
     ref_ptr, ref_sb, ref_st,                # ref_logprobs (token level only)
     lp_ptr, stats_ptr, ent_ptr, coef_ptr, scal_ptr, grad_loss_ptr,
-    params_ptr, T, row_start, V, vocab_start,
+    params_ptr, T, row_start, V, vocab_start, zero_before, zero_after,
     PACKED: tl.constexpr, HAS_MASK: tl.constexpr, WITH_ENTROPY: tl.constexpr,
     TOKEN: tl.constexpr, RATIO: tl.constexpr, ACC: tl.constexpr, BLOCK_V: tl.constexpr,
     WIDE: tl.constexpr, STAGES: tl.constexpr,
 ):
     """One program per row: c_t from the epilogue's coefficients and the upstream gradient
-    (read from device memory: no host sync), then the row's gradient."""
+    (read from device memory: no host sync), then the row's gradient.
+
+    zero_before, zero_after: rows of the gradient tensor just before the first and after the
+    last of the l_T rows of each "sequence" that get zeros (the rest of a base whose slice
+    these rows are, fused_opo.RowSlice: no fill launch of their own); 0 for none."""
     pid = tl.program_id(0).to(tl.int64)
     r = row_start + pid
     b, t, seq = row_seq(r, T, sel_ptr, sel_sb, sel_st, num_seqs, PACKED, HAS_MASK)
     lb = pid // l_T
     lt = pid - lb * l_T
     grad_base = grad_ptr + lb * g_sb + lt * g_st
+    if zero_before > 0:
+        if lt == 0:
+            for k in range(1, zero_before + 1):  # (lt - k): int64, as lt is
+                _zero_row(grad_ptr + lb * g_sb + (lt - k) * g_st, g_sv, V, BLOCK_V, WIDE)
+    if zero_after > 0:
+        if lt == l_T - 1:
+            for k in range(1, zero_after + 1):
+                _zero_row(grad_ptr + lb * g_sb + (lt + k) * g_st, g_sv, V, BLOCK_V, WIDE)
     if seq < 0:  # not counted: zero gradient, logits not read
         _zero_row(grad_base, g_sv, V, BLOCK_V, WIDE)
         return

@@ -147,6 +147,9 @@ class Rows:
     num_seqs = B.
     """
 
+    __slots__ = ("labels", "mask", "seq_ids", "ref", "num_rows", "num_seqs", "packed", "T",
+                 "sel")  # made on every call
+
     def __init__(self, labels, mask, seq_ids, ref_logprobs, num_rows, seq_len, num_seqs):
         self.labels, self.mask, self.seq_ids, self.ref = labels, mask, seq_ids, ref_logprobs
         self.num_rows, self.num_seqs = num_rows, num_seqs
@@ -274,21 +277,26 @@ class BackwardLaunch:
         # log-probs [N] stand in, read at b·T + t = the row
         self.token_ref = level == "token" and rows.ref is not None
         self.ref_geo = small_geometry(rows.ref) if self.token_ref else (rows.T, 1)
-        self.tail = (rows.T, row_start, vocab, vocab_start, rows.packed, rows.mask is not None,
-                     with_entropy, level == "token", coordinates == "ratio",
-                     acc_type(logits.dtype), block, _wide(block, self.geo[3], ggeo[2]), stages)
+        self.head = (rows.T, row_start, vocab, vocab_start)
+        self.tail = (rows.packed, rows.mask is not None, with_entropy, level == "token",
+                     coordinates == "ratio", acc_type(logits.dtype), block,
+                     _wide(block, self.geo[3], ggeo[2]), stages)
         self.launch = Launch(_opo_bwd_kernel, (self.num_local,), num_warps) \
             if self.num_local else None
 
     def __call__(self, logits, grad, rows: Rows, lp, stats, entropy, coef, scal, grad_loss,
-                 params) -> None:
+                 params, zero_before: int = 0, zero_after: int = 0) -> bool:
+        """Launches; zero_before/zero_after: rows of ``grad`` around each sequence's rows
+        that get zeros too (see the kernel). False when there is nothing to launch (no
+        rows: then nothing is written, those rows included)."""
         if self.launch is None:
-            return
+            return False
         self.launch(logits, *self.geo, grad, *self.ggeo, rows.labels, *self.lab_geo,
                     rows.sel if rows.sel is not None else logits, *self.sel_geo,
                     rows.ref if self.token_ref else lp, *self.ref_geo, lp, stats,
                     entropy if entropy is not None else lp, coef, scal, grad_loss, params,
-                    *self.tail)
+                    *self.head, zero_before, zero_after, *self.tail)
+        return True
 
 
 def backward_rows(logits: torch.Tensor, rows: Rows, logprobs: torch.Tensor, stats: torch.Tensor,

@@ -50,7 +50,8 @@ def _allocations(ops, numel):
 def _problem(layout, seed=0, dtype=torch.float32):
     """(base [B, T + 2, V] or [N + 3, V], slice function, labels, ref, rewards, layout).
     padded: rows outside at both ends of each sequence; padded_tail: ``[:, :-2]``, a slice
-    from row 0 (the backward kernel is then handed the base itself); packed: ``[:-3]``."""
+    from row 0 (the backward kernel is then handed the base itself); packed: ``[:-3]``;
+    packed_middle: ``[2:-1]``."""
     g = torch.Generator().manual_seed(seed)
     B, T, V = 4, 6, 11
     rewards = torch.rand(B, generator=g)
@@ -64,7 +65,8 @@ def _problem(layout, seed=0, dtype=torch.float32):
     else:
         n = 20
         base = torch.randn(n + 3, V, generator=g).to(dtype)
-        cut = lambda full: full[:-3]  # noqa: E731
+        cut = ((lambda full: full[:-3]) if layout == "packed"  # noqa: E731
+               else (lambda full: full[2:-1]))
         labels = torch.randint(0, V, (n,), generator=g)
         ref = -torch.rand(n, generator=g)
         seq = torch.randint(-1, B, (n,), generator=g)
@@ -86,7 +88,7 @@ def _grad(base0, cut, labels, ref, rewards, lay, record=False, **options):
 
 @pytest.mark.parametrize("inplace", [False, True], ids=["copy", "inplace"])
 @pytest.mark.parametrize("on_policy", [False, True], ids=["general", "on_policy"])
-@pytest.mark.parametrize("layout", ["padded", "padded_tail", "packed"])
+@pytest.mark.parametrize("layout", ["padded", "padded_tail", "packed", "packed_middle"])
 def test_same_gradient_without_the_slice_backward(layout, on_policy, inplace):
     base0, labels, ref, rewards, lay, cut = _problem(layout, seed=int(on_policy))
     ref = None if on_policy else ref
@@ -101,6 +103,9 @@ def test_same_gradient_without_the_slice_backward(layout, on_policy, inplace):
     names = [name for name, _ in ops]
     assert "aten.slice_backward.default" in [name for name, _ in ops_default]
     assert "aten.slice_backward.default" not in names
+    # the general mode's backward kernel writes the zeros outside the slice itself: no fill
+    fills = [name for name in names if name.startswith(("aten.zero_", "aten.fill_"))]
+    assert bool(fills) == on_policy, names
     # logits-sized allocations during backward: the base's gradient only (none in place, and
     # none on-policy: the one-pass forward wrote it); by default one more, the slice
     # backward's zero-filled base
