@@ -97,7 +97,8 @@ class Scratch(NamedTuple):
     lp [N], stats [2N] (the [N, 2] statistics), entropy [N] or None; the main epilogue's
     outputs (``out``: its coef is the flat [2B], its loss a tensor of its own, which the
     caller may modify in place) and scratch (``main`` = ws, sums or None, part_errs, ticket);
-    with the one-pass mode the counts-only pre-pass's (``pre_out``, ``pre``), else None."""
+    with the one-pass mode the counts-only pre-pass's (``pre_out``, ``pre``: the main
+    epilogue's pieces but for its own ticket), else None."""
 
     lp: torch.Tensor
     stats: torch.Tensor
@@ -226,12 +227,17 @@ class CallPlan:
         epilogue's ticket, its check counts when validating, the pre-pass's ticket. An
         epilogue that does not validate never writes its counts: its ticket stands in."""
         n, b = self.num_rows, self.epilogue.num_seqs
+        # the pre-pass shares the main epilogue's pieces: it runs first, on the same stream,
+        # and the one-pass kernel between the two reads its coefficients before the main
+        # epilogue overwrites them (the one-pass backward uses none of them); only its ticket,
+        # which must be zero when the main epilogue starts, is its own
+        epilogues = [self.epilogue] + ([self.pre] if self.pre is not None else [])
+        sums = max(e.sums_size for e in epilogues)
         floats = [n, 2 * n, n if self.with_entropy else None,
-                  self.epilogue.ws_size, self.epilogue.sums_size or None, len(METRICS), 2 * b, 2]
+                  max(e.ws_size for e in epilogues), sums or None, len(METRICS), 2 * b, 2]
         ints = [1, NUM_ERR if self.validate else None,
                 self.epilogue.part_errs_size if self.validate else None]
-        if self.pre is not None:  # its loss gets a slot: only the coefficients are used
-            floats += [self.pre.ws_size, self.pre.sums_size or None, 1, len(METRICS), 2 * b, 2]
+        if self.pre is not None:
             ints += [1]
         return _Layout(floats), _Layout(ints)
 
@@ -245,9 +251,9 @@ class CallPlan:
         errs, part_errs = (i[1], i[2]) if self.validate else (ticket, ticket)
         out = EpilogueOut(new_output((), self.cdtype, self.device), f[5], f[6], f[7], errs)
         pre_out = pre = None
-        if self.pre is not None:
-            pre_out = EpilogueOut(f[10], f[11], f[12], f[13], i[3])
-            pre = (f[8], f[9], i[3], i[3])
+        if self.pre is not None:  # the main epilogue's pieces (see _workspace_layout)
+            pre_out = EpilogueOut(out.loss, f[5], f[6], f[7], i[3])
+            pre = (f[3], f[4], i[3], i[3])
         return Scratch(f[0], f[1], f[2], out, (f[3], f[4], part_errs, ticket), pre_out, pre)
 
 

@@ -199,6 +199,11 @@ def test_workspace_pieces_are_aligned_and_disjoint(validate):
             assert all(a_end <= b_start for (_, a_end), (b_start, _) in zip(spans, spans[1:]))
         assert s.out.loss.data_ptr() not in [t.data_ptr() for t in floats if t is not None]
         assert int(s.main[3][0]) == 0  # the ticket starts at zero
+        if s.pre is not None:
+            # the pre-pass runs in the main epilogue's pieces, with a zeroed ticket of its own
+            assert [t.data_ptr() for t in (*s.pre[:1], *s.pre_out[:4])] == [
+                t.data_ptr() for t in (s.main[0], *s.out[:4])]
+            assert s.pre[3].data_ptr() != s.main[3].data_ptr() and int(s.pre[3][0]) == 0
 
 
 def test_workspace_layout_makes_no_view_for_padding_or_a_whole_allocation():
