@@ -285,3 +285,30 @@ def test_head_matmuls(tmp_path, monkeypatch):
         # besides the model's own head on B positions, the fused-linear loss runs fewer rows
         # than TRL's head (B is one position per sequence: small against M at real sizes)
         assert results["fused_linear", off_policy] - b < results["grpo", off_policy]
+
+
+def test_logits_path_reuses_the_loss_plan_step_after_step(tmp_path, monkeypatch):
+    """The logits path hands the loss the same config object every step, so the loss's
+    per-signature work (checks, launches, workspace layout: opo_kernels/call_plan.py) is done
+    once, not on every micro-batch (a config made per call, as ``cfg.replace(...)`` in the
+    loss once did, is a new signature every time)."""
+    from test_trl_dp import make_batch
+
+    from opo_kernels import call_plan
+
+    built = []
+    original = call_plan.CallPlan.__init__
+    monkeypatch.setattr(call_plan.CallPlan, "__init__",
+                        lambda self, *a, **k: built.append(1) or original(self, *a, **k))
+    tokenizer = make_tokenizer()
+    trainer = _trainer(tmp_path, opo_loss_path="logits")
+    trainer.current_gradient_accumulation_steps = 1
+    trainer.model.train()
+    for off_policy in (False, True):
+        batch = make_batch(0, len(tokenizer), off_policy)
+        trainer._compute_loss(trainer.model, batch).backward()
+        first = len(built)
+        assert first >= 1
+        trainer._compute_loss(trainer.model, batch).backward()
+        assert len(built) == first
+        built.clear()

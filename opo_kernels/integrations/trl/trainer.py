@@ -81,6 +81,10 @@ class OPOTrainer(GRPOTrainer):
                 f"{type(args).__name__}"
             )
         self._opo_config = args.opo_loss_config()
+        # the logits path's config, made once: the loss keeps its per-call work (checks,
+        # launches, workspace layout) per config object, so a config made per step would redo
+        # it on every call
+        self._opo_config_to_base = self._opo_config.replace(grad_to_base=True)
         # the TRL fused head applies the temperature itself: the log-probs are taken as given
         self._opo_logprob_options = dict(args.opo_loss_options(), temperature=1.0)
         self._opo_rewards_per_func = None
@@ -159,7 +163,10 @@ class OPOTrainer(GRPOTrainer):
         mask = batch["completion_mask"].bool() & batch["opo_scorable"][:, None]
         if "tool_mask" in batch:
             mask = mask & batch["tool_mask"].bool()
-        cfg = self._opo_config
+        # the logits are a slice of the model's output: with grad_to_base its gradient is
+        # written whole (zeros at the prompt and last positions), without autograd's slice
+        # backward
+        cfg = self._opo_config_to_base if self.opo_loss_path == "logits" else self._opo_config
         if self.args.opo_weights == "grpo_advantages":
             cfg = cfg.replace(weights=batch["advantages"].float())
         # old_per_token_logps is None when TRL is on-policy: the loss then uses the detached
@@ -188,10 +195,7 @@ class OPOTrainer(GRPOTrainer):
         else:
             logits, outputs = self._opo_completion_logits(model, input_ids, attention_mask,
                                                           completion_ids.size(1))
-            # the logits are a slice of the model's output: its gradient is written whole
-            # (zeros at the prompt and last positions), without autograd's slice backward
-            loss, metrics = opo_loss_with_config(logits, *data, cfg.replace(grad_to_base=True),
-                                                 **layout)
+            loss, metrics = opo_loss_with_config(logits, *data, cfg, **layout)
 
         if getattr(self, "aux_loss_enabled", False):  # MoE load balancing, as GRPOTrainer does
             loss = loss + self.router_aux_loss_coef * outputs.aux_loss
