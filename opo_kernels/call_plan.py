@@ -13,6 +13,8 @@ through the per-call launchers instead (``forward_rows``, ``run_epilogue``).
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import torch
@@ -74,18 +76,44 @@ def _meta(t: Optional[torch.Tensor]):
     return None if t is None else (t.shape, t.stride(), t.dtype, t.device)
 
 
+_CONFIG_IDS: Dict[tuple, int] = {}
+_NEW_ID = itertools.count()
+
+
+def config_id(cfg: OPOLossConfig) -> int:
+    """One int per distinct config value, remembered on the config: every field but a weights
+    tensor (its shape, strides, dtype and device are keyed beside it, its values read by each
+    call), so that equal configs made afresh (one per step holding that step's weights
+    tensor, or ``cfg.replace(...)`` in a loop) share their plan. A config with a value that
+    cannot be hashed gets an id of its own."""
+    cid = cfg.__dict__.get("_plan_id")
+    if cid is None:
+        weights = cfg.weights if type(cfg.weights) is str else None
+        values = (*[getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.compare],
+                  weights)
+        try:
+            cid = _CONFIG_IDS.get(values)
+            if cid is None:
+                if len(_CONFIG_IDS) >= 4 * _MAX_PLANS:  # bounded; ids are never reused
+                    _CONFIG_IDS.clear()
+                cid = _CONFIG_IDS[values] = next(_NEW_ID)
+        except TypeError:  # an unhashable value
+            cid = next(_NEW_ID)
+        object.__setattr__(cfg, "_plan_id", cid)  # (a frozen dataclass)
+    return cid
+
+
 def call_key(logits, labels, ref, rewards, mask, seq_ids, group_size, group_ids,
              cfg: OPOLossConfig) -> Optional[tuple]:
-    """The signature of an ``opo_loss`` call: the config (by identity: the plan keeps it, and
-    a config is immutable), the group size (a plain int or None; any other type, e.g. a
-    0-dim tensor, gets no plan: None), and the shape, strides, dtype and device of every
-    tensor (the ones every call has read inline: this runs on every call). Raises
-    AttributeError when an argument is not a tensor (the caller then runs the full checks,
-    which name it)."""
+    """The signature of an ``opo_loss`` call: the config's value (``config_id``), the group
+    size (a plain int or None; any other type, e.g. a 0-dim tensor, gets no plan: None), and
+    the shape, strides, dtype and device of every tensor, a weights tensor's included (the
+    ones every call has read inline: this runs on every call). Raises AttributeError when an
+    argument is not a tensor (the caller then runs the full checks, which name it)."""
     if group_size is not None and type(group_size) is not int:
         return None
     weights = cfg.weights if type(cfg.weights) is not str else None
-    return (id(cfg), group_size,
+    return (config_id(cfg), group_size,
             logits.shape, logits.stride(), logits.dtype, logits.device,
             labels.shape, labels.stride(), labels.dtype, labels.device,
             rewards.shape, rewards.stride(), rewards.dtype, rewards.device,
@@ -139,13 +167,14 @@ class CallPlan:
     """The launches and the workspace layout of one call signature (see the module docstring).
 
     batch: the call's checked ``Batch`` (only its layout is kept, not its tensors); cfg: the
-    call's config (the plan is kept for that config object only). The plan derives from them
+    call's config (not kept: the plan serves every config of the same value, ``config_id``,
+    and a config may hold a weights tensor). The plan derives from them
     ``flags`` (``Flags.of``), ``params`` (``params_tensor``) and ``one_pass``: the on-policy
     one-pass mode (a counts-only epilogue, then the forward kernel writes the gradient).
     """
 
     def __init__(self, batch: Batch, cfg: OPOLossConfig):
-        self.cfg, self.flags = cfg, Flags.of(cfg, batch)
+        self.flags = Flags.of(cfg, batch)  # (the config itself is not kept: it may hold a tensor)
         self.params = params_tensor(cfg, batch.logits.device, batch.compute_dtype)
         self.one_pass = one_pass = batch.ref_logprobs is None and cfg.one_pass_exact
         f = Flags(*self.flags)

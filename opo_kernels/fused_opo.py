@@ -469,8 +469,9 @@ def opo_loss_with_config(logits, labels, ref_logprobs, rewards, cfg: OPOLossConf
     """``opo_loss`` with an already validated ``OPOLossConfig`` (used by ``OPOLoss``).
 
     Eager calls look their signature up first (``call_plan``): a call whose tensors have the
-    shapes, strides, dtypes and devices of an earlier call with the same config skips the
-    checks that call passed and reuses its launches."""
+    shapes, strides, dtypes and devices of an earlier call with an equal config (by value; a
+    weights tensor by its shape and layout) skips the checks that call passed and reuses its
+    launches."""
     if process_group is not None:
         return vocab_parallel_loss(logits, labels, ref_logprobs, rewards, cfg, process_group,
                                    vocab_start, mask=mask, seq_ids=seq_ids,
@@ -488,7 +489,7 @@ def opo_loss_with_config(logits, labels, ref_logprobs, rewards, cfg: OPOLossConf
         except AttributeError:  # not a tensor: prepare names it
             pass
         plan = _CALL_PLANS.get(key)
-        if plan is not None and plan.cfg is cfg:
+        if plan is not None:
             batch = plan.batch(logits, labels, ref_logprobs, rewards, mask, seq_ids, group_size,
                                group_ids, cfg)
             return loss_from_batch(batch, cfg, plan)

@@ -149,6 +149,51 @@ def test_a_different_signature_misses(change):
     assert torch.equal(loss, _call(logits, labels, ref, rewards, layout=layout, **kw))
 
 
+def test_equal_configs_share_a_plan_and_unequal_ones_do_not():
+    """Plans are keyed by the config's value: configs made afresh with the same values (as a
+    loop that calls ``cfg.replace(...)`` or passes a new weights tensor every step makes them)
+    share one; a config that differs in any option, the weights mode included (a field that
+    does not enter the config's ==), gets its own."""
+    logits, labels, ref, rewards, layout = _padded(B=4)
+    base = OPOLossConfig(backend="triton")
+
+    def run(cfg):
+        before = _plans()
+        loss = fused_opo.opo_loss_with_config(logits, labels, ref, rewards, cfg, **layout)
+        return loss, len(_new_plans(before))
+
+    run(base)
+    assert run(base.replace(alpha=base.alpha))[1] == 0  # equal value, new object
+    for other in (base.replace(weights="escort"), base.replace(alpha=0.5),
+                  base.replace(validate="deferred")):
+        assert run(other)[1] == 1
+    # weights tensors: a new config and tensor every step, one plan; values read per call
+    g = torch.Generator().manual_seed(5)
+    w1, w2 = torch.rand(4, generator=g), torch.rand(4, generator=g)
+    first, made = run(base.replace(weights=w1))
+    assert made == 1
+    second, made = run(base.replace(weights=w2))
+    assert made == 0 and not torch.equal(first, second)
+    fused_opo._CALL_PLANS.plans.clear()
+    assert torch.equal(second, run(base.replace(weights=w2))[0])
+    # another weights shape or dtype is another signature
+    assert run(base.replace(weights=w2.double()))[1] == 1
+
+
+def test_a_plan_keeps_no_weights_tensor():
+    logits, labels, ref, rewards, layout = _padded(B=4)
+    weights = torch.rand(4)
+    alive = weakref.ref(weights)
+    fused_opo._CALL_PLANS.plans.clear()
+    before = _plans()
+    fused_opo.opo_loss_with_config(logits, labels, ref, rewards,
+                                   OPOLossConfig(backend="triton", weights=weights), **layout)
+    assert len(_new_plans(before)) == 1
+    del weights
+    gc.collect()
+    assert alive() is None
+
+
 def test_a_plan_keeps_no_tensor_of_its_call():
     logits, labels, ref, rewards, layout = _padded()
     before = _plans()

@@ -290,11 +290,10 @@ def test_head_matmuls(tmp_path, monkeypatch):
 def test_logits_path_reuses_the_loss_plan_step_after_step(tmp_path, monkeypatch):
     """The logits path hands the loss the same config object every step, so the loss's
     per-signature work (checks, launches, workspace layout: opo_kernels/call_plan.py) is done
-    once, not on every micro-batch (a config made per call, as ``cfg.replace(...)`` in the
-    loss once did, is a new signature every time)."""
+    once, not on every micro-batch."""
     from test_trl_dp import make_batch
 
-    from opo_kernels import call_plan
+    from opo_kernels import call_plan, fused_opo
 
     built = []
     original = call_plan.CallPlan.__init__
@@ -306,6 +305,7 @@ def test_logits_path_reuses_the_loss_plan_step_after_step(tmp_path, monkeypatch)
     trainer.model.train()
     for off_policy in (False, True):
         batch = make_batch(0, len(tokenizer), off_policy)
+        fused_opo._CALL_PLANS.plans.clear()  # (plans of earlier tests in this process)
         trainer._compute_loss(trainer.model, batch).backward()
         first = len(built)
         assert first >= 1
