@@ -17,10 +17,27 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_ranks(fn, world: int, *args, deadline: float = 300.0):
+def _port_taken(err: Exception) -> bool:
+    """A rank's rendezvous found its port taken: free_port() closed it before the rank bound
+    it, and another process (a test on another xdist worker) took it in between."""
+    text = str(err).lower()
+    return "eaddrinuse" in text or "address already in use" in text
+
+
+def run_ranks(fn, world: int, *args, deadline: float = 300.0, attempts: int = 3):
     """Spawns `world` ranks of fn(rank, world, port, *args); fails on any rank's error or if
-    they are not all done by the deadline (a hang)."""
-    context = mp.spawn(fn, args=(world, free_port(), *args), nprocs=world, join=False)
+    they are not all done by the deadline (a hang). A rendezvous port taken in the meantime
+    (only that error) is retried on a new port, up to ``attempts`` times in all."""
+    for attempt in range(attempts):
+        try:
+            return _run_once(fn, world, free_port(), args, deadline)
+        except mp.ProcessRaisedException as err:
+            if not _port_taken(err) or attempt == attempts - 1:
+                raise
+
+
+def _run_once(fn, world: int, port: int, args: tuple, deadline: float):
+    context = mp.spawn(fn, args=(world, port, *args), nprocs=world, join=False)
     stop = time.monotonic() + deadline
     while not context.join(timeout=5):
         if time.monotonic() > stop:
