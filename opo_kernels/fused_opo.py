@@ -47,16 +47,19 @@ from .vocab_parallel import vocab_parallel_loss
 _CALL_PLANS = PlanCache()  # eager calls, by call_key
 
 
-def _forward_batch(batch: Batch, plan: CallPlan, params, grad: Optional[torch.Tensor]):
+def _forward_batch(batch: Batch, plan: CallPlan, params, grad: Optional[torch.Tensor],
+                   zero: Tuple[int, int] = (0, 0)):
     """Forward passes; ``grad`` is where the one-pass mode writes the gradient (None: general
-    mode). Returns (rows, logprobs [N], stats [N, 2], entropy [N] or None, EpilogueOut)."""
+    mode), and ``zero`` the (before, after) rows around each sequence's rows of it that get
+    zeros too. Returns (rows, logprobs [N], stats [N, 2], entropy [N] or None, EpilogueOut)."""
     s = plan.scratch()
     rows = Rows.of(batch)
     if grad is not None:
         ws, sums, part_errs, counter = s.pre
         plan.pre(batch, params, counter, s.pre_out, ws, sums, part_errs)
         plan.onepass_launch(grad)(batch.logits, rows, params, s.lp, s.stats, s.entropy,
-                                  grad=grad, coef=s.pre_out.coef, scal=s.pre_out.scal)
+                                  grad=grad, coef=s.pre_out.coef, scal=s.pre_out.scal,
+                                  zero_before=zero[0], zero_after=zero[1])
     else:
         plan.forward(batch.logits, rows, params, s.lp, s.stats, s.entropy)
     ws, sums, part_errs, counter = s.main
@@ -262,11 +265,14 @@ class FusedOPOFunction(torch.autograd.Function):
                 batch.seq_ids, batch.rewards, batch.group_ids, batch.weights, params, flags)
         else:
             params, flags = plan.params, plan.flags
+            grad, zero = None, (0, 0)
             if plan.one_pass:
-                full = x if cfg.inplace_backward else new_output_like(x)
-            rows, lp, stats, ent, out = _forward_batch(
-                batch, plan, params, None if full is None else
-                full if sliced is None else sliced.rows_at(full))
+                full = grad = x if cfg.inplace_backward else new_output_like(x)
+                if sliced is not None:  # the kernel writes the zeros outside the slice too
+                    grad, zero = sliced.rows_at(full), sliced.outside(full)
+                    if plan.onepass_launch(grad).launch is None:  # no rows, no launch
+                        sliced.zero_outside(full)
+            rows, lp, stats, ent, out = _forward_batch(batch, plan, params, grad, zero)
             loss, metrics, coef, scal, errs = out.loss, out.metrics, out.coef, out.scal, out.errs
         # validate=True: the one host sync; "deferred": read at backward or the next call
         ctx.deferred = check_values_of(cfg, errs, batch)
@@ -307,11 +313,9 @@ class FusedOPOFunction(torch.autograd.Function):
                 raise RuntimeError("opo_loss with ref_logprobs=None (one-pass on-policy mode) "
                                    "writes its gradient during forward: run backward once")
             ctx.backward_done = True
-            (full,) = ctx.saved_tensors
+            (full,) = ctx.saved_tensors  # (its rows outside a slice: zeros, from forward)
             grad = full if sliced is None else sliced.rows(full)
             plan.scale_launch(grad)(grad, ctx.rows, grad_loss)
-            if sliced is not None:
-                sliced.zero_outside(full)
             return full, None, None, None, None, None
         if plan is not None:  # eager
             (x,), (lp, stats, ent, coef, scal, params) = ctx.saved_tensors, ctx.intermediates

@@ -99,6 +99,23 @@ def _zero_row(grad_base, grad_sv, V, BLOCK_V: tl.constexpr, WIDE: tl.constexpr):
 
 
 @triton.jit
+def _zero_outside(grad_ptr, lb, lt, l_T, g_sb, g_st, g_sv, V, zero_before, zero_after,
+                  BLOCK_V: tl.constexpr, WIDE: tl.constexpr):
+    """Zeros at the zero_before gradient rows before the first of a sequence's l_T rows (by
+    its program, lt = 0) and the zero_after rows after its last (lt = l_T − 1): the rest of a
+    base tensor whose slice the l_T rows are (fused_opo.RowSlice), written by the programs
+    that write the slice, so that no fill runs of its own."""
+    if zero_before > 0:
+        if lt == 0:
+            for k in range(1, zero_before + 1):  # (lt - k): int64, as lt is
+                _zero_row(grad_ptr + lb * g_sb + (lt - k) * g_st, g_sv, V, BLOCK_V, WIDE)
+    if zero_after > 0:
+        if lt == l_T - 1:
+            for k in range(1, zero_after + 1):
+                _zero_row(grad_ptr + lb * g_sb + (lt + k) * g_st, g_sv, V, BLOCK_V, WIDE)
+
+
+@triton.jit
 def _grad_block(base, sv, grad_base, grad_sv, start, V, label, x_max, c2, k2, one_minus_p_label,
                 coef, entropy, d_entropy, inv_t, log_sum, WITH_ENTROPY: tl.constexpr,
                 ACC: tl.constexpr, BLOCK_V: tl.constexpr, WIDE: tl.constexpr):
@@ -152,7 +169,7 @@ def _row_gradient(base, sv, grad_base, grad_sv, V, label, x_max, log_sum, lp_lab
 _SHAPE_ARGS = ["T", "row_start", "l_T", "vocab_start", "lab_sb", "sel_sb", "num_seqs"]
 
 
-@triton.jit(do_not_specialize=_SHAPE_ARGS + ["num_local"])
+@triton.jit(do_not_specialize=_SHAPE_ARGS + ["num_local", "zero_before", "zero_after"])
 def _opo_fwd_kernel(
     logits_ptr, l_T, l_sb, l_st, l_sv,      # logits rows, indexed by the local row pid
     labels_ptr, lab_sb, lab_st,             # [B, T] or [N] (any integer dtype)
@@ -161,7 +178,7 @@ def _opo_fwd_kernel(
     grad_ptr, g_sb, g_st, g_sv,             # one-pass mode (WRITE_GRAD): gradient rows
     coef_ptr, scal_ptr,                     # one-pass mode: epilogue coefficients (on-policy)
     part_ptr,                               # vocabulary-parallel mode: partials [N, 4]
-    params_ptr, T, row_start, V, vocab_start, num_local,
+    params_ptr, T, row_start, V, vocab_start, num_local, zero_before, zero_after,
     PACKED: tl.constexpr, HAS_MASK: tl.constexpr, WITH_ENTROPY: tl.constexpr,
     WRITE_GRAD: tl.constexpr, PARTIAL: tl.constexpr, ACC: tl.constexpr, BLOCK_V: tl.constexpr,
     WIDE: tl.constexpr, STAGES: tl.constexpr, PERSISTENT: tl.constexpr,
@@ -170,20 +187,22 @@ def _opo_fwd_kernel(
     """One program per row (``_fwd_row``), or with PERSISTENT fewer programs than the
     num_local rows, program p taking rows p, p + programs, p + 2·programs, ...: this bounds
     the rows in flight, so that the one-pass mode's re-read of a row can still find it in L2
-    (rows in flight × row bytes under the L2 size; a launch-config candidate)."""
+    (rows in flight × row bytes under the L2 size; a launch-config candidate). zero_before,
+    zero_after: in the one-pass mode, gradient rows around each sequence's rows that get
+    zeros too (as in ``_opo_bwd_kernel``)."""
     if PERSISTENT:
         for local in range(tl.program_id(0), num_local, tl.num_programs(0)):
             _fwd_row(local, logits_ptr, l_T, l_sb, l_st, l_sv, labels_ptr, lab_sb, lab_st,
                      sel_ptr, sel_sb, sel_st, num_seqs, lp_ptr, stats_ptr, ent_ptr, grad_ptr,
                      g_sb, g_st, g_sv, coef_ptr, scal_ptr, part_ptr, params_ptr, T, row_start,
-                     V, vocab_start, PACKED, HAS_MASK, WITH_ENTROPY, WRITE_GRAD, PARTIAL, ACC,
-                     BLOCK_V, WIDE, STAGES, REVERSE)
+                     V, vocab_start, zero_before, zero_after, PACKED, HAS_MASK, WITH_ENTROPY,
+                     WRITE_GRAD, PARTIAL, ACC, BLOCK_V, WIDE, STAGES, REVERSE)
     else:
         _fwd_row(tl.program_id(0), logits_ptr, l_T, l_sb, l_st, l_sv, labels_ptr, lab_sb,
                  lab_st, sel_ptr, sel_sb, sel_st, num_seqs, lp_ptr, stats_ptr, ent_ptr,
                  grad_ptr, g_sb, g_st, g_sv, coef_ptr, scal_ptr, part_ptr, params_ptr, T,
-                 row_start, V, vocab_start, PACKED, HAS_MASK, WITH_ENTROPY, WRITE_GRAD,
-                 PARTIAL, ACC, BLOCK_V, WIDE, STAGES, REVERSE)
+                 row_start, V, vocab_start, zero_before, zero_after, PACKED, HAS_MASK,
+                 WITH_ENTROPY, WRITE_GRAD, PARTIAL, ACC, BLOCK_V, WIDE, STAGES, REVERSE)
 
 
 @triton.jit
@@ -191,7 +210,7 @@ def _fwd_row(
     local, logits_ptr, l_T, l_sb, l_st, l_sv, labels_ptr, lab_sb, lab_st,
     sel_ptr, sel_sb, sel_st, num_seqs, lp_ptr, stats_ptr, ent_ptr,
     grad_ptr, g_sb, g_st, g_sv, coef_ptr, scal_ptr, part_ptr,
-    params_ptr, T, row_start, V, vocab_start,
+    params_ptr, T, row_start, V, vocab_start, zero_before, zero_after,
     PACKED: tl.constexpr, HAS_MASK: tl.constexpr, WITH_ENTROPY: tl.constexpr,
     WRITE_GRAD: tl.constexpr, PARTIAL: tl.constexpr, ACC: tl.constexpr, BLOCK_V: tl.constexpr,
     WIDE: tl.constexpr, STAGES: tl.constexpr, REVERSE: tl.constexpr,
@@ -210,6 +229,9 @@ def _fwd_row(
     lt = pid - lb * l_T
     base = logits_ptr + lb * l_sb + lt * l_st
     grad_base = grad_ptr + lb * g_sb + lt * g_st
+    if WRITE_GRAD:
+        _zero_outside(grad_ptr, lb, lt, l_T, g_sb, g_st, g_sv, V, zero_before, zero_after,
+                      BLOCK_V, WIDE)
     if seq < 0:  # not counted: the row is not read
         if PARTIAL:
             for k in tl.static_range(4):
@@ -314,14 +336,8 @@ def _opo_bwd_kernel(
     lb = pid // l_T
     lt = pid - lb * l_T
     grad_base = grad_ptr + lb * g_sb + lt * g_st
-    if zero_before > 0:
-        if lt == 0:
-            for k in range(1, zero_before + 1):  # (lt - k): int64, as lt is
-                _zero_row(grad_ptr + lb * g_sb + (lt - k) * g_st, g_sv, V, BLOCK_V, WIDE)
-    if zero_after > 0:
-        if lt == l_T - 1:
-            for k in range(1, zero_after + 1):
-                _zero_row(grad_ptr + lb * g_sb + (lt + k) * g_st, g_sv, V, BLOCK_V, WIDE)
+    _zero_outside(grad_ptr, lb, lt, l_T, g_sb, g_st, g_sv, V, zero_before, zero_after,
+                  BLOCK_V, WIDE)
     if seq < 0:  # not counted: zero gradient, logits not read
         _zero_row(grad_base, g_sv, V, BLOCK_V, WIDE)
         return

@@ -203,17 +203,20 @@ class ForwardLaunch:
         self.geo = _logits_geometry(logits)
         self.ggeo = ggeo if one_pass else self.geo[1:]
         self.lab_geo, self.sel_geo = small_geometry(rows.labels), _selector_geometry(rows)
-        self.tail = (rows.T, row_start, vocab, vocab_start, self.num_local, rows.packed,
-                     rows.mask is not None, with_entropy, one_pass, partial,
+        self.head = (rows.T, row_start, vocab, vocab_start, self.num_local)
+        self.tail = (rows.packed, rows.mask is not None, with_entropy, one_pass, partial,
                      acc_type(logits.dtype), block, _wide(block, self.geo[3], self.ggeo[2]),
                      stages, per_sm > 0, one_pass and reverse)
         grid = _grid(self.num_local, per_sm, logits.device if device is None else device)
         self.launch = Launch(_opo_fwd_kernel, (grid,), num_warps) if self.num_local else None
 
     def __call__(self, logits, rows: Rows, params, lp, stats, entropy=None, grad=None, coef=None,
-                 scal=None, partials=None) -> None:
+                 scal=None, partials=None, zero_before: int = 0, zero_after: int = 0) -> bool:
+        """Launches; in the one-pass mode zero_before/zero_after are rows of ``grad`` around
+        each sequence's rows that get zeros too (see the kernel). False when there is nothing
+        to launch (no rows: then nothing is written)."""
         if self.launch is None:
-            return
+            return False
         sel = rows.sel if rows.sel is not None else logits
         fill = lp if lp is not None else partials  # stands in for the absent tensors
         self.launch(logits, *self.geo, rows.labels, *self.lab_geo, sel, *self.sel_geo,
@@ -221,7 +224,9 @@ class ForwardLaunch:
                     entropy if entropy is not None else fill,
                     grad if grad is not None else logits, *self.ggeo,
                     coef if coef is not None else fill, scal if scal is not None else fill,
-                    partials if partials is not None else fill, params, *self.tail)
+                    partials if partials is not None else fill, params, *self.head, zero_before,
+                    zero_after, *self.tail)
+        return True
 
 
 def forward_rows(logits: torch.Tensor, rows: Rows, params: torch.Tensor, with_entropy: bool, *,

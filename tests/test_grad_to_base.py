@@ -103,9 +103,10 @@ def test_same_gradient_without_the_slice_backward(layout, on_policy, inplace):
     names = [name for name, _ in ops]
     assert "aten.slice_backward.default" in [name for name, _ in ops_default]
     assert "aten.slice_backward.default" not in names
-    # the general mode's backward kernel writes the zeros outside the slice itself: no fill
+    # the kernel that writes the gradient (the backward one; on-policy the forward one) writes
+    # the zeros outside the slice too: no fill in backward
     fills = [name for name in names if name.startswith(("aten.zero_", "aten.fill_"))]
-    assert bool(fills) == on_policy, names
+    assert not fills, names
     # logits-sized allocations during backward: the base's gradient only (none in place, and
     # none on-policy: the one-pass forward wrote it); by default one more, the slice
     # backward's zero-filled base
@@ -147,6 +148,20 @@ def test_other_views_take_the_ordinary_path(case):
     assert torch.equal(got, want)
     if case == "vocabulary-slice":
         assert "aten.slice_backward.default" in [name for name, _ in ops]
+
+
+@pytest.mark.parametrize("layout", ["padded", "packed_middle"])
+def test_on_policy_forward_writes_the_zeros_without_a_fill(layout):
+    """The one-pass forward allocates the base-shaped gradient and its kernel writes the
+    zeros outside the slice: no fill op in the forward either."""
+    base0, labels, _, rewards, lay, cut = _problem(layout, seed=4)
+    base = base0.clone().requires_grad_() * 1.0
+    mode = _Ops()
+    with mode:
+        opo_kernels.opo_loss(cut(base), labels, None, rewards, backend="triton",
+                             validate=False, grad_to_base=True, **lay)
+    fills = [name for name, _ in mode.ops if name.startswith(("aten.zero_", "aten.fill_"))]
+    assert not fills, mode.ops
 
 
 @pytest.mark.parametrize("layout", ["padded", "packed"])
