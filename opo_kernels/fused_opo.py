@@ -113,8 +113,8 @@ class RowSlice(NamedTuple):
     (dim 0 of [N, V]) of a contiguous ``base`` that requires grad, as ``logits[:, :-1]`` or
     ``outputs.logits[:, -(C + 1):-1]`` are. With ``grad_to_base`` the loss differentiates
     ``base`` directly: its gradient is written base-shaped (the slice's rows and the zeros
-    outside them by the backward kernel; in the one-pass mode the zeros by a fill), so
-    autograd never runs the slice's backward, which allocates a
+    outside them, by the kernel that writes the gradient), so autograd never runs the slice's
+    backward, which allocates a
     zero-filled base-sized tensor and copies the slice's gradient into it (one more
     logits-sized buffer and ~3 more passes over it per step)."""
 
@@ -159,7 +159,8 @@ class RowSlice(NamedTuple):
         return self.start, full.shape[self.dim] - self.start - self.length
 
     def zero_outside(self, full: torch.Tensor) -> None:
-        """Zeros at the rows of a base-shaped tensor outside the slice (at most two fills)."""
+        """Zeros at the rows of a base-shaped tensor outside the slice (at most two fills):
+        where no kernel launches to write them (a slice without rows)."""
         end, size = self.start + self.length, full.shape[self.dim]
         for start, stop in ((0, self.start), (end, size)):
             if stop - start == 1:  # the common [:, :-1] case; select is the cheaper view
