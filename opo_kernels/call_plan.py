@@ -183,6 +183,8 @@ class CallPlan:
         self.layout = (batch.vocab, batch.seq_len, batch.num_rows, batch.compute_dtype)
         self.cdtype, self.device = batch.compute_dtype, batch.device
         self.num_rows = batch.num_rows
+        # whether the row kernels launch at all (a launch has one program per logits row)
+        self.has_rows = batch.logits.numel() > 0
         # metadata-only stand-ins (a plan keeps no tensor of the call it was built from)
         rows = Rows(*[_like(t) for t in (batch.labels, batch.mask, batch.seq_ids,
                                          batch.ref_logprobs)],

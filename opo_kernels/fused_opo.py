@@ -69,13 +69,12 @@ def _forward_batch(batch: Batch, plan: CallPlan, params, grad: Optional[torch.Te
 
 
 def _backward_rows(plan: CallPlan, logits, rows: Rows, lp, stats, ent, coef, scal, grad_loss,
-                   params, grad: torch.Tensor, zero_before: int = 0, zero_after: int = 0) -> bool:
+                   params, grad: torch.Tensor, zero_before: int = 0, zero_after: int = 0) -> None:
     """∂L/∂logits written into ``grad`` (logits itself for the in-place backward), and zeros
-    into the zero_before / zero_after rows around each sequence's rows of it. False when
-    there was nothing to launch (no rows)."""
-    return plan.backward_launch(grad)(logits, grad, rows, lp, stats,
-                                      ent if plan.entropy_in_gradient else None, coef, scal,
-                                      grad_loss, params, zero_before, zero_after)
+    into the zero_before / zero_after rows around each sequence's rows of it."""
+    plan.backward_launch(grad)(logits, grad, rows, lp, stats,
+                               ent if plan.entropy_in_gradient else None, coef, scal, grad_loss,
+                               params, zero_before, zero_after)
 
 
 def _forward(logits, labels, ref, mask, seq_ids, rewards, group_ids, weights, params, flags):
@@ -161,12 +160,11 @@ class RowSlice(NamedTuple):
     def zero_outside(self, full: torch.Tensor) -> None:
         """Zeros at the rows of a base-shaped tensor outside the slice (at most two fills):
         where no kernel launches to write them (a slice without rows)."""
-        end, size = self.start + self.length, full.shape[self.dim]
-        for start, stop in ((0, self.start), (end, size)):
-            if stop - start == 1:  # the common [:, :-1] case; select is the cheaper view
-                full.select(self.dim, start).zero_()
-            elif stop > start:
-                full.narrow(self.dim, start, stop - start).zero_()
+        end = self.start + self.length
+        if self.start:
+            full.narrow(self.dim, 0, self.start).zero_()
+        if end < full.shape[self.dim]:
+            full.narrow(self.dim, end, full.shape[self.dim] - end).zero_()
 
 
 # --------------------------------------------------------------------------------------------
@@ -271,7 +269,7 @@ class FusedOPOFunction(torch.autograd.Function):
                 full = grad = x if cfg.inplace_backward else new_output_like(x)
                 if sliced is not None:  # the kernel writes the zeros outside the slice too
                     grad, zero = sliced.rows_at(full), sliced.outside(full)
-                    if plan.onepass_launch(grad).launch is None:  # no rows, no launch
+                    if not plan.has_rows:  # no rows, no launch
                         sliced.zero_outside(full)
             rows, lp, stats, ent, out = _forward_batch(batch, plan, params, grad, zero)
             loss, metrics, coef, scal, errs = out.loss, out.metrics, out.coef, out.scal, out.errs
@@ -328,10 +326,11 @@ class FusedOPOFunction(torch.autograd.Function):
             if sliced is None:
                 _backward_rows(plan, logits, ctx.rows, lp, stats, ent, coef, scal, grad_loss,
                                params, full)
-            # the base-shaped gradient: the kernel writes the zeros outside the slice too
-            elif not _backward_rows(plan, logits, ctx.rows, lp, stats, ent, coef, scal,
-                                    grad_loss, params, sliced.rows_at(full), *sliced.outside(full)):
-                sliced.zero_outside(full)  # no rows, no launch
+            else:  # the base-shaped gradient: the kernel writes the zeros outside the slice too
+                _backward_rows(plan, logits, ctx.rows, lp, stats, ent, coef, scal, grad_loss,
+                               params, sliced.rows_at(full), *sliced.outside(full))
+                if not plan.has_rows:  # no rows, no launch
+                    sliced.zero_outside(full)
             return full, None, None, None, None, None
         x, lp, stats, ent, coef, scal, params = ctx.saved_tensors
         logits = x if sliced is None else sliced.rows(x)

@@ -211,12 +211,11 @@ class ForwardLaunch:
         self.launch = Launch(_opo_fwd_kernel, (grid,), num_warps) if self.num_local else None
 
     def __call__(self, logits, rows: Rows, params, lp, stats, entropy=None, grad=None, coef=None,
-                 scal=None, partials=None, zero_before: int = 0, zero_after: int = 0) -> bool:
-        """Launches; in the one-pass mode zero_before/zero_after are rows of ``grad`` around
-        each sequence's rows that get zeros too (see the kernel). False when there is nothing
-        to launch (no rows: then nothing is written)."""
+                 scal=None, partials=None, zero_before: int = 0, zero_after: int = 0) -> None:
+        """In the one-pass mode zero_before/zero_after are rows of ``grad`` around each
+        sequence's rows that get zeros too (see the kernel)."""
         if self.launch is None:
-            return False
+            return
         sel = rows.sel if rows.sel is not None else logits
         fill = lp if lp is not None else partials  # stands in for the absent tensors
         self.launch(logits, *self.geo, rows.labels, *self.lab_geo, sel, *self.sel_geo,
@@ -226,7 +225,6 @@ class ForwardLaunch:
                     coef if coef is not None else fill, scal if scal is not None else fill,
                     partials if partials is not None else fill, params, *self.head, zero_before,
                     zero_after, *self.tail)
-        return True
 
 
 def forward_rows(logits: torch.Tensor, rows: Rows, params: torch.Tensor, with_entropy: bool, *,
@@ -290,18 +288,16 @@ class BackwardLaunch:
             if self.num_local else None
 
     def __call__(self, logits, grad, rows: Rows, lp, stats, entropy, coef, scal, grad_loss,
-                 params, zero_before: int = 0, zero_after: int = 0) -> bool:
-        """Launches; zero_before/zero_after: rows of ``grad`` around each sequence's rows
-        that get zeros too (see the kernel). False when there is nothing to launch (no
-        rows: then nothing is written, those rows included)."""
+                 params, zero_before: int = 0, zero_after: int = 0) -> None:
+        """zero_before/zero_after: rows of ``grad`` around each sequence's rows that get zeros
+        too (see the kernel)."""
         if self.launch is None:
-            return False
+            return
         self.launch(logits, *self.geo, grad, *self.ggeo, rows.labels, *self.lab_geo,
                     rows.sel if rows.sel is not None else logits, *self.sel_geo,
                     rows.ref if self.token_ref else lp, *self.ref_geo, lp, stats,
                     entropy if entropy is not None else lp, coef, scal, grad_loss, params,
                     *self.head, zero_before, zero_after, *self.tail)
-        return True
 
 
 def backward_rows(logits: torch.Tensor, rows: Rows, logprobs: torch.Tensor, stats: torch.Tensor,

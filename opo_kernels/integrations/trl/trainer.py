@@ -81,9 +81,8 @@ class OPOTrainer(GRPOTrainer):
                 f"{type(args).__name__}"
             )
         self._opo_config = args.opo_loss_config()
-        # the logits path's config, made once: the loss keeps its per-call work (checks,
-        # launches, workspace layout) per config object, so a config made per step would redo
-        # it on every call
+        # the logits path's config, made once (a config made per call would be built and
+        # validated on every call)
         self._opo_config_to_base = self._opo_config.replace(grad_to_base=True)
         # the TRL fused head applies the temperature itself: the log-probs are taken as given
         self._opo_logprob_options = dict(args.opo_loss_options(), temperature=1.0)
