@@ -288,9 +288,8 @@ def test_head_matmuls(tmp_path, monkeypatch):
 
 
 def test_logits_path_reuses_the_loss_plan_step_after_step(tmp_path, monkeypatch):
-    """The logits path hands the loss the same config object every step, so the loss's
-    per-signature work (checks, launches, workspace layout: opo_kernels/call_plan.py) is done
-    once, not on every micro-batch."""
+    """On the logits path the loss's per-signature work (checks, launches, workspace layout:
+    opo_kernels/call_plan.py) is done once, not on every micro-batch."""
     from test_trl_dp import make_batch
 
     from opo_kernels import call_plan, fused_opo
