@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from typing import Dict, List, NamedTuple, Optional, Tuple
+from typing import Dict, List, NamedTuple, Optional
 
 import torch
 
 from .config import OPOLossConfig
-from .epilogue import METRICS, NUM_ERR, EpilogueLaunch, EpilogueOut, Mode, params_tensor
+from .epilogue import METRICS, NUM_ERR, EpilogueLaunch, Mode, params_tensor
 from .inputs import Batch, compute_dtype
 from .row_launch import (
     BackwardLaunch,
@@ -121,46 +121,35 @@ def call_key(logits, labels, ref, rewards, mask, seq_ids, group_size, group_ids,
 
 
 class Scratch(NamedTuple):
-    """One forward call's small tensors, flat views of two allocations (``CallPlan.scratch``):
-    lp [N], stats [2N] (the [N, 2] statistics), entropy [N] or None; the main epilogue's
-    outputs (``out``: its coef is the flat [2B], its loss a tensor of its own, which the
-    caller may modify in place) and scratch (``main`` = ws, sums or None, part_errs, ticket);
-    with the one-pass mode the counts-only pre-pass's (``pre_out``, ``pre``: the main
-    epilogue's pieces but for its own ticket), else None."""
+    """One forward call's small tensors: three allocations (``CallPlan.scratch``). floats: the
+    per-row log-probs, statistics and entropy, the epilogues' scratch and their metrics, coef
+    and scal, at the offsets of ``CallPlan.at``; ints: the zeroed int32 workspace (the value
+    check counts first, then the epilogues' tickets and per-program counts); loss: the 0-dim
+    loss, a tensor of its own (the caller may modify it in place)."""
 
-    lp: torch.Tensor
-    stats: torch.Tensor
-    entropy: Optional[torch.Tensor]
-    out: EpilogueOut
-    main: Tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor, torch.Tensor]
-    pre_out: Optional[EpilogueOut]
-    pre: Optional[Tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor, torch.Tensor]]
+    floats: torch.Tensor
+    ints: torch.Tensor
+    loss: torch.Tensor
 
 
 class _Layout:
-    """Pieces of one flat allocation: ``split`` sizes for ``split_with_sizes`` (each piece,
-    then padding up to a multiple of _ALIGN elements where another piece follows) and the
-    index of each named piece in its result. A size None is a piece the call does not have
-    (``pieces`` gives None); a size 0 is one it has, empty (B = 0: an empty view, still a
-    tensor argument). Each piece is a tensor object of its own, made and freed on every call
-    (~1.5 µs each on a CPU): no view is made for padding, nor for a piece that is the whole
-    allocation."""
+    """Pieces of one flat allocation, each starting at a multiple of _ALIGN elements (16
+    bytes or more). sizes: one per named piece, None for a piece the call does not have;
+    ``at[k]``: where piece k starts, in units of _ALIGN elements (what the kernels take:
+    row_kernels._AT_ARGS), 0 for an absent piece; ``start[k]``: the same in elements (None
+    for an absent piece);
+    ``total``: the allocation's size. No piece is a tensor of its own: the kernels get the
+    allocation and these offsets (a view costs ~1 µs of host time to make and free, on every
+    call)."""
 
     def __init__(self, sizes: List[Optional[int]]):
-        self.split, self.index = [], []
+        self.start, position = [], 0
         for size in sizes:
-            self.index.append(None if size is None else len(self.split))
+            self.start.append(None if size is None else position)
             if size is not None:
-                if self.split and self.split[-1] % _ALIGN:  # align this piece's start
-                    self.split.append(_ALIGN - self.split[-1] % _ALIGN)
-                    self.index[-1] += 1
-                self.split.append(size)
-        self.total = sum(self.split)
-        self.whole = len(self.split) == 1  # the allocation is the one piece
-
-    def pieces(self, flat: torch.Tensor):
-        parts = (flat,) if self.whole else flat.split_with_sizes(self.split)
-        return [None if i is None else parts[i] for i in self.index]
+                position += -(-size // _ALIGN) * _ALIGN
+        self.at = [0 if start is None else start // _ALIGN for start in self.start]
+        self.total = max(position, 1)
 
 
 class CallPlan:
@@ -197,14 +186,19 @@ class CallPlan:
         self._onepass: Dict[tuple, ForwardLaunch] = {}
         self._backward: Dict[tuple, BackwardLaunch] = {}
         self._scale: Dict[tuple, ScaleLaunch] = {}
-        self.forward = None if one_pass else ForwardLaunch(self._logits, rows, self.with_entropy,
-                                                           device=self.device)
         lp_geo = small_geometry(torch.empty(batch.labels.shape, device="meta"))
         self.epilogue = EpilogueLaunch(batch, self.mode, has_lp=True, lp_geo=lp_geo,
                                        has_ent=self.with_entropy, ent_geo=lp_geo,
                                        validate=self.validate)
         self.pre = EpilogueLaunch(batch, self.mode, has_lp=False) if one_pass else None
+        # one float and one int allocation per call; every launch gets where its pieces are
         self._floats, self._ints = self._workspace_layout()
+        self._offsets()
+        self.epilogue.at = self.epilogue_at
+        if self.pre is not None:
+            self.pre.at = self.pre_at
+        self.forward = None if one_pass else ForwardLaunch(
+            self._logits, rows, self.with_entropy, device=self.device, at=self.rows_at)
 
     def batch(self, logits, labels, ref, rewards, mask, seq_ids, group_size, group_ids,
               cfg: OPOLossConfig) -> Batch:
@@ -230,7 +224,7 @@ class CallPlan:
             ggeo = _logits_geometry(grad)[1:]
             launch = self._onepass[strides] = ForwardLaunch(
                 self._logits, self._rows, self.with_entropy, one_pass=True, ggeo=ggeo,
-                device=self.device)
+                device=self.device, at=self.rows_at)
         return launch
 
     def backward_launch(self, grad: torch.Tensor) -> BackwardLaunch:
@@ -240,7 +234,7 @@ class CallPlan:
             ggeo = _logits_geometry(grad)[1:]
             launch = self._backward[strides] = BackwardLaunch(
                 self._logits, self._rows, ggeo, self.entropy_in_gradient, self.level,
-                self.coordinates)
+                self.coordinates, at=self.rows_at)
         return launch
 
     def scale_launch(self, grad: torch.Tensor) -> ScaleLaunch:
@@ -254,9 +248,10 @@ class CallPlan:
     # ---- the workspace ----
 
     def _workspace_layout(self):
-        """The layouts of the float workspace and of the zeroed int32 one: the main
-        epilogue's ticket, its check counts when validating, the pre-pass's ticket. An
-        epilogue that does not validate never writes its counts: its ticket stands in."""
+        """The layouts of the float workspace (pieces ``F_*``) and of the zeroed int32 one
+        (``I_*``): the check counts when validating, the main epilogue's ticket, its
+        per-program counts when validating, the pre-pass's ticket. An epilogue that does not
+        validate never writes its counts: its ticket stands in."""
         n, b = self.num_rows, self.epilogue.num_seqs
         # the pre-pass shares the main epilogue's pieces: it runs first, on the same stream,
         # and the one-pass kernel between the two reads its coefficients before the main
@@ -264,28 +259,38 @@ class CallPlan:
         # which must be zero when the main epilogue starts, is its own
         epilogues = [self.epilogue] + ([self.pre] if self.pre is not None else [])
         sums = max(e.sums_size for e in epilogues)
-        floats = [n, 2 * n, n if self.with_entropy else None,
-                  max(e.ws_size for e in epilogues), sums or None, len(METRICS), 2 * b, 2]
-        ints = [1, NUM_ERR if self.validate else None,
-                self.epilogue.part_errs_size if self.validate else None]
-        if self.pre is not None:
-            ints += [1]
-        return _Layout(floats), _Layout(ints)
+        floats = _Layout([n, 2 * n, n if self.with_entropy else None,
+                          max(e.ws_size for e in epilogues), sums or None, len(METRICS), 2 * b,
+                          2])
+        ints = _Layout([NUM_ERR if self.validate else None, 1,
+                        self.epilogue.part_errs_size if self.validate else None,
+                        1 if self.pre is not None else None])
+        return floats, ints
+
+    def _offsets(self):
+        """The launches' ``at`` tuples (where each small tensor starts in the workspace)."""
+        lp, stats, ent, ws, sums, metrics, coef, scal = self._floats.at
+        errs, ticket, part_errs, pre_ticket = self._ints.at
+        if not self.validate:  # the ticket stands in for the counts it never writes
+            errs = part_errs = ticket
+        if self._floats.start[4] is None:  # one chunk: phase 1 sums into the workspace itself
+            sums = ws
+        self.metrics_start = self._floats.start[5]
+        self.rows_at = (lp, stats, ent, coef, scal)  # the row kernels' (forward, backward)
+        self.epilogue_at = (lp, ent, stats, ws, sums, metrics, coef, scal, part_errs, ticket,
+                            errs)
+        self.pre_at = (lp, ent, stats, ws, sums, metrics, coef, scal, pre_ticket, pre_ticket,
+                       pre_ticket)
 
     def scratch(self) -> Scratch:
-        """The call's small tensors: three allocations (the float workspace, the zeroed int32
-        one, which holds the epilogues' tickets, and the loss)."""
-        f = self._floats.pieces(new_output((self._floats.total,), self.cdtype, self.device))
-        i = self._ints.pieces(torch.zeros(self._ints.total, dtype=torch.int32,
-                                          device=self.device))
-        ticket = i[0]
-        errs, part_errs = (i[1], i[2]) if self.validate else (ticket, ticket)
-        out = EpilogueOut(new_output((), self.cdtype, self.device), f[5], f[6], f[7], errs)
-        pre_out = pre = None
-        if self.pre is not None:  # the main epilogue's pieces (see _workspace_layout)
-            pre_out = EpilogueOut(out.loss, f[5], f[6], f[7], i[3])
-            pre = (f[3], f[4], i[3], i[3])
-        return Scratch(f[0], f[1], f[2], out, (f[3], f[4], part_errs, ticket), pre_out, pre)
+        """The call's small tensors: three allocations, no views (``Scratch``)."""
+        return Scratch(new_output((self._floats.total,), self.cdtype, self.device),
+                       torch.zeros(self._ints.total, dtype=torch.int32, device=self.device),
+                       new_output((), self.cdtype, self.device))
+
+    def metrics(self, floats: torch.Tensor) -> torch.Tensor:
+        """The metrics vector [8] of a call's float workspace (a view)."""
+        return floats.narrow(0, self.metrics_start, len(METRICS))
 
 
 class PlanCache:

@@ -32,7 +32,7 @@ import torch
 from . import row_launch
 from .call_plan import CallPlan, Flags, PlanCache, batch_of, call_key
 from .config import OPOLossConfig, config_from_options
-from .epilogue import METRICS, NUM_ERR, params_tensor, run_epilogue, unpack_metrics
+from .epilogue import METRICS, NUM_ERR, EpilogueOut, params_tensor, run_epilogue, unpack_metrics
 from .inputs import Batch, compute_dtype, prepare
 from .row_launch import Rows, backward_rows, forward_rows
 from .tensor_parallel import config_or_fail_together
@@ -51,30 +51,30 @@ def _forward_batch(batch: Batch, plan: CallPlan, params, grad: Optional[torch.Te
                    zero: Tuple[int, int] = (0, 0)):
     """Forward passes; ``grad`` is where the one-pass mode writes the gradient (None: general
     mode), and ``zero`` the (before, after) rows around each sequence's rows of it that get
-    zeros too. Returns (rows, logprobs [N], stats [N, 2], entropy [N] or None, EpilogueOut)."""
+    zeros too. Returns (rows, the call's ``Scratch``): the kernels read and write its float
+    and int workspaces at the plan's offsets (``CallPlan._offsets``), the loss in its own
+    tensor."""
     s = plan.scratch()
+    f, i = s.floats, s.ints
     rows = Rows.of(batch)
+    out = EpilogueOut(s.loss, f, f, f, i)
     if grad is not None:
-        ws, sums, part_errs, counter = s.pre
-        plan.pre(batch, params, counter, s.pre_out, ws, sums, part_errs)
-        plan.onepass_launch(grad)(batch.logits, rows, params, s.lp, s.stats, s.entropy,
-                                  grad=grad, coef=s.pre_out.coef, scal=s.pre_out.scal,
+        plan.pre(batch, params, i, out, f, f, i)
+        plan.onepass_launch(grad)(batch.logits, rows, params, f, f, f, grad=grad, coef=f, scal=f,
                                   zero_before=zero[0], zero_after=zero[1])
     else:
-        plan.forward(batch.logits, rows, params, s.lp, s.stats, s.entropy)
-    ws, sums, part_errs, counter = s.main
-    plan.epilogue(batch, params, counter, s.out, ws, sums, part_errs, logprobs=s.lp,
-                  entropy=s.entropy, stats=s.stats)
-    return rows, s.lp, s.stats, s.entropy, s.out
+        plan.forward(batch.logits, rows, params, f, f, f)
+    plan.epilogue(batch, params, i, out, f, f, i, logprobs=f, entropy=f, stats=f)
+    return rows, s
 
 
-def _backward_rows(plan: CallPlan, logits, rows: Rows, lp, stats, ent, coef, scal, grad_loss,
-                   params, grad: torch.Tensor, zero_before: int = 0, zero_after: int = 0) -> None:
+def _backward_rows(plan: CallPlan, logits, rows: Rows, floats, grad_loss, params,
+                   grad: torch.Tensor, zero_before: int = 0, zero_after: int = 0) -> None:
     """∂L/∂logits written into ``grad`` (logits itself for the in-place backward), and zeros
-    into the zero_before / zero_after rows around each sequence's rows of it."""
-    plan.backward_launch(grad)(logits, grad, rows, lp, stats,
-                               ent if plan.entropy_in_gradient else None, coef, scal, grad_loss,
-                               params, zero_before, zero_after)
+    into the zero_before / zero_after rows around each sequence's rows of it; floats: the
+    forward's float workspace (``_forward_batch``)."""
+    plan.backward_launch(grad)(logits, grad, rows, floats, floats, floats, floats, floats,
+                               grad_loss, params, zero_before, zero_after)
 
 
 def _forward(logits, labels, ref, mask, seq_ids, rewards, group_ids, weights, params, flags):
@@ -234,8 +234,9 @@ def _call(op, impl, *args):
 
 class FusedOPOFunction(torch.autograd.Function):
     """loss, metrics_vector = FusedOPOFunction.apply(x, batch, cfg, sliced, plan, None), or
-    loss = FusedOPOFunction.apply(x, batch, cfg, sliced, plan, box) with the metrics vector
-    appended to the list ``box`` (eager calls: a second output costs autograd ~2 µs a call).
+    loss = FusedOPOFunction.apply(x, batch, cfg, sliced, plan, box) with the call's float
+    workspace, which holds the metrics vector (``CallPlan.metrics``), appended to the list
+    ``box`` (eager calls: a second output costs autograd ~2 µs a call).
 
     x is batch.logits, or with ``sliced`` (a ``RowSlice`` of batch.logits, eager only) its
     base, which then receives the base-shaped gradient. Only x receives a gradient (ω, τ, p̃, Q
@@ -271,8 +272,10 @@ class FusedOPOFunction(torch.autograd.Function):
                     grad, zero = sliced.rows_at(full), sliced.outside(full)
                     if not plan.has_rows:  # no rows, no launch
                         sliced.zero_outside(full)
-            rows, lp, stats, ent, out = _forward_batch(batch, plan, params, grad, zero)
-            loss, metrics, coef, scal, errs = out.loss, out.metrics, out.coef, out.scal, out.errs
+            rows, s = _forward_batch(batch, plan, params, grad, zero)
+            # the int workspace starts with the check counts (read only when validating)
+            loss, floats, errs = s.loss, s.floats, s.ints
+            metrics = floats if box is not None else plan.metrics(floats)
         # validate=True: the one host sync; "deferred": read at backward or the next call
         ctx.deferred = check_values_of(cfg, errs, batch)
         if box is None:
@@ -292,7 +295,7 @@ class FusedOPOFunction(torch.autograd.Function):
             # the forward's own intermediates ride on ctx (saving them costs a pack and an
             # unpack each; only the input needs autograd's in-place check)
             ctx.save_for_backward(x)
-            ctx.intermediates = (lp, stats, ent, coef, scal, params)
+            ctx.intermediates = (floats, params)
         else:
             ctx.batch_tensors = (batch.labels, batch.ref_logprobs, batch.mask, batch.seq_ids)
             ctx.save_for_backward(x, lp, stats, ent, coef, scal, params)
@@ -317,18 +320,17 @@ class FusedOPOFunction(torch.autograd.Function):
             plan.scale_launch(grad)(grad, ctx.rows, grad_loss)
             return full, None, None, None, None, None
         if plan is not None:  # eager
-            (x,), (lp, stats, ent, coef, scal, params) = ctx.saved_tensors, ctx.intermediates
+            (x,), (floats, params) = ctx.saved_tensors, ctx.intermediates
             logits = x if sliced is None else ctx.logits
             if logits is None:  # a second backward (retain_graph=True)
                 logits = sliced.rows(x)
             ctx.logits = None
             full = x if inplace else new_output_like(x)
             if sliced is None:
-                _backward_rows(plan, logits, ctx.rows, lp, stats, ent, coef, scal, grad_loss,
-                               params, full)
+                _backward_rows(plan, logits, ctx.rows, floats, grad_loss, params, full)
             else:  # the base-shaped gradient: the kernel writes the zeros outside the slice too
-                _backward_rows(plan, logits, ctx.rows, lp, stats, ent, coef, scal, grad_loss,
-                               params, sliced.rows_at(full), *sliced.outside(full))
+                _backward_rows(plan, logits, ctx.rows, floats, grad_loss, params,
+                               sliced.rows_at(full), *sliced.outside(full))
                 if not plan.has_rows:  # no rows, no launch
                     sliced.zero_outside(full)
             return full, None, None, None, None, None
@@ -399,9 +401,11 @@ def loss_from_batch(batch: Batch, cfg: OPOLossConfig, plan: Optional[CallPlan] =
     if plan is None:  # traced
         loss, metrics = FusedOPOFunction.apply(x, batch, cfg, sliced, plan, None)
     else:
-        box = []
+        box = []  # receives the float workspace, which holds the metrics
         loss = _apply_eager(x, batch, cfg, sliced, plan, box)
-        metrics = box[0]
+        if not cfg.return_metrics:
+            return loss
+        metrics = plan.metrics(box[0])
     if not cfg.return_metrics:
         return loss
     return loss, unpack_metrics(metrics, cfg.with_entropy)

@@ -167,9 +167,17 @@ def _row_gradient(base, sv, grad_base, grad_sv, V, label, x_max, log_sum, lp_lab
 # specializing them buys nothing. The logits' strides (multiples of V) stay specialized: they
 # decide the 16-byte accesses of the vocabulary loop.
 _SHAPE_ARGS = ["T", "row_start", "l_T", "vocab_start", "lab_sb", "sel_sb", "num_seqs"]
+# Where the small per-row and per-sequence tensors start in the tensor passed for them, in
+# units of 4 elements (16 bytes or more, so that the compiler still knows them aligned): the
+# call plan (call_plan.py) passes its one workspace allocation for all of them, with their
+# offsets, instead of a view per piece (a view is a tensor object made and freed on every
+# call, ~1 µs of host time each); a caller with tensors of their own passes 0. Not
+# specialized: they follow N and B.
+_AT_ARGS = ["lp_at", "stats_at", "ent_at", "coef_at", "scal_at"]
 
 
-@triton.jit(do_not_specialize=_SHAPE_ARGS + ["num_local", "zero_before", "zero_after"])
+@triton.jit(do_not_specialize=_SHAPE_ARGS + _AT_ARGS + ["num_local", "zero_before",
+                                                        "zero_after"])
 def _opo_fwd_kernel(
     logits_ptr, l_T, l_sb, l_st, l_sv,      # logits rows, indexed by the local row pid
     labels_ptr, lab_sb, lab_st,             # [B, T] or [N] (any integer dtype)
@@ -178,6 +186,7 @@ def _opo_fwd_kernel(
     grad_ptr, g_sb, g_st, g_sv,             # one-pass mode (WRITE_GRAD): gradient rows
     coef_ptr, scal_ptr,                     # one-pass mode: epilogue coefficients (on-policy)
     part_ptr,                               # vocabulary-parallel mode: partials [N, 4]
+    lp_at, stats_at, ent_at, coef_at, scal_at,  # where lp ... scal start in their tensors
     params_ptr, T, row_start, V, vocab_start, num_local, zero_before, zero_after,
     PACKED: tl.constexpr, HAS_MASK: tl.constexpr, WITH_ENTROPY: tl.constexpr,
     WRITE_GRAD: tl.constexpr, PARTIAL: tl.constexpr, ACC: tl.constexpr, BLOCK_V: tl.constexpr,
@@ -189,7 +198,12 @@ def _opo_fwd_kernel(
     the rows in flight, so that the one-pass mode's re-read of a row can still find it in L2
     (rows in flight × row bytes under the L2 size; a launch-config candidate). zero_before,
     zero_after: in the one-pass mode, gradient rows around each sequence's rows that get
-    zeros too (as in ``_opo_bwd_kernel``)."""
+    zeros too (as in ``_opo_bwd_kernel``). lp_at ... scal_at: see ``_AT_ARGS``."""
+    lp_ptr += 4 * lp_at
+    stats_ptr += 4 * stats_at
+    ent_ptr += 4 * ent_at
+    coef_ptr += 4 * coef_at
+    scal_ptr += 4 * scal_at
     if PERSISTENT:
         for local in range(tl.program_id(0), num_local, tl.num_programs(0)):
             _fwd_row(local, logits_ptr, l_T, l_sb, l_st, l_sv, labels_ptr, lab_sb, lab_st,
@@ -312,13 +326,14 @@ def _fwd_row(
                       REVERSE)
 
 
-@triton.jit(do_not_specialize=_SHAPE_ARGS + ["ref_sb", "zero_before", "zero_after"])
+@triton.jit(do_not_specialize=_SHAPE_ARGS + _AT_ARGS + ["ref_sb", "zero_before", "zero_after"])
 def _opo_bwd_kernel(
     logits_ptr, l_T, l_sb, l_st, l_sv,      # grad_ptr may equal logits_ptr (in place)
     grad_ptr, g_sb, g_st, g_sv,
     labels_ptr, lab_sb, lab_st, sel_ptr, sel_sb, sel_st, num_seqs,
     ref_ptr, ref_sb, ref_st,                # ref_logprobs (token level only)
     lp_ptr, stats_ptr, ent_ptr, coef_ptr, scal_ptr, grad_loss_ptr,
+    lp_at, stats_at, ent_at, coef_at, scal_at,  # where lp ... scal start (``_AT_ARGS``)
     params_ptr, T, row_start, V, vocab_start, zero_before, zero_after,
     PACKED: tl.constexpr, HAS_MASK: tl.constexpr, WITH_ENTROPY: tl.constexpr,
     TOKEN: tl.constexpr, RATIO: tl.constexpr, ACC: tl.constexpr, BLOCK_V: tl.constexpr,
@@ -330,6 +345,11 @@ def _opo_bwd_kernel(
     zero_before, zero_after: rows of the gradient tensor just before the first and after the
     last of the l_T rows of each "sequence" that get zeros (the rest of a base whose slice
     these rows are, fused_opo.RowSlice: no fill launch of their own); 0 for none."""
+    lp_ptr += 4 * lp_at
+    stats_ptr += 4 * stats_at
+    ent_ptr += 4 * ent_at
+    coef_ptr += 4 * coef_at
+    scal_ptr += 4 * scal_at
     pid = tl.program_id(0).to(tl.int64)
     r = row_start + pid
     b, t, seq = row_seq(r, T, sel_ptr, sel_sb, sel_st, num_seqs, PACKED, HAS_MASK)

@@ -189,13 +189,16 @@ class ForwardLaunch:
     logits: [B, T, V] or [R, V] (only its shape, strides and dtype are used); rows: ``Rows``
     (the same); ggeo: (stride over sequences, over rows, over V) of the gradient tensor that
     the one-pass mode writes (``one_pass``), else None; device: where the launch runs, when
-    logits is a metadata-only stand-in (``call_plan``). See ``forward_rows`` for the modes.
+    logits is a metadata-only stand-in (``call_plan``); at: where lp, stats, entropy, coef and
+    scal start in the tensors passed for them, in units of 4 elements (``call_plan`` passes
+    one workspace for all five; row_kernels._AT_ARGS), else 0. See ``forward_rows`` for the
+    modes.
     """
 
     def __init__(self, logits: torch.Tensor, rows: Rows, with_entropy: bool, *,
                  one_pass: bool = False, ggeo: Optional[Tuple[int, int, int]] = None,
                  partial: bool = False, row_start: int = 0, vocab_start: int = 0,
-                 device: Optional[torch.device] = None):
+                 device: Optional[torch.device] = None, at: Tuple[int, ...] = (0,) * 5):
         self.num_local = logits.numel() // max(logits.shape[-1], 1)
         vocab = logits.shape[-1]
         block, num_warps, stages, per_sm, reverse = launch_config(
@@ -203,6 +206,7 @@ class ForwardLaunch:
         self.geo = _logits_geometry(logits)
         self.ggeo = ggeo if one_pass else self.geo[1:]
         self.lab_geo, self.sel_geo = small_geometry(rows.labels), _selector_geometry(rows)
+        self.at = at
         self.head = (rows.T, row_start, vocab, vocab_start, self.num_local)
         self.tail = (rows.packed, rows.mask is not None, with_entropy, one_pass, partial,
                      acc_type(logits.dtype), block, _wide(block, self.geo[3], self.ggeo[2]),
@@ -223,8 +227,8 @@ class ForwardLaunch:
                     entropy if entropy is not None else fill,
                     grad if grad is not None else logits, *self.ggeo,
                     coef if coef is not None else fill, scal if scal is not None else fill,
-                    partials if partials is not None else fill, params, *self.head, zero_before,
-                    zero_after, *self.tail)
+                    partials if partials is not None else fill, *self.at, params, *self.head,
+                    zero_before, zero_after, *self.tail)
 
 
 def forward_rows(logits: torch.Tensor, rows: Rows, params: torch.Tensor, with_entropy: bool, *,
@@ -267,11 +271,12 @@ def logsumexp(stats: torch.Tensor, temperature: float) -> torch.Tensor:
 class BackwardLaunch:
     """The backward kernel's launch for one geometry (see ``ForwardLaunch``): logits and
     rows as there, ggeo: (stride over sequences, over rows, over V) of the gradient tensor,
-    level and coordinates: the config's, with_entropy: the entropy term is in the gradient."""
+    level and coordinates: the config's, with_entropy: the entropy term is in the gradient,
+    at: as for ``ForwardLaunch``."""
 
     def __init__(self, logits: torch.Tensor, rows: Rows, ggeo: Tuple[int, int, int],
                  with_entropy: bool, level: str, coordinates: str, row_start: int = 0,
-                 vocab_start: int = 0):
+                 vocab_start: int = 0, at: Tuple[int, ...] = (0,) * 5):
         self.num_local, vocab = logits.numel() // max(logits.shape[-1], 1), logits.shape[-1]
         block, num_warps, stages = launch_config(vocab, logits.dtype, "bwd")[:3]
         self.geo, self.ggeo = _logits_geometry(logits), ggeo
@@ -280,6 +285,7 @@ class BackwardLaunch:
         # log-probs [N] stand in, read at b·T + t = the row
         self.token_ref = level == "token" and rows.ref is not None
         self.ref_geo = small_geometry(rows.ref) if self.token_ref else (rows.T, 1)
+        self.at = at
         self.head = (rows.T, row_start, vocab, vocab_start)
         self.tail = (rows.packed, rows.mask is not None, with_entropy, level == "token",
                      coordinates == "ratio", acc_type(logits.dtype), block,
@@ -296,8 +302,8 @@ class BackwardLaunch:
         self.launch(logits, *self.geo, grad, *self.ggeo, rows.labels, *self.lab_geo,
                     rows.sel if rows.sel is not None else logits, *self.sel_geo,
                     rows.ref if self.token_ref else lp, *self.ref_geo, lp, stats,
-                    entropy if entropy is not None else lp, coef, scal, grad_loss, params,
-                    *self.head, zero_before, zero_after, *self.tail)
+                    entropy if entropy is not None else lp, coef, scal, grad_loss, *self.at,
+                    params, *self.head, zero_before, zero_after, *self.tail)
 
 
 def backward_rows(logits: torch.Tensor, rows: Rows, logprobs: torch.Tensor, stats: torch.Tensor,

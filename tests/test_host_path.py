@@ -222,48 +222,97 @@ def test_checks_still_run_on_a_reused_plan():
 
 @pytest.mark.parametrize("validate", [True, False])
 def test_workspace_pieces_are_aligned_and_disjoint(validate):
+    """The kernels get one float and one int allocation and where each piece starts in them
+    (``at``, units of 4 elements): the pieces they write must not overlap, and every piece
+    the launches name is one the layout has (or the stand-in the kernel never touches)."""
     logits, labels, ref, rewards, layout = _padded(B=4, T=5, V=8)
     for ref_ in (ref, None):
         before = _plans()
         _call(logits, torch.randint(0, 8, (4, 5)), ref_, torch.randn(4), compute_entropy=True,
               validate=validate, layout=layout)
         (plan,) = _new_plans(before)
+        n, b = 20, 4
+        floats, ints = plan._floats, plan._ints
+        sizes = [n, 2 * n, n, plan.epilogue.ws_size, plan.epilogue.sums_size or None, 8, 2 * b, 2]
+        spans = sorted((start, start + size) for start, size in zip(floats.start, sizes)
+                       if start is not None)
+        assert all(start % 4 == 0 for start, _ in spans)
+        assert all(a_end <= b_start for (_, a_end), (b_start, _) in zip(spans, spans[1:]))
+        assert spans[-1][1] <= floats.total
+        assert floats.at == [0 if s is None else s // 4 for s in floats.start]
+        lp, stats, ent, ws, sums, metrics, coef, scal = floats.at
+        assert plan.rows_at == (lp, stats, ent, coef, scal)
+        # with one chunk, phase 1 sums into the workspace itself
+        sums = sums if plan.epilogue.sums_size else ws
+        assert plan.epilogue_at[:8] == (lp, ent, stats, ws, sums, metrics, coef, scal)
+        errs, ticket, part_errs, pre_ticket = ints.at
+        # the check counts come first (the call reads them from the start of the int
+        # workspace); without validation they are never written: the ticket stands in
+        assert (errs, ints.start[0]) == ((0, 0) if validate else (0, None))
+        if validate:
+            assert ticket * 4 >= 16 and part_errs * 4 >= ticket * 4 + 1
+            assert plan.epilogue_at[8:] == (part_errs, ticket, errs)
+        else:
+            assert plan.epilogue_at[8:] == (ticket, ticket, ticket)
         s = plan.scratch()
-        floats = [s.lp, s.stats, s.entropy, *s.main[:2], s.out.metrics, s.out.coef, s.out.scal]
-        ints = [s.main[2], s.main[3], s.out.errs]
-        if s.pre is not None:
-            floats += [*s.pre[:2], s.pre_out.metrics, s.pre_out.coef, s.pre_out.scal]
-            ints += [s.pre[2], s.pre[3], s.pre_out.errs]
-        # without validation the counts are never written: the ticket stands in for them
-        assert (s.out.errs.data_ptr() != s.main[3].data_ptr()) == validate
-        assert (s.main[2].data_ptr() != s.main[3].data_ptr()) == validate
-        for group in (floats, ints):
-            spans = sorted({(t.data_ptr(), t.data_ptr() + t.numel() * t.element_size())
-                            for t in group if t is not None and t.numel()})
-            assert all(start % 16 == 0 for start, _ in spans)
-            assert all(a_end <= b_start for (_, a_end), (b_start, _) in zip(spans, spans[1:]))
-        assert s.out.loss.data_ptr() not in [t.data_ptr() for t in floats if t is not None]
-        assert int(s.main[3][0]) == 0  # the ticket starts at zero
-        if s.pre is not None:
+        assert s.ints.numel() == ints.total and not s.ints.any()  # every ticket starts at 0
+        assert s.floats.numel() == floats.total and s.floats._base is None
+        assert s.loss.dim() == 0 and s.loss.data_ptr() != s.floats.data_ptr()
+        if ref_ is None:
             # the pre-pass runs in the main epilogue's pieces, with a zeroed ticket of its own
-            assert [t.data_ptr() for t in (*s.pre[:1], *s.pre_out[:4])] == [
-                t.data_ptr() for t in (s.main[0], *s.out[:4])]
-            assert s.pre[3].data_ptr() != s.main[3].data_ptr() and int(s.pre[3][0]) == 0
+            assert plan.pre_at[:8] == plan.epilogue_at[:8]
+            assert plan.pre_at[8:] == (pre_ticket,) * 3 and pre_ticket not in (
+                ticket, part_errs) and pre_ticket * 4 < ints.total
+            if validate:
+                assert pre_ticket * 4 >= part_errs * 4 + plan.epilogue.part_errs_size
+        else:
+            assert plan.pre is None and ints.start[3] is None
 
 
-def test_workspace_layout_makes_no_view_for_padding_or_a_whole_allocation():
+def test_workspace_layout_aligns_each_piece_and_skips_absent_ones():
     from opo_kernels.call_plan import _Layout
 
     layout = _Layout([5, None, 3, 0, 8])  # a piece of 0 (B = 0) is still a piece
-    assert layout.split == [5, 3, 3, 1, 0, 8] and layout.total == 20
-    flat = torch.arange(layout.total, dtype=torch.float32)
-    pieces = layout.pieces(flat)
-    assert [None if t is None else (t.storage_offset(), t.numel()) for t in pieces] == [
-        (0, 5), None, (8, 3), (12, 0), (12, 8)]
-    single = _Layout([1, None, None])
-    assert single.split == [1]
-    (ticket, a, b) = single.pieces(flat[:1])
-    assert ticket is not None and ticket.data_ptr() == flat.data_ptr() and a is None is b
+    assert layout.start == [0, None, 8, 12, 12] and layout.at == [0, 0, 2, 3, 3]
+    assert layout.total == 20
+    assert _Layout([None, 1, None]).start == [None, 0, None] and _Layout([None]).total == 1
+
+
+@pytest.mark.parametrize("on_policy", [False, True])
+@pytest.mark.parametrize("validate", [False, "deferred"])
+def test_a_call_makes_three_allocations_and_no_workspace_view(on_policy, validate):
+    """Each piece of a tensor object of its own costs host time on every call (~1 µs): the
+    forward allocates the float and int workspaces and the loss, and makes no view of them
+    (the metrics are a view only when asked for)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    from benchmarks.host_time import stubbed_launches
+
+    logits, labels, ref, rewards, layout = _padded(B=4)
+    for _ in range(2):  # the second call reuses the plan
+        x = logits.clone().requires_grad_()
+        with stubbed_launches() as launched, Ops() as ops:  # (the interpreter's ops: not ours)
+            loss = _call(x, labels, None if on_policy else ref, rewards, layout=layout,
+                         validate=validate)
+        assert len(launched) == (3 if on_policy else 2)
+        loss.backward()  # (reads a deferred check here, outside the ops counted)
+    views = [n for n in ops.names if n.split(".")[1] in (
+        "split_with_sizes", "narrow", "slice", "view", "as_strided", "select", "unbind")]
+    allocs = [n for n in ops.names if n.split(".")[1] in ("empty", "zeros", "empty_like",
+                                                          "full", "new_empty")]
+    assert not views, views
+    # floats, ints, loss (+ the on-policy gradient, written by the forward)
+    assert len(allocs) == 3 + on_policy, allocs
+    assert loss.requires_grad
 
 
 @pytest.mark.parametrize("layout", ["padded", "packed"])

@@ -14,19 +14,27 @@ from .finish import _finish
 from .layout import ERRORS, LEVEL, METRICS, WEIGHTS
 from .sums import _phase1_packed, _phase1_padded
 
+# where the log-probs, entropy, statistics, scratch and outputs start in the tensors passed
+# for them, in units of 4 elements (see row_kernels._AT_ARGS: the call plan passes its one
+# float and one int workspace for all of them)
+_AT_ARGS = ["lp_at", "ent_at", "stats_at", "ws_at", "sums_at", "metrics_at", "coef_at",
+            "scal_at", "part_errs_at", "counter_at", "errs_at"]
+
 
 # mode flags are runtime ints (uniform branches), not constexprs: one compiled variant serves
 # every option combination (the option grid would otherwise compile hundreds of variants)
 @triton.jit(do_not_specialize=["B", "T", "N", "K", "lp_sb", "ref_sb", "ent_sb", "sel_sb",
                                "lab_sb", "num_chunks", "chunk_len", "ON_POLICY", "LEVEL",
                                "RATIO", "WEIGHTS", "CENTER", "ADAPTIVE", "SCALE_REWARDS",
-                               "ENT_IN_LOSS", "BONUS", "VALIDATE"])
+                               "ENT_IN_LOSS", "BONUS", "VALIDATE"] + _AT_ARGS)
 def epilogue_kernel(
     lp_ptr, lp_sb, lp_st, ref_ptr, ref_sb, ref_st, ent_ptr, ent_sb, ent_st,
     sel_ptr, sel_sb, sel_st, labels_ptr, lab_sb, lab_st, stats_ptr,
     rewards_ptr, r_st, gid_ptr, gid_st, weights_ptr, w_st, params_ptr,
     ws_ptr, sums_ptr, part_errs_ptr, counter_ptr,
     loss_ptr, metrics_ptr, coef_ptr, scal_ptr, errs_ptr,
+    lp_at, ent_at, stats_at, ws_at, sums_at, metrics_at, coef_at, scal_at,
+    part_errs_at, counter_at, errs_at,
     B, T, N, V, K, num_chunks, chunk_len,
     PACKED: tl.constexpr, HAS_MASK: tl.constexpr, HAS_LP: tl.constexpr,
     HAS_REF: tl.constexpr, HAS_ENT: tl.constexpr, ENT_IN_LOSS, BONUS,
@@ -45,7 +53,18 @@ def epilogue_kernel(
     BLOCK_S) into its slice of sums [num_chunks, 8, B] (the workspace itself when num_chunks
     is 1); the last program adds the slices up in chunk order. Splitting the tokens keeps each
     program's serial loop short: a whole packed scan of N = 16384 rows was 128 dependent
-    iterations in one program."""
+    iterations in one program. lp_at ... errs_at: see ``_AT_ARGS``."""
+    lp_ptr += 4 * lp_at
+    ent_ptr += 4 * ent_at
+    stats_ptr += 4 * stats_at
+    ws_ptr += 4 * ws_at
+    sums_ptr += 4 * sums_at
+    metrics_ptr += 4 * metrics_at
+    coef_ptr += 4 * coef_at
+    scal_ptr += 4 * scal_at
+    part_errs_ptr += 4 * part_errs_at
+    counter_ptr += 4 * counter_at
+    errs_ptr += 4 * errs_at
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
     block = pid // num_chunks
