@@ -37,7 +37,7 @@ from typing import List, NamedTuple, Optional
 
 import torch
 
-from .epilogue import raise_bad_values
+from .epilogue import NUM_ERR, raise_bad_values
 
 _CALLS = itertools.count(1)
 
@@ -87,8 +87,10 @@ def _source(batch):
 
 def check_values_of(cfg, errs: torch.Tensor, batch) -> Optional[Deferred]:
     """Reads (validate=True) or defers (validate="deferred") the value-check counts ``errs``
-    of a call on ``batch``; first raises for any earlier deferred call's bad input. Returns
-    the call's ``Deferred`` (to read at its backward: ``check_at_backward``) or None."""
+    of a call on ``batch`` (their first NUM_ERR entries: a call plan passes its whole int
+    workspace, which starts with them); first raises for any earlier deferred call's bad
+    input. Returns the call's ``Deferred`` (to read at its backward: ``check_at_backward``)
+    or None."""
     validate = cfg.validate
     if not validate or torch.compiler.is_compiling():
         return None
@@ -101,8 +103,8 @@ def check_values_of(cfg, errs: torch.Tensor, batch) -> Optional[Deferred]:
     if errs.device.type == "cuda":
         if torch.cuda.is_current_stream_capturing():
             return None
-        counts = torch.empty(errs.shape, dtype=errs.dtype, pin_memory=True)
-        counts.copy_(errs, non_blocking=True)
+        counts = torch.empty(NUM_ERR, dtype=errs.dtype, pin_memory=True)
+        counts.copy_(errs[:NUM_ERR], non_blocking=True)
         event = torch.cuda.Event()
         event.record()
     else:
