@@ -121,11 +121,13 @@ def call_key(logits, labels, ref, rewards, mask, seq_ids, group_size, group_ids,
 
 
 class Scratch(NamedTuple):
-    """One forward call's small tensors: three allocations (``CallPlan.scratch``). floats: the
-    per-row log-probs, statistics and entropy, the epilogues' scratch and their metrics, coef
-    and scal, at the offsets of ``CallPlan.at``; ints: the zeroed int32 workspace (the value
-    check counts first, then the epilogues' tickets and per-program counts); loss: the 0-dim
-    loss, a tensor of its own (the caller may modify it in place)."""
+    """One forward call's small tensors: three allocations (``CallPlan.scratch``).
+
+    floats: the per-row log-probs, statistics and entropy, the epilogues' scratch and their
+    metrics, coef and scal, at the offsets the plan gives its launches (``CallPlan._offsets``);
+    ints: the zeroed int32 workspace (the value check counts first, then the epilogues'
+    tickets and per-program counts); loss: the 0-dim loss, a tensor of its own (the caller may
+    modify it in place)."""
 
     floats: torch.Tensor
     ints: torch.Tensor
