@@ -124,7 +124,7 @@ class Scratch(NamedTuple):
     """One forward call's small tensors: three allocations (``CallPlan.scratch``).
 
     floats: the per-row log-probs, statistics and entropy, the epilogues' scratch and their
-    metrics, coef and scal, at the offsets the plan gives its launches (``CallPlan._offsets``);
+    metrics, coef and scal, at the offsets the plan gives its launches (``CallPlan._set_offsets``);
     ints: the zeroed int32 workspace (the value check counts first, then the epilogues'
     tickets and per-program counts); loss: the 0-dim loss, a tensor of its own (the caller may
     modify it in place)."""
@@ -139,10 +139,9 @@ class _Layout:
     bytes or more). sizes: one per named piece, None for a piece the call does not have;
     ``at[k]``: where piece k starts, in units of _ALIGN elements (what the kernels take:
     row_kernels._AT_ARGS), 0 for an absent piece; ``start[k]``: the same in elements (None
-    for an absent piece);
-    ``total``: the allocation's size. No piece is a tensor of its own: the kernels get the
-    allocation and these offsets (a view costs ~1 µs of host time to make and free, on every
-    call)."""
+    for an absent piece); ``total``: the allocation's size. No piece is a tensor of its own:
+    the kernels get the allocation and these offsets (a view costs ~1 µs of host time to
+    make and free, on every call)."""
 
     def __init__(self, sizes: List[Optional[int]]):
         self.start, position = [], 0
@@ -195,10 +194,7 @@ class CallPlan:
         self.pre = EpilogueLaunch(batch, self.mode, has_lp=False) if one_pass else None
         # one float and one int allocation per call; every launch gets where its pieces are
         self._floats, self._ints = self._workspace_layout()
-        self._offsets()
-        self.epilogue.at = self.epilogue_at
-        if self.pre is not None:
-            self.pre.at = self.pre_at
+        self._set_offsets()
         self.forward = None if one_pass else ForwardLaunch(
             self._logits, rows, self.with_entropy, device=self.device, at=self.rows_at)
 
@@ -250,10 +246,10 @@ class CallPlan:
     # ---- the workspace ----
 
     def _workspace_layout(self):
-        """The layouts of the float workspace (pieces ``F_*``) and of the zeroed int32 one
-        (``I_*``): the check counts when validating, the main epilogue's ticket, its
-        per-program counts when validating, the pre-pass's ticket. An epilogue that does not
-        validate never writes its counts: its ticket stands in."""
+        """The layouts of the float workspace (log-probs, statistics, entropy, the epilogue's
+        scratch and partial sums, metrics, coef, scal) and of the zeroed int32 one (the check
+        counts when validating, the main epilogue's ticket, its per-program counts when
+        validating, the pre-pass's ticket)."""
         n, b = self.num_rows, self.epilogue.num_seqs
         # the pre-pass shares the main epilogue's pieces: it runs first, on the same stream,
         # and the one-pass kernel between the two reads its coefficients before the main
@@ -269,8 +265,11 @@ class CallPlan:
                         1 if self.pre is not None else None])
         return floats, ints
 
-    def _offsets(self):
-        """The launches' ``at`` tuples (where each small tensor starts in the workspace)."""
+    def _set_offsets(self):
+        """Where each small tensor starts in the workspaces, for every launch: the epilogues'
+        ``at`` (set on them), the row kernels' (``rows_at``: their launches are made when a
+        gradient geometry first comes) and the metrics' start. An epilogue that does not
+        validate never writes its counts: its ticket stands in."""
         lp, stats, ent, ws, sums, metrics, coef, scal = self._floats.at
         errs, ticket, part_errs, pre_ticket = self._ints.at
         if not self.validate:  # the ticket stands in for the counts it never writes
@@ -279,10 +278,11 @@ class CallPlan:
             sums = ws
         self.metrics_start = self._floats.start[5]
         self.rows_at = (lp, stats, ent, coef, scal)  # the row kernels' (forward, backward)
-        self.epilogue_at = (lp, ent, stats, ws, sums, metrics, coef, scal, part_errs, ticket,
+        self.epilogue.at = (lp, ent, stats, ws, sums, metrics, coef, scal, part_errs, ticket,
                             errs)
-        self.pre_at = (lp, ent, stats, ws, sums, metrics, coef, scal, pre_ticket, pre_ticket,
-                       pre_ticket)
+        if self.pre is not None:  # the main epilogue's pieces, its own ticket
+            self.pre.at = (lp, ent, stats, ws, sums, metrics, coef, scal, pre_ticket, pre_ticket,
+                           pre_ticket)
 
     def scratch(self) -> Scratch:
         """The call's small tensors: three allocations, no views (``Scratch``)."""

@@ -52,7 +52,7 @@ def _forward_batch(batch: Batch, plan: CallPlan, params, grad: Optional[torch.Te
     """Forward passes; ``grad`` is where the one-pass mode writes the gradient (None: general
     mode), and ``zero`` the (before, after) rows around each sequence's rows of it that get
     zeros too. Returns (rows, the call's ``Scratch``): the kernels read and write its float
-    and int workspaces at the plan's offsets (``CallPlan._offsets``), the loss in its own
+    and int workspaces at the plan's offsets (``CallPlan._set_offsets``), the loss in its own
     tensor."""
     s = plan.scratch()
     f, i = s.floats, s.ints
@@ -275,6 +275,7 @@ class FusedOPOFunction(torch.autograd.Function):
             rows, s = _forward_batch(batch, plan, params, grad, zero)
             # the int workspace starts with the check counts (read only when validating)
             loss, floats, errs = s.loss, s.floats, s.ints
+            # with a box, the workspace goes there and the caller views the metrics if asked
             metrics = floats if box is not None else plan.metrics(floats)
         # validate=True: the one host sync; "deferred": read at backward or the next call
         ctx.deferred = check_values_of(cfg, errs, batch)
@@ -403,11 +404,10 @@ def loss_from_batch(batch: Batch, cfg: OPOLossConfig, plan: Optional[CallPlan] =
     else:
         box = []  # receives the float workspace, which holds the metrics
         loss = _apply_eager(x, batch, cfg, sliced, plan, box)
-        if not cfg.return_metrics:
-            return loss
-        metrics = plan.metrics(box[0])
     if not cfg.return_metrics:
         return loss
+    if plan is not None:
+        metrics = plan.metrics(box[0])
     return loss, unpack_metrics(metrics, cfg.with_entropy)
 
 

@@ -244,24 +244,24 @@ def test_workspace_pieces_are_aligned_and_disjoint(validate):
         assert plan.rows_at == (lp, stats, ent, coef, scal)
         # with one chunk, phase 1 sums into the workspace itself
         sums = sums if plan.epilogue.sums_size else ws
-        assert plan.epilogue_at[:8] == (lp, ent, stats, ws, sums, metrics, coef, scal)
+        assert plan.epilogue.at[:8] == (lp, ent, stats, ws, sums, metrics, coef, scal)
         errs, ticket, part_errs, pre_ticket = ints.at
         # the check counts come first (the call reads them from the start of the int
         # workspace); without validation they are never written: the ticket stands in
         assert (errs, ints.start[0]) == ((0, 0) if validate else (0, None))
         if validate:
             assert ticket * 4 >= 16 and part_errs * 4 >= ticket * 4 + 1
-            assert plan.epilogue_at[8:] == (part_errs, ticket, errs)
+            assert plan.epilogue.at[8:] == (part_errs, ticket, errs)
         else:
-            assert plan.epilogue_at[8:] == (ticket, ticket, ticket)
+            assert plan.epilogue.at[8:] == (ticket, ticket, ticket)
         s = plan.scratch()
         assert s.ints.numel() == ints.total and not s.ints.any()  # every ticket starts at 0
         assert s.floats.numel() == floats.total and s.floats._base is None
         assert s.loss.dim() == 0 and s.loss.data_ptr() != s.floats.data_ptr()
         if ref_ is None:
             # the pre-pass runs in the main epilogue's pieces, with a zeroed ticket of its own
-            assert plan.pre_at[:8] == plan.epilogue_at[:8]
-            assert plan.pre_at[8:] == (pre_ticket,) * 3 and pre_ticket not in (
+            assert plan.pre.at[:8] == plan.epilogue.at[:8]
+            assert plan.pre.at[8:] == (pre_ticket,) * 3 and pre_ticket not in (
                 ticket, part_errs) and pre_ticket * 4 < ints.total
             if validate:
                 assert pre_ticket * 4 >= part_errs * 4 + plan.epilogue.part_errs_size

@@ -30,14 +30,14 @@ class EpilogueLaunch:
     phase 1 writes the workspace itself), ``part_errs_size`` int32 (per-program value-check
     counts, [programs, NUM_ERR]).
 
-    at: where logprobs, entropy, stats, ws, sums, metrics, coef, scal, part_errs, counter and
-    errs start in the tensors passed for them, in units of 4 elements (``call_plan`` passes one
-    float and one int workspace for them; kernel._AT_ARGS), else 0.
+    ``at``: where logprobs, entropy, stats, ws, sums, metrics, coef, scal, part_errs, counter
+    and errs start in the tensors passed for them, in units of 4 elements (kernel._AT_ARGS):
+    0 here; ``call_plan``, which passes one float and one int workspace for them, sets it
+    once its layout (made from the sizes above) is known.
     """
 
     def __init__(self, batch, mode: Mode, *, has_lp: bool, lp_geo=(0, 0), has_ent: bool = False,
-                 ent_geo=(0, 0), from_logits: bool = True, validate: bool = False,
-                 at: tuple = (0,) * 11):
+                 ent_geo=(0, 0), from_logits: bool = True, validate: bool = False):
         B, N = batch.num_seqs, batch.num_rows
         packed = batch.seq_ids is not None
         T = N if packed else batch.seq_len
@@ -61,7 +61,7 @@ class EpilogueLaunch:
         self.r_st = batch.rewards.stride(0)
         self.gid_st = batch.group_ids.stride(0) if batch.group_ids is not None else 0
         self.w_st = batch.weights.stride(0) if batch.weights is not None else 0
-        self.at = at  # (the call plan sets it once its workspace layout is known)
+        self.at = (0,) * 11
         self.tail = (
             B, T, N, batch.vocab, batch.group_size or 1, num_chunks, chunk_len,
             packed, batch.mask is not None, has_lp, self.has_ref, has_ent,
