@@ -36,8 +36,22 @@ def run_ranks(fn, world: int, *args, deadline: float = 300.0, attempts: int = 3)
                 raise
 
 
+def _rank_main(rank: int, fn, *args):
+    """Each spawned rank: torch._dynamo imported, then fn(rank, *args).
+
+    Why: torch._dynamo imported *after* init_process_group (torch 2.13) keeps the default
+    group alive past destroy_process_group, and it is then freed while the interpreter shuts
+    down, where gloo aborts the process now and then ("terminate called without an active
+    exception", SIGABRT; 2 of 30 runs of a tensor-parallel test here). A TorchDispatchMode
+    (the tests' matmul counters) imports it lazily, mid-test. Imported first, it holds no group
+    (test_ranks.py checks both)."""
+    import torch._dynamo  # noqa: F401
+
+    fn(rank, *args)
+
+
 def _run_once(fn, world: int, port: int, args: tuple, deadline: float):
-    context = mp.spawn(fn, args=(world, port, *args), nprocs=world, join=False)
+    context = mp.spawn(_rank_main, args=(fn, world, port, *args), nprocs=world, join=False)
     stop = time.monotonic() + deadline
     while not context.join(timeout=5):
         if time.monotonic() > stop:
