@@ -226,7 +226,6 @@ def test_scale_is_verls_global_batch_normalisation():
 
 
 REFUSED_ACTOR = {
-    "dynamic-bsz": ({"use_dynamic_bsz": True}, "use_dynamic_bsz"),
     "shuffle": ({"shuffle": True}, "actor.shuffle"),
     "micro-not-multiple": ({"ppo_micro_batch_size_per_gpu": 4}, "not a multiple of rollout.n=3"),
     "kl-loss": ({"use_kl_loss": True}, "use_kl_loss"),
@@ -241,6 +240,20 @@ def test_refuses_actor_settings(case):
     batch = make_batch(3)
     with pytest.raises(ValueError, match=match):
         call_like_verl(actor_config(**fields), batch, batch["logprobs"])
+
+
+def test_dynamic_bsz_is_accepted_when_verl_keeps_groups(monkeypatch):
+    """use_dynamic_bsz: micro-batches cut by token count between whole groups (verl's
+    force_group_size, set by data_parallel.py), so the fixed micro-batch size is not checked;
+    a verl without force_group_size is refused, naming the key."""
+    from opo_kernels.integrations.verl import policy_loss
+
+    batch = make_batch(3)
+    config = actor_config(use_dynamic_bsz=True, ppo_micro_batch_size_per_gpu=4)
+    call_like_verl(config, batch, batch["logprobs"])
+    monkeypatch.setattr(policy_loss, "dynamic_batches_keep_groups", lambda: False)
+    with pytest.raises(ValueError, match=r"use_dynamic_bsz=True .*\(no force_group_size\)"):
+        call_like_verl(config, batch, batch["logprobs"])
 
 
 def test_entropy_coeff_with_token_mean_is_accepted():
@@ -343,18 +356,29 @@ def test_core_package_does_not_import_verl():
 # ------------------------------------------------------------ one real actor update on CPU
 
 
-def test_real_update_step_gradient_equals_reference(tmp_path):
+@pytest.mark.parametrize("max_tokens", [None, 30], ids=["fixed-micro", "dynamic-bsz"])
+def test_real_update_step_gradient_equals_reference(tmp_path, max_tokens):
     """verl's actor update (TrainingWorker.train_mini_batch -> FSDP2 engine -> ppo_loss -> our
     loss -> backward -> SGD step) on a tiny Qwen2: the step's gradient, (θ_before −
     θ_after)/lr, equals the gradient of Σ_mb rows/global_batch_size · OPO(mb) computed by
-    autograd through opo_kernels.reference on a plain HF forward of the same weights."""
+    autograd through opo_kernels.reference on a plain HF forward of the same weights.
+    dynamic-bsz: use_dynamic_bsz with 30 tokens per micro-batch (a group of 3 responses holds
+    up to 27) and the force_group_size the patched _update_actor adds: verl's own cut, whole
+    groups of different numbers per micro-batch."""
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
            "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1"}
     out = tmp_path / "result.json"
-    proc = subprocess.run([sys.executable, str(ENGINE_STEP), str(tmp_path), str(out)], env=env,
-                          capture_output=True, text=True, timeout=900)
+    args = [] if max_tokens is None else [str(max_tokens)]
+    proc = subprocess.run([sys.executable, str(ENGINE_STEP), str(tmp_path), str(out), *args],
+                          env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     result = json.loads(out.read_text())
+    sizes = sorted(len(rows) for rows in result["micro_batches"])
+    for rows in result["micro_batches"]:  # whole groups (K adjacent rows from a multiple of K)
+        runs = [sorted(rows)[i:i + K] for i in range(0, len(rows), K)]
+        assert all(run == list(range(run[0], run[0] + K)) and run[0] % K == 0 for run in runs)
+    if max_tokens is not None:  # the token budget cut micro-batches of unequal sizes
+        assert len(sizes) > 1 and sizes[0] < sizes[-1], result["micro_batches"]
     assert result["loss_engine"] == pytest.approx(result["loss_reference"], rel=1e-6)
     # fp32 parameters: one SGD step at lr = 1000 rounds (θ_before − θ_after)/lr to ~1e-7 of
     # the gradient (measured: at most 1.1e-6 of a tensor's max|grad|)

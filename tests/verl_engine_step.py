@@ -25,6 +25,7 @@ import os
 import sys
 from functools import partial
 from pathlib import Path
+from typing import Optional
 
 
 class _HideTRL(importlib.abc.MetaPathFinder):
@@ -137,10 +138,13 @@ def save_model(model_dir: str):
     )).save_pretrained(model_dir)
 
 
-def build_actor(model_dir: str, micro: int = MICRO, mini_prompts: int = PROMPTS):
+def build_actor(model_dir: str, micro: int = MICRO, mini_prompts: int = PROMPTS,
+                max_tokens: Optional[int] = None):
     """The actor as ActorRolloutRefWorker.init_model builds it: fp32 end to end, SGD (so the step
     is -lr * gradient), no gradient clipping; micro: rows per micro-batch on one rank;
-    mini_prompts: actor.ppo_mini_batch_size (prompts per optimizer step, all ranks)."""
+    mini_prompts: actor.ppo_mini_batch_size (prompts per optimizer step, all ranks);
+    max_tokens: actor.use_dynamic_bsz=True with this ppo_max_token_len_per_gpu (micro-batches
+    cut by token count; micro unused)."""
     model_config = HFModelConfig(path=model_dir, load_tokenizer=False,
                                  override_config={"attn_implementation": "eager"},
                                  enable_gradient_checkpointing=False)
@@ -149,7 +153,8 @@ def build_actor(model_dir: str, micro: int = MICRO, mini_prompts: int = PROMPTS)
                                                       "reduce_dtype": "fp32",
                                                       "buffer_dtype": "fp32"})
     engine_config.micro_batch_size_per_gpu = micro
-    engine_config.use_dynamic_bsz = False
+    engine_config.use_dynamic_bsz = max_tokens is not None
+    engine_config.max_token_len_per_gpu = max_tokens
     actor = TrainingWorker(config=TrainingWorkerConfig(
         model_type="language_model", model_config=model_config, engine_config=engine_config,
         optimizer_config=FSDPOptimizerConfig(optimizer="SGD", lr=LR, clip_grad=1e9,
@@ -158,6 +163,8 @@ def build_actor(model_dir: str, micro: int = MICRO, mini_prompts: int = PROMPTS)
     actor.reset()
     actor_config = FSDPActorConfig(strategy="fsdp2", rollout_n=K, ppo_mini_batch_size=mini_prompts,
                                    ppo_micro_batch_size_per_gpu=micro,
+                                   use_dynamic_bsz=max_tokens is not None,
+                                   ppo_max_token_len_per_gpu=max_tokens or 16384,
                                    policy_loss=ov.OPOPolicyLossConfig())
     actor_config.model_config = model_config  # the adaptive tau's V comes from hf_config
     actor.set_loss_fn(partial(ppo_loss, config=actor_config))
@@ -193,15 +200,33 @@ def make_rollout_data(seed: int = 1, prompts: int = PROMPTS) -> DataProto:
         non_tensors={"uid": np.repeat([f"p{i}" for i in range(prompts)], K).astype(object)})
 
 
-def run_update(actor, data: DataProto, global_rows: int):
-    """The legacy trainer's _update_actor on this rank's rows: to no-padding form, the update's
-    metadata (one mini-batch of global_rows responses over all ranks), train_mini_batch."""
+def update_batch(data: DataProto, global_rows: int, force_group_size: Optional[int] = None):
+    """What the legacy trainer's _update_actor sends the workers for this rank's rows:
+    no-padding form and the update's metadata (one mini-batch of global_rows responses over
+    all ranks; force_group_size: what opo_kernels' _update_actor adds with use_dynamic_bsz)."""
     batch = left_right_2_no_padding(data.to_tensordict())
     tu.assign_non_tensor(batch, calculate_entropy=False, global_batch_size=global_rows,
                          mini_batch_size=global_rows, epochs=1, seed=42,
                          dataloader_kwargs={"shuffle": False}, compute_loss=True,
                          temperature=1.0)
-    return actor.train_mini_batch(batch)["metrics"]
+    if force_group_size is not None:
+        tu.assign_non_tensor(batch, force_group_size=force_group_size)
+    return batch
+
+
+def run_update(actor, data: DataProto, global_rows: int, force_group_size: Optional[int] = None):
+    """train_mini_batch on ``update_batch``; returns its metrics."""
+    return actor.train_mini_batch(update_batch(data, global_rows, force_group_size))["metrics"]
+
+
+def dynamic_micro_batches(data: DataProto, max_tokens: int):
+    """The rows of each micro-batch verl's use_dynamic_bsz forms from ``data`` with a token
+    budget of max_tokens and runs of K rows kept whole (one process: no data-parallel group)."""
+    from verl.utils.seqlen_balancing import rearrange_micro_batches
+
+    batch = update_batch(data, len(data))
+    _, indices = rearrange_micro_batches(batch, max_token_len=max_tokens, force_group_size=K)
+    return [list(rows) for rows in indices]
 
 
 def full_params(actor):
@@ -251,22 +276,28 @@ def step_errors(model, before, after):
     return errors
 
 
-def main(workdir: str, out_path: str):
+def main(workdir: str, out_path: str, max_tokens: Optional[int] = None):
+    """max_tokens: use_dynamic_bsz with that token budget per micro-batch (else fixed
+    micro-batches of MICRO rows)."""
     torch.distributed.init_process_group("gloo", rank=0, world_size=1)
     model_dir = os.path.join(workdir, "model")
     save_model(model_dir)
-    actor = build_actor(model_dir)
+    actor = build_actor(model_dir, max_tokens=max_tokens)
     data = compute_advantage(make_rollout_data(), adv_estimator=ov.ESTIMATOR)
 
     num = len(data)
+    if max_tokens is None:
+        micro_batches = [list(range(s, s + MICRO)) for s in range(0, num, MICRO)]
+    else:
+        micro_batches = dynamic_micro_batches(data, max_tokens)
     before = full_params(actor)
-    metrics = run_update(actor, data, num)
+    metrics = run_update(actor, data, num, None if max_tokens is None else K)
     after = full_params(actor)
 
-    model, loss = reference_loss(model_dir, data,
-                                 [range(s, s + MICRO) for s in range(0, num, MICRO)])
+    model, loss = reference_loss(model_dir, data, micro_batches)
     errors = step_errors(model, before, after)
     Path(out_path).write_text(json.dumps({
+        "micro_batches": micro_batches,
         "loss_engine": float(sum(metrics["loss"])), "loss_reference": loss.item(),
         "grad_norm": float(metrics["grad_norm"][0]), "errors": errors,
         "worst_rel_error": max(errors.values()),
@@ -275,4 +306,4 @@ def main(workdir: str, out_path: str):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(sys.argv[1], sys.argv[2], int(sys.argv[3]) if len(sys.argv) > 3 else None)

@@ -47,7 +47,10 @@ below, before it sends the workers anything.
 
 What cannot keep groups whole (refused, naming the key to change)
 -----------------------------------------------------------------
-* ``actor.use_dynamic_bsz=True``: micro-batches re-formed by token count;
+* ``actor.use_dynamic_bsz=True`` on a verl whose micro-batching cannot keep runs of rows
+  together (its ``rearrange_micro_batches`` has no ``force_group_size``; 0.9.1's has); with
+  one that can, micro-batches are cut by token count between whole groups
+  (``data_parallel``);
 * ``actor.shuffle=True``: mini-batches drawn in random order;
 * ``actor.ppo_micro_batch_size_per_gpu`` not a multiple of ``rollout.n``;
 * ``actor.ppo_mini_batch_size`` not a multiple of the data-parallel size;

@@ -26,12 +26,13 @@ Two ways, and the one taken
    computes for the same micro-batches. The costs: balancing works in units of a group
    (rollout.n responses) instead of one response, a mini-batch must split into whole groups per rank
    (actor.ppo_mini_batch_size a multiple of the data-parallel size), and a micro-batch must
-   hold whole groups (actor.ppo_micro_batch_size_per_gpu a multiple of rollout.n; no
-   actor.use_dynamic_bsz).
+   hold whole groups (actor.ppo_micro_batch_size_per_gpu a multiple of rollout.n, or, with
+   actor.use_dynamic_bsz, micro-batches cut by token count between groups only).
 
 This module does 2. The only case it cannot serve, a group too large for one GPU's
 micro-batch, would need 1 on top of a group-aware partition; it is refused (the micro-batch
-check above).
+check above; with actor.use_dynamic_bsz, verl's own "A forced group exceeds max_token_len",
+agreed over the ranks).
 
 How
 ---
@@ -51,6 +52,13 @@ groups per rank; each rank's share of a mini-batch is its groups back to back, t
 padding rows that the v1 trainer appends to make the batch divisible (they count no token).
 verl sends rank r the r-th contiguous slice and cuts it into mini-batches and micro-batches of
 fixed row counts, all multiples of rollout.n, so every cut falls between two groups.
+
+With ``actor.use_dynamic_bsz=True`` verl cuts a rank's mini-batch into micro-batches by token
+count (``rearrange_micro_batches``), which would split groups. ``_update_actor`` of both
+trainers is patched too: it adds ``force_group_size`` = rollout.n to the update's batch
+metadata, and verl's partitioner then moves runs of rollout.n rows, i.e. whole groups (or
+padding rows, whose count in a rank's share is a multiple of rollout.n), balanced by their
+summed workload under the token budget ``actor.ppo_max_token_len_per_gpu``.
 """
 
 from __future__ import annotations
@@ -165,11 +173,41 @@ def _opo_in_use(trainer) -> bool:
 
 
 def _actor_sizes(trainer, dp_size: int):
-    """(mini_batch_rows, micro_batch_rows) from the trainer's config, after checking it."""
+    """(mini_batch_rows, micro_batch_rows) from the trainer's config, after checking it;
+    micro_batch_rows None with actor.use_dynamic_bsz (micro-batches cut by token count)."""
     actor = trainer.config.actor_rollout_ref.actor
     check_actor_config(actor, config_get(actor, "loss_agg_mode", "token-mean"))
     group = trainer.config.actor_rollout_ref.rollout.n
-    return actor.ppo_mini_batch_size * group, config_get(actor, "ppo_micro_batch_size_per_gpu")
+    micro = None if _dynamic(trainer) else config_get(actor, "ppo_micro_batch_size_per_gpu")
+    return actor.ppo_mini_batch_size * group, micro
+
+
+def _dynamic(trainer) -> bool:
+    return bool(config_get(trainer.config.actor_rollout_ref.actor, "use_dynamic_bsz", False))
+
+
+def _update_with_whole_groups(original):
+    """``_update_actor`` of either trainer: with actor.use_dynamic_bsz, the update's batch
+    carries ``force_group_size`` = rollout.n, which verl's ``rearrange_micro_batches`` reads to
+    cut micro-batches by token count between runs of that many rows only. Each run is one
+    prompt group (or padding rows): ``plan_rank_layout`` puts every rank's share of a mini-batch
+    as whole groups back to back, then its padding rows, a multiple of rollout.n of them. Only
+    the update gets it: the log-prob passes split groups harmlessly, and their token budget
+    (ppo_infer_max_token_len_per_gpu) need not hold a whole group. Batch metadata: the legacy
+    trainer's ``DataProto.meta_info``, the v1 trainer's ``KVBatchMeta.extra_info``; both
+    become the update's non-tensor data."""
+
+    def _update_actor(self, batch, *args, **kwargs):
+        if not (_opo_in_use(self) and _dynamic(self)):
+            return original(self, batch, *args, **kwargs)
+        meta = batch.meta_info if hasattr(batch, "meta_info") else batch.extra_info
+        meta["force_group_size"] = int(self.config.actor_rollout_ref.rollout.n)
+        try:
+            return original(self, batch, *args, **kwargs)
+        finally:
+            meta.pop("force_group_size", None)
+
+    return _update_actor
 
 
 def _balance_legacy(original):
@@ -227,40 +265,53 @@ def _balance_v1(original):
     return _balance_batch
 
 
-# module -> (class, replacement factory)
+# module -> (class, replacement factory of _balance_batch)
 _TRAINERS = {
     "verl.trainer.ppo.ray_trainer": ("RayPPOTrainer", _balance_legacy),
     "verl.trainer.ppo.v1.trainer_base": ("PPOTrainer", _balance_v1),
 }
+# method -> (the parameters it must start with, replacement factory, what is lost without it)
+_METHODS = {
+    "_balance_batch": (["self", "batch", "metrics", "logging_prefix"], None,
+                       "prompt groups are not kept whole across data-parallel ranks"),
+    "_update_actor": (["self", "batch"], _update_with_whole_groups,
+                      "actor.use_dynamic_bsz splits prompt groups"),
+}
 
 
-def patch_trainer_module(module) -> bool:
-    """Replace ``_balance_batch`` of the trainer class in ``module`` (one of ``_TRAINERS``);
-    True when it is (or already was) replaced. A verl whose method does not take
-    ``(self, batch, metrics, logging_prefix, ...)`` is left alone, with a warning: the policy
-    loss then refuses the split groups it receives."""
-    class_name, factory = _TRAINERS[module.__name__]
-    cls = getattr(module, class_name, None)
-    original = getattr(cls, "_balance_batch", None)
+def _patch_method(module, cls, class_name: str, name: str, factory) -> bool:
+    params, _, lost = _METHODS[name]
+    original = getattr(cls, name, None)
     if original is None:
-        logger.warning("opo_kernels: %s.%s has no _balance_batch; prompt groups are not kept "
-                       "whole across data-parallel ranks", module.__name__, class_name)
+        logger.warning("opo_kernels: %s.%s has no %s; %s", module.__name__, class_name, name,
+                       lost)
         return False
     if getattr(original, "__opo_kernels_original__", None) is not None:
         return True
-    if list(inspect.signature(original).parameters)[:4] != ["self", "batch", "metrics",
-                                                            "logging_prefix"]:
-        logger.warning("opo_kernels: %s.%s._balance_batch%s is not the method this version "
-                       "knows; prompt groups are not kept whole across data-parallel ranks",
-                       module.__name__, class_name, inspect.signature(original))
+    if list(inspect.signature(original).parameters)[:len(params)] != params:
+        logger.warning("opo_kernels: %s.%s.%s%s is not the method this version knows; %s",
+                       module.__name__, class_name, name, inspect.signature(original), lost)
         return False
     replacement = factory(original)
     replacement.__opo_kernels_original__ = original
     replacement.__doc__ = (original.__doc__ or "") + (
-        "\n\nWith algorithm.adv_estimator=opo_kernels: whole prompt groups on every rank "
-        "(opo_kernels.integrations.verl.data_parallel).")
-    cls._balance_batch = replacement
+        "\n\nWith algorithm.adv_estimator=opo_kernels: whole prompt groups on every rank and "
+        "in every micro-batch (opo_kernels.integrations.verl.data_parallel).")
+    setattr(cls, name, replacement)
     return True
+
+
+def patch_trainer_module(module) -> bool:
+    """Replace ``_balance_batch`` and ``_update_actor`` of the trainer class in ``module`` (one
+    of ``_TRAINERS``); True when both are (or already were) replaced. A verl whose method does
+    not take the parameters this version knows is left alone, with a warning: the policy loss
+    then refuses the split groups it receives."""
+    class_name, balance = _TRAINERS[module.__name__]
+    cls = getattr(module, class_name, None)
+    factories = {"_balance_batch": balance, "_update_actor": _METHODS["_update_actor"][1]}
+    done = [_patch_method(module, cls, class_name, name, factory)
+            for name, factory in factories.items()]
+    return all(done)
 
 
 class _PatchOnImport(importlib.abc.MetaPathFinder):
@@ -280,7 +331,7 @@ class _PatchOnImport(importlib.abc.MetaPathFinder):
             try:
                 patch_trainer_module(module)
             except Exception:  # never break verl's import; the loss still refuses split groups
-                logger.exception("opo_kernels: could not patch %s._balance_batch", name)
+                logger.exception("opo_kernels: could not patch %s's trainer", name)
 
         spec.loader.exec_module = exec_module
         return spec

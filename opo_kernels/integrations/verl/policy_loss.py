@@ -8,6 +8,8 @@ makes verl's trainers deliver whole groups to every micro-batch. See the package
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -88,21 +90,35 @@ class OPOPolicyLossConfig(PolicyLossConfig):
         _opo_options(self.opo)  # bad options fail when verl builds the actor config
 
 
+@functools.cache
+def dynamic_batches_keep_groups() -> bool:
+    """Whether verl's token-count micro-batching (``actor.use_dynamic_bsz=True``) can keep runs
+    of rows together: its ``rearrange_micro_batches`` takes ``force_group_size`` (0.9.1 does),
+    which ``data_parallel.py`` sets to rollout.n for the actor's update."""
+    from verl.utils import seqlen_balancing
+
+    fn = getattr(seqlen_balancing, "rearrange_micro_batches", None)
+    return fn is not None and "force_group_size" in inspect.signature(fn).parameters
+
+
 def check_actor_config(config, loss_agg_mode: str):
     """Refuse the actor settings that break groups or change OPO's objective.
 
     config: the actor config (verl's dataclass in the workers, or the ``actor_rollout_ref.actor``
     DictConfig in the trainer, which runs this before it sends any batch to the workers)."""
     group = config_get(config, "rollout_n")
-    if config_get(config, "use_dynamic_bsz", False):
+    dynamic = bool(config_get(config, "use_dynamic_bsz", False))
+    if dynamic and not dynamic_batches_keep_groups():
         raise ValueError("opo_kernels policy loss: actor.use_dynamic_bsz=True re-forms "
-                         "micro-batches by token count and splits prompt groups; set "
-                         "actor.use_dynamic_bsz=False and actor.ppo_micro_batch_size_per_gpu "
-                         "to a multiple of rollout.n")
+                         "micro-batches by token count and this verl's "
+                         "rearrange_micro_batches cannot keep prompt groups whole (no "
+                         "force_group_size); set actor.use_dynamic_bsz=False and "
+                         "actor.ppo_micro_batch_size_per_gpu to a multiple of rollout.n, or "
+                         "upgrade verl")
     if config_get(config, "shuffle", False):
         raise ValueError("opo_kernels policy loss: actor.shuffle=True draws mini-batches in "
                          "random order and splits prompt groups; set actor.shuffle=False")
-    micro = config_get(config, "ppo_micro_batch_size_per_gpu")
+    micro = None if dynamic else config_get(config, "ppo_micro_batch_size_per_gpu")
     if isinstance(group, int) and isinstance(micro, int) and micro % group:
         raise ValueError(f"opo_kernels policy loss: actor.ppo_micro_batch_size_per_gpu={micro} "
                          f"is not a multiple of rollout.n={group}: a micro-batch must hold whole "
