@@ -431,13 +431,13 @@ def test_loss_refuses_a_rank_share_of_partial_groups():
 # ------------------------------------------------- one real actor update at two ranks
 
 
-def run_ranks(script: Path, workdir: Path, world: int = 2, timeout: float = 300.0):
+def run_ranks(script: Path, workdir: Path, world: int = 2, timeout: float = 300.0, args=()):
     """Start one process per rank; if one fails, stop the others at once (they would wait in a
     collective until gloo's timeout); return (return codes, logs)."""
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
            "WORLD_SIZE": str(world), "LOCAL_WORLD_SIZE": str(world), "OMP_NUM_THREADS": "1"}
     logs = [workdir / f"rank{r}.log" for r in range(world)]
-    command = [sys.executable, str(script), str(workdir), str(workdir / "out.json")]
+    command = [sys.executable, str(script), str(workdir), str(workdir / "out.json"), *args]
     procs = []
     try:
         for r in range(world):
@@ -458,12 +458,17 @@ def run_ranks(script: Path, workdir: Path, world: int = 2, timeout: float = 300.
     return [p.returncode for p in procs], [log.read_text()[-4000:] for log in logs]
 
 
-def test_real_update_at_two_ranks_equals_single_process_reference(tmp_path):
+@pytest.mark.parametrize("max_tokens", [None, 30], ids=["fixed-micro", "dynamic-bsz"])
+def test_real_update_at_two_ranks_equals_single_process_reference(tmp_path, max_tokens):
     """verl's actor update at 2 data-parallel ranks (legacy trainer's balancing as patched,
     FSDP2 over gloo, 2 micro-batches of 2 groups per rank, one SGD step): the step's gradient
     equals the gradient of Σ_mb rows/global · OPO(mb) over the same 4 micro-batches computed in
-    one process by autograd through opo_kernels.reference."""
-    codes, logs = run_ranks(DP_STEP, tmp_path)
+    one process by autograd through opo_kernels.reference. dynamic-bsz: use_dynamic_bsz with 30
+    tokens per micro-batch (a group holds up to 27) and the force_group_size the patched
+    _update_actor adds: verl's cut of each rank's share, the same number of micro-batches on
+    both ranks, each of whole groups."""
+    codes, logs = run_ranks(DP_STEP, tmp_path, args=() if max_tokens is None else
+                            (str(max_tokens),))
     assert codes == [0, 0], "\n\n".join(f"rank {r} (exit {c}):\n{log}"
                                         for r, (c, log) in enumerate(zip(codes, logs)))
     result = json.loads((tmp_path / "out.json").read_text())
@@ -475,3 +480,9 @@ def test_real_update_at_two_ranks_equals_single_process_reference(tmp_path):
     rank0 = set(result["rank_uids"][0])
     assert rank0 != {f"p{i}" for i in range(4)}
     assert all(math.isfinite(t) for t in result["tau"])
+    micro = result["micro_batches"]
+    for rows in micro:  # whole groups: runs of K rows from a multiple of K
+        runs = [sorted(rows)[i:i + K] for i in range(0, len(rows), K)]
+        assert all(run == list(range(run[0], run[0] + K)) and run[0] % K == 0 for run in runs)
+    if max_tokens is not None:  # the token budget cut micro-batches of unequal sizes
+        assert len({len(rows) for rows in micro}) > 1, micro

@@ -38,19 +38,21 @@ MICRO = 2 * K        # rows per micro-batch on one rank: 2 groups, so tau spans 
 TIMEOUT_S = 60       # gloo: a rank whose peer died fails after this instead of waiting forever
 
 
-def trainer_config(dp_prompts: int = PROMPTS, micro: int = MICRO):
+def trainer_config(dp_prompts: int = PROMPTS, micro: int = MICRO, dynamic: bool = False):
     """The parts of verl's trainer config that ``_balance_batch`` reads."""
     return OmegaConf.create({
         "algorithm": {"adv_estimator": ov.ESTIMATOR},
         "actor_rollout_ref": {
             "rollout": {"n": K},
             "actor": {"ppo_mini_batch_size": dp_prompts, "ppo_micro_batch_size_per_gpu": micro,
-                      "rollout_n": K, "use_dynamic_bsz": False, "shuffle": False,
+                      "rollout_n": K, "use_dynamic_bsz": dynamic, "shuffle": False,
                       "use_kl_loss": False, "entropy_coeff": 0.0,
                       "loss_agg_mode": "token-mean"}}})
 
 
-def main(workdir: str, out_path: str):
+def main(workdir: str, out_path: str, max_tokens=None):
+    """max_tokens: actor.use_dynamic_bsz with that token budget per micro-batch (verl's cut,
+    agreed over the ranks; else fixed micro-batches of MICRO rows)."""
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world,
@@ -59,24 +61,32 @@ def main(workdir: str, out_path: str):
     if rank == 0:
         step.save_model(model_dir)
     torch.distributed.barrier()
-    actor = step.build_actor(model_dir, micro=MICRO, mini_prompts=PROMPTS)
+    actor = step.build_actor(model_dir, micro=MICRO, mini_prompts=PROMPTS, max_tokens=max_tokens)
 
     data = step.make_rollout_data(seed=3, prompts=PROMPTS)
-    trainer = SimpleNamespace(config=trainer_config(), actor_rollout_wg=None,
+    trainer = SimpleNamespace(config=trainer_config(dynamic=max_tokens is not None),
+                              actor_rollout_wg=None,
                               _get_dp_size=lambda worker_group, role: world)
     balance_metrics = {}
     RayPPOTrainer._balance_batch(trainer, data, metrics=balance_metrics)
     data = compute_advantage(data, adv_estimator=ov.ESTIMATOR)
     num = len(data)
     local = data.chunk(world)[rank]
+    per_rank = num // world
+    if max_tokens is None:
+        micro_batches = [list(range(start, start + MICRO)) for start in range(0, num, MICRO)]
+    else:  # this rank's cut, as the engine makes it (a collective), over all ranks' rows
+        mine = [[rank * per_rank + i for i in rows] for rows in step.dynamic_micro_batches(
+            local, max_tokens, num, torch.distributed.group.WORLD)]
+        every = [None] * world
+        torch.distributed.all_gather_object(every, mine)
+        micro_batches = [rows for part in every for rows in part]
 
     before = step.full_params(actor)
-    metrics = step.run_update(actor, local, num)
+    metrics = step.run_update(actor, local, num, None if max_tokens is None else K)
     after = step.full_params(actor)
 
     if rank == 0:
-        per_rank = num // world
-        micro_batches = [range(start, start + MICRO) for start in range(0, num, MICRO)]
         model, loss = step.reference_loss(model_dir, data, micro_batches)
         errors = step.step_errors(model, before, after)
         uid = list(data.non_tensor_batch["uid"])
@@ -85,6 +95,7 @@ def main(workdir: str, out_path: str):
             "loss_reference": loss.item(), "errors": errors,
             "worst_rel_error": max(errors.values()),
             "rank_uids": [uid[r * per_rank:(r + 1) * per_rank] for r in range(world)],
+            "micro_batches": micro_batches,
             "balance_metrics": sorted(balance_metrics),
             "tau": [float(t) for t in metrics["actor/opo_tau"]]}))
     torch.distributed.barrier()
@@ -92,4 +103,4 @@ def main(workdir: str, out_path: str):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(sys.argv[1], sys.argv[2], int(sys.argv[3]) if len(sys.argv) > 3 else None)

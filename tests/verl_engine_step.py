@@ -219,13 +219,16 @@ def run_update(actor, data: DataProto, global_rows: int, force_group_size: Optio
     return actor.train_mini_batch(update_batch(data, global_rows, force_group_size))["metrics"]
 
 
-def dynamic_micro_batches(data: DataProto, max_tokens: int):
-    """The rows of each micro-batch verl's use_dynamic_bsz forms from ``data`` with a token
-    budget of max_tokens and runs of K rows kept whole (one process: no data-parallel group)."""
+def dynamic_micro_batches(data: DataProto, max_tokens: int, global_rows: Optional[int] = None,
+                          dp_group=None):
+    """The rows of each micro-batch verl's use_dynamic_bsz forms from this rank's ``data``
+    with a token budget of max_tokens and runs of K rows kept whole, as the engine calls it
+    (dp_group: the ranks agree on the number of micro-batches; every rank must call it)."""
     from verl.utils.seqlen_balancing import rearrange_micro_batches
 
-    batch = update_batch(data, len(data))
-    _, indices = rearrange_micro_batches(batch, max_token_len=max_tokens, force_group_size=K)
+    batch = update_batch(data, global_rows or len(data))
+    _, indices = rearrange_micro_batches(batch, max_token_len=max_tokens, dp_group=dp_group,
+                                         force_group_size=K)
     return [list(rows) for rows in indices]
 
 
