@@ -270,17 +270,16 @@ _TRAINERS = {
     "verl.trainer.ppo.ray_trainer": ("RayPPOTrainer", _balance_legacy),
     "verl.trainer.ppo.v1.trainer_base": ("PPOTrainer", _balance_v1),
 }
-# method -> (the parameters it must start with, replacement factory, what is lost without it)
+# method -> (the parameters it must start with, what is lost when it is not replaced)
 _METHODS = {
-    "_balance_batch": (["self", "batch", "metrics", "logging_prefix"], None,
+    "_balance_batch": (["self", "batch", "metrics", "logging_prefix"],
                        "prompt groups are not kept whole across data-parallel ranks"),
-    "_update_actor": (["self", "batch"], _update_with_whole_groups,
-                      "actor.use_dynamic_bsz splits prompt groups"),
+    "_update_actor": (["self", "batch"], "actor.use_dynamic_bsz splits prompt groups"),
 }
 
 
 def _patch_method(module, cls, class_name: str, name: str, factory) -> bool:
-    params, _, lost = _METHODS[name]
+    params, lost = _METHODS[name]
     original = getattr(cls, name, None)
     if original is None:
         logger.warning("opo_kernels: %s.%s has no %s; %s", module.__name__, class_name, name,
@@ -308,7 +307,7 @@ def patch_trainer_module(module) -> bool:
     then refuses the split groups it receives."""
     class_name, balance = _TRAINERS[module.__name__]
     cls = getattr(module, class_name, None)
-    factories = {"_balance_batch": balance, "_update_actor": _METHODS["_update_actor"][1]}
+    factories = {"_balance_batch": balance, "_update_actor": _update_with_whole_groups}
     done = [_patch_method(module, cls, class_name, name, factory)
             for name, factory in factories.items()]
     return all(done)
