@@ -116,7 +116,7 @@ class OPOLossConfig:
     # logits a slice of whole positions of a tensor that requires grad (``logits[:, :-1]``):
     # the gradient goes to that tensor directly, zeros at the positions outside the slice, and
     # autograd's slice backward (a zero fill of the whole tensor plus a copy) never runs. The
-    # slice itself is then not in the graph (no torch.autograd.grad w.r.t. it; fused_opo.py)
+    # slice itself is then not in the graph (no torch.autograd.grad w.r.t. it; row_slice.py)
     grad_to_base: bool = False
     # vocabulary-parallel on-policy logits: stream the slice in L2-sized chunks of rows, one
     # all-gather each, and write the gradient during forward (vocab_parallel.py)

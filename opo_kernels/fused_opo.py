@@ -1,4 +1,6 @@
-"""The fused OPO loss over logits: launchers -> torch.library ops -> autograd.Function -> API.
+"""The fused OPO loss over logits: the passes of one call -> autograd.Function -> API (the
+torch.library ops that torch.compile sees: compile_ops.py; ``grad_to_base``'s slices:
+row_slice.py).
 
 A call is a handful of launches (docs/spec.md; kernels in row_kernels.py and
 epilogue/), with N = B·T (padded) or N (packed) token rows:
@@ -25,16 +27,25 @@ Example::
 
 from __future__ import annotations
 
-from typing import List, NamedTuple, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 
 from . import row_launch
-from .call_plan import CallPlan, Flags, PlanCache, batch_of, call_key
+from .call_plan import CallPlan, Flags, PlanCache, call_key
+from .compile_ops import (
+    backward_impl,
+    backward_inplace_op,
+    backward_op,
+    call,
+    forward_impl,
+    forward_op,
+)
 from .config import OPOLossConfig, config_from_options
-from .epilogue import METRICS, NUM_ERR, EpilogueOut, params_tensor, run_epilogue, unpack_metrics
-from .inputs import Batch, compute_dtype, prepare
-from .row_launch import Rows, backward_rows, forward_rows
+from .epilogue import EpilogueOut, params_tensor, unpack_metrics
+from .inputs import Batch, prepare
+from .row_launch import Rows
+from .row_slice import RowSlice
 from .tensor_parallel import config_or_fail_together
 from .utils import new_output_like, use_triton
 from .validation import check_at_backward, check_values_of
@@ -77,156 +88,6 @@ def _backward_rows(plan: CallPlan, logits, rows: Rows, floats, grad_loss, params
                                grad_loss, params, zero_before, zero_after)
 
 
-def _forward(logits, labels, ref, mask, seq_ids, rewards, group_ids, weights, params, flags):
-    """The general mode's forward from tensors and flags: the custom op's implementation, with
-    outputs of their own (a custom op's outputs may not alias each other, so no workspace).
-    Returns (logprobs [N], stats [N, 2], entropy [N] or [0], loss, metrics [8], coef [B, 2],
-    scal [2], errs [NUM_ERR])."""
-    f = Flags(*flags)
-    batch = batch_of(logits, labels, ref, mask, seq_ids, rewards, group_ids, weights,
-                     f.group_size)
-    lp, stats, ent = forward_rows(logits, Rows.of(batch), params, bool(f.with_entropy))
-    counter = torch.zeros(1, dtype=torch.int32, device=logits.device)  # the epilogue's ticket
-    out = run_epilogue(batch, f.mode, params, counter, logprobs=lp.view(labels.shape),
-                       entropy=None if ent is None else ent.view(labels.shape), stats=stats,
-                       validate=bool(f.validate))
-    ent = ent if ent is not None else lp.new_empty(0)
-    return lp, stats, ent, out.loss, out.metrics, out.coef, out.scal, out.errs
-
-
-def _backward(logits, labels, ref, mask, seq_ids, lp, stats, ent, coef, scal, grad_loss, params,
-              flags, inplace: bool) -> torch.Tensor:
-    """∂L/∂logits (written into logits when inplace, else into a new tensor): the custom
-    ops' implementation."""
-    f = Flags(*flags)
-    rows = Rows(labels, mask, seq_ids, ref, labels.numel(),
-                labels.shape[1] if labels.dim() == 2 else None, f.num_seqs)
-    entropy = ent if ent.numel() and f.mode.bonus else None  # metric-only entropy: no term
-    return backward_rows(logits, rows, lp, stats, entropy, coef, scal, grad_loss, params,
-                         ("sequence", "sequence_mean", "token")[f.mode.level],
-                         "ratio" if f.mode.ratio else "log", inplace=inplace)
-
-
-class RowSlice(NamedTuple):
-    """logits = base.narrow(dim, start, length): whole positions (dim 1 of [B, T, V]) or rows
-    (dim 0 of [N, V]) of a contiguous ``base`` that requires grad, as ``logits[:, :-1]`` or
-    ``outputs.logits[:, -(C + 1):-1]`` are. With ``grad_to_base`` the loss differentiates
-    ``base`` directly: its gradient is written base-shaped (the slice's rows and the zeros
-    outside them, by the kernel that writes the gradient), so autograd never runs the slice's
-    backward, which allocates a
-    zero-filled base-sized tensor and copies the slice's gradient into it (one more
-    logits-sized buffer and ~3 more passes over it per step)."""
-
-    base: Optional[torch.Tensor]
-    dim: int
-    start: int
-    length: int
-
-    @classmethod
-    def of(cls, logits: torch.Tensor) -> Optional[RowSlice]:
-        base = logits._base
-        if base is None or not base.requires_grad:
-            return None
-        ndim, shape, bshape = logits.dim(), logits.shape, base.shape
-        if (ndim not in (2, 3) or base.dim() != ndim or logits.stride() != base.stride()
-                or not base.is_contiguous()):
-            return None
-        dim = ndim - 2  # every other dimension must be whole
-        if shape[dim + 1:] != bshape[dim + 1:] or shape[:dim] != bshape[:dim]:
-            return None
-        step, offset = base.stride(dim), logits.storage_offset() - base.storage_offset()
-        if step <= 0 or offset < 0 or offset % step or shape[dim] == bshape[dim]:
-            return None
-        start = offset // step
-        if start + shape[dim] > bshape[dim]:
-            return None
-        return cls(base, dim, start, shape[dim])
-
-    def rows(self, full: torch.Tensor) -> torch.Tensor:
-        """The slice's rows of a base-shaped tensor (a view)."""
-        return full.narrow(self.dim, self.start, self.length)
-
-    def rows_at(self, full: torch.Tensor) -> torch.Tensor:
-        """The slice's rows of a base-shaped tensor for a kernel that reads only its pointer
-        and strides (the row kernels take the rows' count and geometry from the logits): the
-        base itself when the slice starts at row 0, as ``logits[:, :-1]`` does (the same
-        pointer and strides; no view to make), else ``rows``."""
-        return full if self.start == 0 else self.rows(full)
-
-    def outside(self, full: torch.Tensor) -> Tuple[int, int]:
-        """(rows before, rows after) the slice along its dimension of a base-shaped tensor."""
-        return self.start, full.shape[self.dim] - self.start - self.length
-
-    def zero_outside(self, full: torch.Tensor) -> None:
-        """Zeros at the rows of a base-shaped tensor outside the slice (at most two fills):
-        where no kernel launches to write them (a slice without rows)."""
-        end = self.start + self.length
-        if self.start:
-            full.narrow(self.dim, 0, self.start).zero_()
-        if end < full.shape[self.dim]:
-            full.narrow(self.dim, end, full.shape[self.dim] - end).zero_()
-
-
-# --------------------------------------------------------------------------------------------
-# torch.library custom ops: torch.compile (fullgraph) sees each phase as one opaque op with a
-# shape-only fake implementation. Eager calls skip the op layer and run the same functions.
-# --------------------------------------------------------------------------------------------
-
-
-def _fake_forward(logits, labels, rewards, flags):
-    n, cdtype = labels.numel(), compute_dtype(logits.dtype)
-    new = lambda *shape, dtype=cdtype: logits.new_empty(shape, dtype=dtype)  # noqa: E731
-    return (new(n), new(n, 2), new(n if Flags(*flags).with_entropy else 0), new(),
-            new(len(METRICS)),
-            new(max(rewards.shape[0], 1), 2), new(2), new(NUM_ERR, dtype=torch.int32))
-
-
-@torch.library.custom_op("opo_kernels::fused_forward", mutates_args=())
-def _forward_op(logits: torch.Tensor, labels: torch.Tensor, ref: Optional[torch.Tensor],
-                mask: Optional[torch.Tensor], seq_ids: Optional[torch.Tensor],
-                rewards: torch.Tensor, group_ids: Optional[torch.Tensor],
-                weights: Optional[torch.Tensor], params: torch.Tensor, flags: List[int]
-                ) -> List[torch.Tensor]:
-    """The general mode's forward (the one-pass mode is eager only: FusedOPOFunction)."""
-    return list(_forward(logits, labels, ref, mask, seq_ids, rewards, group_ids, weights,
-                         params, flags))
-
-
-@_forward_op.register_fake
-def _(logits, labels, ref, mask, seq_ids, rewards, group_ids, weights, params, flags):
-    return list(_fake_forward(logits, labels, rewards, flags))
-
-
-@torch.library.custom_op("opo_kernels::fused_backward", mutates_args=())
-def _backward_op(logits: torch.Tensor, labels: torch.Tensor, ref: Optional[torch.Tensor],
-                 mask: Optional[torch.Tensor], seq_ids: Optional[torch.Tensor],
-                 lp: torch.Tensor, stats: torch.Tensor, ent: torch.Tensor, coef: torch.Tensor,
-                 scal: torch.Tensor, grad_loss: torch.Tensor, params: torch.Tensor,
-                 flags: List[int]) -> torch.Tensor:
-    return _backward(logits, labels, ref, mask, seq_ids, lp, stats, ent, coef, scal, grad_loss,
-                     params, flags, inplace=False)
-
-
-@_backward_op.register_fake
-def _(logits, labels, ref, mask, seq_ids, lp, stats, ent, coef, scal, grad_loss, params, flags):
-    return torch.empty_like(logits)
-
-
-@torch.library.custom_op("opo_kernels::fused_backward_", mutates_args=("logits",))
-def _backward_inplace_op(logits: torch.Tensor, labels: torch.Tensor, ref: Optional[torch.Tensor],
-                         mask: Optional[torch.Tensor], seq_ids: Optional[torch.Tensor],
-                         lp: torch.Tensor, stats: torch.Tensor, ent: torch.Tensor,
-                         coef: torch.Tensor, scal: torch.Tensor, grad_loss: torch.Tensor,
-                         params: torch.Tensor, flags: List[int]) -> None:
-    _backward(logits, labels, ref, mask, seq_ids, lp, stats, ent, coef, scal, grad_loss, params,
-              flags, inplace=True)
-
-
-def _call(op, impl, *args):
-    """The custom op under torch.compile; its implementation directly otherwise."""
-    return op(*args) if torch.compiler.is_compiling() else impl(*args)
-
-
 # --------------------------------------------------------------------------------------------
 # autograd
 # --------------------------------------------------------------------------------------------
@@ -260,8 +121,8 @@ class FusedOPOFunction(torch.autograd.Function):
             # generated code in tests/test_compile.py.
             params = params_tensor(cfg, logits.device, batch.compute_dtype)
             flags = Flags.of(cfg, batch)
-            lp, stats, ent, loss, metrics, coef, scal, errs = _call(
-                _forward_op, _forward, logits, batch.labels, batch.ref_logprobs, batch.mask,
+            lp, stats, ent, loss, metrics, coef, scal, errs = call(
+                forward_op, forward_impl, logits, batch.labels, batch.ref_logprobs, batch.mask,
                 batch.seq_ids, batch.rewards, batch.group_ids, batch.weights, params, flags)
         else:
             params, flags = plan.params, plan.flags
@@ -341,9 +202,9 @@ class FusedOPOFunction(torch.autograd.Function):
         args = (logits, labels, ref, mask, seq_ids, lp, stats, ent, coef, scal, grad_loss,
                 params, ctx.flags)
         if inplace:
-            _call(_backward_inplace_op, lambda *a: _backward(*a, inplace=True), *args)
+            call(backward_inplace_op, lambda *a: backward_impl(*a, inplace=True), *args)
             return logits, None, None, None, None, None
-        return (_call(_backward_op, lambda *a: _backward(*a, inplace=False), *args), None, None,
+        return (call(backward_op, lambda *a: backward_impl(*a, inplace=False), *args), None, None,
                 None, None, None)
 
 

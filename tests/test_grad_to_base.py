@@ -1,6 +1,6 @@
 """grad_to_base=True: logits that are a slice of whole positions of a tensor that requires grad
 (``logits[:, :-1]``, ``outputs.logits[:, -(C + 1):-1]``, ``flat[:-1]``) send the gradient
-straight to that tensor (fused_opo.RowSlice).
+straight to that tensor (row_slice.RowSlice).
 
 - the gradient of the base is bitwise the one autograd's slice backward builds (the kernels'
   gradient of the slice, zeros elsewhere), general and on-policy, copy and in place;
