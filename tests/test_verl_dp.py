@@ -291,6 +291,17 @@ def test_legacy_update_sends_the_group_size_with_dynamic_bsz(verl_config, dynami
     assert "force_group_size" not in batch.meta_info
 
 
+def test_update_of_an_unknown_batch_type_is_left_alone(verl_config):
+    """A batch without the metadata dict of either trainer goes to verl's own method as it is
+    (the loss still refuses the split groups it would receive)."""
+    config = with_overrides(verl_config, actor_rollout_ref__actor__use_dynamic_bsz=True)
+    seen = []
+    update = data_parallel._update_with_whole_groups(lambda self, batch: seen.append(batch))
+    batch = types.SimpleNamespace(rows=3)
+    update(types.SimpleNamespace(config=config), batch)
+    assert seen == [batch] and vars(batch) == {"rows": 3}
+
+
 def test_v1_update_sends_the_group_size_with_dynamic_bsz(verl_config):
     """The same for verl's default (v1) trainer, whose batch metadata is KVBatchMeta.extra_info."""
     pytest.importorskip("transfer_queue", reason="verl's v1 trainer needs transfer_queue")

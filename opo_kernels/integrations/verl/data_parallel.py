@@ -198,9 +198,10 @@ def _update_with_whole_groups(original):
     become the update's non-tensor data."""
 
     def _update_actor(self, batch, *args, **kwargs):
-        if not (_opo_in_use(self) and _dynamic(self)):
+        meta = getattr(batch, "meta_info", getattr(batch, "extra_info", None))
+        if not (_opo_in_use(self) and _dynamic(self) and isinstance(meta, dict)):
+            # (a batch type this version does not know: the loss refuses split groups)
             return original(self, batch, *args, **kwargs)
-        meta = batch.meta_info if hasattr(batch, "meta_info") else batch.extra_info
         meta["force_group_size"] = int(self.config.actor_rollout_ref.rollout.n)
         try:
             return original(self, batch, *args, **kwargs)
