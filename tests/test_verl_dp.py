@@ -10,7 +10,9 @@
   groups: the loss refuses such a micro-batch.
 * One real verl actor update at two ranks (``verl_dp_step.py``, gloo on CPU, one process per
   rank, each with a timeout so that a rank that fails never leaves the other waiting): the SGD
-  step equals the gradient of the single-process reference over the same micro-batches.
+  step equals the gradient of the single-process reference over the same micro-batches, with
+  fixed micro-batches and with verl's dynamic ones (the trainer side of those:
+  test_verl_dynamic_bsz.py). Shared pieces: verl_cases.py.
 """
 
 from __future__ import annotations
@@ -36,30 +38,20 @@ pytestmark = pytest.mark.cpu_only  # CPU-side code (conftest.py)
 
 pytest.importorskip("verl", reason="verl is not installed (pip install -e '.[verl]')")
 
-from verl.protocol import DataProto  # noqa: E402
 from verl.trainer.ppo.ray_trainer import RayPPOTrainer, compute_advantage  # noqa: E402
+from verl_cases import (  # noqa: E402
+    K,
+    compose_verl_config,
+    legacy_batch,
+    legacy_trainer,
+    whole_groups,
+    with_overrides,
+)
 
 import opo_kernels.integrations.verl as ov  # noqa: E402
 from opo_kernels.integrations.verl import data_parallel  # noqa: E402
 
-K = 3  # rollout.n
 DP_STEP = Path(__file__).with_name("verl_dp_step.py")
-
-
-def whole_groups(uids, dp_size, mini_rows, micro_rows, padding=None):
-    """True when every rank's every micro-batch (cut as verl cuts a rank's slice: mini-batches
-    of mini_rows/dp_size rows, micro-batches of micro_rows) holds whole groups."""
-    padding = padding or [False] * len(uids)
-    size = {u: sum(1 for v, p in zip(uids, padding) if v == u and not p) for u in uids}
-    for start in range(0, len(uids), micro_rows):  # micro_rows divides a rank's mini-batch
-        rows = [(uids[i], padding[i]) for i in range(start, start + micro_rows)]
-        counts = {}
-        for u, p in rows:
-            if not p:
-                counts[u] = counts.get(u, 0) + 1
-        if any(counts[u] != size[u] for u in counts):
-            return False
-    return True
 
 
 def interleaved(prompts: int, seed: int):
@@ -185,137 +177,13 @@ def test_layout_refuses_mismatched_lengths():
 
 @pytest.fixture(scope="module")
 def verl_config():
-    """verl's own ppo_trainer.yaml with OPO at 2 data-parallel ranks' worth of batch sizes."""
-    import verl
-    from hydra import compose, initialize_config_dir
-    config_dir = os.path.join(os.path.dirname(verl.__file__), "trainer", "config")
-    with initialize_config_dir(config_dir=config_dir, version_base=None):
-        return compose(config_name="ppo_trainer", overrides=[
-            "algorithm.adv_estimator=opo_kernels", f"actor_rollout_ref.rollout.n={K}",
-            "data.train_batch_size=8", "actor_rollout_ref.actor.ppo_mini_batch_size=4",
-            f"actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu={2 * K}",
-            "actor_rollout_ref.actor.use_kl_loss=false", "algorithm.use_kl_in_reward=false",
-            "trainer.balance_batch=true"])
-
-
-def with_overrides(config, **paths):
-    from omegaconf import OmegaConf
-    config = OmegaConf.create(OmegaConf.to_container(config, resolve=False))
-    for path, value in paths.items():
-        OmegaConf.update(config, path.replace("__", "."), value)
-    return config
-
-
-def legacy_batch(prompts: int = 8, seed: int = 0) -> DataProto:
-    """The legacy trainer's batch at _balance_batch: K adjacent responses per prompt (uid),
-    attention masks of random lengths, rewards and a response mask for the estimator."""
-    g = torch.Generator().manual_seed(seed)
-    num, width = prompts * K, 12
-    lengths = torch.randint(1, width + 1, (num,), generator=g)
-    attention = (torch.arange(width)[None] < lengths[:, None]).long()
-    response_mask = attention[:, 4:].clone()
-    token_rewards = torch.rand(num, width - 4, generator=g) * response_mask
-    return DataProto.from_dict(
-        tensors={"attention_mask": attention, "response_mask": response_mask,
-                 "token_level_rewards": token_rewards},
-        non_tensors={"uid": np.repeat([f"p{i}" for i in range(prompts)], K).astype(object)})
-
-
-def legacy_trainer(config, dp_size=2):
-    return types.SimpleNamespace(config=config, actor_rollout_wg=None,
-                                 _get_dp_size=lambda worker_group, role: dp_size)
+    return compose_verl_config()
 
 
 def test_trainer_modules_are_patched_when_verl_imports_them():
     for method in (RayPPOTrainer._balance_batch, RayPPOTrainer._update_actor):
         assert method.__opo_kernels_original__ is not None
         assert "opo_kernels" in method.__doc__
-
-
-def test_dynamic_bsz_layout_needs_no_micro_batch_size(verl_config):
-    """With use_dynamic_bsz the micro-batch size is unused (micro-batches are cut by token
-    count), so one that is not a multiple of rollout.n is not refused; ranks and mini-batches
-    still get whole groups."""
-    config = with_overrides(verl_config, actor_rollout_ref__actor__use_dynamic_bsz=True,
-                            actor_rollout_ref__actor__ppo_micro_batch_size_per_gpu=4)
-    batch = legacy_batch()
-    RayPPOTrainer._balance_batch(legacy_trainer(config), batch, metrics={})
-    assert whole_groups(list(batch.non_tensor_batch["uid"]), 2, 4 * K, K)
-
-
-def update_batch(prompts: int = 4) -> DataProto:
-    """A batch as the legacy trainer's _update_actor gets it (what it converts to no-padding
-    form: ids, masks, positions)."""
-    num, prompt_len, resp_len = prompts * K, 3, 4
-    attention = torch.ones(num, prompt_len + resp_len, dtype=torch.long)
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(2, 40, (num, prompt_len + resp_len), generator=g)
-    return DataProto.from_dict(tensors={
-        "input_ids": ids, "attention_mask": attention, "position_ids": attention.cumsum(1) - 1,
-        "prompts": ids[:, :prompt_len], "responses": ids[:, prompt_len:],
-        "response_mask": attention[:, prompt_len:]})
-
-
-class _UpdateRecorder:
-    """A worker group whose update_actor records the force_group_size it is sent."""
-
-    def __init__(self):
-        self.sent = []
-
-    def update_actor(self, batch):
-        from verl.utils import tensordict_utils as tu
-
-        if hasattr(batch, "extra_info"):  # v1: a KVBatchMeta, its extra_info the metadata
-            self.sent.append(batch.extra_info.get("force_group_size"))
-        else:
-            self.sent.append(tu.get_non_tensor_data(batch, "force_group_size", None))
-        return tu.get_tensordict(tensor_dict={}, non_tensor_dict={"metrics": {"mfu": [0.0]}})
-
-
-@pytest.mark.parametrize("dynamic, estimator, expected", [
-    (True, "opo_kernels", K), (False, "opo_kernels", None), (True, "grpo", None)])
-def test_legacy_update_sends_the_group_size_with_dynamic_bsz(verl_config, dynamic, estimator,
-                                                              expected):
-    """verl's own _update_actor of the legacy trainer, patched: with use_dynamic_bsz and OPO,
-    the workers' update batch carries force_group_size = rollout.n (verl's
-    rearrange_micro_batches then cuts only between groups; the real update:
-    test_verl_integration.py::test_real_update_step_gradient_equals_reference); nothing is
-    left in the trainer's batch after."""
-    config = with_overrides(verl_config, algorithm__adv_estimator=estimator,
-                            actor_rollout_ref__actor__use_dynamic_bsz=dynamic)
-    workers = _UpdateRecorder()
-    trainer = types.SimpleNamespace(config=config, actor_rollout_wg=workers)
-    batch = update_batch()
-    RayPPOTrainer._update_actor(trainer, batch)
-    assert workers.sent == [expected]
-    assert "force_group_size" not in batch.meta_info
-
-
-def test_update_of_an_unknown_batch_type_is_left_alone(verl_config):
-    """A batch without the metadata dict of either trainer goes to verl's own method as it is
-    (the loss still refuses the split groups it would receive)."""
-    config = with_overrides(verl_config, actor_rollout_ref__actor__use_dynamic_bsz=True)
-    seen = []
-    update = data_parallel._update_with_whole_groups(lambda self, batch: seen.append(batch))
-    batch = types.SimpleNamespace(rows=3)
-    update(types.SimpleNamespace(config=config), batch)
-    assert seen == [batch] and vars(batch) == {"rows": 3}
-
-
-def test_v1_update_sends_the_group_size_with_dynamic_bsz(verl_config):
-    """The same for verl's default (v1) trainer, whose batch metadata is KVBatchMeta.extra_info."""
-    pytest.importorskip("transfer_queue", reason="verl's v1 trainer needs transfer_queue")
-    from transfer_queue.metadata import KVBatchMeta
-    from verl.trainer.ppo.v1.trainer_base import PPOTrainer
-
-    config = with_overrides(verl_config, actor_rollout_ref__actor__use_dynamic_bsz=True)
-    workers = _UpdateRecorder()
-    trainer = types.SimpleNamespace(config=config, actor_rollout_wg=workers)
-    batch = KVBatchMeta(keys=[f"p{i // K}_{i}_0" for i in range(4 * K)],
-                        tags=[{"seq_len": 5}] * (4 * K), partition_id="train")
-    PPOTrainer._update_actor(trainer, batch, metrics={})
-    assert workers.sent == [K]
-    assert "force_group_size" not in batch.extra_info
 
 
 def test_legacy_balance_batch_keeps_groups_whole(verl_config):
