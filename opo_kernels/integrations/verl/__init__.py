@@ -41,7 +41,9 @@ splits prompt groups. With ``algorithm.adv_estimator=opo_kernels`` this package 
 trainers (the v1 trainer, verl's default, and the legacy one with ``trainer.balance_batch=True``)
 partition whole groups instead, balanced by their token workload, so every micro-batch of every
 rank holds whole groups and the loss needs nothing from other ranks (``data_parallel``: why
-this and not an exchange of statistics, and how). It needs ``actor.ppo_mini_batch_size`` (in
+this and not an exchange of statistics, and how); with ``actor.use_dynamic_bsz=True`` their
+update also tells verl to cut micro-batches by token count between whole groups only
+(``force_group_size``). It needs ``actor.ppo_mini_batch_size`` (in
 prompts) to be a multiple of the data-parallel size; the trainer checks that, and the settings
 below, before it sends the workers anything.
 
