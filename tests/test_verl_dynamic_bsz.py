@@ -16,40 +16,33 @@ pytestmark = pytest.mark.cpu_only  # CPU-side code (conftest.py)
 
 pytest.importorskip("verl", reason="verl is not installed (pip install -e '.[verl]')")
 
+import verl_cases as cases  # noqa: E402
 from verl.protocol import DataProto  # noqa: E402
 from verl.trainer.ppo.ray_trainer import RayPPOTrainer  # noqa: E402
-from verl_cases import (  # noqa: E402
-    K,
-    compose_verl_config,
-    legacy_batch,
-    legacy_trainer,
-    whole_groups,
-    with_overrides,
-)
 
 from opo_kernels.integrations.verl import data_parallel  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def verl_config():
-    return compose_verl_config()
+    return cases.compose_verl_config()
 
 
 def test_dynamic_bsz_layout_needs_no_micro_batch_size(verl_config):
     """With use_dynamic_bsz the micro-batch size is unused (micro-batches are cut by token
     count), so one that is not a multiple of rollout.n is not refused; ranks and mini-batches
     still get whole groups."""
-    config = with_overrides(verl_config, actor_rollout_ref__actor__use_dynamic_bsz=True,
+    config = cases.with_overrides(verl_config, actor_rollout_ref__actor__use_dynamic_bsz=True,
                             actor_rollout_ref__actor__ppo_micro_batch_size_per_gpu=4)
-    batch = legacy_batch()
-    RayPPOTrainer._balance_batch(legacy_trainer(config), batch, metrics={})
-    assert whole_groups(list(batch.non_tensor_batch["uid"]), 2, 4 * K, K)
+    batch = cases.legacy_batch()
+    RayPPOTrainer._balance_batch(cases.legacy_trainer(config), batch, metrics={})
+    assert cases.whole_groups(list(batch.non_tensor_batch["uid"]), 2, 4 * cases.K, cases.K)
 
 
 def update_batch(prompts: int = 4) -> DataProto:
     """A batch as the legacy trainer's _update_actor gets it (what it converts to no-padding
     form: ids, masks, positions)."""
-    num, prompt_len, resp_len = prompts * K, 3, 4
+    num, prompt_len, resp_len = prompts * cases.K, 3, 4
     attention = torch.ones(num, prompt_len + resp_len, dtype=torch.long)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(2, 40, (num, prompt_len + resp_len), generator=g)
@@ -76,7 +69,7 @@ class _UpdateRecorder:
 
 
 @pytest.mark.parametrize("dynamic, estimator, expected", [
-    (True, "opo_kernels", K), (False, "opo_kernels", None), (True, "grpo", None)])
+    (True, "opo_kernels", cases.K), (False, "opo_kernels", None), (True, "grpo", None)])
 def test_legacy_update_sends_the_group_size_with_dynamic_bsz(verl_config, dynamic, estimator,
                                                               expected):
     """verl's own _update_actor of the legacy trainer, patched: with use_dynamic_bsz and OPO,
@@ -84,7 +77,7 @@ def test_legacy_update_sends_the_group_size_with_dynamic_bsz(verl_config, dynami
     rearrange_micro_batches then cuts only between groups; the real update:
     test_verl_integration.py::test_real_update_step_gradient_equals_reference); nothing is
     left in the trainer's batch after."""
-    config = with_overrides(verl_config, algorithm__adv_estimator=estimator,
+    config = cases.with_overrides(verl_config, algorithm__adv_estimator=estimator,
                             actor_rollout_ref__actor__use_dynamic_bsz=dynamic)
     workers = _UpdateRecorder()
     trainer = types.SimpleNamespace(config=config, actor_rollout_wg=workers)
@@ -97,7 +90,7 @@ def test_legacy_update_sends_the_group_size_with_dynamic_bsz(verl_config, dynami
 def test_update_of_an_unknown_batch_type_is_left_alone(verl_config):
     """A batch without the metadata dict of either trainer goes to verl's own method as it is
     (the loss still refuses the split groups it would receive)."""
-    config = with_overrides(verl_config, actor_rollout_ref__actor__use_dynamic_bsz=True)
+    config = cases.with_overrides(verl_config, actor_rollout_ref__actor__use_dynamic_bsz=True)
     seen = []
     update = data_parallel._update_with_whole_groups(lambda self, batch: seen.append(batch))
     batch = types.SimpleNamespace(rows=3)
@@ -111,11 +104,11 @@ def test_v1_update_sends_the_group_size_with_dynamic_bsz(verl_config):
     from transfer_queue.metadata import KVBatchMeta
     from verl.trainer.ppo.v1.trainer_base import PPOTrainer
 
-    config = with_overrides(verl_config, actor_rollout_ref__actor__use_dynamic_bsz=True)
+    config = cases.with_overrides(verl_config, actor_rollout_ref__actor__use_dynamic_bsz=True)
     workers = _UpdateRecorder()
     trainer = types.SimpleNamespace(config=config, actor_rollout_wg=workers)
-    batch = KVBatchMeta(keys=[f"p{i // K}_{i}_0" for i in range(4 * K)],
-                        tags=[{"seq_len": 5}] * (4 * K), partition_id="train")
+    batch = KVBatchMeta(keys=[f"p{i // cases.K}_{i}_0" for i in range(4 * cases.K)],
+                        tags=[{"seq_len": 5}] * (4 * cases.K), partition_id="train")
     PPOTrainer._update_actor(trainer, batch, metrics={})
-    assert workers.sent == [K]
+    assert workers.sent == [cases.K]
     assert "force_group_size" not in batch.extra_info
