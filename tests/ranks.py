@@ -44,7 +44,7 @@ def _rank_main(rank: int, fn, *args):
     down, where gloo aborts the process now and then ("terminate called without an active
     exception", SIGABRT; 2 of 30 runs of a tensor-parallel test here). A TorchDispatchMode
     (the tests' matmul counters) imports it lazily, mid-test. Imported first, it holds no group
-    (test_ranks.py checks both)."""
+    (test_ranks.py checks that the group is freed)."""
     import torch._dynamo  # noqa: F401
 
     fn(rank, *args)

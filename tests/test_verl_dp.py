@@ -44,6 +44,7 @@ from verl_cases import (  # noqa: E402
     compose_verl_config,
     legacy_batch,
     legacy_trainer,
+    micro_batches_of_whole_groups,
     whole_groups,
     with_overrides,
 )
@@ -360,8 +361,6 @@ def test_real_update_at_two_ranks_equals_single_process_reference(tmp_path, max_
     assert rank0 != {f"p{i}" for i in range(4)}
     assert all(math.isfinite(t) for t in result["tau"])
     micro = result["micro_batches"]
-    for rows in micro:  # whole groups: runs of K rows from a multiple of K
-        runs = [sorted(rows)[i:i + K] for i in range(0, len(rows), K)]
-        assert all(run == list(range(run[0], run[0] + K)) and run[0] % K == 0 for run in runs)
+    assert micro_batches_of_whole_groups(micro), micro
     if max_tokens is not None:  # the token budget cut micro-batches of unequal sizes
         assert len({len(rows) for rows in micro}) > 1, micro

@@ -41,6 +41,7 @@ from verl.protocol import DataProto  # noqa: E402
 from verl.trainer.ppo import core_algos  # noqa: E402
 from verl.trainer.ppo.ray_trainer import compute_advantage  # noqa: E402
 from verl.workers.config import FSDPActorConfig  # noqa: E402
+from verl_cases import micro_batches_of_whole_groups  # noqa: E402
 
 import opo_kernels.integrations.verl as ov  # noqa: E402
 from opo_kernels import opo_loss_from_logprobs  # noqa: E402
@@ -374,9 +375,7 @@ def test_real_update_step_gradient_equals_reference(tmp_path, max_tokens):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     result = json.loads(out.read_text())
     sizes = sorted(len(rows) for rows in result["micro_batches"])
-    for rows in result["micro_batches"]:  # whole groups (K adjacent rows from a multiple of K)
-        runs = [sorted(rows)[i:i + K] for i in range(0, len(rows), K)]
-        assert all(run == list(range(run[0], run[0] + K)) and run[0] % K == 0 for run in runs)
+    assert micro_batches_of_whole_groups(result["micro_batches"]), result["micro_batches"]
     if max_tokens is not None:  # the token budget cut micro-batches of unequal sizes
         assert len(sizes) > 1 and sizes[0] < sizes[-1], result["micro_batches"]
     assert result["loss_engine"] == pytest.approx(result["loss_reference"], rel=1e-6)

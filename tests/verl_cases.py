@@ -32,6 +32,18 @@ def whole_groups(uids, dp_size, mini_rows, micro_rows, padding=None):
 
 
 
+def micro_batches_of_whole_groups(micro_batches) -> bool:
+    """True when each micro-batch (row indices, in any order) is whole groups: runs of K
+    adjacent rows, each starting at a multiple of K (the rollout's groups of K adjacent
+    responses)."""
+    for rows in micro_batches:
+        rows = sorted(rows)
+        runs = [rows[i:i + K] for i in range(0, len(rows), K)]
+        if not all(run == list(range(run[0], run[0] + K)) and run[0] % K == 0 for run in runs):
+            return False
+    return True
+
+
 def compose_verl_config():
     """verl's own ppo_trainer.yaml with OPO at 2 data-parallel ranks' worth of batch sizes."""
     import verl
