@@ -3,11 +3,13 @@
 package's ``opo_kernels.reference`` stays in the tables as "reference (readable, slow)".
 
 What makes it strong (and what the reference does instead):
-  - no fp32 ``[N, V]`` copy: the log-probs are ``gather(label) − logsumexp(logits.float())``
-    in ONE compiled graph, so Inductor fuses the upcast into its looped (vocabulary-chunked)
-    logsumexp reduction, and the backward ``g·(onehot − softmax)`` into one elementwise kernel
-    that writes the bf16 gradient once (the reference builds an fp32 log-softmax of the
-    counted rows and lets autograd keep it);
+  - no fp32 ``[N, V]`` copy and one backward kernel: the log-probs are ``z[label] − lse(z)``,
+    z = logits.float(), in ONE compiled graph, so Inductor fuses the upcast into its looped
+    (vocabulary-chunked) reductions, and the backward ``g·(onehot − softmax)`` into one
+    elementwise kernel that reads the logits once and writes the bf16 gradient once (the
+    reference builds an fp32 log-softmax of the counted rows and lets autograd keep it). Two
+    ways of writing it that look equivalent are not (``_logprobs``): ``gather`` for the label's
+    logit, and a logsumexp whose max carries a gradient;
   - no copy of the strided ``[:, :-1]`` view and no gather of the counted rows: every row of
     the view is read in place (the uncounted ones get a zero gradient, written in the same
     kernel); with ``shift=True`` the model's whole ``[B, T+1, V]`` output is the graph's
@@ -16,7 +18,8 @@ What makes it strong (and what the reference does instead):
     timed call, as a training loop's data preparation would; the compiled graph then has no
     data-dependent shape and no graph break (the reference's ``nonzero`` breaks it);
   - the O(N) objective is ``opo_kernels.reference.objective`` (the spec in code), compiled
-    as a second graph (it is specialized to the batch's shape; the log-prob graph need not be).
+    as a second graph; both graphs are static (specialized to the batch's shape), compiled in
+    the untimed first call of each shape, and never fall back to eager (``TorchOPO``).
 
 Example::
 
@@ -28,6 +31,7 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Dict, Optional
 
@@ -49,27 +53,72 @@ class PreparedBatch:
     rewards: torch.Tensor           # [B] float32
     group: torch.Tensor             # [B] int64 group buckets
     vocab: int
+    warm: bool = False              # a call with this batch has compiled its graphs
+
+
+# Dynamo's per-function recompile limit while a TorchOPO exists: the static graphs are
+# specialized to each batch shape, and a benchmark run times ~30 shapes in one process; at the
+# default (8) Dynamo stops compiling the function and runs it EAGERLY from then on
+RECOMPILE_LIMIT = 128
+
+
+def raise_recompile_limit(limit: int = RECOMPILE_LIMIT) -> None:
+    """Dynamo's recompile limit raised to at least ``limit`` (``cache_size_limit`` before
+    torch 2.6, ``recompile_limit`` since), for this process."""
+    import torch._dynamo.config as dcfg
+
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(dcfg, name):
+            setattr(dcfg, name, max(getattr(dcfg, name), limit))
+
+
+def _strict(on: bool):
+    """torch.compile's "fail_on_recompile" stance (torch >= 2.6) when on: a call that would
+    compile again raises instead of compiling (or, past the limit, running eagerly) in the
+    timed loop; a no-op context otherwise."""
+    if on and hasattr(torch.compiler, "set_stance"):
+        return torch.compiler.set_stance("fail_on_recompile")
+    return contextlib.nullcontext()
 
 
 def _logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Per-row log p(label), float32, same leading shape as labels; no fp32 copy once
-    compiled (the upcast is fused into the reduction)."""
-    lse = torch.logsumexp(logits.float(), dim=-1)
-    picked = logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1).float()
+    """Per-row log p(label), float32. logits: [..., V] (any float dtype, any strides); labels:
+    [...] int64 in [0, V). Written so that Inductor's backward is ONE elementwise kernel that
+    writes the gradient and allocates nothing of [..., V] besides it (checked in
+    tests/test_peers.py on the CPU backend):
+      - the label's logit as a masked sum over V, not ``gather``: gather's backward is a
+        zero-filled [..., V] buffer plus a scatter, read again by the softmax term's kernel
+        (one more logits-sized write and read, and that much memory);
+      - lse = m + log Σ exp(z − m) with m = max(z) DETACHED (its gradient cancels out
+        mathematically): without the detach, amax's backward makes an fp32 [..., V] buffer.
+    """
+    z = logits.float()
+    m = z.amax(-1, keepdim=True).detach()
+    lse = (m + (z - m).exp().sum(-1, keepdim=True).log()).squeeze(-1)
+    hit = torch.arange(z.shape[-1], device=z.device) == labels.unsqueeze(-1)
+    picked = torch.where(hit, z, 0.0).sum(-1)
     return picked - lse
 
 
 class TorchOPO:
     """The compiled strong-torch OPO loss: two compiled graphs, the log-probs of the counted
-    rows (the [N, V] part) and the O(N) objective (the spec's reference code). ``backend``:
-    torch.compile backend ("inductor" on a GPU; "eager" traces with Dynamo without generating
-    code, for CPU tests); None runs the same functions eagerly. dynamic: torch.compile's for
-    the log-prob graph (True: one graph for every batch shape and vocabulary of a run; None:
-    PyTorch's default). The objective's graph is specialized to the number of sequences and
-    V (the reference's one-hot and log V): it is small and recompiles per batch shape."""
+    rows (the [N, V] part) and the O(N) objective (the spec's reference code), each with
+    ``fullgraph=True`` (a graph break raises instead of splitting the loss).
 
-    def __init__(self, backend: Optional[str] = "inductor", dynamic: Optional[bool] = None,
-                 **options):
+    backend: torch.compile backend ("inductor" on a GPU; "eager" traces with Dynamo without
+    generating code, for CPU tests; or a callable); None runs the same functions eagerly.
+    dynamic: torch.compile's for the log-prob graph; False (the default, and what both
+    benchmarks use): a static graph per batch shape, compiled in the untimed first call. The
+    objective's graph is always static (the reference's one-hot and log V).
+
+    No silent eager fallback: the instance raises Dynamo's recompile limit for the process
+    (``RECOMPILE_LIMIT``), and every call after the first with the same ``PreparedBatch`` runs
+    under the "fail_on_recompile" stance, so a timed call that would recompile raises instead.
+    Entering the stance costs a few µs of host time per call (8 µs on the 2-core CPU machine),
+    counted in this row's time.
+    """
+
+    def __init__(self, backend="inductor", dynamic: Optional[bool] = False, **options):
         self.cfg = OPOLossConfig(**options)
         cfg = self.cfg
 
@@ -90,8 +139,11 @@ class TorchOPO:
         if backend is None:
             self._logprobs, self._objective = logprobs_fn, objective_fn
         else:
-            self._logprobs = torch.compile(logprobs_fn, backend=backend, dynamic=dynamic)
-            self._objective = torch.compile(objective_fn, backend=backend, dynamic=False)
+            raise_recompile_limit()
+            self._logprobs = torch.compile(logprobs_fn, backend=backend, dynamic=dynamic,
+                                           fullgraph=True)
+            self._objective = torch.compile(objective_fn, backend=backend, dynamic=False,
+                                            fullgraph=True)
 
     def prepare(self, labels, ref_logprobs, rewards, *, vocab_size: int, mask=None,
                 seq_ids=None, group_size=None, group_ids=None) -> PreparedBatch:
@@ -111,10 +163,19 @@ class TorchOPO:
     def __call__(self, logits: torch.Tensor, prepared: PreparedBatch,
                  shift: bool = False) -> torch.Tensor:
         """The 0-dim float32 loss. logits: what ``prepare`` saw, or with shift=True the
-        model's whole [B, T+1, V] output (the last position is not read)."""
+        model's whole [B, T+1, V] output (the last position is not read). The first call with
+        ``prepared`` compiles; later ones with it raise rather than compile again (so pass
+        logits of the same shape, dtype and strides, and the same ``shift``)."""
         p = prepared
-        lp = self._logprobs(logits, p.labels, p.rows, shift)
-        return self._objective(lp, p.seq, p.ref, p.rewards, p.group, p.vocab)
+        with _strict(p.warm and self.backend is not None):
+            lp = self._logprobs(logits, p.labels, p.rows, shift)
+            loss = self._objective(lp, p.seq, p.ref, p.rewards, p.group, p.vocab)
+        p.warm = True
+        return loss
 
     def extra(self) -> Dict[str, object]:
-        return {"compile_backend": self.backend, "compile_dynamic": self.dynamic}
+        backend = self.backend if self.backend is None or isinstance(self.backend, str) \
+            else getattr(self.backend, "__name__", "custom")
+        return {"compile_backend": backend, "compile_dynamic": self.dynamic,
+                "compile_fullgraph": self.backend is not None,
+                "compile_strict_after_warmup": hasattr(torch.compiler, "set_stance")}

@@ -27,13 +27,10 @@ def compiled_reference(backend: str) -> Callable:
     """One torch.compile'd reference per process, so shapes after the first few reuse the
     dynamic-shape graphs instead of recompiling."""
     if backend not in _COMPILED:
-        import torch._dynamo.config as dcfg
-
+        from benchmarks.peers_torch import raise_recompile_limit
         from opo_kernels import reference
 
-        for name in ("recompile_limit", "cache_size_limit"):
-            if hasattr(dcfg, name):  # or dynamo silently falls back to eager after 8 shapes
-                setattr(dcfg, name, max(getattr(dcfg, name), 64))
+        raise_recompile_limit()  # or dynamo silently falls back to eager after 8 shapes
         _COMPILED[backend] = torch.compile(reference.opo_loss, backend=backend)
     return _COMPILED[backend]
 
@@ -183,7 +180,9 @@ def build_runner(case: Case, inp: Inputs, settings: Settings) -> Runner:
 
     if impl == "torch_compiled":
         from benchmarks.peers_torch import TorchOPO
-        opo = TorchOPO(backend=settings.compile_backend)
+        # static graphs per shape, as the step benchmark compiles it; the untimed first call
+        # compiles, the timed ones may not (TorchOPO: no silent recompile or eager fallback)
+        opo = TorchOPO(backend=settings.compile_backend, dynamic=False)
         leaf = inp.logits.detach().requires_grad_()  # the [:, :-1] view, read in place
         group_ids = torch.arange(inp.B, device=leaf.device) // GROUP_SIZE
         prepared = opo.prepare(inp.labels, inp.ref_logprobs, inp.rewards, vocab_size=inp.shape.V,

@@ -78,6 +78,89 @@ def test_strong_torch_equals_reference(layout, on_policy):
         assert (got[:, -1] == 0).all()  # the last position is not read
 
 
+
+def _big_buffers(code, numel):
+    """The buffers of at least ``numel`` elements that Inductor's generated code allocates."""
+    import math
+    import re
+
+    shapes = re.findall(r"empty_strided_\w+\(\(([0-9, ]+)\)", code)
+    sizes = [math.prod(int(d) for d in s.split(",") if d.strip()) for s in shapes]
+    return [n for n in sizes if n >= numel]
+
+
+def test_strong_torch_backward_is_one_kernel_that_writes_the_gradient():
+    """Inductor (its CPU backend: the same graph and fusion decisions as on CUDA, C++ instead of
+    Triton) compiles the log-prob graph's backward into ONE kernel, and allocates nothing of
+    [B, T(+1), V] but the gradient it returns. Written with gather(label), the backward made a
+    zero-filled bf16 [B, T, V] buffer, scattered into it, then read it in a second kernel; with
+    logsumexp's max not detached, it allocated an fp32 [B, T, V] buffer."""
+    from torch._inductor.utils import run_and_get_code
+
+    torch._dynamo.reset()
+    b, t, v = 3, 7, 64
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(b, t + 1, v, generator=gen).to(torch.bfloat16).requires_grad_()
+    labels = torch.randint(0, v, (b, t), generator=gen)
+    rows = torch.tensor([0, 2, 3, 8, 9, 15, 20])
+    g = torch.randn(rows.numel(), generator=gen)
+    opo = TorchOPO(backend="inductor")
+
+    def step():
+        lp = opo._logprobs(x, labels, rows, True)
+        return lp, torch.autograd.grad(lp, x, g)[0]
+
+    (lp, grad), codes = run_and_get_code(step)
+    assert len(codes) == 2, f"expected a forward and a backward graph, got {len(codes)}"
+    backward = codes[1]
+    kernels = [line for line in backward.splitlines() if " = async_compile." in line]
+    assert len(kernels) == 1, "backward kernels:\n" + "\n".join(kernels)
+    assert "scatter" not in backward
+    assert _big_buffers(backward, t * v) == [b * (t + 1) * v]  # the gradient only
+
+    x2 = x.detach().float().requires_grad_()
+    want = torch.log_softmax(x2[:, :-1], -1).gather(-1, labels[..., None])[..., 0]
+    want = want.reshape(-1)[rows]
+    torch.testing.assert_close(lp, want, **LOGPROB_TOL)
+    (want_grad,) = torch.autograd.grad(want, x2, g)
+    torch.testing.assert_close(grad.float(), want_grad, **GRAD_TOL)
+
+
+def test_strong_torch_never_falls_back_to_eager():
+    """Timed as the kernel-level suite does (a new TorchOPO per shape, one untimed call, then
+    the timed ones), ten shapes in sequence, more than Dynamo's default recompile limit of 8:
+    every timed call runs both compiled graphs. (With the limit at 8, the objective's graph
+    ran eagerly from the ninth shape on, without an error.) A timed call that would compile
+    again raises."""
+    ran = []
+
+    def counting(gm, example_inputs):  # a backend that notes each run of a compiled graph
+        def run(*args):
+            ran.append(1)
+            return gm.forward(*args)
+        return run
+
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(recompile_limit=8):
+        for k in range(10):
+            b, t, v = 6, 5 + k, 40 + k
+            gen = torch.Generator().manual_seed(k)
+            x = torch.randn(b, t + 1, v, generator=gen).requires_grad_()
+            mask = torch.ones(b, t, dtype=torch.long)
+            opo = TorchOPO(backend=counting)
+            prepared = opo.prepare(torch.randint(0, v, (b, t), generator=gen),
+                                   torch.randn(b, t, generator=gen), torch.randn(b, generator=gen),
+                                   vocab_size=v, mask=mask, group_size=3)
+            torch.autograd.grad(opo(x, prepared, shift=True), x)  # warm-up: compiles
+            ran.clear()
+            for _ in range(2):
+                torch.autograd.grad(opo(x, prepared, shift=True), x)
+            assert len(ran) == 4, f"shape {k}: {len(ran)} compiled graph runs in 2 calls"
+        if hasattr(torch.compiler, "set_stance"):  # torch >= 2.6
+            with pytest.raises(RuntimeError, match="fail_on_recompile"):
+                opo(torch.randn(b, t + 2, v), prepared, shift=True)
+
+
 # ---- log-prob providers: cut-cross-entropy, TRL's head -----------------------------------
 
 

@@ -124,7 +124,8 @@ def build_path(name: str, model, b: StepBatch, compile_backend: str) -> LossPath
 
     if name == "torch_compiled":
         # static shapes, as the kernel-level suite compiles it: a graph specialized to each
-        # micro-batch size and vocabulary (its compile falls in the warm-up steps)
+        # micro-batch size and vocabulary (its compile falls in the first warm-up step; the
+        # later steps run under "fail_on_recompile", benchmarks/peers_torch.py)
         opo = _torch_opo(compile_backend)
         prepared = opo.prepare(b.labels, b.old_logprobs, b.rewards, vocab_size=b.vocab,
                                mask=b.mask, group_size=b.group_size)
