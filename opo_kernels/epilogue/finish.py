@@ -91,12 +91,19 @@ def _finish(
     sum_conf = zero
     bad_rewards = tl.zeros([], tl.int32)
     bad_weights = tl.zeros([], tl.int32)
+    # sequences whose log-prob or reference sums are not finite (validate=False lets them
+    # through): the loss and every metric are then NaN, not a finite number that clamps and
+    # maxima would make of a NaN (tl.maximum drops NaN operands)
+    bad_sums = tl.zeros([], tl.int32)
     for i0 in range(0, B, BLOCK):
         i = i0 + tl.arange(0, BLOCK)
         i_in = i < B
         n, valid, n_safe = _counts(ws_ptr, B, i, i_in)
         ell = _ws(ws_ptr, B, W_LP, i, i_in)
         ell_ref = _ws(ws_ptr, B, W_REF, i, i_in)
+        bad_sums += tl.sum((i_in & ((ell != ell) | (tl.abs(ell) == float("inf"))
+                                    | (ell_ref != ell_ref) | (tl.abs(ell_ref) == float("inf")))
+                            ).to(tl.int32), 0)
         if sequence_mean:
             ell = ell / n_safe
             ell_ref = ell_ref / n_safe
@@ -337,7 +344,8 @@ def _finish(
         tl.store(coef_ptr + 2 * i, tl.where(valid, a, 0.0), mask=i_in)
         tl.store(coef_ptr + 2 * i + 1, tl.where(valid, z, 0.0), mask=i_in)
 
-    tl.store(loss_ptr, loss)
+    nan = tl.where(bad_sums > 0, float("nan"), 0.0)
+    tl.store(loss_ptr, loss + nan)
     if LEVEL == 2:
         tl.store(scal_ptr, mu / n_tokens_safe)
     else:
@@ -346,15 +354,15 @@ def _finish(
         tl.store(scal_ptr + 1, -beta / n_tokens_safe)
     else:
         tl.store(scal_ptr + 1, 0.0)
-    tl.store(metrics_ptr + 0, sum_d / n_tokens_safe)
-    tl.store(metrics_ptr + 1, sum_kl / n_tokens_safe)
-    tl.store(metrics_ptr + 2, v_mean)
-    tl.store(metrics_ptr + 3, omega_sum / n_valid_safe)
-    tl.store(metrics_ptr + 4, tl.where(n_valid > 0, omega_max, 0.0))
-    tl.store(metrics_ptr + 5, tau)
-    tl.store(metrics_ptr + 6, penalty)
+    tl.store(metrics_ptr + 0, sum_d / n_tokens_safe + nan)
+    tl.store(metrics_ptr + 1, sum_kl / n_tokens_safe + nan)
+    tl.store(metrics_ptr + 2, v_mean + nan)
+    tl.store(metrics_ptr + 3, omega_sum / n_valid_safe + nan)
+    tl.store(metrics_ptr + 4, tl.where(n_valid > 0, omega_max, 0.0) + nan)
+    tl.store(metrics_ptr + 5, tau + nan)
+    tl.store(metrics_ptr + 6, penalty + nan)
     if HAS_ENT:
-        tl.store(metrics_ptr + 7, mean_entropy)
+        tl.store(metrics_ptr + 7, mean_entropy)  # (defined whatever the labels are)
     if VALIDATE:  # Σ over programs of their counts, plus the checks of [B] inputs
         e = tl.arange(0, NUM_ERR)
         errs = tl.zeros([NUM_ERR], tl.int32)
