@@ -31,7 +31,7 @@ from .epilogue import Mode, params_tensor, run_epilogue, unpack_metrics
 from .inputs import Batch, prepare_logprobs
 from .row_kernels import row_seq, token_coef
 from .row_launch import Rows, acc_type, small_geometry
-from .utils import cdiv, new_output, use_triton
+from .utils import cdiv, first_order_only, new_output, use_triton
 from .validation import check_at_backward, check_values_of
 
 # --------------------------------------------------------------------------------------------
@@ -121,7 +121,7 @@ class LogprobOPOFunction(torch.autograd.Function):
         return out.loss, out.metrics
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @first_order_only
     def backward(ctx, grad_loss, grad_metrics):
         check_at_backward(ctx.deferred)
         if grad_loss is None:  # the loss was not used (its metrics carry no gradient)

@@ -55,7 +55,7 @@ from .linear_plan import LinearPlan, check_logits_budget, plan_chunks
 from .linear_rows import CountedRows, counted_rows, explain_nonfinite
 from .row_launch import Rows
 from .tensor_parallel import config_or_fail_together, prepare_together
-from .utils import cdiv, use_triton
+from .utils import cdiv, first_order_only, use_triton
 from .vocab_parallel import require_fused_kernels
 
 # --------------------------------------------------------------------------------------------
@@ -162,7 +162,7 @@ class FusedLinearOPOFunction(torch.autograd.Function):
         return out.loss, out.metrics
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @first_order_only
     def backward(ctx, grad_loss, grad_metrics):
         if grad_loss is None:  # the loss was not used (its metrics carry no gradient)
             return (None,) * 8

@@ -47,7 +47,7 @@ from .inputs import Batch, prepare
 from .row_launch import Rows
 from .row_slice import RowSlice
 from .tensor_parallel import config_or_fail_together
-from .utils import new_output_like, use_triton
+from .utils import first_order_only, mark_written, new_output_like, use_triton
 from .validation import check_at_backward, check_values_of
 from .vocab_parallel import vocab_parallel_loss
 
@@ -134,6 +134,8 @@ class FusedOPOFunction(torch.autograd.Function):
                     if not plan.has_rows:  # no rows, no launch
                         sliced.zero_outside(full)
             rows, s = _forward_batch(batch, plan, params, grad, zero)
+            if full is x:
+                mark_written(x)
             # the int workspace starts with the check counts (read only when validating)
             loss, floats, errs = s.loss, s.floats, s.ints
             # with a box, the workspace goes there and the caller views the metrics if asked
@@ -167,6 +169,7 @@ class FusedOPOFunction(torch.autograd.Function):
         return loss
 
     @staticmethod
+    @first_order_only
     def backward(ctx, grad_loss, grad_metrics=None):
         check_at_backward(ctx.deferred)
         if grad_loss is None:  # the loss was not used (its metrics carry no gradient)
@@ -195,6 +198,8 @@ class FusedOPOFunction(torch.autograd.Function):
                                sliced.rows_at(full), *sliced.outside(full))
                 if not plan.has_rows:  # no rows, no launch
                     sliced.zero_outside(full)
+            if inplace:
+                mark_written(x)
             return full, None, None, None, None, None
         x, lp, stats, ent, coef, scal, params = ctx.saved_tensors
         logits = x if sliced is None else sliced.rows(x)

@@ -165,6 +165,20 @@ def _group_buckets(group_ids: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(buckets_sorted).scatter_(0, order, buckets_sorted)
 
 
+def _may_overlap(t: torch.Tensor) -> bool:
+    """Whether two elements of t may share memory: False when, its dimensions of size > 1 taken
+    by increasing stride, each stride steps past everything the smaller ones span (every
+    layout made by slicing, transposing or permuting a tensor passes)."""
+    if t.numel() == 0:
+        return False
+    span = 0  # the largest offset the dimensions so far reach
+    for stride, size in sorted((abs(st), s) for s, st in zip(t.shape, t.stride()) if s > 1):
+        if stride <= span:
+            return True
+        span += (size - 1) * stride
+    return False
+
+
 def prepare(logits, labels, ref_logprobs, rewards, *, mask=None, seq_ids=None,
             group_size=None, group_ids=None, config: OPOLossConfig) -> Batch:
     """Checks shapes, dtypes and devices of an ``opo_loss`` call (no host sync, no device op)."""
@@ -175,6 +189,11 @@ def prepare(logits, labels, ref_logprobs, rewards, *, mask=None, seq_ids=None,
         )
     if logits.shape[-1] < 1:
         raise ValueError(f"logits has an empty vocabulary dimension: shape {_shape(logits)}")
+    if config.inplace_backward and _may_overlap(logits):
+        raise ValueError(
+            f"inplace_backward=True writes the gradient over the logits, whose elements share "
+            f"memory here (shape {_shape(logits)}, strides {tuple(logits.stride())}, e.g. an "
+            f"expand()): pass logits that do not, or inplace_backward=False")
     what = ("logits", logits)
     labels = check_tensor("labels", labels, kind="int")
     _same_shape("labels", labels, logits.shape[:-1], what)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -25,6 +26,49 @@ def new_output_like(t: torch.Tensor) -> torch.Tensor:
     if not POISON_OUTPUTS:
         return torch.empty_like(t, memory_format=torch.contiguous_format)
     return new_output(t.shape, t.dtype, t.device)
+
+
+def one_pass_mode(logits: torch.Tensor, ref_logprobs, cfg) -> bool:
+    """Whether an on-policy call writes its gradient during its forward pass (the one-pass
+    mode; docs/kernels.md), else the general passes. It needs ref_logprobs=None and the
+    coefficients known before the pass (``cfg.one_pass_exact``), and:
+    - a gradient to write: under ``torch.no_grad()`` or for logits that do not require grad the
+      call computes the loss only, and with ``inplace_backward`` leaves the logits as they are;
+    - logits that are not fp16: the gradient is stored before the upstream gradient is known,
+      so at unit scale, and fp16's range would lose the small entries that a loss scale
+      (GradScaler's 2^16) keeps in the general mode, which applies it before rounding. bf16
+      and fp32 have fp32's exponent range."""
+    return (ref_logprobs is None and cfg.one_pass_exact and logits.dtype != torch.float16
+            and logits.requires_grad and torch.is_grad_enabled())
+
+
+def mark_written(t: torch.Tensor) -> None:
+    """Tells autograd that a kernel wrote t in place (its version counter, as an in-place
+    torch op bumps it): a graph node that saved t, such as tanh, which saves its output, then
+    refuses its backward ("modified by an inplace operation") instead of reading the gradient
+    as if it were the logits."""
+    torch.autograd.graph.increment_version(t)
+
+
+def first_order_only(backward):
+    """Decorates the backward of an autograd.Function whose gradients come from kernels, not
+    from differentiable torch ops: under ``create_graph=True`` (a gradient penalty, a
+    Hessian-vector product) it raises at once. Returned as they are, its gradients would enter
+    the new graph as constants, and a second differentiation would be silently wrong; torch's
+    ``once_differentiable`` marks them, but its mark is skipped by ``autograd.grad(...,
+    inputs=...)``, which runs only the nodes on the paths to the inputs it is asked for. Under
+    torch.compile's tracing the backward runs as it is."""
+
+    @functools.wraps(backward)
+    def wrapper(ctx, *grads):
+        if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            raise RuntimeError(
+                "opo_kernels: the fused loss's backward is computed by kernels and cannot be "
+                "differentiated (backward or autograd.grad with create_graph=True through it, "
+                "e.g. a gradient penalty): use backend='torch' for higher-order gradients")
+        return backward(ctx, *grads)
+
+    return wrapper
 
 
 def cdiv(a: int, b: int) -> int:

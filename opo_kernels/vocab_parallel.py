@@ -37,7 +37,7 @@ from .inputs import Batch, prepare
 from .row_launch import Rows, backward_rows, forward_rows, row_outputs, scale_rows_
 from .tensor_parallel import prepare_together
 from .tp_combine import combine_partials, one_pass_chunk
-from .utils import new_output, use_triton
+from .utils import first_order_only, mark_written, new_output, one_pass_mode, use_triton
 
 # Bytes of one rank's logits per chunk of the one-pass mode: the chunk is read, then re-read
 # while its gradient (as many bytes) is written through L2, so two chunks must fit in the L2
@@ -94,6 +94,8 @@ class VocabParallelOPOFunction(torch.autograd.Function):
                                                                    logits.device)
             lp, stats, ent = _one_pass(logits, grad, batch, cfg, params, mode, counters[0:1],
                                        partials, rows, group, vocab_start)
+            if grad is logits:
+                mark_written(logits)
         else:
             forward_rows(logits, rows, params, cfg.with_entropy, partials=partials,
                          vocab_start=vocab_start)
@@ -116,6 +118,7 @@ class VocabParallelOPOFunction(torch.autograd.Function):
         return out.loss, out.metrics
 
     @staticmethod
+    @first_order_only
     def backward(ctx, grad_loss, grad_metrics):
         if grad_loss is None:
             return None, None, None, None, None, None
@@ -132,6 +135,8 @@ class VocabParallelOPOFunction(torch.autograd.Function):
         grad = backward_rows(logits, ctx.rows, lp, stats, ent, coef, scal, grad_loss, params,
                              cfg.level, cfg.coordinates, inplace=cfg.inplace_backward,
                              vocab_start=ctx.vocab_start)
+        if cfg.inplace_backward:
+            mark_written(logits)
         return grad, None, None, None, None, None
 
 
@@ -170,8 +175,8 @@ def vocab_parallel_loss(logits, labels, ref_logprobs, rewards, cfg: OPOLossConfi
 
     is_tensor = isinstance(logits, torch.Tensor)
     vocab_local = logits.shape[-1] if is_tensor and logits.dim() else 0
-    one_pass = (cfg.vocab_parallel_one_pass and ref_logprobs is None and cfg.one_pass_exact
-                and is_tensor and torch.is_grad_enabled() and logits.requires_grad
+    one_pass = (cfg.vocab_parallel_one_pass and is_tensor
+                and one_pass_mode(logits, ref_logprobs, cfg)
                 and not torch.compiler.is_compiling())
     # agreed by every rank: the partials' dtype follows the logits', and the one-pass mode runs
     # a collective per chunk where the general mode runs one per call
