@@ -25,28 +25,37 @@ REF_NOISE = 0.05          # ref_logprobs = current log-probs + N(0, 0.05²): sma
 SLICE_IMPLS = ("opo_kernels_model_slice", "opo_kernels_grad_to_base")
 # torch_compiled: the strong-torch OPO (benchmarks/peers_torch.py), the torch denominator of the
 # headline; eager / compile: the package's reference, "reference (readable, slow)" in the tables
+# liger_gspo: Liger's triton_grpo_loss at sequence level (GSPO, 3 reads + 1 write of the logits);
+# liger_grpo_token: the same at token level (2 reads + 1 write, as ours), its fastest mode
 IMPLS = ("opo_kernels", "opo_kernels_inplace", "torch_compiled", "eager", "compile",
-         "liger_gspo", "liger_ce", *SLICE_IMPLS)
+         "liger_gspo", "liger_grpo_token", "liger_ce", *SLICE_IMPLS)
 # from hidden states: loss and gradients for hidden and weight (run at the fused-linear shapes).
 # budget: fused_linear_opo_loss holding every chunk's logits (logits_budget=, when it exists);
 # cce / trl_head: the peer's per-token log-probs + opo_loss_from_logprobs (benchmarks/peers.py);
-# cce_filtered: cut-cross-entropy at its default gradient filter (CUDA only), last: a setting
-# whose gradient skips blocks, shown beside the exact comparison, not in the targets
+# cce_torch_compile: cut-cross-entropy's torch.compile implementation (CUDA only; on the CPU cce
+# is already that); liger_fused_linear_gspo_tf32_chunkB: Liger with TF32 on and chunk_size = B
+# sequences (one chunk; padded only: packed rows go in as one sequence, so its default chunk
+# is already the whole batch); cce_filtered: cut-cross-entropy at its default gradient filter
+# (CUDA only), last: a setting whose gradient skips blocks, shown beside the exact comparison,
+# not in the targets
 LINEAR_IMPLS = ("opo_kernels_fused_linear", "opo_kernels_fused_linear_on_policy",
-                "opo_kernels_fused_linear_budget", "opo_kernels_materialized", "cce", "trl_head",
-                "liger_fused_linear_gspo", "liger_fused_linear_gspo_tf32", "cce_filtered")
+                "opo_kernels_fused_linear_budget", "opo_kernels_materialized", "cce",
+                "cce_torch_compile", "trl_head", "liger_fused_linear_gspo",
+                "liger_fused_linear_gspo_tf32", "liger_fused_linear_gspo_tf32_chunkB",
+                "cce_filtered")
 # the matmuls of each fused-linear implementation's floor (2·N·H·V FLOPs each, N counted):
 # logits, logits again in backward, ∂hidden, ∂weight; 3 when the backward need not recompute
 # the logits (on-policy: the gradient is formed while a chunk's logits are in hand; logits
-# held by the budget or materialized)
+# held by the budget or materialized: cce_torch_compile keeps its logits for backward)
 LINEAR_FLOOR_MATMULS = {"opo_kernels_fused_linear": 4, "opo_kernels_fused_linear_on_policy": 3,
                         "opo_kernels_fused_linear_budget": 3, "opo_kernels_materialized": 3,
-                        "cce": 4, "trl_head": 4, "liger_fused_linear_gspo": 4,
-                        "liger_fused_linear_gspo_tf32": 4, "cce_filtered": 4}
+                        "cce": 4, "cce_torch_compile": 3, "trl_head": 4,
+                        "liger_fused_linear_gspo": 4, "liger_fused_linear_gspo_tf32": 4,
+                        "liger_fused_linear_gspo_tf32_chunkB": 4, "cce_filtered": 4}
 OPTIONAL_IMPLS = ("liger_gspo_noinplace",)
 DEFAULT_IMPLS = IMPLS + LINEAR_IMPLS
 ALL_IMPLS = IMPLS + LINEAR_IMPLS + OPTIONAL_IMPLS
-INPLACE_IMPLS = ("opo_kernels_inplace", "liger_gspo", "liger_ce")
+INPLACE_IMPLS = ("opo_kernels_inplace", "liger_gspo", "liger_grpo_token", "liger_ce")
 HOST_TIME_MAX_N = 4096   # rows that also get the host-time column (harness.py)
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 

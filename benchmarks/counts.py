@@ -86,11 +86,14 @@ def memory_estimate(case: Case) -> Tuple[int, int]:
             # fp32 dhidden and dweight accumulators, their casts, vocabulary tiles
             "cce": (rows + v) * h * (4 + s) + (1 << 30),
             "cce_filtered": (rows + v) * h * (4 + s) + (1 << 30),
+            # + the counted rows' logits (kept for backward), their fp32 gradient and its cast
+            "cce_torch_compile": (rows + v) * h * (4 + s) + n * v * (4 + 2 * s) + (1 << 30),
             "trl_head": (rows + v) * h * (4 + s) + 2 * (4096 * 32768 * s),
             # per chunk fp32 dweight + its cast, the dtype accumulator, dhidden twice (list +
             # cat), fp32 [2048, 4096] vocab-chunk temporaries
             "liger_fused_linear_gspo": liger,
             "liger_fused_linear_gspo_tf32": liger,
+            "liger_fused_linear_gspo_tf32_chunkB": liger,  # 0.8.5: 2048-row logit tiles
         }[case.impl]
         return inputs, extra
     if case.impl == "liger_ce":
@@ -104,6 +107,7 @@ def memory_estimate(case: Case) -> Tuple[int, int]:
     grad = rows * v * s
     extra = {
         "opo_kernels": grad, "opo_kernels_inplace": 0, "liger_gspo": 0, "liger_ce": 0,
+        "liger_grpo_token": 0,
         "liger_gspo_noinplace": b * (t + 1) * v * s,
         # the slice's gradient + the slice backward's zero-filled [B, T+1, V]; or the latter only
         "opo_kernels_model_slice": grad + b * (t + 1) * v * s,

@@ -17,7 +17,10 @@ at one shape, for one implementation:
                        PyTorch written to be read (fp32 log-softmax of the counted rows)
   compile              torch.compile(reference.opo_loss) (graph breaks at nonzero are recorded)
   liger_gspo           Liger-Kernel triton_grpo_loss(importance_sampling_level="sequence"),
-                       its default inplace=True; padded layout only (GSPO: Liger has no OPO)
+                       its default inplace=True; padded layout only (GSPO: Liger has no OPO);
+                       3 reads + 1 write of the logits
+  liger_grpo_token     the same at importance_sampling_level="token" (GRPO), 2 reads + 1 write:
+                       Liger's fastest mode on the logits
   liger_ce             Liger-Kernel liger_cross_entropy (fused CE fwd+bwd): bandwidth anchor
   liger_gspo_noinplace (opt-in) liger_gspo with inplace=False
   opo_kernels_model_slice   opo_kernels at the target shape with the gradient taken w.r.t. the
@@ -40,12 +43,15 @@ N=4096, H=4096, V=128256 (every row counted):
   opo_kernels_materialized  logits = hidden @ weight.T materialized, then opo_loss
   cce                       cut-cross-entropy's per-token NLL (exact mode) -> log-probs ->
                             opo_loss_from_logprobs (benchmarks/peers.py)
+  cce_torch_compile         the same at its impl="torch_compile" (CUDA only)
   trl_head                  TRL's chunked log-prob head (counted rows only) ->
                             opo_loss_from_logprobs
   liger_fused_linear_gspo   Liger-Kernel LigerFusedLinearGRPOLoss (GSPO), its defaults
                             (chunk_size=1, compiled=True), fp32 matmuls at PyTorch's default
                             precision (TF32 off); packed rows go in as one sequence
   liger_fused_linear_gspo_tf32  the same with TF32 on (float32 matmul precision "high")
+  liger_fused_linear_gspo_tf32_chunkB  ... and chunk_size = B (one chunk; padded only)
+  cce_filtered              cce at its default filter_eps="high" (CUDA only)
 
 These rows also get ``floor_ms``: the matmuls of the implementation's own mode
 (``cases.LINEAR_FLOOR_MATMULS``: 4 = logits, logits again in backward, ∂hidden, ∂weight; 3
@@ -205,14 +211,20 @@ class Session:
                 return "fused_linear_opo_loss has no logits_budget= in this opo_kernels"
         if impl == "cce_filtered" and not cuda:
             return "cut-cross-entropy filters gradient blocks in its Triton kernels only (CUDA)"
-        if impl in ("cce", "cce_filtered", "trl_head"):
-            return peers.unavailable("cce" if impl == "cce_filtered" else impl)
+        if impl == "cce_torch_compile" and not cuda:
+            return ("a CUDA row: without CUDA the cce row already runs cut-cross-entropy's "
+                    "impl=\"torch_compile\"")
+        if impl in ("cce", "cce_filtered", "cce_torch_compile", "trl_head"):
+            return peers.unavailable("trl_head" if impl == "trl_head" else "cce")
+        if impl.endswith("_chunkB") and case.shape.layout != "padded":
+            return ("packed rows go in as one sequence: chunk_size = B = 1 is "
+                    "liger_fused_linear_gspo_tf32's own setting")
         if impl.startswith("liger_fused_linear"):
             return peers.unavailable("liger")
         if impl.startswith("liger"):
             if not cuda and not (self.settings.tiny and interpreter_on()):
                 return "Liger-Kernel rows need CUDA (or tiny mode under TRITON_INTERPRET=1)"
-            if impl.startswith("liger_gspo") and case.shape.layout != "padded":
+            if impl != "liger_ce" and case.shape.layout != "padded":
                 return "Liger triton_grpo_loss takes the padded layout [B, T+1, V] only"
             try:
                 if impl == "liger_ce":

@@ -42,7 +42,7 @@ def _capture(step):
 # implementations whose step a CUDA graph can capture (Triton launches and torch ops, no host
 # sync): the eager reference and torch.compile'd one read values back (nonzero), and are left out
 CAPTURABLE = ("opo_kernels", "opo_kernels_inplace", "opo_kernels_model_slice",
-              "opo_kernels_grad_to_base", "liger_ce", "liger_gspo")
+              "opo_kernels_grad_to_base", "liger_ce", "liger_gspo", "liger_grpo_token")
 
 
 def replay_ms(step, setup=None):

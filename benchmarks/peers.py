@@ -12,19 +12,34 @@ the RL-step benchmark, ``benchmarks/step``, share them). The strong-torch OPO is
                blocks' gradient left out; CUDA only). On a GPU its Triton kernels
                (impl="cce"); without one its documented torch implementation
                (impl="torch_compile": the same math; the Triton kernels cannot run in
-               Triton's interpreter).
+               Triton's interpreter). Version: the PyPI wheel 25.1.1, whose impl="cce" with
+               filter_eps=None is what the repository's main branch calls impl="cce_exact".
+  cce_torch_compile   the same call at impl="torch_compile" on a GPU: CCE's own
+               ``torch.compile`` implementation (logits materialized for the counted rows,
+               fp32 cross-entropy), which its README calls "typically the fastest but uses the
+               most amount of memory"; exact (no filter). CUDA only (on the CPU ``cce`` is
+               already this implementation).
   trl_head     TRL's chunked log-prob LM head (``trl.kernels.ChunkedLogProbFunction``, what
                ``trl.trainer.utils.add_fused_lm_head`` patches into GRPOTrainer's model):
                only the counted rows of hidden are projected (its "compact" mode on CUDA),
                vocabulary tiles of TRL's own chunk size, log-probs only (no entropy: the
                OPO loss here does not use it), then ``opo_loss_from_logprobs``.
   liger_gspo   Liger-Kernel ``triton_grpo_loss`` on the logits [B, T+1, V] (in place, its
-               default), sequence-level importance sampling (GSPO). Liger has no OPO: these
-               rows run GRPO/GSPO, whose memory traffic is the same kind of work.
-  liger_fused_linear   Liger-Kernel ``LigerFusedLinearGRPOLoss`` (chunked, ``compiled=True``,
-               its defaults) with the same GSPO setting. Its ∂hidden/∂weight matmuls run in
-               fp32: at fp32 matmul precision "highest" (PyTorch's default, TF32 off) or
-               "high" (TF32 on, as most training runs set it): ``matmul_precision``.
+               default), sequence-level importance sampling (GSPO): 3 reads + 1 write of the
+               logits (a log-prob pass for the sequence ratio, its forward, its backward).
+               Liger has no OPO: these rows run GRPO/GSPO, whose memory traffic is the same
+               kind of work.
+  liger_grpo_token   the same call at importance_sampling_level="token" (its default, plain
+               GRPO), the other kwargs unchanged: 2 reads + 1 write (forward, backward), the
+               traffic of our own loss; Liger's fastest mode on the logits.
+  liger_fused_linear   Liger-Kernel ``LigerFusedLinearGRPOLoss`` (``compiled=True``) with the
+               same GSPO setting, at its default chunk_size=1 (sequences per chunk) or at
+               chunk_size=B (its documented constructor argument: the whole batch in one
+               chunk; in liger-kernel 0.8.5 a chunk's logits are still made 2048 rows × 4096
+               vocabulary entries at a time, so memory stays bounded). Its ∂hidden/∂weight
+               matmuls run in fp32: at fp32 matmul precision "highest" (PyTorch's default,
+               TF32 off) or "high" (TF32 on, as most training runs set it):
+               ``matmul_precision``.
 
 Every function raises ImportError when its package is missing; ``unavailable`` says why a
 peer cannot run here (the suites record that as a skipped row).
@@ -43,10 +58,14 @@ PACKAGES = {"cce": "cut-cross-entropy", "trl_head": "trl", "liger": "liger-kerne
 # clipping. Values only matter for which branch is taken; the kernels' traffic is the same.
 LIGER_GSPO_KWARGS = dict(temperature=1.0, beta=0.0, eps_low=3e-4, eps_high=4e-4,
                          loss_type="grpo", importance_sampling_level="sequence", reduce=True)
+# importance_sampling_level: "sequence" (GSPO: liger_gspo) or "token" (GRPO: liger_grpo_token);
+# Liger's token-level backward reads every counted row whatever is clipped, so the clip values
+# above do not change its traffic
+LIGER_LEVELS = ("sequence", "token")
 # The same setting for Liger's chunked fused-linear GRPO loss (liger-kernel 0.8.5,
 # liger_kernel/chunked_loss/grpo_loss.py). beta=0 -> no reference model (use_ref_model=False);
-# chunk_size (sequences per chunk, default 1) and compiled (torch.compile of the loss math,
-# default True) are left at Liger's defaults.
+# compiled (torch.compile of the loss math, default True) is left at Liger's default; chunk_size
+# (sequences per chunk, default 1) is an argument of liger_fused_linear_module.
 LIGER_FUSED_LINEAR_GSPO_KWARGS = dict(beta=0.0, use_ref_model=False, epsilon_low=3e-4,
                                       epsilon_high=4e-4, loss_type="grpo",
                                       importance_sampling_level="sequence", temperature=1.0)
@@ -120,34 +139,44 @@ def eager_without_gpu(device: torch.device) -> Iterator[None]:
 # --------------------------------------------------------------------------------------------
 
 
-def cce_kwargs(device: torch.device, filter_eps=CCE_FILTER_EPS) -> Dict[str, object]:
-    """cut-cross-entropy's ``impl`` (and ``filter_eps``: its Triton kernels only) on device."""
-    if device.type == "cuda":
+def cce_kwargs(device: torch.device, filter_eps=CCE_FILTER_EPS,
+               impl: str = "cce") -> Dict[str, object]:
+    """cut-cross-entropy's ``impl`` (and ``filter_eps``: its Triton kernels only) on device.
+    impl: "cce" (its Triton kernels on CUDA, its torch implementation elsewhere) or
+    "torch_compile" (its torch implementation everywhere)."""
+    if impl not in ("cce", "torch_compile"):
+        raise ValueError(f"cut-cross-entropy impl {impl!r}: 'cce' or 'torch_compile'")
+    if device.type == "cuda" and impl == "cce":
         return {"impl": "cce", "filter_eps": filter_eps}
     return {"impl": "torch_compile"}
 
 
 def cce_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
-                 shift: bool = False, filter_eps=CCE_FILTER_EPS) -> torch.Tensor:
+                 shift: bool = False, filter_eps=CCE_FILTER_EPS, impl: str = "cce"
+                 ) -> torch.Tensor:
     """log p(target) from cut-cross-entropy's per-token linear cross-entropy (exact mode, or
     its gradient filter with ``filter_eps``, e.g. CCE_DEFAULT_FILTER_EPS; CUDA only).
 
     hidden: [..., H]; weight: [V, H]; targets: hidden's leading shape, IGNORE_INDEX (−100) where
     not counted. shift=True: position t predicts targets[..., t+1] (CCE's own shift, no copy),
-    the result then has one position less. Returns float32 log-probs, 0 where ignored.
+    the result then has one position less. impl: ``cce_kwargs``. Returns float32 log-probs, 0
+    where ignored.
     """
     from cut_cross_entropy import linear_cross_entropy
 
-    kw = cce_kwargs(hidden.device, filter_eps)
+    kw = cce_kwargs(hidden.device, filter_eps, impl)
     with eager_without_gpu(hidden.device):
         nll = linear_cross_entropy(hidden, weight, targets, ignore_index=IGNORE_INDEX,
                                    reduction="none", shift=shift, **kw)
     return -nll
 
 
-def cce_extra(device: torch.device, filter_eps=CCE_FILTER_EPS) -> Dict[str, object]:
-    return {"cce_impl": cce_kwargs(device)["impl"],
-            "cce_filter_eps": "exact (None)" if filter_eps is None else
+def cce_extra(device: torch.device, filter_eps=CCE_FILTER_EPS,
+              impl: str = "cce") -> Dict[str, object]:
+    kw = cce_kwargs(device, filter_eps, impl)
+    exact = "filter_eps" not in kw or kw["filter_eps"] is None  # torch_compile never filters
+    return {"cce_impl": kw["impl"],
+            "cce_filter_eps": "exact (None)" if exact else
             f"{filter_eps!r} (its default: gradient blocks below the threshold skipped)",
             "cut_cross_entropy": version("cut-cross-entropy")}
 
@@ -184,22 +213,28 @@ def trl_extra() -> Dict[str, object]:
 # --------------------------------------------------------------------------------------------
 
 
-def liger_gspo_logits(logits: torch.Tensor, old_logprobs: torch.Tensor, labels: torch.Tensor,
-                      advantages: torch.Tensor, mask: torch.Tensor,
-                      inplace: bool = True) -> torch.Tensor:
-    """Liger's ``triton_grpo_loss`` (GSPO). logits: the model's whole [B, T+1, V] output (Liger
-    drops the last position itself); old_logprobs, labels, mask: [B, T]; advantages: [B]."""
+def liger_grpo_logits(logits: torch.Tensor, old_logprobs: torch.Tensor, labels: torch.Tensor,
+                      advantages: torch.Tensor, mask: torch.Tensor, inplace: bool = True,
+                      level: str = "sequence") -> torch.Tensor:
+    """Liger's ``triton_grpo_loss``: GSPO (level="sequence") or token-level GRPO
+    (level="token"), ``LIGER_GSPO_KWARGS`` otherwise. logits: the model's whole [B, T+1, V]
+    output (Liger drops the last position itself); old_logprobs, labels, mask: [B, T];
+    advantages: [B]."""
     from liger_kernel.transformers.grpo_loss import triton_grpo_loss
 
+    if level not in LIGER_LEVELS:
+        raise ValueError(f"importance_sampling_level {level!r}: one of {LIGER_LEVELS}")
+    kw = dict(LIGER_GSPO_KWARGS, importance_sampling_level=level)
     loss, _metrics = triton_grpo_loss(logits, old_logprobs, None, labels, advantages, mask,
-                                      inplace=inplace, **LIGER_GSPO_KWARGS)
+                                      inplace=inplace, **kw)
     return loss
 
 
-def liger_fused_linear_module():
-    """Liger's ``LigerFusedLinearGRPOLoss`` with the GSPO setting, its defaults otherwise."""
+def liger_fused_linear_module(chunk_size: int = 1):
+    """Liger's ``LigerFusedLinearGRPOLoss`` with the GSPO setting; chunk_size: sequences per
+    chunk (Liger's default 1; B: the whole batch in one chunk)."""
     from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
-    return LigerFusedLinearGRPOLoss(**LIGER_FUSED_LINEAR_GSPO_KWARGS)
+    return LigerFusedLinearGRPOLoss(chunk_size=chunk_size, **LIGER_FUSED_LINEAR_GSPO_KWARGS)
 
 
 def liger_fused_linear_gspo(module, hidden: torch.Tensor, weight: torch.Tensor,

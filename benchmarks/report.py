@@ -151,7 +151,8 @@ def render_table(data: Dict[str, object]) -> str:
                f"opo_kernels is {1 / x:.2f}× slower than")
             + " the strong-torch baseline "
             f"(torch_compiled), {h['vs_compile_ref']}× the compiled reference's time and "
-            f"{h['vs_eager_ref']}× the eager reference's (readable, slow).")
+            f"{h['vs_eager_ref']}× the eager reference's (readable, slow)."
+            + _liger_sentence(h))
     host = [r for r in rows if r.get("host_ms") is not None]
     if host:  # harness.py: eager − CUDA-graph replay at the small shapes
         lines.append("")
@@ -211,10 +212,26 @@ def headline(data: Dict[str, object]) -> List[Dict[str, object]]:
 
         ref = {impl: f"{at[impl]['ms'] / ours['ms']:.2f}" if impl in at else "–"
                for impl in ("compile", "eager")}
+        liger = {impl: at[impl]["ms"] / ours["ms"] if impl in at else None
+                 for impl in LIGER_LOGITS}
         out.append({"N": key[0], "V": key[1], "dtype": key[2], "layout": key[3],
                     "vs_torch": strong["ms"] / ours["ms"], "vs_compile_ref": ref["compile"],
-                    "vs_eager_ref": ref["eager"]})
+                    "vs_eager_ref": ref["eager"], "vs_liger": liger})
     return out
+
+
+# Liger's triton_grpo_loss rows, each with what it is: a "× faster than Liger" names the level
+LIGER_LOGITS = {"liger_grpo_token": "token level, 2 reads + 1 write of the logits",
+                "liger_gspo": "sequence level, GSPO: 3 reads + 1 write"}
+
+
+def _liger_sentence(h: Dict[str, object]) -> str:
+    """" Liger's triton_grpo_loss over opo_kernels' time: <row> (<what>) X×, ..." or ''."""
+    parts = [f"{impl} ({what}) {x:.2f}×" for impl, what in LIGER_LOGITS.items()
+             if (x := h["vs_liger"].get(impl)) is not None]
+    if not parts:
+        return ""
+    return " Liger's triton_grpo_loss over opo_kernels' time: " + "; ".join(parts) + "."
 
 
 def _chunk_bytes(row: Optional[dict]) -> int:

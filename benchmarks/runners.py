@@ -97,17 +97,18 @@ def build_linear_runner(case: Case, inp: LinearInputs) -> Runner:
             return opo_loss(logits, inp.labels, inp.ref_logprobs, inp.rewards,
                             group_ids=inp.group_ids, backend="triton", validate=False,
                             **layout)
-    elif impl in ("cce", "cce_filtered", "trl_head"):
+    elif impl in ("cce", "cce_filtered", "cce_torch_compile", "trl_head"):
         from opo_kernels import opo_loss_from_logprobs
 
         counted = inp.counted
         if impl != "trl_head":
             targets = torch.where(counted, inp.labels, peers.IGNORE_INDEX)
             eps = peers.CCE_DEFAULT_FILTER_EPS if impl == "cce_filtered" else peers.CCE_FILTER_EPS
+            cce_impl = "torch_compile" if impl == "cce_torch_compile" else "cce"
 
             def logprobs():
-                return peers.cce_logprobs(hidden, weight, targets, filter_eps=eps)
-            extra = peers.cce_extra(hidden.device, eps)
+                return peers.cce_logprobs(hidden, weight, targets, filter_eps=eps, impl=cce_impl)
+            extra = peers.cce_extra(hidden.device, eps, cce_impl)
         else:
             def logprobs():
                 return peers.trl_head_logprobs(hidden, weight, inp.labels, counted)
@@ -117,9 +118,11 @@ def build_linear_runner(case: Case, inp: LinearInputs) -> Runner:
             return opo_loss_from_logprobs(logprobs(), inp.ref_logprobs, inp.rewards,
                                           group_ids=inp.group_ids, vocab_size=inp.shape.V,
                                           backend="triton", validate=False, **layout)
-    elif impl in ("liger_fused_linear_gspo", "liger_fused_linear_gspo_tf32"):
-        module = peers.liger_fused_linear_module()
-        tf32 = impl.endswith("_tf32")
+    elif impl.startswith("liger_fused_linear_gspo"):
+        # chunkB: chunk_size = the batch's B sequences, one chunk (padded only: harness.py)
+        module = peers.liger_fused_linear_module(
+            inp.shape.B if impl.endswith("_chunkB") else 1)
+        tf32 = "_tf32" in impl
         if inp.mask is not None:
             args = (inp.labels, inp.mask, inp.advantages, inp.ref_logprobs)
             view = lambda x: x  # noqa: E731
@@ -192,15 +195,17 @@ def build_runner(case: Case, inp: Inputs, settings: Settings) -> Runner:
             torch.autograd.grad(opo(leaf, prepared), leaf)
         return Runner(step, False, opo.extra())
 
-    if impl in ("liger_gspo", "liger_gspo_noinplace"):
+    if impl in ("liger_gspo", "liger_gspo_noinplace", "liger_grpo_token"):
         leaf = inp.storage.detach().requires_grad_()  # Liger takes the full [B, T+1, V]
-        inplace = impl == "liger_gspo"
+        inplace = impl != "liger_gspo_noinplace"
+        level = "token" if impl == "liger_grpo_token" else "sequence"
 
         def step():
-            loss = peers.liger_gspo_logits(leaf, inp.ref_logprobs, inp.labels, inp.advantages,
-                                           inp.mask, inplace=inplace)
+            loss = peers.liger_grpo_logits(leaf, inp.ref_logprobs, inp.labels, inp.advantages,
+                                           inp.mask, inplace=inplace, level=level)
             torch.autograd.grad(loss, leaf)
-        return Runner(step, inplace, {"liger_kernel": liger_version()})
+        return Runner(step, inplace, {"liger_kernel": liger_version(),
+                                      "liger_importance_sampling_level": level})
 
     if impl == "liger_ce":
         from liger_kernel.transformers.functional import liger_cross_entropy

@@ -105,7 +105,7 @@ def test_fused_linear_bytes_floor_and_memory():
     # recompute the logits
     three = {i for i, m in harness.LINEAR_FLOOR_MATMULS.items() if m == 3}
     assert three == {"opo_kernels_fused_linear_on_policy", "opo_kernels_fused_linear_budget",
-                     "opo_kernels_materialized"}
+                     "opo_kernels_materialized", "cce_torch_compile"}
     assert set(harness.LINEAR_FLOOR_MATMULS) == set(harness.LINEAR_IMPLS)
     assert harness.linear_flops(lin, impl="opo_kernels_fused_linear_on_policy") == (
         3 * 2 * lin.N * 4096 * 128256)
@@ -197,6 +197,14 @@ def test_report_table_and_readme(tmp_path):
     slower = report.render_table(_results([_row(ms=3.0), _row("torch_compiled", ms=2.0),
                                            _row("compile", ms=4.0), _row("eager", ms=8.0)]))
     assert "opo_kernels is 1.50× slower than the strong-torch baseline (torch_compiled)" in slower
+    assert "triton_grpo_loss" not in slower  # no Liger row at that shape: no Liger ratio
+    # a "× faster than Liger" names the level of each of Liger's rows
+    both = report.render_table(_results([_row(), _row("torch_compiled", ms=2.0),
+                                         _row("liger_gspo", ms=1.34),
+                                         _row("liger_grpo_token", ms=1.1)]))
+    assert ("Liger's triton_grpo_loss over opo_kernels' time: liger_grpo_token (token level, "
+            "2 reads + 1 write of the logits) 1.10×; liger_gspo (sequence level, GSPO: 3 reads "
+            "+ 1 write) 1.34×.") in both
     assert "estimated 200 GiB" in table
 
     readme = tmp_path / "README.md"
@@ -354,6 +362,12 @@ def test_session_measures_tiny_fused_linear_rows(tmp_path):
         if case.impl == "cce_filtered" and not harness.cuda_ok():
             assert outcome.skip and "Triton kernels only (CUDA)" in outcome.skip
             continue
+        if case.impl == "cce_torch_compile" and not harness.cuda_ok():
+            assert outcome.skip and "already runs" in outcome.skip
+            continue
+        if case.impl.endswith("_chunkB") and case.shape == packed:
+            assert outcome.skip and "chunk_size = B = 1" in outcome.skip
+            continue
         row = outcome.row
         assert row is not None, outcome
         measured.append((case.impl, case.shape.layout))
@@ -367,6 +381,10 @@ def test_session_measures_tiny_fused_linear_rows(tmp_path):
         assert row["x_floor"] == pytest.approx(row["ms"] / floor)
         assert row["x_floor_rows"] == pytest.approx(row["ms"] / (floor * rows / case.shape.N))
     assert ("cce", "packed") in measured and ("liger_fused_linear_gspo_tf32", "padded") in measured
+    chunked = [r for r in session.data["rows"]
+               if r["impl"] == "liger_fused_linear_gspo_tf32_chunkB"]
+    assert [(r["layout"], r["liger_chunk_size"], r["tf32"]) for r in chunked] == [
+        ("padded", 2, True)]  # chunk_size = B = 2 sequences
     first = session.data["rows"][0]
     # the plan of the call: chunks of the N = 11 counted rows, no logits held (budget 0)
     assert first["impl"] == "opo_kernels_fused_linear" and first["chunk_size"] == 11
@@ -395,6 +413,23 @@ def test_session_measures_the_strong_torch_row(tmp_path):
         outcome = session.measure(harness.Case("torch_compiled", shape))
         assert outcome.row is not None and outcome.row["ms"] > 0, outcome
         assert outcome.row["compile_backend"] == "eager"
+
+
+def test_session_measures_both_liger_logits_rows(tmp_path):
+    """liger_gspo (sequence level) and liger_grpo_token (token level) run Liger's
+    triton_grpo_loss (Triton's interpreter here) at the padded shape, in place; the packed
+    layout is skipped, naming why."""
+    if harness.peers.unavailable("liger"):
+        pytest.fail(harness.peers.unavailable("liger"))
+    impls = ("liger_gspo", "liger_grpo_token")
+    session = harness.Session(harness.Settings(tiny=True, impls=impls, out_dir=tmp_path))
+    padded, packed = harness.shapes(tiny=True)[:2]
+    for impl, level in zip(impls, ("sequence", "token")):
+        row = session.measure(harness.Case(impl, padded)).row
+        assert row is not None and row["inplace"] and impl in harness.INPLACE_IMPLS
+        assert row["liger_importance_sampling_level"] == level
+        skip = session.measure(harness.Case(impl, packed)).skip
+        assert skip and "padded layout" in skip
 
 
 def test_run_command_end_to_end(tmp_path):
@@ -448,7 +483,7 @@ def test_run_refuses_tiny_into_results_dir(monkeypatch):
 @pytest.mark.gpu
 def test_session_on_gpu_tiny(tmp_path):
     impls = ("opo_kernels", "opo_kernels_inplace", "torch_compiled", "eager", "liger_gspo",
-             "liger_ce", *harness.SLICE_IMPLS)
+             "liger_grpo_token", "liger_ce", *harness.SLICE_IMPLS)
     session = harness.Session(harness.Settings(tiny=True, impls=impls + harness.LINEAR_IMPLS,
                                                out_dir=tmp_path))
     assert session.data["copy_gbps"] > 100 and session.data["matmul_tflops"] > 1

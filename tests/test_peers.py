@@ -202,6 +202,11 @@ def test_cce_filter_is_passed_on_cuda_only():
     assert peers.cce_kwargs(cuda, peers.CCE_DEFAULT_FILTER_EPS) == {"impl": "cce",
                                                                      "filter_eps": "high"}
     assert peers.cce_kwargs(cpu, "high") == {"impl": "torch_compile"}
+    # cce_torch_compile: its torch implementation on CUDA too, exact (it has no filter)
+    assert peers.cce_kwargs(cuda, None, "torch_compile") == {"impl": "torch_compile"}
+    assert peers.cce_extra(cuda, None, "torch_compile")["cce_filter_eps"] == "exact (None)"
+    with pytest.raises(ValueError, match="cce_exact"):
+        peers.cce_kwargs(cuda, None, "cce_exact")  # not in the 25.1.1 wheel: filter_eps=None
     import inspect
 
     from cut_cross_entropy import linear_cross_entropy
@@ -227,19 +232,22 @@ def test_cce_shift_reads_the_next_token():
 # ---- Liger (GSPO) ----------------------------------------------------------------------------
 
 
-def _gspo(lp, old, adv, mask):
-    """GSPO with Liger's GRPO normalization (per-sequence token mean, then mean over B),
-    beta = 0, the clip of peers.LIGER_GSPO_KWARGS."""
+def _gspo(lp, old, adv, mask, level="sequence"):
+    """GSPO (level="sequence": one ratio per sequence, its tokens' mean log-ratio) or GRPO
+    (level="token": one ratio per token) with Liger's GRPO normalization (per-sequence token
+    mean, then mean over B), beta = 0, the clip of peers.LIGER_GSPO_KWARGS."""
     m = mask.float()
-    w = ((lp - old) * m).sum(1) / m.sum(1).clamp(min=1)
-    coef = w.exp()[:, None]
+    if level == "sequence":
+        coef = (((lp - old) * m).sum(1) / m.sum(1).clamp(min=1)).exp()[:, None]
+    else:
+        coef = (lp - old).exp()
     clipped = coef.clamp(1 - peers.LIGER_GSPO_KWARGS["eps_low"],
                          1 + peers.LIGER_GSPO_KWARGS["eps_high"])
     per_token = -torch.minimum(coef * adv[:, None], clipped * adv[:, None])
     return ((per_token * m).sum(1) / m.sum(1).clamp(min=1)).mean()
 
 
-def test_liger_gspo_rows_agree_with_gspo():
+def test_liger_rows_agree_with_gspo_and_grpo():
     if peers.unavailable("liger"):
         pytest.fail(peers.unavailable("liger"))
     hidden, weight, labels, mask, old, rewards = _problem(seed=3)
@@ -249,12 +257,22 @@ def test_liger_gspo_rows_agree_with_gspo():
     want = _gspo(lp, old, adv, mask)
 
     full = logits.to(torch.bfloat16).requires_grad_()  # [B, T+1, V], as Liger takes them
-    got_logits = peers.liger_gspo_logits(full, old, labels, adv, mask, inplace=False)
+    got_logits = peers.liger_grpo_logits(full, old, labels, adv, mask, inplace=False)
     torch.testing.assert_close(got_logits, want, rtol=2e-2, atol=1e-4)
+    # liger_grpo_token: the same call at token level is GRPO, not GSPO
+    got_token = peers.liger_grpo_logits(full, old, labels, adv, mask, inplace=False,
+                                        level="token")
+    torch.testing.assert_close(got_token, _gspo(lp, old, adv, mask, level="token"),
+                               rtol=2e-2, atol=1e-4)
+    assert not torch.allclose(got_token, got_logits)  # the two levels differ at this data
+    with pytest.raises(ValueError, match="importance_sampling_level"):
+        peers.liger_grpo_logits(full, old, labels, adv, mask, level="gspo")
 
     before = torch.get_float32_matmul_precision()
-    module = peers.liger_fused_linear_module()
-    for tf32 in (False, True):
+    # Liger's default chunk (1 sequence) and the tuned one (all B = 6 sequences in one chunk)
+    for tf32, chunk in ((False, 1), (True, 1), (True, 6)):
+        module = peers.liger_fused_linear_module(chunk)
+        assert peers.liger_extra(module)["liger_chunk_size"] == chunk
         h = hidden.clone().requires_grad_()
         w = weight.clone().requires_grad_()
         got = peers.liger_fused_linear_gspo(module, h, w, labels, mask, adv, old, tf32=tf32)

@@ -1,6 +1,6 @@
 """The RL-step benchmark (benchmarks/step) on the CPU with a tiny 2-layer Qwen2: every loss
 path computing the OPO loss gives the reference's loss and LM-head gradient on the same model
-and batch; Liger's two GSPO paths agree with each other; the timed step runs end to end into a
+and batch; Liger's GSPO paths agree with each other; the timed step runs end to end into a
 results file of the documented schema; the headline table and its targets come from that file.
 Our Triton kernels and Liger's run under TRITON_INTERPRET=1 (tests/conftest.py).
 """
@@ -93,18 +93,28 @@ def test_opo_paths_equal_the_reference(tiny, name):
 
 
 def test_liger_paths_agree(tiny):
-    """Liger has no OPO: its two paths run GSPO on the same batch and must agree with each
-    other (logits + triton_grpo_loss vs the fused-linear module, TF32 off and on)."""
+    """Liger has no OPO: its GSPO paths run the same loss on the same batch and must agree
+    with each other (logits + triton_grpo_loss vs the fused-linear module: TF32 off and on,
+    chunk_size 1 and B); liger_logits_token is the token-level (GRPO) call of the same kernel
+    entry point, checked against GRPO's formula in tests/test_peers.py."""
     model, b = tiny
     got = {}
-    for name in ("liger_logits", "liger_fused_linear", "liger_fused_linear_tf32"):
+    for name in ("liger_logits", "liger_fused_linear", "liger_fused_linear_tf32",
+                 "liger_fused_linear_tf32_chunkB"):
         path = build_path(name, model, b, compile_backend="eager")
         assert path.extra["loss_math"].startswith("GSPO")
         got[name] = _loss_and_head_grad(model, path)
+    assert build_path("liger_fused_linear_tf32_chunkB", model, b, compile_backend="eager"
+                      ).extra["liger_chunk_size"] == b.B
     base_loss, base_grad = got["liger_logits"]
     for name, (loss, grad) in got.items():
         torch.testing.assert_close(loss, base_loss, rtol=2e-2, atol=1e-4, msg=name)
         assert (grad - base_grad).norm() / base_grad.norm() < 5e-2, name
+    token = build_path("liger_logits_token", model, b, compile_backend="eager")
+    assert token.extra["loss_math"].startswith("GRPO")
+    assert token.extra["liger_importance_sampling_level"] == "token"
+    loss, grad = _loss_and_head_grad(model, token)
+    assert torch.isfinite(loss) and grad.abs().max() > 0
 
 
 def test_unknown_path_and_settings_are_refused(tiny):

@@ -20,9 +20,12 @@ Paths (the head + loss part; the rest of the step is the same code for all):
                              positions only) -> opo_loss_from_logprobs
   cce                        cut-cross-entropy per-token NLL (exact mode) -> opo_loss_from_logprobs
   liger_logits               model logits -> Liger triton_grpo_loss (GSPO; Liger has no OPO)
-  liger_fused_linear         Liger LigerFusedLinearGRPOLoss (GSPO), fp32 matmuls as by default
-                             (TF32 off)
+  liger_logits_token         the same at importance_sampling_level="token" (GRPO: one pass over
+                             the logits less, Liger's fastest mode)
+  liger_fused_linear         Liger LigerFusedLinearGRPOLoss (GSPO), its defaults: chunk_size=1,
+                             fp32 matmuls as by default (TF32 off)
   liger_fused_linear_tf32    the same with TF32 on (float32 matmul precision "high")
+  liger_fused_linear_tf32_chunkB  ... and chunk_size = B (the micro-batch in one chunk)
   torch_compiled             model logits -> the strong-torch OPO (benchmarks/peers_torch.py)
   opo_logits                 model logits -> opo_loss(logits[:, :-1], grad_to_base=True)
   opo_logits_inplace         the same with inplace_backward=True
@@ -66,8 +69,9 @@ FULL_MODELS = ("qwen2.5-0.5b", "llama-3.2-1b")
 TINY_SEQ_LEN, TINY_PROMPT_LEN, TINY_TOKENS = 16, 3, (128,)
 
 PATHS = ("opo_fused_linear", "opo_fused_linear_on_policy", "opo_logits", "opo_logits_inplace",
-         "plain", "trl_head", "cce", "torch_compiled", "liger_logits", "liger_fused_linear",
-         "liger_fused_linear_tf32", "opo_fused_linear_budget")
+         "plain", "trl_head", "cce", "torch_compiled", "liger_logits", "liger_logits_token",
+         "liger_fused_linear_tf32_chunkB", "liger_fused_linear_tf32", "liger_fused_linear",
+         "opo_fused_linear_budget")
 OURS = tuple(p for p in PATHS if p.startswith("opo_"))
 PEERS = tuple(p for p in PATHS if not p.startswith("opo_"))
 # paths whose loss is the OPO loss (checked against the reference); the Liger ones run GSPO

@@ -99,21 +99,25 @@ def build_path(name: str, model, b: StepBatch, compile_backend: str) -> LossPath
             return _from_logprobs(lp, b)
         return LossPath(name, loss, peers.cce_extra(device))
 
-    if name == "liger_logits":
+    if name in ("liger_logits", "liger_logits_token"):
         _need("liger")
         if device.type != "cuda" and not interpreter_on():
             raise Unavailable("Liger's Triton kernels need CUDA or TRITON_INTERPRET=1")
+        level = "token" if name.endswith("_token") else "sequence"
 
         def loss():
-            return peers.liger_gspo_logits(_logits(model, b), b.old_logprobs, b.labels,
-                                           b.advantages, b.mask, inplace=True)
-        return LossPath(name, loss, dict(peers.liger_extra(), liger_inplace=True,
-                                         loss_math="GSPO (Liger has no OPO)"))
+            return peers.liger_grpo_logits(_logits(model, b), b.old_logprobs, b.labels,
+                                           b.advantages, b.mask, inplace=True, level=level)
+        return LossPath(name, loss, dict(
+            peers.liger_extra(), liger_inplace=True, liger_importance_sampling_level=level,
+            loss_math=("GSPO" if level == "sequence" else "GRPO") + " (Liger has no OPO)"))
 
-    if name in ("liger_fused_linear", "liger_fused_linear_tf32"):
+    if name.startswith("liger_fused_linear"):
         _need("liger")
-        module = peers.liger_fused_linear_module()
-        tf32 = name.endswith("_tf32")
+        # chunkB: chunk_size = the micro-batch's B sequences, one chunk (Liger's documented
+        # constructor argument; its logits are still made 2048 rows at a time in 0.8.5)
+        module = peers.liger_fused_linear_module(b.B if name.endswith("_chunkB") else 1)
+        tf32 = "_tf32" in name
 
         def loss():
             return peers.liger_fused_linear_gspo(

@@ -37,13 +37,16 @@
 #   step   ONE call of ~9.5 min (OPO_DEADLINE_S, default 560 s): the RL-step benchmark
 #          (benchmarks/step: Qwen2.5-0.5B- and Llama-3.2-1B-shaped models, 8k/4k/16k-token
 #          micro-batches, every loss path, ours and the peers'), then the fused-linear rows
-#          with their peers at both shapes (padded B16 T1024 H4096 V128256, packed N4096), then
-#          the kernel-level fair rows at the target logits shape (strong torch, ours, Liger,
+#          with their peers at both shapes (padded B16 T1024 H4096 V128256, packed N4096; the
+#          peers' strongest settings before their defaults: Liger with TF32 and chunk_size = B,
+#          cut-cross-entropy's torch_compile), then the kernel-level fair rows at the target
+#          logits shape (strong torch, ours, Liger's GRPO loss at token then sequence level,
 #          the reference), then the trainer micro-batch rows (N 1024/2048/4096, V 32000 and
-#          151936, bf16, padded and packed: ours, Liger's cross-entropy and GRPO loss, with the
-#          host-time column) in what is left, into the same fair file. Needs the peers'
-#          wheels (fetch_wheels.sh). Returns 5 files: log.txt, <device>.step.json/.step.md,
-#          <device>.fair.json/.fair.md. Arguments after the stage go to benchmarks.step.
+#          151936, bf16, padded and packed: ours, Liger's cross-entropy and its GRPO loss at
+#          both levels, with the host-time column) in what is left, into the same fair file.
+#          Needs the peers' wheels (fetch_wheels.sh). Returns 5 files: log.txt,
+#          <device>.step.json/.step.md, <device>.fair.json/.fair.md. Arguments after the stage
+#          go to benchmarks.step.
 #          Run again at once on the same warm machine, it resumes: only the rows the first
 #          call did not reach are measured (/tmp/opo_step, /tmp/opo_kbench are kept there).
 #
@@ -240,13 +243,13 @@ KBENCH=/tmp/opo_kbench
 run_kernel_rows() {  # $1: linear | fair | host, $2: budget, $3: time limit
   local what=$1 budget=$2 limit=$3 impls k resume=()
   if [ "$what" = linear ]; then
-    impls=opo_kernels_fused_linear,opo_kernels_fused_linear_on_policy,opo_kernels_fused_linear_budget,opo_kernels_materialized,cce,trl_head,liger_fused_linear_gspo_tf32,liger_fused_linear_gspo,cce_filtered
+    impls=opo_kernels_fused_linear,opo_kernels_fused_linear_on_policy,opo_kernels_fused_linear_budget,opo_kernels_materialized,cce,trl_head,liger_fused_linear_gspo_tf32_chunkB,cce_torch_compile,liger_fused_linear_gspo_tf32,liger_fused_linear_gspo,cce_filtered
     k=H4096
   elif [ "$what" = fair ]; then
-    impls=torch_compiled,opo_kernels,opo_kernels_inplace,opo_kernels_grad_to_base,opo_kernels_model_slice,liger_gspo,compile,eager
+    impls=torch_compiled,opo_kernels,opo_kernels_inplace,opo_kernels_grad_to_base,opo_kernels_model_slice,liger_grpo_token,liger_gspo,compile,eager
     k=N16384-V151936-bf16-padded
   else  # host: the trainer micro-batch rows, with the host-time column (eager - replay)
-    impls=opo_kernels,liger_ce,liger_gspo
+    impls=opo_kernels,liger_ce,liger_grpo_token,liger_gspo
     k="(N1024- or N2048- or N4096-) and bf16 and not V128256"
   fi
   local prev
