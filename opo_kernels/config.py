@@ -7,8 +7,10 @@ set (``config_from_options``: eager calls with the same options share one) or on
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Dict, Optional, Tuple, Union
 
@@ -25,10 +27,14 @@ def _number(name: str, value):
     """A finite real number. Under torch.compile(dynamic=True) hyperparameters may arrive as
     symbolic floats: they are checked with comparisons only (no float(), which would pin the
     value into the graph and recompile whenever it changes)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float, torch.SymFloat)):
+    if isinstance(value, bool) or not isinstance(value, (numbers.Real, torch.SymFloat)):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    if isinstance(value, int):
-        value = float(value)
+    if type(value) is not float and not isinstance(value, torch.SymFloat):
+        try:  # an int, a NumPy scalar (np.float32 is no float subclass), a Fraction
+            value = float(value)
+        except OverflowError:
+            raise ValueError(f"{name} must be finite, got an integer beyond float's "
+                             f"range") from None
     if not (value == value and -math.inf < value < math.inf):
         raise ValueError(f"{name} must be finite, got {value}")
     return value
@@ -122,7 +128,7 @@ class OPOLossConfig:
     # all-gather each, and write the gradient during forward (vocab_parallel.py)
     vocab_parallel_one_pass: bool = False
     # the preset options given explicitly (replace() keeps the others following the preset)
-    explicit: frozenset = field(default=frozenset(), repr=False, compare=False)
+    explicit: frozenset = field(default=frozenset(), init=False, repr=False, compare=False)
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
@@ -222,8 +228,10 @@ class OPOLossConfig:
                     raise ValueError(f"{name} must be > 0 (or None / inf: no clamp), got {value}")
             set_(name, value)
         if self.delta_clip is not None and self.level == "token":
-            raise ValueError("delta_clip applies to the sequence levels (it clamps δ_s); with "
-                             "level='token' leave it None")
+            source = ("" if "delta_clip" in self.explicit else
+                      f" (preset {self.preset!r} sets delta_clip={self.delta_clip})")
+            raise ValueError(f"delta_clip applies to the sequence levels (it clamps δ_s){source}"
+                             f"; with level='token' pass delta_clip=None")
         _choice("scale_rewards", self.scale_rewards, SCALE_REWARDS)
         direction = _number("direction_scale", self.direction_scale)
         if direction <= 0:
@@ -246,6 +254,26 @@ class OPOLossConfig:
 _FROM_OPTIONS: Dict[tuple, OPOLossConfig] = {}
 
 
+_OPTIONS = frozenset(f.name for f in dataclasses.fields(OPOLossConfig) if f.init)
+
+
+def _build(options: Dict[str, object]) -> OPOLossConfig:
+    """OPOLossConfig(**options), an unknown option named as such (not as a constructor's)."""
+    unknown = options.keys() - _OPTIONS
+    if unknown:
+        raise TypeError(f"unknown option(s) {', '.join(map(repr, sorted(unknown)))}: the "
+                        f"options are {', '.join(sorted(_OPTIONS))} (docs/spec.md)")
+    return OPOLossConfig(**options)
+
+
+def _types(value):
+    """value's type, with its elements' for a tuple (``(True, 2)`` and ``(1, 2)`` are equal
+    and hash alike, but only one of them is a valid ``tau_range``)."""
+    if type(value) is tuple:
+        return tuple, tuple(map(_types, value))
+    return type(value)
+
+
 def config_from_options(options: Dict[str, object]) -> OPOLossConfig:
     """``OPOLossConfig(**options)`` for the functional API. Building and validating it takes
     ~13 µs, about 7 % of a call's host time (benchmarks/host_time.py), and a training loop
@@ -256,18 +284,18 @@ def config_from_options(options: Dict[str, object]) -> OPOLossConfig:
     stored entry would never be found again and would keep the tensor alive) and traced calls
     (torch.compile, whose values may be symbolic) build it afresh."""
     if torch.compiler.is_compiling():
-        return OPOLossConfig(**options)
+        return _build(options)
     values = tuple(options.values())
     if any(isinstance(v, torch.Tensor) for v in values):
-        return OPOLossConfig(**options)
+        return _build(options)
     try:
         # names in the caller's order (another order is another entry), values with their types
-        key = (tuple(options), values, tuple(map(type, values)))
+        key = (tuple(options), values, tuple(map(_types, values)))
         config = _FROM_OPTIONS.get(key)
     except TypeError:  # an unhashable value
-        return OPOLossConfig(**options)
+        return _build(options)
     if config is None:
-        config = OPOLossConfig(**options)
+        config = _build(options)
         if len(_FROM_OPTIONS) >= 256:  # bounded: options that change every call
             _FROM_OPTIONS.clear()
         _FROM_OPTIONS[key] = config

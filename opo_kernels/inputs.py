@@ -108,9 +108,16 @@ def _shape(t: torch.Tensor) -> str:
     return str(list(t.shape))
 
 
+# what a mask may be (the kernels read it as it is): bool, the integer dtypes Triton loads,
+# and the float dtypes of FLOAT_DTYPES
+MASK_DTYPES = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64,
+               *FLOAT_DTYPES)
+
+
 def check_tensor(name: str, value, *, kind: str) -> torch.Tensor:
-    """value, checked to be a tensor of `kind`: "float", "int", "any", or "stream" (one of
-    FLOAT_DTYPES, which the kernels read: logits, log-probs, hidden states, weights)."""
+    """value, checked to be a tensor of `kind`: "float", "int", "mask" (MASK_DTYPES), "any", or
+    "stream" (one of FLOAT_DTYPES, which the kernels read: logits, log-probs, hidden states,
+    weights)."""
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
     if kind == "stream" and value.dtype not in FLOAT_DTYPES:
@@ -121,6 +128,9 @@ def check_tensor(name: str, value, *, kind: str) -> torch.Tensor:
     if kind == "int" and (value.is_floating_point() or value.is_complex()
                           or value.dtype == torch.bool):
         raise TypeError(f"{name} must be an integer tensor, got dtype {value.dtype}")
+    if kind == "mask" and value.dtype not in MASK_DTYPES:
+        raise TypeError(f"{name} must be a bool, integer or float tensor of 0/1, got dtype "
+                        f"{value.dtype}")
     return value
 
 
@@ -259,7 +269,7 @@ def _prepare_rows(rows, what, device, cdtype, vocab: int, ref_logprobs, rewards,
                              f"{rows[0]} sequences")
         seq_len = rows[1]
         if mask is not None:
-            mask = check_tensor("mask", mask, kind="any")
+            mask = check_tensor("mask", mask, kind="mask")
             _same_shape("mask", mask, rows, what)
     else:
         if mask is not None:

@@ -233,6 +233,12 @@ def config_or_fail_together(group, make_config):
     process group, an option error on one rank is first shared through the same agreement
     step as ``check_layout`` so that every rank raises instead of the others waiting in a
     collective (the options cannot say validate=False yet, so the agreement always runs)."""
+    process_group_type = getattr(dist, "ProcessGroup", None)
+    if group is not None and process_group_type is not None \
+            and not isinstance(group, process_group_type):
+        raise TypeError(f"process_group must be a torch.distributed ProcessGroup (e.g. "
+                        f"dist.new_group(...) or a DeviceMesh's get_group()), got "
+                        f"{type(group).__name__}")
     try:
         return make_config()
     except (TypeError, ValueError) as err:

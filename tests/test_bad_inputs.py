@@ -1,6 +1,7 @@
 """docs/spec.md, "Bad input and edge cases": each class raises a ValueError/TypeError naming the
 argument, from both backends, and leaves every input exactly as it was."""
 
+import numpy as np
 import pytest
 import torch
 from problems import on_device
@@ -112,6 +113,16 @@ CASES = [
     ("logits-inf-counted", _poke("logits", (2, 0, 1), float("inf")), {}, ValueError,
      "logits"),
     ("mask-values", _set("mask", torch.full((B, T), 2)), {}, ValueError, "mask"),
+    ("mask-complex", _set("mask", torch.ones(B, T, dtype=torch.complex64)), {}, TypeError,
+     "mask must be a bool, integer or float tensor"),
+    ("mu-beyond-float", None, {"mu": 10**400}, ValueError, "mu must be finite"),
+    ("option-unknown", None, {"alhpa": 0.5}, TypeError, "alhpa': the options are"),
+    ("option-internal", None, {"explicit": frozenset()}, TypeError,
+     "explicit': the options are"),
+    ("preset-delta-clip-token", None, {"preset": "author_verl", "level": "token"}, ValueError,
+     "preset 'author_verl' sets delta_clip=5.0"),
+    ("process-group-str", _set("process_group", "tp"), {}, TypeError,
+     "process_group must be a torch.distributed ProcessGroup"),
 ]
 
 
@@ -163,3 +174,19 @@ def test_module_validates_at_construction():
         opo_kernels.OPOLoss(alpha=2.0)
     with pytest.raises(TypeError, match="unexpected keyword"):
         opo_kernels.OPOLoss(alhpa=0.5)
+
+
+def test_numpy_scalars_are_numbers():
+    """np.float32 is no float subclass (np.float64 is): both are real numbers."""
+    for value in (np.float32(0.5), np.float64(0.5), 0.5):
+        assert opo_kernels.OPOLossConfig(alpha=value).alpha == 0.5
+
+
+def test_remembered_options_are_validated_by_their_element_types():
+    """(True, 2) == (1, 2) and they hash alike: the options remembered for the one must not
+    let the other (a bool, refused) through."""
+    d = _inputs()
+    args = [d.pop(k) for k in ("logits", "labels", "ref_logprobs", "rewards")]
+    opo_kernels.opo_loss(*args, **d, tau_range=(1, 2))
+    with pytest.raises(TypeError, match=r"tau_range\[0\] must be a real number"):
+        opo_kernels.opo_loss(*args, **d, tau_range=(True, 2))
