@@ -286,7 +286,10 @@ def opo_loss(logits, labels, ref_logprobs, rewards, *, mask=None, seq_ids=None,
     in place), labels [B, T] int, ref_logprobs [B, T] float, mask [B, T] (bool or 0/1).
     Packed layout: logits [N, V], labels [N], ref_logprobs [N], seq_ids [N] (−1 = not counted).
     rewards: [B] float; exactly one of group_size (int) or group_ids [B] int.
-    ref_logprobs=None means on-policy (π_ref = the detached current policy).
+    ref_logprobs=None means on-policy (π_ref = the detached current policy): when a gradient
+    is wanted and the logits are not fp16, the forward pass writes it too (one pass over the
+    logits; backward then runs once). fp16 logits run the general passes, which round the
+    gradient after the loss scale, not before.
 
     Vocabulary-parallel logits: with ``process_group``, logits are this rank's slice
     [..., V_local] of the vocabulary, starting at ``vocab_start`` (default rank·V_local, equal
@@ -299,7 +302,12 @@ def opo_loss(logits, labels, ref_logprobs, rewards, *, mask=None, seq_ids=None,
     both backends. inplace_backward=True writes the gradient into the logits buffer (saves one
     logits-sized allocation): backward overwrites the logits you passed, a leaf tensor included
     (``loss.backward()`` then still copies a leaf's gradient into ``.grad``: no memory saved;
-    use it on the model's own logits). The torch backend cannot do it and warns.
+    use it on the model's own logits). Autograd sees the write (the logits' version counter):
+    an op that saved the logits for its own backward (tanh, exp) then raises PyTorch's
+    in-place error instead of reading the gradient. Logits whose elements share memory (an
+    expand) are refused. The torch backend cannot do it and warns.
+    The backward is computed by kernels: it cannot be differentiated again (create_graph=True
+    raises; backend="torch" can).
     ref_logprobs: keep them in float32; bf16 holds ~3 significant digits (a log-prob of −2.3 is
     off by up to 0.008), which enters Δ = lp − ref directly. group_size: an int, a NumPy integer
     or a 0-dim integer tensor (read on the host).
