@@ -198,19 +198,35 @@ def test_headline_table_and_targets(tmp_path):
     assert t["leanest_peer"] == "liger_fused_linear"
     assert t["fused_peak_vs_leanest_peer"] == pytest.approx(0.8)
     table = report.render_table(data)
-    assert "| qwen2.5-0.5b | 8192 | opo_fused_linear | 78.0 | 0.78× | 19.5 | 25% | 4,096 |" in table
+    # × plain and × best peer (trl_head, 90 ms: plain is no peer)
+    assert ("| qwen2.5-0.5b | 8192 | opo_fused_linear | 78.0 | 0.78× | 0.87× | 19.5 | 25% "
+            "| 4,096 |") in table
+    assert "| trl_head | 90.0 | 0.90× | 1.00× |" in table
+    assert "| plain | 100.0 | 1.00× | 1.11× |" in table
+    assert "our fastest general-mode path, the peers' setting (opo_fused_linear)" in table
     assert "(≤ 0.8: met)" in table and "(trl_head; < 1: met)" in table
     assert "(liger_fused_linear; ≤ 1: met)" in table
     assert "cut-cross-entropy not importable" in table
+    assert "on-policy, a setting" not in table  # no on-policy row measured
+    # the on-policy path is faster here, but it is not the peers' setting: reported beside
+    # the general-mode verdict, never as "our fastest path"
+    with_on = _data(rows + [_row("opo_fused_linear_on_policy", 60.0, 4 * gib)])
+    t = report.targets(with_on)
+    assert t["best"] == "opo_fused_linear" and t["on_policy"] == "opo_fused_linear_on_policy"
+    assert t["on_policy_vs_best_peer"] == pytest.approx(60 / 90)
+    assert ("on-policy, a setting the peers were not run in (opo_fused_linear_on_policy, "
+            "ref_logprobs=None): 0.60× plain's, 0.67× the fastest peer's") in (
+        report.render_table(with_on))
     # a slower ours: the verdict says so
     rows[-1]["step_ms"] = 99.0
     rows[-2]["step_ms"] = 99.0
     assert "(≤ 0.8: NOT met)" in report.render_table(_data(rows))
 
     readme = tmp_path / "README.md"
-    readme.write_text(f"# x\n{report.START}\nold\n{report.END}\ntail\n")
+    readme.write_text(f"# x\n{report.START}\nformer table\n{report.END}\ntail\n")
     assert report.update_readme(readme, table)
-    assert "old" not in readme.read_text() and "opo_fused_linear" in readme.read_text()
+    assert "former table" not in readme.read_text()
+    assert "opo_fused_linear" in readme.read_text()
     readme.write_text("no markers\n")
     assert not report.update_readme(readme, table) and readme.read_text() == "no markers\n"
     assert report.plot(data, tmp_path / "f.png").read_bytes()[:4] == b"\x89PNG"

@@ -74,6 +74,14 @@ PATHS = ("opo_fused_linear", "opo_fused_linear_on_policy", "opo_logits", "opo_lo
          "opo_fused_linear_budget")
 OURS = tuple(p for p in PATHS if p.startswith("opo_"))
 PEERS = tuple(p for p in PATHS if not p.startswith("opo_"))
+# every peer is given the old log-probs (the general mode's setting; Liger its off-policy ratio),
+# so only our general-mode paths are compared with them as equals; the on-policy path
+# (ref_logprobs=None: one update per batch) is another setting, reported beside them
+OURS_ON_POLICY = tuple(p for p in OURS if p.endswith("_on_policy"))
+OURS_GENERAL = tuple(p for p in OURS if p not in OURS_ON_POLICY)
+# the peers a "× best peer" ratio may name: plain is the naive baseline of "× plain", not a peer
+# to beat at its strongest
+RATED_PEERS = tuple(p for p in PEERS if p != "plain")
 # paths whose loss is the OPO loss (checked against the reference); the Liger ones run GSPO
 OPO_MATH = tuple(p for p in PATHS if not p.startswith("liger"))
 

@@ -13,7 +13,8 @@ from benchmarks.step import grid
 START = "<!-- step-table:start -->"
 END = "<!-- step-table:end -->"
 TARGET_MODEL, TARGET_TOKENS = "qwen2.5-0.5b", 8192
-TARGET_VS_PLAIN = 0.8      # our fastest path's step time over plain's, at the target shape
+TARGET_VS_PLAIN = 0.8      # our fastest general-mode path's step time over plain's, at the
+                           # target shape
 ROW_FIELDS = {"model": str, "tokens": int, "path": str, "step_ms": (int, float),
               "peak_mem_bytes": int, "loss_ms": (int, float, type(None)),
               "tokens_per_s": (int, float), "B": int, "L": int, "counted": int}
@@ -62,29 +63,39 @@ def _x(num: Optional[float], den: Optional[float]) -> str:
     return f"{num / den:.2f}×"
 
 
+def _fastest(at: Dict[str, dict], paths) -> Optional[dict]:
+    rows = [at[p] for p in paths if p in at]
+    return min(rows, key=lambda r: r["step_ms"]) if rows else None
+
+
+def _ratio(a: Optional[dict], b: Optional[dict], key: str) -> Optional[float]:
+    return None if a is None or b is None or b[key] <= 0 or a[key] < 0 else a[key] / b[key]
+
+
 def targets(data: Dict[str, object], model: str = TARGET_MODEL,
             tokens: int = TARGET_TOKENS) -> Dict[str, object]:
-    """At one shape: our fastest path, its time over plain's and over the fastest peer's, and
-    our fused-linear path's peak over the leanest peer's (None where a row is missing)."""
+    """At one shape: our fastest general-mode path (the peers' setting, ``grid.OURS_GENERAL``),
+    its time over plain's and over the fastest peer's; the same for our on-policy path (another
+    setting, reported beside it); our fused-linear path's peak over the leanest other path's
+    (None where a row is missing)."""
     at = {r["path"]: r for r in data["rows"] if r["model"] == model and r["tokens"] == tokens}
-    ours = [at[p] for p in grid.OURS if p in at]
-    theirs = [at[p] for p in grid.PEERS if p in at and p != "plain"]
-    best = min(ours, key=lambda r: r["step_ms"]) if ours else None
-    peer_best = min(theirs, key=lambda r: r["step_ms"]) if theirs else None
+    best = _fastest(at, grid.OURS_GENERAL)
+    on_policy = _fastest(at, grid.OURS_ON_POLICY)
+    peer_best = _fastest(at, grid.RATED_PEERS)
     fused = at.get("opo_fused_linear")
-    mem_peers = [r for r in theirs + ([at["plain"]] if "plain" in at else [])
-                 if r["peak_mem_bytes"] >= 0]
+    mem_peers = [at[p] for p in grid.PEERS if p in at and at[p]["peak_mem_bytes"] >= 0]
     lean = min(mem_peers, key=lambda r: r["peak_mem_bytes"]) if mem_peers else None
     plain = at.get("plain")
-
-    def ratio(a, b, key):
-        return None if a is None or b is None or b[key] <= 0 or a[key] < 0 else a[key] / b[key]
     return {"model": model, "tokens": tokens, "best": best and best["path"],
-            "best_vs_plain": ratio(best, plain, "step_ms"),
+            "best_mode": "general",
+            "best_vs_plain": _ratio(best, plain, "step_ms"),
             "best_peer": peer_best and peer_best["path"],
-            "best_vs_best_peer": ratio(best, peer_best, "step_ms"),
+            "best_vs_best_peer": _ratio(best, peer_best, "step_ms"),
+            "on_policy": on_policy and on_policy["path"],
+            "on_policy_vs_plain": _ratio(on_policy, plain, "step_ms"),
+            "on_policy_vs_best_peer": _ratio(on_policy, peer_best, "step_ms"),
             "leanest_peer": lean and lean["path"],
-            "fused_peak_vs_leanest_peer": ratio(fused, lean, "peak_mem_bytes")}
+            "fused_peak_vs_leanest_peer": _ratio(fused, lean, "peak_mem_bytes")}
 
 
 def _verdict(x: Optional[float], limit: float, strict: bool = False) -> str:
@@ -95,7 +106,8 @@ def _verdict(x: Optional[float], limit: float, strict: bool = False) -> str:
 
 def render_table(data: Dict[str, object]) -> str:
     """The headline table: per model and micro-batch, every path's step time, its ratio to
-    plain's, the head + loss part, peak memory above model + optimizer, tokens/s."""
+    plain's and to the fastest peer's, the head + loss part, peak memory above model +
+    optimizer, tokens/s; then the targets' verdict at the target shape."""
     rows = list(data["rows"])
     order = {p: i for i, p in enumerate(grid.PATHS)}
     s = data["settings"]
@@ -112,36 +124,36 @@ def render_table(data: Dict[str, object]) -> str:
         f"~{s['counted_fraction']:.0%} of positions counted. Step: median of {s['steps']} "
         f"steps after {s['warmup']} warm-up ({data['timer']}). \"× plain\" is the step time "
         "over the *plain* path's (model logits → fp32 log-softmax → OPO from log-probs) at the "
-        "same shape; \"head + loss\" is the part from the backbone's output to its gradient "
+        "same shape; \"× best peer\" over the fastest peer path's there (plain not counted, "
+        "the peer's name in the verdict below); every peer is given the old log-probs, as our "
+        "general-mode paths are, while opo_fused_linear_on_policy runs the on-policy mode "
+        "(ref_logprobs=None: one update per batch), another setting, so the verdict compares "
+        "it separately; \"head + loss\" is the part from the backbone's output to its gradient "
         "(LM head, loss and their backward); peak memory is above the model and optimizer "
-        "state. Liger rows run GRPO/GSPO (Liger has no OPO); liger_fused_linear is its "
-        "default fp32 matmul precision (TF32 off), _tf32 with TF32 on; cce is "
-        "cut-cross-entropy in its exact mode; every other path computes the OPO loss.")
-    lines += ["", "| model | tokens | path | step ms | × plain | head + loss ms | share "
-              "| peak MiB | tokens/s |", "|---|---:|---|---:|---:|---:|---:|---:|---:|"]
+        "state. Liger rows run GRPO/GSPO (Liger has no OPO): liger_logits at sequence level "
+        "(GSPO), liger_logits_token at token level (GRPO); liger_fused_linear is its defaults "
+        "(chunk_size=1, fp32 matmul precision: TF32 off), _tf32 with TF32 on, _chunkB also "
+        "with chunk_size = B (one chunk); cce is cut-cross-entropy in its exact mode; every "
+        "other path computes the OPO loss.")
+    lines += ["", "| model | tokens | path | step ms | × plain | × best peer | head + loss ms "
+              "| share | peak MiB | tokens/s |",
+              "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for model, tokens in _shapes(rows):
         at = sorted((r for r in rows if r["model"] == model and r["tokens"] == tokens),
                     key=lambda r: order.get(r["path"], 99))
         plain = next((r for r in at if r["path"] == "plain"), None)
+        best_peer = _fastest({r["path"]: r for r in at}, grid.RATED_PEERS)
         for r in at:
             share = "–" if r.get("loss_share") is None else f"{r['loss_share']:.0%}"
             head = "–" if r.get("loss_ms") is None else f"{r['loss_ms']:.1f}"
             lines.append(
                 f"| {model} | {tokens} | {r['path']} | {r['step_ms']:.1f} "
-                f"| {_x(r['step_ms'], plain and plain['step_ms'])} | {head} | {share} "
+                f"| {_x(r['step_ms'], plain and plain['step_ms'])} "
+                f"| {_x(r['step_ms'], best_peer and best_peer['step_ms'])} | {head} | {share} "
                 f"| {_mib(r['peak_mem_bytes'])} | {r['tokens_per_s']:,.0f} |")
     if not rows:
-        lines.append("| – | – | (no rows) | – | – | – | – | – | – |")
-    t = targets(data)
-    if t["best"] is not None:
-        lines += ["", f"Targets at {t['model']}, {t['tokens']} tokens: our fastest path "
-                  f"({t['best']}) {_fmt(t['best_vs_plain'])} plain's step time (≤ "
-                  f"{TARGET_VS_PLAIN}: {_verdict(t['best_vs_plain'], TARGET_VS_PLAIN)}), "
-                  f"{_fmt(t['best_vs_best_peer'])} the fastest peer's ({t['best_peer']}; < 1: "
-                  f"{_verdict(t['best_vs_best_peer'], 1.0, strict=True)}); opo_fused_linear's "
-                  f"peak memory {_fmt(t['fused_peak_vs_leanest_peer'])} the leanest other "
-                  f"path's ({t['leanest_peer']}; ≤ 1: "
-                  f"{_verdict(t['fused_peak_vs_leanest_peer'], 1.0)})."]
+        lines.append("| – | – | (no rows) | – | – | – | – | – | – | – |")
+    lines += _verdict_lines(targets(data))
     for key, title in (("skipped", "Not measured"), ("errors", "Failed")):
         items = data.get(key) or []
         if items:
@@ -149,6 +161,27 @@ def render_table(data: Dict[str, object]) -> str:
             lines += [f"- {i['model']} {i['tokens']} {i['path']}: "
                       f"{i.get('reason') or i.get('error', '')[:200]}" for i in items]
     return "\n".join(lines) + "\n"
+
+
+def _verdict_lines(t: Dict[str, object]) -> List[str]:
+    """The targets at the target shape (``targets``), as markdown lines ([] without ours)."""
+    if t["best"] is None and t["on_policy"] is None:
+        return []
+    text = f"Targets at {t['model']}, {t['tokens']} tokens: "
+    if t["best"] is not None:
+        text += (f"our fastest general-mode path, the peers' setting ({t['best']}), "
+                 f"{_fmt(t['best_vs_plain'])} plain's step time (≤ {TARGET_VS_PLAIN}: "
+                 f"{_verdict(t['best_vs_plain'], TARGET_VS_PLAIN)}), "
+                 f"{_fmt(t['best_vs_best_peer'])} the fastest peer's ({t['best_peer']}; < 1: "
+                 f"{_verdict(t['best_vs_best_peer'], 1.0, strict=True)}); ")
+    if t["on_policy"] is not None:
+        text += (f"on-policy, a setting the peers were not run in ({t['on_policy']}, "
+                 f"ref_logprobs=None): {_fmt(t['on_policy_vs_plain'])} plain's, "
+                 f"{_fmt(t['on_policy_vs_best_peer'])} the fastest peer's; ")
+    text += (f"opo_fused_linear's peak memory {_fmt(t['fused_peak_vs_leanest_peer'])} the "
+             f"leanest other path's ({t['leanest_peer']}; ≤ 1: "
+             f"{_verdict(t['fused_peak_vs_leanest_peer'], 1.0)}).")
+    return ["", text]
 
 
 def _fmt(x: Optional[float]) -> str:
