@@ -1,4 +1,4 @@
-"""Hyperparameters of the OPO loss: one frozen, validated object (SPEC "Public API").
+"""Hyperparameters of the OPO loss: one frozen, validated object (docs/spec.md "Options").
 
 Every backend receives the same ``OPOLossConfig``; it is built (and validated) once per option
 set (``config_from_options``: eager calls with the same options share one) or once per
@@ -60,7 +60,7 @@ class _PresetDefault(enum.Enum):
 
 PRESET_DEFAULT = _PresetDefault.DEFAULT
 
-# SPEC "The author's recipe": named sets of defaults; arguments given explicitly override them.
+# docs/spec.md "Presets": named sets of defaults; arguments given explicitly override them.
 # "paper" is eq. 6 (the package's defaults); "author_verl" the author's verl configuration of the
 # paper's run. direction_scale=None under author_verl means 1/α of the α in force.
 PRESETS = {
@@ -79,8 +79,8 @@ PRESET_OPTIONS = tuple(PRESETS["paper"])
 
 @dataclass(frozen=True)
 class OPOLossConfig:
-    """All OPO hyperparameters (SPEC "Sampling geometry", "Optimization geometry" and "The
-    author's recipe").
+    """All OPO hyperparameters (docs/spec.md "Options"; the math: "Weights", "The loss" and
+    "Presets").
 
     ``preset`` ("paper", the default, = eq. 6; or "author_verl", the author's verl code) sets
     the defaults of the options in ``PRESETS``; an option given explicitly overrides its
@@ -216,7 +216,7 @@ class OPOLossConfig:
         return not (self.logit_reg_coef > 0 and self.adaptive_tau)
 
     def _check_recipe(self) -> None:
-        """The options of SPEC "The author's recipe"."""
+        """The options of the author's recipe (docs/spec.md "Presets" and "Options")."""
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
         for name in ("delta_clip", "score_clip"):
             value = getattr(self, name)

@@ -1,6 +1,6 @@
 """The OPO loss from per-token log-probs, for trainers that never hand logits to the loss
-(verl, OpenRLHF, NeMo-RL, Megatron with vocabulary-parallel cross-entropy): SPEC "Loss from
-per-token log-probs". Launchers -> autograd.Function -> API.
+(verl, OpenRLHF, NeMo-RL, Megatron with vocabulary-parallel cross-entropy): docs/spec.md
+"The entry points" and "The gradient". Launchers -> autograd.Function -> API.
 
 The caller computed lp_t (and, for the entropy bonus, H_t) with autograd; this op computes the
 same loss, metrics and options as ``opo_loss`` from them, with the gradient
@@ -150,7 +150,8 @@ def opo_loss_from_logprobs(logprobs, ref_logprobs, rewards, *, mask=None, seq_id
 
     logprobs: differentiable, any float dtype (computed in float32, float64 for float64).
     entropy: optional per-token entropy, differentiable: the bonus −β·mean H (entropy_coef=β)
-    and the ``entropy_mean`` metric use it; required when entropy_coef > 0.
+    and the ``entropy_mean`` metric use it; required when entropy_coef > 0. It is the only
+    source of ``entropy_mean``: compute_entropy=True without it returns no ``entropy_mean``.
     vocab_size: V, needed only by the adaptive τ rule (adaptive_tau=True, the default).
     options: those of ``opo_loss`` (the fields of ``OPOLossConfig``); temperature must stay
     1.0 (the log-probs are taken as given) and inplace_backward does not apply.

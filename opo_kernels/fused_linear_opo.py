@@ -36,7 +36,8 @@ combined chunk by chunk (``linear_chunks.on_policy_chunks``). The math: docs/spe
 Example::
 
     loss = fused_linear_opo_loss(hidden[:, :-1], lm_head.weight, input_ids[:, 1:],
-                                 old_logprobs, rewards, mask=completion_mask, group_size=6)
+                                 old_logprobs, rewards, bias=lm_head.bias,
+                                 mask=completion_mask, group_size=6)
     loss.backward()
 """
 
@@ -282,16 +283,16 @@ def fused_linear_opo_loss(hidden, weight, labels, ref_logprobs, rewards, *, bias
     reported naming that argument.
 
     chunk_size: counted rows per chunk. Default: the largest power of two whose logits take
-    at most 256 MiB (rows·V·itemsize), clamped to [128, M] (``linear_plan.default_chunk_size``).
-    The backward recomputes logits in blocks of as many logits and cuts the smaller of the
-    rows and V (module docstring).
+    at most 256 MiB (rows·V·itemsize), clamped to [128, M]. The backward recomputes the logits
+    it did not keep in blocks of as many logits: blocks of columns when those rows are fewer
+    than V, else chunks of rows (docs/kernels.md "From hidden states").
 
     logits_budget: bytes (int >= 0) of logits, in the input dtype, that the general mode keeps
-    from forward to backward instead of recomputing them; None = the default, 1 GiB (reasoned
-    in ``linear_plan``, not yet measured). The first K = min(M, ⌊budget / (V·itemsize)⌋)
-    counted rows are kept; their gradient is written over their logits in backward and
-    multiplied: matmuls, in units of one [M, H] × [H, V] product, 4 − K/M (4 with budget 0,
-    today's recompute; 3 with a budget that holds all M rows, like materializing the logits).
+    from forward to backward instead of recomputing them; None = the default, 1 GiB (reasoned,
+    not measured). The first K = min(M, ⌊budget / (V·itemsize)⌋) counted rows are kept;
+    their gradient is written over their logits in backward and multiplied: matmuls, in units
+    of one [M, H] × [H, V] product, 4 − K/M (4 with budget 0: every logit recomputed; 3 with a
+    budget that holds all M rows, like materializing the logits).
     On-policy the budget sets the chunk instead: chunks of max(chunk_size, ⌊budget /
     (V·itemsize)⌋) rows.
 
@@ -307,10 +308,12 @@ def fused_linear_opo_loss(hidden, weight, labels, ref_logprobs, rewards, *, bias
       rows not kept >= V, and on-policy:   [V, H] for ∂W ([V] for ∂b).
 
     On-policy with gradients wanted, the loop runs ONCE (forward and gradients together, exact:
-    see the module docstring), 3 matmuls, and the [M, H] / [V, H] gradients are held from
-    forward to backward. Its ∂W sums over the chunks in the fp32 [V, H] accumulator, read and
-    written once per chunk: 8·V·H bytes, 12 for 16-bit inputs (6.3 GB at V = 128,256,
-    H = 4096 in bf16), the reason its chunks take the whole budget.
+    Δ ≡ 0, so the gradient coefficients are known before the logits, except with
+    logit_reg_coef > 0 and the adaptive τ, which run the general mode), 3 matmuls, and the
+    [M, H] / [V, H] gradients are held from forward to backward (a second backward with
+    retain_graph=True works: it scales them again). Its ∂W sums over the chunks in the fp32
+    [V, H] accumulator, read and written once per chunk: 8·V·H bytes, 12 for 16-bit inputs
+    (6.3 GB at V = 128,256, H = 4096 in bf16), the reason its chunks take the whole budget.
 
     backend="torch" runs the reference on the logits of the counted rows (for testing).
 
@@ -328,6 +331,7 @@ def fused_linear_opo_loss(hidden, weight, labels, ref_logprobs, rewards, *, bias
     Example::
 
         loss = fused_linear_opo_loss(hidden, lm_head.weight, labels, old_logprobs, rewards,
+                                     bias=lm_head.bias,   # None for a head without bias
                                      mask=mask, group_size=6, logits_budget=2**30)
     """
     def checked_config():
@@ -431,15 +435,17 @@ def _prepare_parallel(hidden, weight, bias, labels, ref_logprobs, rewards, cfg, 
 
 
 class FusedLinearOPOLoss(torch.nn.Module):
-    """``nn.Module`` form of ``fused_linear_opo_loss``; options (chunk_size, logits_budget)
-    are fixed at construction, the LM head's weight / bias are passed to forward (as in
-    Liger's ``LigerFusedLinearGRPOLoss``), so the module holds no parameters.
+    """``nn.Module`` form of ``fused_linear_opo_loss`` (the loss: docs/spec.md; the chunks and
+    the budget: docs/kernels.md "From hidden states"). chunk_size, logits_budget and the
+    options of ``opo_loss`` (the fields of ``OPOLossConfig``) are fixed, and validated, at
+    construction; the LM head's weight [V, H] and bias [V] (or None) are passed to forward (as
+    in Liger's ``LigerFusedLinearGRPOLoss``), so the module holds no parameters.
 
     Example::
 
         loss_fn = FusedLinearOPOLoss(alpha=0.6, chunk_size=1024, logits_budget=2**30)
         loss = loss_fn(hidden, lm_head.weight, labels, old_logprobs, rewards,
-                       mask=mask, group_size=6)
+                       bias=lm_head.bias, mask=mask, group_size=6)
     """
 
     def __init__(self, chunk_size: Optional[int] = None, logits_budget: Optional[int] = None,
@@ -454,6 +460,15 @@ class FusedLinearOPOLoss(torch.nn.Module):
     def forward(self, hidden, weight, labels, ref_logprobs, rewards, bias=None, *, mask=None,
                 seq_ids=None, group_size=None, group_ids=None, process_group=None,
                 vocab_start=None, reduce_hidden_grad=True):
+        """The loss, as ``fused_linear_opo_loss`` with this module's options.
+
+        Padded: hidden [B, T, H], labels / ref_logprobs / mask [B, T]. Packed: hidden [N, H],
+        labels / ref_logprobs / seq_ids [N] (−1 = not counted). weight [V, H] (with
+        process_group: this rank's [V_local, H]), bias [V] or None, the dtype of hidden;
+        rewards [B]; exactly one of group_size / group_ids [B]; ref_logprobs=None: on-policy.
+        Returns the 0-dim loss (float32; float64 for float64 inputs), or (loss, metrics) with
+        return_metrics=True.
+        """
         return fused_linear_opo_loss_with_config(
             hidden, weight, labels, ref_logprobs, rewards, self.config, bias=bias,
             chunk_size=self.chunk_size, logits_budget=self.logits_budget, mask=mask,

@@ -262,11 +262,17 @@ def loss_from_logprobs_batch(batch: Batch, cfg: OPOLossConfig):
 
 def opo_loss(logits, labels, ref_logprobs, rewards, *, mask=None, seq_ids=None,
              group_size=None, group_ids=None, **options):
-    """Reference OPO loss; same arguments and result as ``opo_kernels.opo_loss``.
+    """Reference OPO loss (docs/spec.md): the result of ``opo_kernels.opo_loss`` with the same
+    arguments, on one process.
 
     logits: [B, T, V] with labels/ref_logprobs/mask [B, T], or [N, V] with labels/ref_logprobs/
     seq_ids [N]; rewards: [B]; one of group_size / group_ids [B]. ``options`` are the fields of
-    ``OPOLossConfig`` (alpha, mu, tau, ...; ``backend`` is ignored here).
+    ``OPOLossConfig`` (alpha, mu, tau, ...). What it lacks: ``process_group`` and
+    ``vocab_start`` (no vocabulary-parallel logits; passing either is a TypeError). Options that
+    are about the fused kernels change nothing here: ``backend`` is ignored, ``grad_to_base``
+    and ``vocab_parallel_one_pass`` have no effect (autograd's own slice backward runs),
+    ``inplace_backward=True`` warns and leaves the logits unchanged, and ``validate="deferred"``
+    reads the checks at once, like True. The counted rows of logits are copied (a view too).
     """
     cfg = OPOLossConfig(**options)
     batch = prepare(logits, labels, ref_logprobs, rewards, mask=mask, seq_ids=seq_ids,

@@ -125,7 +125,9 @@ def check_at_backward(entry: Optional[Deferred]) -> None:
 def check_deferred() -> None:
     """Reads the value checks of every deferred call not read yet (waiting for them) and
     raises for the first one that found bad input (the others are dropped: one error at a
-    time, as a call with validate=True raises for its first bad argument).
+    time, as a call with validate=True raises for its first bad argument). The checks and
+    when ``validate="deferred"`` reads them: docs/spec.md "Options" (validate) and "Bad input
+    and edge cases". Calls inside torch.compile run no checks, so leave nothing here.
 
     Example::
 
