@@ -3,6 +3,8 @@ replaced by a no-op: what the package's own Python costs per call (option checks
 checks, allocations, autograd), without the kernels and without Triton's launch path.
 
     python -m benchmarks.host_time            # CPU tensors, median µs per call per mode
+    python -m benchmarks.host_time --tiny     # a few calls: checks it runs, no figures to keep
+    python -m benchmarks.host_time --out DIR  # also DIR/host_time.json
 
 Why: on the H200 (2026-12-04, benchmarks/GPU_RUNS.md) a call's eager time minus its CUDA-graph
 replay was 0.54-0.91 ms at N = 1024, so calls of about 1 ms (N = 4096, V = 32000) wait on the
@@ -163,13 +165,27 @@ def measure(calls: int = 300, repeats: int = 9, warmup: int = 50):
     return result
 
 
-def main() -> None:
+def run(tiny: bool, out=None) -> dict:
+    """Measures (tiny: a few calls, a check that it runs), prints the table, saves
+    out/host_time.json when out is given; returns what it saves."""
+    from benchmarks.side_bench import environment, save
+
+    result = measure(calls=5, repeats=1, warmup=2) if tiny else measure()
     print("µs per call, forward + backward, kernel launches stubbed; best (median) of the "
           "repeats")
     print(f"{'mode':<13} {'opo_kernels':>16} {'floor':>16} {'ours - floor':>13} launches")
-    for mode, t in measure().items():
+    for mode, t in result.items():
         print(f"{mode:<13} {t.best:7.1f} ({t.median:6.1f}) {t.floor_best:7.1f} "
               f"({t.floor_median:6.1f}) {t.best - t.floor_best:13.1f} {t.launches:8d}")
+    data = dict(environment(False, tiny=tiny, unit="us per call"),
+                modes={mode: t._asdict() for mode, t in result.items()})
+    save(out, "host_time.json", data)
+    return data
+
+
+def main(argv=None) -> None:
+    from benchmarks.side_bench import tiny_cli
+    tiny_cli(run, __doc__, argv)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
-"""What the side benchmarks (host_overhead, sweep, tp_bench, tools/gpu/epilogue_bench) share:
-the header of their results (device, versions), the JSON they write, and the --tiny/--out
-command line."""
+"""What the side benchmarks (host_overhead, host_time, sweep, tp_bench,
+tools/gpu/epilogue_bench) share: the header of their results (device, versions), the JSON they
+write, and the --tiny/--out command line."""
 
 from __future__ import annotations
 

@@ -30,3 +30,13 @@ def test_host_time_measures_every_mode_and_restores_launches():
                                 seq_ids=torch.tensor([0, 0, 1, 1]), group_size=2,
                                 backend="triton")
     assert torch.isfinite(loss)
+
+
+def test_command_line_takes_tiny_and_out(tmp_path):
+    """``--tiny`` and ``--out DIR``, as every side benchmark (docs/benchmarks.md)."""
+    import json
+
+    host_time.main(["--tiny", "--out", str(tmp_path)])
+    data = json.loads((tmp_path / "host_time.json").read_text())
+    assert data["tiny"] is True and set(data["modes"]) == set(host_time.MODES)
+    assert data["modes"]["packed"]["launches"] == 3
