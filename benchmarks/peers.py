@@ -12,8 +12,10 @@ the RL-step benchmark, ``benchmarks/step``, share them). The strong-torch OPO is
                blocks' gradient left out; CUDA only). On a GPU its Triton kernels
                (impl="cce"); without one its documented torch implementation
                (impl="torch_compile": the same math; the Triton kernels cannot run in
-               Triton's interpreter). Version: the PyPI wheel 25.1.1, whose impl="cce" with
-               filter_eps=None is what the repository's main branch calls impl="cce_exact".
+               Triton's interpreter). Version: the PyPI wheel 25.1.1 (impl "cce" and
+               "torch_compile" only). Its impl="cce", filter_eps=None accumulates the gradients
+               in their dtype; the main branch's impl="cce_exact" (25.6.4) adds fp32
+               accumulation, which this wheel lacks (docs/benchmarks.md, "Peer versions").
   cce_torch_compile   the same call at impl="torch_compile" on a GPU: CCE's own
                ``torch.compile`` implementation (logits materialized for the counted rows,
                fp32 cross-entropy), which its README calls "typically the fastest but uses the

@@ -301,8 +301,11 @@ def render_linear_table(data: Dict[str, object]) -> str:
         f"measured in the same run and used as quoted: {rate_txt} TFLOP/s (torch.matmul {mm}, "
         "median). \"× floor (rows)\" counts every row the layout holds, padding included. "
         "cce is cut-cross-entropy in its exact mode and trl_head TRL's chunked log-prob head, "
-        "each followed by opo_loss_from_logprobs; Liger runs GSPO (no OPO in Liger), at its "
-        "default fp32 matmul precision (TF32 off) and with TF32 on (_tf32). cce_filtered is "
+        "each followed by opo_loss_from_logprobs; cce_torch_compile is cut-cross-entropy's "
+        "impl=\"torch_compile\" (logits of the counted rows materialized: 3 matmuls). Liger "
+        "runs GSPO (no OPO in Liger), at its default fp32 matmul precision (TF32 off) and with "
+        "TF32 on (_tf32), at its default chunk_size=1 and with chunk_size = B (_chunkB, the "
+        "batch in one chunk). cce_filtered is "
         "cut-cross-entropy at its default filter_eps=\"high\" (backward skips blocks whose "
         "gradient is below bf16 eps/32: not exact; CUDA only).",
         "",
