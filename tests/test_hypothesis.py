@@ -67,7 +67,8 @@ def test_fused_equals_reference(problem):
         ref64 = ref.double()
     exp = reference.opo_loss(x64, labels, ref64, rewards, **kw)
     # level "sequence" with ratios exponentiates a SUM of log-ratios: past e^88 the answer is
-    # not representable in float32 (docs/spec.md: use "sequence_mean" or "log" there)
+    # not representable in float32 (docs/spec.md, "Large log-ratios: overflow": coordinates="log"
+    # bounds v only; weights="escort", score_clip or delta_clip bound ω; finite needs both)
     assume(abs(exp.item()) < 1e30)
     (exp_grad,) = torch.autograd.grad(exp, x64)
     x32 = logits.clone().requires_grad_()  # the float32 reference: how well float32 can do

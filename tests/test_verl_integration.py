@@ -5,7 +5,7 @@
   (verl/workers/utils/losses.py, verl 0.9.1) calls a registered loss, against
   ``opo_loss_from_logprobs``: loss, metrics and gradient w.r.t. log_prob.
 * Every refusal, the config path verl takes (hydra compose of verl's own ppo_trainer.yaml with
-  the overrides of docs/integrations.md, then ``omega_conf_to_dataclass``) and the
+  the overrides of docs/verl.md, then ``omega_conf_to_dataclass``) and the
   ``verl.plugins`` entry point.
 * One real actor update on CPU in a subprocess (``verl_engine_step.py``): verl's
   ``TrainingWorker.train_mini_batch`` (what ``ActorRolloutRefWorker.update_actor`` runs) with its
@@ -49,7 +49,7 @@ from opo_kernels import opo_loss_from_logprobs  # noqa: E402
 K = 3     # rollout.n: responses per prompt
 T = 7     # response length (padded)
 V = 50    # vocabulary size for the adaptive tau rule
-INTEGRATIONS = Path(__file__).resolve().parents[1] / "docs" / "integrations.md"
+VERL_DOC = Path(__file__).resolve().parents[1] / "docs" / "verl.md"
 ENGINE_STEP = Path(__file__).with_name("verl_engine_step.py")  # the real update, own process
 
 
@@ -313,8 +313,8 @@ def test_adaptive_tau_needs_a_vocabulary_size():
 
 
 def _readme_overrides() -> list:
-    """The verl overrides of the command in docs/integrations.md, section "verl"."""
-    section = INTEGRATIONS.read_text(encoding="utf-8").split("\n## verl\n", 1)[1]
+    """The verl overrides of the command in docs/verl.md, section "verl"."""
+    section = VERL_DOC.read_text(encoding="utf-8").split("\n## verl\n", 1)[1]
     section = section.split("\n## ", 1)[0]
     block = next(b for b in re.findall(r"```bash\n(.*?)```", section, re.S)
                  if "verl.trainer.main_ppo" in b)
