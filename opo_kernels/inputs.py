@@ -227,6 +227,10 @@ def prepare_logprobs(logprobs, ref_logprobs, rewards, *, entropy=None, vocab_siz
     elif config.entropy_coef > 0:
         raise ValueError("entropy_coef > 0 needs the per-token entropy: pass entropy=[B, T] "
                          "or [N] (differentiable, for the bonus's gradient)")
+    elif config.compute_entropy:
+        raise ValueError("compute_entropy=True reports the mean of the entropy you pass (there "
+                         "are no logits here): pass entropy=[B, T] or [N], or leave "
+                         "compute_entropy=False")
     if vocab_size is not None and (isinstance(vocab_size, bool) or
                                    not isinstance(vocab_size, int) or vocab_size < 1):
         raise ValueError(f"vocab_size must be a positive int, got {vocab_size!r}")

@@ -21,6 +21,7 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from .config import OPOLossConfig
+from .epilogue.layout import NONFINITE_LOSS
 from .inputs import Batch, check_values, prepare
 
 NEG_INF = float("-inf")
@@ -241,6 +242,7 @@ def loss_from_batch(batch: Batch, cfg: OPOLossConfig, explain=None):
         ref = batch.flat_ref[rows]
     loss, metrics = objective(cfg, logprobs, ref, entropy, batch.seq[rows],
                               *_rewards_weights(batch), vocab)
+    _check_loss(cfg, loss)
     return (loss, metrics) if cfg.return_metrics else loss
 
 
@@ -257,7 +259,16 @@ def loss_from_logprobs_batch(batch: Batch, cfg: OPOLossConfig):
     ref = logprobs.detach() if batch.ref_logprobs is None else batch.flat_ref[rows]
     loss, metrics = objective(cfg, logprobs, ref, entropy, batch.seq[rows],
                               *_rewards_weights(batch), batch.vocab)
+    _check_loss(cfg, loss)
     return (loss, metrics) if cfg.return_metrics else loss
+
+
+def _check_loss(cfg: OPOLossConfig, loss: torch.Tensor) -> None:
+    """The fused path's last value check: finite inputs (checked before) whose loss overflows.
+    (The fused path also checks its per-sequence gradient coefficients; here autograd forms
+    the gradient later.)"""
+    if cfg.validate and not bool(torch.isfinite(loss)):
+        raise ValueError(NONFINITE_LOSS)
 
 
 def opo_loss(logits, labels, ref_logprobs, rewards, *, mask=None, seq_ids=None,

@@ -113,6 +113,10 @@ CASES = [
     ("logits-inf-counted", _poke("logits", (2, 0, 1), float("inf")), {}, ValueError,
      "logits"),
     ("mask-values", _set("mask", torch.full((B, T), 2)), {}, ValueError, "mask"),
+    # finite inputs whose loss overflows: Δ ≈ +38 on each counted token of sequence 0, exp(ΣΔ)
+    # at level="sequence" is beyond float32
+    ("loss-overflow", _poke("ref_logprobs", 0, -40.0), {"level": "sequence"}, ValueError,
+     "the loss or its gradient is not finite although the inputs are"),
     ("mask-complex", _set("mask", torch.ones(B, T, dtype=torch.complex64)), {}, TypeError,
      "mask must be a bool, integer or float tensor"),
     ("mu-beyond-float", None, {"mu": 10**400}, ValueError, "mu must be finite"),
@@ -190,3 +194,13 @@ def test_remembered_options_are_validated_by_their_element_types():
     opo_kernels.opo_loss(*args, **d, tau_range=(1, 2))
     with pytest.raises(TypeError, match=r"tau_range\[0\] must be a real number"):
         opo_kernels.opo_loss(*args, **d, tau_range=(True, 2))
+
+
+def test_from_logprobs_compute_entropy_needs_the_entropy():
+    """opo_loss_from_logprobs has no logits to take an entropy from: the flag without entropy=
+    is refused (it returned no entropy_mean, silently)."""
+    d = _inputs()
+    lp = torch.log_softmax(d["logits"], -1).amax(-1)
+    with pytest.raises(ValueError, match="compute_entropy=True reports the mean of the entropy"):
+        opo_kernels.opo_loss_from_logprobs(lp, d["ref_logprobs"], d["rewards"], mask=d["mask"],
+                                           group_size=2, vocab_size=V, compute_entropy=True)

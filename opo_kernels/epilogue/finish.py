@@ -311,6 +311,9 @@ def _finish(
     mean_entropy = sum_h / n_tokens_safe
     if ENT_IN_LOSS:
         loss -= beta * mean_entropy
+    # finite inputs can still overflow here (large log-ratios: exp(δ), ω); counted for the
+    # value checks, after every input's own count (an input's error is reported first)
+    bad_out = ((loss != loss) | (tl.abs(loss) == float("inf"))).to(tl.int32)
 
     for i0 in range(0, B, BLOCK):
         i = i0 + tl.arange(0, BLOCK)
@@ -343,6 +346,8 @@ def _finish(
             z = tl.zeros([BLOCK], ACC)
         tl.store(coef_ptr + 2 * i, tl.where(valid, a, 0.0), mask=i_in)
         tl.store(coef_ptr + 2 * i + 1, tl.where(valid, z, 0.0), mask=i_in)
+        bad_out += tl.sum((valid & ((a != a) | (tl.abs(a) == float("inf")) | (z != z)
+                                    | (tl.abs(z) == float("inf")))).to(tl.int32), 0)
 
     nan = tl.where(bad_sums > 0, float("nan"), 0.0)
     tl.store(loss_ptr, loss + nan)
@@ -371,5 +376,6 @@ def _finish(
             part = tl.load(part_errs_ptr + p[:, None] * NUM_ERR + e[None, :],
                            mask=(p < num_programs)[:, None], other=0, cache_modifier=".cg")
             errs += tl.sum(part, 0)
-        errs += tl.where(e == 2, bad_rewards, 0) + tl.where(e == 5, bad_weights, 0)
+        errs += tl.where(e == 2, bad_rewards, 0) + tl.where(e == 5, bad_weights, 0) \
+            + tl.where(e == 9, bad_out, 0)
         tl.store(errs_ptr + e, errs)

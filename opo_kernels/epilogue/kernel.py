@@ -11,7 +11,7 @@ import triton.language as tl
 
 from ..utils import cdiv
 from .finish import _finish
-from .layout import ERRORS, LEVEL, METRICS, WEIGHTS
+from .layout import ERRORS, LEVEL, METRICS, NONFINITE_LOSS, WEIGHTS
 from .sums import _phase1_packed, _phase1_padded
 
 # where the log-probs, entropy, statistics, scratch and outputs start in the tensors passed
@@ -245,5 +245,7 @@ def raise_bad_values(errs: torch.Tensor, batch, explain=None) -> None:
         message = None if explain is None else explain(name, counts[name])
         if message is not None:
             raise ValueError(message)
+        if name == "loss":  # no argument to name: what overflowed, and what bounds it
+            raise ValueError(NONFINITE_LOSS)
         message = _MESSAGES[name].format(vocab=batch.vocab, num_seqs=batch.num_seqs)
         raise ValueError(f"{name}: {counts[name]} {message}")
