@@ -135,7 +135,7 @@ class FusedOPOFunction(torch.autograd.Function):
                         sliced.zero_outside(full)
             rows, s = _forward_batch(batch, plan, params, grad, zero)
             if full is x:
-                mark_written(x)
+                mark_written(x, in_forward=True)
             # the int workspace starts with the check counts (read only when validating)
             loss, floats, errs = s.loss, s.floats, s.ints
             # with a box, the workspace goes there and the caller views the metrics if asked

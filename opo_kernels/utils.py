@@ -42,11 +42,18 @@ def one_pass_mode(logits: torch.Tensor, ref_logprobs, cfg) -> bool:
             and logits.requires_grad and torch.is_grad_enabled())
 
 
-def mark_written(t: torch.Tensor) -> None:
+def mark_written(t: torch.Tensor, *, in_forward: bool = False) -> None:
     """Tells autograd that a kernel wrote t in place (its version counter, as an in-place
     torch op bumps it): a graph node that saved t, such as tanh, which saves its output, then
     refuses its backward ("modified by an inplace operation") instead of reading the gradient
-    as if it were the logits."""
+    as if it were the logits.
+
+    in_forward: the write happened in a forward pass (the on-policy one-pass mode), where t is
+    an input of the autograd.Function being applied. A view's version change makes autograd
+    rebuild the view's grad_fn when next asked, so ``torch.autograd.grad(loss, view)`` would
+    no longer find the view in the graph: a view is left unmarked there."""
+    if in_forward and t._base is not None:
+        return
     torch.autograd.graph.increment_version(t)
 
 

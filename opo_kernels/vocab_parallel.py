@@ -95,7 +95,7 @@ class VocabParallelOPOFunction(torch.autograd.Function):
             lp, stats, ent = _one_pass(logits, grad, batch, cfg, params, mode, counters[0:1],
                                        partials, rows, group, vocab_start)
             if grad is logits:
-                mark_written(logits)
+                mark_written(logits, in_forward=True)
         else:
             forward_rows(logits, rows, params, cfg.with_entropy, partials=partials,
                          vocab_start=vocab_start)

@@ -226,6 +226,7 @@ def test_workspace_pieces_are_aligned_and_disjoint(validate):
     (``at``, units of 4 elements): the pieces they write must not overlap, and every piece
     the launches name is one the layout has (or the stand-in the kernel never touches)."""
     logits, labels, ref, rewards, layout = _padded(B=4, T=5, V=8)
+    logits.requires_grad_()  # on-policy: the one-pass layout (a gradient is wanted)
     for ref_ in (ref, None):
         before = _plans()
         _call(logits, torch.randint(0, 8, (4, 5)), ref_, torch.randn(4), compute_entropy=True,
