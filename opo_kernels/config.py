@@ -257,7 +257,7 @@ _FROM_OPTIONS: Dict[tuple, OPOLossConfig] = {}
 _OPTIONS = frozenset(f.name for f in dataclasses.fields(OPOLossConfig) if f.init)
 
 
-def _build(options: Dict[str, object]) -> OPOLossConfig:
+def make_config(options: Dict[str, object]) -> OPOLossConfig:
     """OPOLossConfig(**options), an unknown option named as such (not as a constructor's)."""
     unknown = options.keys() - _OPTIONS
     if unknown:
@@ -284,18 +284,18 @@ def config_from_options(options: Dict[str, object]) -> OPOLossConfig:
     stored entry would never be found again and would keep the tensor alive) and traced calls
     (torch.compile, whose values may be symbolic) build it afresh."""
     if torch.compiler.is_compiling():
-        return _build(options)
+        return make_config(options)
     values = tuple(options.values())
     if any(isinstance(v, torch.Tensor) for v in values):
-        return _build(options)
+        return make_config(options)
     try:
         # names in the caller's order (another order is another entry), values with their types
         key = (tuple(options), values, tuple(map(_types, values)))
         config = _FROM_OPTIONS.get(key)
     except TypeError:  # an unhashable value
-        return _build(options)
+        return make_config(options)
     if config is None:
-        config = _build(options)
+        config = make_config(options)
         if len(_FROM_OPTIONS) >= 256:  # bounded: options that change every call
             _FROM_OPTIONS.clear()
         _FROM_OPTIONS[key] = config

@@ -377,7 +377,10 @@ def fused_linear_opo_loss_with_config(hidden, weight, labels, ref_logprobs, rewa
     wants_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (hidden, weight, bias))
     # on-policy: one phase, also vocabulary-parallel (see on_policy_chunks)
-    one_phase = rows.batch.ref_logprobs is None and wants_grad and cfg.one_pass_exact
+    # (fp16: the two phases, as opo_loss's one_pass_mode says why: a unit-scale fp16 gradient
+    # loses the small entries a loss scale keeps)
+    one_phase = (rows.batch.ref_logprobs is None and wants_grad and cfg.one_pass_exact
+                 and hidden.dtype != torch.float16)
     plan = plan_chunks(rows.batch.num_rows, vocab, hidden.dtype, chunk_size, logits_budget,
                        one_phase, wants_grad)
     loss, metrics = FusedLinearOPOFunction.apply(hidden, weight, bias, hidden_c, rows, cfg,

@@ -41,7 +41,7 @@ from .compile_ops import (
     forward_impl,
     forward_op,
 )
-from .config import OPOLossConfig, config_from_options
+from .config import OPOLossConfig, config_from_options, make_config
 from .epilogue import EpilogueOut, params_tensor, unpack_metrics
 from .inputs import Batch, prepare
 from .row_launch import Rows
@@ -134,8 +134,6 @@ class FusedOPOFunction(torch.autograd.Function):
                     if not plan.has_rows:  # no rows, no launch
                         sliced.zero_outside(full)
             rows, s = _forward_batch(batch, plan, params, grad, zero)
-            if full is x:
-                mark_written(x, in_forward=True)
             # the int workspace starts with the check counts (read only when validating)
             loss, floats, errs = s.loss, s.floats, s.ints
             # with a box, the workspace goes there and the caller views the metrics if asked
@@ -183,6 +181,8 @@ class FusedOPOFunction(torch.autograd.Function):
             (full,) = ctx.saved_tensors  # (its rows outside a slice: zeros, from forward)
             grad = full if sliced is None else sliced.rows(full)
             plan.scale_launch(grad)(grad, ctx.rows, grad_loss)
+            if inplace:  # written in forward, told to autograd here (see mark_written)
+                mark_written(full)
             return full, None, None, None, None, None
         if plan is not None:  # eager
             (x,), (floats, params) = ctx.saved_tensors, ctx.intermediates
@@ -400,7 +400,7 @@ class OPOLoss(torch.nn.Module):
 
     def __init__(self, **options):
         super().__init__()
-        self.config = OPOLossConfig(**options)
+        self.config = make_config(options)
 
     def forward(self, logits, labels, ref_logprobs, rewards, *, mask=None, seq_ids=None,
                 group_size=None, group_ids=None, process_group=None, vocab_start=None):

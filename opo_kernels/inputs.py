@@ -14,6 +14,7 @@ from typing import Dict, Optional
 import torch
 
 from .config import OPOLossConfig
+from .utils import use_triton
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
@@ -111,6 +112,7 @@ def _shape(t: torch.Tensor) -> str:
 # what a mask may be (the kernels read it as it is): bool, the integer dtypes Triton loads,
 # and the float dtypes of FLOAT_DTYPES
 MASK_DTYPES = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64,
+               *[getattr(torch, f"uint{n}") for n in (16, 32, 64) if hasattr(torch, f"uint{n}")],
                *FLOAT_DTYPES)
 
 
@@ -199,7 +201,9 @@ def prepare(logits, labels, ref_logprobs, rewards, *, mask=None, seq_ids=None,
         )
     if logits.shape[-1] < 1:
         raise ValueError(f"logits has an empty vocabulary dimension: shape {_shape(logits)}")
-    if config.inplace_backward and _may_overlap(logits):
+    # (the torch backend does not write in place: it warns and computes)
+    if config.inplace_backward and use_triton(config.backend, logits.device) \
+            and _may_overlap(logits):
         raise ValueError(
             f"inplace_backward=True writes the gradient over the logits, whose elements share "
             f"memory here (shape {_shape(logits)}, strides {tuple(logits.stride())}, e.g. an "

@@ -20,7 +20,7 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from .config import OPOLossConfig
+from .config import OPOLossConfig, make_config
 from .epilogue.layout import NONFINITE_LOSS
 from .inputs import Batch, check_values, prepare
 
@@ -112,7 +112,10 @@ def _q_logits(cfg: OPOLossConfig, rewards: torch.Tensor, same: torch.Tensor) -> 
         return rewards
     count = same.sum(1)
     mean = (same * rewards[None, :]).sum(1) / count.clamp(min=1)
-    var = (same * (rewards[None, :] - mean[:, None]) ** 2).sum(1) / (count - 1).clamp(min=1)
+    # torch.where, not same * (...): another group's squared deviation may overflow, and
+    # 0 * inf is NaN
+    dev2 = torch.where(same, (rewards[None, :] - mean[:, None]) ** 2, 0.0)
+    var = dev2.sum(1) / (count - 1).clamp(min=1)
     return torch.where(count > 1, (rewards - mean) / (var.sqrt() + 1e-6), 0.0)
 
 
@@ -285,7 +288,7 @@ def opo_loss(logits, labels, ref_logprobs, rewards, *, mask=None, seq_ids=None,
     ``inplace_backward=True`` warns and leaves the logits unchanged, and ``validate="deferred"``
     reads the checks at once, like True. The counted rows of logits are copied (a view too).
     """
-    cfg = OPOLossConfig(**options)
+    cfg = make_config(options)
     batch = prepare(logits, labels, ref_logprobs, rewards, mask=mask, seq_ids=seq_ids,
                     group_size=group_size, group_ids=group_ids, config=cfg)
     return loss_from_batch(batch, cfg)

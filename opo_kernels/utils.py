@@ -42,18 +42,14 @@ def one_pass_mode(logits: torch.Tensor, ref_logprobs, cfg) -> bool:
             and logits.requires_grad and torch.is_grad_enabled())
 
 
-def mark_written(t: torch.Tensor, *, in_forward: bool = False) -> None:
+def mark_written(t: torch.Tensor) -> None:
     """Tells autograd that a kernel wrote t in place (its version counter, as an in-place
     torch op bumps it): a graph node that saved t, such as tanh, which saves its output, then
     refuses its backward ("modified by an inplace operation") instead of reading the gradient
-    as if it were the logits.
-
-    in_forward: the write happened in a forward pass (the on-policy one-pass mode), where t is
-    an input of the autograd.Function being applied. A view's version change makes autograd
-    rebuild the view's grad_fn when next asked, so ``torch.autograd.grad(loss, view)`` would
-    no longer find the view in the graph: a view is left unmarked there."""
-    if in_forward and t._base is not None:
-        return
+    as if it were the logits. Called in backward, also when the write came in forward (the
+    on-policy one-pass mode): a view's version change makes autograd rebuild the view's
+    grad_fn when next asked, and in forward that would hide the view from
+    ``torch.autograd.grad(loss, view)``; in backward the graph's edges are already taken."""
     torch.autograd.graph.increment_version(t)
 
 

@@ -94,8 +94,6 @@ class VocabParallelOPOFunction(torch.autograd.Function):
                                                                    logits.device)
             lp, stats, ent = _one_pass(logits, grad, batch, cfg, params, mode, counters[0:1],
                                        partials, rows, group, vocab_start)
-            if grad is logits:
-                mark_written(logits, in_forward=True)
         else:
             forward_rows(logits, rows, params, cfg.with_entropy, partials=partials,
                          vocab_start=vocab_start)
@@ -129,7 +127,10 @@ class VocabParallelOPOFunction(torch.autograd.Function):
                                    "backward once")
             ctx.backward_done = True
             (grad,) = ctx.saved_tensors
-            return scale_rows_(grad, ctx.rows, grad_loss), None, None, None, None, None
+            grad = scale_rows_(grad, ctx.rows, grad_loss)
+            if ctx.cfg.inplace_backward:  # written in forward, told to autograd here
+                mark_written(grad)
+            return grad, None, None, None, None, None
         logits, lp, stats, ent, coef, scal, params = ctx.saved_tensors
         cfg = ctx.cfg
         grad = backward_rows(logits, ctx.rows, lp, stats, ent, coef, scal, grad_loss, params,

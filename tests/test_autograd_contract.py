@@ -40,6 +40,28 @@ def test_inplace_write_is_seen_by_a_node_that_saved_the_logits(on_policy):
     assert logits._version > version
 
 
+def test_inplace_write_through_a_view_is_seen_and_the_view_keeps_its_gradient():
+    """On-policy, the one-pass mode writes during forward; autograd is told at backward, so a
+    view passed as logits is still found by autograd.grad(loss, view) (telling it in forward
+    would rebuild the view's grad_fn) and a node that saved its base still refuses."""
+    d = _data()
+    raw = d["raw"].clone().requires_grad_()
+    view = torch.tanh(raw)[:, :-1]
+    loss = opo_loss(view, d["labels"][:, :-1], None, d["rewards"], group_size=2,
+                    inplace_backward=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+    x = d["raw"].clone().requires_grad_()
+    view = (x * 1.0)[:, :-1]  # a view of a non-leaf nobody saved
+    loss = opo_loss(view, d["labels"][:, :-1], None, d["rewards"], group_size=2,
+                    inplace_backward=True)
+    (grad,) = torch.autograd.grad(loss, view)
+    y = d["raw"][:, :-1].clone().requires_grad_()
+    (expected,) = torch.autograd.grad(opo_loss(y, d["labels"][:, :-1], None, d["rewards"],
+                                               group_size=2, backend="torch"), y)
+    torch.testing.assert_close(grad, expected, rtol=1e-5, atol=1e-7)
+
+
 def test_inplace_write_into_logits_from_a_matmul_still_gives_the_gradient():
     """The common case (the LM head's output, which no node saved) is unaffected."""
     d = _data()
@@ -118,6 +140,30 @@ def test_fp16_on_policy_keeps_what_a_loss_scale_keeps():
     torch.testing.assert_close(grads["on_policy"], grads["general"], rtol=2e-3, atol=1e-4)
 
 
+def test_fp16_fused_linear_on_policy_keeps_what_a_loss_scale_keeps():
+    """The same for fused_linear_opo_loss: a token of probability ~2e-9 on every row gives
+    weight.grad a row of ~1e-6 under a 2^12 loss scale, which a unit-scale fp16 gradient
+    rounds to 0."""
+    g = torch.Generator().manual_seed(3)
+    hidden = (1 + 0.1 * torch.randn(B, T, H, generator=g)).half()
+    weight = 0.3 * torch.randn(V, H, generator=g)
+    weight[0] = -2.5  # logit ~ -15 everywhere: p ~ 1e-7 .. 1e-9
+    weight = weight.half()
+    labels = torch.randint(1, V, (B, T), generator=g)
+    d = on_device({"h": hidden, "w": weight, "labels": labels, "rewards": torch.rand(B)})
+    ref = (d["h"].float() @ d["w"].float().T).log_softmax(-1)
+    ref = ref.gather(-1, d["labels"][..., None])[..., 0]
+    rows = {}
+    for name, ref_logprobs in (("on_policy", None), ("general", ref)):
+        w = d["w"].clone().requires_grad_()
+        loss = fused_linear_opo_loss(d["h"], w, d["labels"], ref_logprobs, d["rewards"],
+                                     group_size=2)
+        (gw,) = torch.autograd.grad(loss * 4096.0, w)
+        rows[name] = gw[0].float()
+    assert (rows["general"].abs() > 1e-7).all()  # the case under test is present
+    torch.testing.assert_close(rows["on_policy"], rows["general"], rtol=2e-3, atol=1e-9)
+
+
 def test_inplace_refuses_logits_whose_elements_share_memory():
     d = _data()
     row = d["raw"][0, 0].clone().requires_grad_()
@@ -129,3 +175,7 @@ def test_inplace_refuses_logits_whose_elements_share_memory():
     opo_loss(row.expand(B, T, V), d["labels"], d["ref"], d["rewards"],
              group_size=2).backward()
     assert torch.isfinite(row.grad).all()
+    # the torch backend never writes in place: it warns and computes
+    with pytest.warns(UserWarning, match="inplace_backward=True has no effect"):
+        opo_loss(row.expand(B, T, V), d["labels"], d["ref"], d["rewards"], group_size=2,
+                 inplace_backward=True, backend="torch")

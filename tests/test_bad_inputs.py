@@ -176,7 +176,7 @@ def test_validate_false_skips_value_checks():
 def test_module_validates_at_construction():
     with pytest.raises(ValueError, match="alpha"):
         opo_kernels.OPOLoss(alpha=2.0)
-    with pytest.raises(TypeError, match="unexpected keyword"):
+    with pytest.raises(TypeError, match="unknown option.*'alhpa'"):
         opo_kernels.OPOLoss(alhpa=0.5)
 
 
@@ -204,3 +204,28 @@ def test_from_logprobs_compute_entropy_needs_the_entropy():
     with pytest.raises(ValueError, match="compute_entropy=True reports the mean of the entropy"):
         opo_kernels.opo_loss_from_logprobs(lp, d["ref_logprobs"], d["rewards"], mask=d["mask"],
                                            group_size=2, vocab_size=V, compute_entropy=True)
+
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_every_integer_mask_dtype_is_a_mask(backend):
+    d = _inputs()
+    args = [d.pop(k) for k in ("logits", "labels", "ref_logprobs", "rewards")]
+    mask = d.pop("mask")
+    expected = opo_kernels.opo_loss(*args, mask=mask, backend=backend, **d)
+    for dtype in (torch.uint8, torch.int32, torch.uint16, torch.uint32, torch.uint64,
+                  torch.bfloat16):
+        loss = opo_kernels.opo_loss(*args, mask=mask.to(dtype), backend=backend, **d)
+        assert torch.equal(loss, expected), dtype
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_group_scaled_rewards_of_any_finite_size(backend):
+    """scale_rewards="group": one group's rewards of 1e20 must not reach another group's
+    variance (the reference multiplied its overflowing squared deviation by 0: NaN, reported
+    as a non-finite loss)."""
+    d = _inputs()
+    d["rewards"] = torch.tensor([1e20, 0.0, 0.0, 1.0], device=d["rewards"].device)
+    args = [d.pop(k) for k in ("logits", "labels", "ref_logprobs", "rewards")]
+    loss = opo_kernels.opo_loss(*args, scale_rewards="group", backend=backend, **d)
+    assert torch.isfinite(loss)

@@ -31,10 +31,10 @@ ERRORS = ("labels", "seq_ids", "rewards", "ref_logprobs", "logits", "weights", "
           "logprobs", "entropy", "loss")  # loss: finite inputs, non-finite loss or coefficients
 # the message of the last one, shared by both backends
 NONFINITE_LOSS = (
-    "the loss or its gradient is not finite although the inputs are: the log-ratios overflow "
-    "the weights or the ratio coordinates in force (docs/spec.md, \"Large log-ratios: "
-    "overflow\": bound them with delta_clip / score_clip, coordinates='log' or "
-    "level='sequence_mean')")
+    "the loss or its gradient is not finite although the inputs are: most often large "
+    "log-ratios overflow the weights or the ratio coordinates (docs/spec.md, \"Large "
+    "log-ratios: overflow\": bound them with delta_clip / score_clip, coordinates='log' or "
+    "level='sequence_mean'); else rewards / reward_temperature or 1 / tau beyond float range")
 NUM_ERR = 16  # padded to a power of two
 # params: the float hyperparameters, read from a device tensor (no recompile when they change),
 # followed by 1/temperature at index 11
