@@ -254,15 +254,16 @@ class OPOLossConfig:
 _FROM_OPTIONS: Dict[tuple, OPOLossConfig] = {}
 
 
-_OPTIONS = frozenset(f.name for f in dataclasses.fields(OPOLossConfig) if f.init)
+# the option names a caller may pass (every field of OPOLossConfig but the internal ones)
+OPTIONS = frozenset(f.name for f in dataclasses.fields(OPOLossConfig) if f.init)
 
 
 def make_config(options: Dict[str, object]) -> OPOLossConfig:
     """OPOLossConfig(**options), an unknown option named as such (not as a constructor's)."""
-    unknown = options.keys() - _OPTIONS
+    unknown = options.keys() - OPTIONS
     if unknown:
         raise TypeError(f"unknown option(s) {', '.join(map(repr, sorted(unknown)))}: the "
-                        f"options are {', '.join(sorted(_OPTIONS))} (docs/spec.md)")
+                        f"options are {', '.join(sorted(OPTIONS))} (docs/spec.md)")
     return OPOLossConfig(**options)
 
 

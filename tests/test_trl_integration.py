@@ -343,6 +343,9 @@ def test_unscorable_completions_and_eval(tmp_path):
 @pytest.mark.parametrize("options, match", [
     ({"per_device_train_batch_size": 3, "num_generations": 2, "gradient_accumulation_steps": 2},
      "multiple of num_generations"),
+    # TRL's own check (generation_batch_size 8 not divisible by 6) would speak first
+    ({"per_device_train_batch_size": 8, "num_generations": 6},
+     "must be a multiple of num_generations"),
     ({"beta": 0.04}, "beta"),
     ({"entropy_coef": 0.01}, "opo_entropy_coef"),
     ({"top_entropy_quantile": 0.2}, "top_entropy_quantile"),
@@ -352,7 +355,7 @@ def test_unscorable_completions_and_eval(tmp_path):
     ({"opo_preset": "verl"}, "preset"),
     ({"opo_delta_clip": -1.0}, "delta_clip"),
     ({"opo_scale_rewards": "batch"}, "scale_rewards"),
-], ids=["partial-groups", "beta", "entropy_coef", "top-entropy", "alpha", "weights", "tau_range",
+], ids=["partial-groups", "partial-groups-before-trl", "beta", "entropy_coef", "top-entropy", "alpha", "weights", "tau_range",
         "preset", "delta_clip", "scale_rewards"])
 def test_config_refuses(tmp_path, options, match):
     missing = set(options) - set(OPOConfig.__dataclass_fields__)

@@ -249,6 +249,28 @@ def test_trainer_refuses_before_dispatch(verl_config, paths, match):
                                      metrics={})
 
 
+def test_v1_balance_batch_refuses_a_partial_mini_batch(verl_config):
+    """verl's v1 trainer would pad a batch that is not a whole number of mini-batches; the
+    padding rows would count in the loss's scale (the last mini-batch's step then depends on
+    the micro-batch size): refused before the padding, naming the key."""
+    pytest.importorskip("transfer_queue", reason="verl's v1 trainer needs transfer_queue")
+    from transfer_queue.metadata import KVBatchMeta
+    from verl.trainer.ppo.v1.trainer_base import PPOTrainer
+
+    uids, lengths = interleaved(7, seed=5)  # 7 groups: not a whole number of 4-group batches
+    keys = [f"{u}_{i}_0" for i, u in enumerate(uids)]
+    batch = KVBatchMeta(keys=keys, tags=[{"seq_len": n} for n in lengths], partition_id="train")
+    trainer = types.SimpleNamespace(config=verl_config, use_critic=False, global_steps=1,
+                                    tokenizer=types.SimpleNamespace(eos_token_id=1),
+                                    actor_rollout_wg=types.SimpleNamespace(
+                                        _dispatch_info={"actor": [0, 1]}))
+    trainer._get_required_batch_multiple = types.MethodType(
+        PPOTrainer._get_required_batch_multiple, trainer)
+    with pytest.raises(ValueError, match=r"not a whole number of mini-batches.*"
+                                         r"data.train_batch_size"):
+        PPOTrainer._balance_batch(trainer, batch, metrics={})
+
+
 def test_v1_balance_batch_keeps_groups_whole(verl_config):
     """verl's default trainer: its batch is a KVBatchMeta of keys {uid}_{session}_{index} in
     completion order; the patched method gives every rank whole groups, the plan's layout."""

@@ -102,6 +102,9 @@ class OPOConfig(GRPOConfig):
     )
 
     def __post_init__(self):
+        # first: TRL's own check of the generation batch would otherwise answer a batch that
+        # splits groups with a message about generation_batch_size, not about the group
+        self._check_group_batch()
         super().__post_init__()
         if self.opo_weights is not None and self.opo_weights not in OPO_WEIGHTS:
             raise ValueError(f"opo_weights must be one of {OPO_WEIGHTS}, got {self.opo_weights!r}")
@@ -165,9 +168,9 @@ class OPOConfig(GRPOConfig):
         """The validated loss options (``opo_loss_options``) as one config."""
         return OPOLossConfig(**self.opo_loss_options())
 
-    def _check_supported(self) -> None:
+    def _check_group_batch(self) -> None:
         k = self.num_generations
-        if self.per_device_train_batch_size % k:
+        if isinstance(k, int) and k > 0 and self.per_device_train_batch_size % k:
             raise ValueError(
                 "OPOConfig: OPO computes its group statistics (Q, p̃, τ) over whole prompt "
                 "groups, so every micro-batch must hold whole groups: "
@@ -176,6 +179,9 @@ class OPOConfig(GRPOConfig):
                 f"Set per_device_train_batch_size={k}·n and grow the batch with "
                 "gradient_accumulation_steps or steps_per_generation instead."
             )
+
+    def _check_supported(self) -> None:
+        k = self.num_generations
         k_eval = self.num_generations_eval or k
         if self.do_eval and self.eval_strategy != "no" and self.per_device_eval_batch_size % k_eval:
             raise ValueError(

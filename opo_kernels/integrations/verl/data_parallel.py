@@ -98,6 +98,15 @@ def _balanced_groups(workloads: Sequence[int], dp_size: int, capacity: int) -> l
     return [sorted(p) for p in parts]
 
 
+def check_whole_mini_batches(num: int, mini_batch_rows: int) -> None:
+    """A batch of num responses must be a whole number of mini-batches."""
+    if num % mini_batch_rows:
+        raise ValueError(
+            f"opo_kernels: a batch of {num} responses is not a whole number of mini-batches of "
+            f"{mini_batch_rows} (actor.ppo_mini_batch_size x rollout.n): make "
+            f"data.train_batch_size a multiple of actor.ppo_mini_batch_size")
+
+
 def plan_rank_layout(uids: Sequence, workloads: Sequence[int], *, dp_size: int,
                      mini_batch_rows: int, micro_batch_rows: Optional[int] = None,
                      padding: Optional[Sequence[bool]] = None) -> list:
@@ -137,11 +146,7 @@ def plan_rank_layout(uids: Sequence, workloads: Sequence[int], *, dp_size: int,
             f"verl's micro-batches have a fixed number of rows, so only equal groups can be kept "
             f"whole in every micro-batch: give every prompt the same rollout.n")
     size = sizes[0] if sizes else 1
-    if num % mini_batch_rows:
-        raise ValueError(
-            f"opo_kernels: a batch of {num} responses is not a whole number of mini-batches of "
-            f"{mini_batch_rows} (actor.ppo_mini_batch_size x rollout.n): make "
-            f"data.train_batch_size a multiple of actor.ppo_mini_batch_size")
+    check_whole_mini_batches(num, mini_batch_rows)
     check_rank_share(mini_batch_rows, dp_size, size)
     if micro_batch_rows is not None and micro_batch_rows % size:
         raise ValueError(
@@ -250,6 +255,11 @@ def _balance_v1(original):
             worker_group._dispatch_info["actor"] = worker_group._query_dispatch_info("actor")
         dp_size = max(worker_group._dispatch_info["actor"]) + 1
         mini_rows, micro_rows = _actor_sizes(self, dp_size)
+        # before verl pads it: its padding rows would fill the last mini-batch with rows the
+        # loss's rows·dp/global_batch_size scale counts, so that mini-batch's step would depend
+        # on how its rows fall into micro-batches. (Then verl pads only for a dp that does not
+        # divide the batch, which check_rank_share refuses in the layout below.)
+        check_whole_mini_batches(len(batch.keys), mini_rows)
         batch = upsample_batch_to_divisible_size(batch, self._get_required_batch_multiple(dp_size),
                                                  self.tokenizer.eos_token_id)
         seqlen = torch.tensor([tag["seq_len"] for tag in batch.tags], dtype=torch.int64)

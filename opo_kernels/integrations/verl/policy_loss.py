@@ -18,7 +18,7 @@ import torch
 from verl.trainer.ppo import core_algos
 from verl.workers.config import PolicyLossConfig
 
-from ...config import OPOLossConfig
+from ...config import OPTIONS, OPOLossConfig
 from ...from_logprobs import opo_loss_from_logprobs
 from ...validation import check_deferred
 from ..agree import distributed, raise_together
@@ -59,14 +59,12 @@ def _opo_options(opo: Any) -> tuple[dict, Optional[int]]:
     for key, why in _REFUSED_OPTIONS.items():
         if key in options:
             raise ValueError(f"actor.policy_loss.opo.{key} is not supported with verl: {why}")
-    try:
-        OPOLossConfig(**options)  # the same checks as opo_loss, at config time
-    except TypeError as err:
-        if "unexpected keyword" not in str(err):
-            raise
-        known = sorted(OPOLossConfig.__dataclass_fields__)
-        raise ValueError(f"actor.policy_loss.opo has an unknown option ({err}); known: "
-                         f"{known} and vocab_size") from None
+    unknown = options.keys() - OPTIONS
+    if unknown:
+        known = sorted(OPTIONS - _REFUSED_OPTIONS.keys())
+        raise ValueError(f"actor.policy_loss.opo has unknown option(s) {sorted(unknown)}; "
+                         f"known: {known} and vocab_size")
+    OPOLossConfig(**options)  # the same checks as opo_loss, at config time
     return options, vocab_size
 
 
