@@ -339,8 +339,10 @@ def _finish(
                 dv = tl.full([BLOCK], 1.0, ACC)
                 v_hat = delta_hat
                 dv_hat = tl.full([BLOCK], 1.0, ACC)
-            a = -direction * omega * dv / n_groups_safe \
-                + tl.where(delta_in, mu * v_hat * dv_hat / n_valid_safe, 0.0) + dz
+            # the counts divide first, as autograd's chain does on the torch backend: the
+            # products of two exponentials may overflow before the division otherwise
+            a = -direction / n_groups_safe * omega * dv \
+                + tl.where(delta_in, mu / n_valid_safe * v_hat * dv_hat, 0.0) + dz
             if sequence_mean:
                 a = a / n_safe
             z = tl.zeros([BLOCK], ACC)
