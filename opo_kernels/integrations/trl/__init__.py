@@ -15,10 +15,11 @@ What reaches the loss (docs/spec.md "Inputs"), per micro-batch of B completions:
   packs each group into one row of the generation batch, so TRL's shuffle and its split into
   micro-batches move whole groups: Q, p̃ and τ are always computed over complete groups. This
   needs ``per_device_train_batch_size % num_generations == 0`` (checked by OPOConfig).
-- π_ref: TRL's ``old_per_token_logps`` when it computes them (when a generation batch outlives
-  one optimizer step: num_iterations > 1 or steps_per_generation > gradient_accumulation_steps;
-  and with vLLM), else the detached current policy (``ref_logprobs=None``: on-policy, the
-  paper's setting; the loss value is then 0, its gradient is not).
+- π_ref: TRL's ``old_per_token_logps`` when it computes them (TRL 1.16's rule, copied in
+  ``paths.off_policy_schedule``: gradient_accumulation_steps % (steps_per_generation ·
+  num_iterations) != 0, or vLLM with its importance-sampling correction, on by default), else
+  the detached current policy (``ref_logprobs=None``: on-policy, the paper's setting; with the
+  default options the loss value is then 0, its gradient is not).
 - mask: TRL's completion mask (times its tool mask in multi-turn runs).
 
 Each micro-batch is one ``opo_loss`` call (its own τ), divided by the gradient-accumulation

@@ -41,9 +41,10 @@ imports them: ``PPOTrainer`` of the v1 trainer (verl's default, ``trainer.use_v1
 balances every batch) and the legacy ``RayPPOTrainer`` (``trainer.use_v1=False``; it balances
 when ``trainer.balance_batch=True``, its default). The replacement acts only when
 ``algorithm.adv_estimator=opo_kernels``; for any other estimator verl's own method runs. It
-checks the actor config (``check_actor_config``) and the layout in the trainer's process,
-before anything is sent to the workers, so a configuration that cannot work stops the run
-there with one error instead of on one rank while the others wait in a collective.
+checks the actor config (``check_actor_config``) and the layout in the trainer's process when
+it balances the first batch (after the first rollout, before any update), so a configuration
+that cannot work stops the run there with one error instead of on one rank while the others
+wait in a collective.
 
 The layout (``plan_rank_layout``): groups in the order they first appear fill the mini-batches
 (``actor.ppo_mini_batch_size`` prompts each); inside each mini-batch, verl's Karmarkar-Karp
