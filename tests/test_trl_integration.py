@@ -355,8 +355,8 @@ def test_unscorable_completions_and_eval(tmp_path):
     ({"opo_preset": "verl"}, "preset"),
     ({"opo_delta_clip": -1.0}, "delta_clip"),
     ({"opo_scale_rewards": "batch"}, "scale_rewards"),
-], ids=["partial-groups", "partial-groups-before-trl", "beta", "entropy_coef", "top-entropy", "alpha", "weights", "tau_range",
-        "preset", "delta_clip", "scale_rewards"])
+], ids=["partial-groups", "partial-groups-before-trl", "beta", "entropy_coef", "top-entropy",
+        "alpha", "weights", "tau_range", "preset", "delta_clip", "scale_rewards"])
 def test_config_refuses(tmp_path, options, match):
     missing = set(options) - set(OPOConfig.__dataclass_fields__)
     if missing:
