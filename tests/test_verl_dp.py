@@ -249,6 +249,18 @@ def test_trainer_refuses_before_dispatch(verl_config, paths, match):
                                      metrics={})
 
 
+def _v1_trainer(verl_config, trainer_class):
+    """A stand-in for verl's v1 PPOTrainer at 2 data-parallel ranks: what its _balance_batch
+    reads, and verl's own _get_required_batch_multiple."""
+    trainer = types.SimpleNamespace(config=verl_config, use_critic=False, global_steps=1,
+                                    tokenizer=types.SimpleNamespace(eos_token_id=1),
+                                    actor_rollout_wg=types.SimpleNamespace(
+                                        _dispatch_info={"actor": [0, 1]}))
+    trainer._get_required_batch_multiple = types.MethodType(
+        trainer_class._get_required_batch_multiple, trainer)
+    return trainer
+
+
 def test_v1_balance_batch_refuses_a_partial_mini_batch(verl_config):
     """verl's v1 trainer would pad a batch that is not a whole number of mini-batches; the
     padding rows would count in the loss's scale (the last mini-batch's step then depends on
@@ -260,12 +272,7 @@ def test_v1_balance_batch_refuses_a_partial_mini_batch(verl_config):
     uids, lengths = interleaved(7, seed=5)  # 7 groups: not a whole number of 4-group batches
     keys = [f"{u}_{i}_0" for i, u in enumerate(uids)]
     batch = KVBatchMeta(keys=keys, tags=[{"seq_len": n} for n in lengths], partition_id="train")
-    trainer = types.SimpleNamespace(config=verl_config, use_critic=False, global_steps=1,
-                                    tokenizer=types.SimpleNamespace(eos_token_id=1),
-                                    actor_rollout_wg=types.SimpleNamespace(
-                                        _dispatch_info={"actor": [0, 1]}))
-    trainer._get_required_batch_multiple = types.MethodType(
-        PPOTrainer._get_required_batch_multiple, trainer)
+    trainer = _v1_trainer(verl_config, PPOTrainer)
     with pytest.raises(ValueError, match=r"not a whole number of mini-batches.*"
                                          r"data.train_batch_size"):
         PPOTrainer._balance_batch(trainer, batch, metrics={})
@@ -282,12 +289,7 @@ def test_v1_balance_batch_keeps_groups_whole(verl_config):
     uids, lengths = interleaved(8, seed=5)
     keys = [f"{u}_{i}_0" for i, u in enumerate(uids)]
     batch = KVBatchMeta(keys=keys, tags=[{"seq_len": n} for n in lengths], partition_id="train")
-    trainer = types.SimpleNamespace(config=verl_config, use_critic=False, global_steps=1,
-                                    tokenizer=types.SimpleNamespace(eos_token_id=1),
-                                    actor_rollout_wg=types.SimpleNamespace(
-                                        _dispatch_info={"actor": [0, 1]}))
-    trainer._get_required_batch_multiple = types.MethodType(
-        PPOTrainer._get_required_batch_multiple, trainer)
+    trainer = _v1_trainer(verl_config, PPOTrainer)
     metrics = {}
     out = PPOTrainer._balance_batch(trainer, batch, metrics=metrics)
     got = [key.rsplit("_", 2)[0] for key in out.keys]
