@@ -30,7 +30,7 @@ from .row_launch import (
     _logits_geometry,
     small_geometry,
 )
-from .utils import new_output, one_pass_mode
+from .utils import new_output, one_pass_mode, wants_grad
 
 _ALIGN = 4  # workspace pieces start at multiples of 4 elements (16 bytes or more)
 _MAX_PLANS = 64  # signatures remembered (a loop has a few; a bound keeps memory flat)
@@ -114,8 +114,7 @@ def call_key(logits, labels, ref, rewards, mask, seq_ids, group_size, group_ids,
         return None
     weights = cfg.weights if type(cfg.weights) is not str else None
     # on-policy, whether a gradient is wanted decides the mode (``one_pass_mode``)
-    wants_grad = ref is None and logits.requires_grad and torch.is_grad_enabled()
-    return (config_id(cfg), group_size, wants_grad,
+    return (config_id(cfg), group_size, ref is None and wants_grad(logits),
             logits.shape, logits.stride(), logits.dtype, logits.device,
             labels.shape, labels.stride(), labels.dtype, labels.device,
             rewards.shape, rewards.stride(), rewards.dtype, rewards.device,
@@ -168,7 +167,8 @@ class CallPlan:
     def __init__(self, batch: Batch, cfg: OPOLossConfig):
         self.flags = Flags.of(cfg, batch)  # (the config itself is not kept: it may hold a tensor)
         self.params = params_tensor(cfg, batch.logits.device, batch.compute_dtype)
-        self.one_pass = one_pass = one_pass_mode(batch.logits, batch.ref_logprobs, cfg)
+        self.one_pass = one_pass = one_pass_mode(batch.ref_logprobs, cfg, batch.logits.dtype,
+                                                 wants_grad(batch.logits))
         f = Flags(*self.flags)
         self.mode, self.with_entropy, self.validate = f.mode, bool(f.with_entropy), bool(
             f.validate)

@@ -56,7 +56,7 @@ from .linear_plan import LinearPlan, check_logits_budget, plan_chunks
 from .linear_rows import CountedRows, counted_rows, explain_nonfinite
 from .row_launch import Rows
 from .tensor_parallel import config_or_fail_together, prepare_together
-from .utils import cdiv, first_order_only, use_triton
+from .utils import cdiv, first_order_only, one_pass_mode, use_triton, wants_grad
 from .vocab_parallel import require_fused_kernels
 
 # --------------------------------------------------------------------------------------------
@@ -374,15 +374,11 @@ def fused_linear_opo_loss_with_config(hidden, weight, labels, ref_logprobs, rewa
             return _torch_reference(hidden, weight, bias, rows, cfg)
         hidden_c = rows.gather(hidden.detach())
         vocab = weight.shape[0]
-    wants_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (hidden, weight, bias))
+    grad_wanted = wants_grad(hidden, weight, bias)
     # on-policy: one phase, also vocabulary-parallel (see on_policy_chunks)
-    # (fp16: the two phases, as opo_loss's one_pass_mode says why: a unit-scale fp16 gradient
-    # loses the small entries a loss scale keeps)
-    one_phase = (rows.batch.ref_logprobs is None and wants_grad and cfg.one_pass_exact
-                 and hidden.dtype != torch.float16)
+    one_phase = one_pass_mode(rows.batch.ref_logprobs, cfg, hidden.dtype, grad_wanted)
     plan = plan_chunks(rows.batch.num_rows, vocab, hidden.dtype, chunk_size, logits_budget,
-                       one_phase, wants_grad)
+                       one_phase, grad_wanted)
     loss, metrics = FusedLinearOPOFunction.apply(hidden, weight, bias, hidden_c, rows, cfg,
                                                  plan, tp)
     if not cfg.return_metrics:

@@ -28,18 +28,25 @@ def new_output_like(t: torch.Tensor) -> torch.Tensor:
     return new_output(t.shape, t.dtype, t.device)
 
 
-def one_pass_mode(logits: torch.Tensor, ref_logprobs, cfg) -> bool:
-    """Whether an on-policy call writes its gradient during its forward pass (the one-pass
-    mode; docs/kernels.md), else the general passes. It needs ref_logprobs=None and the
-    coefficients known before the pass (``cfg.one_pass_exact``), and:
-    - a gradient to write: under ``torch.no_grad()`` or for logits that do not require grad the
-      call computes the loss only, and with ``inplace_backward`` leaves the logits as they are;
-    - logits that are not fp16: the gradient is stored before the upstream gradient is known,
-      so at unit scale, and fp16's range would lose the small entries that a loss scale
+def wants_grad(*tensors) -> bool:
+    """Whether autograd will ask for a gradient of any of tensors (None: skipped)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def one_pass_mode(ref_logprobs, cfg, dtype: torch.dtype, grad_wanted: bool) -> bool:
+    """Whether an on-policy call forms its gradient during its forward pass (the one-pass
+    modes of opo_loss, vocabulary-parallel logits and fused_linear_opo_loss; docs/kernels.md),
+    else the general passes. It needs ref_logprobs=None and the coefficients known before the
+    pass (``cfg.one_pass_exact``), and:
+    - a gradient to form (grad_wanted, ``wants_grad``): under ``torch.no_grad()`` or for inputs
+      that do not require grad the call computes the loss only, and with ``inplace_backward``
+      leaves the logits as they are;
+    - inputs (dtype) that are not fp16: the gradient is stored before the upstream gradient is
+      known, so at unit scale, and fp16's range would lose the small entries that a loss scale
       (GradScaler's 2^16) keeps in the general mode, which applies it before rounding. bf16
       and fp32 have fp32's exponent range."""
-    return (ref_logprobs is None and cfg.one_pass_exact and logits.dtype != torch.float16
-            and logits.requires_grad and torch.is_grad_enabled())
+    return (ref_logprobs is None and cfg.one_pass_exact and dtype != torch.float16
+            and grad_wanted)
 
 
 def mark_written(t: torch.Tensor) -> None:

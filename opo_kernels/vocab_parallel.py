@@ -37,7 +37,14 @@ from .inputs import Batch, prepare
 from .row_launch import Rows, backward_rows, forward_rows, row_outputs, scale_rows_
 from .tensor_parallel import prepare_together
 from .tp_combine import combine_partials, one_pass_chunk
-from .utils import first_order_only, mark_written, new_output, one_pass_mode, use_triton
+from .utils import (
+    first_order_only,
+    mark_written,
+    new_output,
+    one_pass_mode,
+    use_triton,
+    wants_grad,
+)
 
 # Bytes of one rank's logits per chunk of the one-pass mode: the chunk is read, then re-read
 # while its gradient (as many bytes) is written through L2, so two chunks must fit in the L2
@@ -177,7 +184,7 @@ def vocab_parallel_loss(logits, labels, ref_logprobs, rewards, cfg: OPOLossConfi
     is_tensor = isinstance(logits, torch.Tensor)
     vocab_local = logits.shape[-1] if is_tensor and logits.dim() else 0
     one_pass = (cfg.vocab_parallel_one_pass and is_tensor
-                and one_pass_mode(logits, ref_logprobs, cfg)
+                and one_pass_mode(ref_logprobs, cfg, logits.dtype, wants_grad(logits))
                 and not torch.compiler.is_compiling())
     # agreed by every rank: the partials' dtype follows the logits', and the one-pass mode runs
     # a collective per chunk where the general mode runs one per call
