@@ -249,6 +249,89 @@ def test_trainer_refuses_before_dispatch(verl_config, paths, match):
                                      metrics={})
 
 
+START_REFUSALS = [
+    ({"actor_rollout_ref__actor__ppo_mini_batch_size": 3, "data__train_batch_size": 6},
+     r"ppo_mini_batch_size to a multiple of 2 \(the data-parallel size\)"),
+    ({"actor_rollout_ref__actor__shuffle": True}, "actor.shuffle=False"),
+    ({"actor_rollout_ref__actor__ppo_micro_batch_size_per_gpu": 4}, "not a multiple of rollout.n"),
+    ({"data__train_batch_size": 6}, r"not a whole number of mini-batches.*data.train_batch_size"),
+    ({"algorithm__use_kl_in_reward": True}, "algorithm.use_kl_in_reward=false"),
+]
+START_IDS = ["mini-batch", "shuffle", "micro-batch", "partial-mini-batch", "kl-in-reward"]
+
+
+def _legacy_start(trainer):
+    """The legacy trainer's patched init_workers around a start-up that does nothing (verl's
+    own starts Ray worker groups)."""
+    start = data_parallel._checked_at_start(data_parallel._legacy_dp_size,
+                                            data_parallel._legacy_prompts)(lambda self: "up")
+    return start(trainer)
+
+
+def test_start_up_methods_are_patched():
+    method = RayPPOTrainer.init_workers
+    assert method.__opo_kernels_original__ is not None and "opo_kernels" in method.__doc__
+
+
+@pytest.mark.parametrize("paths, match", START_REFUSALS, ids=START_IDS)
+def test_legacy_trainer_refuses_at_start(verl_config, paths, match):
+    """A configuration that cannot keep groups whole stops as soon as the workers are up (the
+    data-parallel size known), before the first rollout: the error the first balanced batch
+    would raise, naming the key."""
+    with pytest.raises(ValueError, match=match):
+        _legacy_start(legacy_trainer(with_overrides(verl_config, **paths)))
+
+
+def test_start_accepts_what_the_balance_accepts(verl_config):
+    assert _legacy_start(legacy_trainer(verl_config)) == "up"
+    # another estimator: nothing is checked (verl's own trainer, unchanged)
+    assert _legacy_start(legacy_trainer(with_overrides(
+        verl_config, algorithm__adv_estimator="grpo", actor_rollout_ref__actor__shuffle=True))) \
+        == "up"
+    # legacy trainer without balancing: only what the loss itself refuses (a partial last
+    # mini-batch is verl's, as before), the rest still at start
+    unbalanced = with_overrides(verl_config, trainer__balance_batch=False)
+    assert _legacy_start(legacy_trainer(with_overrides(unbalanced, data__train_batch_size=6))) \
+        == "up"
+    with pytest.raises(ValueError, match="actor.shuffle=False"):
+        _legacy_start(legacy_trainer(with_overrides(unbalanced,
+                                                    actor_rollout_ref__actor__shuffle=True)))
+
+
+@pytest.mark.parametrize("paths, match", START_REFUSALS, ids=START_IDS)
+def test_v1_trainer_refuses_at_start(verl_config, paths, match):
+    """verl's default trainer: its own init (set-up, then on_init_end) as patched, on a
+    stand-in whose set-up starts nothing."""
+    pytest.importorskip("transfer_queue", reason="verl's v1 trainer needs transfer_queue")
+    from verl.trainer.ppo.v1.trainer_base import PPOTrainer
+
+    assert PPOTrainer.init.__opo_kernels_original__ is not None
+    steps = []
+    trainer = _v1_trainer(with_overrides(verl_config, **paths), PPOTrainer)
+    trainer._setup = lambda: steps.append("setup")
+    trainer.on_init_end = lambda: steps.append("init_end")
+    with pytest.raises(ValueError, match=match):
+        PPOTrainer.init(trainer)
+    assert steps == ["setup", "init_end"]  # verl's own start-up ran first
+    trainer.config = verl_config
+    PPOTrainer.init(trainer)
+
+
+def test_v1_start_plans_each_sample_of_a_step(verl_config):
+    """With parameter_sync_step > 1 the v1 trainer balances train_batch_size /
+    parameter_sync_step prompts at a time: the start check plans a batch of that size."""
+    pytest.importorskip("transfer_queue", reason="verl's v1 trainer needs transfer_queue")
+    from verl.trainer.ppo.v1.trainer_base import PPOTrainer
+
+    trainer = _v1_trainer(with_overrides(verl_config, data__train_batch_size=16), PPOTrainer)
+    trainer._setup = trainer.on_init_end = lambda: None
+    trainer.parameter_sync_step = 4  # 4 prompts per sample: one mini-batch of 4
+    PPOTrainer.init(trainer)
+    trainer.parameter_sync_step = 8  # 2 prompts per sample: half a mini-batch
+    with pytest.raises(ValueError, match="not a whole number of mini-batches"):
+        PPOTrainer.init(trainer)
+
+
 def _v1_trainer(verl_config, trainer_class):
     """A stand-in for verl's v1 PPOTrainer at 2 data-parallel ranks: what its _balance_batch
     reads, and verl's own _get_required_batch_multiple."""

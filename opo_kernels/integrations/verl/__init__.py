@@ -45,7 +45,7 @@ this and not an exchange of statistics, and how); with ``actor.use_dynamic_bsz=T
 update also tells verl to cut micro-batches by token count between whole groups only
 (``force_group_size``). It needs ``actor.ppo_mini_batch_size`` (in
 prompts) to be a multiple of the data-parallel size; the trainer checks that, and the settings
-below, before it sends the workers anything.
+below, as soon as its workers are up, before the first rollout.
 
 What cannot keep groups whole (refused, naming the key to change)
 -----------------------------------------------------------------

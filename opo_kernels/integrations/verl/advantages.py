@@ -26,6 +26,14 @@ def config_get(config, key, default=None):
     return getter(key, default) if getter is not None else getattr(config, key, default)
 
 
+def check_algorithm_config(config) -> None:
+    """Refuse the ``algorithm`` settings that change what the estimator reads as rewards."""
+    if config_get(config, "use_kl_in_reward", False):
+        raise ValueError("algorithm.use_kl_in_reward=true subtracts a KL penalty from the "
+                         "token-level rewards, which OPO would then read as part of r_s: set "
+                         "algorithm.use_kl_in_reward=false (OPO's trust region is mu)")
+
+
 @core_algos.register_adv_est(ESTIMATOR)
 def compute_opo_kernels_advantage(token_level_rewards: torch.Tensor, response_mask: torch.Tensor,
                                   index=None, config=None, **kwargs):
@@ -40,10 +48,7 @@ def compute_opo_kernels_advantage(token_level_rewards: torch.Tensor, response_ma
     if index is None:
         raise ValueError("the opo_kernels advantage estimator needs the prompt index (verl "
                          "passes data.non_tensor_batch['uid'] as index=)")
-    if config_get(config, "use_kl_in_reward", False):
-        raise ValueError("algorithm.use_kl_in_reward=true subtracts a KL penalty from the "
-                         "token-level rewards, which OPO would then read as part of r_s: set "
-                         "algorithm.use_kl_in_reward=false (OPO's trust region is mu)")
+    check_algorithm_config(config)
     num_seqs = token_level_rewards.shape[0]
     if len(index) != num_seqs:
         raise ValueError(f"index has {len(index)} entries for {num_seqs} responses")

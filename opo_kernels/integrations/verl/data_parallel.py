@@ -42,9 +42,12 @@ balances every batch) and the legacy ``RayPPOTrainer`` (``trainer.use_v1=False``
 when ``trainer.balance_batch=True``, its default). The replacement acts only when
 ``algorithm.adv_estimator=opo_kernels``; for any other estimator verl's own method runs. It
 checks the actor config (``check_actor_config``) and the layout in the trainer's process when
-it balances the first batch (after the first rollout, before any update), so a configuration
-that cannot work stops the run there with one error instead of on one rank while the others
-wait in a collective.
+it balances a batch, so a configuration that cannot work stops the run there with one error
+instead of on one rank while the others wait in a collective. The checks that need no batch
+(the batch sizes, the actor settings) run earlier, as soon as the trainer has started its
+workers and knows the data-parallel size (``check_at_start``, after the legacy trainer's
+``init_workers`` and the v1 trainer's ``init``): before the first rollout, which on a real
+model can take minutes.
 
 The layout (``plan_rank_layout``): groups in the order they first appear fill the mini-batches
 (``actor.ppo_mini_batch_size`` prompts each); inside each mini-batch, verl's Karmarkar-Karp
@@ -72,7 +75,7 @@ import sys
 from collections.abc import Sequence
 from typing import Optional
 
-from .advantages import ESTIMATOR, config_get
+from .advantages import ESTIMATOR, check_algorithm_config, config_get
 from .policy_loss import check_actor_config, check_rank_share
 
 logger = logging.getLogger(__name__)
@@ -188,6 +191,69 @@ def _actor_sizes(trainer, dp_size: int):
     return actor.ppo_mini_batch_size * group, micro
 
 
+def check_at_start(trainer, dp_size: int, prompts: Optional[int]) -> None:
+    """The checks that need no batch, in the trainer's process once its workers are up (the
+    data-parallel size known), before the first rollout: the actor and algorithm settings, and
+    the layout of a batch of ``prompts`` prompts × rollout.n responses (equal lengths), planned
+    as the patched ``_balance_batch`` plans every batch, so that the same ValueError, naming the
+    key to change, comes at start instead of after the first rollout. ``prompts`` None (the
+    legacy trainer with ``trainer.balance_batch=False``, which balances nothing): only what the
+    loss refuses at its first micro-batch."""
+    check_algorithm_config(config_get(trainer.config, "algorithm"))
+    mini_rows, micro_rows = _actor_sizes(trainer, dp_size)
+    group = trainer.config.actor_rollout_ref.rollout.n
+    if not all(isinstance(v, int) and v > 0 for v in (prompts, group)):
+        check_rank_share(mini_rows, dp_size, group)
+        return
+    uids = [prompt for prompt in range(prompts) for _ in range(group)]
+    plan_rank_layout(uids, [1] * len(uids), dp_size=dp_size, mini_batch_rows=mini_rows,
+                     micro_batch_rows=micro_rows)
+
+
+def _checked_at_start(dp_size_of, prompts_of):
+    """A trainer's start-up method (legacy ``init_workers``, v1 ``init``) followed, with
+    algorithm.adv_estimator=opo_kernels, by ``check_at_start``."""
+
+    def factory(original):
+        def start(self, *args, **kwargs):
+            out = original(self, *args, **kwargs)
+            if _opo_in_use(self):
+                check_at_start(self, dp_size_of(self), prompts_of(self))
+            return out
+
+        return start
+
+    return factory
+
+
+def _legacy_dp_size(trainer) -> int:
+    return trainer._get_dp_size(trainer.actor_rollout_wg, "actor")
+
+
+def _legacy_prompts(trainer) -> Optional[int]:
+    """Prompts per balanced batch: data.train_batch_size; None without balancing."""
+    if not config_get(config_get(trainer.config, "trainer"), "balance_batch", True):
+        return None
+    return config_get(config_get(trainer.config, "data"), "train_batch_size")
+
+
+def _v1_dp_size(trainer) -> int:
+    worker_group = trainer.actor_rollout_wg
+    if "actor" not in worker_group._dispatch_info:  # as verl's own _balance_batch does
+        worker_group._dispatch_info["actor"] = worker_group._query_dispatch_info("actor")
+    return max(worker_group._dispatch_info["actor"]) + 1
+
+
+def _v1_prompts(trainer) -> Optional[int]:
+    """Prompts per balanced batch: the v1 trainer samples data.train_batch_size /
+    parameter_sync_step prompts per local update (its ``step``) and balances each sample."""
+    prompts = config_get(config_get(trainer.config, "data"), "train_batch_size")
+    sync = getattr(trainer, "parameter_sync_step", 1)
+    if not (isinstance(prompts, int) and isinstance(sync, int) and sync > 0) or prompts % sync:
+        return None  # verl's own step refuses it
+    return prompts // sync
+
+
 def _dynamic(trainer) -> bool:
     return bool(config_get(trainer.config.actor_rollout_ref.actor, "use_dynamic_bsz", False))
 
@@ -251,10 +317,7 @@ def _balance_v1(original):
         from verl.trainer.ppo.padding_utils import upsample_batch_to_divisible_size
         from verl.utils.seqlen_balancing import calculate_workload, log_seqlen_unbalance
 
-        worker_group = self.actor_rollout_wg
-        if "actor" not in worker_group._dispatch_info:  # as verl's own method does
-            worker_group._dispatch_info["actor"] = worker_group._query_dispatch_info("actor")
-        dp_size = max(worker_group._dispatch_info["actor"]) + 1
+        dp_size = _v1_dp_size(self)
         mini_rows, micro_rows = _actor_sizes(self, dp_size)
         # before verl pads it: its padding rows would fill the last mini-batch with rows the
         # loss's rows·dp/global_batch_size scale counts, so that mini-batch's step would depend
@@ -277,16 +340,23 @@ def _balance_v1(original):
     return _balance_batch
 
 
-# module -> (class, replacement factory of _balance_batch)
+# module -> (class, {method: replacement factory}) besides _update_actor
 _TRAINERS = {
-    "verl.trainer.ppo.ray_trainer": ("RayPPOTrainer", _balance_legacy),
-    "verl.trainer.ppo.v1.trainer_base": ("PPOTrainer", _balance_v1),
+    "verl.trainer.ppo.ray_trainer": ("RayPPOTrainer", {
+        "_balance_batch": _balance_legacy,
+        "init_workers": _checked_at_start(_legacy_dp_size, _legacy_prompts)}),
+    "verl.trainer.ppo.v1.trainer_base": ("PPOTrainer", {
+        "_balance_batch": _balance_v1,
+        "init": _checked_at_start(_v1_dp_size, _v1_prompts)}),
 }
+_START = "the configuration is checked when the first batch is balanced, not at start"
 # method -> (the parameters it must start with, what is lost when it is not replaced)
 _METHODS = {
     "_balance_batch": (["self", "batch", "metrics", "logging_prefix"],
                        "prompt groups are not kept whole across data-parallel ranks"),
     "_update_actor": (["self", "batch"], "actor.use_dynamic_bsz splits prompt groups"),
+    "init_workers": (["self"], _START),
+    "init": (["self"], _START),
 }
 
 
@@ -313,13 +383,14 @@ def _patch_method(module, cls, class_name: str, name: str, factory) -> bool:
 
 
 def patch_trainer_module(module) -> bool:
-    """Replace ``_balance_batch`` and ``_update_actor`` of the trainer class in ``module`` (one
-    of ``_TRAINERS``); True when both are (or already were) replaced. A verl whose method does
-    not take the parameters this version knows is left alone, with a warning: the policy loss
-    then refuses the split groups it receives."""
-    class_name, balance = _TRAINERS[module.__name__]
+    """Replace ``_balance_batch``, ``_update_actor`` and the start-up method (``init_workers``
+    or ``init``) of the trainer class in ``module`` (one of ``_TRAINERS``); True when all are
+    (or already were) replaced. A verl whose method does not take the parameters this version
+    knows is left alone, with a warning: the policy loss then refuses the split groups it
+    receives."""
+    class_name, factories = _TRAINERS[module.__name__]
     cls = getattr(module, class_name, None)
-    factories = {"_balance_batch": balance, "_update_actor": _update_with_whole_groups}
+    factories = dict(factories, _update_actor=_update_with_whole_groups)
     done = [_patch_method(module, cls, class_name, name, factory)
             for name, factory in factories.items()]
     return all(done)

@@ -103,7 +103,8 @@ def check_actor_config(config, loss_agg_mode: str):
     """Refuse the actor settings that break groups or change OPO's objective.
 
     config: the actor config (verl's dataclass in the workers, or the ``actor_rollout_ref.actor``
-    DictConfig in the trainer, which runs this before it sends any batch to the workers)."""
+    DictConfig in the trainer, which runs this once its workers are up, before the first
+    rollout: data_parallel.check_at_start)."""
     group = config_get(config, "rollout_n")
     dynamic = bool(config_get(config, "use_dynamic_bsz", False))
     if dynamic and not dynamic_batches_keep_groups():
