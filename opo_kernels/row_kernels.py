@@ -297,7 +297,9 @@ def _fwd_row(
         x_max = m_new
     shift = tl.where(x_max == float("-inf"), 0.0, x_max).to(ACC)
     if PARTIAL:
-        tl.store(part_ptr + 4 * r, shift)
+        # the slice's max itself: −inf for a slice of only −inf (a masked vocabulary), which
+        # the combine leaves out of the global max (its sums, 0, are relative to a shift of 0)
+        tl.store(part_ptr + 4 * r, x_max)
         tl.store(part_ptr + 4 * r + 1, x_label)
         tl.store(part_ptr + 4 * r + 2, others)
         tl.store(part_ptr + 4 * r + 3, w)

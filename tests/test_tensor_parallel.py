@@ -44,6 +44,19 @@ def test_two_ranks():
     run_ranks(tp_workers.logits_cases, 2, CASES_2)
 
 
+def test_masked_slice():
+    """The last rank's whole slice at −inf (a masked vocabulary), logits far below 0 (its
+    slice must not put 0 into the global max: the others' sums would underflow): at
+    temperature 1 and 0.1, general and on-policy, entropy included."""
+    run_ranks(tp_workers.logits_cases, 2, [
+        ("padded", False, {"masked_last_slice": -95.0, "compute_entropy": True}),
+        ("packed", True, {"masked_last_slice": -20.0, "temperature": 0.1, "on_policy": True,
+                          "entropy_coef": 0.05}),
+        ("padded", False, {"masked_last_slice": -20.0, "temperature": 0.1, "on_policy": True,
+                           "vocab_parallel_one_pass": True, "chunk_bytes": 60}),
+    ])
+
+
 def test_four_ranks():
     run_ranks(tp_workers.logits_cases, 4, CASES_4)
 

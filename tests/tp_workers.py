@@ -86,6 +86,10 @@ def logits_cases(rank, world, port, cases, backend="gloo"):
             V = 12 if not uneven else 13
             problem = make_problem(9, 5, V, torch.float32, layout, seed=10 + i,
                                    temperature=temperature, device=device)
+            shift = options.pop("masked_last_slice", None)
+            if shift is not None:
+                problem = _mask_last_slice(problem, bounds(world, V, uneven)[-2], shift,
+                                           temperature)
             if options.pop("on_policy", False):
                 problem.ref_logprobs = None
             chunk_bytes = options.pop("chunk_bytes", None)
@@ -95,6 +99,23 @@ def logits_cases(rank, world, port, cases, backend="gloo"):
                 _compare(rank, world, problem, uneven, **options)
     finally:
         dist.destroy_process_group()
+
+
+def _mask_last_slice(problem, last_start: int, shift: float, temperature: float):
+    """The problem with its logits moved by ``shift`` and the last rank's whole slice at −inf
+    (a masked vocabulary: valid input), the labels in the other slices and the reference
+    log-probs recomputed for them."""
+    from problems import Problem, true_logprobs
+
+    logits = problem.logits + shift
+    logits[..., last_start:] = float("-inf")
+    counted = problem.labels >= 0
+    labels = torch.where(counted, problem.labels % last_start, problem.labels)
+    V = logits.shape[-1]
+    lp = true_logprobs(logits.reshape(-1, V).nan_to_num(nan=0.0), labels.reshape(-1),
+                       temperature).view(labels.shape)
+    ref = torch.where(counted, lp + 0.1, float("nan")).float()
+    return Problem(logits, labels, ref, problem.rewards, problem.layout)
 
 
 def _compare_one_pass(rank, world, problem, uneven, chunk_bytes, **options):
