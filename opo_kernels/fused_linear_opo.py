@@ -57,6 +57,7 @@ from .linear_rows import CountedRows, counted_rows, explain_nonfinite
 from .row_launch import Rows
 from .tensor_parallel import config_or_fail_together, prepare_together
 from .utils import cdiv, first_order_only, one_pass_mode, use_triton, wants_grad
+from .validation import read_pending
 from .vocab_parallel import require_fused_kernels
 
 # --------------------------------------------------------------------------------------------
@@ -247,7 +248,10 @@ def _linear_config(options) -> OPOLossConfig:
 def prepare_linear(hidden, weight, bias, labels, ref_logprobs, rewards, cfg: OPOLossConfig,
                    **layout) -> Batch:
     """``inputs.prepare`` for hidden states: checks hidden/weight/bias, then the usual checks
-    on a zero-stride stand-in for the logits [..., V] (never read, no memory)."""
+    on a zero-stride stand-in for the logits [..., V] (never read, no memory). An earlier
+    deferred call's error is raised first, as it is (not as one about these logits)."""
+    if cfg.validate:
+        read_pending()
     _check_linear(hidden, weight, bias)
     stand_in = hidden.new_empty(()).expand(*hidden.shape[:-1], weight.shape[0])
     try:

@@ -191,9 +191,21 @@ def _may_overlap(t: torch.Tensor) -> bool:
     return False
 
 
+def _read_pending(config: OPOLossConfig) -> None:
+    """validation.read_pending for a validating call (imported here: validation imports the
+    epilogue, which imports this module's users)."""
+    if config.validate:
+        from .validation import read_pending
+
+        read_pending()
+
+
 def prepare(logits, labels, ref_logprobs, rewards, *, mask=None, seq_ids=None,
             group_size=None, group_ids=None, config: OPOLossConfig) -> Batch:
-    """Checks shapes, dtypes and devices of an ``opo_loss`` call (no host sync, no device op)."""
+    """Checks shapes, dtypes and devices of an ``opo_loss`` call (no host sync, no device op);
+    a validating call first raises for an earlier deferred call's bad input (``_read_pending``).
+    """
+    _read_pending(config)
     logits = check_tensor("logits", logits, kind="stream")
     if logits.dim() not in (2, 3):
         raise ValueError(
@@ -219,7 +231,9 @@ def prepare(logits, labels, ref_logprobs, rewards, *, mask=None, seq_ids=None,
 def prepare_logprobs(logprobs, ref_logprobs, rewards, *, entropy=None, vocab_size=None,
                      mask=None, seq_ids=None, group_size=None, group_ids=None,
                      config: OPOLossConfig) -> Batch:
-    """Checks an ``opo_loss_from_logprobs`` call (no host sync, no device op)."""
+    """Checks an ``opo_loss_from_logprobs`` call (no host sync, no device op; see ``prepare``
+    for the deferred checks)."""
+    _read_pending(config)
     logprobs = check_tensor("logprobs", logprobs, kind="stream")
     if logprobs.dim() not in (1, 2):
         raise ValueError(f"logprobs must be [B, T] (padded) or [N] (packed), got shape "

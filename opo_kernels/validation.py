@@ -13,8 +13,9 @@ values other than 0/1) into a small integer tensor. What differs is when the hos
   buffer and an event; no wait). They are read
     1. at the backward of the same call, if the copy has finished by then (never waits): the
        error is raised by ``loss.backward()``, before an optimizer step can use the gradient;
-    2. otherwise at the next call that validates (any ``opo_loss`` or
-       ``opo_loss_from_logprobs`` call with validate=True or "deferred" in the process), which
+    2. otherwise at the next call that validates (any ``opo_loss``,
+       ``opo_loss_from_logprobs`` or ``fused_linear_opo_loss`` call with validate=True or
+       "deferred" in the process, on any backend), which
        waits for the earlier call's copy only: an event queued a whole call earlier, which
        the GPU has normally passed, so the GPU's queue does not drain;
     3. or when ``check_deferred()`` is called (it waits), e.g. at the end of an epoch.
@@ -27,7 +28,9 @@ values other than 0/1) into a small integer tensor. What differs is when the hos
 
 Under torch.compile and during CUDA graph capture nothing is read (a traced or captured call
 cannot wait or raise); the fused-linear and vocabulary-parallel paths and the torch backend
-read "deferred" like True.
+read "deferred" like True. Every validating call first reads what earlier deferred calls left
+(``read_pending``, in the input checks); with a process group the error it raises is agreed,
+so every rank stops.
 """
 
 from __future__ import annotations
@@ -112,6 +115,16 @@ def check_values_of(cfg, errs: torch.Tensor, batch) -> Optional[Deferred]:
     entry = Deferred(counts, event, _Layout(batch.vocab, batch.num_seqs), _source(batch))
     _PENDING.append(entry)
     return entry
+
+
+def read_pending() -> None:
+    """At a validating call that reads its own checks another way (the torch backend, the
+    fused-linear and vocabulary-parallel paths, and every call's input checks): first raises
+    for an earlier deferred call's bad input, as ``check_values_of`` does. Vocabulary-parallel
+    and fused-linear calls with a process group run it inside their agreed checks, so that an
+    error pending on one rank stops every rank."""
+    if _PENDING and not torch.compiler.is_compiling():
+        check_deferred()
 
 
 def check_at_backward(entry: Optional[Deferred]) -> None:

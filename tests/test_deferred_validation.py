@@ -118,3 +118,37 @@ def test_from_logprobs_defers_too():
 def test_other_validate_values_are_refused(value):
     with pytest.raises(TypeError, match="validate must be True, False or 'deferred'"):
         opo_kernels.OPOLossConfig(validate=value)
+
+
+def _bad_deferred_call_left_pending(p):
+    """A deferred call whose bad input is not read at its backward (there is none)."""
+    with torch.no_grad():
+        opo_kernels.opo_loss(p.logits, _bad_labels(p), p.ref_logprobs, p.rewards,
+                             validate="deferred", **_args(p))
+    return validation._PENDING[-1].call
+
+
+@pytest.mark.parametrize("path", ["torch_backend", "from_logprobs_torch", "fused_linear"])
+def test_every_validating_path_reads_what_is_pending(path):
+    """Not only the fused logits path: a validating call on the torch backend, the log-prob
+    API or the fused-linear head raises an earlier deferred call's error first, unchanged."""
+    p = _problem()
+    call = _bad_deferred_call_left_pending(p)
+    with pytest.raises(ValueError, match=rf"^validate='deferred': the value checks of call "
+                                         rf"{call} .*labels: 1 counted label.*size V = 11\)$"):
+        if path == "torch_backend":
+            opo_kernels.opo_loss(p.logits, p.labels, p.ref_logprobs, p.rewards,
+                                 **dict(p.layout, backend="torch"))
+        elif path == "from_logprobs_torch":
+            opo_kernels.opo_loss_from_logprobs(p.ref_logprobs, p.ref_logprobs, p.rewards,
+                                               **dict(p.layout, backend="torch"))
+        else:
+            hidden, weight = torch.randn(3, 5, 4), torch.randn(11, 4)
+            opo_kernels.fused_linear_opo_loss(hidden, weight, p.labels, p.ref_logprobs,
+                                              p.rewards, **_args(p))
+    assert not validation._PENDING
+    # validate=False reads nothing
+    _bad_deferred_call_left_pending(p)
+    opo_kernels.opo_loss(p.logits, p.labels, p.ref_logprobs, p.rewards, validate=False,
+                         **dict(p.layout, backend="torch"))
+    assert len(validation._PENDING) == 1

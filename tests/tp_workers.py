@@ -342,6 +342,14 @@ def _bad_input_case(rank, world, case):
         if rank == 0:
             logits = logits.detach()  # no gradient wanted here: the general mode
         expect = "one-pass mode is not the same on every rank"
+    elif case == "deferred_error_pending_on_one_rank":  # from rank 0's own earlier call
+        if rank == 0:
+            bad = labels.clone()
+            bad[0, 0] = V
+            with torch.no_grad():  # (no backward reads it: left pending)
+                opo_kernels.opo_loss(problem.logits, bad, ref, rewards, backend="triton",
+                                     validate="deferred", **layout)
+        expect = "validate='deferred': the value checks of call"
     elif case == "option_differs_on_one_rank":
         options["mu"] = 1.0 if rank == 0 else 0.5
         expect = "option mu is not the same on every rank"
