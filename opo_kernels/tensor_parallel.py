@@ -33,8 +33,8 @@ from typing import Callable, Optional, Tuple
 import torch
 import torch.distributed as dist
 
-# group -> {(V_local, vocab_start): V_global}: layouts already checked. Weakly keyed, so a
-# destroyed group's entries go with it (an id() key could be reused by a new group).
+# group -> {(V_local, this rank's first id): V_global}: layouts already checked. Weakly keyed,
+# so a destroyed group's entries go with it (an id() key could be reused by a new group).
 _LAYOUTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -60,7 +60,9 @@ def check_layout(group, vocab_local: int, vocab_start: Optional[int], num_rows: 
     """
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     start = rank * vocab_local if vocab_start is None else vocab_start
-    key, known = (vocab_local, vocab_start), _layouts_of(group)
+    # the slice as resolved: vocab_start=None on one rank and its value spelled out on another
+    # are one layout (keyed as passed, the two ranks would disagree on whether to gather)
+    key, known = (vocab_local, start), _layouts_of(group)
     if not validate:  # trusted inputs: no agreement step once the layout is known
         if error is not None:
             try:  # (see below)
@@ -186,16 +188,23 @@ def replicated_summary(batch, cfg, agree: Optional[dict] = None,
     fused-linear chunk size and logits budget, whose chunks each run collectives), the group
     layout, and ``fingerprints`` of the replicated tensors of ``batch`` (an ``inputs.Batch``)
     and of ``agree_tensors`` (the op's own replicated tensors, e.g. the counted rows of the
-    fused-linear hidden states). One host sync (validate=True only)."""
+    fused-linear hidden states; labels and ref_logprobs on counted tokens only). One host
+    sync (validate=True only)."""
     summary = {f"option {f.name}": repr(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)
                if f.name not in _LOCAL_OPTIONS}
     if isinstance(cfg.weights, str):
         summary["option weights"] = repr(cfg.weights)
     summary.update({name: repr(value) for name, value in (agree or {}).items()})
     summary["group_size"] = repr(batch.group_size)
-    summary.update(fingerprints({
-        "labels": batch.labels, "mask": batch.mask, "seq_ids": batch.seq_ids,
-        "ref_logprobs": batch.ref_logprobs, "rewards": batch.rewards,
+    # labels and ref_logprobs of tokens not counted are never read (docs/spec.md): -100 on one
+    # rank and 0 on another is no difference
+    counted = batch.counted.view(batch.labels.shape)
+    labels = torch.where(counted, batch.labels, 0)
+    ref = (None if batch.ref_logprobs is None
+           else torch.where(counted, batch.ref_logprobs, 0.0))
+    summary.update(fingerprints({  # (the mask first: it decides which labels are compared)
+        "mask": batch.mask, "seq_ids": batch.seq_ids, "labels": labels,
+        "ref_logprobs": ref, "rewards": batch.rewards,
         "group_ids": batch.group_ids, "weights": batch.weights, **(agree_tensors or {})}))
     return summary
 

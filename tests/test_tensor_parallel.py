@@ -18,8 +18,8 @@ pytestmark = pytest.mark.cpu_only  # CPU-side code / the interpreter (conftest.p
 
 
 CASES_2 = [
-    ("padded", False, {}),
-    ("packed", False, {"level": "sequence", "entropy_coef": 0.05}),
+    ("padded", False, {"uncounted_differ": True}),
+    ("packed", False, {"level": "sequence", "entropy_coef": 0.05, "uncounted_differ": True}),
     ("padded", True, {"level": "token", "temperature": 0.7}),
     ("packed", True, {"coordinates": "log", "weights": "escort", "center_weights": True,
                       "on_policy": True}),

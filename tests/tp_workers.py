@@ -51,10 +51,13 @@ def _compare(rank, world, problem, uneven, **options):
         process_group=dist.group.WORLD, vocab_start=lo if uneven else None,
         **problem.layout, **options)
     (grad2,) = torch.autograd.grad(loss2 * 1.3, local)
-    for _ in range(2):  # validate=False: the layout checked above is reused, no gather
+    # validate=False: the layout checked above is reused, no gather; the second call spells
+    # rank 0's vocab_start out (0), the same layout: no rank may gather alone
+    for spelled in (False, True):
         loss3 = opo_kernels.opo_loss(  # (a fresh leaf: in place, x now holds a gradient)
             problem.leaf()[..., lo:hi], *problem.args(), backend="triton", validate=False,
-            process_group=dist.group.WORLD, vocab_start=lo if uneven else None,
+            process_group=dist.group.WORLD,
+            vocab_start=lo if uneven or (spelled and rank == 0) else None,
             **problem.layout, **options)
         assert torch.equal(loss3, loss2.detach()), (rank, loss3, loss2)
     _close(loss2, loss, 2e-6, 2e-7, f"rank {rank} loss {options}")
@@ -90,6 +93,11 @@ def logits_cases(rank, world, port, cases, backend="gloo"):
             if shift is not None:
                 problem = _mask_last_slice(problem, bounds(world, V, uneven)[-2], shift,
                                            temperature)
+            if options.pop("uncounted_differ", False) and rank == 1:
+                # what the loss never reads may differ between ranks (validate=True agrees)
+                counted = problem.labels >= 0
+                problem.labels = problem.labels.masked_fill(~counted, 0)
+                problem.ref_logprobs = problem.ref_logprobs.masked_fill(~counted, 123.0)
             if options.pop("on_policy", False):
                 problem.ref_logprobs = None
             chunk_bytes = options.pop("chunk_bytes", None)
@@ -316,7 +324,7 @@ def _bad_input_case(rank, world, case):
     elif case == "labels_differ_on_one_rank":
         if rank == 1:
             labels = labels.clone()
-            labels[0, 1] = (labels[0, 1] + 1) % V
+            labels[0, 0] = (labels[0, 0] + 1) % V  # a counted token (not counted: not read)
         expect = "labels is not the same on every rank"
     elif case == "rewards_differ_on_one_rank":  # by one ulp
         if rank == 1:
