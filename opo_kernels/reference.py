@@ -192,7 +192,7 @@ def objective(cfg: OPOLossConfig, logprobs: torch.Tensor, ref_logprobs: torch.Te
     lse = torch.logsumexp(scores[None, :].expand_as(same).masked_fill(~same, NEG_INF), dim=1)
     z_bar = torch.where(first_in_group, lse, 0.0).sum() / n_groups
     loss = cfg.direction_scale * policy + penalty + cfg.logit_reg_coef * z_bar ** 2
-    if entropy is not None:
+    if entropy is not None and cfg.entropy_coef:  # (β = 0: no term, not 0·H, NaN for NaN H)
         loss = loss - cfg.entropy_coef * entropy.sum() / max(n_tokens, 1)
 
     d = delta_t.detach()

@@ -143,7 +143,8 @@ def test_every_validating_path_reads_what_is_pending(path):
             opo_kernels.opo_loss_from_logprobs(p.ref_logprobs, p.ref_logprobs, p.rewards,
                                                **dict(p.layout, backend="torch"))
         else:
-            hidden, weight = torch.randn(3, 5, 4), torch.randn(11, 4)
+            device = p.labels.device
+            hidden, weight = torch.randn(3, 5, 4, device=device), torch.randn(11, 4, device=device)
             opo_kernels.fused_linear_opo_loss(hidden, weight, p.labels, p.ref_logprobs,
                                               p.rewards, **_args(p))
     assert not validation._PENDING

@@ -165,3 +165,25 @@ def test_bad_input(name, change, exc, text, backend):
                                            passed.pop("rewards"), backend=backend, **passed)
     for k, v in before.items():  # nothing the caller passed is modified
         assert torch.equal(kwargs[k].nan_to_num(), v.nan_to_num()), f"{k} modified"
+
+
+def test_entropy_only_reported_does_not_enter_the_loss():
+    """entropy= passed for the entropy_mean metric only (entropy_coef = 0): a NaN entropy on a
+    counted token (validate=False) leaves the loss and gradient finite and equal on both
+    backends (no 0·H term); the metric is NaN."""
+    g = torch.Generator().manual_seed(0)
+    lp = -torch.rand(4, 5, generator=g) * 3
+    ref = lp + 0.1 * torch.randn(4, 5, generator=g)
+    ent = torch.rand(4, 5, generator=g) * 2
+    ent[0, 0] = float("nan")
+    rewards = torch.rand(4, generator=g)
+    lp, ref, ent, rewards = (t.to(DEVICE) for t in (lp, ref, ent, rewards))
+    out = {}
+    for backend in ("triton", "torch"):
+        x = lp.clone().requires_grad_()
+        loss, metrics = opo_kernels.opo_loss_from_logprobs(
+            x, ref, rewards, entropy=ent, group_size=2, vocab_size=50, validate=False,
+            backend=backend, return_metrics=True)
+        out[backend] = loss, torch.autograd.grad(loss, x)[0]
+        assert torch.isfinite(loss) and torch.isnan(metrics["entropy_mean"])
+    torch.testing.assert_close(out["triton"], out["torch"], rtol=1e-5, atol=1e-7)
