@@ -8,6 +8,7 @@ Logits are never copied or reshaped here: the fused kernels read them through th
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 from typing import Dict, Optional
 
@@ -249,9 +250,11 @@ def prepare_logprobs(logprobs, ref_logprobs, rewards, *, entropy=None, vocab_siz
         raise ValueError("compute_entropy=True reports the mean of the entropy you pass (there "
                          "are no logits here): pass entropy=[B, T] or [N], or leave "
                          "compute_entropy=False")
-    if vocab_size is not None and (isinstance(vocab_size, bool) or
-                                   not isinstance(vocab_size, int) or vocab_size < 1):
-        raise ValueError(f"vocab_size must be a positive int, got {vocab_size!r}")
+    if vocab_size is not None:  # an int, a NumPy integer (as group_size)
+        if isinstance(vocab_size, bool) or not isinstance(vocab_size, numbers.Integral) \
+                or vocab_size < 1:
+            raise ValueError(f"vocab_size must be a positive int, got {vocab_size!r}")
+        vocab_size = int(vocab_size)
     if vocab_size is None and config.adaptive_tau:
         raise ValueError("vocab_size is needed by the adaptive tau rule (it uses log V): pass "
                          "vocab_size=V, or adaptive_tau=False")

@@ -187,3 +187,17 @@ def test_entropy_only_reported_does_not_enter_the_loss():
         out[backend] = loss, torch.autograd.grad(loss, x)[0]
         assert torch.isfinite(loss) and torch.isnan(metrics["entropy_mean"])
     torch.testing.assert_close(out["triton"], out["torch"], rtol=1e-5, atol=1e-7)
+
+
+def test_vocab_size_takes_numpy_integers():
+    """vocab_size as a NumPy integer (a tokenizer's len() through numpy), like group_size;
+    a float or a bool is refused."""
+    np = pytest.importorskip("numpy")
+    kwargs = _inputs()
+    expected = opo_kernels.opo_loss_from_logprobs(**kwargs)
+    kwargs["vocab_size"] = np.int64(50)
+    torch.testing.assert_close(opo_kernels.opo_loss_from_logprobs(**kwargs), expected)
+    for bad in (50.0, True):
+        kwargs["vocab_size"] = bad
+        with pytest.raises(ValueError, match="vocab_size must be a positive int"):
+            opo_kernels.opo_loss_from_logprobs(**kwargs)
