@@ -412,6 +412,11 @@ def _prepare_parallel(hidden, weight, bias, labels, ref_logprobs, rewards, cfg, 
     agreement, which compares the rows' count, mask / seq_ids and the counted rows of hidden
     (with validate=True), so that every rank multiplies the same rows."""
     found = {}
+    tensors = (hidden, weight) if bias is None else (hidden, weight, bias)
+    # agreed: the one phase runs collectives per chunk, the two phases one per call; a rank
+    # under no_grad (no gradient wanted) would take the two phases (non-tensors: named below)
+    one_phase = (all(isinstance(t, torch.Tensor) for t in tensors)
+                 and one_pass_mode(ref_logprobs, cfg, hidden.dtype, wants_grad(*tensors)))
 
     def checked():
         if not isinstance(reduce_hidden_grad, bool):
@@ -430,7 +435,8 @@ def _prepare_parallel(hidden, weight, bias, labels, ref_logprobs, rewards, cfg, 
     batch, start = prepare_together(group, checked, vocab_local, vocab_start, cfg,
                                     agree={"chunk_size": chunk_size,
                                            "logits_budget": logits_budget,
-                                           "reduce_hidden_grad": reduce_hidden_grad},
+                                           "reduce_hidden_grad": reduce_hidden_grad,
+                                           "one-phase mode": one_phase},
                                     # every rank's slice of the logits is hidden @ its weight
                                     agree_tensors=lambda: found["agree"])
     rows = dataclasses.replace(found["rows"], batch=batch)  # (the global vocabulary)

@@ -116,7 +116,8 @@ BAD_INPUT_CASES = ["label_outside_vocab", "inconsistent_vocab_start", "mismatche
                    "bad_logits_budget_on_one_rank", "logits_budget_differs_on_one_rank",
                    "inf_weight_on_one_rank",
                    "logits_dtype_differs_on_one_rank", "one_pass_differs_on_one_rank",
-                   "deferred_error_pending_on_one_rank"]
+                   "deferred_error_pending_on_one_rank",
+                   "linear_one_phase_differs_on_one_rank"]
 
 
 def test_bad_input_raises_on_every_rank():

@@ -358,11 +358,14 @@ def _bad_input_case(rank, world, case):
                 opo_kernels.opo_loss(problem.logits, bad, ref, rewards, backend="triton",
                                      validate="deferred", **layout)
         expect = "validate='deferred': the value checks of call"
+    elif case == "linear_one_phase_differs_on_one_rank":  # on-policy, a gradient on rank 1
+        expect = "one-phase mode is not the same on every rank"  # only: one phase there
     elif case == "option_differs_on_one_rank":
         options["mu"] = 1.0 if rank == 0 else 0.5
         expect = "option mu is not the same on every rank"
     try:
-        if any(name in case for name in ("chunk_size", "hidden", "logits_budget", "weight")):
+        if any(name in case for name in ("chunk_size", "hidden", "logits_budget", "weight",
+                                         "linear")):
             # the fused-linear op's own inputs
             g = torch.Generator().manual_seed(5)
             hidden = torch.randn(6, 4, 3, generator=g)
@@ -371,6 +374,8 @@ def _bad_input_case(rank, world, case):
                           "chunk_size_differs_on_one_rank": 4}.get(case, 5)
             if case == "inf_weight_on_one_rank" and rank == 1:
                 weight[1, 0] = float("inf")
+            if case == "linear_one_phase_differs_on_one_rank" and rank == 1:
+                weight.requires_grad_()
             if case == "hidden_differs_on_one_rank" and rank == 1:
                 assert layout["mask"][2, 1]  # a counted row (a row not counted is not read)
                 hidden[2, 1, 2] = torch.nextafter(hidden[2, 1, 2], torch.tensor(9.0))
