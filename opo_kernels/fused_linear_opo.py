@@ -44,6 +44,7 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from typing import Optional
 
 import torch
@@ -228,10 +229,14 @@ def _check_linear(hidden, weight, bias) -> None:
             raise ValueError(f"{name} is on {t.device} but hidden is on {hidden.device}")
 
 
-def _check_chunk_size(chunk_size) -> None:
-    if chunk_size is not None and (isinstance(chunk_size, bool) or
-                                   not isinstance(chunk_size, int) or chunk_size < 1):
+def _check_chunk_size(chunk_size) -> Optional[int]:
+    """chunk_size as an int (a NumPy integer too, as group_size), or None."""
+    if chunk_size is None:
+        return None
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral) \
+            or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    return int(chunk_size)
 
 
 def _linear_config(options) -> OPOLossConfig:
@@ -338,12 +343,15 @@ def fused_linear_opo_loss(hidden, weight, labels, ref_logprobs, rewards, *, bias
                                      bias=lm_head.bias,   # None for a head without bias
                                      mask=mask, group_size=6, logits_budget=2**30)
     """
+    sizes = {}
+
     def checked_config():
-        _check_chunk_size(chunk_size)
-        check_logits_budget(logits_budget)
+        sizes["chunk"] = _check_chunk_size(chunk_size)
+        sizes["budget"] = check_logits_budget(logits_budget)
         return _linear_config(options)
 
     cfg = config_or_fail_together(process_group, checked_config)
+    chunk_size, logits_budget = sizes["chunk"], sizes["budget"]
     return fused_linear_opo_loss_with_config(
         hidden, weight, labels, ref_logprobs, rewards, cfg, bias=bias, chunk_size=chunk_size,
         logits_budget=logits_budget, mask=mask, seq_ids=seq_ids, group_size=group_size,
@@ -371,6 +379,8 @@ def fused_linear_opo_loss_with_config(hidden, weight, labels, ref_logprobs, rewa
         if vocab_start is not None:
             raise ValueError("vocab_start applies to a vocabulary-parallel weight: pass "
                              "process_group too")
+        if not isinstance(reduce_hidden_grad, bool):  # (with a group: checked together)
+            raise TypeError(f"reduce_hidden_grad must be a bool, got {reduce_hidden_grad!r}")
         batch = prepare_linear(hidden, weight, bias, labels, ref_logprobs, rewards, cfg,
                                **layout)
         rows = counted_rows(batch, cfg.validate)
@@ -460,10 +470,8 @@ class FusedLinearOPOLoss(torch.nn.Module):
     def __init__(self, chunk_size: Optional[int] = None, logits_budget: Optional[int] = None,
                  **options):
         super().__init__()
-        _check_chunk_size(chunk_size)
-        check_logits_budget(logits_budget)
-        self.chunk_size = chunk_size
-        self.logits_budget = logits_budget
+        self.chunk_size = _check_chunk_size(chunk_size)
+        self.logits_budget = check_logits_budget(logits_budget)
         self.config = _linear_config(options)
 
     def forward(self, hidden, weight, labels, ref_logprobs, rewards, bias=None, *, mask=None,

@@ -9,7 +9,8 @@ on-policy chunks each run a collective).
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import numbers
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -55,12 +56,16 @@ def default_chunk_size(num_rows: int, vocab: int, dtype: torch.dtype) -> int:
     return max(min(rows, num_rows), 1)
 
 
-def check_logits_budget(logits_budget) -> None:
-    """logits_budget: None (the default) or an int >= 0 of bytes."""
-    if logits_budget is not None and (isinstance(logits_budget, bool) or
-                                      not isinstance(logits_budget, int) or logits_budget < 0):
+def check_logits_budget(logits_budget) -> Optional[int]:
+    """logits_budget: None (the default) or an int >= 0 of bytes (a NumPy integer too);
+    returned as an int or None."""
+    if logits_budget is None:
+        return None
+    if isinstance(logits_budget, bool) or not isinstance(logits_budget, numbers.Integral) \
+            or logits_budget < 0:
         raise ValueError(f"logits_budget must be an int >= 0 (bytes of logits kept from "
                          f"forward to backward) or None for the default, got {logits_budget!r}")
+    return int(logits_budget)
 
 
 class LinearPlan(NamedTuple):

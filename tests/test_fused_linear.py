@@ -214,6 +214,8 @@ def _bad_inputs():
                    "logits_budget"),
         "no-group": ((hidden, w, *args), {"bias": b, "mask": p.layout["mask"]}, ValueError,
                      "group_size"),
+        "reduce-hidden-grad": ((hidden, w, *args), {**ok, "reduce_hidden_grad": "yes"},
+                               TypeError, "reduce_hidden_grad must be a bool"),
     }
 
 
@@ -304,3 +306,18 @@ def test_gpu_memory_bound_and_values(mode, budget):
     assert_close(loss.detach(), exp.detach(), rtol_l, atol_l, "loss")
     for name, a, b in zip(("hidden", "weight"), grads, exp_grads):
         assert_close(a, b, rtol_g, grad_atol(b, atol_g), f"grad {name}")
+
+
+def test_sizes_take_numpy_integers():
+    """chunk_size and logits_budget as NumPy integers (like group_size): the same call as with
+    ints, on the function and the module."""
+    np = pytest.importorskip("numpy")
+    p = Problem("padded", 16)
+    hidden, w = p.view(p.buffer).float(), p.weight.float()
+    args = (hidden, w, p.labels, p.ref, p.rewards)
+    expected = fused_linear_opo_loss(*args, chunk_size=3, logits_budget=200, **p.layout)
+    got = fused_linear_opo_loss(*args, chunk_size=np.int64(3), logits_budget=np.int32(200),
+                                **p.layout)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    module = opo_kernels.FusedLinearOPOLoss(chunk_size=np.int64(3), logits_budget=np.int64(200))
+    assert type(module.chunk_size) is int and type(module.logits_budget) is int
