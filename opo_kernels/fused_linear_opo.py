@@ -360,6 +360,10 @@ def fused_linear_opo_loss(hidden, weight, labels, ref_logprobs, rewards, *, bias
     )
 
 
+# Eager only: its chunk loops (host-side plans, collectives per chunk, launches into
+# buffers it sizes itself) are not traced; in a compiled region the call is a graph break
+# and runs as it does eagerly.
+@torch.compiler.disable
 def fused_linear_opo_loss_with_config(hidden, weight, labels, ref_logprobs, rewards,
                                       cfg: OPOLossConfig, *, bias=None, chunk_size=None,
                                       logits_budget=None, mask=None, seq_ids=None,

@@ -321,3 +321,22 @@ def test_sizes_take_numpy_integers():
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
     module = opo_kernels.FusedLinearOPOLoss(chunk_size=np.int64(3), logits_budget=np.int64(200))
     assert type(module.chunk_size) is int and type(module.logits_budget) is int
+
+
+def test_inside_torch_compile_it_runs_eagerly():
+    """In a compiled function the call is a graph break (torch.compiler.disable): the same
+    loss and gradients as the eager call."""
+    p = Problem("padded", 16)
+    hidden, w = p.view(p.buffer).float(), p.weight.float()
+    args = (p.labels, p.ref, p.rewards)
+
+    def step(h, weight):
+        return fused_linear_opo_loss(h, weight, *args, chunk_size=3, **p.layout)
+
+    results = []
+    for fn in (step, torch.compile(step, backend="eager")):
+        h, weight = hidden.clone().requires_grad_(), w.clone().requires_grad_()
+        loss = fn(h, weight)
+        results.append((loss, *torch.autograd.grad(loss, (h, weight))))
+    for got, expected in zip(results[1], results[0]):
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
