@@ -3,7 +3,8 @@ rows so that the logits of all rows are never materialized: autograd.Function ->
 
 The Triton kernels are the ones of ``fused_opo.py``. ``linear_rows.py`` finds the M counted
 rows (padded rows with mask == 0 and packed rows with seq_ids == −1 are never read, never
-multiplied); ``linear_plan.py`` cuts them into chunks; ``linear_chunks.py`` runs the loops.
+multiplied); ``linear_plan.py`` cuts them into chunks; ``linear_chunks.py`` runs the loops;
+``linear_inputs.py`` checks the arguments.
 With C = rows per chunk and K = rows whose logits fit ``logits_budget``:
 
   phase 1 (forward):  logits of rows [0, K) in one matmul, KEPT for the backward; then per
@@ -44,22 +45,20 @@ Example::
 from __future__ import annotations
 
 import dataclasses
-import numbers
 from typing import Optional
 
 import torch
 
-from .config import OPOLossConfig, config_from_options
+from .config import OPOLossConfig
 from .epilogue import ERRORS, Mode, params_tensor, raise_bad_values, run_epilogue, unpack_metrics
-from .inputs import Batch, check_tensor, compute_dtype, prepare
+from .inputs import compute_dtype
 from .linear_chunks import backward_chunks, forward_chunks, kept_logits, on_policy_chunks
+from .linear_inputs import check_chunk_size, linear_config, prepare_linear, prepare_parallel
 from .linear_plan import LinearPlan, check_logits_budget, plan_chunks
 from .linear_rows import CountedRows, counted_rows, explain_nonfinite
 from .row_launch import Rows
-from .tensor_parallel import config_or_fail_together, prepare_together
+from .tensor_parallel import config_or_fail_together
 from .utils import cdiv, first_order_only, one_pass_mode, use_triton, wants_grad
-from .validation import read_pending
-from .vocab_parallel import require_fused_kernels
 
 # --------------------------------------------------------------------------------------------
 # autograd
@@ -202,70 +201,6 @@ class FusedLinearOPOFunction(torch.autograd.Function):
 # --------------------------------------------------------------------------------------------
 
 
-def _check_linear(hidden, weight, bias) -> None:
-    """The LM-head arguments (docs/spec.md "Bad input": name the argument and the shapes)."""
-    check_tensor("hidden", hidden, kind="stream")
-    check_tensor("weight", weight, kind="stream")
-    if bias is not None:
-        check_tensor("bias", bias, kind="stream")
-    if hidden.dim() not in (2, 3):
-        raise ValueError(f"hidden must be [B, T, H] (padded) or [N, H] (packed), got shape "
-                         f"{list(hidden.shape)}")
-    if weight.dim() != 2 or weight.shape[0] < 1:
-        raise ValueError(f"weight must be [V, H] with V >= 1, got shape {list(weight.shape)}")
-    if weight.shape[1] != hidden.shape[-1]:
-        raise ValueError(f"weight has shape {list(weight.shape)} but hidden "
-                         f"{list(hidden.shape)} has hidden size H={hidden.shape[-1]}")
-    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
-        raise ValueError(f"bias must have shape [V]=[{weight.shape[0]}] like weight "
-                         f"{list(weight.shape)}, got {list(bias.shape)}")
-    for name, t in (("weight", weight), ("bias", bias)):
-        if t is None:
-            continue
-        if t.dtype != hidden.dtype:
-            raise TypeError(f"{name} has dtype {t.dtype} but hidden has {hidden.dtype} "
-                            "(the logits are computed in the input dtype)")
-        if t.device != hidden.device:
-            raise ValueError(f"{name} is on {t.device} but hidden is on {hidden.device}")
-
-
-def _check_chunk_size(chunk_size) -> Optional[int]:
-    """chunk_size as an int (a NumPy integer too, as group_size), or None."""
-    if chunk_size is None:
-        return None
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral) \
-            or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
-    return int(chunk_size)
-
-
-def _linear_config(options) -> OPOLossConfig:
-    cfg = config_from_options(options)
-    if cfg.inplace_backward:
-        raise ValueError("inplace_backward does not apply: the fused-linear backward "
-                         "always writes into its own chunk buffer")
-    if cfg.grad_to_base:
-        raise ValueError("grad_to_base does not apply: the fused-linear loss takes hidden "
-                         "states, not logits")
-    return cfg
-
-
-def prepare_linear(hidden, weight, bias, labels, ref_logprobs, rewards, cfg: OPOLossConfig,
-                   **layout) -> Batch:
-    """``inputs.prepare`` for hidden states: checks hidden/weight/bias, then the usual checks
-    on a zero-stride stand-in for the logits [..., V] (never read, no memory). An earlier
-    deferred call's error is raised first, as it is (not as one about these logits)."""
-    if cfg.validate:
-        read_pending()
-    _check_linear(hidden, weight, bias)
-    stand_in = hidden.new_empty(()).expand(*hidden.shape[:-1], weight.shape[0])
-    try:
-        return prepare(stand_in, labels, ref_logprobs, rewards, config=cfg, **layout)
-    except (TypeError, ValueError) as err:  # messages speak of logits: say which ones
-        raise type(err)(f"{err} (logits = hidden @ weight.T: hidden {list(hidden.shape)}, "
-                        f"weight {list(weight.shape)})") from None
-
-
 def fused_linear_opo_loss(hidden, weight, labels, ref_logprobs, rewards, *, bias=None,
                           chunk_size=None, logits_budget=None, mask=None, seq_ids=None,
                           group_size=None, group_ids=None, process_group=None,
@@ -346,9 +281,9 @@ def fused_linear_opo_loss(hidden, weight, labels, ref_logprobs, rewards, *, bias
     sizes = {}
 
     def checked_config():
-        sizes["chunk"] = _check_chunk_size(chunk_size)
+        sizes["chunk"] = check_chunk_size(chunk_size)
         sizes["budget"] = check_logits_budget(logits_budget)
-        return _linear_config(options)
+        return linear_config(options)
 
     cfg = config_or_fail_together(process_group, checked_config)
     chunk_size, logits_budget = sizes["chunk"], sizes["budget"]
@@ -373,7 +308,7 @@ def fused_linear_opo_loss_with_config(hidden, weight, labels, ref_logprobs, rewa
     layout = dict(mask=mask, seq_ids=seq_ids, group_size=group_size, group_ids=group_ids)
     tp = None
     if process_group is not None:
-        rows, hidden_c, tp = _prepare_parallel(
+        rows, hidden_c, tp = prepare_parallel(
             hidden, weight, bias, labels, ref_logprobs, rewards, cfg, process_group,
             vocab_start, reduce_hidden_grad, chunk_size, logits_budget, layout)
         # from the global V, the same on every rank (the on-policy chunks each run
@@ -419,44 +354,6 @@ def _torch_reference(hidden, weight, bias, rows: CountedRows, cfg: OPOLossConfig
                                      explain)
 
 
-def _prepare_parallel(hidden, weight, bias, labels, ref_logprobs, rewards, cfg, group,
-                      vocab_start, reduce_hidden_grad, chunk_size, logits_budget, layout):
-    """Checks of a vocabulary-parallel call, agreed by every rank (see tensor_parallel).
-    Returns (rows, hidden_c, tp): the counted rows are found on each rank before the
-    agreement, which compares the rows' count, mask / seq_ids and the counted rows of hidden
-    (with validate=True), so that every rank multiplies the same rows."""
-    found = {}
-    tensors = (hidden, weight) if bias is None else (hidden, weight, bias)
-    # agreed: the one phase runs collectives per chunk, the two phases one per call; a rank
-    # under no_grad (no gradient wanted) would take the two phases (non-tensors: named below)
-    one_phase = (all(isinstance(t, torch.Tensor) for t in tensors)
-                 and one_pass_mode(ref_logprobs, cfg, hidden.dtype, wants_grad(*tensors)))
-
-    def checked():
-        if not isinstance(reduce_hidden_grad, bool):
-            raise TypeError(f"reduce_hidden_grad must be a bool, got {reduce_hidden_grad!r}")
-        batch = prepare_linear(hidden, weight, bias, labels, ref_logprobs, rewards, cfg,
-                               **layout)
-        require_fused_kernels(cfg, batch)
-        found["rows"] = rows = counted_rows(batch, cfg.validate)
-        found["hidden_c"] = rows.gather(hidden.detach())
-        # the caller's mask / seq_ids decide the rows: compared as passed
-        found["agree"] = {"hidden": found["hidden_c"], "mask": batch.mask,
-                          "seq_ids": batch.seq_ids}
-        return rows.batch
-
-    vocab_local = weight.shape[0] if isinstance(weight, torch.Tensor) and weight.dim() else 0
-    batch, start = prepare_together(group, checked, vocab_local, vocab_start, cfg,
-                                    agree={"chunk_size": chunk_size,
-                                           "logits_budget": logits_budget,
-                                           "reduce_hidden_grad": reduce_hidden_grad,
-                                           "one-phase mode": one_phase},
-                                    # every rank's slice of the logits is hidden @ its weight
-                                    agree_tensors=lambda: found["agree"])
-    rows = dataclasses.replace(found["rows"], batch=batch)  # (the global vocabulary)
-    return rows, found["hidden_c"], (group, start, reduce_hidden_grad)
-
-
 class FusedLinearOPOLoss(torch.nn.Module):
     """``nn.Module`` form of ``fused_linear_opo_loss`` (the loss: docs/spec.md; the chunks and
     the budget: docs/kernels.md "From hidden states"). chunk_size, logits_budget and the
@@ -474,9 +371,9 @@ class FusedLinearOPOLoss(torch.nn.Module):
     def __init__(self, chunk_size: Optional[int] = None, logits_budget: Optional[int] = None,
                  **options):
         super().__init__()
-        self.chunk_size = _check_chunk_size(chunk_size)
+        self.chunk_size = check_chunk_size(chunk_size)
         self.logits_budget = check_logits_budget(logits_budget)
-        self.config = _linear_config(options)
+        self.config = linear_config(options)
 
     def forward(self, hidden, weight, labels, ref_logprobs, rewards, bias=None, *, mask=None,
                 seq_ids=None, group_size=None, group_ids=None, process_group=None,
