@@ -328,7 +328,8 @@ def test_v1_start_plans_each_sample_of_a_step(verl_config):
     trainer.parameter_sync_step = 4  # 4 prompts per sample: one mini-batch of 4
     PPOTrainer.init(trainer)
     trainer.parameter_sync_step = 8  # 2 prompts per sample: half a mini-batch
-    with pytest.raises(ValueError, match="not a whole number of mini-batches"):
+    with pytest.raises(ValueError, match=r"not a whole number of mini-batches .* make "
+                                         r"data.train_batch_size / parameter_sync_step \(8\)"):
         PPOTrainer.init(trainer)
 
 

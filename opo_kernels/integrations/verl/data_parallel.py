@@ -102,13 +102,15 @@ def _balanced_groups(workloads: Sequence[int], dp_size: int, capacity: int) -> l
     return [sorted(p) for p in parts]
 
 
-def check_whole_mini_batches(num: int, mini_batch_rows: int) -> None:
-    """A batch of num responses must be a whole number of mini-batches."""
+def check_whole_mini_batches(num: int, mini_batch_rows: int,
+                             batch_key: str = "data.train_batch_size") -> None:
+    """A batch of num responses must be a whole number of mini-batches; batch_key: the
+    setting that gives the batch its prompts (named in the error)."""
     if num % mini_batch_rows:
         raise ValueError(
             f"opo_kernels: a batch of {num} responses is not a whole number of mini-batches of "
             f"{mini_batch_rows} (actor.ppo_mini_batch_size x rollout.n): make "
-            f"data.train_batch_size a multiple of actor.ppo_mini_batch_size")
+            f"{batch_key} a multiple of actor.ppo_mini_batch_size")
 
 
 def plan_rank_layout(uids: Sequence, workloads: Sequence[int], *, dp_size: int,
@@ -205,6 +207,9 @@ def check_at_start(trainer, dp_size: int, prompts: Optional[int]) -> None:
     if not all(isinstance(v, int) and v > 0 for v in (prompts, group)):
         check_rank_share(mini_rows, dp_size, group)
         return
+    sync = getattr(trainer, "parameter_sync_step", 1)  # (v1: prompts per balanced sample)
+    check_whole_mini_batches(prompts * group, mini_rows, "data.train_batch_size" if sync == 1
+                             else f"data.train_batch_size / parameter_sync_step ({sync})")
     uids = [prompt for prompt in range(prompts) for _ in range(group)]
     plan_rank_layout(uids, [1] * len(uids), dp_size=dp_size, mini_batch_rows=mini_rows,
                      micro_batch_rows=micro_rows)
