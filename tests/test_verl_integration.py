@@ -154,6 +154,18 @@ def test_estimator_refuses_kl_in_reward():
     assert out.batch["advantages"].dtype == torch.float64
 
 
+@pytest.mark.parametrize("value, match", [
+    (float("nan"), "non-finite reward"), (float("inf"), "non-finite reward"),
+    (1e39, "beyond float32's range")])
+def test_estimator_refuses_rewards_it_cannot_carry(value, match):
+    """A response's summed reward must be a finite float32 (the tag rides below its
+    precision): NaN and inf are non-finite; a finite float64 sum past float32's range says so."""
+    rewards = torch.rand(K, T, dtype=torch.float64)
+    rewards[1, 0] = value
+    with pytest.raises(ValueError, match=match):
+        ov.compute_opo_kernels_advantage(rewards, torch.ones(K, T), index=np.array(["p"] * K))
+
+
 def test_verls_advantage_metrics_read_rewards():
     """The trainer's compute_data_metrics takes the float64 advantages as they are: its
     critic/advantages/* statistics are those of the rewards over response tokens."""

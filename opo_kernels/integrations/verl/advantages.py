@@ -52,8 +52,12 @@ def compute_opo_kernels_advantage(token_level_rewards: torch.Tensor, response_ma
     num_seqs = token_level_rewards.shape[0]
     if len(index) != num_seqs:
         raise ValueError(f"index has {len(index)} entries for {num_seqs} responses")
-    rewards = token_level_rewards.sum(dim=-1).to(torch.float32)  # the outcome reward, like GRPO
+    summed = token_level_rewards.sum(dim=-1)
+    rewards = summed.to(torch.float32)  # the outcome reward, like GRPO
     if not bool(torch.isfinite(rewards).all()):
+        if bool(torch.isfinite(summed).all()):
+            raise ValueError("token_level_rewards sum to a reward beyond float32's range "
+                             "(|r| > 3.4e38) for some response")
         raise ValueError("token_level_rewards sum to a non-finite reward for some response")
 
     group_of = {}
