@@ -395,3 +395,22 @@ def test_core_package_does_not_import_trl():
 
 if __name__ == "__main__":
     _ddp_worker(sys.argv[1])
+
+
+def test_logged_metrics_leave_out_calls_that_count_no_token():
+    """A call whose mask counts no token (every completion truncated and masked) reports the
+    defaults (τ at its start, ω = v = 0): left out of the mean over the processes' calls; a
+    step where no call counts a token logs no opo/* value. (accelerator.gather of one process.)"""
+    import collections
+    import types
+
+    stub = types.SimpleNamespace(
+        accelerator=types.SimpleNamespace(gather=lambda t: t),
+        _metrics={"train": collections.defaultdict(list)})
+    metrics = {"tau": torch.tensor(0.75), "omega_max": torch.tensor(0.0)}
+    OPOTrainer._opo_log_metrics(stub, "train", metrics, torch.zeros(2, 3, dtype=torch.bool))
+    assert not stub._metrics["train"]
+    metrics = {"tau": torch.tensor(0.4), "omega_max": torch.tensor(2.5)}
+    OPOTrainer._opo_log_metrics(stub, "train", metrics, torch.ones(2, 3, dtype=torch.bool))
+    assert dict(stub._metrics["train"]) == {"opo/tau": [pytest.approx(0.4)],
+                                            "opo/omega_max": [2.5]}

@@ -200,7 +200,7 @@ class OPOTrainer(GRPOTrainer):
             loss = loss + self.router_aux_loss_coef * outputs.aux_loss
             self._metrics[mode]["aux_loss"].append(
                 self.accelerator.gather_for_metrics(outputs.aux_loss.detach()).mean().item())
-        self._opo_log_metrics(mode, metrics)
+        self._opo_log_metrics(mode, metrics, mask)
         if mode == "train":  # GRPOTrainer.loss_is_scaled_for_ga: the trainer does not rescale
             loss = loss / self.current_gradient_accumulation_steps
         return loss
@@ -371,13 +371,24 @@ class OPOTrainer(GRPOTrainer):
                 "opo_loss_path='logits'")
         find_lm_head(unwrapped, cast, "trl_fused_head")
 
-    def _opo_log_metrics(self, mode: str, metrics: Dict[str, torch.Tensor]) -> None:
+    def _opo_log_metrics(self, mode: str, metrics: Dict[str, torch.Tensor],
+                         mask: torch.Tensor) -> None:
+        """The call's metrics over the processes: the mean (omega_max: the max) over the calls
+        that count a token. A call that counts none (every completion truncated and masked,
+        or unscorable) reports the defaults (τ = its start, ω = v = 0), which would pull the
+        logged means toward them; where no process counts a token, nothing is logged."""
         names = list(metrics)
         values = [metrics[name].float() for name in names]
-        gathered = self.accelerator.gather(torch.stack(values)[None]).reshape(-1, len(names))
+        counted = mask.any().to(values[0].dtype)
+        gathered = self.accelerator.gather(torch.stack([counted, *values])[None])
+        gathered = gathered.reshape(-1, len(names) + 1)
+        keep = gathered[:, 0] > 0
+        if not bool(keep.any()):
+            return
+        rows = gathered[keep, 1:]
         reduced = torch.where(torch.tensor([n == "omega_max" for n in names],
-                                           device=gathered.device),
-                              gathered.max(0).values, gathered.mean(0))
+                                           device=rows.device),
+                              rows.max(0).values, rows.mean(0))
         for name, value in zip(names, reduced.tolist()):
             self._metrics[mode][f"opo/{name}"].append(value)
 
