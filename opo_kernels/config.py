@@ -242,6 +242,15 @@ class OPOLossConfig:
         set_("direction_scale", direction)
         set_("logit_reg_coef", reg)
 
+    def __getstate__(self):
+        """The fields only: ``_plan_id`` (``call_plan.config_id``) numbers this config in this
+        process; pickled into another process (torch.save, a spawned worker) or deep-copied,
+        it would name another config's call plan there."""
+        return {k: v for k, v in self.__dict__.items() if k != "_plan_id"}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+
     def replace(self, **changes) -> OPOLossConfig:
         """A copy with some fields changed (validated again). Preset options that were not given
         explicitly keep following the preset (e.g. direction_scale = 1/α under author_verl)."""

@@ -48,7 +48,7 @@ from .row_launch import Rows
 from .row_slice import RowSlice
 from .tensor_parallel import config_or_fail_together
 from .utils import first_order_only, mark_written, new_output_like, use_triton
-from .validation import check_at_backward, check_values_of
+from .validation import check_at_backward, check_values_of, read_pending
 from .vocab_parallel import vocab_parallel_loss
 
 # --------------------------------------------------------------------------------------------
@@ -372,6 +372,8 @@ def opo_loss_with_config(logits, labels, ref_logprobs, rewards, cfg: OPOLossConf
             pass
         plan = _CALL_PLANS.get(key)
         if plan is not None:
+            if cfg.validate:  # an earlier deferred call's error, before any kernel runs
+                read_pending()
             batch = plan.batch(logits, labels, ref_logprobs, rewards, mask, seq_ids, group_size,
                                group_ids, cfg)
             return loss_from_batch(batch, cfg, plan)
