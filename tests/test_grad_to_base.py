@@ -168,13 +168,13 @@ def test_on_policy_forward_writes_the_zeros_without_a_fill(layout):
 def test_a_slice_without_rows_gets_a_zero_base_gradient(on_policy):
     """No row, no kernel launch to write the zeros outside the slice: they are filled instead
     (the gradient starts NaN-filled in the tests, so a missed row shows)."""
-    base0 = torch.randn(2, 3, 5)
+    base0, labels, ref, rewards, mask = on_device((
+        torch.randn(2, 3, 5), torch.zeros(2, 0, dtype=torch.long), torch.zeros(2, 0),
+        torch.randn(2), torch.zeros(2, 0, dtype=torch.bool)))
     leaf = base0.clone().requires_grad_()
     base = leaf * 1.0
-    loss = opo_kernels.opo_loss(base[:, :0], torch.zeros(2, 0, dtype=torch.long),
-                                None if on_policy else torch.zeros(2, 0), torch.randn(2),
-                                mask=torch.zeros(2, 0, dtype=torch.bool), group_size=2,
-                                backend="triton", grad_to_base=True)
+    loss = opo_kernels.opo_loss(base[:, :0], labels, None if on_policy else ref, rewards,
+                                mask=mask, group_size=2, backend="triton", grad_to_base=True)
     (grad,) = torch.autograd.grad(loss, leaf)
     assert torch.equal(grad, torch.zeros_like(base0))
 

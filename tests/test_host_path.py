@@ -17,6 +17,9 @@ import opo_kernels
 from opo_kernels import config, fused_opo, launches, row_launch, utils
 from opo_kernels.config import OPOLossConfig, config_from_options
 
+# host-side code on CPU tensors (the remembered launches on CUDA: test_launch_cache_gpu.py)
+pytestmark = pytest.mark.cpu_only
+
 
 def test_equal_options_share_one_config():
     options = dict(alpha=0.5, level="token", entropy_coef=0.01)
@@ -402,3 +405,56 @@ def test_a_launch_config_override_is_read_at_every_call(monkeypatch):
         _call(logits, labels, ref, rewards, layout=layout)
     assert warps == [1, 2]
     assert not _new_plans(before)
+
+
+def test_a_pickled_config_does_not_carry_its_plan_number():
+    """config_id numbers configs per process; a config pickled in one process (torch.save, a
+    spawned worker) must not bring its number into another, where it names another config's
+    plan. Here the other process's numbering is stood in for by giving cfg the number of a
+    different config of this process: unpickled, cfg must get its own plan (its own α)."""
+    import copy
+    import pickle
+
+    from opo_kernels import call_plan
+
+    g = torch.Generator().manual_seed(0)
+    logits, labels = torch.randn(2, 3, 8, generator=g), torch.randint(0, 8, (2, 3), generator=g)
+    ref, rewards = torch.randn(2, 3, generator=g), torch.randn(2, generator=g)
+    other = OPOLossConfig(alpha=0.9, backend="triton")
+    fused_opo.opo_loss_with_config(logits, labels, ref, rewards, other, group_size=2)
+    cfg = OPOLossConfig(alpha=0.3, mu=0.5, backend="triton")
+    object.__setattr__(cfg, "_plan_id", call_plan.config_id(other))  # "the other process's"
+    for restored in (pickle.loads(pickle.dumps(cfg)), copy.deepcopy(cfg)):
+        assert "_plan_id" not in restored.__dict__ and restored == cfg
+        got = fused_opo.opo_loss_with_config(logits, labels, ref, rewards, restored,
+                                             group_size=2)
+        expected = opo_kernels.opo_loss(logits, labels, ref, rewards, group_size=2, alpha=0.3,
+                                        mu=0.5, backend="torch")
+        torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-7)
+
+
+def test_a_pending_deferred_error_is_raised_before_a_cached_call_writes():
+    """A validating call whose signature has a plan reads an earlier deferred call's error
+    before its kernels run, as a first call does in its input checks: an on-policy in-place
+    call (its forward writes the gradient over the logits) leaves the logits as they were."""
+    from opo_kernels import validation
+
+    g = torch.Generator().manual_seed(0)
+
+    def data():
+        return (torch.randn(2, 3, 8, generator=g), torch.randint(0, 8, (2, 3), generator=g),
+                torch.randn(2, generator=g))
+
+    options = dict(backend="triton", inplace_backward=True, group_size=2)
+    x, y, r = data()
+    opo_kernels.opo_loss(x.requires_grad_(), y, None, r, **options).backward()  # the plan
+    x, y, r = data()
+    r[0] = float("nan")
+    with torch.no_grad():  # no backward reads it: left pending
+        opo_kernels.opo_loss(x, y, None, r, backend="triton", group_size=2, validate="deferred")
+    assert validation._PENDING
+    x, y, r = data()
+    before = x.clone()
+    with pytest.raises(ValueError, match="validate='deferred'.*rewards"):
+        opo_kernels.opo_loss(x.requires_grad_(), y, None, r, **options)
+    assert torch.equal(x.detach(), before)

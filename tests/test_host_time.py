@@ -5,11 +5,14 @@ import os
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from triton.runtime.jit import KernelInterface
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks import host_time  # noqa: E402
+
+pytestmark = pytest.mark.cpu_only  # CPU tensors, launches stubbed (conftest.py)
 
 
 def test_host_time_measures_every_mode_and_restores_launches():

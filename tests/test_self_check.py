@@ -30,6 +30,7 @@ def test_runs_and_restarts_under_the_interpreter():
     assert "over tolerance" not in out.stdout
 
 
+@pytest.mark.cpu_only  # (main() with the CPU default; on CUDA the device run calls it itself)
 def test_exits_1_when_an_error_is_over_its_tolerance(monkeypatch, capsys):
     assert self_check.main(SMALL) == 0
     monkeypatch.setitem(self_check.GRAD_TOL, torch.bfloat16, 0.0)  # no bf16 gradient meets 0
