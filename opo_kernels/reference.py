@@ -233,7 +233,10 @@ def loss_from_batch(batch: Batch, cfg: OPOLossConfig, explain=None):
     logprobs, lse, entropy = token_stats(logits2d, labels, cfg.temperature, cfg.with_entropy)
     # a counted label outside [0, V) has no log-prob: NaN, as on the fused path. validate=True
     # reports it; with validate=False the loss is NaN on both backends, never a finite guess
-    logprobs = torch.where((labels >= 0) & (labels < vocab), logprobs, math.nan)
+    in_vocab = (labels >= 0) & (labels < vocab)
+    logprobs = torch.where(in_vocab, logprobs, math.nan)
+    if entropy is not None:  # every metric NaN too, as the fused path gives
+        entropy = torch.where(in_vocab, entropy, math.nan)
     if cfg.validate:
         lse_all = torch.zeros(batch.num_rows, dtype=lse.dtype, device=lse.device)
         lp_all = lse_all.clone()
