@@ -8,14 +8,13 @@ Logits are never copied or reshaped here: the fused kernels read them through th
 
 from __future__ import annotations
 
-import numbers
 from dataclasses import dataclass
 from typing import Dict, Optional
 
 import torch
 
 from .config import OPOLossConfig
-from .utils import use_triton
+from .utils import host_int, use_triton
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
@@ -251,10 +250,10 @@ def prepare_logprobs(logprobs, ref_logprobs, rewards, *, entropy=None, vocab_siz
                          "are no logits here): pass entropy=[B, T] or [N], or leave "
                          "compute_entropy=False")
     if vocab_size is not None:  # an int, a NumPy integer (as group_size)
-        if isinstance(vocab_size, bool) or not isinstance(vocab_size, numbers.Integral) \
-                or vocab_size < 1:
+        size = host_int(vocab_size, 1)
+        if size is None:
             raise ValueError(f"vocab_size must be a positive int, got {vocab_size!r}")
-        vocab_size = int(vocab_size)
+        vocab_size = size
     if vocab_size is None and config.adaptive_tau:
         raise ValueError("vocab_size is needed by the adaptive tau rule (it uses log V): pass "
                          "vocab_size=V, or adaptive_tau=False")

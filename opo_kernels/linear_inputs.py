@@ -6,7 +6,6 @@ logits), and with a process group the same checks agreed by every rank
 from __future__ import annotations
 
 import dataclasses
-import numbers
 from typing import Optional
 
 import torch
@@ -15,7 +14,7 @@ from .config import OPOLossConfig, config_from_options
 from .inputs import Batch, check_tensor, prepare
 from .linear_rows import counted_rows
 from .tensor_parallel import prepare_together
-from .utils import one_pass_mode, wants_grad
+from .utils import host_int, one_pass_mode, wants_grad
 from .validation import read_pending
 from .vocab_parallel import require_fused_kernels
 
@@ -51,10 +50,10 @@ def check_chunk_size(chunk_size) -> Optional[int]:
     """chunk_size as an int (a NumPy integer too, as group_size), or None."""
     if chunk_size is None:
         return None
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral) \
-            or chunk_size < 1:
+    rows = host_int(chunk_size, 1)
+    if rows is None:
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
-    return int(chunk_size)
+    return rows
 
 
 def linear_config(options) -> OPOLossConfig:

@@ -9,12 +9,11 @@ on-policy chunks each run a collective).
 
 from __future__ import annotations
 
-import numbers
 from typing import NamedTuple, Optional
 
 import torch
 
-from .utils import cdiv, next_power_of_2
+from .utils import cdiv, host_int, next_power_of_2
 
 # Default chunk: the largest power of two of rows whose logits fit in _CHUNK_BYTES, at least
 # _MIN_CHUNK rows (so each chunk's matmuls still amortize one read of the weight; only binds for
@@ -61,11 +60,11 @@ def check_logits_budget(logits_budget) -> Optional[int]:
     returned as an int or None."""
     if logits_budget is None:
         return None
-    if isinstance(logits_budget, bool) or not isinstance(logits_budget, numbers.Integral) \
-            or logits_budget < 0:
+    budget = host_int(logits_budget, 0)
+    if budget is None:
         raise ValueError(f"logits_budget must be an int >= 0 (bytes of logits kept from "
                          f"forward to backward) or None for the default, got {logits_budget!r}")
-    return int(logits_budget)
+    return budget
 
 
 class LinearPlan(NamedTuple):

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import functools
+import numbers
 import os
+from typing import Optional
 
 import torch
 
@@ -79,6 +81,14 @@ def first_order_only(backward):
         return backward(ctx, *grads)
 
     return wrapper
+
+
+def host_int(value, minimum: int) -> Optional[int]:
+    """value as a Python int when it is an int or a NumPy integer (not a bool) >= minimum, else
+    None (the caller raises, naming its argument)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        return None
+    return int(value)
 
 
 def cdiv(a: int, b: int) -> int:
