@@ -91,14 +91,12 @@ def _source(batch):
 def check_values_of(cfg, errs: torch.Tensor, batch) -> Optional[Deferred]:
     """Reads (validate=True) or defers (validate="deferred") the value-check counts ``errs``
     of a call on ``batch`` (their first NUM_ERR entries: a call plan passes its whole int
-    workspace, which starts with them); first raises for any earlier deferred call's bad
-    input. Returns the call's ``Deferred`` (to read at its backward: ``check_at_backward``)
-    or None."""
+    workspace, which starts with them). Earlier deferred calls were read before this call's
+    kernels ran (``read_pending``, by its input checks or its plan). Returns the call's
+    ``Deferred`` (to read at its backward: ``check_at_backward``) or None."""
     validate = cfg.validate
     if not validate or torch.compiler.is_compiling():
         return None
-    if _PENDING:
-        check_deferred()
     if validate is True:
         raise_bad_values(errs, batch)
         return None
@@ -118,11 +116,10 @@ def check_values_of(cfg, errs: torch.Tensor, batch) -> Optional[Deferred]:
 
 
 def read_pending() -> None:
-    """At a validating call that reads its own checks another way (the torch backend, the
-    fused-linear and vocabulary-parallel paths, and every call's input checks): first raises
-    for an earlier deferred call's bad input, as ``check_values_of`` does. Vocabulary-parallel
-    and fused-linear calls with a process group run it inside their agreed checks, so that an
-    error pending on one rank stops every rank."""
+    """At the start of every validating call, before its kernels run (in the input checks,
+    ``inputs.prepare`` and its kin, and on a call plan's hit): raises for an earlier deferred
+    call's bad input. Vocabulary-parallel and fused-linear calls with a process group run it
+    inside their agreed checks, so that an error pending on one rank stops every rank."""
     if _PENDING and not torch.compiler.is_compiling():
         check_deferred()
 
