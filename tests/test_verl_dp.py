@@ -264,7 +264,7 @@ def _legacy_start(trainer):
     """The legacy trainer's patched init_workers around a start-up that does nothing (verl's
     own starts Ray worker groups)."""
     start = data_parallel._checked_at_start(data_parallel._legacy_dp_size,
-                                            data_parallel._legacy_prompts)(lambda self: "up")
+                                            data_parallel._legacy_batch)(lambda self: "up")
     return start(trainer)
 
 

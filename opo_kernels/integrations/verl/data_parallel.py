@@ -115,7 +115,8 @@ def check_whole_mini_batches(num: int, mini_batch_rows: int,
 
 def plan_rank_layout(uids: Sequence, workloads: Sequence[int], *, dp_size: int,
                      mini_batch_rows: int, micro_batch_rows: Optional[int] = None,
-                     padding: Optional[Sequence[bool]] = None) -> list:
+                     padding: Optional[Sequence[bool]] = None,
+                     batch_key: str = "data.train_batch_size") -> list:
     """Which rows each data-parallel rank receives, in order, so that every mini-batch and
     every micro-batch of every rank holds whole prompt groups (module docstring).
 
@@ -125,6 +126,8 @@ def plan_rank_layout(uids: Sequence, workloads: Sequence[int], *, dp_size: int,
     rollout.n). micro_batch_rows: rows per micro-batch on one rank
     (actor.ppo_micro_batch_size_per_gpu; None: not checked). padding: [B] True for rows that
     only pad the batch (they join no group and fill the end of a rank's mini-batch).
+    batch_key: the setting that gives the batch its prompts (named when it is not a whole
+    number of mini-batches).
     Returns dp_size lists of row indices, each of B / dp_size rows; verl's batch reordered by
     their concatenation gives rank r the r-th contiguous slice. Raises ValueError naming the
     config key to change when no such layout exists.
@@ -152,7 +155,7 @@ def plan_rank_layout(uids: Sequence, workloads: Sequence[int], *, dp_size: int,
             f"verl's micro-batches have a fixed number of rows, so only equal groups can be kept "
             f"whole in every micro-batch: give every prompt the same rollout.n")
     size = sizes[0] if sizes else 1
-    check_whole_mini_batches(num, mini_batch_rows)
+    check_whole_mini_batches(num, mini_batch_rows, batch_key)
     check_rank_share(mini_batch_rows, dp_size, size)
     if micro_batch_rows is not None and micro_batch_rows % size:
         raise ValueError(
@@ -193,29 +196,27 @@ def _actor_sizes(trainer, dp_size: int):
     return actor.ppo_mini_batch_size * group, micro
 
 
-def check_at_start(trainer, dp_size: int, prompts: Optional[int]) -> None:
+def check_at_start(trainer, dp_size: int, batch: Optional[tuple]) -> None:
     """The checks that need no batch, in the trainer's process once its workers are up (the
     data-parallel size known), before the first rollout: the actor and algorithm settings, and
-    the layout of a batch of ``prompts`` prompts × rollout.n responses (equal lengths), planned
-    as the patched ``_balance_batch`` plans every batch, so that the same ValueError, naming the
-    key to change, comes at start instead of after the first rollout. ``prompts`` None (the
-    legacy trainer with ``trainer.balance_batch=False``, which balances nothing): only what the
-    loss refuses at its first micro-batch."""
+    the layout of a batch of the configured size planned as the patched ``_balance_batch``
+    plans every batch, so that the same ValueError, naming the key to change, comes at start
+    instead of after the first rollout. batch: (prompts per balanced batch, the setting that
+    gives them), or None (the legacy trainer with ``trainer.balance_batch=False``, which
+    balances nothing): then only what the loss refuses at its first micro-batch."""
     check_algorithm_config(config_get(trainer.config, "algorithm"))
     mini_rows, micro_rows = _actor_sizes(trainer, dp_size)
     group = trainer.config.actor_rollout_ref.rollout.n
+    prompts, batch_key = batch or (None, None)
     if not all(isinstance(v, int) and v > 0 for v in (prompts, group)):
         check_rank_share(mini_rows, dp_size, group)
         return
-    sync = getattr(trainer, "parameter_sync_step", 1)  # (v1: prompts per balanced sample)
-    check_whole_mini_batches(prompts * group, mini_rows, "data.train_batch_size" if sync == 1
-                             else f"data.train_batch_size / parameter_sync_step ({sync})")
     uids = [prompt for prompt in range(prompts) for _ in range(group)]
     plan_rank_layout(uids, [1] * len(uids), dp_size=dp_size, mini_batch_rows=mini_rows,
-                     micro_batch_rows=micro_rows)
+                     micro_batch_rows=micro_rows, batch_key=batch_key)
 
 
-def _checked_at_start(dp_size_of, prompts_of):
+def _checked_at_start(dp_size_of, batch_of):
     """A trainer's start-up method (legacy ``init_workers``, v1 ``init``) followed, with
     algorithm.adv_estimator=opo_kernels, by ``check_at_start``."""
 
@@ -223,7 +224,7 @@ def _checked_at_start(dp_size_of, prompts_of):
         def start(self, *args, **kwargs):
             out = original(self, *args, **kwargs)
             if _opo_in_use(self):
-                check_at_start(self, dp_size_of(self), prompts_of(self))
+                check_at_start(self, dp_size_of(self), batch_of(self))
             return out
 
         return start
@@ -235,11 +236,13 @@ def _legacy_dp_size(trainer) -> int:
     return trainer._get_dp_size(trainer.actor_rollout_wg, "actor")
 
 
-def _legacy_prompts(trainer) -> Optional[int]:
-    """Prompts per balanced batch: data.train_batch_size; None without balancing."""
+def _legacy_batch(trainer) -> Optional[tuple]:
+    """(prompts per balanced batch, its setting): data.train_batch_size; None without
+    balancing."""
     if not config_get(config_get(trainer.config, "trainer"), "balance_batch", True):
         return None
-    return config_get(config_get(trainer.config, "data"), "train_batch_size")
+    key = "data.train_batch_size"
+    return config_get(config_get(trainer.config, "data"), "train_batch_size"), key
 
 
 def _v1_dp_size(trainer) -> int:
@@ -249,14 +252,17 @@ def _v1_dp_size(trainer) -> int:
     return max(worker_group._dispatch_info["actor"]) + 1
 
 
-def _v1_prompts(trainer) -> Optional[int]:
-    """Prompts per balanced batch: the v1 trainer samples data.train_batch_size /
-    parameter_sync_step prompts per local update (its ``step``) and balances each sample."""
+def _v1_batch(trainer) -> Optional[tuple]:
+    """(prompts per balanced batch, its setting): the v1 trainer samples
+    data.train_batch_size / parameter_sync_step prompts per local update (its ``step``) and
+    balances each sample."""
     prompts = config_get(config_get(trainer.config, "data"), "train_batch_size")
     sync = getattr(trainer, "parameter_sync_step", 1)
     if not (isinstance(prompts, int) and isinstance(sync, int) and sync > 0) or prompts % sync:
         return None  # verl's own step refuses it
-    return prompts // sync
+    key = ("data.train_batch_size" if sync == 1
+           else f"data.train_batch_size / parameter_sync_step ({sync})")
+    return prompts // sync, key
 
 
 def _dynamic(trainer) -> bool:
@@ -349,10 +355,10 @@ def _balance_v1(original):
 _TRAINERS = {
     "verl.trainer.ppo.ray_trainer": ("RayPPOTrainer", {
         "_balance_batch": _balance_legacy,
-        "init_workers": _checked_at_start(_legacy_dp_size, _legacy_prompts)}),
+        "init_workers": _checked_at_start(_legacy_dp_size, _legacy_batch)}),
     "verl.trainer.ppo.v1.trainer_base": ("PPOTrainer", {
         "_balance_batch": _balance_v1,
-        "init": _checked_at_start(_v1_dp_size, _v1_prompts)}),
+        "init": _checked_at_start(_v1_dp_size, _v1_batch)}),
 }
 _START = "the configuration is checked when the first batch is balanced, not at start"
 # method -> (the parameters it must start with, what is lost when it is not replaced)
