@@ -306,11 +306,16 @@ def fused_linear_opo_loss_with_config(hidden, weight, labels, ref_logprobs, rewa
                                       vocab_start=None, reduce_hidden_grad=True):
     """``fused_linear_opo_loss`` with an already validated config (used by the module)."""
     layout = dict(mask=mask, seq_ids=seq_ids, group_size=group_size, group_ids=group_ids)
+    tensors = (hidden, weight) if bias is None else (hidden, weight, bias)
+    grad_wanted = all(isinstance(t, torch.Tensor) for t in tensors) and wants_grad(*tensors)
+    # on-policy: one phase, also vocabulary-parallel (see on_policy_chunks); with a process
+    # group every rank must agree on it (non-tensors: the checks below name them)
+    one_phase = grad_wanted and one_pass_mode(ref_logprobs, cfg, hidden.dtype, grad_wanted)
     tp = None
     if process_group is not None:
         rows, hidden_c, tp = prepare_parallel(
             hidden, weight, bias, labels, ref_logprobs, rewards, cfg, process_group,
-            vocab_start, reduce_hidden_grad, chunk_size, logits_budget, layout)
+            vocab_start, reduce_hidden_grad, chunk_size, logits_budget, layout, one_phase)
         # from the global V, the same on every rank (the on-policy chunks each run
         # collectives; slices of uneven sizes could round to different chunk sizes)
         vocab = cdiv(rows.batch.vocab, torch.distributed.get_world_size(process_group))
@@ -327,9 +332,6 @@ def fused_linear_opo_loss_with_config(hidden, weight, labels, ref_logprobs, rewa
             return _torch_reference(hidden, weight, bias, rows, cfg)
         hidden_c = rows.gather(hidden.detach())
         vocab = weight.shape[0]
-    grad_wanted = wants_grad(hidden, weight, bias)
-    # on-policy: one phase, also vocabulary-parallel (see on_policy_chunks)
-    one_phase = one_pass_mode(rows.batch.ref_logprobs, cfg, hidden.dtype, grad_wanted)
     plan = plan_chunks(rows.batch.num_rows, vocab, hidden.dtype, chunk_size, logits_budget,
                        one_phase, grad_wanted)
     loss, metrics = FusedLinearOPOFunction.apply(hidden, weight, bias, hidden_c, rows, cfg,

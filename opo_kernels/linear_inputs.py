@@ -14,7 +14,7 @@ from .config import OPOLossConfig, config_from_options
 from .inputs import Batch, check_tensor, prepare
 from .linear_rows import counted_rows
 from .tensor_parallel import prepare_together
-from .utils import host_int, one_pass_mode, wants_grad
+from .utils import host_int
 from .validation import read_pending
 from .vocab_parallel import require_fused_kernels
 
@@ -84,17 +84,15 @@ def prepare_linear(hidden, weight, bias, labels, ref_logprobs, rewards, cfg: OPO
 
 
 def prepare_parallel(hidden, weight, bias, labels, ref_logprobs, rewards, cfg, group,
-                      vocab_start, reduce_hidden_grad, chunk_size, logits_budget, layout):
+                     vocab_start, reduce_hidden_grad, chunk_size, logits_budget, layout,
+                     one_phase: bool):
     """Checks of a vocabulary-parallel call, agreed by every rank (see tensor_parallel).
     Returns (rows, hidden_c, tp): the counted rows are found on each rank before the
     agreement, which compares the rows' count, mask / seq_ids and the counted rows of hidden
-    (with validate=True), so that every rank multiplies the same rows."""
+    (with validate=True), so that every rank multiplies the same rows. one_phase (the
+    on-policy one-phase mode) is agreed too: it runs collectives per chunk, the two phases
+    one per call, and a rank under no_grad would take the two phases."""
     found = {}
-    tensors = (hidden, weight) if bias is None else (hidden, weight, bias)
-    # agreed: the one phase runs collectives per chunk, the two phases one per call; a rank
-    # under no_grad (no gradient wanted) would take the two phases (non-tensors: named below)
-    one_phase = (all(isinstance(t, torch.Tensor) for t in tensors)
-                 and one_pass_mode(ref_logprobs, cfg, hidden.dtype, wants_grad(*tensors)))
 
     def checked():
         if not isinstance(reduce_hidden_grad, bool):
