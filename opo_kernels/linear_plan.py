@@ -29,12 +29,13 @@ _MIN_CHUNK = 128
 #   alone at the 11,469 counted rows of a 16 × 1024 batch (2.9 GB, + their gradient); a fixed
 #   amount, not a fraction of the batch, so that a longer batch does not raise the peak.
 # - On-policy, the budget sets the chunk (below): each chunk reads and writes the fp32 [V, H]
-#   weight-gradient accumulator once, 8·V·H bytes (12 for 16-bit inputs, whose product is
-#   added separately): 4.2 GB (6.3) at V = 128,256, H = 4096, whatever the chunk's rows C.
+#   weight-gradient accumulator once, 8·V·H bytes (12 for 16-bit inputs off CUDA, whose
+#   product is added separately; linear_chunks._add_product): 4.2 GB (6.3) at V = 128,256,
+#   H = 4096, whatever the chunk's rows C.
 #   Against the chunk's 3 matmuls (6·C·H·V flops) that is 1.3/C byte per flop (2/C): at the
-#   ~4190 rows that 1 GiB holds at that V in bf16, 4.8e-4 B/flop. An H100 / H200 does 295 /
+#   ~4190 rows that 1 GiB holds at that V in bf16, 3.2e-4 B/flop. An H100 / H200 does 295 /
 #   206 dense bf16 flops per byte of memory bandwidth (data-sheet peaks), so the accumulator
-#   costs ~10-14 % of the matmuls' time at peak rates if nothing overlaps it; the 256 MiB
+#   costs ~7-9 % of the matmuls' time at peak rates if nothing overlaps it; the 256 MiB
 #   chunk (1024 rows) would cost 4x as much.
 # - General mode: the logits of the first ~4190 counted rows are not recomputed in backward
 #   (a third of the 4th matmul at the batch above).

@@ -28,7 +28,7 @@ import opo_kernels.utils as ok_utils
 from opo_kernels import fused_linear_opo_loss
 
 _MATMULS = {"aten.mm.default", "aten.mm.out", "aten.addmm.default", "aten.addmm.out",
-            "aten.addmm_.default"}
+            "aten.addmm_.default", "aten.mm.dtype_out", "aten.addmm.dtype_out"}
 
 
 class MatmulCounter(TorchDispatchMode):

@@ -208,7 +208,8 @@ class HeadMatmuls(TorchDispatchMode):
     [R, H] x [H, V] product or a gradient of one) adds R = m·k·n / (V·H)."""
 
     OPS = {torch.ops.aten.mm.default, torch.ops.aten.mm.out, torch.ops.aten.addmm.default,
-           torch.ops.aten.addmm.out, torch.ops.aten.addmm_.default}
+           torch.ops.aten.addmm.out, torch.ops.aten.addmm_.default, torch.ops.aten.mm.dtype_out,
+           torch.ops.aten.addmm.dtype_out}
 
     def __init__(self, vocab: int, hidden: int):
         super().__init__()

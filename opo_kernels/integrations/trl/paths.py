@@ -19,12 +19,12 @@ compute differs; per micro-batch of N counted completion tokens, hidden size H, 
   the default budget, min(the 256 MiB of TRL's tile, 4·V·H), it holds at most what TRL's
   head holds, and runs 4 − K/N matmuls instead of 4 and moves fewer bytes. On-policy (TRL's
   default schedule: no old log-probs) it runs one pass, 3 matmuls, but reads and writes an
-  fp32 [V, H] accumulator once per chunk (12·V·H bytes). With chunks no larger than TRL's
-  tile, that traffic outweighs the saved matmul: at V = 151936, H = 896, a 256 MiB chunk
-  holds 883 rows, whose accumulator pass moves 1.6 GB while their matmul is 0.24 TFLOP, and
-  an H100's data-sheet rates (3.35 TB/s, 989 dense bf16 TFLOP/s) make the pass the longer of
-  the two (~0.49 against ~0.24 ms). Chunks of >= ~1200-1800 rows (``opo_logits_budget`` >=
-  ~0.4-0.5 GB there) would make it faster than TRL's head while holding more than it;
+  fp32 [V, H] accumulator once per chunk (8·V·H bytes on CUDA). With chunks no larger than
+  TRL's tile, that traffic outweighs the saved matmul: at V = 151936, H = 896, a 256 MiB
+  chunk holds 883 rows, whose accumulator pass moves 1.1 GB while their matmul is 0.24
+  TFLOP, and an H100's data-sheet rates (3.35 TB/s, 989 dense bf16 TFLOP/s) make the pass the
+  longer of the two (~0.33 against ~0.24 ms). Chunks of >= ~1200 rows (``opo_logits_budget``
+  >= ~0.4 GB there) would make it faster than TRL's head while holding more than it;
   benchmarks/trainer_bench.py measures both settings.
 - "logits": the model's completion logits [B, C, V] and ``opo_loss``. Holds the logits of
   every completion position, fp32 under accelerate's mixed precision (4·B·C·V bytes: 5 GB at
