@@ -117,6 +117,22 @@ def test_liger_paths_agree(tiny):
     assert torch.isfinite(loss) and grad.abs().max() > 0
 
 
+def test_fused_linear_rows_record_their_plan(tiny):
+    """The default budget keeps some rows' logits (a 4 − K/M matmul run): the row says so,
+    with the plan the call makes (linear_plan.plan_chunks on the counted rows)."""
+    from opo_kernels.linear_plan import DEFAULT_LOGITS_BUDGET
+    model, b = tiny
+    row_bytes = b.vocab * model.get_output_embeddings().weight.element_size()
+    general = build_path("opo_fused_linear", model, b, compile_backend="eager").extra
+    assert general["logits_budget"] == "default" and not general["on_policy"]
+    assert general["held_rows"] == min(b.counted, DEFAULT_LOGITS_BUDGET // row_bytes) > 0
+    held = build_path("opo_fused_linear_budget", model, b, compile_backend="eager").extra
+    assert held["held_rows"] == b.counted and isinstance(held["logits_budget"], int)
+    on_policy = build_path("opo_fused_linear_on_policy", model, b, compile_backend="eager").extra
+    assert on_policy["on_policy"] and on_policy["held_rows"] == 0
+    assert on_policy["chunk_size"] >= 1
+
+
 def test_unknown_path_and_settings_are_refused(tiny):
     model, b = tiny
     with pytest.raises(ValueError, match="unknown path"):
@@ -175,11 +191,13 @@ def _row(path, ms, peak, model="qwen2.5-0.5b", tokens=8192):
             "tokens_per_s": tokens / (ms * 1e-3), "B": 16, "L": 512, "counted": 5734}
 
 
-def _data(rows):
+def _data(rows, paths=None):
+    """A results file whose run was asked for ``paths`` (default: the rows' paths and cce)."""
+    paths = list(dict.fromkeys([r["path"] for r in rows] + ["cce"])) if paths is None else paths
     return {"device": "Test GPU", "torch": "2.x", "triton": "3.x", "transformers": "5.x",
             "commit": "abc", "timer": "cuda-events", "peers": {"trl": "1.16.0"},
             "settings": {"seq_len": 512, "group_size": 8, "counted_fraction": 0.7,
-                         "steps": 10, "warmup": 3, "grad_ckpt": True},
+                         "steps": 10, "warmup": 3, "grad_ckpt": True, "paths": paths},
             "models": {"qwen2.5-0.5b": {"params": 1}}, "rows": rows,
             "skipped": [{"model": "qwen2.5-0.5b", "tokens": 8192, "path": "cce",
                          "reason": "cut-cross-entropy not importable"}], "errors": []}
@@ -201,7 +219,7 @@ def test_headline_table_and_targets(tmp_path):
     # × plain and × best peer (trl_head, 90 ms: plain is no peer)
     assert ("| qwen2.5-0.5b | 8192 | opo_fused_linear | 78.0 | 0.78× | 0.87× | 19.5 | 25% "
             "| 4,096 |") in table
-    assert "| trl_head | 90.0 | 0.90× | 1.00× |" in table
+    assert "| trl_head (best peer) | 90.0 | 0.90× | 1.00× |" in table
     assert "| plain | 100.0 | 1.00× | 1.11× |" in table
     assert "our fastest general-mode path, the peers' setting (opo_fused_linear)" in table
     assert "(≤ 0.8: met)" in table and "(trl_head; < 1: met)" in table
@@ -230,6 +248,38 @@ def test_headline_table_and_targets(tmp_path):
     readme.write_text("no markers\n")
     assert not report.update_readme(readme, table) and readme.read_text() == "no markers\n"
     assert report.plot(data, tmp_path / "f.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_peers_not_reached_withhold_the_peer_ratios():
+    """A time-limited run that stopped before a peer at a shape: the fastest and the leanest
+    peer would be whichever was measured first, so "× best peer" and those verdicts wait (a
+    peer that cannot run, e.g. not installed, does not hold them back, nor does cce_filtered,
+    which is shown but not in the targets)."""
+    gib = 2**30
+    rows = [_row("plain", 100.0, 20 * gib), _row("trl_head", 90.0, 6 * gib),
+            _row("opo_fused_linear", 78.0, 4 * gib)]
+    data = _data(rows, paths=["opo_fused_linear", "plain", "trl_head", "cce", "cce_filtered",
+                              "liger_fused_linear"])
+    data["skipped"].append({"model": "qwen2.5-0.5b", "tokens": 8192, "path": "cce_filtered",
+                            "reason": report.TIME_SKIP})
+    t = report.targets(data)
+    assert t["peers_not_reached"] == ["liger_fused_linear"]
+    assert t["best_peer"] is None and t["best_vs_best_peer"] is None
+    assert t["leanest_peer"] is None and t["fused_peak_vs_leanest_peer"] is None
+    assert t["best_vs_plain"] == pytest.approx(0.78)  # plain was measured
+    table = report.render_table(data)
+    assert "| opo_fused_linear | 78.0 | 0.78× | – |" in table and "(best peer) |" not in table
+    assert "peers not reached in the run's time: liger_fused_linear;" in table
+    # the resumed run measured them: the ratios are given
+    data["skipped"].pop()
+    data["rows"] += [_row("cce_filtered", 80.0, 5 * gib), _row("liger_fused_linear", 95.0,
+                                                               3 * gib)]
+    t = report.targets(data)
+    assert t["peers_not_reached"] == [] and t["best_peer"] == "trl_head"  # not cce_filtered
+    assert t["leanest_peer"] == "liger_fused_linear"
+    table = report.render_table(data)
+    assert "| trl_head (best peer) | 90.0 |" in table
+    assert "| cce_filtered | 80.0 | 0.80× | 0.89× |" in table
 
 
 @pytest.mark.parametrize("breakage", ["no_rows_key", "bad_path", "bad_type", "unknown_model"])

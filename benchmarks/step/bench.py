@@ -36,7 +36,7 @@ import torch
 from benchmarks import peers
 from benchmarks.cases import cuda_ok
 from benchmarks.results import device_name, git_commit, load_resumable, slug, write_json
-from benchmarks.step import grid
+from benchmarks.step import grid, report
 from benchmarks.step.batch import StepBatch, build_model, build_optimizer, make_batch
 from benchmarks.step.paths import Unavailable, build_path
 from benchmarks.timers import _quantile
@@ -125,6 +125,7 @@ class StepBench:
                          "warmup": settings.warmup, "grad_ckpt": settings.grad_ckpt,
                          "dtype": "bfloat16", "optimizer": "AdamW (fused on CUDA), lr 0",
                          "compile_backend": settings.compile_backend,
+                         "paths": list(settings.paths),
                          "float32_matmul_precision": torch.get_float32_matmul_precision()},
             "timer": self.clock.name, "method": __doc__.split("\n\n", 1)[1].strip(),
             "models": {}, "rows": [], "skipped": [], "errors": [],
@@ -174,7 +175,7 @@ class StepBench:
                         continue
                     if self.out_of_time():
                         for p in todo:
-                            self._skip(name, tokens, p, "time budget spent")
+                            self._skip(name, tokens, p, report.TIME_SKIP)
                         continue
                     batch = make_batch(model, tokens, s.seq_len, s.prompt_len, seed=s.seed)
                     for path in todo:
@@ -226,7 +227,7 @@ class StepBench:
         if (model_name, tokens, path) in self.done:
             return None
         if self.out_of_time():
-            self._skip(model_name, tokens, path, "time budget spent")
+            self._skip(model_name, tokens, path, report.TIME_SKIP)
             return None
         try:
             lp = build_path(path, model, batch, self.settings.compile_backend)

@@ -19,6 +19,9 @@ Paths (the head + loss part; the rest of the step is the same code for all):
   trl_head                   TRL's fused LM head (add_fused_lm_head, log-probs of the counted
                              positions only) -> opo_loss_from_logprobs
   cce                        cut-cross-entropy per-token NLL (exact mode) -> opo_loss_from_logprobs
+  cce_filtered               the same in its default mode (filter_eps="high": gradient blocks
+                             below the threshold skipped; CUDA only): its users' setting,
+                             faster, an approximate gradient: shown, not in the targets
   liger_logits               model logits -> Liger triton_grpo_loss (GSPO; Liger has no OPO)
   liger_logits_token         the same at importance_sampling_level="token" (GRPO: one pass over
                              the logits less, Liger's fastest mode)
@@ -69,7 +72,8 @@ FULL_MODELS = ("qwen2.5-0.5b", "llama-3.2-1b")
 TINY_SEQ_LEN, TINY_PROMPT_LEN, TINY_TOKENS = 16, 3, (128,)
 
 PATHS = ("opo_fused_linear", "opo_fused_linear_on_policy", "opo_logits", "opo_logits_inplace",
-         "plain", "trl_head", "cce", "torch_compiled", "liger_logits", "liger_logits_token",
+         "plain", "trl_head", "cce", "cce_filtered", "torch_compiled", "liger_logits",
+         "liger_logits_token",
          "liger_fused_linear_tf32_chunkB", "liger_fused_linear_tf32", "liger_fused_linear",
          "opo_fused_linear_budget")
 OURS = tuple(p for p in PATHS if p.startswith("opo_"))
@@ -79,9 +83,12 @@ PEERS = tuple(p for p in PATHS if not p.startswith("opo_"))
 # (ref_logprobs=None: one update per batch) is another setting, reported beside them
 OURS_ON_POLICY = tuple(p for p in OURS if p.endswith("_on_policy"))
 OURS_GENERAL = tuple(p for p in OURS if p not in OURS_ON_POLICY)
-# the peers a "× best peer" ratio may name: plain is the naive baseline of "× plain", not a peer
-# to beat at its strongest
-RATED_PEERS = tuple(p for p in PEERS if p != "plain")
+# peer paths shown beside the others but kept out of the targets: not the same gradient
+APPROXIMATE = ("cce_filtered",)
+# the peers the targets compare with (those a "× best peer" ratio may name): plain is the naive
+# baseline of "× plain", not a peer to beat at its strongest
+TARGET_PEERS = tuple(p for p in PEERS if p not in APPROXIMATE)
+RATED_PEERS = tuple(p for p in TARGET_PEERS if p != "plain")
 # paths whose loss is the OPO loss (checked against the reference); the Liger ones run GSPO
 OPO_MATH = tuple(p for p in PATHS if not p.startswith("liger"))
 

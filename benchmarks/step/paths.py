@@ -90,14 +90,17 @@ def build_path(name: str, model, b: StepBatch, compile_backend: str) -> LossPath
             return _from_logprobs(out.log_probs, b)
         return LossPath(name, loss, peers.trl_extra())
 
-    if name == "cce":
+    if name in ("cce", "cce_filtered"):
         _need("cce")
+        # exact: the same gradient as ours; filtered: its default, which skips the gradient
+        # blocks below a threshold (its users' setting: its strongest, not the same math)
+        eps = peers.CCE_DEFAULT_FILTER_EPS if name == "cce_filtered" else peers.CCE_FILTER_EPS
 
         def loss():
             lp = peers.cce_logprobs(_hidden(model, b), _head_weight(model), b.labels_full,
-                                    shift=True)
+                                    shift=True, filter_eps=eps)
             return _from_logprobs(lp, b)
-        return LossPath(name, loss, peers.cce_extra(device))
+        return LossPath(name, loss, peers.cce_extra(device, eps))
 
     if name in ("liger_logits", "liger_logits_token"):
         _need("liger")
@@ -152,13 +155,20 @@ def build_path(name: str, model, b: StepBatch, compile_backend: str) -> LossPath
         ref = None if name.endswith("_on_policy") else b.old_logprobs
         kw: Dict[str, object] = {}
         extra: Dict[str, object] = {"on_policy": ref is None}
+        w = _head_weight(model)
         if name.endswith("_budget"):
             if not logits_budget_supported():
                 raise Unavailable("fused_linear_opo_loss has no logits_budget= yet")
             # enough for every counted row's logits in the weight's dtype: all held
-            w = _head_weight(model)
             kw["logits_budget"] = b.B * (b.L - 1) * b.vocab * w.element_size()
-            extra["logits_budget"] = kw["logits_budget"]
+        if logits_budget_supported():
+            # the plan the call makes (the default budget keeps some rows' logits in the
+            # general mode: a 4 - K/M matmul run), recorded so that the row can be read
+            from opo_kernels.linear_plan import plan_chunks
+            plan = plan_chunks(b.counted, b.vocab, w.dtype, None, kw.get("logits_budget"),
+                               ref is None, True)
+            extra.update(chunk_size=plan.chunk_rows, held_rows=plan.held_rows,
+                         logits_budget=kw.get("logits_budget", "default"))
 
         def loss():
             return opo_kernels.fused_linear_opo_loss(

@@ -18,6 +18,7 @@ TARGET_VS_PLAIN = 0.8      # our fastest general-mode path's step time over plai
 ROW_FIELDS = {"model": str, "tokens": int, "path": str, "step_ms": (int, float),
               "peak_mem_bytes": int, "loss_ms": (int, float, type(None)),
               "tokens_per_s": (int, float), "B": int, "L": int, "counted": int}
+TIME_SKIP = "time budget spent"   # bench.py's reason for a row a time-limited run did not reach
 TOP_FIELDS = ("device", "torch", "triton", "transformers", "commit", "settings", "rows",
               "skipped", "errors", "models", "timer")
 
@@ -68,6 +69,20 @@ def _fastest(at: Dict[str, dict], paths) -> Optional[dict]:
     return min(rows, key=lambda r: r["step_ms"]) if rows else None
 
 
+def unreached(data: Dict[str, object], model: str, tokens: int, paths) -> List[str]:
+    """The paths among ``paths`` that the run was asked for (``settings.paths``) and did not
+    reach at this shape: no row, no error, no skip other than for the time budget. While one
+    is missing, a "fastest peer" or "leanest peer" would be whichever happened to be measured
+    first, so those ratios are not given (a resumed run measures the rest)."""
+    asked = data["settings"].get("paths", grid.PATHS)
+
+    def here(items):
+        return {i["path"] for i in items or [] if i["model"] == model and i["tokens"] == tokens}
+    accounted = here(data["rows"]) | here(data.get("errors")) | here(
+        i for i in data.get("skipped") or [] if i.get("reason") != TIME_SKIP)
+    return [p for p in paths if p in asked and p not in accounted]
+
+
 def _ratio(a: Optional[dict], b: Optional[dict], key: str) -> Optional[float]:
     return None if a is None or b is None or b[key] <= 0 or a[key] < 0 else a[key] / b[key]
 
@@ -77,14 +92,17 @@ def targets(data: Dict[str, object], model: str = TARGET_MODEL,
     """At one shape: our fastest general-mode path (the peers' setting, ``grid.OURS_GENERAL``),
     its time over plain's and over the fastest peer's; the same for our on-policy path (another
     setting, reported beside it); our fused-linear path's peak over the leanest other path's
-    (None where a row is missing)."""
+    (None where a row is missing, and the peer ratios None while a peer the run was asked for
+    was not reached, ``unreached``: listed in ``peers_not_reached``)."""
     at = {r["path"]: r for r in data["rows"] if r["model"] == model and r["tokens"] == tokens}
     best = _fastest(at, grid.OURS_GENERAL)
     on_policy = _fastest(at, grid.OURS_ON_POLICY)
-    peer_best = _fastest(at, grid.RATED_PEERS)
+    missing = unreached(data, model, tokens, grid.TARGET_PEERS)
+    peer_best = None if missing else _fastest(at, grid.RATED_PEERS)
     fused = at.get("opo_fused_linear")
-    mem_peers = [at[p] for p in grid.PEERS if p in at and at[p]["peak_mem_bytes"] >= 0]
-    lean = min(mem_peers, key=lambda r: r["peak_mem_bytes"]) if mem_peers else None
+    mem_peers = [at[p] for p in grid.TARGET_PEERS if p in at and at[p]["peak_mem_bytes"] >= 0]
+    lean = min(mem_peers, key=lambda r: r["peak_mem_bytes"]) if mem_peers and not missing \
+        else None
     plain = at.get("plain")
     return {"model": model, "tokens": tokens, "best": best and best["path"],
             "best_mode": "general",
@@ -95,7 +113,8 @@ def targets(data: Dict[str, object], model: str = TARGET_MODEL,
             "on_policy_vs_plain": _ratio(on_policy, plain, "step_ms"),
             "on_policy_vs_best_peer": _ratio(on_policy, peer_best, "step_ms"),
             "leanest_peer": lean and lean["path"],
-            "fused_peak_vs_leanest_peer": _ratio(fused, lean, "peak_mem_bytes")}
+            "fused_peak_vs_leanest_peer": _ratio(fused, lean, "peak_mem_bytes"),
+            "peers_not_reached": missing}
 
 
 def _verdict(x: Optional[float], limit: float, strict: bool = False) -> str:
@@ -124,8 +143,9 @@ def render_table(data: Dict[str, object]) -> str:
         f"~{s['counted_fraction']:.0%} of positions counted. Step: median of {s['steps']} "
         f"steps after {s['warmup']} warm-up ({data['timer']}). \"× plain\" is the step time "
         "over the *plain* path's (model logits → fp32 log-softmax → OPO from log-probs) at the "
-        "same shape; \"× best peer\" over the fastest peer path's there (plain not counted, "
-        "the peer's name in the verdict below); every peer is given the old log-probs, as our "
+        "same shape; \"× best peer\" over the fastest peer path's there (plain not counted; "
+        "that path is marked \"(best peer)\"; \"–\" where a peer the run was asked for was "
+        "not reached in its time); every peer is given the old log-probs, as our "
         "general-mode paths are, while opo_fused_linear_on_policy runs the on-policy mode "
         "(ref_logprobs=None: one update per batch), another setting, so the verdict compares "
         "it separately; \"head + loss\" is the part from the backbone's output to its gradient "
@@ -133,8 +153,10 @@ def render_table(data: Dict[str, object]) -> str:
         "state. Liger rows run GRPO/GSPO (Liger has no OPO): liger_logits at sequence level "
         "(GSPO), liger_logits_token at token level (GRPO); liger_fused_linear is its defaults "
         "(chunk_size=1, fp32 matmul precision: TF32 off), _tf32 with TF32 on, _chunkB also "
-        "with chunk_size = B (one chunk); cce is cut-cross-entropy in its exact mode; every "
-        "other path computes the OPO loss.")
+        "with chunk_size = B (one chunk); cce is cut-cross-entropy in its exact mode, "
+        "cce_filtered in its default mode (filter_eps=\"high\": gradient blocks below the "
+        "threshold skipped, an approximate gradient: shown, but not a \"best peer\" and not in "
+        "the targets); every other path computes the OPO loss exactly.")
     lines += ["", "| model | tokens | path | step ms | × plain | × best peer | head + loss ms "
               "| share | peak MiB | tokens/s |",
               "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
@@ -142,12 +164,14 @@ def render_table(data: Dict[str, object]) -> str:
         at = sorted((r for r in rows if r["model"] == model and r["tokens"] == tokens),
                     key=lambda r: order.get(r["path"], 99))
         plain = next((r for r in at if r["path"] == "plain"), None)
-        best_peer = _fastest({r["path"]: r for r in at}, grid.RATED_PEERS)
+        best_peer = None if unreached(data, model, tokens, grid.RATED_PEERS) else \
+            _fastest({r["path"]: r for r in at}, grid.RATED_PEERS)
         for r in at:
             share = "–" if r.get("loss_share") is None else f"{r['loss_share']:.0%}"
             head = "–" if r.get("loss_ms") is None else f"{r['loss_ms']:.1f}"
+            name = r["path"] + (" (best peer)" if r is best_peer else "")
             lines.append(
-                f"| {model} | {tokens} | {r['path']} | {r['step_ms']:.1f} "
+                f"| {model} | {tokens} | {name} | {r['step_ms']:.1f} "
                 f"| {_x(r['step_ms'], plain and plain['step_ms'])} "
                 f"| {_x(r['step_ms'], best_peer and best_peer['step_ms'])} | {head} | {share} "
                 f"| {_mib(r['peak_mem_bytes'])} | {r['tokens_per_s']:,.0f} |")
@@ -168,6 +192,9 @@ def _verdict_lines(t: Dict[str, object]) -> List[str]:
     if t["best"] is None and t["on_policy"] is None:
         return []
     text = f"Targets at {t['model']}, {t['tokens']} tokens: "
+    if t["peers_not_reached"]:
+        text += (f"(peers not reached in the run's time: {', '.join(t['peers_not_reached'])}; "
+                 "the comparisons with the fastest and the leanest peer wait for them) ")
     if t["best"] is not None:
         text += (f"our fastest general-mode path, the peers' setting ({t['best']}), "
                  f"{_fmt(t['best_vs_plain'])} plain's step time (≤ {TARGET_VS_PLAIN}: "
