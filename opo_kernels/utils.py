@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import numbers
 import os
+import sys
 from typing import Optional
 
 import torch
@@ -108,6 +109,14 @@ def next_power_of_2(n: int) -> int:
 
 
 def interpreter_on() -> bool:
+    """Whether the package's kernels run in Triton's interpreter. Triton decides that when a
+    kernel is defined (``@triton.jit`` reads TRITON_INTERPRET then, at the package's import),
+    so once the kernels exist their type says; TRITON_INTERPRET set later changes nothing
+    (and must not make a CPU call pick kernels that were compiled for a GPU)."""
+    kernels = sys.modules.get("opo_kernels.row_kernels")
+    kernel = getattr(kernels, "row_seq", None)
+    if kernel is not None:
+        return type(kernel).__name__ == "InterpretedFunction"
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
@@ -130,7 +139,7 @@ def use_triton(backend: str, device: torch.device) -> bool:
         if device.type != "cuda" and not interpreter_on():
             raise ValueError(
                 f"backend='triton' needs CUDA tensors (got {device}), or TRITON_INTERPRET=1 "
-                "set before triton is imported to run the kernels on the CPU"
+                "set before opo_kernels (and triton) is imported to run the kernels on the CPU"
             )
         return True
     return triton_available() and (device.type == "cuda" or interpreter_on())

@@ -1,6 +1,8 @@
 """docs/spec.md, "Bad input and edge cases": each class raises a ValueError/TypeError naming the
 argument, from both backends, and leaves every input exactly as it was."""
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -252,3 +254,33 @@ def test_backends_agree_near_the_float_range():
     assert torch.isfinite(out["triton"][1]).all()
     torch.testing.assert_close(out["triton"][0], out["torch"][0], rtol=1e-5, atol=0)
     torch.testing.assert_close(out["triton"][1], out["torch"][1], rtol=1e-5, atol=1e-3)
+
+
+_LATE_INTERPRETER = """
+import os
+import torch
+import opo_kernels
+os.environ["TRITON_INTERPRET"] = "1"  # too late: the kernels were defined for a GPU
+x = torch.randn(2, 3, 16, requires_grad=True)
+labels, rewards = torch.randint(0, 16, (2, 3)), torch.randn(2)
+auto = opo_kernels.opo_loss(x, labels, None, rewards, group_size=2)
+ref = opo_kernels.opo_loss(x, labels, None, rewards, group_size=2, backend="torch")
+assert torch.equal(auto, ref), (auto, ref)
+try:
+    opo_kernels.opo_loss(x, labels, None, rewards, group_size=2, backend="triton")
+except ValueError as err:
+    print(err)
+"""
+
+
+def test_interpreter_set_after_import():
+    """TRITON_INTERPRET=1 set after the import (a notebook) does not make the kernels
+    interpreted: backend="auto" on CPU tensors takes the reference, and backend="triton"
+    says when the variable must be set (not Triton's "0 active drivers")."""
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", _LATE_INTERPRETER], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "set before opo_kernels (and triton) is imported" in out.stdout

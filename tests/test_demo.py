@@ -99,7 +99,7 @@ def test_progress_bars_only_on_a_terminal(tmp_path, capsys, monkeypatch, termina
 def test_triton_backend_on_cpu_is_a_usage_error(tmp_path, capsys, monkeypatch):
     """Without a GPU or the interpreter, --backend triton ends in argparse's usage error (exit
     code 2) naming the way out, not in a traceback from inside the loss."""
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(demo, "interpreter_on", lambda: False)
     with pytest.raises(SystemExit) as exc:
         demo.main(ONE_RUN[:-2] + ["--backend", "triton", "--out", str(tmp_path)])
     assert exc.value.code == 2
