@@ -151,7 +151,7 @@ def opo_loss_from_logprobs(logprobs, ref_logprobs, rewards, *, mask=None, seq_id
     logprobs: differentiable, any float dtype (computed in float32, float64 for float64).
     entropy: optional per-token entropy, differentiable: the bonus −β·mean H (entropy_coef=β)
     and the ``entropy_mean`` metric use it; required when entropy_coef > 0. It is the only
-    source of ``entropy_mean``: compute_entropy=True without it returns no ``entropy_mean``.
+    source of ``entropy_mean``: compute_entropy=True without it is a ValueError.
     vocab_size: V, needed only by the adaptive τ rule (adaptive_tau=True, the default).
     options: those of ``opo_loss`` (the fields of ``OPOLossConfig``); temperature must stay
     1.0 (the log-probs are taken as given) and inplace_backward does not apply.
