@@ -91,7 +91,9 @@ def backward_op(logits: torch.Tensor, labels: torch.Tensor, ref: Optional[torch.
 
 @backward_op.register_fake
 def _(logits, labels, ref, mask, seq_ids, lp, stats, ent, coef, scal, grad_loss, params, flags):
-    return torch.empty_like(logits)
+    # contiguous, as the op's own result (``backward_rows``: a fresh tensor of the shape),
+    # whatever the logits' strides: Inductor checks the real strides against these
+    return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
 
 @torch.library.custom_op("opo_kernels::fused_backward_", mutates_args=("logits",))

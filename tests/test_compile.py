@@ -113,6 +113,44 @@ def test_inductor_compile_matches():
     assert frames[1] == frames[0], f"recompiled: frames after each call {frames}"
 
 
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+def test_inductor_transposed_logits(layout):
+    """Logits that are a dense but transposed view: the backward op returns a fresh contiguous
+    gradient, and its stand-in for tracing must say so (it said "the logits' strides", and
+    Inductor's stride check failed the backward). The FX graph cache is off: a graph cached
+    before a change to the stand-in would hide it."""
+    torch._dynamo.reset()
+    logits, labels, ref, rewards, mask = _inputs(2, 3, 16, seed=7)
+    if layout == "packed":
+        base = logits.reshape(6, 16).t().contiguous()  # [V, N]: its .t() is [N, V] transposed
+        layout_kw = {"seq_ids": torch.tensor([0, 0, 0, 1, 1, 1], device=base.device)}
+        labels, ref = labels.reshape(6), ref.reshape(6)
+
+        def view(leaf):
+            return leaf.t()
+    else:
+        base = logits.transpose(0, 1).contiguous()  # [T, B, V]
+        layout_kw = {"mask": mask}
+
+        def view(leaf):
+            return leaf.transpose(0, 1)
+
+    def step(leaf):
+        return opo_kernels.opo_loss(view(leaf), labels, ref, rewards, group_size=2,
+                                    backend="triton", validate=False, **layout_kw)
+
+    grads = []
+    for compiled in (False, True):
+        leaf = base.clone().requires_grad_()
+        with torch._inductor.config.patch(fx_graph_cache=False):
+            loss = (torch.compile(step, fullgraph=True, backend="inductor") if compiled
+                    else step)(leaf)
+            loss.backward()
+        grads.append((loss.detach(), leaf.grad))
+    torch.testing.assert_close(grads[1][0], grads[0][0], rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(grads[1][1], grads[0][1], rtol=1e-6, atol=1e-7)
+
+
 @pytest.mark.parametrize("on_policy,inplace,leaf", [
     (True, False, True), (True, True, False), (False, True, False), (False, True, True)],
     ids=["on_policy", "on_policy-inplace", "general-inplace", "general-inplace-leaf"])
