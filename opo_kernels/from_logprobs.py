@@ -116,6 +116,7 @@ class LogprobOPOFunction(torch.autograd.Function):
         ctx.mark_non_differentiable(out.metrics)
         ctx.set_materialize_grads(False)  # no zeros for the metrics' (unused) gradient
         ctx.rows, ctx.cfg = Rows.of(batch), cfg
+        ctx.versions = ctx.rows.versions()
         ctx.entropy_like = None if entropy is None else entropy.detach()
         ctx.save_for_backward(logprobs.detach(), out.coef, out.scal)
         return out.loss, out.metrics
@@ -126,6 +127,7 @@ class LogprobOPOFunction(torch.autograd.Function):
         check_at_backward(ctx.deferred)
         if grad_loss is None:  # the loss was not used (its metrics carry no gradient)
             return None, None, None, None
+        ctx.rows.check_unchanged(ctx.versions, "opo_loss_from_logprobs")
         logprobs, coef, scal = ctx.saved_tensors
         wants_entropy = ctx.entropy_like is not None and ctx.needs_input_grad[1]
         grad_lp, grad_ent = logprob_gradients(

@@ -144,6 +144,7 @@ class FusedOPOFunction(torch.autograd.Function):
             ctx.mark_non_differentiable(metrics)
             ctx.set_materialize_grads(False)  # no zeros for the metrics' (unused) gradient
         ctx.cfg, ctx.plan, ctx.flags, ctx.rows = cfg, plan, flags, rows
+        ctx.versions = None if rows is None else rows.versions()
         # the geometry only: ctx holding the base itself would be a reference cycle
         ctx.sliced = None if sliced is None else RowSlice(None, *sliced[1:])
         # the slice itself (a view of x, whose in-place writes save_for_backward catches):
@@ -159,7 +160,11 @@ class FusedOPOFunction(torch.autograd.Function):
             ctx.save_for_backward(x)
             ctx.intermediates = (floats, params)
         else:
-            ctx.batch_tensors = (batch.labels, batch.ref_logprobs, batch.mask, batch.seq_ids)
+            # copies: the compiled backward reads them, and nothing checks that the caller's
+            # were not changed in place in between (eager calls check their versions instead;
+            # these are O(N) values beside the [N, V] logits)
+            ctx.batch_tensors = tuple(None if t is None else t.clone() for t in (
+                batch.labels, batch.ref_logprobs, batch.mask, batch.seq_ids))
             ctx.save_for_backward(x, lp, stats, ent, coef, scal, params)
         if box is None:
             return loss, metrics
@@ -178,6 +183,7 @@ class FusedOPOFunction(torch.autograd.Function):
                 raise RuntimeError("opo_loss with ref_logprobs=None (one-pass on-policy mode) "
                                    "writes its gradient during forward: run backward once")
             ctx.backward_done = True
+            ctx.rows.check_unchanged(ctx.versions, "opo_loss")
             (full,) = ctx.saved_tensors  # (its rows outside a slice: zeros, from forward)
             grad = full if sliced is None else sliced.rows(full)
             plan.scale_launch(grad)(grad, ctx.rows, grad_loss)
@@ -185,6 +191,7 @@ class FusedOPOFunction(torch.autograd.Function):
                 mark_written(full)
             return full, None, None, None, None, None
         if plan is not None:  # eager
+            ctx.rows.check_unchanged(ctx.versions, "opo_loss")
             (x,), (floats, params) = ctx.saved_tensors, ctx.intermediates
             logits = x if sliced is None else ctx.logits
             if logits is None:  # a second backward (retain_graph=True)

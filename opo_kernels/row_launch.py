@@ -169,6 +169,28 @@ class Rows:
     def flags(self):
         return dict(PACKED=self.packed, HAS_MASK=self.mask is not None)
 
+    def versions(self) -> tuple:
+        """The version counters of labels, mask, seq_ids, ref_logprobs (``check_unchanged``)."""
+        lab, m, s, r = self.labels, self.mask, self.seq_ids, self.ref
+        return (None if lab is None else lab._version, None if m is None else m._version,
+                None if s is None else s._version, None if r is None else r._version)
+
+    def check_unchanged(self, versions: tuple, call: str) -> None:
+        """A backward reads these tensors again, as they are then; autograd's check of saved
+        tensors does not see them (they are data, held without save_for_backward). Raises
+        RuntimeError naming the one modified in place since ``versions`` were taken: its
+        gradient would be another call's."""
+        now = self.versions()
+        if now != versions:
+            name = next(n for n, a, b in zip(_ROW_INPUTS, versions, now) if a != b)
+            raise RuntimeError(
+                f"{call}: {name} was modified by an in-place operation after the loss's "
+                "forward, and its backward reads it (autograd refuses the same for the tensors "
+                "it saves): change a copy, or run backward first")
+
+
+_ROW_INPUTS = ("labels", "mask", "seq_ids", "ref_logprobs")  # the order of Rows.versions
+
 
 def row_outputs(num_rows: int, dtype: torch.dtype, device, with_entropy: bool):
     """(logprobs [N], stats [N, 2], entropy [N] or None): the per-row outputs that the forward

@@ -114,6 +114,7 @@ class VocabParallelOPOFunction(torch.autograd.Function):
         ctx.mark_non_differentiable(out.metrics)
         ctx.set_materialize_grads(False)
         ctx.cfg, ctx.rows, ctx.vocab_start, ctx.one_pass = cfg, rows, vocab_start, one_pass
+        ctx.versions = rows.versions()
         if one_pass:
             ctx.save_for_backward(grad)
             ctx.backward_done = False
@@ -127,6 +128,7 @@ class VocabParallelOPOFunction(torch.autograd.Function):
     def backward(ctx, grad_loss, grad_metrics):
         if grad_loss is None:
             return None, None, None, None, None, None
+        ctx.rows.check_unchanged(ctx.versions, "opo_loss")
         if ctx.one_pass:
             if ctx.backward_done:
                 raise RuntimeError("opo_loss with vocab_parallel_one_pass=True and "
