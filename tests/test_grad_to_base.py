@@ -238,3 +238,31 @@ def test_where_it_cannot_apply_it_is_named():
     with pytest.raises(TypeError, match="grad_to_base"):
         opo_kernels.opo_loss(torch.zeros(2, 3, 5), torch.zeros(2, 3, dtype=torch.long), lp,
                              torch.zeros(2), group_size=2, grad_to_base=1)
+
+
+@pytest.mark.parametrize("on_policy", [False, True], ids=["general", "on_policy"])
+def test_inplace_writes_the_whole_base(on_policy):
+    """docs/spec.md: with inplace_backward=True the gradient, the base's, is written over the
+    whole base: the slice gets its gradient, the last position (outside ``out[:, :-1]``) zeros;
+    in the one-pass on-policy mode already in forward."""
+    g = torch.Generator().manual_seed(5)
+    B, T, V = 2, 4, 8
+    w = torch.randn(B, T + 1, V, generator=g)
+    labels, rewards = torch.randint(0, V, (B, T), generator=g), torch.randn(B, generator=g)
+    ref = None if on_policy else torch.randn(B, T, generator=g) * 0.2 - 2
+    w, labels, rewards, ref = on_device((w, labels, rewards, ref), None)
+    leaf = w.clone().requires_grad_()
+    exp_loss = opo_kernels.opo_loss(leaf[:, :-1], labels, ref, rewards, group_size=2,
+                                    backend="triton")
+    (want,) = torch.autograd.grad(exp_loss, leaf)
+    src = w.clone().requires_grad_()
+    out = src * 1  # a tensor the model made: in place is allowed on it
+    loss = opo_kernels.opo_loss(out[:, :-1], labels, ref, rewards, group_size=2,
+                                backend="triton", inplace_backward=True, grad_to_base=True)
+    last_after_forward = out[:, -1].detach().clone()
+    (grad,) = torch.autograd.grad(loss, src)
+    assert torch.equal(last_after_forward == 0, torch.full_like(last_after_forward, on_policy,
+                                                                dtype=torch.bool))
+    assert torch.equal(out[:, -1].detach(), torch.zeros_like(out[:, -1]))
+    torch.testing.assert_close(out.detach(), want, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(grad, want, rtol=1e-6, atol=1e-7)
