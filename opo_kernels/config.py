@@ -220,7 +220,8 @@ class OPOLossConfig:
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
         for name in ("delta_clip", "score_clip"):
             value = getattr(self, name)
-            if isinstance(value, (int, float)) and value == math.inf:
+            if isinstance(value, numbers.Real) and not isinstance(value, bool) \
+                    and value == math.inf:  # (np.float32 is no float subclass)
                 value = None  # inf: no clamp, as None (lets a config file turn a preset's off)
             if value is not None:
                 value = _number(name, value)

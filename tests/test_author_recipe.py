@@ -288,6 +288,12 @@ def test_presets_resolve():
     assert fixed.replace(alpha=0.25).direction_scale == 3.0
     # passing a paper value explicitly under author_verl keeps it
     assert OPOLossConfig(preset="author_verl", coordinates="ratio").coordinates == "ratio"
+    # inf turns a clamp off, as None, however it is spelled (a config file, NumPy)
+    import numpy as np
+    for inf in (math.inf, np.float64(np.inf), np.float32(np.inf)):
+        off = OPOLossConfig(preset="author_verl", delta_clip=inf, score_clip=inf)
+        assert (off.delta_clip, off.score_clip) == (None, None), type(inf)
+    assert OPOLossConfig(preset="author_verl", delta_clip=np.float32(2.5)).delta_clip == 2.5
 
 
 BAD = [
