@@ -346,7 +346,8 @@ def run(s: Settings, out_dir: Path) -> Dict[str, object]:
     data: Dict[str, object] = {
         "device": dev, "kind": "trainer_step", "torch": torch.__version__,
         "triton": triton.__version__, "transformers": transformers.__version__,
-        "trl": trl.__version__, "commit": git_commit(), "python": platform.python_version(),
+        "trl": trl.__version__, "commit": os.environ.get("OPO_BENCH_COMMIT") or git_commit(),
+        "python": platform.python_version(),
         "created_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(
             timespec="seconds"),
         "settings": {k: (list(v) if isinstance(v, tuple) else v)

@@ -55,6 +55,9 @@
 #   OPO_BENCH_COMMIT=<commit> bash tools/gpu/device_run.sh verify            # limit 380 s
 #   OPO_BENCH_COMMIT=<commit> OPO_DEADLINE_S=<seconds left - 90> \
 #       bash tools/gpu/device_run.sh step                                    # limit +30 s
+# "seconds left" as the device tool counts them just before the call; if the machine was
+# given back in between (it stays held ~30 s after a call), a new start takes ~1-2 min of that
+# time too: then <seconds left - 240>.
 # then back home: copy the returned files to benchmarks/results/, and
 #   python -m benchmarks.step --report-only benchmarks/results/<device>.step.json --readme README.md
 #   python -m benchmarks.run --report-only benchmarks/results/<device>.fair.json --no-readme
@@ -93,6 +96,11 @@ case "$stage" in lease) deadline_s=${OPO_DEADLINE_S:-540};; rest) deadline_s=${O
   again) deadline_s=${OPO_DEADLINE_S:-280};; step) deadline_s=${OPO_DEADLINE_S:-560};;
   verify) deadline_s=${OPO_DEADLINE_S:-360};;
   *) deadline_s=${OPO_DEADLINE_S:-1000000};; esac
+deadline_s=${deadline_s%%.*}  # whole seconds (bash arithmetic): 330.7 -> 330
+if ! [[ $deadline_s =~ ^[0-9]+$ ]]; then
+  echo "OPO_DEADLINE_S must be a number of seconds, got '${OPO_DEADLINE_S:-}'"
+  exit 2
+fi
 # cap WANT RESERVE: WANT seconds, cut so that RESERVE seconds are still left before the deadline
 cap() {
   local left=$(( start_all + deadline_s - $(date +%s) - $2 ))
@@ -101,12 +109,20 @@ cap() {
   echo "$1"
 }
 
-export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0 TRITON_DEFAULT_FP_FUSION=1
+# HF_HUB_OFFLINE: no network there (transformers / datasets would only try and time out)
+export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0 TRITON_DEFAULT_FP_FUSION=1 HF_HUB_OFFLINE=1
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+wheels_failed=
 if compgen -G ".whl/*.whl" > /dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH="$PYTHONPATH:/tmp/site"  # after the image's own packages
+  # on failure the stage goes on without them (the suite and the self-check need none; the
+  # peers' rows and the TRL runs then record why they could not run)
+  if python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+      --target /tmp/site .whl/*.whl; then
+    # PYTHONPATH comes before site-packages: a carried wheel shadows the image's copy
+    export PYTHONPATH="$PYTHONPATH:/tmp/site"
+  else
+    wheels_failed=1
+  fi
 fi
 if [ -n "${OUT:-}" ]; then
   out_dir=$OUT
@@ -127,6 +143,14 @@ triton.__version__, 'numpy', numpy.__version__, 'cuda', torch.cuda.is_available(
   # the benchmark peers (carried wheels): version, and why one cannot run here
   python3 -c "from benchmarks import peers; print('peers', peers.versions(), \
 {p: peers.unavailable(p) or 'ok' for p in ('cce', 'trl_head', 'liger')})" 2>&1 | tail -3
+  # the versions the carried wheels meet there (datasets 5.2 wants pyarrow >= 24)
+  python3 -c "import importlib.metadata as m
+def v(p):
+    try: return m.version(p)
+    except Exception: return None
+print('packages', {p: v(p) for p in ('transformers', 'accelerate', 'trl', 'datasets', 'pyarrow',
+      'fsspec', 'pandas', 'tqdm', 'huggingface_hub', 'peft', 'pytest', 'pytest-xdist')})" 2>&1
+  [ -n "$wheels_failed" ] && echo "[device_run] installing the carried wheels FAILED: going on without them"
   echo "[device_run] commit ${OPO_BENCH_COMMIT:-unknown} stage $stage"
 } 2>&1 | tee -a "$log"
 
@@ -346,13 +370,34 @@ case "$stage" in
     # headline) starts no row once < 45 % of D is left and is stopped at 40 % (its rows so far
     # kept), the fused-linear rows end by 16 % left, the fair logits rows by 9 %, the trainer
     # micro-batch rows take the rest. At the default 560 s: step <= 270 s, fused-linear
-    # <= 130 s, fair <= 100 s; at 340 s (after `verify` in a 15-minute session): ~190, ~80,
-    # ~25, ~30 s.
+    # <= 130 s, fair <= 100 s; below 450 s (340 s after `verify` in a 15-minute session) the
+    # step rows and the fused-linear ones only: ~200 and ~100 s at 340 s.
+    # A block of kernel rows first pays ~20 s (a process, pytest's collection, the session's
+    # copy-bandwidth and matmul-rate measurements) and its first row a compile: one left less
+    # than MIN_BLOCK_S would measure nothing, so it is skipped and its time goes to the rest
+    # (a second `step` call on the warm machine resumes every block).
     pct() { echo $(( deadline_s * $1 / 100 )); }
+    block() {  # block WHAT BUDGET LIMIT
+      if (( $3 < ${OPO_MIN_BLOCK_S:-45} )); then
+        echo "[device_run] kernel rows ($1) skipped: $3 s left for them" | tee -a "$log"
+      else
+        run_kernel_rows "$@"
+      fi
+    }
     run_step_bench "$(cap 270 "$(pct 45)")" "$(cap 320 "$(pct 40)")" "$@"
-    run_kernel_rows linear "$(cap 90 "$(pct 23)")" "$(cap 130 "$(pct 16)")"
-    run_kernel_rows fair "$(cap 60 "$(pct 12)")" "$(cap 100 "$(pct 9)")"
-    run_kernel_rows host "$(cap 100000 25)" "$(cap 100000 10)"
+    # the last block ends 30 s before the deadline: a process that ignores SIGINT is killed
+    # 20 s after its limit, and its results are still copied out
+    if (( deadline_s < ${OPO_FULL_STEP_S:-450} )); then
+      # too short for four blocks (at 340 s the fair and host ones would get ~25 s each):
+      # the fused-linear rows take the rest; the others wait for a later call
+      block linear "$(cap 100000 60)" "$(cap 100000 30)"
+      echo "[device_run] kernel rows (fair, host) left for a later call: deadline" \
+        "$deadline_s s < ${OPO_FULL_STEP_S:-450} s" | tee -a "$log"
+    else
+      block linear "$(cap 90 "$(pct 23)")" "$(cap 130 "$(pct 16)")"
+      block fair "$(cap 60 "$(pct 12)")" "$(cap 100 "$(pct 9)")"
+      block host "$(cap 100000 45)" "$(cap 100000 30)"
+    fi
     ;;
   verify)
     # at the default 360 s: suite <= 180 (+30 s to stop), self-check 20, the host profile
@@ -363,7 +408,7 @@ case "$stage" in
     run_selfcheck "$(cap 20 150)"
     run_host_profile "$(cap 75 85)"
     run_trl_check "$(cap 45 40)"
-    run_trainer_bench "$(cap 100000 5)"
+    run_trainer_bench "$(cap 100000 20)"  # (killed 10 s after its limit at the latest)
     ;;
   tp) run_tp 240 ;;
 esac

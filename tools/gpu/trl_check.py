@@ -246,8 +246,11 @@ def main(argv=None) -> int:
     out_dir = Path(a.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     result_file = out_dir / f"{name.lower().replace(' ', '-')}.trl_check.json"
+    from benchmarks.results import git_commit
     data = {"device": name, "torch": torch.__version__, "trl": trl.__version__,
-            "transformers": transformers.__version__, "vocab": s.vocab, "hidden": s.hidden,
+            "transformers": transformers.__version__,
+            "commit": os.environ.get("OPO_BENCH_COMMIT") or git_commit(),
+            "vocab": s.vocab, "hidden": s.hidden,
             "method": __doc__.split("\n\n", 1)[1].strip(), "runs": []}
     for precision in precisions:
         for path in paths:
