@@ -182,8 +182,8 @@ class FusedOPOFunction(torch.autograd.Function):
             if ctx.backward_done:
                 raise RuntimeError("opo_loss with ref_logprobs=None (one-pass on-policy mode) "
                                    "writes its gradient during forward: run backward once")
-            ctx.backward_done = True
             ctx.rows.check_unchanged(ctx.versions, "opo_loss")
+            ctx.backward_done = True
             (full,) = ctx.saved_tensors  # (its rows outside a slice: zeros, from forward)
             grad = full if sliced is None else sliced.rows(full)
             plan.scale_launch(grad)(grad, ctx.rows, grad_loss)
