@@ -34,6 +34,11 @@
 #          Returns log.txt, suite.xml, host_profile.json (+ traces), <device>.trl_check.json,
 #          <device>.trainer.json. In a 15-minute session: `verify` (limit 380 s), then `step` with
 #          OPO_DEADLINE_S=<seconds left - 90>.
+#   rows   ONE call (OPO_DEADLINE_S, default 330 s) of the kernel rows that a `step` call with
+#          a deadline below 450 s leaves out: the fair logits rows at the target shape, then
+#          the trainer micro-batch rows with the host-time column. Returns log.txt and
+#          <device>.fair.json/.fair.md. E.g. `verify`, then `rows` in a session that already
+#          has the step table, or after `step` on the same warm machine.
 #   step   ONE call of ~9.5 min (OPO_DEADLINE_S, default 560 s): the RL-step benchmark
 #          (benchmarks/step: Qwen2.5-0.5B- and Llama-3.2-1B-shaped models, 8k/4k/16k-token
 #          micro-batches, every loss path, ours and the peers'), then the fused-linear rows
@@ -87,20 +92,21 @@ set -uo pipefail
 cd "$(dirname "$0")/../.."
 stage=${1:-check}
 [ $# -gt 0 ] && shift
-case "$stage" in lease|rest|again|all|check|bench|tp|step|verify) ;;
-  *) echo "usage: $0 [lease|rest|again|check|bench|tp|all|step|verify] [run.py / step args]"
+case "$stage" in lease|rest|again|all|check|bench|tp|step|verify|rows) ;;
+  *) echo "usage: $0 [lease|rest|again|check|bench|tp|all|step|verify|rows] [run.py / step args]"
      exit 2;;
 esac
 start_all=$(date +%s)
 case "$stage" in lease) deadline_s=${OPO_DEADLINE_S:-540};; rest) deadline_s=${OPO_DEADLINE_S:-200};;
   again) deadline_s=${OPO_DEADLINE_S:-280};; step) deadline_s=${OPO_DEADLINE_S:-560};;
-  verify) deadline_s=${OPO_DEADLINE_S:-360};;
+  verify) deadline_s=${OPO_DEADLINE_S:-360};; rows) deadline_s=${OPO_DEADLINE_S:-330};;
   *) deadline_s=${OPO_DEADLINE_S:-1000000};; esac
 deadline_s=${deadline_s%%.*}  # whole seconds (bash arithmetic): 330.7 -> 330
 if ! [[ $deadline_s =~ ^[0-9]+$ ]]; then
   echo "OPO_DEADLINE_S must be a number of seconds, got '${OPO_DEADLINE_S:-}'"
   exit 2
 fi
+pct() { echo $(( deadline_s * $1 / 100 )); }  # PCT % of the deadline, in seconds
 # cap WANT RESERVE: WANT seconds, cut so that RESERVE seconds are still left before the deadline
 cap() {
   local left=$(( start_all + deadline_s - $(date +%s) - $2 ))
@@ -376,7 +382,6 @@ case "$stage" in
     # copy-bandwidth and matmul-rate measurements) and its first row a compile: one left less
     # than MIN_BLOCK_S would measure nothing, so it is skipped and its time goes to the rest
     # (a second `step` call on the warm machine resumes every block).
-    pct() { echo $(( deadline_s * $1 / 100 )); }
     block() {  # block WHAT BUDGET LIMIT
       if (( $3 < ${OPO_MIN_BLOCK_S:-45} )); then
         echo "[device_run] kernel rows ($1) skipped: $3 s left for them" | tee -a "$log"
@@ -409,6 +414,12 @@ case "$stage" in
     run_host_profile "$(cap 75 85)"
     run_trl_check "$(cap 45 40)"
     run_trainer_bench "$(cap 100000 20)"  # (killed 10 s after its limit at the latest)
+    ;;
+  rows)
+    # the two blocks of kernel rows a short `step` call leaves out: the fair logits rows, then
+    # the trainer micro-batch rows with the host-time column (each keeps its rows if stopped)
+    run_kernel_rows fair "$(cap 130 "$(pct 55)")" "$(cap 170 "$(pct 45)")"
+    run_kernel_rows host "$(cap 100000 45)" "$(cap 100000 30)"
     ;;
   tp) run_tp 240 ;;
 esac
