@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import platform
 import re
 import subprocess
@@ -29,6 +30,12 @@ def git_commit() -> str:
     except (OSError, subprocess.SubprocessError):
         pass
     return "unknown"
+
+
+def recorded_commit() -> str:
+    """The commit a results file records: OPO_BENCH_COMMIT when set (the GPU machine's copy of
+    the tree has no .git), else ``git_commit``."""
+    return os.environ.get("OPO_BENCH_COMMIT") or git_commit()
 
 
 def device_name(device: torch.device, tiny: bool) -> str:

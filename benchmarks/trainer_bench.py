@@ -329,7 +329,7 @@ def add_ratios(rows: List[Dict[str, object]]) -> None:
 
 
 def run(s: Settings, out_dir: Path) -> Dict[str, object]:
-    from benchmarks.results import device_name, git_commit, slug
+    from benchmarks.results import device_name, recorded_commit, slug
 
     s.check()
     device = torch.device("cuda") if torch.cuda.is_available() and not s.tiny else \
@@ -346,7 +346,7 @@ def run(s: Settings, out_dir: Path) -> Dict[str, object]:
     data: Dict[str, object] = {
         "device": dev, "kind": "trainer_step", "torch": torch.__version__,
         "triton": triton.__version__, "transformers": transformers.__version__,
-        "trl": trl.__version__, "commit": os.environ.get("OPO_BENCH_COMMIT") or git_commit(),
+        "trl": trl.__version__, "commit": recorded_commit(),
         "python": platform.python_version(),
         "created_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(
             timespec="seconds"),

@@ -220,8 +220,7 @@ class OPOLossConfig:
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
         for name in ("delta_clip", "score_clip"):
             value = getattr(self, name)
-            if isinstance(value, numbers.Real) and not isinstance(value, bool) \
-                    and value == math.inf:  # (np.float32 is no float subclass)
+            if isinstance(value, numbers.Real) and value == math.inf:  # np.float32 too
                 value = None  # inf: no clamp, as None (lets a config file turn a preset's off)
             if value is not None:
                 value = _number(name, value)

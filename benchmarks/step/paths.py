@@ -155,13 +155,13 @@ def build_path(name: str, model, b: StepBatch, compile_backend: str) -> LossPath
         ref = None if name.endswith("_on_policy") else b.old_logprobs
         kw: Dict[str, object] = {}
         extra: Dict[str, object] = {"on_policy": ref is None}
-        w = _head_weight(model)
+        w, budget_ok = _head_weight(model), logits_budget_supported()
         if name.endswith("_budget"):
-            if not logits_budget_supported():
+            if not budget_ok:
                 raise Unavailable("fused_linear_opo_loss has no logits_budget= yet")
             # enough for every counted row's logits in the weight's dtype: all held
             kw["logits_budget"] = b.B * (b.L - 1) * b.vocab * w.element_size()
-        if logits_budget_supported():
+        if budget_ok:
             # the plan the call makes (the default budget keeps some rows' logits in the
             # general mode: a 4 - K/M matmul run), recorded so that the row can be read
             from opo_kernels.linear_plan import plan_chunks

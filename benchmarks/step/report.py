@@ -83,6 +83,15 @@ def unreached(data: Dict[str, object], model: str, tokens: int, paths) -> List[s
     return [p for p in paths if p in asked and p not in accounted]
 
 
+def best_peer(data: Dict[str, object], at: Dict[str, dict], model: str,
+              tokens: int) -> Optional[dict]:
+    """The row of the fastest rated peer at this shape (``at``: its rows by path), or None
+    while a rated peer the run was asked for was not reached (``unreached``)."""
+    if unreached(data, model, tokens, grid.RATED_PEERS):
+        return None
+    return _fastest(at, grid.RATED_PEERS)
+
+
 def _ratio(a: Optional[dict], b: Optional[dict], key: str) -> Optional[float]:
     return None if a is None or b is None or b[key] <= 0 or a[key] < 0 else a[key] / b[key]
 
@@ -92,13 +101,15 @@ def targets(data: Dict[str, object], model: str = TARGET_MODEL,
     """At one shape: our fastest general-mode path (the peers' setting, ``grid.OURS_GENERAL``),
     its time over plain's and over the fastest peer's; the same for our on-policy path (another
     setting, reported beside it); our fused-linear path's peak over the leanest other path's
-    (None where a row is missing, and the peer ratios None while a peer the run was asked for
-    was not reached, ``unreached``: listed in ``peers_not_reached``)."""
+    (None where a row is missing; the fastest-peer ratios None while a rated peer the run was
+    asked for was not reached, the leanest-peer one while any peer was: ``unreached``, listed
+    in ``peers_not_reached``)."""
     at = {r["path"]: r for r in data["rows"] if r["model"] == model and r["tokens"] == tokens}
     best = _fastest(at, grid.OURS_GENERAL)
     on_policy = _fastest(at, grid.OURS_ON_POLICY)
     missing = unreached(data, model, tokens, grid.TARGET_PEERS)
-    peer_best = None if missing else _fastest(at, grid.RATED_PEERS)
+    # (the table's "× best peer" applies the same rule: best_peer)
+    peer_best = best_peer(data, at, model, tokens)
     fused = at.get("opo_fused_linear")
     mem_peers = [at[p] for p in grid.TARGET_PEERS if p in at and at[p]["peak_mem_bytes"] >= 0]
     lean = min(mem_peers, key=lambda r: r["peak_mem_bytes"]) if mem_peers and not missing \
@@ -164,16 +175,15 @@ def render_table(data: Dict[str, object]) -> str:
         at = sorted((r for r in rows if r["model"] == model and r["tokens"] == tokens),
                     key=lambda r: order.get(r["path"], 99))
         plain = next((r for r in at if r["path"] == "plain"), None)
-        best_peer = None if unreached(data, model, tokens, grid.RATED_PEERS) else \
-            _fastest({r["path"]: r for r in at}, grid.RATED_PEERS)
+        best = best_peer(data, {r["path"]: r for r in at}, model, tokens)
         for r in at:
             share = "–" if r.get("loss_share") is None else f"{r['loss_share']:.0%}"
             head = "–" if r.get("loss_ms") is None else f"{r['loss_ms']:.1f}"
-            name = r["path"] + (" (best peer)" if r is best_peer else "")
+            name = r["path"] + (" (best peer)" if r is best else "")
             lines.append(
                 f"| {model} | {tokens} | {name} | {r['step_ms']:.1f} "
                 f"| {_x(r['step_ms'], plain and plain['step_ms'])} "
-                f"| {_x(r['step_ms'], best_peer and best_peer['step_ms'])} | {head} | {share} "
+                f"| {_x(r['step_ms'], best and best['step_ms'])} | {head} | {share} "
                 f"| {_mib(r['peak_mem_bytes'])} | {r['tokens_per_s']:,.0f} |")
     if not rows:
         lines.append("| – | – | (no rows) | – | – | – | – | – | – | – |")

@@ -246,10 +246,10 @@ def main(argv=None) -> int:
     out_dir = Path(a.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     result_file = out_dir / f"{name.lower().replace(' ', '-')}.trl_check.json"
-    from benchmarks.results import git_commit
+    from benchmarks.results import recorded_commit
     data = {"device": name, "torch": torch.__version__, "trl": trl.__version__,
             "transformers": transformers.__version__,
-            "commit": os.environ.get("OPO_BENCH_COMMIT") or git_commit(),
+            "commit": recorded_commit(),
             "vocab": s.vocab, "hidden": s.hidden,
             "method": __doc__.split("\n\n", 1)[1].strip(), "runs": []}
     for precision in precisions:
