@@ -15,9 +15,9 @@ on-policy mode, validate=False (capturable: no host sync).
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
+from benchmarks.results import recorded_commit
 from benchmarks.side_bench import environment, save, tiny_cli
 
 SHAPES = {"N16384": 16384, "N1024": 1024}
@@ -136,7 +136,7 @@ def run(tiny: bool, out: Path | None):
         del inp, steps
         if cuda:
             torch.cuda.empty_cache()
-    result = environment(cuda, commit=os.environ.get("OPO_BENCH_COMMIT", "unknown"), rows=rows)
+    result = environment(cuda, commit=recorded_commit(), rows=rows)
     save(out, "host_overhead.json", result)
     return result
 

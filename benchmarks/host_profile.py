@@ -26,11 +26,11 @@ packed N = 4096, V = 32000, the row where Liger's cross-entropy was faster) and 
 from __future__ import annotations
 
 import contextlib
-import os
 import statistics
 import time
 from pathlib import Path
 
+from benchmarks.results import recorded_commit
 from benchmarks.side_bench import environment, save, tiny_cli
 
 SHAPES = {"N1024-V151936": (1024, 151936, "padded"), "N4096-V32000": (4096, 32000, "padded"),
@@ -159,7 +159,7 @@ def run(tiny: bool, out: Path | None):
     shapes = {"tiny": (12, 16, "padded"), "tiny-packed": (12, 16, "packed")} if tiny else SHAPES
     rows, tables = [], {}
     # written after every row: a run stopped by its time limit keeps what it measured
-    result = environment(cuda, commit=os.environ.get("OPO_BENCH_COMMIT", "unknown"),
+    result = environment(cuda, commit=recorded_commit(),
                          rows=rows, profile_tables=tables)
     for name, (n, v, layout) in shapes.items():
         inp = make_inputs(Shape(n, v, "bfloat16", layout), device, seed=0)

@@ -24,6 +24,7 @@ import statistics
 import time
 from pathlib import Path
 
+from benchmarks.results import recorded_commit
 from benchmarks.side_bench import environment, save
 
 V_GLOBAL = 151936
@@ -128,7 +129,7 @@ def _rank(rank, world, port, tiny, out):
         dist.destroy_process_group()
     if rank == 0:
         save(out, "tp_bench.json", environment(
-            cuda, world=world, commit=os.environ.get("OPO_BENCH_COMMIT", "unknown"), rows=rows))
+            cuda, world=world, commit=recorded_commit(), rows=rows))
 
 
 def main(argv=None):
