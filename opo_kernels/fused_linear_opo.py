@@ -67,15 +67,17 @@ from .utils import cdiv, first_order_only, one_pass_mode, use_triton, wants_grad
 
 def _scale(grad: torch.Tensor, grad_loss: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """grad·grad_loss in ``dtype`` (the parameter's), multiplied in fp32 (fp64) and rounded
-    once. An fp32 accumulator (∂W, ∂b) going to a 16-bit parameter is scaled and cast in ONE
-    pass, the product rounded on store (6 bytes per element instead of a multiply and then a
-    cast, 14: ~4 GB less traffic per call for a 128256 × 4096 LM head). The saved gradient is
-    never scaled in place: a retained graph's second backward reads it again."""
+    once, in ONE pass: an fp32 accumulator (∂W, ∂b) going to a 16-bit parameter reads 4 and
+    writes 2 bytes per element, a 16-bit gradient (∂hidden; ∂W of one chunk) reads 2 and
+    writes 2 (against 14 and 20 for a cast, a multiply and a cast: ~4 GB less traffic per
+    call for a 128256 × 4096 LM head). The scale is given one dimension per dimension of grad
+    so that it takes part in the type promotion: the product is computed in fp32 (fp64), not
+    in grad's 16-bit dtype with a rounded scale (a 0-dim tensor would be cast to it). The
+    saved gradient is never scaled in place: a retained graph's second backward reads it
+    again."""
     acc = compute_dtype(grad.dtype)
-    if grad.dtype == acc and dtype != acc:
-        out = torch.empty(grad.shape, dtype=dtype, device=grad.device)
-        return torch.mul(grad, grad_loss.to(acc), out=out)
-    return (grad.to(acc) * grad_loss.to(acc)).to(dtype)
+    out = torch.empty(grad.shape, dtype=dtype, device=grad.device)
+    return torch.mul(grad, grad_loss.to(acc).reshape((1,) * grad.dim()), out=out)
 
 
 def _raise_bad_values(errs: torch.Tensor, rows: CountedRows, hidden_c, weight, bias,
@@ -228,8 +230,9 @@ def fused_linear_opo_loss(hidden, weight, labels, ref_logprobs, rewards, *, bias
 
     chunk_size: counted rows per chunk. Default: the largest power of two whose logits take
     at most 256 MiB (rows·V·itemsize), clamped to [128, M]. The backward recomputes the logits
-    it did not keep in blocks of as many logits: blocks of columns when those rows are fewer
-    than V, else chunks of rows (docs/kernels.md "From hidden states").
+    it did not keep, once the kept ones are freed, in blocks of as many logits as a chunk or
+    the kept rows hold, whichever is more: blocks of columns when those rows are fewer than
+    V, else chunks of rows (docs/kernels.md "From hidden states").
 
     logits_budget: bytes (int >= 0) of logits, in the input dtype, that the general mode keeps
     from forward to backward instead of recomputing them; None = the default, 1 GiB (reasoned,
@@ -243,13 +246,16 @@ def fused_linear_opo_loss(hidden, weight, labels, ref_logprobs, rewards, *, bias
     Memory beyond the inputs, the returned gradients and O(M) fp32 per-row statistics: the
     counted rows of hidden when some rows are dropped ([M, H], held to the backward); logits
     of at most ``logits_budget`` bytes kept from forward to backward PLUS one chunk's
-    workspace (chunk_size·V logits; the backward's blocks hold as many): the logits never take
-    more than budget + chunk_size·V·itemsize bytes (on-policy: one chunk of at most
+    workspace (chunk_size·V logits; the backward's blocks hold as many, or as many as the
+    kept logits once those are freed): the logits never take more than
+    budget + chunk_size·V·itemsize bytes (on-policy: one chunk of at most
     max(budget, chunk_size·V·itemsize) bytes); while the gradients are formed, one fp32
-    accumulator and, for 16-bit inputs, one 16-bit product per block before it is added:
+    accumulator and, for 16-bit inputs off CUDA, one 16-bit product per block before it is
+    added (on CUDA the matmul adds it in fp32 itself):
       rows not kept < V (the usual case): [M − K, H] for ∂hidden (none when one block holds
                             all of V); ∂W is written in the weight's dtype;
-      rows not kept >= V, and on-policy:   [V, H] for ∂W ([V] for ∂b).
+      rows not kept >= V, and on-policy:   [V, H] for ∂W ([V] for ∂b; none for ∂W when one
+                            chunk holds all the rows).
 
     On-policy with gradients wanted, the loop runs ONCE (forward and gradients together, exact:
     Δ ≡ 0, so the gradient coefficients are known before the logits, except with
@@ -257,7 +263,9 @@ def fused_linear_opo_loss(hidden, weight, labels, ref_logprobs, rewards, *, bias
     [M, H] / [V, H] gradients are held from forward to backward (a second backward with
     retain_graph=True works: it scales them again). Its ∂W sums over the chunks in the fp32
     [V, H] accumulator, read and written once per chunk: 8·V·H bytes, 12 for 16-bit inputs
-    (6.3 GB at V = 128,256, H = 4096 in bf16), the reason its chunks take the whole budget.
+    off CUDA (4.2 GB at V = 128,256, H = 4096), the reason its chunks take the whole budget;
+    one chunk writes ∂W once, in the weight's dtype (then scaled by the upstream gradient:
+    for 16-bit weights a second rounding unless that gradient is a power of two, 1 included).
 
     backend="torch" runs the reference on the logits of the counted rows (for testing).
 

@@ -181,7 +181,8 @@ def backward_chunks(hidden_c, weight, bias, rows: Rows, saved, grad_loss, params
     (vocabulary-parallel).
 
     The kept logits' gradient is written over them (one kernel) and multiplied: ∂hidden of
-    rows [0, K) and the first part of ∂W, ∂b. The other M − K rows' logits are recomputed.
+    rows [0, K) and the first part of ∂W, ∂b. The other M − K rows' logits are recomputed,
+    after the kept ones are freed, in blocks of max(chunk_size, K) rows' worth of logits.
     Each gradient sums over one dimension of the logits: ∂hidden over V, ∂W over the rows. A
     loop over blocks of one dimension splits the other's sum, which then needs an fp32
     accumulator that every block reads and writes. So the loop cuts the smaller of M − K and
@@ -193,6 +194,9 @@ def backward_chunks(hidden_c, weight, bias, rows: Rows, saved, grad_loss, params
     logprobs, stats, entropy, coef, scal = saved
     num_rows, vocab = hidden_c.shape[0], weight.shape[0]
     kept = 0 if held is None else held.shape[0]
+    # the kept logits are freed before the others are recomputed: their blocks may hold as
+    # many (fewer, larger blocks: fewer passes over the fp32 accumulator, larger matmuls)
+    chunk_size = max(chunk_size, kept)
     by_vocab = num_rows > kept and blocks_over_vocab(num_rows - kept, vocab)
     row_parts = int(kept > 0) + (0 if by_vocab else len(range(kept, num_rows, chunk_size)))
     # ∂W written once (per block), in the weight's dtype, unless the row loop sums parts
@@ -268,14 +272,16 @@ def on_policy_chunks(hidden_c, weight, bias, batch: Batch, cfg: OPOLossConfig, p
     """One phase (ref_logprobs=None) over the M counted rows hidden_c [M, H]: forward
     statistics AND the gradients for a unit upstream gradient, in one pass over chunks of
     ``chunk_size`` rows. Returns ((logprobs, stats, entropy), (grad_hidden [M, H] in hidden's
-    dtype, grad_weight [V, H] and grad_bias [V] in fp32), each None when not needed).
+    dtype, grad_weight [V, H] in fp32 — in the weight's dtype when one chunk holds all the
+    rows: one product, written once — and grad_bias [V] in fp32), each None when not needed).
 
     The coefficients c_t need no logits (Δ ≡ 0): the counts-only epilogue runs first, then
     per chunk ONE kernel writes the statistics and the gradient over the chunk's logits, and
     three matmuls in all: the logits, ∂hidden of the chunk's rows (written once) and its part
-    of ∂W (the [V, H] fp32 accumulator: written by the first chunk, then read and written once
-    per chunk, 8·V·H bytes; 12 for 16-bit inputs off CUDA, ``_add_product``: fewer, larger
-    chunks, ``linear_plan.plan_chunks``, keep that traffic down).
+    of ∂W (with more than one chunk, the [V, H] fp32 accumulator: written by the first chunk,
+    then read and written once per chunk, 8·V·H bytes; 12 for 16-bit inputs off CUDA,
+    ``_add_product``: fewer, larger chunks, ``linear_plan.plan_chunks``, keep that traffic
+    down).
 
     tp = (group, vocab_start): the weight is this rank's vocabulary slice. A row's gradient
     needs the row's global normalization, so each chunk's slice partials are combined (one
@@ -286,7 +292,9 @@ def on_policy_chunks(hidden_c, weight, bias, batch: Batch, cfg: OPOLossConfig, p
     rows = Rows.of(batch)
     num_rows = hidden_c.shape[0]
     out = row_outputs(num_rows, batch.compute_dtype, batch.device, cfg.with_entropy)
-    grad_hidden, grad_weight, grad_bias = _grad_buffers(hidden_c, weight, bias, needs)
+    # ∂W summed over chunks in fp32; one chunk writes it once, in the weight's dtype
+    grad_hidden, grad_weight, grad_bias = _grad_buffers(hidden_c, weight, bias, needs,
+                                                        weight_sums=num_rows > chunk_size)
     if tp is not None:
         group, vocab_start = tp
         partials = new_output((num_rows, 4), batch.compute_dtype, batch.device)

@@ -129,8 +129,9 @@ LAUNCH_CASES = list(itertools.product(["general", "on_policy"], list(BUDGETS), [
 def test_row_kernel_launches(monkeypatch, mode, budget, chunk):
     """Forward: one launch for the kept rows [0, K) and one per chunk of the others;
     backward: one for the kept rows, then one per block of columns over the M − K others
-    (M = 12 < V = 23). On-policy: ⌈M / rows⌉ one-pass launches, rows = max(chunk, rows the
-    budget holds) balanced, and no backward launch."""
+    (M = 12 < V = 23), each block as many logits as max(chunk, K) rows. On-policy: ⌈M / rows⌉
+    one-pass launches, rows = max(chunk, rows the budget holds) balanced, and no backward
+    launch."""
     calls = {"forward": [], "backward": []}
 
     def spy(kind, fn):
@@ -157,7 +158,8 @@ def test_row_kernel_launches(monkeypatch, mode, budget, chunk):
         (s, (min(chunk, M - s), V)) for s in range(kept, M, chunk)]
     assert calls["forward"] == expected
     rest = M - kept
-    width = chunks.vocab_block_size(rest, V, chunk)
+    # the kept logits are freed first: the recomputed blocks hold as many as them or a chunk
+    width = chunks.vocab_block_size(rest, V, max(chunk, kept))
     blocks = [(kept, (rest, min(width, V - v))) for v in range(0, V, width)] if rest else []
     assert calls["backward"] == ([(0, (kept, V))] if kept else []) + blocks
 
@@ -183,10 +185,10 @@ FP32, BF16 = torch.float32, torch.bfloat16
 # general, budget 0, V = 20: the same, the rows loop: one chunk, so ∂W is one product written
 #   once in the weight's dtype too (no fp32 accumulator);
 # general, all kept: logits, seed, and no recompute: ∂hidden, ∂W (mm.out), ∂b;
-# on-policy (one phase): ticket memset, logits, ∂hidden (mm.out), ∂W into its fp32 buffer
-#   (fp32: mm.out; bf16: mm then copy_), ∂b (sum.out), then the seed and ∂hidden, ∂W, ∂b
-#   scaled by the upstream gradient (one mul each; bf16 ∂hidden through fp32: _to_copy, mul,
-#   _to_copy; ∂W and ∂b go from fp32 to bf16 scaled in ONE op each: mul.out).
+# on-policy (one phase): ticket memset, logits, ∂hidden (mm.out), ∂W (one chunk: written
+#   once in the weight's dtype, mm.out), ∂b (sum.out, fp32), then the seed and ∂hidden, ∂W,
+#   ∂b scaled by the upstream gradient in ONE op each (mul.out, multiplied in fp32 and
+#   written in the parameter's dtype).
 GATHER_3 = ["nonzero", "index.Tensor", "index.Tensor", "index.Tensor"]  # labels, ref, hidden
 GATHER_2 = ["nonzero", "index.Tensor", "index.Tensor"]  # on-policy: labels, hidden
 SCATTER = ["new_zeros", "index_put_"]
@@ -218,14 +220,13 @@ FUSED_LINEAR_OPS = {
         "zeros", "addmm", "ones_like", "mm.out", "mm.out", "sum.IntList_out"] + SCATTER
         + ["_to_copy"]),
     "on_policy-bias": ((True, True, FP32, 50, None, "padded"), GATHER_2 + [
-        "zeros", "addmm", "mm.out", "mm.out", "sum.IntList_out", "ones_like", "mul.Tensor",
-        "mul.Tensor", "mul.Tensor"] + SCATTER),
+        "zeros", "addmm", "mm.out", "mm.out", "sum.IntList_out", "ones_like", "mul.out",
+        "mul.out", "mul.out"] + SCATTER),
     "on_policy": ((True, False, FP32, 50, None, "padded"), GATHER_2 + [
-        "zeros", "mm", "mm.out", "mm.out", "ones_like", "mul.Tensor", "mul.Tensor"]
-        + SCATTER),
+        "zeros", "mm", "mm.out", "mm.out", "ones_like", "mul.out", "mul.out"] + SCATTER),
     "on_policy-bias-bf16": ((True, True, BF16, 50, None, "padded"), GATHER_2 + [
-        "zeros", "addmm", "mm.out", "mm", "copy_", "sum.IntList_out", "ones_like",
-        "_to_copy", "mul.Tensor", "_to_copy", "mul.out", "mul.out"] + SCATTER),
+        "zeros", "addmm", "mm.out", "mm.out", "sum.IntList_out", "ones_like", "mul.out",
+        "mul.out", "mul.out"] + SCATTER),
 }
 
 

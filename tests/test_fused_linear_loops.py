@@ -40,21 +40,28 @@ def test_on_policy_bf16(layout):
 
 
 def test_on_policy_scale_is_one_rounding_and_leaves_the_saved_gradient():
-    """The one-phase backward's scale-and-cast of an fp32 accumulator to a 16-bit parameter
-    (one op) equals the multiply-then-cast it replaces, bit for bit, and does not touch its
-    input; a retained graph's second backward gives the first one's gradients."""
+    """The one-phase backward's scale (one op): an fp32 accumulator to a 16-bit parameter,
+    and a 16-bit gradient (∂hidden, a one-chunk ∂W) to its own dtype, equal the fp32
+    multiply-then-cast they replace, bit for bit — the scale is not rounded to 16 bits first
+    (1/3 and 0.1 are not bf16 values) — and leave their input untouched; a retained
+    graph's second backward gives the first one's gradients."""
     from opo_kernels.fused_linear_opo import _scale
 
     g = torch.Generator().manual_seed(3)
     acc = torch.randn(50, 8, generator=g, dtype=torch.float64).float()
-    before = acc.clone()
-    for s in (1.0, -0.37, 3.1e4):
+    for s in (1.0, -0.37, 3.1e4, 1 / 3, 0.1):
         scale = torch.tensor(s)
         for dtype in (torch.bfloat16, torch.float16):
-            got = _scale(acc, scale, dtype)
-            assert got.dtype == dtype
-            assert torch.equal(got, (acc * scale).to(dtype)), (s, dtype)
-    assert torch.equal(acc, before)
+            for grad in (acc, acc.to(dtype)):
+                before = grad.clone()
+                got = _scale(grad, scale, dtype)
+                assert got.dtype == dtype
+                assert torch.equal(got, (grad.float() * scale).to(dtype)), (s, dtype)
+                assert torch.equal(grad, before)
+    # the same without the fp32 step would differ: the check above can fail
+    bf16 = acc.to(torch.bfloat16)
+    assert not torch.equal(bf16 * torch.tensor(1 / 3).to(torch.bfloat16),
+                           (bf16.float() * (1 / 3)).to(torch.bfloat16))
 
     problem = Problem("padded", 11)
     leaves = [t.requires_grad_() for t in problem.params(torch.bfloat16)]
