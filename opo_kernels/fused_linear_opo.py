@@ -160,6 +160,10 @@ class FusedLinearOPOFunction(torch.autograd.Function):
         if plan.one_phase:
             ctx.save_for_backward(*grads)
         else:
+            # the backward reads labels, mask, seq_ids, ref_logprobs again: the caller's own
+            # tensors when every row counts (else copies of the counted rows)
+            ctx.row_view = Rows.of(batch)
+            ctx.versions = ctx.row_view.versions()
             ctx.save_for_backward(hidden_c, weight, bias, logprobs, stats,
                                   entropy if cfg.entropy_in_gradient else None, out.coef,
                                   out.scal, params)
@@ -178,8 +182,9 @@ class FusedLinearOPOFunction(torch.autograd.Function):
         else:
             (hidden_c, weight, bias, logprobs, stats, entropy, coef, scal,
              params) = ctx.saved_tensors
+            ctx.row_view.check_unchanged(ctx.versions, "fused_linear_opo_loss")
             grad_hidden, grad_weight, grad_bias = backward_chunks(
-                hidden_c, weight, bias, Rows.of(ctx.rows.batch),
+                hidden_c, weight, bias, ctx.row_view,
                 (logprobs, stats, entropy, coef, scal), grad_loss, params, cfg,
                 ctx.plan.chunk_rows, ctx.needs, vocab_start=0 if tp is None else tp[1],
                 held=_take_held(ctx, hidden_c, weight, bias))

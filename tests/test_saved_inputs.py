@@ -123,3 +123,45 @@ def test_compiled_call(compile_backend):
         assert "modified by an inplace operation" in str(err)
     else:
         torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+LINEAR_CASES = [("padded", n) for n in ("labels", "ref_logprobs", "mask")]
+LINEAR_CASES += [("packed", n) for n in ("labels", "ref_logprobs", "seq_ids")]
+
+
+@pytest.mark.parametrize("layout_name,name", LINEAR_CASES, ids=["-".join(c) for c in LINEAR_CASES])
+@pytest.mark.parametrize("dropped", [False, True], ids=["all-counted", "rows-dropped"])
+@pytest.mark.parametrize("on_policy", [False, True], ids=["general", "on_policy"])
+def test_fused_linear(layout_name, name, dropped, on_policy):
+    """fused_linear_opo_loss: with every row counted the general backward reads the caller's
+    own labels / mask / seq_ids / ref_logprobs, so a change raises naming it; with rows dropped
+    it reads copies of the counted rows, and on-policy it only scales gradients formed in
+    forward: the forward's gradient either way."""
+    if on_policy and name == "ref_logprobs":
+        pytest.skip("on-policy calls take no ref_logprobs")
+    (_, labels, ref, rewards), layout = _inputs(layout_name == "packed")
+    if dropped:  # one row not counted
+        if "mask" in layout:
+            layout["mask"][1, 2] = False
+        else:
+            layout["seq_ids"][5] = -1
+    g = torch.Generator().manual_seed(1)
+    hidden, weight = on_device((torch.randn(*labels.shape, 6, generator=g),
+                                torch.randn(V, 6, generator=g)), None)
+    ref = None if on_policy else ref
+
+    def forward(h):
+        return opo_kernels.fused_linear_opo_loss(h, weight, labels, ref, rewards, group_size=2,
+                                                 backend="triton", **layout)
+
+    h = hidden.clone().requires_grad_()
+    (want,) = torch.autograd.grad(forward(h), h)
+    loss = forward(h)
+    _change(name, labels, ref, layout)
+    if dropped or on_policy:
+        (got,) = torch.autograd.grad(loss, h)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    else:
+        with pytest.raises(RuntimeError,
+                           match=f"fused_linear_opo_loss: {name} was modified by an in-place"):
+            torch.autograd.grad(loss, h)
