@@ -174,6 +174,16 @@ class FusedLinearOPOFunction(torch.autograd.Function):
     def backward(ctx, grad_loss, grad_metrics):
         if grad_loss is None:  # the loss was not used (its metrics carry no gradient)
             return (None,) * 8
+        # the forward ran with autocast off (the operands cast first): so does the backward,
+        # which on the CPU runs on the caller's thread, in its autocast state
+        autocast_type = _autocast_device(grad_loss)
+        if autocast_type is None:
+            return FusedLinearOPOFunction._backward(ctx, grad_loss)
+        with torch.autocast(autocast_type, enabled=False):
+            return FusedLinearOPOFunction._backward(ctx, grad_loss)
+
+    @staticmethod
+    def _backward(ctx, grad_loss):
         cfg, tp = ctx.cfg, ctx.tp
         if ctx.plan.one_phase:  # gradients were formed in forward for a unit upstream gradient
             grad_hidden, grad_weight, grad_bias = (
@@ -220,6 +230,9 @@ def fused_linear_opo_loss(hidden, weight, labels, ref_logprobs, rewards, *, bias
     bias: [V] or None, same dtype as hidden (fp32/bf16/fp16/fp64); rewards [B]; exactly one of
     group_size / group_ids. ref_logprobs=None: on-policy (π_ref = detached current policy).
     options: those of ``opo_kernels.opo_loss`` (the fields of ``OPOLossConfig``).
+    Under ``torch.autocast``, hidden, weight and bias (other than fp64) are cast to its dtype
+    as a linear layer's operands would be, and the loss runs on them: the logits in that
+    dtype, the gradients returned in each argument's own dtype.
 
     Gradients flow to hidden, weight and bias. The result equals
     ``opo_loss(hidden @ weight.T + bias, ...)`` for any chunk size and budget, up to rounding.
@@ -318,6 +331,15 @@ def fused_linear_opo_loss_with_config(hidden, weight, labels, ref_logprobs, rewa
                                       group_size=None, group_ids=None, process_group=None,
                                       vocab_start=None, reduce_hidden_grad=True):
     """``fused_linear_opo_loss`` with an already validated config (used by the module)."""
+    autocast_type = _autocast_device(hidden)
+    if autocast_type is not None:  # once more with the operands cast, and autocast off
+        hidden, weight, bias = _autocast_operands(autocast_type, hidden, weight, bias)
+        with torch.autocast(autocast_type, enabled=False):
+            return fused_linear_opo_loss_with_config(
+                hidden, weight, labels, ref_logprobs, rewards, cfg, bias=bias,
+                chunk_size=chunk_size, logits_budget=logits_budget, mask=mask, seq_ids=seq_ids,
+                group_size=group_size, group_ids=group_ids, process_group=process_group,
+                vocab_start=vocab_start, reduce_hidden_grad=reduce_hidden_grad)
     layout = dict(mask=mask, seq_ids=seq_ids, group_size=group_size, group_ids=group_ids)
     tensors = (hidden, weight) if bias is None else (hidden, weight, bias)
     grad_wanted = all(isinstance(t, torch.Tensor) for t in tensors) and wants_grad(*tensors)
@@ -352,6 +374,27 @@ def fused_linear_opo_loss_with_config(hidden, weight, labels, ref_logprobs, rewa
     if not cfg.return_metrics:
         return loss
     return loss, unpack_metrics(metrics, cfg.with_entropy)
+
+
+def _autocast_device(hidden) -> Optional[str]:
+    """hidden's device type when ``torch.autocast`` is on for it, else None."""
+    if not isinstance(hidden, torch.Tensor):
+        return None
+    try:
+        return hidden.device.type if torch.is_autocast_enabled(hidden.device.type) else None
+    except RuntimeError:  # a device type autocast does not know (meta)
+        return None
+
+
+def _autocast_operands(device_type: str, *tensors):
+    """The LM head's operands as autocast would give them to a linear layer: floating-point
+    tensors other than fp64 cast to autocast's dtype (the cast's backward returns each
+    gradient in its tensor's own dtype, e.g. fp32 for fp32 master weights); the loss then
+    runs with autocast off, so that the logits of forward and backward are the same matmul's,
+    in that dtype, and the chunk buffers are the dtype the kernels were given."""
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point()
+                 and t.dtype != torch.float64 else t for t in tensors)
 
 
 def _torch_reference(hidden, weight, bias, rows: CountedRows, cfg: OPOLossConfig):

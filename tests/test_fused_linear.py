@@ -340,3 +340,41 @@ def test_inside_torch_compile_it_runs_eagerly():
         results.append((loss, *torch.autograd.grad(loss, (h, weight))))
     for got, expected in zip(results[1], results[0]):
         torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+AUTOCAST = list(itertools.product([False, True], [0, None], [False, True]))
+
+
+@pytest.mark.parametrize("on_policy,budget,backward_inside", AUTOCAST,
+                         ids=[f"{'on_policy' if o else 'general'}-budget{b}"
+                              f"{'-backward_inside' if i else ''}" for o, b, i in AUTOCAST])
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_under_autocast(on_policy, budget, backward_inside, backend):
+    """Under torch.autocast (fp32 master weights, the usual mixed-precision step), the LM
+    head's operands are cast to autocast's dtype as a linear layer's would be, and the loss
+    runs on them with autocast off: the same loss as the call on bf16 copies, and the same
+    gradients, returned in fp32 — with the backward inside the autocast region or not (the
+    torch backend's backward is autograd's: on the CPU, inside the region, autocast applies
+    to its ops, which PyTorch advises against anyway)."""
+    if backward_inside and backend == "torch":
+        pytest.skip("autograd's own backward ops under autocast: not this package's")
+    p = Problem("padded", 21)
+    buf, weight, bias = p.params(torch.float32)
+    device = buf.device.type
+    ref = None if on_policy else p.ref
+    kwargs = dict(bias=bias, chunk_size=3, logits_budget=budget, backend=backend, **p.layout)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        loss = fused_linear_opo_loss(p.view(buf), weight, p.labels, ref, p.rewards, **kwargs)
+        if backward_inside:
+            grads = torch.autograd.grad(loss, (buf, weight, bias))
+    if not backward_inside:
+        grads = torch.autograd.grad(loss, (buf, weight, bias))
+    low = [t.detach().to(torch.bfloat16).requires_grad_() for t in (buf, weight, bias)]
+    kwargs["bias"] = low[2]
+    want_loss = fused_linear_opo_loss(p.view(low[0]), low[1], p.labels, ref, p.rewards,
+                                      **kwargs)
+    want = torch.autograd.grad(want_loss, low)
+    torch.testing.assert_close(loss, want_loss, rtol=0, atol=0)
+    for name, got, expected in zip(("hidden", "weight", "bias"), grads, want):
+        assert got.dtype == torch.float32, name
+        torch.testing.assert_close(got, expected.float(), rtol=0, atol=0, msg=name)
