@@ -58,7 +58,7 @@ from .linear_plan import LinearPlan, check_logits_budget, plan_chunks
 from .linear_rows import CountedRows, counted_rows, explain_nonfinite
 from .row_launch import Rows
 from .tensor_parallel import config_or_fail_together
-from .utils import cdiv, first_order_only, one_pass_mode, use_triton, wants_grad
+from .utils import first_order_only, one_pass_mode, use_triton, wants_grad
 
 # --------------------------------------------------------------------------------------------
 # autograd
@@ -348,12 +348,12 @@ def fused_linear_opo_loss_with_config(hidden, weight, labels, ref_logprobs, rewa
     one_phase = grad_wanted and one_pass_mode(ref_logprobs, cfg, hidden.dtype, grad_wanted)
     tp = None
     if process_group is not None:
-        rows, hidden_c, tp = prepare_parallel(
+        # planned for the widest slice, the same on every rank (the on-policy chunks each
+        # run collectives; slices of uneven sizes could round to different chunk sizes), and
+        # no rank's logits above the budget and chunk
+        rows, hidden_c, tp, vocab = prepare_parallel(
             hidden, weight, bias, labels, ref_logprobs, rewards, cfg, process_group,
             vocab_start, reduce_hidden_grad, chunk_size, logits_budget, layout, one_phase)
-        # from the global V, the same on every rank (the on-policy chunks each run
-        # collectives; slices of uneven sizes could round to different chunk sizes)
-        vocab = cdiv(rows.batch.vocab, torch.distributed.get_world_size(process_group))
     else:
         if vocab_start is not None:
             raise ValueError("vocab_start applies to a vocabulary-parallel weight: pass "

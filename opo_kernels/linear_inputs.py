@@ -87,7 +87,7 @@ def prepare_parallel(hidden, weight, bias, labels, ref_logprobs, rewards, cfg, g
                      vocab_start, reduce_hidden_grad, chunk_size, logits_budget, layout,
                      one_phase: bool):
     """Checks of a vocabulary-parallel call, agreed by every rank (see tensor_parallel).
-    Returns (rows, hidden_c, tp): the counted rows are found on each rank before the
+    Returns (rows, hidden_c, tp, widest): the counted rows are found on each rank before the
     agreement, which compares the rows' count, mask / seq_ids and the counted rows of hidden
     (with validate=True), so that every rank multiplies the same rows. one_phase (the
     on-policy one-phase mode) is agreed too: it runs collectives per chunk, the two phases
@@ -108,12 +108,11 @@ def prepare_parallel(hidden, weight, bias, labels, ref_logprobs, rewards, cfg, g
         return rows.batch
 
     vocab_local = weight.shape[0] if isinstance(weight, torch.Tensor) and weight.dim() else 0
-    batch, start = prepare_together(group, checked, vocab_local, vocab_start, cfg,
-                                    agree={"chunk_size": chunk_size,
-                                           "logits_budget": logits_budget,
-                                           "reduce_hidden_grad": reduce_hidden_grad,
-                                           "one-phase mode": one_phase},
-                                    # every rank's slice of the logits is hidden @ its weight
-                                    agree_tensors=lambda: found["agree"])
+    batch, start, widest = prepare_together(
+        group, checked, vocab_local, vocab_start, cfg,
+        agree={"chunk_size": chunk_size, "logits_budget": logits_budget,
+               "reduce_hidden_grad": reduce_hidden_grad, "one-phase mode": one_phase},
+        # every rank's slice of the logits is hidden @ its weight
+        agree_tensors=lambda: found["agree"])
     rows = dataclasses.replace(found["rows"], batch=batch)  # (the global vocabulary)
-    return rows, found["hidden_c"], (group, start, reduce_hidden_grad)
+    return rows, found["hidden_c"], (group, start, reduce_hidden_grad), widest

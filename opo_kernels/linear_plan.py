@@ -3,7 +3,7 @@ whose logits are kept from forward to backward (``logits_budget``), rows per chu
 on-policy one-phase loop. Host-side integers only: no device op, no sync.
 
 Rows here are the M counted rows (``linear_rows.py``); V is the vocabulary of the weight this
-process holds (vocabulary-parallel: ⌈V / ranks⌉ of the global V, the same on every rank, whose
+process holds (vocabulary-parallel: the widest rank's slice, the same on every rank, whose
 on-policy chunks each run a collective).
 """
 

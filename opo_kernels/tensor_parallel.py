@@ -33,8 +33,9 @@ from typing import Callable, Optional, Tuple
 import torch
 import torch.distributed as dist
 
-# group -> {(V_local, this rank's first id): V_global}: layouts already checked. Weakly keyed,
-# so a destroyed group's entries go with it (an id() key could be reused by a new group).
+# group -> {(V_local, this rank's first id): (V_global, the widest rank's V_local)}: layouts
+# already checked. Weakly keyed, so a destroyed group's entries go with it (an id() key could
+# be reused by a new group).
 _LAYOUTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -48,8 +49,8 @@ def _layouts_of(group) -> dict:
 
 def check_layout(group, vocab_local: int, vocab_start: Optional[int], num_rows: int,
                  error: Optional[BaseException], validate: bool,
-                 replicated: Optional[dict] = None) -> Tuple[int, int]:
-    """(vocab_start of this rank, global vocabulary size V).
+                 replicated: Optional[dict] = None) -> Tuple[int, int, int]:
+    """(vocab_start of this rank, global vocabulary size V, the widest rank's V_local).
 
     vocab_start None: equal slices, rank r starts at r·V_local. With validate=True (or the
     first time a layout is seen) every rank's (error, vocab_start, V_local, N, replicated) is
@@ -70,7 +71,7 @@ def check_layout(group, vocab_local: int, vocab_start: Optional[int], num_rows: 
             finally:
                 error = None
         if key in known:
-            return start, known[key]
+            return (start, *known[key])
     info = [None] * world
     message = None if error is None else f"{type(error).__name__}: {error}"
     dist.all_gather_object(info, (message, start, vocab_local, num_rows, replicated),
@@ -104,8 +105,8 @@ def check_layout(group, vocab_local: int, vocab_start: Optional[int], num_rows: 
                 "tile the vocabulary contiguously in rank order")
         expected = s + v
     _check_replicated([i[4] for i in info])
-    known[key] = expected
-    return start, expected
+    known[key] = (expected, max(sizes))
+    return (start, *known[key])
 
 
 def _check_replicated(summaries) -> None:
@@ -212,13 +213,14 @@ def replicated_summary(batch, cfg, agree: Optional[dict] = None,
 def prepare_together(group, prepare: Callable, vocab_local: int, vocab_start, cfg,
                      agree: Optional[dict] = None,
                      agree_tensors: Optional[Callable[[], dict]] = None):
-    """(batch, this rank's vocab_start): ``prepare()`` (the call's own input checks, returning
-    an ``inputs.Batch``) on this rank, ``vocab_start`` checked, then ``check_layout``'s
-    agreement, so that an error on ONE rank raises on EVERY rank (with cfg.validate, also a
-    replicated argument, option or ``agree`` value that differs between ranks); the batch gets
-    the global vocabulary size. ``agree_tensors``: a function returning {name: tensor}
-    replicated beyond the batch's, fingerprinted with it (under a name of the batch's, in its
-    place); called after ``prepare()``, so that it can return tensors that prepare() derives."""
+    """(batch, this rank's vocab_start, the widest rank's V_local): ``prepare()`` (the
+    call's own input checks, returning an ``inputs.Batch``) on this rank, ``vocab_start``
+    checked, then ``check_layout``'s agreement, so that an error on ONE rank raises on EVERY
+    rank (with cfg.validate, also a replicated argument, option or ``agree`` value that
+    differs between ranks); the batch gets the global vocabulary size. ``agree_tensors``: a
+    function returning {name: tensor} replicated beyond the batch's, fingerprinted with it
+    (under a name of the batch's, in its place); called after ``prepare()``, so that it can
+    return tensors that prepare() derives."""
     validate = cfg.validate
     try:
         if vocab_start is not None and (isinstance(vocab_start, bool) or
@@ -232,9 +234,9 @@ def prepare_together(group, prepare: Callable, vocab_local: int, vocab_start, cf
     if validate:
         replicated = replicated_summary(batch, cfg, agree,
                                         None if agree_tensors is None else agree_tensors())
-    start, vocab = check_layout(group, vocab_local, vocab_start, batch.num_rows, None, validate,
-                                replicated)
-    return dataclasses.replace(batch, vocab=vocab), start
+    start, vocab, widest = check_layout(group, vocab_local, vocab_start, batch.num_rows, None,
+                                        validate, replicated)
+    return dataclasses.replace(batch, vocab=vocab), start, widest
 
 
 def config_or_fail_together(group, make_config):

@@ -190,9 +190,9 @@ def vocab_parallel_loss(logits, labels, ref_logprobs, rewards, cfg: OPOLossConfi
                 and not torch.compiler.is_compiling())
     # agreed by every rank: the partials' dtype follows the logits', and the one-pass mode runs
     # a collective per chunk where the general mode runs one per call
-    batch, start = prepare_together(group, checked, vocab_local, vocab_start, cfg,
-                                    agree={"logits dtype": logits.dtype if is_tensor else None,
-                                           "one-pass mode": one_pass})
+    batch, start, _ = prepare_together(group, checked, vocab_local, vocab_start, cfg,
+                                       agree={"logits dtype": logits.dtype if is_tensor
+                                              else None, "one-pass mode": one_pass})
     loss, metrics = VocabParallelOPOFunction.apply(logits, batch, cfg, group, start, one_pass)
     if not cfg.return_metrics:
         return loss

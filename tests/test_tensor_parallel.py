@@ -90,10 +90,16 @@ def test_fused_linear_two_ranks_vocabulary_blocks():
                ("packed", {"vocab": 67, "logits_budget": 5 * 34 * 4})])
 
 
-def test_fused_linear_four_ranks_on_policy():
-    run_ranks(tp_workers.fused_linear_case, 4, "packed",
-              {"on_policy": True, "temperature": 0.8, "level": "sequence",
-               "logits_budget": 0})
+def test_fused_linear_four_ranks():
+    """On-policy, and the general mode with a budget of 5 rows of the widest slice: slices of
+    5, 4, 6 and 4 ids, so a plan from ⌈19 / 4⌉ = 5 ids would keep 6 rows, 144 bytes of the
+    widest rank's logits against a budget of 120 (the worker checks every rank's logits
+    against the budget and one chunk)."""
+    assert tp_workers.bounds(4, 19, uneven=True) == [0, 5, 9, 15, 19]
+    run_ranks(tp_workers.fused_linear_cases, 4,
+              [("packed", {"on_policy": True, "temperature": 0.8, "level": "sequence",
+                           "logits_budget": 0}),
+               ("padded", {"logits_budget": 5 * 6 * 4})])
 
 
 def test_fused_linear_default_chunks_agree_on_uneven_slices():

@@ -230,7 +230,15 @@ def _fused_linear_compare_body(rank, world, layout, on_policy, V, options):
     grads = torch.autograd.grad(loss, params)
     edges = bounds(world, V, uneven=True)
     lo, hi = edges[rank], edges[rank + 1]
+    widest = max(b - a for a, b in zip(edges, edges[1:]))  # the plan's V, on every rank
     counted = int(mask.sum())
+    plan = plan_chunks(counted, widest, torch.float32, kwargs.get("chunk_size"),
+                       kwargs.get("logits_budget"), on_policy, True)
+    # no rank's logits above the budget plus one chunk (on-policy: the larger of the two)
+    budget = kwargs.get("logits_budget")
+    if budget is not None:
+        chunk_bytes = plan.chunk_rows * (hi - lo) * 4
+        bound = max(budget, chunk_bytes) if on_policy else budget + chunk_bytes
     for reduce in (True, False):
         h = hidden.clone().requires_grad_()
         w = weight[lo:hi].clone().requires_grad_()
@@ -240,11 +248,15 @@ def _fused_linear_compare_body(rank, world, layout, on_policy, V, options):
                 h, w, labels, ref, rewards, bias=b, process_group=dist.group.WORLD,
                 vocab_start=lo, reduce_hidden_grad=reduce, **kwargs)
             gh, gw, gb = torch.autograd.grad(loss2, (h, w, b))
-        plan = plan_chunks(counted, -(-V // world), torch.float32, kwargs.get("chunk_size"),
-                           kwargs.get("logits_budget"), on_policy, True)
         expected = 3.0 if on_policy else 4.0 - plan.held_rows / counted
         units = counter.units(counted, H, hi - lo)
         assert abs(units - expected) < 1e-12, (rank, units, expected, counter.products)
+        if budget is not None:
+            # the products' left operands of V_local columns are the logits (or their gradient)
+            largest = max((m * n * 4 for m, _, n in counter.products if n == hi - lo),
+                          default=0)
+            held = plan.held_rows * (hi - lo) * 4
+            assert held <= budget and largest <= bound, (rank, held, largest, budget, bound)
         _close(loss2, loss, 2e-6, 2e-7, "fused-linear loss")
         for k in metrics:
             _close(metrics2[k], metrics[k], 2e-6, 2e-7, f"fused-linear metric {k}")
