@@ -14,7 +14,7 @@ from .config import OPOLossConfig, config_from_options
 from .inputs import Batch, check_tensor, prepare
 from .linear_rows import counted_rows
 from .tensor_parallel import prepare_together
-from .utils import host_int
+from .utils import host_int, wants_grad
 from .validation import read_pending
 from .vocab_parallel import require_fused_kernels
 
@@ -110,8 +110,11 @@ def prepare_parallel(hidden, weight, bias, labels, ref_logprobs, rewards, cfg, g
     vocab_local = weight.shape[0] if isinstance(weight, torch.Tensor) and weight.dim() else 0
     batch, start, widest = prepare_together(
         group, checked, vocab_local, vocab_start, cfg,
+        # hidden's gradient is all-reduced in backward: a rank without it would skip that
         agree={"chunk_size": chunk_size, "logits_budget": logits_budget,
-               "reduce_hidden_grad": reduce_hidden_grad, "one-phase mode": one_phase},
+               "reduce_hidden_grad": reduce_hidden_grad, "one-phase mode": one_phase,
+               "hidden's gradient wanted": isinstance(hidden, torch.Tensor)
+               and wants_grad(hidden)},
         # every rank's slice of the logits is hidden @ its weight
         agree_tensors=lambda: found["agree"])
     rows = dataclasses.replace(found["rows"], batch=batch)  # (the global vocabulary)

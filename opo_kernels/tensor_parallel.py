@@ -47,6 +47,23 @@ def _layouts_of(group) -> dict:
         return {}
 
 
+def check_group(group) -> None:
+    """A process group this process belongs to (raised locally: a wrong object, or a group
+    without this rank, has no collective to share the error with). ``dist.new_group`` gives
+    the processes outside the group a marker instead of a group."""
+    process_group_type = getattr(dist, "ProcessGroup", None)
+    outside = group is getattr(dist.GroupMember, "NON_GROUP_MEMBER", object())
+    if not outside and process_group_type is not None \
+            and not isinstance(group, process_group_type):
+        raise TypeError(f"process_group must be a torch.distributed ProcessGroup (e.g. "
+                        f"dist.new_group(...) or a DeviceMesh's get_group()), got "
+                        f"{type(group).__name__}")
+    if outside or dist.get_rank(group) < 0:
+        raise ValueError(f"process_group: this process (global rank {dist.get_rank()}) is not "
+                         "a member of it; call the loss with a group of the ranks that hold "
+                         "the vocabulary slices, on those ranks only")
+
+
 def check_layout(group, vocab_local: int, vocab_start: Optional[int], num_rows: int,
                  error: Optional[BaseException], validate: bool,
                  replicated: Optional[dict] = None) -> Tuple[int, int, int]:
@@ -74,8 +91,8 @@ def check_layout(group, vocab_local: int, vocab_start: Optional[int], num_rows: 
             return (start, *known[key])
     info = [None] * world
     message = None if error is None else f"{type(error).__name__}: {error}"
-    dist.all_gather_object(info, (message, start, vocab_local, num_rows, replicated),
-                           group=group)
+    dist.all_gather_object(info, (message, start, vocab_local, num_rows, replicated,
+                                  bool(validate)), group=group)
     failed = [(r, m) for r, (m, *_) in enumerate(info) if m is not None]
     if error is not None:
         # cleared as it leaves: a frame in the traceback holding the exception is a cycle that
@@ -90,6 +107,12 @@ def check_layout(group, vocab_local: int, vocab_start: Optional[int], num_rows: 
         r, m = failed[0]
         raise ValueError(f"rank {r} of the process group failed its input checks ({m}); "
                          "every rank stops with it")
+    checks = [i[5] for i in info]
+    if len(set(checks)) != 1:  # once the layout is known, validate=False skips this gather
+        raise ValueError(f"validate is not the same on every rank of the process group (by "
+                         f"rank: {checks}): the ranks with validate=False skip the agreement "
+                         "step once the layout is known, so the ranks' collectives would not "
+                         "pair up; pass the same validate everywhere")
     starts = [i[1] for i in info]
     sizes = [i[2] for i in info]
     rows = [i[3] for i in info]
@@ -127,8 +150,13 @@ def _check_replicated(summaries) -> None:
                     "copy")
 
 
-# A prime below 2**24: a fingerprint is exact in fp32, and a product of two residues fits int64.
-_PRIME = 16_777_213
+# The fingerprint's mixing constants (splitmix64's), as signed int64: each element's bits and
+# position go through a bijection of 64-bit integers, so that two inputs differing in one
+# element always differ in that element's term, and the terms, summed modulo 2^64, differ
+# unless a whole other term happens to cancel the change (chance 2^-64).
+_GOLDEN = 0x9E3779B97F4A7C15 - 2**64
+_MIX1 = 0xBF58476D1CE4E5B9 - 2**64
+_MIX2 = 0x94D049BB133111EB - 2**64
 # Elements hashed per step: the int64 temporaries stay ~32 MB each whatever the tensor (the
 # fused-linear hidden states' counted rows are M x H, e.g. 67M elements at M = 16384,
 # H = 4096).
@@ -154,10 +182,17 @@ def _slices(t: torch.Tensor, offset: int = 0):
             yield from _slices(t[row], offset + row * per_row)
 
 
+def _shift_right(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """x >> bits as unsigned 64-bit integers (torch shifts int64 arithmetically)."""
+    return (x >> bits) & ((1 << (64 - bits)) - 1)
+
+
 def _fingerprint(tensor: torch.Tensor) -> torch.Tensor:
-    """Σ_i ((bits_i mod p)·(w_i mod p) mod p) over the row-major elements, w_i = 40503·i + 1: a
+    """Σ_i mix(bits_i + i·G) mod 2^64 over the row-major elements (i from 1; bits: the
+    element's bit pattern, sign-extended to 64; mix: splitmix64's finalizer, a bijection): a
     0-dim int64 on the tensor's device, summed over ``_slices`` (int64 temporaries of a slice,
-    and a strided view copied one slice at a time, never whole)."""
+    and a strided view copied one slice at a time, never whole). Integer arithmetic that
+    wraps, so every device and every summation order gives the same number."""
     total = torch.zeros((), dtype=torch.int64, device=tensor.device)
     for part, offset in _slices(tensor.detach()):
         flat = part.reshape(-1)
@@ -165,16 +200,19 @@ def _fingerprint(tensor: torch.Tensor) -> torch.Tensor:
             flat = flat.long()
         elif flat.is_floating_point():  # bit patterns: exact, whatever the values
             flat = flat.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[flat.element_size()])
-        pos = torch.arange(offset + 1, offset + flat.numel() + 1, device=flat.device,
-                           dtype=torch.int64)
-        weight = (pos * 40503 + 1).remainder_(_PRIME)
-        total += (flat.long().remainder(_PRIME) * weight).remainder_(_PRIME).sum()
+        x = torch.arange(offset + 1, offset + flat.numel() + 1, device=flat.device,
+                         dtype=torch.int64)
+        x.mul_(_GOLDEN).add_(flat.long())
+        x.bitwise_xor_(_shift_right(x, 30)).mul_(_MIX1)
+        x.bitwise_xor_(_shift_right(x, 27)).mul_(_MIX2)
+        x.bitwise_xor_(_shift_right(x, 31))
+        total += x.sum()
     return total
 
 
 def fingerprints(tensors: dict) -> dict:
     """{name: "shape [..], fingerprint h"} of device tensors, with ONE host sync: the hash is a
-    position-weighted sum of the values' bit patterns modulo a prime (order-independent integer
+    sum of mixed (bit pattern, position) terms modulo 2^64 (``_fingerprint``: integer
     arithmetic, so every device and every reduction order gives the same number)."""
     names = [n for n, t in tensors.items() if t is not None]
     hashes = [_fingerprint(tensors[name]) for name in names]
@@ -222,18 +260,21 @@ def prepare_together(group, prepare: Callable, vocab_local: int, vocab_start, cf
     (under a name of the batch's, in its place); called after ``prepare()``, so that it can
     return tensors that prepare() derives."""
     validate = cfg.validate
+    check_group(group)
+    # any error of this rank's own work (a bad argument, or e.g. out of memory in the
+    # fingerprints) is shared: the other ranks would otherwise wait in the gather
     try:
         if vocab_start is not None and (isinstance(vocab_start, bool) or
                                         not isinstance(vocab_start, int) or vocab_start < 0):
             raise ValueError(f"vocab_start must be a non-negative int, got {vocab_start!r}")
         batch = prepare()
-    except (TypeError, ValueError) as err:  # (`err` is deleted when this block is left)
+        replicated = None
+        if validate:
+            replicated = replicated_summary(batch, cfg, agree,
+                                            None if agree_tensors is None else agree_tensors())
+    except Exception as err:  # (`err` is deleted when this block is left)
         check_layout(group, vocab_local, vocab_start, -1, err, validate)
         raise  # check_layout re-raised err; not reached
-    replicated = None
-    if validate:
-        replicated = replicated_summary(batch, cfg, agree,
-                                        None if agree_tensors is None else agree_tensors())
     start, vocab, widest = check_layout(group, vocab_local, vocab_start, batch.num_rows, None,
                                         validate, replicated)
     return dataclasses.replace(batch, vocab=vocab), start, widest
@@ -243,16 +284,14 @@ def config_or_fail_together(group, make_config):
     """``make_config()`` (an ``OPOLossConfig``, or anything that validates the options); with a
     process group, an option error on one rank is first shared through the same agreement
     step as ``check_layout`` so that every rank raises instead of the others waiting in a
-    collective (the options cannot say validate=False yet, so the agreement always runs)."""
-    process_group_type = getattr(dist, "ProcessGroup", None)
-    if group is not None and process_group_type is not None \
-            and not isinstance(group, process_group_type):
-        raise TypeError(f"process_group must be a torch.distributed ProcessGroup (e.g. "
-                        f"dist.new_group(...) or a DeviceMesh's get_group()), got "
-                        f"{type(group).__name__}")
+    collective (the options cannot say validate=False yet, so the agreement always runs; with
+    validate=False on the other ranks and their layout known, they do not wait for it: such a
+    caller promises identical options)."""
+    if group is not None:
+        check_group(group)
     try:
         return make_config()
-    except (TypeError, ValueError) as err:
+    except Exception as err:
         if group is None:
             raise
         check_layout(group, 0, None, -1, err, validate=True)

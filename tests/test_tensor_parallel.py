@@ -123,7 +123,9 @@ BAD_INPUT_CASES = ["label_outside_vocab", "inconsistent_vocab_start", "mismatche
                    "inf_weight_on_one_rank",
                    "logits_dtype_differs_on_one_rank", "one_pass_differs_on_one_rank",
                    "deferred_error_pending_on_one_rank",
-                   "linear_one_phase_differs_on_one_rank"]
+                   "linear_one_phase_differs_on_one_rank",
+                   "linear_hidden_grad_differs_on_one_rank", "out_of_memory_on_one_rank",
+                   "validate_differs_on_one_rank"]
 
 
 def test_bad_input_raises_on_every_rank():
@@ -176,10 +178,36 @@ def test_fingerprints_do_not_depend_on_the_hashing_chunk(chunk, monkeypatch):
         bits = t.contiguous().reshape(-1)
         if bits.is_floating_point():
             bits = bits.view({2: torch.int16, 4: torch.int32}[bits.element_size()])
-        p = tensor_parallel._PRIME
-        expected = sum((b % p) * ((40503 * i + 1) % p) % p
-                       for i, b in enumerate(bits.long().tolist(), 1))
+        expected = sum(_splitmix(b + i * 0x9E3779B97F4A7C15)
+                       for i, b in enumerate(bits.long().tolist(), 1)) % 2**64
+        expected -= 2**64 if expected >= 2**63 else 0  # as a signed int64
         assert got[name] == f"shape {list(t.shape)}, fingerprint {expected}", name
+
+
+def _splitmix(z: int) -> int:
+    """splitmix64's finalizer on z mod 2^64, in Python integers."""
+    z %= 2**64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) % 2**64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) % 2**64
+    return z ^ (z >> 31)
+
+
+def test_fingerprints_have_no_blind_spot():
+    """The former hash (a position-weighted sum modulo a prime p) missed a change at every
+    position whose weight was 0 mod p (flat index 16,148,838 of a 4608 x 4096 hidden) and a
+    change of a value's bit pattern by p (rewards 0.5 and 1.9999996 were "the same")."""
+    from opo_kernels.tensor_parallel import fingerprints
+
+    p = 16_777_213
+    zero_weight = (-pow(40503, -1, p)) % p - 1
+    a = torch.zeros(zero_weight + 7, dtype=torch.bfloat16)
+    b = a.clone()
+    b[zero_weight] = 3.0
+    assert fingerprints({"x": a}) != fingerprints({"x": b})
+    r0 = torch.tensor([0.5, 0.25, 1.0])
+    r1 = r0.clone()
+    r1.view(torch.int32)[0] += p
+    assert fingerprints({"r": r0}) != fingerprints({"r": r1})
 
 
 @pytest.mark.parametrize("shape, chunk", [((4, 5, 3), 2), ((4, 5, 3), 5), ((4, 5, 3), 12),
@@ -233,3 +261,7 @@ def test_operation_counts(layout):
     the backward kernel (+ the tickets' memset and autograd's seed). One-pass mode: the same
     three launches and one all-gather per chunk of rows, nothing else per chunk."""
     run_ranks(tp_workers.operation_counts, 2, layout)
+
+
+def test_a_rank_outside_the_group():
+    run_ranks(tp_workers.not_a_member, 3)

@@ -1,7 +1,8 @@
-"""The verl policy loss raises a micro-batch's data error on every rank (opo_kernels/integrations/
+"""The verl policy loss raises a micro-batch's error on every rank (opo_kernels/integrations/
 agree.py): two gloo ranks call the registered loss as verl's ppo_loss does, with bad input on
-one of them; both raise (the bad rank its own error, the other one naming it) instead of one
-rank stopping while the other goes on to FSDP's next collective."""
+one of them; both raise (the bad rank its own error, whatever its type, the other one a
+RuntimeError naming it) instead of one rank stopping while the other goes on to FSDP's next
+collective."""
 
 from __future__ import annotations
 
@@ -31,6 +32,8 @@ def _bad(batch, case: str):
         old = batch["old"].clone()
         old[0, 0] = float("nan")  # row 0 has >= 1 counted token
         return {**batch, "old": old}, slice(None)
+    if case == "advantages_1d":  # an error that is no ValueError (decoding the group tags)
+        return {**batch, "advantages": batch["advantages"][:, 0]}, slice(None)
     assert case == "split_group"  # rows 0..3: the second group has 1 of its 3 responses
     return batch, slice(0, 4)
 
@@ -46,21 +49,23 @@ def _rank(rank: int, world: int, port: int) -> None:
         rows = batch["mask"].shape[0]
         loss, _ = call_like_verl(_config(rows), batch, batch["logprobs"].clone())  # both good
         assert torch.isfinite(loss)
-        for case, own in (("nan_old_log_prob", "found bad input"),
-                          ("split_group", "has 1 of its 3 non-empty responses")):
+        for case, own in (("nan_old_log_prob", (ValueError, "found bad input")),
+                          ("split_group", (ValueError, "has 1 of its 3 non-empty responses")),
+                          ("advantages_1d", (IndexError, ""))):
             for bad_ranks in ([1], [0, 1]):
                 mine, part = _bad(batch, case) if rank in bad_ranks else (batch, slice(None))
                 lp = mine["logprobs"][part].clone().requires_grad_()
                 try:
                     call_like_verl(_config(rows), mine, lp, rows=part)  # verl's global info
-                except ValueError as err:
-                    message = str(err)
+                except Exception as err:  # noqa: BLE001 (the type is checked below)
+                    error = err
                 else:
                     raise AssertionError(f"rank {rank} did not raise ({case}, {bad_ranks})")
-                if rank in bad_ranks:
-                    assert own in message, (case, message)
+                if rank in bad_ranks:  # its own error, as it was
+                    assert type(error) is own[0] and own[1] in str(error), (case, error)
                 else:
-                    assert f"the micro-batch of rank(s) {bad_ranks} has bad input" in message
+                    assert type(error) is RuntimeError, (case, error)
+                    assert f"the micro-batch of rank(s) {bad_ranks} failed" in str(error)
         # the ranks still agree afterwards: a good micro-batch passes on both
         loss, _ = call_like_verl(_config(rows), batch, batch["logprobs"].clone())
         assert torch.isfinite(loss)

@@ -302,6 +302,8 @@ def _bad_input_case(rank, world, case):
     vocab_start = None
     expect = None
     options = {}
+    group = dist.group.WORLD
+    own_error = ValueError  # what the rank with the problem raises (the others: ValueError)
     if case == "label_outside_vocab":
         labels = labels.clone()
         labels[0, 0] = V  # a counted token (every sequence's first token is counted)
@@ -375,6 +377,23 @@ def _bad_input_case(rank, world, case):
     elif case == "option_differs_on_one_rank":
         options["mu"] = 1.0 if rank == 0 else 0.5
         expect = "option mu is not the same on every rank"
+    elif case == "linear_hidden_grad_differs_on_one_rank":  # its backward all-reduce
+        expect = "hidden's gradient wanted is not the same on every rank"
+    elif case == "out_of_memory_on_one_rank":  # not a ValueError, in the fingerprints
+        if rank == 1:
+            from opo_kernels import tensor_parallel
+
+            def no_memory(*args, **kwargs):
+                raise torch.OutOfMemoryError("simulated: out of memory")
+
+            saved = tensor_parallel.replicated_summary
+            tensor_parallel.replicated_summary = no_memory
+            own_error = torch.OutOfMemoryError
+        expect = "out of memory"
+    elif case == "validate_differs_on_one_rank":  # a new group: its layout not yet known
+        group = dist.new_group(list(range(world)))
+        options["validate"] = rank == 0
+        expect = "validate is not the same on every rank"
     try:
         if any(name in case for name in ("chunk_size", "hidden", "logits_budget", "weight",
                                          "linear")):
@@ -388,6 +407,9 @@ def _bad_input_case(rank, world, case):
                 weight[1, 0] = float("inf")
             if case == "linear_one_phase_differs_on_one_rank" and rank == 1:
                 weight.requires_grad_()
+            if case == "linear_hidden_grad_differs_on_one_rank":
+                weight.requires_grad_()  # one phase on both ranks; hidden's gradient on one
+                hidden.requires_grad_(rank == 0)
             if case == "hidden_differs_on_one_rank" and rank == 1:
                 assert layout["mask"][2, 1]  # a counted row (a row not counted is not read)
                 hidden[2, 1, 2] = torch.nextafter(hidden[2, 1, 2], torch.tensor(9.0))
@@ -397,15 +419,19 @@ def _bad_input_case(rank, world, case):
                 hidden, weight, labels, None, rewards,
                 chunk_size=chunk_size if rank == 0 else 5,
                 logits_budget=budget if rank == 0 else 0,
-                backend="triton", process_group=dist.group.WORLD, **layout)
+                backend="triton", process_group=group, **layout)
         else:
             opo_kernels.opo_loss(logits, labels, ref, rewards, backend="triton",
-                                 process_group=dist.group.WORLD, vocab_start=vocab_start,
+                                 process_group=group, vocab_start=vocab_start,
                                  **layout, **options)
-    except ValueError as err:
+    except Exception as err:  # noqa: BLE001 (the type is checked)
+        assert type(err) in (ValueError, own_error), f"rank {rank}: {type(err)} {err}"
         assert expect in str(err), f"rank {rank}: {err}"
     else:
         raise AssertionError(f"rank {rank}: no error for {case}")
+    finally:
+        if case == "out_of_memory_on_one_rank" and rank == 1:
+            tensor_parallel.replicated_summary = saved
 
 
 def operation_counts(rank, world, port, layout):
@@ -455,5 +481,44 @@ def operation_counts(rank, world, port, layout):
                 assert len(collectives) == pieces, collectives
                 assert others == ["aten.zeros.default", "aten.ones.default",
                                   "aten.ones_like.default"], others
+    finally:
+        dist.destroy_process_group()
+
+
+def not_a_member(rank, world, port):
+    """A group of ranks [0, 1] of 3: rank 2 calls with it and gets a ValueError saying it is
+    not a member (locally: it has no collective to share it with), from the functions and the
+    module forms; an object that is no ProcessGroup is a TypeError on both forms."""
+    import pytest
+    from problems import make_problem
+
+    import opo_kernels
+
+    dist.init_process_group("gloo", rank=rank, world_size=world,
+                            init_method=f"tcp://127.0.0.1:{port}")
+    try:
+        group = dist.new_group([0, 1])  # (collective: every rank creates it)
+        if rank != 2:
+            return
+        problem = make_problem(2, 3, 8, torch.float32, "padded", seed=1)
+        labels, ref, rewards = problem.args()
+        hidden, weight = torch.randn(2, 3, 4), torch.randn(4, 4)
+        calls = {
+            "opo_loss": lambda g: opo_kernels.opo_loss(
+                problem.logits[..., :4], labels, ref, rewards, process_group=g,
+                **problem.layout),
+            "OPOLoss": lambda g: opo_kernels.OPOLoss()(
+                problem.logits[..., :4], labels, ref, rewards, process_group=g,
+                **problem.layout),
+            "fused_linear_opo_loss": lambda g: opo_kernels.fused_linear_opo_loss(
+                hidden, weight, labels, ref, rewards, process_group=g, **problem.layout),
+            "FusedLinearOPOLoss": lambda g: opo_kernels.FusedLinearOPOLoss()(
+                hidden, weight, labels, ref, rewards, process_group=g, **problem.layout),
+        }
+        for call in calls.values():
+            with pytest.raises(ValueError, match="is not a member"):
+                call(group)
+            with pytest.raises(TypeError, match="process_group must be a torch.distributed"):
+                call(3)
     finally:
         dist.destroy_process_group()

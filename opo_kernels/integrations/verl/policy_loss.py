@@ -219,19 +219,20 @@ def compute_policy_loss_opo_kernels(old_log_prob: torch.Tensor, log_prob: torch.
     else:
         scale = log_prob.shape[0] * dp_size / global_batch_size
 
-    # What the micro-batch's data can fail (group tags, whole groups, the value checks) is
-    # raised on every rank together under FSDP: otherwise the failing rank stops and the
-    # others wait in FSDP's next collective until its timeout.
+    # What the micro-batch's data can fail (group tags, whole groups, the value checks; or
+    # any other error of this call, out of memory included) is raised on every rank together
+    # under FSDP: otherwise the failing rank stops and the others wait in FSDP's next
+    # collective until its timeout.
     error = None
     try:
         loss, values = _loss_and_metrics(log_prob, old_log_prob, advantages, response_mask,
                                          vocab_size, options)
-    except ValueError as err:
+    except Exception as err:
         error = err
     if _agrees(config):
-        raise_together(error, lambda failed: ValueError(
-            f"opo_kernels policy loss: the micro-batch of rank(s) {failed} has bad input (their "
-            "error says what); stopping on this rank too"))
+        raise_together(error, lambda failed: RuntimeError(
+            f"opo_kernels policy loss: the micro-batch of rank(s) {failed} failed (their error "
+            "says why: bad input, or e.g. out of memory); stopping on this rank too"))
     elif error is not None:
         raise error
     return loss * scale, values
