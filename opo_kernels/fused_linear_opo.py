@@ -262,7 +262,8 @@ def fused_linear_opo_loss(hidden, weight, labels, ref_logprobs, rewards, *, bias
     (V·itemsize)⌋) rows.
 
     Memory beyond the inputs, the returned gradients and O(M) fp32 per-row statistics: the
-    counted rows of hidden when some rows are dropped ([M, H], held to the backward); logits
+    counted rows of hidden when some rows are dropped or hidden cannot be viewed as [M, H]
+    (a copy, held to the backward); logits
     of at most ``logits_budget`` bytes kept from forward to backward PLUS one chunk's
     workspace (chunk_size·V logits; the backward's blocks hold as many, or as many as the
     kept logits once those are freed): the logits never take more than
