@@ -14,6 +14,7 @@ processes; refusals.
 
 import math
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -250,3 +251,22 @@ def test_fused_linear_config_refuses(tmp_path, options, match):
 
 if __name__ == "__main__":
     _ddp_worker(sys.argv[1])
+
+
+@pytest.mark.parametrize("path", ["fused_linear", "logits"])
+def test_cast_lm_head_to_fp32_under_mixed_precision(tmp_path, path):
+    """bf16 model, bf16 autocast, cast_lm_head_to_fp32 and num_iterations=2: TRL takes the old
+    log-probs (π_ref) from its fused head in fp32 with autocast off, so at the first step (the
+    parameters that sampled the batch) the log-ratio must be ~0 on every path. It was ~5e-5
+    here (the head run in bf16 against an fp32 π_ref: noise in v, p̃, τ and the penalty)."""
+    model = make_model(len(make_tokenizer())).to(torch.bfloat16)
+    args = fused_args(tmp_path, bf16=True, num_iterations=2, cast_lm_head_to_fp32=True,
+                      opo_loss_path=path, opo_fused_linear=None, max_steps=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = make_trainer(model, args)
+        trainer.train()
+    assert trainer.opo_loss_path == path
+    first = trainer.state.log_history[0]
+    assert abs(first["opo/log_ratio_mean"]) < 1e-6, first
+    assert first["opo/kl_k3"] < 1e-10, first

@@ -81,7 +81,8 @@ same loss, metrics and gradients up to rounding (tested against each other and t
 GRPO options that do not apply: loss_type, epsilon, epsilon_high, delta,
 importance_sampling_level, the SAPO/VESPO options, and scale_rewards /
 multi_objective_aggregation (these two only shape ``opo_weights="grpo_advantages"``);
-cast_lm_head_to_fp32 acts through the model's head (both paths follow it). Refused:
+cast_lm_head_to_fp32 makes every path compute the head in fp32 (under mixed precision too:
+OPOTrainer runs TRL's fp32 head with autocast off, as TRL's fused head does for π_ref). Refused:
 beta != 0, entropy_coef != 0 or use_adaptive_entropy (use ``opo_entropy_coef``),
 top_entropy_quantile < 1, off_policy_mask_threshold, multimodal (vision) inputs.
 

@@ -81,8 +81,9 @@ class OPOConfig(GRPOConfig):
                 "final hidden states and the LM head: no completion logits), 'trl_fused_head' "
                 "(TRL's fused LM head gives the log-probs, then opo_loss_from_logprobs), "
                 "'logits' (the model's completion logits, then opo_loss), or 'auto': "
-                "'fused_linear' when TRL keeps old log-probs (num_iterations > 1, "
-                "steps_per_generation > gradient_accumulation_steps), else 'trl_fused_head', "
+                "'fused_linear' when TRL keeps old log-probs (when a generation batch "
+                "does not end with an optimizer step, or with vLLM's importance-sampling "
+                "correction: docs/trl.md), else 'trl_fused_head', "
                 "each where the model and the parallelism setup allow it, else 'logits'."
     )
     opo_fused_linear: Optional[bool] = _option(

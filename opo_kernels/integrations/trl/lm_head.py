@@ -156,6 +156,26 @@ def casts_head_to_fp32(args) -> bool:
     return bool(getattr(args, "cast_lm_head_to_fp32", False))  # not in older TRL
 
 
+def head_in_fp32_under_autocast(model: torch.nn.Module) -> None:
+    """TRL's ``cast_lm_head_to_fp32`` replaces the LM head's forward by an fp32 linear, which
+    autocast (bf16 / fp16 mixed precision) still runs in its own dtype; TRL's fused head, which
+    gives π_ref (the old log-probs), turns autocast off. The head's forward gets autocast off
+    too, so that the model's logits are the fp32 ones the option asks for and π_ref is taken
+    from the same logits the loss differentiates. Idempotent; a head without TRL's patched
+    forward is left alone."""
+    head = model.get_output_embeddings()
+    forward = vars(head).get("forward") if head is not None else None
+    if forward is None or getattr(forward, "_opo_autocast_off", False):
+        return
+
+    def forward_in_fp32(hidden_states):
+        with torch.autocast(hidden_states.device.type, enabled=False):
+            return forward(hidden_states)
+
+    forward_in_fp32._opo_autocast_off = True
+    head.forward = forward_in_fp32
+
+
 def zero3_enabled() -> bool:
     try:
         from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled

@@ -26,6 +26,7 @@ from .lm_head import (
     casts_head_to_fp32,
     check_logit_transforms,
     find_lm_head,
+    head_in_fp32_under_autocast,
     unshard_head,
     verify_head,
     zero3_enabled,
@@ -88,6 +89,8 @@ class OPOTrainer(GRPOTrainer):
         self._opo_logprob_options = dict(args.opo_loss_options(), temperature=1.0)
         self._opo_rewards_per_func = None
         super().__init__(model, reward_funcs, args, *more, **kwargs)
+        if casts_head_to_fp32(args):
+            head_in_fp32_under_autocast(self.accelerator.unwrap_model(self.model))
         self._opo_logits_to_keep = accepts_logits_to_keep(self.model)
         self._opo_head_verified = False
         self.opo_loss_path = self._choose_loss_path()
@@ -297,10 +300,13 @@ class OPOTrainer(GRPOTrainer):
         return logprobs, entropy, vocab_size, outputs
 
     def _opo_head_dtype(self, weight: torch.Tensor) -> torch.dtype:
-        """The dtype of ``lm_head(hidden)`` in the model's forward: the autocast dtype under
-        mixed precision (accelerate then returns the logits converted to fp32, so their dtype
-        does not tell), else the weight's (a bf16 hidden meets an fp32 weight only under TRL's
-        cast_lm_head_to_fp32, whose head computes in fp32)."""
+        """The dtype of ``lm_head(hidden)`` in the model's forward: fp32 under TRL's
+        cast_lm_head_to_fp32 (whose head computes in fp32, with autocast off:
+        ``head_in_fp32_under_autocast``), else the autocast dtype under mixed precision
+        (accelerate then returns the logits converted to fp32, so their dtype does not tell),
+        else the weight's."""
+        if casts_head_to_fp32(self.args):
+            return torch.float32
         device = weight.device.type
         with self.accelerator.autocast():
             if weight.dtype != torch.float64 and torch.is_autocast_enabled(device):
