@@ -44,6 +44,7 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import Optional
 
@@ -176,10 +177,7 @@ class FusedLinearOPOFunction(torch.autograd.Function):
             return (None,) * 8
         # the forward ran with autocast off (the operands cast first): so does the backward,
         # which on the CPU runs on the caller's thread, in its autocast state
-        autocast_type = _autocast_device(grad_loss)
-        if autocast_type is None:
-            return FusedLinearOPOFunction._backward(ctx, grad_loss)
-        with torch.autocast(autocast_type, enabled=False):
+        with _autocast_off(_autocast_device(grad_loss)):
             return FusedLinearOPOFunction._backward(ctx, grad_loss)
 
     @staticmethod
@@ -335,7 +333,7 @@ def fused_linear_opo_loss_with_config(hidden, weight, labels, ref_logprobs, rewa
     autocast_type = _autocast_device(hidden)
     if autocast_type is not None:  # once more with the operands cast, and autocast off
         hidden, weight, bias = _autocast_operands(autocast_type, hidden, weight, bias)
-        with torch.autocast(autocast_type, enabled=False):
+        with _autocast_off(autocast_type):
             return fused_linear_opo_loss_with_config(
                 hidden, weight, labels, ref_logprobs, rewards, cfg, bias=bias,
                 chunk_size=chunk_size, logits_budget=logits_budget, mask=mask, seq_ids=seq_ids,
@@ -385,6 +383,13 @@ def _autocast_device(hidden) -> Optional[str]:
         return hidden.device.type if torch.is_autocast_enabled(hidden.device.type) else None
     except RuntimeError:  # a device type autocast does not know (meta)
         return None
+
+
+def _autocast_off(device_type: Optional[str]):
+    """A context with autocast off for ``device_type`` (None: autocast is not on, nothing)."""
+    if device_type is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, enabled=False)
 
 
 def _autocast_operands(device_type: str, *tensors):

@@ -47,10 +47,11 @@ def _layouts_of(group) -> dict:
         return {}
 
 
-def check_group(group) -> None:
-    """A process group this process belongs to (raised locally: a wrong object, or a group
-    without this rank, has no collective to share the error with). ``dist.new_group`` gives
-    the processes outside the group a marker instead of a group."""
+def rank_in_group(group) -> int:
+    """This process's rank in ``group``, which must be a process group it belongs to (raised
+    locally: a wrong object, or a group without this rank, has no collective to share the error
+    with). ``dist.new_group`` gives the processes outside the group a marker instead of a
+    group."""
     process_group_type = getattr(dist, "ProcessGroup", None)
     outside = group is getattr(dist.GroupMember, "NON_GROUP_MEMBER", object())
     if not outside and process_group_type is not None \
@@ -58,10 +59,12 @@ def check_group(group) -> None:
         raise TypeError(f"process_group must be a torch.distributed ProcessGroup (e.g. "
                         f"dist.new_group(...) or a DeviceMesh's get_group()), got "
                         f"{type(group).__name__}")
-    if outside or dist.get_rank(group) < 0:
+    rank = -1 if outside else dist.get_rank(group)
+    if rank < 0:
         raise ValueError(f"process_group: this process (global rank {dist.get_rank()}) is not "
                          "a member of it; call the loss with a group of the ranks that hold "
                          "the vocabulary slices, on those ranks only")
+    return rank
 
 
 def check_layout(group, vocab_local: int, vocab_start: Optional[int], num_rows: int,
@@ -76,7 +79,8 @@ def check_layout(group, vocab_local: int, vocab_start: Optional[int], num_rows: 
     problem raises the same ValueError on every rank (a rank whose own arguments failed
     re-raises its error).
     """
-    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    # every path to a collective of these checks comes here first, the group checked once
+    rank, world = rank_in_group(group), dist.get_world_size(group)
     start = rank * vocab_local if vocab_start is None else vocab_start
     # the slice as resolved: vocab_start=None on one rank and its value spelled out on another
     # are one layout (keyed as passed, the two ranks would disagree on whether to gather)
@@ -260,7 +264,6 @@ def prepare_together(group, prepare: Callable, vocab_local: int, vocab_start, cf
     (under a name of the batch's, in its place); called after ``prepare()``, so that it can
     return tensors that prepare() derives."""
     validate = cfg.validate
-    check_group(group)
     # any error of this rank's own work (a bad argument, or e.g. out of memory in the
     # fingerprints) is shared: the other ranks would otherwise wait in the gather
     try:
@@ -287,8 +290,6 @@ def config_or_fail_together(group, make_config):
     collective (the options cannot say validate=False yet, so the agreement always runs; with
     validate=False on the other ranks and their layout known, they do not wait for it: such a
     caller promises identical options)."""
-    if group is not None:
-        check_group(group)
     try:
         return make_config()
     except Exception as err:
