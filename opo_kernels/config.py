@@ -269,7 +269,9 @@ OPTIONS = frozenset(f.name for f in dataclasses.fields(OPOLossConfig) if f.init)
 
 def make_config(options: Dict[str, object]) -> OPOLossConfig:
     """OPOLossConfig(**options), an unknown option named as such (not as a constructor's)."""
-    unknown = options.keys() - OPTIONS
+    # a loop, not ``options.keys() - OPTIONS``: torch 2.11's Dynamo cannot trace that set
+    # difference on dict keys (InternalTorchDynamoError inside torch.compile)
+    unknown = [name for name in options if name not in OPTIONS]
     if unknown:
         raise TypeError(f"unknown option(s) {', '.join(map(repr, sorted(unknown)))}: the "
                         f"options are {', '.join(sorted(OPTIONS))} (docs/spec.md)")
