@@ -1,8 +1,7 @@
-"""The torch.library custom ops of the fused OPO loss: under torch.compile (fullgraph) each
-phase of a general-mode call is one opaque op with a shape-only fake implementation
-(``fused_opo.FusedOPOFunction`` calls them through ``call``). Eager calls skip the op layer:
-``call`` runs the same implementations directly, and the eager path of ``FusedOPOFunction``
-goes through a ``CallPlan`` instead.
+"""The fused OPO loss under torch.compile: torch.library custom ops, each phase of a
+general-mode call one opaque op with a shape-only fake implementation, and the
+autograd.Function that calls them (``CompiledOPOFunction``). Eager calls go through
+``fused_opo.FusedOPOFunction`` and a ``CallPlan`` instead.
 
     opo_kernels::fused_forward     forward row kernel + epilogue -> (logprobs [N], stats
                                    [N, 2], entropy [N] or [0], loss, metrics [8], coef [B, 2],
@@ -13,8 +12,8 @@ goes through a ``CallPlan`` instead.
 The math: docs/spec.md.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: torch < 2.5 reads a custom op's schema from
+# its annotations and refuses them as strings ("unsupported type torch.Tensor").
 from typing import List, Optional
 
 import torch
@@ -23,6 +22,7 @@ from .call_plan import Flags, batch_of
 from .epilogue import METRICS, NUM_ERR, run_epilogue
 from .inputs import compute_dtype
 from .row_launch import Rows, backward_rows, forward_rows
+from .utils import first_order_only
 
 
 def forward_impl(logits, labels, ref, mask, seq_ids, rewards, group_ids, weights, params, flags):
@@ -109,3 +109,52 @@ def backward_inplace_op(logits: torch.Tensor, labels: torch.Tensor, ref: Optiona
 def call(op, impl, *args):
     """The custom op under torch.compile; its implementation directly otherwise."""
     return op(*args) if torch.compiler.is_compiling() else impl(*args)
+
+
+class CompiledOPOFunction(torch.autograd.Function):
+    """loss, metrics = CompiledOPOFunction.apply(logits, labels, ref, mask, seq_ids, rewards,
+    group_ids, weights, params, flags, inplace): a general-mode call traced by torch.compile,
+    one custom op per phase (the on-policy one-pass mode is eager only; traced, on-policy runs
+    the general mode). logits [N, V] or [B, T, V] (the only input with a gradient); params:
+    ``epilogue.params_tensor``; flags: ``call_plan.Flags`` as a tuple of ints; inplace: the
+    backward writes ∂L/∂logits over the logits. metrics [8]: ``epilogue.METRICS``, not
+    differentiable.
+
+    Only tensors and constants go in: Dynamo before torch 2.11 cannot hand a config or Batch
+    object made inside the traced function to an autograd.Function. Under torch.compile,
+    AOTAutograd functionalizes an in-place scale of a saved gradient into a clone plus the
+    scale (a full extra pass over [N, V]), so the gradient is computed in backward (2 reads +
+    1 write in all); the in-place backward, a write into a graph input, Inductor keeps in
+    place. Both checked on the generated code in tests/test_compile.py."""
+
+    @staticmethod
+    def forward(ctx, logits, labels, ref, mask, seq_ids, rewards, group_ids, weights, params,
+                flags, inplace):
+        flags = list(flags)
+        lp, stats, ent, loss, metrics, coef, scal, _ = call(
+            forward_op, forward_impl, logits, labels, ref, mask, seq_ids, rewards, group_ids,
+            weights, params, flags)
+        ctx.mark_non_differentiable(metrics)
+        ctx.set_materialize_grads(False)  # no zeros for the metrics' (unused) gradient
+        ctx.flags, ctx.inplace = flags, inplace
+        # copies: nothing checks that the caller's were not changed in place before backward
+        # (eager calls check their versions instead; these are O(N) values beside [N, V])
+        ctx.batch_tensors = tuple(None if t is None else t.clone()
+                                  for t in (labels, ref, mask, seq_ids))
+        ctx.save_for_backward(logits, lp, stats, ent, coef, scal, params)
+        return loss, metrics
+
+    @staticmethod
+    @first_order_only
+    def backward(ctx, grad_loss, grad_metrics=None):
+        nones = (None,) * 10
+        if grad_loss is None:  # the loss was not used (its metrics carry no gradient)
+            return (None, *nones)
+        logits, lp, stats, ent, coef, scal, params = ctx.saved_tensors
+        labels, ref, mask, seq_ids = ctx.batch_tensors
+        args = (logits, labels, ref, mask, seq_ids, lp, stats, ent, coef, scal, grad_loss,
+                params, ctx.flags)
+        if ctx.inplace:
+            call(backward_inplace_op, lambda *a: backward_impl(*a, inplace=True), *args)
+            return (logits, *nones)
+        return (call(backward_op, lambda *a: backward_impl(*a, inplace=False), *args), *nones)

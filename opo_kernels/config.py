@@ -127,14 +127,20 @@ class OPOLossConfig:
     # vocabulary-parallel on-policy logits: stream the slice in L2-sized chunks of rows, one
     # all-gather each, and write the gradient during forward (vocab_parallel.py)
     vocab_parallel_one_pass: bool = False
-    # the preset options given explicitly (replace() keeps the others following the preset)
-    explicit: frozenset = field(default=frozenset(), init=False, repr=False, compare=False)
+    # the preset options given explicitly (replace() keeps the others following the preset);
+    # computed by __post_init__. A tuple, and an __init__ argument rather than an init=False
+    # field, so that torch 2.8's Dynamo can rebuild a config made inside a compiled function
+    # (it passes every field to __init__ and cannot rebuild a frozenset); callers never pass
+    # it (it is not in OPTIONS)
+    explicit: Optional[Tuple[str, ...]] = field(default=None, repr=False, compare=False)
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
         preset = _choice("preset", self.preset, tuple(PRESETS))
-        given = {k for k in PRESET_OPTIONS if getattr(self, k) is not PRESET_DEFAULT}
-        set_("explicit", frozenset(given | set(self.explicit)))
+        given = self.explicit
+        if given is None:
+            given = tuple([k for k in PRESET_OPTIONS if getattr(self, k) is not PRESET_DEFAULT])
+            set_("explicit", given)
         for name, value in PRESETS[preset].items():
             if name not in given:
                 set_(name, value)
@@ -264,7 +270,8 @@ _FROM_OPTIONS: Dict[tuple, OPOLossConfig] = {}
 
 
 # the option names a caller may pass (every field of OPOLossConfig but the internal ones)
-OPTIONS = frozenset(f.name for f in dataclasses.fields(OPOLossConfig) if f.init)
+OPTIONS = frozenset(f.name for f in dataclasses.fields(OPOLossConfig)
+                    if f.init and f.name != "explicit")
 
 
 def make_config(options: Dict[str, object]) -> OPOLossConfig:

@@ -12,7 +12,7 @@ epilogue/), with N = B·T (padded) or N (packed) token rows:
                   writes the statistics and the gradient, then the epilogue for the loss and
                   the metrics; backward only rescales (and returns at once for a unit upstream
                   gradient). Eager only: under torch.compile, on-policy runs the general mode
-                  (see FusedOPOFunction.forward).
+                  (compile_ops.CompiledOPOFunction).
 Plus one memset (the epilogue's ticket counters) and nothing else: the caller's labels, mask,
 seq_ids, ref_logprobs, rewards and group ids are read by the kernels as passed. No host sync
 unless validate=True (one read of the value-check counts; validate="deferred" reads them
@@ -33,14 +33,7 @@ import torch
 
 from . import row_launch
 from .call_plan import CallPlan, Flags, PlanCache, call_key
-from .compile_ops import (
-    backward_impl,
-    backward_inplace_op,
-    backward_op,
-    call,
-    forward_impl,
-    forward_op,
-)
+from .compile_ops import CompiledOPOFunction
 from .config import OPOLossConfig, config_from_options, make_config
 from .epilogue import EpilogueOut, params_tensor, unpack_metrics
 from .inputs import Batch, prepare
@@ -99,52 +92,37 @@ class FusedOPOFunction(torch.autograd.Function):
     workspace, which holds the metrics vector (``CallPlan.metrics``), appended to the list
     ``box`` (eager calls: a second output costs autograd ~2 µs a call).
 
-    x is batch.logits, or with ``sliced`` (a ``RowSlice`` of batch.logits, eager only) its
-    base, which then receives the base-shaped gradient. Only x receives a gradient (ω, τ, p̃, Q
-    are constants; ref_logprobs and rewards are data). metrics_vector [8] holds
-    ``epilogue.METRICS`` (not differentiable). plan: the call signature's ``CallPlan``
-    (eager calls); None under torch.compile, where each phase is one custom op.
+    x is batch.logits, or with ``sliced`` (a ``RowSlice`` of batch.logits) its base, which
+    then receives the base-shaped gradient. Only x receives a gradient (ω, τ, p̃, Q are
+    constants; ref_logprobs and rewards are data). metrics_vector [8] holds
+    ``epilogue.METRICS`` (not differentiable). plan: the call signature's ``CallPlan``. Eager
+    calls only: under torch.compile, ``compile_ops.CompiledOPOFunction``.
     """
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, batch: Batch, cfg: OPOLossConfig,
                 sliced: Optional[RowSlice], plan: Optional[CallPlan], box: Optional[list]):
-        logits = batch.logits
-        full = rows = None
-        if plan is None:
-            # Traced: the general mode, whatever the options. The one-pass mode runs eagerly
-            # only. Under torch.compile, AOTAutograd functionalizes the backward's in-place
-            # scale of the saved gradient (a forward output, not a graph input) into a clone
-            # plus the scale: a full extra pass over [N, V] on every call (>= 2R + 2W), where
-            # the general passes cost 2R + 1W; and their in-place backward, which writes into
-            # the logits (a graph input), Inductor keeps in place. Both checked on the
-            # generated code in tests/test_compile.py.
-            params = params_tensor(cfg, logits.device, batch.compute_dtype)
-            flags = Flags.of(cfg, batch)
-            lp, stats, ent, loss, metrics, coef, scal, errs = call(
-                forward_op, forward_impl, logits, batch.labels, batch.ref_logprobs, batch.mask,
-                batch.seq_ids, batch.rewards, batch.group_ids, batch.weights, params, flags)
-        else:
-            params, flags = plan.params, plan.flags
-            grad, zero = None, (0, 0)
-            if plan.one_pass:
-                full = grad = x if cfg.inplace_backward else new_output_like(x)
-                if sliced is not None:  # the kernel writes the zeros outside the slice too
-                    grad, zero = sliced.rows_at(full), sliced.outside(full)
-                    if not plan.has_rows:  # no rows, no launch
-                        sliced.zero_outside(full)
-            rows, s = _forward_batch(batch, plan, params, grad, zero)
-            # the int workspace starts with the check counts (read only when validating)
-            loss, floats, errs = s.loss, s.floats, s.ints
-            # with a box, the workspace goes there and the caller views the metrics if asked
-            metrics = floats if box is not None else plan.metrics(floats)
+        logits, full = batch.logits, None
+        params, flags = plan.params, plan.flags
+        grad, zero = None, (0, 0)
+        if plan.one_pass:
+            full = grad = x if cfg.inplace_backward else new_output_like(x)
+            if sliced is not None:  # the kernel writes the zeros outside the slice too
+                grad, zero = sliced.rows_at(full), sliced.outside(full)
+                if not plan.has_rows:  # no rows, no launch
+                    sliced.zero_outside(full)
+        rows, s = _forward_batch(batch, plan, params, grad, zero)
+        # the int workspace starts with the check counts (read only when validating)
+        loss, floats, errs = s.loss, s.floats, s.ints
+        # with a box, the workspace goes there and the caller views the metrics if asked
+        metrics = floats if box is not None else plan.metrics(floats)
         # validate=True: the one host sync; "deferred": read at backward or the next call
         ctx.deferred = check_values_of(cfg, errs, batch)
         if box is None:
             ctx.mark_non_differentiable(metrics)
             ctx.set_materialize_grads(False)  # no zeros for the metrics' (unused) gradient
         ctx.cfg, ctx.plan, ctx.flags, ctx.rows = cfg, plan, flags, rows
-        ctx.versions = None if rows is None else rows.versions()
+        ctx.versions = rows.versions()
         # the geometry only: ctx holding the base itself would be a reference cycle
         ctx.sliced = None if sliced is None else RowSlice(None, *sliced[1:])
         # the slice itself (a view of x, whose in-place writes save_for_backward catches):
@@ -154,18 +132,11 @@ class FusedOPOFunction(torch.autograd.Function):
         if full is not None:
             ctx.save_for_backward(full)
             ctx.backward_done = False
-        elif plan is not None:
+        else:
             # the forward's own intermediates ride on ctx (saving them costs a pack and an
             # unpack each; only the input needs autograd's in-place check)
             ctx.save_for_backward(x)
             ctx.intermediates = (floats, params)
-        else:
-            # copies: the compiled backward reads them, and nothing checks that the caller's
-            # were not changed in place in between (eager calls check their versions instead;
-            # these are O(N) values beside the [N, V] logits)
-            ctx.batch_tensors = tuple(None if t is None else t.clone() for t in (
-                batch.labels, batch.ref_logprobs, batch.mask, batch.seq_ids))
-            ctx.save_for_backward(x, lp, stats, ent, coef, scal, params)
         if box is None:
             return loss, metrics
         box.append(metrics)
@@ -178,7 +149,7 @@ class FusedOPOFunction(torch.autograd.Function):
         if grad_loss is None:  # the loss was not used (its metrics carry no gradient)
             return None, None, None, None, None, None
         sliced, inplace, plan = ctx.sliced, ctx.cfg.inplace_backward, ctx.plan
-        if plan is not None and plan.one_pass:
+        if plan.one_pass:
             if ctx.backward_done:
                 raise RuntimeError("opo_loss with ref_logprobs=None (one-pass on-policy mode) "
                                    "writes its gradient during forward: run backward once")
@@ -190,34 +161,23 @@ class FusedOPOFunction(torch.autograd.Function):
             if inplace:  # written in forward, told to autograd here (see mark_written)
                 mark_written(full)
             return full, None, None, None, None, None
-        if plan is not None:  # eager
-            ctx.rows.check_unchanged(ctx.versions, "opo_loss")
-            (x,), (floats, params) = ctx.saved_tensors, ctx.intermediates
-            logits = x if sliced is None else ctx.logits
-            if logits is None:  # a second backward (retain_graph=True)
-                logits = sliced.rows(x)
-            ctx.logits = None
-            full = x if inplace else new_output_like(x)
-            if sliced is None:
-                _backward_rows(plan, logits, ctx.rows, floats, grad_loss, params, full)
-            else:  # the base-shaped gradient: the kernel writes the zeros outside the slice too
-                _backward_rows(plan, logits, ctx.rows, floats, grad_loss, params,
-                               sliced.rows_at(full), *sliced.outside(full))
-                if not plan.has_rows:  # no rows, no launch
-                    sliced.zero_outside(full)
-            if inplace:
-                mark_written(x)
-            return full, None, None, None, None, None
-        x, lp, stats, ent, coef, scal, params = ctx.saved_tensors
-        logits = x if sliced is None else sliced.rows(x)
-        labels, ref, mask, seq_ids = ctx.batch_tensors
-        args = (logits, labels, ref, mask, seq_ids, lp, stats, ent, coef, scal, grad_loss,
-                params, ctx.flags)
+        ctx.rows.check_unchanged(ctx.versions, "opo_loss")
+        (x,), (floats, params) = ctx.saved_tensors, ctx.intermediates
+        logits = x if sliced is None else ctx.logits
+        if logits is None:  # a second backward (retain_graph=True)
+            logits = sliced.rows(x)
+        ctx.logits = None
+        full = x if inplace else new_output_like(x)
+        if sliced is None:
+            _backward_rows(plan, logits, ctx.rows, floats, grad_loss, params, full)
+        else:  # the base-shaped gradient: the kernel writes the zeros outside the slice too
+            _backward_rows(plan, logits, ctx.rows, floats, grad_loss, params,
+                           sliced.rows_at(full), *sliced.outside(full))
+            if not plan.has_rows:  # no rows, no launch
+                sliced.zero_outside(full)
         if inplace:
-            call(backward_inplace_op, lambda *a: backward_impl(*a, inplace=True), *args)
-            return logits, None, None, None, None, None
-        return (call(backward_op, lambda *a: backward_impl(*a, inplace=False), *args), None, None,
-                None, None, None)
+            mark_written(x)
+        return full, None, None, None, None, None
 
 
 def _c_apply():
@@ -272,8 +232,11 @@ def loss_from_batch(batch: Batch, cfg: OPOLossConfig, plan: Optional[CallPlan] =
     sliced = (RowSlice.of(batch.logits) if cfg.grad_to_base and not torch.compiler.is_compiling()
               else None)
     x = batch.logits if sliced is None else sliced.base
-    if plan is None:  # traced
-        loss, metrics = FusedOPOFunction.apply(x, batch, cfg, sliced, plan, None)
+    if plan is None:  # traced: only tensors and constants into the Function
+        loss, metrics = CompiledOPOFunction.apply(
+            x, batch.labels, batch.ref_logprobs, batch.mask, batch.seq_ids, batch.rewards,
+            batch.group_ids, batch.weights, params_tensor(cfg, x.device, batch.compute_dtype),
+            tuple(Flags.of(cfg, batch)), cfg.inplace_backward)
     else:
         box = []  # receives the float workspace, which holds the metrics
         loss = _apply_eager(x, batch, cfg, sliced, plan, box)
