@@ -24,6 +24,9 @@ def _call(problem, labels, ref, rewards):
 def test_same_results_as_triton_patching(layout, monkeypatch):
     from triton.runtime import interpreter
 
+    if not hasattr(interpreter, "_LangPatchScope"):
+        pytest.skip("this Triton's interpreter has no _LangPatchScope (Triton 3.4): "
+                    "fast_interpreter.install() leaves it as it is")
     assert ok_utils.interpreter_on()
     fast = interpreter._patch_lang
     assert getattr(fast, "opo_fast", False), "conftest.py did not install fast_interpreter"

@@ -108,11 +108,11 @@ def test_same_gradient_without_the_slice_backward(layout, on_policy, inplace):
     fills = [name for name in names if name.startswith(("aten.zero_", "aten.fill_"))]
     assert not fills, names
     # logits-sized allocations during backward: the base's gradient only (none in place, and
-    # none on-policy: the one-pass forward wrote it); by default one more, the slice
-    # backward's zero-filled base
+    # none on-policy: the one-pass forward wrote it); by default at least one more, the slice
+    # backward's zero-filled base (torch 2.8 makes one per slice of a two-sided cut)
     expected = 0 if inplace or on_policy else 1
     assert len(_allocations(ops, cut(base0).numel())) == expected, ops
-    assert len(_allocations(ops_default, cut(base0).numel())) == expected + 1, ops_default
+    assert len(_allocations(ops_default, cut(base0).numel())) >= expected + 1, ops_default
 
 
 def test_bf16_in_place_writes_into_the_base():

@@ -54,6 +54,11 @@ def test_on_policy_epilogue_has_its_two_launch_variants(scenarios):
 
 
 def test_suite_variants_records_and_compiles_a_suite_slice(tmp_path):
+    from triton.runtime import interpreter
+
+    if "run" not in interpreter.InterpretedFunction.__dict__:
+        pytest.skip("tools/gpu/suite_variants.py records launches through the interpreter's "
+                    "run method (a closure per kernel in Triton 3.4)")
     """``tools/gpu/suite_variants.py`` (run by hand: ~15 min for the whole suite) on a slice of
     the suite: the float64 gradcheck launches of both layouts are recorded, rebuilt with the same
     keys and compiled for sm_90."""

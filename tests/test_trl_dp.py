@@ -141,6 +141,11 @@ def loss_and_grads(trainer, model, batch):
     return loss.detach(), None if hidden is None else hidden.grad.detach().clone(), grads
 
 
+@pytest.mark.skipif(
+    torch.torch_version.TorchVersion(torch.__version__) < (2, 11),
+    reason="FSDP2 over gloo in torch 2.8 sums the ranks' gradients where it should average "
+           "them (ReduceOp.AVG, which gloo does not apply): every parameter's gradient comes "
+           "out 2x at two ranks, the model's alike; averaged in torch 2.11 and 2.13")
 def test_fused_linear_fsdp2_two_ranks(tmp_path):
     repo = Path(__file__).resolve().parent.parent
     path = os.pathsep.join([str(repo), str(repo / "tests"), os.environ.get("PYTHONPATH", "")])
