@@ -14,7 +14,11 @@ from .epilogue import kernel as _epilogue
 from .from_logprobs import opo_loss_from_logprobs
 from .fused_linear_opo import FusedLinearOPOLoss, fused_linear_opo_loss
 from .fused_opo import OPOLoss, opo_loss
+from .utils import interpreter_on
 from .validation import check_deferred
+
+interpreter_on()  # remembered now that the kernels exist (read inside torch.compile's traces)
+del interpreter_on
 
 # every kernel's Triton cache key, independent of the order of first launches (cache_keys.py)
 prehash(row_kernels._opo_fwd_kernel, row_kernels._opo_bwd_kernel, row_kernels._scale_kernel,

@@ -47,8 +47,9 @@ class Flags(NamedTuple("FlagFields", [(name, int) for name in (
 
     @classmethod
     def of(cls, cfg: OPOLossConfig, batch: Batch) -> List[int]:
-        return list(cls(*Mode.of(cfg, batch.weights is not None), int(cfg.with_entropy),
-                        int(bool(cfg.validate)), batch.group_size or 0, batch.num_seqs))
+        # the list itself, not cls(...): torch 2.4's Dynamo cannot build this class in a trace
+        return [*Mode.of(cfg, batch.weights is not None), int(cfg.with_entropy),
+                int(bool(cfg.validate)), batch.group_size or 0, batch.num_seqs]
 
     @property
     def mode(self) -> Mode:

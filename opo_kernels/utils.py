@@ -108,15 +108,23 @@ def next_power_of_2(n: int) -> int:
     return triton.next_power_of_2(n)
 
 
+_INTERPRETED = []  # the answer of interpreter_on once the kernels exist (it cannot change)
+
+
 def interpreter_on() -> bool:
     """Whether the package's kernels run in Triton's interpreter. Triton decides that when a
     kernel is defined (``@triton.jit`` reads TRITON_INTERPRET then, at the package's import),
     so once the kernels exist their type says; TRITON_INTERPRET set later changes nothing
-    (and must not make a CPU call pick kernels that were compiled for a GPU)."""
+    (and must not make a CPU call pick kernels that were compiled for a GPU). The package's
+    import asks once, so that a call traced by torch.compile reads a remembered bool (torch
+    2.4's Dynamo cannot look at a kernel object)."""
+    if _INTERPRETED:
+        return _INTERPRETED[0]
     kernels = sys.modules.get("opo_kernels.row_kernels")
     kernel = getattr(kernels, "row_seq", None)
     if kernel is not None:
-        return type(kernel).__name__ == "InterpretedFunction"
+        _INTERPRETED.append(type(kernel).__name__ == "InterpretedFunction")
+        return _INTERPRETED[0]
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
