@@ -139,6 +139,7 @@ class OPOLossConfig:
         preset = _choice("preset", self.preset, tuple(PRESETS))
         given = self.explicit
         if given is None:
+            # from a list: torch 2.8's Dynamo failed to build a frozenset from a generator
             given = tuple([k for k in PRESET_OPTIONS if getattr(self, k) is not PRESET_DEFAULT])
             set_("explicit", given)
         for name, value in PRESETS[preset].items():

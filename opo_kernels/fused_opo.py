@@ -101,9 +101,9 @@ class FusedOPOFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, batch: Batch, cfg: OPOLossConfig,
-                sliced: Optional[RowSlice], plan: Optional[CallPlan], box: Optional[list]):
+                sliced: Optional[RowSlice], plan: CallPlan, box: Optional[list]):
         logits, full = batch.logits, None
-        params, flags = plan.params, plan.flags
+        params = plan.params
         grad, zero = None, (0, 0)
         if plan.one_pass:
             full = grad = x if cfg.inplace_backward else new_output_like(x)
@@ -121,7 +121,7 @@ class FusedOPOFunction(torch.autograd.Function):
         if box is None:
             ctx.mark_non_differentiable(metrics)
             ctx.set_materialize_grads(False)  # no zeros for the metrics' (unused) gradient
-        ctx.cfg, ctx.plan, ctx.flags, ctx.rows = cfg, plan, flags, rows
+        ctx.cfg, ctx.plan, ctx.rows = cfg, plan, rows
         ctx.versions = rows.versions()
         # the geometry only: ctx holding the base itself would be a reference cycle
         ctx.sliced = None if sliced is None else RowSlice(None, *sliced[1:])

@@ -46,9 +46,9 @@ class _Counter(TorchDispatchMode):
 def count_operations():
     """Yields a counter whose .ops (torch ops) and .launches (kernel names) fill up."""
     counter = _Counter()
-    # kernel[grid] is every launch: Triton >= 3.5's interpreter runs it through the kernel's
-    # run method, 3.4's through a GridExecutor of its own; the class that defines __getitem__
-    # is patched (KernelInterface, or 3.4's InterpretedFunction)
+    # kernel[grid] is every launch: the interpreter of Triton 3.6 and 3.9 runs it through the
+    # kernel's run method, 3.4's through a GridExecutor of its own; the class that defines
+    # __getitem__ is patched (KernelInterface, or 3.4's InterpretedFunction)
     cls = next(c for c in type(KERNELS[0]).__mro__ if "__getitem__" in c.__dict__)
     original = cls.__getitem__
 
