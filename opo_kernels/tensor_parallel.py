@@ -235,8 +235,6 @@ def replicated_summary(batch, cfg, agree: Optional[dict] = None,
     sync (validate=True only)."""
     summary = {f"option {f.name}": repr(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)
                if f.name not in _LOCAL_OPTIONS}
-    if isinstance(cfg.weights, str):
-        summary["option weights"] = repr(cfg.weights)
     summary.update({name: repr(value) for name, value in (agree or {}).items()})
     summary["group_size"] = repr(batch.group_size)
     # labels and ref_logprobs of tokens not counted are never read (docs/spec.md): -100 on one
@@ -245,10 +243,16 @@ def replicated_summary(batch, cfg, agree: Optional[dict] = None,
     labels = torch.where(counted, batch.labels, 0)
     ref = (None if batch.ref_logprobs is None
            else torch.where(counted, batch.ref_logprobs, 0.0))
+    # the mask by its values (a mask's dtype is the caller's choice: a bool mask on one rank
+    # and a 0/1 float or integer one on another select the same tokens); float64 holds every
+    # value a mask may have exactly but int64 beyond 2^53, which is not 0/1 either way
+    mask = None if batch.mask is None else batch.mask.to(torch.float64) + 0.0  # (-0.0 -> 0.0)
     summary.update(fingerprints({  # (the mask first: it decides which labels are compared)
-        "mask": batch.mask, "seq_ids": batch.seq_ids, "labels": labels,
+        "mask": mask, "seq_ids": batch.seq_ids, "labels": labels,
         "ref_logprobs": ref, "rewards": batch.rewards,
         "group_ids": batch.group_ids, "weights": batch.weights, **(agree_tensors or {})}))
+    if isinstance(cfg.weights, str):  # (a tensor is fingerprinted above, under the same name)
+        summary["weights"] = repr(cfg.weights)
     return summary
 
 

@@ -9,6 +9,7 @@ must raise on every rank, within a deadline (a rank left waiting in a collective
 
 import pytest
 import torch
+import tp_bad_input_workers
 import tp_workers
 from ranks import run_ranks
 
@@ -18,7 +19,7 @@ pytestmark = pytest.mark.cpu_only  # CPU-side code / the interpreter (conftest.p
 
 
 CASES_2 = [
-    ("padded", False, {"uncounted_differ": True}),
+    ("padded", False, {"uncounted_differ": True, "mask_dtypes": (torch.bool, torch.float32)}),
     ("packed", False, {"level": "sequence", "entropy_coef": 0.05, "uncounted_differ": True}),
     ("padded", True, {"level": "token", "temperature": 0.7}),
     ("packed", True, {"coordinates": "log", "weights": "escort", "center_weights": True,
@@ -32,7 +33,8 @@ CASES_2 = [
                        "inplace_backward": True, "level": "token"}),
 ]
 CASES_4 = [
-    ("padded", True, {"entropy_coef": 0.05, "level": "sequence"}),
+    ("padded", True, {"entropy_coef": 0.05, "level": "sequence",
+                      "mask_dtypes": (torch.int64, torch.bfloat16, torch.bool, torch.uint8)}),
     ("packed", True, {"on_policy": True, "level": "token"}),
     ("padded", True, {"temperature": 0.8, "weights": "escort", "center_weights": True}),
     ("padded", True, {"on_policy": True, "vocab_parallel_one_pass": True, "chunk_bytes": 200,
@@ -117,6 +119,7 @@ BAD_INPUT_CASES = ["label_outside_vocab", "inconsistent_vocab_start", "mismatche
                    "bad_argument_on_one_rank", "bad_option_on_one_rank",
                    "bad_chunk_size_on_one_rank", "labels_differ_on_one_rank",
                    "rewards_differ_on_one_rank", "mask_differs_on_one_rank",
+                   "omega_rule_on_one_rank_tensor_on_other",
                    "option_differs_on_one_rank", "ref_logprobs_only_on_one_rank",
                    "chunk_size_differs_on_one_rank", "hidden_differs_on_one_rank",
                    "bad_logits_budget_on_one_rank", "logits_budget_differs_on_one_rank",
@@ -129,8 +132,8 @@ BAD_INPUT_CASES = ["label_outside_vocab", "inconsistent_vocab_start", "mismatche
 
 
 def test_bad_input_raises_on_every_rank():
-    """Each case in turn, on the same two ranks (see tp_workers.bad_input_cases)."""
-    run_ranks(tp_workers.bad_input_cases, 2, BAD_INPUT_CASES, deadline=300.0)
+    """Each case in turn, on the same two ranks (see tp_bad_input_workers.bad_input_cases)."""
+    run_ranks(tp_bad_input_workers.bad_input_cases, 2, BAD_INPUT_CASES, deadline=300.0)
 
 
 def test_fingerprints_see_every_value_and_position():
