@@ -146,8 +146,10 @@ def test_unknown_path_and_settings_are_refused(tiny):
 # ---- the timed step, the results file, the table ---------------------------------------------
 
 
-def test_step_runs_end_to_end(tmp_path):
+def test_step_runs_end_to_end(tmp_path, monkeypatch):
     from benchmarks.step.__main__ import main
+    # the GPU machine's copy of the tree has no .git: the commit comes from the environment
+    monkeypatch.setenv("OPO_BENCH_COMMIT", "0123abc")
     paths = "plain,opo_fused_linear,liger_fused_linear"
     rc = main(["--tiny", "--out", str(tmp_path), "--paths", paths, "--steps", "2",
                "--readme", str(tmp_path / "README.md")])
@@ -155,6 +157,7 @@ def test_step_runs_end_to_end(tmp_path):
     out = tmp_path / "cpu-tiny.step.json"
     data = report.load(out)  # validates the schema
     assert data["device"] == "cpu-tiny" and data["tiny"] is True
+    assert data["commit"] == "0123abc"
     assert [r["path"] for r in data["rows"]] == paths.split(",")
     for r in data["rows"]:
         assert (r["model"], r["tokens"], r["B"], r["L"]) == ("tiny", 128, 8, 16)

@@ -65,7 +65,7 @@ def main(argv=None) -> int:
     kw = {k: v for k, v in dict(
         models=_csv(args.models), tokens=_csv(args.tokens, int), paths=_csv(args.paths),
         steps=args.steps, warmup=args.warmup, seq_len=args.seq_len,
-        budget_s=args.budget_s, commit=os.environ.get("OPO_BENCH_COMMIT"),
+        budget_s=args.budget_s,
         resume=None if args.resume is None else str(args.resume)).items()
         if v is not None}
     if args.no_grad_ckpt:

@@ -35,7 +35,7 @@ import torch
 
 from benchmarks import peers
 from benchmarks.cases import cuda_ok
-from benchmarks.results import device_name, git_commit, load_resumable, slug, write_json
+from benchmarks.results import device_name, load_resumable, recorded_commit, slug, write_json
 from benchmarks.step import grid, report
 from benchmarks.step.batch import StepBatch, build_model, build_optimizer, make_batch
 from benchmarks.step.paths import Unavailable, build_path
@@ -115,7 +115,7 @@ class StepBench:
             "device": dev, "schema": SCHEMA, "kind": "rl_step",
             "torch": torch.__version__, "triton": triton.__version__,
             "transformers": transformers.__version__, "peers": peers.versions(),
-            "commit": settings.commit or git_commit(), "python": platform.python_version(),
+            "commit": settings.commit or recorded_commit(), "python": platform.python_version(),
             "tiny": settings.tiny,
             "created_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(
                 timespec="seconds"),

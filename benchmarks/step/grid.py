@@ -107,7 +107,7 @@ class Settings:
     budget_s: Optional[float] = None   # no new row starts after this many seconds
     resume: Optional[str] = None       # an earlier results file: its rows are kept
     compile_backend: str = "inductor"
-    commit: Optional[str] = None
+    commit: Optional[str] = None       # None: results.recorded_commit() (OPO_BENCH_COMMIT or git)
     seed: int = 0
     extra: Dict[str, object] = field(default_factory=dict)
 
