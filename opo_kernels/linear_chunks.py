@@ -18,7 +18,7 @@ logits), the backward 2 (∂hidden, ∂W) + 1 for the recomputed logits of the r
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 
@@ -33,6 +33,27 @@ from .utils import new_output
 # CUDA only, torch >= 2.8, where these overloads exist.
 _MM_OUT_DTYPE = all("dtype_out" in op.overloads()
                     for op in (torch.ops.aten.mm, torch.ops.aten.addmm))
+# Whether addmm's out_dtype overload takes an fp32 ``self`` with 16-bit factors, by device
+# type (``_addmm_sums_in_place``): the first versions of its CUDA kernel required ``self`` in
+# the factors' dtype ("self and mat2 must have the same dtype"), later ones allow out_dtype.
+_ADDMM_SUMS: Dict[str, bool] = {}
+
+
+def _addmm_sums_in_place(device: torch.device) -> bool:
+    """Whether ``torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)`` works on
+    ``device`` for fp32 acc and 16-bit a, b: tried once per device type on 1 x 1 tensors (two
+    tiny launches, no sync) and remembered."""
+    known = _ADDMM_SUMS.get(device.type)
+    if known is None:
+        one = torch.ones((1, 1), dtype=torch.bfloat16, device=device)
+        acc = torch.zeros((1, 1), dtype=torch.float32, device=device)
+        try:
+            torch.addmm(acc, one, one, out_dtype=torch.float32, out=acc)
+            known = True
+        except RuntimeError:  # (NotImplementedError too: a device without the kernel)
+            known = False
+        _ADDMM_SUMS[device.type] = known
+    return known
 
 
 def _chunk_logits(hidden_c: torch.Tensor, weight: torch.Tensor,
@@ -46,7 +67,9 @@ def _add_product(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, first: boo
     dtype (a matmul into it, accumulating in place) or, for 16-bit a and b, fp32. On CUDA the
     16-bit product goes into the fp32 acc inside the matmul (``out_dtype``, torch >= 2.8): no
     rounding of each part to 16 bits, and per element of acc 8 bytes moved (read, write)
-    instead of 12 (the 16-bit product written and read back, acc read and written). Elsewhere
+    instead of 12 (the 16-bit product written and read back, acc read and written); where
+    this torch's addmm refuses an fp32 acc (``_addmm_sums_in_place``), the part is an fp32
+    product added to acc (unrounded still; one acc-sized temporary, 16 bytes moved). Elsewhere
     the product is rounded to 16 bits, then written or added in fp32. The first part writes
     instead of adding to zeros: one write of acc, not a zero fill, a read and a write."""
     if acc.dtype == a.dtype:
@@ -57,8 +80,10 @@ def _add_product(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, first: boo
     elif acc.is_cuda and _MM_OUT_DTYPE:
         if first:
             torch.mm(a, b, out_dtype=acc.dtype, out=acc)
-        else:
+        elif _addmm_sums_in_place(acc.device):
             torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+        else:
+            acc.add_(torch.mm(a, b, out_dtype=acc.dtype))
     elif first:
         acc.copy_(a @ b)
     else:

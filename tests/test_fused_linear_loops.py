@@ -192,3 +192,26 @@ def test_backward_cuts_the_smaller_dimension():
 ])
 def test_default_chunk_size(rows, vocab, dtype, expected):
     assert linear_plan.default_chunk_size(rows, vocab, dtype) == expected
+
+
+# ---- the split sums' matmuls ------------------------------------------------------------------
+def test_addmm_probe_is_remembered_per_device_type(monkeypatch):
+    """``_addmm_sums_in_place`` asks torch once per device type whether addmm adds a 16-bit
+    product into an fp32 tensor (``out_dtype``), and remembers the answer: False where the
+    call raises (here the CPU, which has no such kernel), True where it runs."""
+    monkeypatch.setattr(chunks, "_ADDMM_SUMS", {})
+    cpu = torch.device("cpu")
+    assert chunks._addmm_sums_in_place(cpu) is False
+    assert chunks._ADDMM_SUMS == {"cpu": False}
+
+    calls = []
+
+    def addmm(acc, a, b, out_dtype=None, out=None):
+        calls.append((acc.dtype, a.dtype, b.dtype, out_dtype, out is acc))
+        return out
+
+    monkeypatch.setattr(chunks, "_ADDMM_SUMS", {})
+    monkeypatch.setattr(torch, "addmm", addmm)
+    assert chunks._addmm_sums_in_place(cpu) is True
+    assert chunks._addmm_sums_in_place(cpu) is True  # remembered: asked once
+    assert calls == [(torch.float32, torch.bfloat16, torch.bfloat16, torch.float32, True)]

@@ -141,16 +141,27 @@ def test_transposed_view_offsets_past_2_31():
                                exp_grad.abs().max().item())
 
 
+@pytest.mark.parametrize("in_place", [True, False], ids=["addmm", "mm-then-add"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_fused_linear_sums_16bit_products_unrounded(dtype):
+def test_fused_linear_sums_16bit_products_unrounded(dtype, in_place, monkeypatch):
     """The fused-linear backward's split sums (∂W over chunks of rows, ∂hidden over blocks of
     columns) add 16-bit products into an fp32 accumulator; on CUDA each product goes into it
-    inside the matmul (``out_dtype``), unrounded. Four parts, a transposed left operand as in
-    ∂W: the sum agrees with float64 to fp32 accuracy, ~100× tighter than a product rounded to
-    16 bits would allow (its relative error alone is up to 2^-9 for bf16)."""
+    inside the matmul (``out_dtype``), unrounded, or, where this torch's addmm refuses an fp32
+    accumulator, as an fp32 product added to it (forced here by ``in_place=False``). Four
+    parts, a transposed left operand as in ∂W: the sum agrees with float64 to fp32 accuracy,
+    ~100× tighter than a product rounded to 16 bits would allow (its relative error alone is
+    up to 2^-9 for bf16)."""
+    from opo_kernels import linear_chunks
     from opo_kernels.linear_chunks import _MM_OUT_DTYPE, _add_product
 
     assert _MM_OUT_DTYPE, "torch >= 2.8 has mm/addmm with out_dtype"
+    if in_place:  # (the answer this torch gives, asked afresh)
+        monkeypatch.setattr(linear_chunks, "_ADDMM_SUMS", {})
+        assert linear_chunks._addmm_sums_in_place(torch.device(DEV)), (
+            f"torch {torch.__version__}: addmm(fp32 acc, 16-bit a, b, out_dtype=float32) "
+            "refused; the sums take the mm-then-add path")
+    else:
+        monkeypatch.setattr(linear_chunks, "_ADDMM_SUMS", {"cuda": False})
     g = torch.Generator(device=DEV).manual_seed(0)
     parts = [(torch.randn(512, 96, device=DEV, generator=g).to(dtype),
               torch.randn(512, 80, device=DEV, generator=g).to(dtype)) for _ in range(4)]
