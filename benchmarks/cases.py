@@ -31,7 +31,8 @@ IMPLS = ("opo_kernels", "opo_kernels_inplace", "torch_compiled", "eager", "compi
          "liger_gspo", "liger_grpo_token", "liger_ce", *SLICE_IMPLS)
 # from hidden states: loss and gradients for hidden and weight (run at the fused-linear shapes).
 # budget: fused_linear_opo_loss holding every chunk's logits (logits_budget=, when it exists);
-# cce / trl_head: the peer's per-token log-probs + opo_loss_from_logprobs (benchmarks/peers.py);
+# cce / trl_head / torch_lce: the peer's per-token log-probs + opo_loss_from_logprobs
+# (benchmarks/peers.py; torch_lce: PyTorch's own chunked linear_cross_entropy, torch >= 2.13);
 # cce_torch_compile: cut-cross-entropy's torch.compile implementation (CUDA only; on the CPU cce
 # is already that); liger_fused_linear_gspo_tf32_chunkB: Liger with TF32 on and chunk_size = B
 # sequences (one chunk; padded only: packed rows go in as one sequence, so its default chunk
@@ -40,7 +41,7 @@ IMPLS = ("opo_kernels", "opo_kernels_inplace", "torch_compiled", "eager", "compi
 # not in the targets
 LINEAR_IMPLS = ("opo_kernels_fused_linear", "opo_kernels_fused_linear_on_policy",
                 "opo_kernels_fused_linear_budget", "opo_kernels_materialized", "cce",
-                "cce_torch_compile", "trl_head", "liger_fused_linear_gspo",
+                "cce_torch_compile", "trl_head", "torch_lce", "liger_fused_linear_gspo",
                 "liger_fused_linear_gspo_tf32", "liger_fused_linear_gspo_tf32_chunkB",
                 "cce_filtered")
 # the matmuls of each fused-linear implementation's floor (2·N·H·V FLOPs each, N counted):
@@ -49,7 +50,7 @@ LINEAR_IMPLS = ("opo_kernels_fused_linear", "opo_kernels_fused_linear_on_policy"
 # held by the budget or materialized: cce_torch_compile keeps its logits for backward)
 LINEAR_FLOOR_MATMULS = {"opo_kernels_fused_linear": 4, "opo_kernels_fused_linear_on_policy": 3,
                         "opo_kernels_fused_linear_budget": 3, "opo_kernels_materialized": 3,
-                        "cce": 4, "cce_torch_compile": 3, "trl_head": 4,
+                        "cce": 4, "cce_torch_compile": 3, "trl_head": 4, "torch_lce": 4,
                         "liger_fused_linear_gspo": 4, "liger_fused_linear_gspo_tf32": 4,
                         "liger_fused_linear_gspo_tf32_chunkB": 4, "cce_filtered": 4}
 OPTIONAL_IMPLS = ("liger_gspo_noinplace",)

@@ -89,6 +89,9 @@ def memory_estimate(case: Case) -> Tuple[int, int]:
             # + the counted rows' logits (kept for backward), their fp32 gradient and its cast
             "cce_torch_compile": (rows + v) * h * (4 + s) + n * v * (4 + 2 * s) + (1 << 30),
             "trl_head": (rows + v) * h * (4 + s) + 2 * (4096 * 32768 * s),
+            # the counted rows gathered, dhidden and dweight, fp32 chunk logits (its
+            # aspect-ratio chunks hold about as many logits as hidden has values)
+            "torch_lce": (rows + v) * h * (4 + s) + n * h * (8 + s) + (1 << 30),
             # per chunk fp32 dweight + its cast, the dtype accumulator, dhidden twice (list +
             # cat), fp32 [2048, 4096] vocab-chunk temporaries
             "liger_fused_linear_gspo": liger,

@@ -46,6 +46,9 @@ N=4096, H=4096, V=128256 (every row counted):
   cce_torch_compile         the same at its impl="torch_compile" (CUDA only)
   trl_head                  TRL's chunked log-prob head (counted rows only) ->
                             opo_loss_from_logprobs
+  torch_lce                 PyTorch's chunked linear_cross_entropy (torch >= 2.13, reduction
+                            "none", "auto" options; counted rows only) -> log-probs ->
+                            opo_loss_from_logprobs
   liger_fused_linear_gspo   Liger-Kernel LigerFusedLinearGRPOLoss (GSPO), its defaults
                             (chunk_size=1, compiled=True), fp32 matmuls at PyTorch's default
                             precision (TF32 off); packed rows go in as one sequence
@@ -214,6 +217,8 @@ class Session:
         if impl == "cce_torch_compile" and not cuda:
             return ("a CUDA row: without CUDA the cce row already runs cut-cross-entropy's "
                     "impl=\"torch_compile\"")
+        if impl == "torch_lce":
+            return peers.unavailable("torch_lce")
         if impl in ("cce", "cce_filtered", "cce_torch_compile", "trl_head"):
             return peers.unavailable("trl_head" if impl == "trl_head" else "cce")
         if impl.endswith("_chunkB") and case.shape.layout != "padded":

@@ -26,6 +26,14 @@ the RL-step benchmark, ``benchmarks/step``, share them). The strong-torch OPO is
                only the counted rows of hidden are projected (its "compact" mode on CUDA),
                vocabulary tiles of TRL's own chunk size, log-probs only (no entropy: the
                OPO loss here does not use it), then ``opo_loss_from_logprobs``.
+  torch_lce    PyTorch's own chunked linear cross-entropy (torch >= 2.13:
+               ``torch.nn.functional.linear_cross_entropy(..., reduction="none",
+               options=torch.nn.LinearCrossEntropyOptions())``, its chunked path at its "auto"
+               defaults, which pick the accumulation policy and chunk size per device and
+               dtype) on the counted rows of hidden only, log-prob = −NLL, then
+               ``opo_loss_from_logprobs``. Its per-token output comes in the inputs' dtype
+               (bf16 log-probs for bf16 hidden states, whatever its accumulation dtype); its
+               backward recomputes the logits (reduction="none"): 4 matmuls.
   liger_gspo   Liger-Kernel ``triton_grpo_loss`` on the logits [B, T+1, V] (in place, its
                default), sequence-level importance sampling (GSPO): 3 reads + 1 write of the
                logits (a log-prob pass for the sequence ratio, its forward, its backward).
@@ -54,7 +62,8 @@ from typing import Dict, Iterator, Optional
 
 import torch
 
-PACKAGES = {"cce": "cut-cross-entropy", "trl_head": "trl", "liger": "liger-kernel"}
+PACKAGES = {"cce": "cut-cross-entropy", "trl_head": "trl", "liger": "liger-kernel",
+            "torch_lce": "torch >= 2.13"}
 
 # Liger's GSPO setting as TRL documents it for GSPO: sequence-level ratio, no KL term, tight
 # clipping. Values only matter for which branch is taken; the kernels' traffic is the same.
@@ -94,9 +103,15 @@ def versions() -> Dict[str, Optional[str]]:
 
 
 def unavailable(peer: str) -> Optional[str]:
-    """Why ``peer`` (cce, trl_head, liger) cannot run here, or None."""
+    """Why ``peer`` (cce, trl_head, liger, torch_lce) cannot run here, or None."""
     if peer not in PACKAGES:
         raise ValueError(f"unknown peer {peer!r}; known: {sorted(PACKAGES)}")
+    if peer == "torch_lce":
+        if not (hasattr(torch.nn.functional, "linear_cross_entropy")
+                and hasattr(torch.nn, "LinearCrossEntropyOptions")):
+            return (f"torch {torch.__version__} has no torch.nn.functional.linear_cross_entropy "
+                    "with LinearCrossEntropyOptions (new in torch 2.13)")
+        return None
     try:
         if peer == "cce":
             import cut_cross_entropy  # noqa: F401
@@ -208,6 +223,33 @@ def trl_head_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.
 def trl_extra() -> Dict[str, object]:
     return {"trl": version("trl"), "trl_chunk_size": trl_chunk_size(),
             "trl_outputs": "log_probs"}
+
+
+def torch_lce_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                       counted: torch.Tensor) -> torch.Tensor:
+    """log p(label) from PyTorch's chunked ``linear_cross_entropy`` (torch >= 2.13), counted
+    rows only (it takes [N, H] rows; gathering the counted ones first spares it the others).
+
+    hidden: [..., H] aligned with labels [...] (position t's label is labels[t]); counted: bool,
+    labels' shape. Returns log-probs of labels' shape in hidden's dtype (its output dtype), 0
+    where not counted.
+    """
+    nll = torch.nn.functional.linear_cross_entropy(
+        hidden[counted], weight, labels[counted], reduction="none",
+        options=torch.nn.LinearCrossEntropyOptions())
+    return nll.new_zeros(counted.shape).masked_scatter(counted, -nll)
+
+
+def torch_lce_extra(device: torch.device, dtype: torch.dtype) -> Dict[str, object]:
+    """What the "auto" options resolve to on device and dtype (its table of per-(device, dtype)
+    picks), and the output dtype."""
+    from torch.nn.modules import linear_cross_entropy_options as lce
+
+    auto = getattr(lce, "_AUTO_DEFAULTS", {}).get((device.type, dtype))
+    return {"torch_lce_options": "LinearCrossEntropyOptions() (auto)",
+            "torch_lce_auto": None if auto is None else
+            f"acc_policy={auto.acc_policy}, chunking_method={auto.chunking_method}",
+            "torch_lce_logprob_dtype": str(dtype).replace("torch.", "")}
 
 
 # --------------------------------------------------------------------------------------------

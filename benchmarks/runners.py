@@ -97,11 +97,15 @@ def build_linear_runner(case: Case, inp: LinearInputs) -> Runner:
             return opo_loss(logits, inp.labels, inp.ref_logprobs, inp.rewards,
                             group_ids=inp.group_ids, backend="triton", validate=False,
                             **layout)
-    elif impl in ("cce", "cce_filtered", "cce_torch_compile", "trl_head"):
+    elif impl in ("cce", "cce_filtered", "cce_torch_compile", "trl_head", "torch_lce"):
         from opo_kernels import opo_loss_from_logprobs
 
         counted = inp.counted
-        if impl != "trl_head":
+        if impl == "torch_lce":
+            def logprobs():
+                return peers.torch_lce_logprobs(hidden, weight, inp.labels, counted)
+            extra = peers.torch_lce_extra(hidden.device, hidden.dtype)
+        elif impl != "trl_head":
             targets = torch.where(counted, inp.labels, peers.IGNORE_INDEX)
             eps = peers.CCE_DEFAULT_FILTER_EPS if impl == "cce_filtered" else peers.CCE_FILTER_EPS
             cce_impl = "torch_compile" if impl == "cce_torch_compile" else "cce"

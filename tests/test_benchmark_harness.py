@@ -381,6 +381,10 @@ def test_session_measures_tiny_fused_linear_rows(tmp_path):
         assert row["x_floor"] == pytest.approx(row["ms"] / floor)
         assert row["x_floor_rows"] == pytest.approx(row["ms"] / (floor * rows / case.shape.N))
     assert ("cce", "packed") in measured and ("liger_fused_linear_gspo_tf32", "padded") in measured
+    # torch's own chunked linear cross-entropy (torch >= 2.13, what this CI installs)
+    assert ("torch_lce", "padded") in measured and ("torch_lce", "packed") in measured
+    lce = next(r for r in session.data["rows"] if r["impl"] == "torch_lce")
+    assert lce["torch_lce_logprob_dtype"] == lce["dtype"] and lce["floor_matmuls"] == 4
     chunked = [r for r in session.data["rows"]
                if r["impl"] == "liger_fused_linear_gspo_tf32_chunkB"]
     assert [(r["layout"], r["liger_chunk_size"], r["tf32"]) for r in chunked] == [

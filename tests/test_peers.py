@@ -169,16 +169,24 @@ def _opo_from(lp, mask, ref, rewards):
                                               vocab_size=50, backend="triton", validate=False)
 
 
-@pytest.mark.parametrize("peer", ["cce", "trl_head"])
-def test_peer_logprobs_give_the_reference_loss(peer):
+PEER_CASES = [("cce", torch.bfloat16), ("trl_head", torch.bfloat16),
+              # torch's linear_cross_entropy returns its per-token losses in the inputs' dtype:
+              # exact from fp32 inputs; from bf16 ones see test_torch_lce_bf16_logprobs
+              ("torch_lce", torch.float32)]
+
+
+@pytest.mark.parametrize("peer,dtype", PEER_CASES, ids=[p for p, _ in PEER_CASES])
+def test_peer_logprobs_give_the_reference_loss(peer, dtype):
     if peers.unavailable(peer):
-        pytest.fail(peers.unavailable(peer))  # the bench extra installs both
-    hidden, weight, labels, mask, ref, rewards = _problem(seed=1)
+        pytest.fail(peers.unavailable(peer))  # the bench extra installs them (torch_lce: 2.13)
+    hidden, weight, labels, mask, ref, rewards = _problem(seed=1, dtype=dtype)
     h = hidden.clone().requires_grad_()
     w = weight.clone().requires_grad_()
     counted = mask != 0
     if peer == "cce":
         lp = peers.cce_logprobs(h, w, torch.where(counted, labels, peers.IGNORE_INDEX))
+    elif peer == "torch_lce":
+        lp = peers.torch_lce_logprobs(h, w, labels, counted)
     else:
         lp = peers.trl_head_logprobs(h, w, labels, counted)
     assert lp.dtype == torch.float32 and lp.shape == labels.shape
@@ -192,6 +200,27 @@ def test_peer_logprobs_give_the_reference_loss(peer):
     torch.testing.assert_close(loss, want, rtol=2e-3, atol=1e-4)
     for got, exp in zip(_grads(loss, h, w), _grads(want, h2, w2)):
         torch.testing.assert_close(got.float(), exp.float(), **GRAD_TOL)
+
+
+def test_torch_lce_bf16_logprobs():
+    """From bf16 hidden states torch's linear_cross_entropy returns bf16 per-token losses
+    (whatever its accumulation dtype): the log-probs are the reference's to within one more
+    bf16 rounding, but a log-ratio against fp32 old log-probs then carries that rounding
+    (~2^-9 of a log-prob near −4: ~0.01), as large as the ratios of an RL batch. Its OPO loss
+    is the loss of those rounded log-probs, not the exact one: the step benchmark shows it
+    beside the exact paths (grid.APPROXIMATE)."""
+    if peers.unavailable("torch_lce"):
+        pytest.fail(peers.unavailable("torch_lce"))
+    hidden, weight, labels, mask, ref, rewards = _problem(seed=1)
+    counted = mask != 0
+    lp = peers.torch_lce_logprobs(hidden, weight, labels, counted)
+    assert lp.dtype == torch.bfloat16 and (lp[~counted] == 0).all()
+    want_lp = reference.chunked_logprobs((hidden.float() @ weight.float().t()), labels)
+    torch.testing.assert_close(lp[counted].float(), want_lp[counted], **LOGPROB_TOL)
+    assert (lp[counted].float() - want_lp[counted]).abs().max() > 1e-3  # rounded to bf16
+    extra = peers.torch_lce_extra(torch.device("cuda"), torch.bfloat16)
+    assert extra["torch_lce_logprob_dtype"] == "bfloat16"
+    assert "acc_policy" in extra["torch_lce_auto"]
 
 
 def test_cce_filter_is_passed_on_cuda_only():

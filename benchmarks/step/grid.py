@@ -22,6 +22,9 @@ Paths (the head + loss part; the rest of the step is the same code for all):
   cce_filtered               the same in its default mode (filter_eps="high": gradient blocks
                              below the threshold skipped; CUDA only): its users' setting,
                              faster, an approximate gradient: shown, not in the targets
+  torch_lce                  PyTorch's chunked linear_cross_entropy (torch >= 2.13; reduction
+                             "none", its "auto" options) on the counted positions ->
+                             opo_loss_from_logprobs
   liger_logits               model logits -> Liger triton_grpo_loss (GSPO; Liger has no OPO)
   liger_logits_token         the same at importance_sampling_level="token" (GRPO: one pass over
                              the logits less, Liger's fastest mode)
@@ -72,7 +75,8 @@ FULL_MODELS = ("qwen2.5-0.5b", "llama-3.2-1b")
 TINY_SEQ_LEN, TINY_PROMPT_LEN, TINY_TOKENS = 16, 3, (128,)
 
 PATHS = ("opo_fused_linear", "opo_fused_linear_on_policy", "opo_logits", "opo_logits_inplace",
-         "plain", "trl_head", "cce", "cce_filtered", "torch_compiled", "liger_logits",
+         "plain", "trl_head", "cce", "torch_lce", "cce_filtered", "torch_compiled",
+         "liger_logits",
          "liger_logits_token",
          "liger_fused_linear_tf32_chunkB", "liger_fused_linear_tf32", "liger_fused_linear",
          "opo_fused_linear_budget")
@@ -84,12 +88,15 @@ PEERS = tuple(p for p in PATHS if not p.startswith("opo_"))
 OURS_ON_POLICY = tuple(p for p in OURS if p.endswith("_on_policy"))
 OURS_GENERAL = tuple(p for p in OURS if p not in OURS_ON_POLICY)
 # peer paths shown beside the others but kept out of the targets: not the same gradient
-APPROXIMATE = ("cce_filtered",)
+# (cce_filtered skips gradient blocks; torch_lce's per-token log-probs come in bf16 for a bf16
+# model, so the log-ratios against fp32 old log-probs carry a bf16 rounding of each log-prob)
+APPROXIMATE = ("cce_filtered", "torch_lce")
 # the peers the targets compare with (those a "× best peer" ratio may name): plain is the naive
 # baseline of "× plain", not a peer to beat at its strongest
 TARGET_PEERS = tuple(p for p in PEERS if p not in APPROXIMATE)
 RATED_PEERS = tuple(p for p in TARGET_PEERS if p != "plain")
-# paths whose loss is the OPO loss (checked against the reference); the Liger ones run GSPO
+# paths whose loss is the OPO loss; the Liger ones run GSPO. Checked against the reference but
+# torch_lce, the OPO loss of bf16-rounded log-probs (tests/test_step_bench.py)
 OPO_MATH = tuple(p for p in PATHS if not p.startswith("liger"))
 
 

@@ -102,6 +102,15 @@ def build_path(name: str, model, b: StepBatch, compile_backend: str) -> LossPath
             return _from_logprobs(lp, b)
         return LossPath(name, loss, peers.cce_extra(device, eps))
 
+    if name == "torch_lce":
+        _need("torch_lce")
+
+        def loss():
+            lp = peers.torch_lce_logprobs(_hidden(model, b)[:, :-1], _head_weight(model),
+                                          b.labels, b.mask != 0)
+            return _from_logprobs(lp, b)
+        return LossPath(name, loss, peers.torch_lce_extra(device, _head_weight(model).dtype))
+
     if name in ("liger_logits", "liger_logits_token"):
         _need("liger")
         if device.type != "cuda" and not interpreter_on():

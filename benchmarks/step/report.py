@@ -167,7 +167,9 @@ def render_table(data: Dict[str, object]) -> str:
         "with chunk_size = B (one chunk); cce is cut-cross-entropy in its exact mode, "
         "cce_filtered in its default mode (filter_eps=\"high\": gradient blocks below the "
         "threshold skipped, an approximate gradient: shown, but not a \"best peer\" and not in "
-        "the targets); every other path computes the OPO loss exactly.")
+        "the targets); torch_lce is PyTorch's chunked linear_cross_entropy (torch >= 2.13), "
+        "whose per-token log-probs come in the model's dtype (bf16): the OPO loss of rounded "
+        "log-probs, shown like cce_filtered; every other path computes the OPO loss exactly.")
     lines += ["", "| model | tokens | path | step ms | × plain | × best peer | head + loss ms "
               "| share | peak MiB | tokens/s |",
               "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]

@@ -148,7 +148,7 @@ log="$out_dir/log.txt"
 triton.__version__, 'numpy', numpy.__version__, 'cuda', torch.cuda.is_available())"
   # the benchmark peers (carried wheels): version, and why one cannot run here
   python3 -c "from benchmarks import peers; print('peers', peers.versions(), \
-{p: peers.unavailable(p) or 'ok' for p in ('cce', 'trl_head', 'liger')})" 2>&1 | tail -3
+{p: peers.unavailable(p) or 'ok' for p in ('cce', 'trl_head', 'liger', 'torch_lce')})" 2>&1 | tail -3
   # the versions the carried wheels meet there (datasets 5.2 wants pyarrow >= 24)
   python3 -c "import importlib.metadata as m
 def v(p):
@@ -273,7 +273,7 @@ KBENCH=/tmp/opo_kbench
 run_kernel_rows() {  # $1: linear | fair | host, $2: budget, $3: time limit
   local what=$1 budget=$2 limit=$3 impls k resume=()
   if [ "$what" = linear ]; then
-    impls=opo_kernels_fused_linear,opo_kernels_fused_linear_on_policy,opo_kernels_fused_linear_budget,opo_kernels_materialized,cce,trl_head,liger_fused_linear_gspo_tf32_chunkB,cce_torch_compile,liger_fused_linear_gspo_tf32,liger_fused_linear_gspo,cce_filtered
+    impls=opo_kernels_fused_linear,opo_kernels_fused_linear_on_policy,opo_kernels_fused_linear_budget,opo_kernels_materialized,cce,trl_head,torch_lce,liger_fused_linear_gspo_tf32_chunkB,cce_torch_compile,liger_fused_linear_gspo_tf32,liger_fused_linear_gspo,cce_filtered
     k=H4096
   elif [ "$what" = fair ]; then
     impls=torch_compiled,opo_kernels,opo_kernels_inplace,opo_kernels_grad_to_base,opo_kernels_model_slice,liger_grpo_token,liger_gspo,compile,eager
