@@ -34,8 +34,9 @@ from .utils import new_output
 _MM_OUT_DTYPE = all("dtype_out" in op.overloads()
                     for op in (torch.ops.aten.mm, torch.ops.aten.addmm))
 # Whether addmm's out_dtype overload takes an fp32 ``self`` with 16-bit factors, by device
-# type (``_addmm_sums_in_place``): the first versions of its CUDA kernel required ``self`` in
-# the factors' dtype ("self and mat2 must have the same dtype"), later ones allow out_dtype.
+# type (``_addmm_sums_in_place``): some versions of its CUDA source require ``self`` in the
+# factors' dtype ("self and mat2 must have the same dtype"; none of PyPI's 2.8-2.11 wheels
+# carries that message), others allow out_dtype (2.10 and 2.11 say so).
 _ADDMM_SUMS: Dict[str, bool] = {}
 
 
