@@ -127,24 +127,28 @@ class OPOLossConfig:
     # vocabulary-parallel on-policy logits: stream the slice in L2-sized chunks of rows, one
     # all-gather each, and write the gradient during forward (vocab_parallel.py)
     vocab_parallel_one_pass: bool = False
-    # the preset options given explicitly (replace() keeps the others following the preset);
-    # computed by __post_init__. A tuple, and an __init__ argument rather than an init=False
-    # field, so that torch 2.8's Dynamo can rebuild a config made inside a compiled function
-    # (it passes every field to __init__ and cannot rebuild a frozenset); callers never pass
-    # it (it is not in OPTIONS)
-    explicit: Optional[Tuple[str, ...]] = field(default=None, repr=False, compare=False)
+    # (name, value) of each preset option that follows the preset, the value the preset gave
+    # it; set by __post_init__ (``explicit``, an attribute, names the others). An __init__
+    # field (not init=False, not in OPTIONS: callers never pass it) because a config is also
+    # rebuilt through __init__ with every field: by dataclasses.replace, and by torch.compile
+    # (Dynamo, torch 2.8 for one, cannot rebuild it otherwise). A rebuilt option still holding
+    # the very object the preset gave it keeps following the preset (a new preset refills it,
+    # a new α re-derives author_verl's direction_scale); one given a new value is explicit.
+    followed: Optional[Tuple[Tuple[str, object], ...]] = field(default=None, repr=False,
+                                                                compare=False)
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
         preset = _choice("preset", self.preset, tuple(PRESETS))
-        given = self.explicit
-        if given is None:
-            # from a list: torch 2.8's Dynamo failed to build a frozenset from a generator
-            given = tuple([k for k in PRESET_OPTIONS if getattr(self, k) is not PRESET_DEFAULT])
-            set_("explicit", given)
-        for name, value in PRESETS[preset].items():
-            if name not in given:
-                set_(name, value)
+        if self.followed is None:  # made by a caller: the options left out follow the preset
+            follow = [k for k in PRESET_OPTIONS if getattr(self, k) is PRESET_DEFAULT]
+        else:  # rebuilt with every field (see ``followed``)
+            follow = [k for k, v in self.followed if getattr(self, k) is v]
+        # (tuples from lists: torch 2.8's Dynamo failed to build a frozenset from a generator)
+        given = tuple([k for k in PRESET_OPTIONS if k not in follow])
+        set_("explicit", given)  # the preset options given explicitly (not a field)
+        for name in follow:
+            set_(name, PRESETS[preset][name])
         alpha = _number("alpha", self.alpha)
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"alpha must be in [0, 1], got {alpha}")
@@ -202,6 +206,7 @@ class OPOLossConfig:
         set_("mu", mu)
         set_("tau_range", (tau_min, tau_max))
         set_("entropy_coef", entropy_coef)
+        set_("followed", tuple([(k, getattr(self, k)) for k in follow]))  # the final values
 
     @property
     def with_entropy(self) -> bool:
@@ -262,7 +267,7 @@ class OPOLossConfig:
         """A copy with some fields changed (validated again). Preset options that were not given
         explicitly keep following the preset (e.g. direction_scale = 1/α under author_verl)."""
         values = {k: getattr(self, k) for k in self.__dataclass_fields__
-                  if k != "explicit" and (k not in PRESET_OPTIONS or k in self.explicit)}
+                  if k != "followed" and (k not in PRESET_OPTIONS or k in self.explicit)}
         values.update(changes)
         return OPOLossConfig(**values)
 
@@ -272,7 +277,7 @@ _FROM_OPTIONS: Dict[tuple, OPOLossConfig] = {}
 
 # the option names a caller may pass (every field of OPOLossConfig but the internal ones)
 OPTIONS = frozenset(f.name for f in dataclasses.fields(OPOLossConfig)
-                    if f.init and f.name != "explicit")
+                    if f.init and f.name != "followed")
 
 
 def make_config(options: Dict[str, object]) -> OPOLossConfig:

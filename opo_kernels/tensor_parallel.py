@@ -166,7 +166,7 @@ _MIX2 = 0x94D049BB133111EB - 2**64
 # H = 4096).
 _HASH_CHUNK = 1 << 22
 # Fields of OPOLossConfig that only affect this rank's own work (not the replicated loss).
-_LOCAL_OPTIONS = ("backend", "return_metrics", "inplace_backward", "explicit", "weights")
+_LOCAL_OPTIONS = ("backend", "return_metrics", "inplace_backward", "followed", "weights")
 
 
 def _slices(t: torch.Tensor, offset: int = 0):

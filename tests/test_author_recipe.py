@@ -12,6 +12,7 @@ logit_reg_coef and the presets ("paper" = eq. 6, "author_verl" = the author's ve
 - preset resolution (explicit arguments override; direction_scale follows α) and bad input.
 """
 
+import dataclasses
 import math
 
 import pytest
@@ -286,6 +287,15 @@ def test_presets_resolve():
     assert custom.replace(alpha=0.25).direction_scale == 4.0
     fixed = OPOLossConfig(preset="author_verl", direction_scale=3.0)
     assert fixed.replace(alpha=0.25).direction_scale == 3.0
+    # dataclasses.replace (and torch.compile's rebuild) pass every field to __init__: a value
+    # given anew is explicit, the others keep following the preset
+    moved = dataclasses.replace(author, alpha=0.25)
+    assert (moved.alpha, moved.direction_scale, moved.explicit) == (0.25, 4.0, ("alpha",))
+    assert dataclasses.replace(fixed, alpha=0.25).direction_scale == 3.0
+    switched = dataclasses.replace(OPOLossConfig(alpha=0.5), preset="author_verl")
+    assert (switched.alpha, switched.direction_scale, switched.weights) == (0.5, 2.0, "escort")
+    assert dataclasses.replace(custom) == custom and dataclasses.replace(custom).explicit == \
+        custom.explicit
     # passing a paper value explicitly under author_verl keeps it
     assert OPOLossConfig(preset="author_verl", coordinates="ratio").coordinates == "ratio"
     # inf turns a clamp off, as None, however it is spelled (a config file, NumPy)
