@@ -123,8 +123,8 @@ CASES = [
      "mask must be a bool, integer or float tensor"),
     ("mu-beyond-float", None, {"mu": 10**400}, ValueError, "mu must be finite"),
     ("option-unknown", None, {"alhpa": 0.5}, TypeError, "alhpa': the options are"),
-    ("option-internal", None, {"explicit": frozenset()}, TypeError,
-     "explicit': the options are"),
+    ("option-internal", None, {"followed": ()}, TypeError,  # a field, not an option
+     "followed': the options are"),
     ("preset-delta-clip-token", None, {"preset": "author_verl", "level": "token"}, ValueError,
      "preset 'author_verl' sets delta_clip=5.0"),
     ("process-group-str", _set("process_group", "tp"), {}, TypeError,
