@@ -101,11 +101,15 @@ def build_linear_runner(case: Case, inp: LinearInputs) -> Runner:
         from opo_kernels import opo_loss_from_logprobs
 
         counted = inp.counted
-        if impl == "torch_lce":
+        if impl == "trl_head":
+            def logprobs():
+                return peers.trl_head_logprobs(hidden, weight, inp.labels, counted)
+            extra = peers.trl_extra()
+        elif impl == "torch_lce":
             def logprobs():
                 return peers.torch_lce_logprobs(hidden, weight, inp.labels, counted)
             extra = peers.torch_lce_extra(hidden.device, hidden.dtype)
-        elif impl != "trl_head":
+        else:  # cut-cross-entropy
             targets = torch.where(counted, inp.labels, peers.IGNORE_INDEX)
             eps = peers.CCE_DEFAULT_FILTER_EPS if impl == "cce_filtered" else peers.CCE_FILTER_EPS
             cce_impl = "torch_compile" if impl == "cce_torch_compile" else "cce"
@@ -113,10 +117,6 @@ def build_linear_runner(case: Case, inp: LinearInputs) -> Runner:
             def logprobs():
                 return peers.cce_logprobs(hidden, weight, targets, filter_eps=eps, impl=cce_impl)
             extra = peers.cce_extra(hidden.device, eps, cce_impl)
-        else:
-            def logprobs():
-                return peers.trl_head_logprobs(hidden, weight, inp.labels, counted)
-            extra = peers.trl_extra()
 
         def loss_fn():
             return opo_loss_from_logprobs(logprobs(), inp.ref_logprobs, inp.rewards,
