@@ -379,6 +379,22 @@ def test_config_presets(tmp_path):
     assert author.direction_scale == 2.0 and author.score_clip is None
 
 
+def test_config_token_level_under_preset_names_the_working_fix(tmp_path):
+    """author_verl clamps δ_s, which the token level refuses; in OPOConfig None means "the
+    preset's value", so the message must advise inf (the value that turns the clamp off), and
+    following it must work."""
+    base = dict(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to="none",
+                per_device_train_batch_size=6, num_generations=3, opo_preset="author_verl",
+                opo_level="token")
+    with pytest.raises(ValueError, match=r"opo_delta_clip=float\('inf'\)") as err:
+        OPOConfig(**base)
+    assert "delta_clip=None" not in str(err.value).replace("None here", "")
+    with pytest.raises(ValueError, match="delta_clip"):  # None: still the preset's clamp
+        OPOConfig(**base, opo_delta_clip=None)
+    cfg = OPOConfig(**base, opo_delta_clip=float("inf")).opo_loss_config()
+    assert cfg.level == "token" and cfg.delta_clip is None
+
+
 def test_trainer_needs_opo_config(tmp_path):
     tokenizer = make_tokenizer()
     args = GRPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=6, num_generations=3,

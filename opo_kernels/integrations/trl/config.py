@@ -112,7 +112,12 @@ class OPOConfig(GRPOConfig):
         try:
             self.opo_loss_config()
         except (TypeError, ValueError) as err:
-            raise type(err)(f"OPOConfig: {err} (set it through the field opo_<name>)") from None
+            # here None means "the preset's value", so no clamp is inf
+            message = str(err).replace("pass delta_clip=None (or inf: no clamp)",
+                                       "set opo_delta_clip=float('inf') (no clamp; None here "
+                                       "means the preset's value)")
+            raise type(err)(f"OPOConfig: {message} (set it through the field opo_<name>)") \
+                from None
         self._check_supported()
         self._check_loss_path()
 
