@@ -156,7 +156,8 @@ def opo_loss_from_logprobs(logprobs, ref_logprobs, rewards, *, mask=None, seq_id
     source of ``entropy_mean``: compute_entropy=True without it is a ValueError.
     vocab_size: V, needed only by the adaptive τ rule (adaptive_tau=True, the default).
     options: those of ``opo_loss`` (the fields of ``OPOLossConfig``); temperature must stay
-    1.0 (the log-probs are taken as given) and inplace_backward does not apply.
+    1.0 (the log-probs are taken as given); inplace_backward, grad_to_base and
+    vocab_parallel_one_pass apply to logits only (ValueError).
 
     Returns the 0-dim loss, or (loss, metrics) with return_metrics=True — the same values as
     ``opo_loss(logits, ...)`` when logprobs are the logits' log-probs at the label.

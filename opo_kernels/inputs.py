@@ -260,7 +260,7 @@ def prepare_logprobs(logprobs, ref_logprobs, rewards, *, entropy=None, vocab_siz
     if config.temperature != 1.0:
         raise ValueError("temperature applies to logits; log-probs are taken as given (compute "
                          "them at your sampling temperature), so leave temperature at 1.0")
-    for name in ("inplace_backward", "grad_to_base"):
+    for name in ("inplace_backward", "grad_to_base", "vocab_parallel_one_pass"):
         if getattr(config, name):
             raise ValueError(f"{name} applies to logits only")
     batch = _prepare_rows(logprobs.shape, what, logprobs.device, compute_dtype(logprobs.dtype),

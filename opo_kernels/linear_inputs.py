@@ -64,6 +64,9 @@ def linear_config(options) -> OPOLossConfig:
     if cfg.grad_to_base:
         raise ValueError("grad_to_base does not apply: the fused-linear loss takes hidden "
                          "states, not logits")
+    if cfg.vocab_parallel_one_pass:
+        raise ValueError("vocab_parallel_one_pass applies to vocabulary-parallel logits; the "
+                         "fused-linear loss forms the on-policy gradient in one pass already")
     return cfg
 
 

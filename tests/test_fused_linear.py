@@ -216,6 +216,9 @@ def _bad_inputs():
                      "group_size"),
         "reduce-hidden-grad": ((hidden, w, *args), {**ok, "reduce_hidden_grad": "yes"},
                                TypeError, "reduce_hidden_grad must be a bool"),
+        # options of the logits path
+        **{name: ((hidden, w, *args), {**ok, name: True}, ValueError, f"^{name}")
+           for name in ("inplace_backward", "grad_to_base", "vocab_parallel_one_pass")},
     }
 
 
