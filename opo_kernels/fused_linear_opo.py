@@ -1,25 +1,25 @@
 """The OPO loss fused with the LM head (logits = hidden @ weight.T + bias), chunked over token
 rows so that the logits of all rows are never materialized: autograd.Function -> API.
 
-The Triton kernels are the ones of ``fused_opo.py``. ``linear_rows.py`` finds the M counted
+The Triton kernels are the ones of ``fused_opo.py``. ``linear_rows.py`` finds the R counted
 rows (padded rows with mask == 0 and packed rows with seq_ids == −1 are never read, never
 multiplied); ``linear_plan.py`` cuts them into chunks; ``linear_chunks.py`` runs the loops;
 ``linear_inputs.py`` checks the arguments.
-With C = rows per chunk and K = rows whose logits fit ``logits_budget``:
+With C = rows per chunk and R_h = rows whose logits fit ``logits_budget``:
 
-  phase 1 (forward):  logits of rows [0, K) in one matmul, KEPT for the backward; then per
+  phase 1 (forward):  logits of rows [0, R_h) in one matmul, KEPT for the backward; then per
                       chunk of the other rows: logits_c = hidden_c @ weight.T + bias [C, V]
                       (input dtype), forward_rows(logits_c) -> lp, stats, H_t [C], [C, 2];
-                      then ONCE over all M rows: epilogue -> loss, metrics, c_t (epilogue/)
+                      then ONCE over all R rows: epilogue -> loss, metrics, c_t (epilogue/)
   phase 2 (backward): the kept logits' gradient written IN PLACE by backward_rows, then
-                      multiplied (∂hidden of rows [0, K), ∂W, ∂b); the other rows' logits
+                      multiplied (∂hidden of rows [0, R_h), ∂W, ∂b); the other rows' logits
                       recomputed block by block, each block's gradient written in place and
                       multiplied (``linear_chunks.backward_chunks``: blocks of columns when
                       those rows are fewer than V, ∂W written once per block; else chunks
                       of rows with an fp32 [V, H] accumulator)
 
-Matmuls (in units of one [M, H] x [H, V] product): 4 − K/M; 3 when the budget holds all.
-The epilogue sees all M rows at once, so chunks may cut through sequences and groups: the
+Matmuls (in units of one [R, H] x [H, V] product): 4 − R_h/R; 3 when the budget holds all.
+The epilogue sees all R rows at once, so chunks may cut through sequences and groups: the
 loss and gradients are those of ``opo_loss(hidden @ weight.T + bias, ...)`` for any chunk
 size and budget.
 
@@ -235,32 +235,32 @@ def fused_linear_opo_loss(hidden, weight, labels, ref_logprobs, rewards, *, bias
     Gradients flow to hidden, weight and bias. The result equals
     ``opo_loss(hidden @ weight.T + bias, ...)`` for any chunk size and budget, up to rounding.
 
-    Counted rows only: the M rows with mask != 0 (padded) or seq_ids != −1 (packed) are
-    gathered once ([M, H], in hidden's dtype) and every matmul runs on them: the time follows
+    Counted rows only: the R rows with mask != 0 (padded) or seq_ids != −1 (packed) are
+    gathered once ([R, H], in hidden's dtype) and every matmul runs on them: the time follows
     the counted tokens, not B·T, and an uncounted row of hidden is never read (a NaN there
     leaves the loss and every gradient finite); hidden's gradient is zero on those rows.
-    Finding them costs ONE device-to-host sync per call (``torch.nonzero``: the count M sizes
+    Finding them costs ONE device-to-host sync per call (``torch.nonzero``: the count R sizes
     the buffers), none for a padded call without mask; with validate=True the value checks
     add their own one. A non-finite value in hidden (at a counted row), weight or bias is
     reported naming that argument.
 
     chunk_size: counted rows per chunk. Default: the largest power of two whose logits take
-    at most 256 MiB (rows·V·itemsize), clamped to [128, M]. The backward recomputes the logits
+    at most 256 MiB (rows·V·itemsize), clamped to [128, R]. The backward recomputes the logits
     it did not keep, once the kept ones are freed, in blocks of as many logits as a chunk or
     the kept rows hold, whichever is more: blocks of columns when those rows are fewer than
     V, else chunks of rows (docs/kernels.md "From hidden states").
 
     logits_budget: bytes (int >= 0) of logits, in the input dtype, that the general mode keeps
     from forward to backward instead of recomputing them; None = the default, 1 GiB (reasoned,
-    not measured). The first K = min(M, ⌊budget / (V·itemsize)⌋) counted rows are kept;
+    not measured). The first R_h = min(R, ⌊budget / (V·itemsize)⌋) counted rows are kept;
     their gradient is written over their logits in backward and multiplied: matmuls, in units
-    of one [M, H] × [H, V] product, 4 − K/M (4 with budget 0: every logit recomputed; 3 with a
-    budget that holds all M rows, like materializing the logits).
+    of one [R, H] × [H, V] product, 4 − R_h/R (4 with budget 0: every logit recomputed; 3 with a
+    budget that holds all R rows, like materializing the logits).
     On-policy the budget sets the chunk instead: chunks of max(chunk_size, ⌊budget /
     (V·itemsize)⌋) rows.
 
-    Memory beyond the inputs, the returned gradients and O(M) fp32 per-row statistics: the
-    counted rows of hidden when some rows are dropped or hidden cannot be viewed as [M, H]
+    Memory beyond the inputs, the returned gradients and O(R) fp32 per-row statistics: the
+    counted rows of hidden when some rows are dropped or hidden cannot be viewed as [R, H]
     (a copy, held to the backward); logits
     of at most ``logits_budget`` bytes kept from forward to backward PLUS one chunk's
     workspace (chunk_size·V logits; the backward's blocks hold as many, or as many as the
@@ -269,7 +269,7 @@ def fused_linear_opo_loss(hidden, weight, labels, ref_logprobs, rewards, *, bias
     max(budget, chunk_size·V·itemsize) bytes); while the gradients are formed, one fp32
     accumulator and, for 16-bit inputs off CUDA, one 16-bit product per block before it is
     added (on CUDA the matmul adds it in fp32 itself):
-      rows not kept < V (the usual case): [M − K, H] for ∂hidden (none when one block holds
+      rows not kept < V (the usual case): [R − R_h, H] for ∂hidden (none when one block holds
                             all of V); ∂W is written in the weight's dtype;
       rows not kept >= V, and on-policy:   [V, H] for ∂W ([V] for ∂b; none for ∂W when one
                             chunk holds all the rows).
@@ -277,7 +277,7 @@ def fused_linear_opo_loss(hidden, weight, labels, ref_logprobs, rewards, *, bias
     On-policy with gradients wanted, the loop runs ONCE (forward and gradients together, exact:
     Δ ≡ 0, so the gradient coefficients are known before the logits, except with
     logit_reg_coef > 0 and the adaptive τ, which run the general mode), 3 matmuls, and the
-    [M, H] / [V, H] gradients are held from forward to backward (a second backward with
+    [R, H] / [V, H] gradients are held from forward to backward (a second backward with
     retain_graph=True works: it scales them again). Its ∂W sums over the chunks in the fp32
     [V, H] accumulator, read and written once per chunk: 8·V·H bytes, 12 for 16-bit inputs
     off CUDA (4.2 GB at V = 128,256, H = 4096), the reason its chunks take the whole budget;

@@ -252,7 +252,7 @@ def opo_loss(logits, labels, ref_logprobs, rewards, *, mask=None, seq_ids=None,
              **options):
     """The OPO loss (docs/spec.md) from LLM logits, with a fused Triton backward.
 
-    Padded layout: logits [B, T, V] (fp32/bf16/fp16; a view like ``logits[:, :-1]`` is read
+    Padded layout: logits [B, T, V] (fp32/bf16/fp16/fp64; a view like ``logits[:, :-1]`` is read
     in place), labels [B, T] int, ref_logprobs [B, T] float, mask [B, T] (bool or 0/1).
     Packed layout: logits [N, V], labels [N], ref_logprobs [N], seq_ids [N] (−1 = not counted).
     rewards: [B] float; exactly one of group_size (int) or group_ids [B] int.
@@ -284,7 +284,7 @@ def opo_loss(logits, labels, ref_logprobs, rewards, *, mask=None, seq_ids=None,
     grad_to_base=True: when logits are a slice of whole positions of a tensor that requires
     grad (``logits[:, :-1]``), that tensor gets the gradient directly (zeros outside the slice)
     and autograd's slice backward, a zero-filled copy of the whole tensor, never runs; the slice
-    itself is then not in the graph (see ``RowSlice``; eager calls only).
+    itself is then not in the graph (eager calls only; docs/kernels.md).
 
     options: the fields of ``OPOLossConfig`` as keywords (alpha=0.6, mu=1.0, tau=0.5,
     adaptive_tau=True, tau_range=(0.2, 1.5), reward_temperature=0.15, weights="seed",
@@ -376,6 +376,10 @@ class OPOLoss(torch.nn.Module):
 
     def forward(self, logits, labels, ref_logprobs, rewards, *, mask=None, seq_ids=None,
                 group_size=None, group_ids=None, process_group=None, vocab_start=None):
+        """The loss (and metrics with return_metrics=True) of ``opo_loss`` with this module's
+        options: the same arguments, shapes and layouts (padded: logits [B, T, V], labels /
+        ref_logprobs / mask [B, T]; packed: logits [N, V], labels / ref_logprobs / seq_ids
+        [N]; rewards [B]; group_size or group_ids [B]; ref_logprobs=None: on-policy)."""
         return opo_loss_with_config(logits, labels, ref_logprobs, rewards, self.config,
                                     mask=mask, seq_ids=seq_ids, group_size=group_size,
                                     group_ids=group_ids, process_group=process_group,

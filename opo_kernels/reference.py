@@ -2,8 +2,9 @@
 test and benchmark. Autograd does its backward.
 
 It is written to be read, not to be fast: it materializes float32 log-softmax over the counted
-rows and uses dense [B, B] "same group" masks for the group statistics (the fused path uses
-sync-free bucket scatters instead, so the two are independent implementations).
+rows and uses dense [B, B] "same group" masks for the group statistics. The fused path shares
+no code with it: an online log-sum-exp over vocabulary blocks in its row kernels, and group
+statistics reduced over tiles of same-group pairs in its epilogue kernel (docs/kernels.md).
 
 Example::
 

@@ -13,11 +13,11 @@ compute differs; per micro-batch of N counted completion tokens, hidden size H, 
   and computes, plus O(N) for the OPO loss.
 - "fused_linear": ``fused_linear_opo_loss`` on the final hidden states and the LM head's
   weight. Off-policy (the batch carries TRL's old log-probs) it keeps the logits of the
-  first K counted rows from forward to backward (``opo_logits_budget`` bytes) and recomputes
-  the others in one chunk (<= 256 MiB) at a time; its backward writes ∂W once, in the
-  weight's dtype, with an fp32 accumulator of [N, H] only: no [V, H] fp32 accumulator. With
-  the default budget, min(the 256 MiB of TRL's tile, 4·V·H), it holds at most what TRL's
-  head holds, and runs 4 − K/N matmuls instead of 4 and moves fewer bytes. On-policy (TRL's
+  first R_h of the R counted rows from forward to backward (``opo_logits_budget`` bytes) and
+  recomputes the others in one chunk (<= 256 MiB) at a time; its backward writes ∂W once, in
+  the weight's dtype, with an fp32 accumulator of [R, H] only: no [V, H] fp32 accumulator.
+  With the default budget, min(the 256 MiB of TRL's tile, 4·V·H), it holds at most what TRL's
+  head holds, and runs 4 − R_h/R matmuls instead of 4 and moves fewer bytes. On-policy (TRL's
   default schedule: no old log-probs) it runs one pass, 3 matmuls, but reads and writes an
   fp32 [V, H] accumulator once per chunk (8·V·H bytes on CUDA). With chunks no larger than
   TRL's tile, that traffic outweighs the saved matmul: at V = 151936, H = 896, a 256 MiB
