@@ -105,7 +105,10 @@ def test_auto_by_model(tmp_path):
         trainer = _trainer(tmp_path, _patched_head(make_model(len(tokenizer))))
     assert trainer.opo_loss_path == "logits"
     # both refused for one reason: said once, without the paths' own names or advice
-    message = str(caught[0].message)
+    # (transformers >= 5.2x adds deprecation warnings of its own to the record: ours by text)
+    ours = [str(w.message) for w in caught if "passed over:" in str(w.message)]
+    assert len(ours) == 1, [str(w.message) for w in caught]
+    message = ours[0]
     assert message.count("needs a plain torch.nn.Linear LM head") == 1, message
     assert message.count("opo_loss_path=") == 1, message  # opo_loss_path='auto' only
     with pytest.raises(ValueError, match="opo_chunk_size applies to the 'fused_linear' loss "

@@ -24,7 +24,11 @@ def build_model(name: str, device: torch.device, grad_ckpt: bool, seed: int = 0)
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     model.train()
     if grad_ckpt:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        kwargs = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x's name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     return model
 
 
