@@ -245,10 +245,16 @@ def torch_lce_extra(device: torch.device, dtype: torch.dtype) -> Dict[str, objec
     picks), and the output dtype."""
     from torch.nn.modules import linear_cross_entropy_options as lce
 
-    auto = getattr(lce, "_AUTO_DEFAULTS", {}).get((device.type, dtype))
+    auto = None
+    if hasattr(lce, "_AUTO_DEFAULTS"):  # torch 2.13: a table per (device, dtype)
+        pick = lce._AUTO_DEFAULTS.get((device.type, dtype))
+        if pick is not None:
+            auto = f"acc_policy={pick.acc_policy}, chunking_method={pick.chunking_method}"
+    elif hasattr(lce, "_auto_acc_policy"):  # torch 2.14: the policy by rule, "aspect_ratio"
+        auto = (f"acc_policy={lce._auto_acc_policy(device.type, dtype)}, "
+                "chunking_method=aspect_ratio (auto)")
     return {"torch_lce_options": "LinearCrossEntropyOptions() (auto)",
-            "torch_lce_auto": None if auto is None else
-            f"acc_policy={auto.acc_policy}, chunking_method={auto.chunking_method}",
+            "torch_lce_auto": auto,
             "torch_lce_logprob_dtype": str(dtype).replace("torch.", "")}
 
 
