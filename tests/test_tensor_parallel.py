@@ -128,7 +128,7 @@ BAD_INPUT_CASES = ["label_outside_vocab", "inconsistent_vocab_start", "mismatche
                    "deferred_error_pending_on_one_rank",
                    "linear_one_phase_differs_on_one_rank",
                    "linear_hidden_grad_differs_on_one_rank", "out_of_memory_on_one_rank",
-                   "validate_differs_on_one_rank"]
+                   "validate_differs_on_one_rank", "grad_to_base_with_process_group"]
 
 
 def test_bad_input_raises_on_every_rank():

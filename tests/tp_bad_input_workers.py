@@ -118,6 +118,9 @@ def _bad_input_case(rank, world, case):
         expect = "validate='deferred': the value checks of call"
     elif case == "linear_one_phase_differs_on_one_rank":  # on-policy, a gradient on rank 1
         expect = "one-phase mode is not the same on every rank"  # only: one phase there
+    elif case == "grad_to_base_with_process_group":  # refused on every rank, documented
+        options["grad_to_base"] = True
+        expect = "grad_to_base is not supported with process_group"
     elif case == "option_differs_on_one_rank":
         options["mu"] = 1.0 if rank == 0 else 0.5
         expect = "option mu is not the same on every rank"
