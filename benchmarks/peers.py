@@ -241,8 +241,8 @@ def torch_lce_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch
 
 
 def torch_lce_extra(device: torch.device, dtype: torch.dtype) -> Dict[str, object]:
-    """What the "auto" options resolve to on device and dtype (its table of per-(device, dtype)
-    picks), and the output dtype."""
+    """What the "auto" options resolve to on device and dtype (torch 2.13's table of
+    per-(device, dtype) picks, or 2.14's rule), and the output dtype."""
     from torch.nn.modules import linear_cross_entropy_options as lce
 
     auto = None

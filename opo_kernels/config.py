@@ -243,7 +243,7 @@ class OPOLossConfig:
             source = ("" if "delta_clip" in self.explicit else
                       f" (preset {self.preset!r} sets delta_clip={self.delta_clip})")
             raise ValueError(f"delta_clip applies to the sequence levels (it clamps δ_s){source}"
-                             f"; with level='token' pass delta_clip=None (or inf: no clamp)")
+                             f"; with level='token' pass delta_clip=float('inf') (no clamp)")
         _choice("scale_rewards", self.scale_rewards, SCALE_REWARDS)
         direction = _number("direction_scale", self.direction_scale)
         if direction <= 0:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import re
 import warnings
 from dataclasses import dataclass, field
 from typing import List, Optional
@@ -112,10 +113,8 @@ class OPOConfig(GRPOConfig):
         try:
             self.opo_loss_config()
         except (TypeError, ValueError) as err:
-            # here None means "the preset's value", so no clamp is inf
-            message = str(err).replace("pass delta_clip=None (or inf: no clamp)",
-                                       "set opo_delta_clip=float('inf') (no clamp; None here "
-                                       "means the preset's value)")
+            # the config's advice names its options; here they are the fields opo_<name>
+            message = re.sub(r"\bpass (\w+)=", r"set opo_\1=", str(err))
             raise type(err)(f"OPOConfig: {message} (set it through the field opo_<name>)") \
                 from None
         self._check_supported()
